@@ -1,0 +1,54 @@
+"""ParNet, the depth-12 "non-deep" network, as timm models with re-parameterization and tooling.
+
+``import parnet`` registers the variants with timm (``timm.create_model("parnet_s")``).
+"""
+
+from __future__ import annotations
+
+import timm
+from timm.utils import reparameterize_model
+from torch import nn
+
+from .depth import network_depth
+from .layers import Fusion, ParNetBlock
+from .model import ParNet, ParNetCfg, model_cfgs
+from .official import convert_official_state_dict, load_official
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Fusion",
+    "ParNet",
+    "ParNetBlock",
+    "ParNetCfg",
+    "convert_official_state_dict",
+    "create_model",
+    "list_models",
+    "load_official",
+    "model_cfgs",
+    "network_depth",
+    "reparameterize",
+]
+
+
+def list_models(pattern: str = "parnet*", pretrained: bool = False) -> list[str]:
+    """Names of the registered ParNet variants (``pretrained=True``: those with released weights)."""
+    return timm.list_models(pattern, pretrained=pretrained)
+
+
+def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """``timm.create_model`` for ParNet names, with a clear error for unknown ones."""
+    base = name.split(".")[0]
+    if base not in model_cfgs:
+        raise ValueError(f"unknown ParNet variant {name!r}; choose one of {sorted(model_cfgs)}")
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The fused inference model: every block's 3x3 and 1x1 branches and BNs in one 3x3 conv.
+
+    This is ``timm.utils.reparameterize_model`` (each block's ``reparameterize()``), so it also
+    fuses timm's RepVGG and MobileOne. The result is in eval mode: fusion uses the BN running
+    statistics, so only the eval-mode outputs are preserved.
+    """
+    return reparameterize_model(model, inplace=inplace).eval()

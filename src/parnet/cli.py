@@ -1,0 +1,77 @@
+"""The ``parnet`` command line: one subcommand per job, each defined beside the code it runs.
+
+A module that adds commands exposes ``add_commands(subparsers)``; each parser it adds sets
+``func`` to a function taking the parsed arguments and returning an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+# Modules that add their own subcommands, in the order ``parnet --help`` lists them.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _summary(args: argparse.Namespace) -> int:
+    from .summary import format_table, summary
+
+    rows = summary(args.variants or None)
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .io import save_model
+    from .official import load_official
+
+    model = load_official(args.input, use_ema=args.ema, activation=args.activation)
+    out = save_model(model, args.output, metadata={"source": Path(args.input).name})
+    print(
+        f"wrote {out} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
+        f"widths {model.cfg.widths}, {model.num_classes} classes, {model.cfg.act})"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parnet", description="ParNet: depth-12 non-deep networks.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("summary", help="table of all variants: params, fused params, GFLOPs, depth")
+    p.add_argument("variants", nargs="*", help="variant names (default: all)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    p.set_defaults(func=_summary)
+
+    p = sub.add_parser("convert", help="convert an authors' checkpoint to this project's safetensors layout")
+    p.add_argument("input", help="the authors' .pth.tar checkpoint")
+    p.add_argument("output", help="the .safetensors file to write")
+    p.add_argument("--ema", action="store_true", help="take the EMA weights (state_dict_ema)")
+    p.add_argument(
+        "--activation",
+        choices=("relu", "silu"),
+        default="relu",
+        help="activation the checkpoint was trained with (released weights: relu)",
+    )
+    p.set_defaults(func=_convert)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"parnet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

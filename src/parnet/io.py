@@ -1,0 +1,86 @@
+"""Files that never end up half-written, and ParNet weights as safetensors.
+
+Every file this project writes goes through :func:`atomic_write`: the data goes to a temporary
+file in the same folder, is flushed to disk, and only then renamed over the target, so a process
+killed at any moment leaves either the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .model import ParNet, ParNetCfg
+
+__all__ = ["atomic_write", "save_model", "load_model", "model_metadata"]
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces ``path`` atomically.
+
+    On an exception the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def model_metadata(model: ParNet) -> dict[str, str]:
+    """What it takes to rebuild ``model``: its cfg, class count and input channels, as strings."""
+    return {
+        "format": "parnet",
+        "cfg": json.dumps(dataclasses.asdict(model.cfg)),
+        "num_classes": str(model.num_classes),
+        "in_chans": str(model.in_chans),
+        "fused": str(any(getattr(m, "reparam_conv", None) is not None for m in model.modules())),
+    }
+
+
+def save_model(model: ParNet, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model``'s weights and architecture to a safetensors file, atomically."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_write(path) as tmp:
+        save_file(state, str(tmp), metadata={**model_metadata(model), **(metadata or {})})
+    return Path(path)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> ParNet:
+    """Rebuild a model written by :func:`save_model` (fused models come back fused), in eval mode."""
+    from . import reparameterize  # noqa: PLC0415 - the package imports this module
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {path}")
+    try:
+        state = load_file(str(path), device=str(device))
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
+    if meta.get("format") != "parnet":
+        raise ValueError(f"{path} was not written by parnet.save_model (no ParNet metadata)")
+    cfg = ParNetCfg(**json.loads(meta["cfg"]))
+    model = ParNet(cfg, num_classes=int(meta["num_classes"]), in_chans=int(meta["in_chans"]))
+    if meta.get("fused") == "True":
+        model = reparameterize(model, inplace=True)
+    model.load_state_dict(state)
+    return model.to(device).eval()

@@ -1,0 +1,431 @@
+"""ParNet ("Non-deep Networks", Goyal et al., NeurIPS 2022): the network and its timm variants.
+
+The network is a stem, parallel streams at different resolutions, a chain of fusions that merges
+them from the highest resolution to the lowest, one last downsampling block and a linear
+classifier: 12 layers on its longest path. Variants are data (:class:`ParNetCfg`) in
+``model_cfgs``; each is registered with timm, so after ``import parnet``::
+
+    timm.create_model("parnet_s", num_classes=10)
+    timm.create_model("parnet_cifar_m", num_classes=100)         # small-input form, 32x32 images
+    timm.create_model("parnet_s_official.in1k", pretrained=True)   # the authors' released weights
+
+Paper variants (``parnet_s/m/l/xl``) use SiLU and the paper's widths. The ``*_official`` variants
+are the networks of the authors' released checkpoints: ReLU (their configs never switch SiLU on,
+see ``reference/ARCHITECTURE.md``) and, for ParNet-S, 92 rather than 96 channels in stream 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import ClassifierHead
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+from .layers import Fusion, ParNetBlock
+
+__all__ = ["ParNet", "ParNetCfg", "model_cfgs"]
+
+ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU}
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass(frozen=True)
+class ParNetCfg:
+    """Architecture of one ParNet variant.
+
+    Args:
+        widths: channels of each stream, highest resolution first; its length (1 to 4) is the
+            number of streams (3 in the paper).
+        head_width: channels of the last downsampling block, which feeds the classifier.
+        blocks: stream blocks per stream (the paper's (4, 5, 5) keeps the depth at 12).
+        small_input: the small-input form for 32x32 images: the stem keeps stride 1, so the
+            streams run at full, 1/2 and 1/4 resolution instead of 1/4, 1/8 and 1/16.
+        act: ``"silu"`` (the paper) or ``"relu"`` (the authors' released weights, and an ablation).
+        use_gate: the Skip-Squeeze-Excitation gate of every block; off for the paper's ablation.
+        stem_width: width of the first stem block; ``None`` means ``min(64, widths[0])``.
+    """
+
+    widths: tuple[int, ...]
+    head_width: int
+    blocks: tuple[int, ...] = (4, 5, 5)
+    small_input: bool = False
+    act: str = "silu"
+    use_gate: bool = True
+    stem_width: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
+        if not 1 <= len(self.widths) <= 4:
+            raise ValueError(f"ParNet takes 1 to 4 streams, got widths {self.widths}")
+        if len(self.blocks) != len(self.widths):
+            raise ValueError(f"give one block count per stream: widths {self.widths}, blocks {self.blocks}")
+        if min(self.widths) < 1 or self.head_width < 1 or min(self.blocks) < 1:
+            raise ValueError("widths, head_width and blocks must be positive")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}")
+
+    @property
+    def num_streams(self) -> int:
+        return len(self.widths)
+
+    @property
+    def stem_stride(self) -> int:
+        return 1 if self.small_input else 4
+
+    @property
+    def input_multiple(self) -> int:
+        """Height and width must be multiples of this: every stride-2 block needs an even input."""
+        return self.stem_stride * 2**self.num_streams
+
+
+# Paper: Table 1 and Section 4.1 (ImageNet); the CIFAR widths are this project's own choice, made
+# to land on the paper's parameter counts (1.3 M, 15.5 M, 35 M fused) at depth 12.
+model_cfgs: dict[str, ParNetCfg] = {
+    "parnet_s": ParNetCfg(widths=(96, 192, 384), head_width=1280),
+    "parnet_m": ParNetCfg(widths=(128, 256, 512), head_width=2048),
+    "parnet_l": ParNetCfg(widths=(160, 320, 640), head_width=2560),
+    "parnet_xl": ParNetCfg(widths=(200, 400, 800), head_width=3200),
+    "parnet_s_official": ParNetCfg(widths=(92, 192, 384), head_width=1280, act="relu"),
+    "parnet_m_official": ParNetCfg(widths=(128, 256, 512), head_width=2048, act="relu"),
+    "parnet_l_official": ParNetCfg(widths=(160, 320, 640), head_width=2560, act="relu"),
+    "parnet_xl_official": ParNetCfg(widths=(200, 400, 800), head_width=3200, act="relu"),
+    "parnet_cifar_s": ParNetCfg(widths=(24, 48, 96), head_width=512, small_input=True),
+    "parnet_cifar_m": ParNetCfg(widths=(96, 192, 384), head_width=640, small_input=True),
+    "parnet_cifar_l": ParNetCfg(widths=(128, 256, 512), head_width=2304, small_input=True),
+}
+
+
+def feature_info(cfg: ParNetCfg) -> list[dict[str, Any]]:
+    """timm ``feature_info``: stream outputs, fusion outputs and the final block, in computing order."""
+    s, widths, n = cfg.stem_stride, cfg.widths, cfg.num_streams
+    info = [dict(num_chs=w, reduction=s * 2**i, module=f"streams.{i}") for i, w in enumerate(widths)]
+    for i in range(1, n):  # fusion of stream i; all but the last halve the resolution
+        last = i == n - 1
+        info.append(
+            dict(
+                num_chs=widths[i if last else i + 1],
+                reduction=s * 2 ** (i if last else i + 1),
+                module=f"fusions.{i - 1}",
+            )
+        )
+    info.append(dict(num_chs=cfg.head_width, reduction=s * 2**n, module="final_block"))
+    return info
+
+
+def default_out_indices(cfg: ParNetCfg) -> tuple[int, ...]:
+    """One feature per resolution, the last computed there: strides 4, 8, 16, 32 for ParNet-S."""
+    last = {f["reduction"]: i for i, f in enumerate(feature_info(cfg))}
+    return tuple(sorted(last.values()))
+
+
+class ParNet(nn.Module):
+    """ParNet: parallel streams of RepVGG-SSE blocks, fused into a classifier, depth 12.
+
+    Args:
+        cfg: the architecture (see :class:`ParNetCfg` and ``model_cfgs``).
+        num_classes: classifier outputs; 0 gives pooled features from ``forward``.
+        in_chans: input image channels.
+        drop_rate: dropout before the classifier.
+        global_pool: timm pooling type of the head (``"avg"`` in the paper).
+    """
+
+    def __init__(
+        self,
+        cfg: ParNetCfg,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.num_features = self.head_hidden_size = cfg.head_width
+        self.grad_checkpointing = False
+        block = dict(act_layer=ACTIVATIONS[cfg.act], use_gate=cfg.use_gate)
+        widths, n = cfg.widths, cfg.num_streams
+        stem_stride = 1 if cfg.small_input else 2
+        stem_width = cfg.stem_width or min(64, widths[0])
+
+        self.stem = nn.Sequential(
+            ParNetBlock(in_chans, stem_width, stem_stride, **block),
+            ParNetBlock(stem_width, widths[0], stem_stride, **block),
+        )
+        # Inputs of streams 2..n: each one a stride-2 block from the previous stream's input.
+        self.downsample = nn.ModuleList(ParNetBlock(widths[i], widths[i + 1], 2, **block) for i in range(n - 1))
+        self.streams = nn.ModuleList(
+            nn.Sequential(*(ParNetBlock(w, w, 1, **block) for _ in range(num))) for w, num in zip(widths, cfg.blocks)
+        )
+        # Stream 1 is brought down to stream 2's resolution, then each further stream is fused in;
+        # every fusion but the last also halves the resolution.
+        self.fuse_entry = ParNetBlock(widths[0], widths[1], 2, **block) if n > 1 else None
+        self.fusions = nn.ModuleList(
+            Fusion(widths[i], widths[i + 1], 2, **block) if i < n - 1 else Fusion(widths[i], widths[i], 1, **block)
+            for i in range(1, n)
+        )
+        self.final_block = ParNetBlock(widths[-1], cfg.head_width, 2, **block)
+        self.head = ClassifierHead(cfg.head_width, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+
+        self.feature_info = feature_info(cfg)
+
+    # -- structure -------------------------------------------------------------------------------
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return dict(stem=r"^stem", blocks=r"^(downsample|streams|fuse_entry|fusions|final_block)\.(\d+)")
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Refuse inputs this network cannot take, with a message that says what to pass."""
+        if x.dim() != 4:
+            raise ValueError(f"ParNet expects a 4-D batch (N, C, H, W), got a tensor of shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"ParNet was built for {self.in_chans} input channels, got {x.shape[1]} "
+                f"(shape {tuple(x.shape)}); create the model with in_chans={x.shape[1]}"
+            )
+        m = self.cfg.input_multiple
+        h, w = x.shape[-2:]
+        if h % m or w % m:
+            form = "small-input" if self.cfg.small_input else "ImageNet"
+            raise ValueError(
+                f"the {form} form of ParNet needs height and width that are multiples of {m}, got {h}x{w}; "
+                f"resize or pad the input (e.g. to {-(-h // m) * m}x{-(-w // m) * m})"
+            )
+
+    def _run(self, module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's feature API: the features of ``feature_info`` selected by ``indices``.
+
+        ``indices`` is a list of positions in ``feature_info``, or an int ``k`` for the last k.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError("ParNet gives NCHW features only")
+        count = len(self.feature_info)
+        if indices is None:
+            take = list(range(count))
+        elif isinstance(indices, int):
+            take = list(range(count - indices, count))
+        else:
+            take = [i % count for i in indices]
+        feats = self._features(x)
+        intermediates = [feats[i] for i in take]
+        if intermediates_only:
+            return intermediates
+        return feats[-1], intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the classifier (timm's API); all blocks stay because the streams feed the last one."""
+        if prune_head:
+            self.reset_classifier(0, "")
+        count = len(self.feature_info)
+        return list(range(count - indices, count)) if isinstance(indices, int) else [i % count for i in indices]
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every entry of ``feature_info``: stream outputs, fusion outputs, final block."""
+        self.check_input(x)
+        stream_inputs = [self._run(self.stem, x)]
+        for down in self.downsample:
+            stream_inputs.append(self._run(down, stream_inputs[-1]))
+        outs = [self._run(stream, xi) for stream, xi in zip(self.streams, stream_inputs)]
+        fused = outs[0]
+        if self.fuse_entry is not None:
+            fused = self._run(self.fuse_entry, fused)
+        fusion_outs = []
+        for fusion, stream_out in zip(self.fusions, outs[1:]):
+            fused = self._run(fusion, stream_out, fused)
+            fusion_outs.append(fused)
+        return outs + fusion_outs + [self._run(self.final_block, fused)]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._features(x)[-1]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# -- timm registration --------------------------------------------------------------------------
+
+CFG_FIELDS = {f.name for f in dataclasses.fields(ParNetCfg)}
+
+
+def _create_parnet(variant: str, pretrained: bool = False, **kwargs: Any) -> ParNet:
+    """Build a registered variant; architecture knobs (widths, blocks, act, ...) override its cfg."""
+    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in CFG_FIELDS}
+    cfg = dataclasses.replace(model_cfgs[variant], **overrides)
+    from .official import checkpoint_filter_fn, reading_official_checkpoints
+
+    with reading_official_checkpoints():
+        return build_model_with_cfg(
+            ParNet,
+            variant,
+            pretrained,
+            cfg=cfg,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(feature_cls="getter", out_indices=default_out_indices(cfg)),
+            **kwargs,
+        )
+
+
+def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": ("stem.0.dense.conv", "stem.0.point.conv", "stem.0.gate.conv"),
+        "classifier": "head.fc",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+def _cifar_cfg(**kwargs: Any) -> dict[str, Any]:
+    return _cfg(
+        num_classes=10, input_size=(3, 32, 32), pool_size=(4, 4), crop_pct=1.0, mean=CIFAR_MEAN, std=CIFAR_STD, **kwargs
+    )
+
+
+RELEASE_URL = "https://github.com/imankgoyal/NonDeepNetworks/releases/download/v.0.1.0/"
+# The authors' ImageNet checkpoints, named after their model configs; top-1 is the paper's (EMA,
+# fused, 224x224), not measured here.
+default_cfgs = generate_default_cfgs(
+    {
+        "parnet_s": _cfg(),
+        "parnet_m": _cfg(),
+        "parnet_l": _cfg(),
+        "parnet_xl": _cfg(),
+        "parnet_s_official.in1k": _cfg(
+            RELEASE_URL + "planes_92_192_384_1280_num_blocks_5_6_6_1_sebv_13.pth.tar",
+            crop_pct=0.875,
+            interpolation="bilinear",
+        ),
+        "parnet_m_official.in1k": _cfg(
+            RELEASE_URL + "planes_128_256_512_2048_num_blocks_5_6_6_1_sebv_13.pth.tar", interpolation="bilinear"
+        ),
+        "parnet_l_official.in1k": _cfg(
+            RELEASE_URL + "planes_160_320_640_2560_num_blocks_5_6_6_1_sebv_13_dropout_lin.pth.tar",
+            interpolation="bilinear",
+        ),
+        "parnet_xl_official.in1k": _cfg(
+            RELEASE_URL + "reg_se13_planes_200_400_800_3200_num_blocks_5_6_6_1_sebv_13_dropout_lin.pth.tar",
+            interpolation="bilinear",
+        ),
+        "parnet_xl_official.in1k_200ep": _cfg(
+            RELEASE_URL + "reg_se13_cosine_planes_200_400_800_3200_num_blocks_5_6_6_1_sebv_13_dropout_lin.pth.tar",
+            interpolation="bilinear",
+        ),
+        "parnet_cifar_s": _cifar_cfg(),
+        "parnet_cifar_m": _cifar_cfg(),
+        "parnet_cifar_l": _cifar_cfg(),
+    }
+)
+
+
+@register_model
+def parnet_s(pretrained: bool = False, **kwargs: Any) -> ParNet:
+    """ParNet-S of the paper: widths 96, 192, 384, head 1280, SiLU (19.2 M params fused)."""
+    return _create_parnet("parnet_s", pretrained, **kwargs)
+
+
+@register_model
+def parnet_m(pretrained: bool = False, **kwargs: Any) -> ParNet:
+    """ParNet-M of the paper: widths 128, 256, 512, head 2048, SiLU (35.6 M params fused)."""
+    return _create_parnet("parnet_m", pretrained, **kwargs)
+
+
+@register_model
+def parnet_l(pretrained: bool = False, **kwargs: Any) -> ParNet:
+    """ParNet-L of the paper: widths 160, 320, 640, head 2560, SiLU (54.9 M params fused)."""
+    return _create_parnet("parnet_l", pretrained, **kwargs)
+
+
+@register_model
+def parnet_xl(pretrained: bool = False, **kwargs: Any) -> ParNet:
+    """ParNet-XL of the paper: widths 200, 400, 800, head 3200, SiLU (85.0 M params fused)."""
+    return _create_parnet("parnet_xl", pretrained, **kwargs)
+
+
+@register_model
+def parnet_s_official(pretrained: bool = False, **kwargs: Any) -> ParNet:
+    """The network of the authors' released ParNet-S weights: widths 92, 192, 384, head 1280, ReLU."""
+    return _create_parnet("parnet_s_official", pretrained, **kwargs)
+
+
+@register_model
+def parnet_m_official(pretrained: bool = False, **kwargs: Any) -> ParNet:
+    """The network of the authors' released ParNet-M weights: ParNet-M with ReLU."""
+    return _create_parnet("parnet_m_official", pretrained, **kwargs)
+
+
+@register_model
+def parnet_l_official(pretrained: bool = False, **kwargs: Any) -> ParNet:
+    """The network of the authors' released ParNet-L weights: ParNet-L with ReLU, dropout 0.1."""
+    return _create_parnet("parnet_l_official", pretrained, drop_rate=kwargs.pop("drop_rate", 0.1), **kwargs)
+
+
+@register_model
+def parnet_xl_official(pretrained: bool = False, **kwargs: Any) -> ParNet:
+    """The network of the authors' released ParNet-XL weights: ParNet-XL with ReLU, dropout 0.1."""
+    return _create_parnet("parnet_xl_official", pretrained, drop_rate=kwargs.pop("drop_rate", 0.1), **kwargs)
+
+
+@register_model
+def parnet_cifar_s(pretrained: bool = False, **kwargs: Any) -> ParNet:
+    """Small-input ParNet for 32x32 images, 1.31 M params fused (10 classes): widths 24, 48, 96, head 512."""
+    return _create_parnet("parnet_cifar_s", pretrained, **kwargs)
+
+
+@register_model
+def parnet_cifar_m(pretrained: bool = False, **kwargs: Any) -> ParNet:
+    """Small-input ParNet for 32x32 images, 15.4 M params fused (10 classes): widths 96, 192, 384, head 640."""
+    return _create_parnet("parnet_cifar_m", pretrained, **kwargs)
+
+
+@register_model
+def parnet_cifar_l(pretrained: bool = False, **kwargs: Any) -> ParNet:
+    """Small-input ParNet for 32x32 images, 34.9 M params fused (10 classes): widths 128, 256, 512, head 2304."""
+    return _create_parnet("parnet_cifar_l", pretrained, **kwargs)

@@ -1,0 +1,183 @@
+"""The authors' released checkpoints: safe reading, key conversion, architecture inference.
+
+Their files (GitHub release v.0.1.0 of imankgoyal/NonDeepNetworks) are timm training checkpoints:
+pickles holding ``state_dict`` (keys maybe prefixed ``module.``), often ``state_dict_ema``, an
+``argparse.Namespace`` of arguments, the epoch and the optimizer. They are read with
+``torch.load(weights_only=True)`` allowing ``argparse.Namespace`` and nothing else, so a hostile
+pickle is refused before any of it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pickle
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .model import ParNet, ParNetCfg
+
+__all__ = ["load_official", "convert_official_state_dict", "infer_official_cfg", "read_checkpoint"]
+
+# Authors' module path -> ours, applied in order to the part of a key before the block internals.
+_MODULE_RULES = [
+    (re.compile(r"^inits\.0\.(\d+)\.block\."), r"stem.\1."),
+    (re.compile(r"^inits\.(\d+)\.block\."), lambda m: f"downsample.{int(m.group(1)) - 1}."),
+    (re.compile(r"^streams\.(\d+)\.(\d+)\.block\."), r"streams.\1.\2."),
+    (re.compile(r"^downsamples_2\.0\.block\."), "fuse_entry."),
+    (re.compile(r"^downsamples_2\.1\.0\.b1\."), "fusions.0.norm_stream."),
+    (re.compile(r"^downsamples_2\.1\.0\.b2\."), "fusions.0.norm_fused."),
+    (re.compile(r"^downsamples_2\.1\.2\.block\."), "fusions.0.block."),
+    (re.compile(r"^combine\.0\.b1\."), "fusions.1.norm_stream."),
+    (re.compile(r"^combine\.0\.b2\."), "fusions.1.norm_fused."),
+    (re.compile(r"^combine\.2\.block\."), "fusions.1.block."),
+    (re.compile(r"^combine\.3\.block\."), "final_block."),
+    (re.compile(r"^head\.fc\."), "head.fc."),
+]
+# Inside a block.
+_BLOCK_RULES = [
+    (re.compile(r"rbr_dense\.(conv|bn)\."), r"dense.\1."),
+    (re.compile(r"rbr_1x1\.(?:1\.)?(conv|bn)\."), r"point.\1."),
+    (re.compile(r"rbr_identity\."), "skip."),
+    (re.compile(r"se\.cvsig\.conv\."), "gate.conv."),
+]
+
+
+@contextlib.contextmanager
+def reading_official_checkpoints() -> Iterator[None]:
+    """Let ``torch.load(weights_only=True)`` accept ``argparse.Namespace`` (their ``args``) too."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        yield
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint without running code: tensors, containers and ``argparse.Namespace`` only."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with reading_official_checkpoints():
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"refused to load {path}: it holds objects other than tensors and argparse.Namespace, "
+            f"which could run code when unpickled; nothing in it was executed ({e})"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"cannot read {path} as a PyTorch checkpoint (truncated or corrupt?): {e}") from None
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    return dict(checkpoint)
+
+
+def select_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint (``state_dict``, ``state_dict_ema`` or a bare state dict),
+    without the ``module.`` prefix of DataParallel / DistributedDataParallel."""
+    if use_ema:
+        if "state_dict_ema" not in checkpoint:
+            raise ValueError(f"use_ema=True but the checkpoint has no 'state_dict_ema' (keys: {sorted(checkpoint)})")
+        state = checkpoint["state_dict_ema"]
+    elif "state_dict" in checkpoint:
+        state = checkpoint["state_dict"]
+    else:
+        state = checkpoint
+    tensors = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError("the checkpoint holds no tensors")
+    return tensors
+
+
+def is_official_layout(state_dict: Mapping[str, Any]) -> bool:
+    return any(k.startswith(("inits.", "combine.")) for k in state_dict)
+
+
+def convert_official_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the authors' keys to this project's; unknown keys raise ``ValueError``."""
+    converted, unknown = {}, []
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        for pattern, repl in _MODULE_RULES:
+            new_key, hits = pattern.subn(repl, key, count=1)
+            if hits:
+                break
+        else:
+            unknown.append(key)
+            continue
+        for pattern, repl in _BLOCK_RULES:
+            new_key = pattern.sub(repl, new_key, count=1)
+        converted[new_key] = value
+    if unknown:
+        raise ValueError(f"not keys of the authors' ParNet layout: {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+    return converted
+
+
+def infer_official_cfg(state_dict: Mapping[str, torch.Tensor], activation: str = "relu") -> tuple[ParNetCfg, int, int]:
+    """(architecture, num_classes, in_chans) of an authors'-layout state dict, from tensor shapes."""
+    sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    try:
+        stream_blocks: dict[int, set[int]] = {}
+        for key in sd:
+            if m := re.match(r"streams\.(\d+)\.(\d+)\.", key):
+                stream_blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+        num_streams = len(stream_blocks)
+        widths = tuple(sd[f"streams.{i}.0.block.rbr_identity.weight"].shape[0] for i in range(num_streams))
+        blocks = tuple(len(stream_blocks[i]) for i in range(num_streams))
+        stem = sd["inits.0.0.block.rbr_dense.conv.weight"]
+        head_width = sd["combine.3.block.rbr_dense.conv.weight"].shape[0]
+        num_classes = sd["head.fc.weight"].shape[0]
+    except KeyError as e:
+        raise ValueError(f"not an authors' ParNet state dict: key {e} is missing") from None
+    if num_streams != 3:
+        raise ValueError(f"the authors' layout has 3 streams, this state dict has {num_streams}")
+    cfg = ParNetCfg(
+        widths=widths,
+        head_width=head_width,
+        blocks=blocks,
+        act=activation,
+        use_gate=any(".se.cvsig." in k for k in sd),
+        stem_width=stem.shape[0],
+    )
+    return cfg, num_classes, stem.shape[1]
+
+
+def load_official(
+    source: str | os.PathLike | Mapping[str, Any],
+    use_ema: bool = False,
+    activation: str = "relu",
+    strict: bool = True,
+) -> ParNet:
+    """Build a :class:`ParNet` from one of the authors' checkpoints.
+
+    Args:
+        source: path of a ``.pth.tar`` file, or a checkpoint / state dict already loaded.
+        use_ema: take ``state_dict_ema`` (the weights their ImageNet results are for).
+        activation: ``"relu"`` by default, because the released networks were trained with ReLU
+            (their configs never switched SiLU on); ``"silu"`` for checkpoints that did.
+        strict: refuse missing or unexpected keys.
+
+    Widths, blocks per stream, class count and input channels come from the tensor shapes.
+    The model is returned in eval mode.
+    """
+    name = str(source) if not isinstance(source, Mapping) else "the given dict"
+    checkpoint = read_checkpoint(source) if not isinstance(source, Mapping) else source
+    state = select_state_dict(checkpoint, use_ema)
+    cfg, num_classes, in_chans = infer_official_cfg(state, activation)
+    model = ParNet(cfg, num_classes=num_classes, in_chans=in_chans)
+    result = model.load_state_dict(convert_official_state_dict(state), strict=False)
+    if strict and (result.missing_keys or result.unexpected_keys):
+        raise ValueError(
+            f"{name} does not match the inferred ParNet: missing keys {result.missing_keys[:8]}, "
+            f"unexpected keys {result.unexpected_keys[:8]}; pass strict=False to load what matches"
+        )
+    return model.eval()
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: ParNet) -> dict[str, torch.Tensor]:
+    """timm ``pretrained_filter_fn``: accept the authors' files (converted) or our own layout."""
+    state = select_state_dict(state_dict)
+    return convert_official_state_dict(state) if is_official_layout(state) else state
