@@ -10,8 +10,11 @@ classifier: 12 layers on its longest path. Variants are data (:class:`ParNetCfg`
     timm.create_model("parnet_s_official.in1k", pretrained=True)   # the authors' released weights
 
 Paper variants (``parnet_s/m/l/xl``) use SiLU and the paper's widths. The ``*_official`` variants
-are the networks of the authors' released checkpoints: ReLU (their configs never switch SiLU on,
-see ``reference/ARCHITECTURE.md``) and, for ParNet-S, 92 rather than 96 channels in stream 1.
+are the networks of the authors' released checkpoints: the same widths with ReLU, because their
+configs never switch SiLU on (see ``reference/ARCHITECTURE.md``). The released ParNet-S file is
+named after widths 92, 192, 384, 1280, but its tensors are 96, 192, 384, 1280 wide (every key and
+shape is in ``tests/fixtures/parnet_s_official_keys.txt``), so ``parnet_s_official`` is 96 wide;
+``parnet.load_official`` infers widths from the tensors and loads either.
 """
 
 from __future__ import annotations
@@ -57,11 +60,12 @@ class ParNetCfg:
     small_input: bool = False
     act: str = "silu"
     use_gate: bool = True
-    stem_width: int | None = None
+    stem_width: int | None = None  # set to min(64, widths[0]) when None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
+        object.__setattr__(self, "stem_width", int(self.stem_width or min(64, self.widths[0])))
         if not 1 <= len(self.widths) <= 4:
             raise ValueError(f"ParNet takes 1 to 4 streams, got widths {self.widths}")
         if len(self.blocks) != len(self.widths):
@@ -92,7 +96,7 @@ model_cfgs: dict[str, ParNetCfg] = {
     "parnet_m": ParNetCfg(widths=(128, 256, 512), head_width=2048),
     "parnet_l": ParNetCfg(widths=(160, 320, 640), head_width=2560),
     "parnet_xl": ParNetCfg(widths=(200, 400, 800), head_width=3200),
-    "parnet_s_official": ParNetCfg(widths=(92, 192, 384), head_width=1280, act="relu"),
+    "parnet_s_official": ParNetCfg(widths=(96, 192, 384), head_width=1280, act="relu"),
     "parnet_m_official": ParNetCfg(widths=(128, 256, 512), head_width=2048, act="relu"),
     "parnet_l_official": ParNetCfg(widths=(160, 320, 640), head_width=2560, act="relu"),
     "parnet_xl_official": ParNetCfg(widths=(200, 400, 800), head_width=3200, act="relu"),
@@ -154,11 +158,10 @@ class ParNet(nn.Module):
         block = dict(act_layer=ACTIVATIONS[cfg.act], use_gate=cfg.use_gate)
         widths, n = cfg.widths, cfg.num_streams
         stem_stride = 1 if cfg.small_input else 2
-        stem_width = cfg.stem_width or min(64, widths[0])
 
         self.stem = nn.Sequential(
-            ParNetBlock(in_chans, stem_width, stem_stride, **block),
-            ParNetBlock(stem_width, widths[0], stem_stride, **block),
+            ParNetBlock(in_chans, cfg.stem_width, stem_stride, **block),
+            ParNetBlock(cfg.stem_width, widths[0], stem_stride, **block),
         )
         # Inputs of streams 2..n: each one a stride-2 block from the previous stream's input.
         self.downsample = nn.ModuleList(ParNetBlock(widths[i], widths[i + 1], 2, **block) for i in range(n - 1))
@@ -391,7 +394,10 @@ def parnet_xl(pretrained: bool = False, **kwargs: Any) -> ParNet:
 
 @register_model
 def parnet_s_official(pretrained: bool = False, **kwargs: Any) -> ParNet:
-    """The network of the authors' released ParNet-S weights: widths 92, 192, 384, head 1280, ReLU."""
+    """The network of the authors' released ParNet-S weights: ParNet-S with ReLU.
+
+    The file is named after widths 92, 192, 384, 1280; its tensors are 96, 192, 384, 1280.
+    """
     return _create_parnet("parnet_s_official", pretrained, **kwargs)
 
 

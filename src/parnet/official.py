@@ -178,6 +178,10 @@ def load_official(
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: ParNet) -> dict[str, torch.Tensor]:
-    """timm ``pretrained_filter_fn``: accept the authors' files (converted) or our own layout."""
-    state = select_state_dict(state_dict)
+    """timm ``pretrained_filter_fn``: accept the authors' files (converted) or our own layout.
+
+    Like timm's own file loading, it prefers the EMA weights when a checkpoint has them (the
+    authors' ImageNet results are for those).
+    """
+    state = select_state_dict(state_dict, use_ema="state_dict_ema" in state_dict)
     return convert_official_state_dict(state) if is_official_layout(state) else state

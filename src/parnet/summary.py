@@ -41,6 +41,10 @@ def variant_summary(name: str) -> dict[str, Any]:
 
 
 def summary(names: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows for ``names`` (default: every registered variant)."""
+    unknown = sorted(set(names or ()) - set(model_cfgs))
+    if unknown:
+        raise ValueError(f"unknown ParNet variant {unknown[0]!r}; choose from {sorted(model_cfgs)}")
     return [variant_summary(n) for n in (names or list(model_cfgs))]
 
 

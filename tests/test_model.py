@@ -1,0 +1,198 @@
+"""The architecture: timm integration, re-parameterization, the paper's table, depth, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from timm.utils import reparameterize_model
+
+import parnet
+from parnet import ParNet, ParNetCfg
+from parnet.summary import variant_summary
+
+from .conftest import randomize_bn
+
+TINY = dict(widths=(8, 16, 32), head_width=64)
+
+# The specification's table: (params fused M, params training M, GFLOPs at 224).
+PAPER_TABLE = {
+    "parnet_s": (19.2, 20.98, 9.7),
+    "parnet_m": (35.6, 38.95, 17.2),
+    "parnet_l": (54.9, 60.18, 26.7),
+    "parnet_xl": (85.0, 93.18, 41.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_TABLE))
+def test_params_and_flops_match_the_paper(name):
+    row = variant_summary(name)
+    fused, train, gflops = PAPER_TABLE[name]
+    assert abs(row["params_fused_m"] - fused) <= 0.05
+    assert abs(row["params_train_m"] - train) <= 0.005
+    assert abs(row["gflops"] - gflops) <= 0.1
+    assert row["depth"] == 12
+
+
+def test_small_input_variants_hit_the_papers_cifar_sizes():
+    sizes = {n: variant_summary(n)["params_fused_m"] for n in ("parnet_cifar_s", "parnet_cifar_m", "parnet_cifar_l")}
+    assert abs(sizes["parnet_cifar_s"] - 1.3) < 0.05
+    assert abs(sizes["parnet_cifar_m"] - 15.5) < 0.1
+    assert abs(sizes["parnet_cifar_l"] - 35.0) < 0.2
+
+
+@pytest.mark.parametrize("name", parnet.list_models())
+def test_every_variant_is_depth_12_fused_or_not(name):
+    model = timm.create_model(name, **TINY)  # widths do not change depth; tiny is fast
+    x = torch.randn(1, 3, *model.pretrained_cfg["input_size"][1:])
+    assert parnet.network_depth(model, x) == 12
+    assert parnet.network_depth(parnet.reparameterize(model), x) == 12
+
+
+@pytest.mark.parametrize(("name", "depth"), [("resnet34", 34), ("resnet50", 50), ("repvgg_b1g4", 29)])
+def test_depth_of_deep_baselines(name, depth):
+    with torch.device("meta"):
+        model = timm.create_model(name)
+        assert parnet.network_depth(model, torch.empty(1, 3, 224, 224)) == depth
+
+
+CONFIGS = [
+    dict(),
+    dict(small_input=True),
+    dict(act="relu"),
+    dict(use_gate=False),
+    dict(widths=(8,), blocks=(3,)),
+    dict(widths=(8, 16), blocks=(2, 3)),
+    dict(widths=(8, 16, 32, 48), blocks=(2, 2, 3, 3)),
+]
+
+
+@pytest.mark.parametrize("overrides", CONFIGS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_fused_model_matches_unfused(overrides):
+    torch.manual_seed(0)
+    model = timm.create_model("parnet_s", **{**TINY, **overrides}, num_classes=7)
+    randomize_bn(model).eval()
+    size = model.cfg.input_multiple * 2
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected = model(x)
+        fused = parnet.reparameterize(model)
+        torch.testing.assert_close(fused(x), expected, atol=1e-4, rtol=0)
+        # timm's own utility finds the blocks' reparameterize() too.
+        torch.testing.assert_close(reparameterize_model(model).eval()(x), expected, atol=1e-4, rtol=0)
+    assert fused is not model and model.stem[0].reparam_conv is None  # inplace=False left it alone
+    assert fused.stem[0].dense is None and fused.stem[0].reparam_conv is not None
+    assert parnet.reparameterize(model, inplace=True) is model
+
+
+def test_stream_count_and_depth_follow_the_config():
+    # 2 stem + (n - 1) downsamples + blocks of the last stream + fusion + final block + classifier
+    for widths, blocks, depth in [((8,), (5,), 2 + 5 + 1 + 1), ((8, 16), (4, 5), 2 + 1 + 5 + 1 + 1 + 1)]:
+        model = ParNet(ParNetCfg(widths=widths, head_width=16, blocks=blocks), num_classes=3)
+        assert parnet.network_depth(model, torch.randn(1, 3, 64, 64)) == depth
+
+
+def test_timm_create_model_knobs():
+    model = timm.create_model("parnet_cifar_s", num_classes=100, in_chans=1, drop_rate=0.2)
+    assert isinstance(model, ParNet)
+    assert model.get_classifier().out_features == 100 and model.head.drop.p == 0.2
+    x = torch.randn(2, 1, 32, 32)
+    assert model(x).shape == (2, 100)
+    feats = model.forward_features(x)
+    assert feats.shape == (2, 512, 4, 4)
+    assert model.forward_head(feats, pre_logits=True).shape == (2, 512)
+    model.reset_classifier(5)
+    assert model(x).shape == (2, 5) and model.num_classes == 5
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 512)
+
+
+def test_pretrained_cfg_is_the_timm_kind():
+    cfg = timm.create_model("parnet_s").pretrained_cfg
+    assert cfg["input_size"] == (3, 224, 224) and cfg["crop_pct"] == 0.875 and cfg["classifier"] == "head.fc"
+    assert cfg["mean"] == timm.data.IMAGENET_DEFAULT_MEAN
+    small = timm.create_model("parnet_cifar_m").pretrained_cfg
+    assert small["input_size"] == (3, 32, 32) and small["num_classes"] == 10
+    data_cfg = timm.data.resolve_data_config({}, model=timm.create_model("parnet_cifar_s"))
+    assert data_cfg["input_size"] == (3, 32, 32)
+    assert set(parnet.list_models(pretrained=True)) == {
+        "parnet_s_official.in1k",
+        "parnet_m_official.in1k",
+        "parnet_l_official.in1k",
+        "parnet_xl_official.in1k",
+        "parnet_xl_official.in1k_200ep",
+    }
+
+
+def test_features_only_imagenet_form():
+    model = timm.create_model("parnet_s", features_only=True, **TINY)
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    assert model.feature_info.channels() == [8, 16, 32, 64]
+    feats = model(torch.randn(1, 3, 64, 96))
+    assert [tuple(f.shape[1:]) for f in feats] == [(8, 16, 24), (16, 8, 12), (32, 4, 6), (64, 2, 3)]
+
+
+def test_features_only_every_stream_and_fusion():
+    full = timm.create_model("parnet_s", **TINY)
+    modules = [f["module"] for f in full.feature_info]
+    assert modules == ["streams.0", "streams.1", "streams.2", "fusions.0", "fusions.1", "final_block"]
+    model = timm.create_model("parnet_cifar_s", features_only=True, out_indices=(0, 1, 2, 3, 4, 5), **TINY)
+    assert model.feature_info.reduction() == [1, 2, 4, 4, 4, 8]
+    x = torch.randn(2, 3, 32, 32)
+    feats = model(x)
+    for f, ch, red in zip(feats, model.feature_info.channels(), model.feature_info.reduction(), strict=True):
+        assert f.shape == (2, ch, 32 // red, 32 // red)
+    # The last feature is what the classifier pools.
+    full = timm.create_model("parnet_cifar_s", **TINY).eval()
+    result = model.model.load_state_dict(full.state_dict(), strict=False)
+    assert not result.missing_keys  # only the classifier is pruned
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[-1], full.forward_features(x))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = timm.create_model("parnet_cifar_s", **TINY)
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for a, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, a, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ((3, 64, 64), "4-D batch"),
+        ((1, 1, 64, 64), "in_chans=1"),
+        ((1, 3, 48, 64), "multiples of 32"),
+        ((1, 3, 64, 100), "multiples of 32"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(shape, message):
+    model = timm.create_model("parnet_s", **TINY)
+    with pytest.raises(ValueError, match=message):
+        model(torch.randn(*shape))
+
+
+def test_small_form_needs_multiples_of_8():
+    model = timm.create_model("parnet_cifar_s", **TINY)
+    assert model(torch.randn(1, 3, 40, 24)).shape == (1, 10)
+    with pytest.raises(ValueError, match="multiples of 8.*40x32"):
+        model(torch.randn(1, 3, 36, 28))
+
+
+def test_bad_configs_and_names():
+    with pytest.raises(ValueError, match="unknown ParNet variant 'parnet_q'"):
+        parnet.create_model("parnet_q")
+    with pytest.raises(ValueError, match="1 to 4 streams"):
+        ParNetCfg(widths=(8, 8, 8, 8, 8), head_width=8, blocks=(1,) * 5)
+    with pytest.raises(ValueError, match="one block count per stream"):
+        ParNetCfg(widths=(8, 16), head_width=8)
+    with pytest.raises(ValueError, match="act must be one of"):
+        ParNetCfg(widths=(8, 16, 32), head_width=8, act="gelu")
+    assert parnet.create_model("parnet_cifar_s", **TINY).cfg.widths == (8, 16, 32)

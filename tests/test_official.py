@@ -1,0 +1,186 @@
+"""The authors' checkpoints: exact outputs, key layout, safe loading, timm pretrained configs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import parnet
+from parnet.io import load_model
+from parnet.official import infer_official_cfg
+
+from .conftest import FIXTURES
+
+
+def test_matches_official_outputs_eval_train_fused(official_tiny):
+    model = parnet.load_official(official_tiny, activation="silu")
+    assert model.cfg.widths == (16, 32, 64) and model.cfg.head_width == 128 and model.cfg.blocks == (4, 5, 5)
+    x = official_tiny["input"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), official_tiny["output_eval"], atol=1e-4, rtol=0)
+        fused = parnet.reparameterize(model)
+        torch.testing.assert_close(fused(x), official_tiny["output_fused"], atol=1e-4, rtol=0)
+        model.train()  # batch statistics; this also updates running stats, so it goes last
+        torch.testing.assert_close(model(x), official_tiny["output_train"], atol=1e-4, rtol=0)
+
+
+def test_relu_is_the_default_activation(official_tiny):
+    """The released networks are ReLU networks, so that is what load_official builds by default."""
+    model = parnet.load_official(official_tiny)
+    assert model.cfg.act == "relu"
+    with torch.no_grad():
+        out = model(official_tiny["input"])
+    assert not torch.allclose(out, official_tiny["output_eval"], atol=1e-3)
+
+
+def _official_parnet_s_state() -> dict[str, torch.Tensor]:
+    """Random tensors with every key and shape of the authors' ParNet-S checkpoint."""
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for line in (FIXTURES / "parnet_s_official_keys.txt").read_text().splitlines():
+        key, shape = line.split("\t")
+        shape = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(10)
+        elif key.endswith("running_var"):
+            state[key] = torch.rand(shape, generator=g) + 0.5
+        else:
+            state[key] = torch.randn(shape, generator=g) * 0.05
+    return state
+
+
+@pytest.fixture(scope="module")
+def parnet_s_checkpoint(tmp_path_factory) -> Path:
+    """A file laid out like the authors' release: DDP prefixes, EMA weights, argparse args."""
+    state = _official_parnet_s_state()
+    ema = {k: v + 0.01 if v.is_floating_point() and "running_var" not in k else v for k, v in state.items()}
+    path = tmp_path_factory.mktemp("official") / "planes_92_192_384_1280_num_blocks_5_6_6_1_sebv_13.pth.tar"
+    torch.save(
+        {
+            "state_dict": {"module." + k: v for k, v in state.items()},
+            "state_dict_ema": ema,
+            "args": argparse.Namespace(model="simplenet_repvgg", lr=0.1),
+            "epoch": 119,
+        },
+        path,
+    )
+    return path
+
+
+def test_parnet_s_layout_is_inferred_and_loads_strictly(parnet_s_checkpoint):
+    model = parnet.load_official(parnet_s_checkpoint)
+    assert model.cfg == timm.create_model("parnet_s_official").cfg  # 96, 192, 384, 1280, ReLU
+    assert sum(p.numel() for p in model.parameters()) == 20_983_848  # the paper's 20.98 M
+    ema = parnet.load_official(parnet_s_checkpoint, use_ema=True)
+    delta = ema.head.fc.weight - model.head.fc.weight
+    torch.testing.assert_close(delta, torch.full_like(delta, 0.01))
+
+
+def test_timm_pretrained_cfg_offline_file_converts_on_load(parnet_s_checkpoint):
+    reference = parnet.load_official(parnet_s_checkpoint, use_ema=True)  # timm prefers EMA weights
+    model = timm.create_model(
+        "parnet_s_official.in1k", pretrained=True, pretrained_cfg_overlay=dict(file=str(parnet_s_checkpoint))
+    )
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert model.pretrained_cfg["url"].endswith("planes_92_192_384_1280_num_blocks_5_6_6_1_sebv_13.pth.tar")
+    # A new classifier for another task keeps the backbone weights.
+    model10 = timm.create_model(
+        "parnet_s_official.in1k",
+        pretrained=True,
+        num_classes=10,
+        pretrained_cfg_overlay=dict(file=str(parnet_s_checkpoint)),
+    )
+    assert model10.get_classifier().out_features == 10
+    assert torch.equal(model10.final_block.dense.conv.weight, reference.final_block.dense.conv.weight)
+
+
+def test_convert_command_writes_loadable_safetensors(parnet_s_checkpoint, tmp_path):
+    from parnet.cli import main
+
+    out = tmp_path / "parnet_s.safetensors"
+    assert main(["convert", str(parnet_s_checkpoint), str(out), "--ema"]) == 0
+    converted = load_model(out)
+    reference = parnet.load_official(parnet_s_checkpoint, use_ema=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), reference(x))
+    assert [p.name for p in tmp_path.iterdir()] == ["parnet_s.safetensors"]  # no temporary file left
+
+
+class _Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_hostile_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth.tar"
+    torch.save({"state_dict": {}, "payload": _Exploit(marker)}, path)
+    with pytest.raises(ValueError, match="evil.pth.tar") as info:
+        parnet.load_official(path)
+    assert "refused" in str(info.value)
+    assert not marker.exists()
+    # The same file with plain pickle would run the payload: the test's exploit is real.
+    with open(path, "rb") as f:
+        assert f.read(2) == b"PK"  # torch's zip container; the payload sits in data.pkl inside
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    assert b"system" in data and pickle.PROTO in data[:1]
+
+
+def test_missing_and_unexpected_keys_are_clear_errors(official_tiny):
+    state = dict(official_tiny["state_dict"])
+    del state["streams.1.2.block.rbr_dense.conv.weight"]
+    with pytest.raises(ValueError, match="missing keys.*streams.1.2.dense.conv.weight"):
+        parnet.load_official(state, activation="silu")
+    state = dict(official_tiny["state_dict"])
+    state["streams.0.0.block.extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="unexpected keys"):
+        parnet.load_official(state, activation="silu")
+    with pytest.raises(ValueError, match="not keys of the authors' ParNet layout"):
+        parnet.load_official({**official_tiny["state_dict"], "foo.bar": torch.zeros(1)}, activation="silu")
+    with pytest.raises(ValueError, match="use_ema"):
+        parnet.load_official({"state_dict": official_tiny["state_dict"]}, use_ema=True)
+
+
+def test_corrupt_and_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere"):
+        parnet.load_official(tmp_path / "nothere.pth")
+    bad = tmp_path / "truncated.pth.tar"
+    bad.write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(ValueError, match="truncated.pth.tar"):
+        parnet.load_official(bad)
+
+
+def test_infer_cfg_reads_shapes(official_tiny):
+    cfg, num_classes, in_chans = infer_official_cfg(official_tiny["state_dict"], "silu")
+    assert (cfg.widths, cfg.head_width, cfg.blocks, num_classes, in_chans) == ((16, 32, 64), 128, (4, 5, 5), 1000, 3)
+
+
+def test_timm_pretrained_url_path_reads_the_release_file(parnet_s_checkpoint, tmp_path):
+    """``pretrained=True`` goes through torch.hub's cache: with the release file already cached
+    under its released name, no network is needed and the pickle's Namespace is accepted."""
+    cache = tmp_path / "hub"
+    (cache / "checkpoints").mkdir(parents=True)
+    (cache / "checkpoints" / parnet_s_checkpoint.name).symlink_to(parnet_s_checkpoint)
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(cache))
+    try:
+        model = timm.create_model("parnet_s_official.in1k", pretrained=True)
+    finally:
+        torch.hub.set_dir(old)
+    reference = parnet.load_official(parnet_s_checkpoint, use_ema=True)
+    assert torch.equal(model.head.fc.weight, reference.head.fc.weight)
+    assert torch.equal(model.stem[0].gate.conv.weight, reference.stem[0].gate.conv.weight)
