@@ -1,0 +1,491 @@
+"""Detection data: COCO-format datasets, annotation checks, and a synthetic set from Fashion-MNIST.
+
+A COCO-format dataset is an image folder plus a COCO JSON (``images``, ``annotations``,
+``categories``; boxes are ``[x, y, width, height]`` in pixels). :func:`check_coco` reads the JSON
+the way the training and evaluation code needs it and says what is wrong with it:
+
+* fatal (``ValueError`` listing the offending entries): missing sections, duplicate image or
+  annotation ids, annotations of images that are not listed, unknown category ids and boxes that
+  are not four finite numbers (the last two are dropped instead with ``strict=False``);
+* repaired, with a warning that counts them: boxes reaching outside the image are clipped to it,
+  as torchvision's COCO reference does; boxes with no area left (zero or negative width or height,
+  or entirely outside the image) are dropped; a missing ``area`` becomes the box area and a
+  missing ``iscrowd`` becomes 0;
+* kept: images without annotations (their target has zero boxes), crowd boxes (left out of the
+  training targets, kept for pycocotools, which ignores detections on them).
+
+:func:`make_fashion_mnist_detection` builds a detection set from the real Fashion-MNIST IDX files:
+items pasted at random positions and sizes onto larger canvases, written as PNG + COCO JSON.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import struct
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .io import atomic_write
+
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "CocoDetectionDataset",
+    "CocoCheck",
+    "check_coco",
+    "collate_detection",
+    "make_fashion_mnist_detection",
+    "read_idx",
+]
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+DEFAULT_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+# -- checking COCO annotations ------------------------------------------------------------------
+
+
+@dataclass
+class CocoCheck:
+    """A checked COCO dataset: the cleaned JSON and what had to be done to it."""
+
+    data: dict[str, Any]
+    """The cleaned dataset: every annotation has a valid id, category, clipped box, area and iscrowd."""
+    cat_ids: list[int]
+    """Category ids, sorted; label ``k + 1`` of a detector is category ``cat_ids[k]`` (0 is background)."""
+    clipped: list[int] = field(default_factory=list)
+    dropped_degenerate: list[int] = field(default_factory=list)
+    dropped_unknown_category: list[int] = field(default_factory=list)
+    dropped_malformed: list[int] = field(default_factory=list)
+    filled: int = 0
+
+    @property
+    def label_to_cat(self) -> dict[int, int]:
+        return {i + 1: c for i, c in enumerate(self.cat_ids)}
+
+    @property
+    def cat_to_label(self) -> dict[int, int]:
+        return {c: i + 1 for i, c in enumerate(self.cat_ids)}
+
+    @property
+    def names(self) -> dict[int, str]:
+        """Detector label -> category name."""
+        by_id = {c["id"]: str(c.get("name", c["id"])) for c in self.data["categories"]}
+        return {label: by_id[c] for label, c in self.label_to_cat.items()}
+
+    def summary(self) -> str:
+        """One line on the repairs made, empty when there were none."""
+        parts = []
+        for what, ids in (
+            ("clipped to the image", self.clipped),
+            ("dropped as degenerate (no area inside the image)", self.dropped_degenerate),
+            ("dropped for an unknown category id", self.dropped_unknown_category),
+            ("dropped as malformed (bbox not 4 finite numbers)", self.dropped_malformed),
+        ):
+            if ids:
+                parts.append(f"{len(ids)} boxes {what} (annotation ids {_head(ids)})")
+        return "; ".join(parts)
+
+
+def _head(items: Sequence[Any], n: int = 8) -> str:
+    return ", ".join(map(str, items[:n])) + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def _load_json(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    if isinstance(source, Mapping):
+        return json.loads(json.dumps(source)), "the given dataset"  # a deep copy, JSON types only
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"COCO annotation file not found: {path}")
+    try:
+        return json.loads(path.read_text()), str(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def check_coco(source: str | os.PathLike | Mapping[str, Any], strict: bool = True) -> CocoCheck:
+    """Read and check a COCO detection dataset (a path or an already-loaded dict).
+
+    Raises ``ValueError`` naming the offending entries for problems that cannot be repaired, and
+    in ``strict`` mode for unknown category ids and malformed boxes (dropped otherwise). Boxes
+    outside the image are clipped and empty ones dropped, with a warning (see the module doc).
+    """
+    data, name = _load_json(source)
+    if not isinstance(data, dict):
+        raise ValueError(f"{name}: a COCO dataset is a JSON object, got {type(data).__name__}")
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
+    if missing:
+        raise ValueError(f"{name}: missing or non-list COCO sections {missing}")
+
+    images: dict[int, dict[str, Any]] = {}
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
+            raise ValueError(f"{name}: images[{i}] needs an 'id' and a 'file_name', got {img!r:.200}")
+        for key in ("width", "height"):
+            if not isinstance(img.get(key), int) or img[key] <= 0:
+                raise ValueError(f"{name}: image {img['id']} needs a positive integer {key!r}, got {img.get(key)!r}")
+        if img["id"] in images:
+            raise ValueError(f"{name}: duplicate image id {img['id']}")
+        images[img["id"]] = img
+
+    cat_ids = []
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or isinstance(cat.get("id"), bool):
+            raise ValueError(f"{name}: categories[{i}] needs an integer 'id', got {cat!r:.200}")
+        cat_ids.append(cat["id"])
+    if len(set(cat_ids)) != len(cat_ids):
+        raise ValueError(f"{name}: duplicate category ids in {sorted(cat_ids)}")
+    if not cat_ids:
+        raise ValueError(f"{name}: no categories")
+    known_cats = set(cat_ids)
+
+    check = CocoCheck(data=data, cat_ids=sorted(cat_ids))
+    kept, orphans, unknown, malformed, ann_ids = [], [], [], [], set()
+    next_id = 1 + max(
+        (a["id"] for a in data["annotations"] if isinstance(a, dict) and isinstance(a.get("id"), int)), default=0
+    )
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict):
+            raise ValueError(f"{name}: annotations[{i}] is not an object: {ann!r:.200}")
+        if not isinstance(ann.get("id"), int):
+            ann["id"], next_id = next_id, next_id + 1
+            check.filled += 1
+        if ann["id"] in ann_ids:
+            raise ValueError(f"{name}: duplicate annotation id {ann['id']}")
+        ann_ids.add(ann["id"])
+        if ann.get("image_id") not in images:
+            orphans.append(ann["id"])
+            continue
+        if ann.get("category_id") not in known_cats:
+            unknown.append((ann["id"], ann.get("category_id")))
+            continue
+        box = ann.get("bbox")
+        if (
+            not isinstance(box, list)
+            or len(box) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+        ):
+            malformed.append((ann["id"], box))
+            continue
+        img = images[ann["image_id"]]
+        x0, y0, w, h = (float(v) for v in box)
+        x1, y1 = x0 + w, y0 + h
+        cx0, cy0 = min(max(x0, 0.0), img["width"]), min(max(y0, 0.0), img["height"])
+        cx1, cy1 = min(max(x1, 0.0), img["width"]), min(max(y1, 0.0), img["height"])
+        if cx1 <= cx0 or cy1 <= cy0:
+            check.dropped_degenerate.append(ann["id"])
+            continue
+        if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
+            check.clipped.append(ann["id"])
+            ann["bbox"] = [cx0, cy0, cx1 - cx0, cy1 - cy0]
+            ann["area"] = (cx1 - cx0) * (cy1 - cy0)
+        if not isinstance(ann.get("area"), (int, float)):
+            ann["area"] = (cx1 - cx0) * (cy1 - cy0)
+            check.filled += 1
+        if ann.get("iscrowd") not in (0, 1):
+            ann["iscrowd"] = int(bool(ann.get("iscrowd", 0)))
+            check.filled += 1
+        kept.append(ann)
+
+    if orphans:
+        raise ValueError(f"{name}: annotations {_head(orphans)} refer to image ids that are not in 'images'")
+    if unknown:
+        msg = f"{name}: annotations with category ids not in 'categories' {sorted(known_cats)}: " + _head(
+            [f"{a} (category {c!r})" for a, c in unknown]
+        )
+        if strict:
+            raise ValueError(msg + "; fix the file or pass strict=False (--lenient) to drop them")
+        check.dropped_unknown_category = [a for a, _ in unknown]
+    if malformed:
+        msg = f"{name}: annotations whose bbox is not [x, y, w, h] of finite numbers: " + _head(
+            [f"{a} ({b!r:.60})" for a, b in malformed]
+        )
+        if strict:
+            raise ValueError(msg + "; fix the file or pass strict=False (--lenient) to drop them")
+        check.dropped_malformed = [a for a, _ in malformed]
+    data["annotations"] = kept
+    if check.summary():
+        warnings.warn(f"{name}: {check.summary()}", stacklevel=2)
+    return check
+
+
+# -- the dataset --------------------------------------------------------------------------------
+
+
+class CocoDetectionDataset(torch.utils.data.Dataset):
+    """A COCO-format detection set for torchvision detectors.
+
+    Items are ``(image, target)``: a float RGB tensor in [0, 1] (3, H, W) and a dict with
+    ``boxes`` (N, 4, xyxy pixels), ``labels`` (N, detector labels 1..K), ``image_id``, ``area``
+    and ``iscrowd``. Crowd boxes are left out of the targets (pycocotools still sees them).
+
+    Args:
+        image_dir: folder the ``file_name`` entries are relative to.
+        ann_file: the COCO JSON (or a loaded dict).
+        train: random horizontal flips.
+        strict: see :func:`check_coco`.
+    """
+
+    def __init__(
+        self,
+        image_dir: str | os.PathLike,
+        ann_file: str | os.PathLike | Mapping[str, Any],
+        train: bool = False,
+        strict: bool = True,
+    ):
+        self.image_dir = Path(image_dir)
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.image_dir}")
+        self.check = check_coco(ann_file, strict=strict)
+        self.train = train
+        data = self.check.data
+        self.images = sorted(data["images"], key=lambda im: im["id"])
+        missing = [im["file_name"] for im in self.images if not (self.image_dir / im["file_name"]).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} images listed in the annotations are not in {self.image_dir}: {_head(missing)}"
+            )
+        self.anns: dict[int, list[dict[str, Any]]] = {im["id"]: [] for im in self.images}
+        for ann in data["annotations"]:
+            self.anns[ann["image_id"]].append(ann)
+        self.cat_to_label = self.check.cat_to_label
+        self.label_to_cat = self.check.label_to_cat
+        self.names = self.check.names
+        self.num_classes = len(self.check.cat_ids) + 1  # labels 1..K, 0 for background
+
+    @property
+    def coco_dict(self) -> dict[str, Any]:
+        """The cleaned COCO dataset, ground truth for :func:`parnet.detection.coco_evaluate`."""
+        return self.check.data
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load_image(self, index: int) -> torch.Tensor:
+        from torchvision.io import ImageReadMode, decode_image
+
+        info = self.images[index]
+        path = self.image_dir / info["file_name"]
+        try:
+            image = decode_image(str(path), mode=ImageReadMode.RGB)
+        except RuntimeError as e:
+            raise ValueError(f"cannot decode image {path}: {e}") from None
+        if tuple(image.shape[1:]) != (info["height"], info["width"]):
+            raise ValueError(
+                f"{path} is {image.shape[2]}x{image.shape[1]} but the annotations say {info['width']}x{info['height']}"
+            )
+        return image
+
+    def target(self, index: int) -> dict[str, torch.Tensor]:
+        info = self.images[index]
+        anns = [a for a in self.anns[info["id"]] if not a["iscrowd"]]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        return {
+            "boxes": boxes,
+            "labels": torch.tensor([self.cat_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
+            "image_id": torch.tensor(info["id"]),
+            "area": torch.tensor([float(a["area"]) for a in anns], dtype=torch.float32),
+            "iscrowd": torch.zeros(len(anns), dtype=torch.int64),
+        }
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image = self.load_image(index).float().div_(255)
+        target = self.target(index)
+        if self.train and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+            w = image.shape[-1]
+            target["boxes"] = torch.stack(
+                [w - target["boxes"][:, 2], target["boxes"][:, 1], w - target["boxes"][:, 0], target["boxes"][:, 3]], 1
+            )
+        return image, target
+
+
+def collate_detection(batch: Sequence[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
+    """Lists of images and targets, the input torchvision detectors take."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+# -- Fashion-MNIST IDX files --------------------------------------------------------------------
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (gzipped or not) of unsigned bytes: images (N, H, W) or labels (N,)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"IDX file not found: {path}")
+    opener: Callable[..., Any] = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"cannot read {path} (truncated or not gzip?): {e}") from None
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes (magic {raw[:4].hex()})")
+    ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    body = raw[4 + 4 * ndim :]
+    if len(body) != math.prod(shape):
+        raise ValueError(f"{path}: header says shape {shape} ({math.prod(shape)} bytes) but holds {len(body)} bytes")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+
+
+def _load_fashion_mnist(source: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    prefix = "train" if split == "train" else "t10k"
+    images = read_idx(source / f"{prefix}-images-idx3-ubyte.gz")
+    labels = read_idx(source / f"{prefix}-labels-idx1-ubyte.gz")
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"{source}: {prefix} images {images.shape} and labels {labels.shape} do not match")
+    if labels.max() >= len(FASHION_MNIST_CLASSES):
+        raise ValueError(f"{source}: labels go up to {labels.max()}, Fashion-MNIST has 10 classes")
+    return images, labels
+
+
+def _iou(box: Sequence[float], boxes: Sequence[Sequence[float]]) -> float:
+    """Largest IoU of an xyxy box with any of ``boxes``."""
+    best = 0.0
+    for b in boxes:
+        iw = min(box[2], b[2]) - max(box[0], b[0])
+        ih = min(box[3], b[3]) - max(box[1], b[1])
+        if iw > 0 and ih > 0:
+            inter = iw * ih
+            union = (box[2] - box[0]) * (box[3] - box[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+            best = max(best, inter / union)
+    return best
+
+
+def _render_canvas(
+    rng: np.random.Generator,
+    items: np.ndarray,
+    labels: np.ndarray,
+    canvas: int,
+    num_objects: tuple[int, int],
+    object_size: tuple[int, int],
+    max_iou: float,
+) -> tuple[np.ndarray, list[tuple[list[float], int]]]:
+    """One canvas: a noisy dark background with 1..k items pasted (pixel-wise max) on it."""
+    base = rng.integers(0, 48)
+    image = np.clip(base + rng.normal(0, 8, (canvas, canvas)), 0, 255).astype(np.float32)
+    objects: list[tuple[list[float], int]] = []
+    boxes: list[list[float]] = []
+    for _ in range(int(rng.integers(num_objects[0], num_objects[1] + 1))):
+        idx = int(rng.integers(len(items)))
+        size = int(rng.integers(object_size[0], object_size[1] + 1))
+        contrast = float(rng.uniform(0.6, 1.0))
+        item = torch.from_numpy(items[idx].astype(np.float32))[None, None]
+        item = F.interpolate(item, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        item = (item[0, 0].clamp(0, 255) * contrast).numpy()
+        ys, xs = np.nonzero(item > 40)
+        if len(xs) == 0:
+            continue
+        for _try in range(20):  # find a place where it does not cover another item much
+            x, y = (int(v) for v in rng.integers(0, canvas - size + 1, 2))
+            box = [float(x + xs.min()), float(y + ys.min()), float(x + xs.max() + 1), float(y + ys.max() + 1)]
+            if _iou(box, boxes) <= max_iou:
+                break
+        else:
+            continue
+        image[y : y + size, x : x + size] = np.maximum(image[y : y + size, x : x + size], item)
+        boxes.append(box)
+        objects.append((box, int(labels[idx])))
+    return np.round(image).clip(0, 255).astype(np.uint8), objects
+
+
+def make_fashion_mnist_detection(
+    out_dir: str | os.PathLike,
+    num_train: int = 2000,
+    num_val: int = 300,
+    canvas: int = 128,
+    num_objects: tuple[int, int] = (1, 4),
+    object_size: tuple[int, int] = (24, 64),
+    max_iou: float = 0.2,
+    seed: int = 0,
+    source: str | os.PathLike = DEFAULT_FASHION_MNIST,
+) -> dict[str, Path]:
+    """Write a COCO-format detection set built from Fashion-MNIST items.
+
+    Each canvas (``canvas`` x ``canvas``, grayscale PNG) gets ``num_objects`` items (inclusive
+    range), each resized to a random square size in ``object_size`` and placed at a random position
+    where its box overlaps any earlier one by IoU at most ``max_iou`` (items that find no place in
+    20 tries are left out). The box is the item's visible extent (pixels brighter than 40 of 255
+    after resizing), in whole pixels. Training canvases use Fashion-MNIST's training items,
+    validation canvases its test items. Categories are ids 1..10 in Fashion-MNIST's label order.
+
+    Output: ``out_dir/{train,val}/*.png`` and ``out_dir/annotations/instances_{train,val}.json``.
+    The same arguments give the same files, byte for byte. Returns the two JSON paths.
+    """
+    from torchvision.io import encode_png
+
+    if canvas < 8 or num_train < 0 or num_val < 0:
+        raise ValueError(f"need canvas >= 8 and non-negative image counts, got {canvas}, {num_train}, {num_val}")
+    if not 0 <= num_objects[0] <= num_objects[1]:
+        raise ValueError(f"num_objects must be a range (lo, hi) with 0 <= lo <= hi, got {num_objects}")
+    if not 1 <= object_size[0] <= object_size[1] <= canvas:
+        raise ValueError(f"object_size must be a range within 1..{canvas}, got {object_size}")
+    source, out = Path(source), Path(out_dir)
+    categories = [{"id": i + 1, "name": n, "supercategory": "fashion"} for i, n in enumerate(FASHION_MNIST_CLASSES)]
+    written = {}
+    for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
+        items, labels = _load_fashion_mnist(source, split)
+        rng = np.random.default_rng([seed, split_index])
+        (out / split).mkdir(parents=True, exist_ok=True)
+        images, annotations = [], []
+        for i in range(count):
+            pixels, objects = _render_canvas(rng, items, labels, canvas, num_objects, object_size, max_iou)
+            file_name = f"{i:06d}.png"
+            with atomic_write(out / split / file_name) as tmp:
+                tmp.write_bytes(encode_png(torch.from_numpy(pixels)[None], compression_level=6).numpy().tobytes())
+            images.append({"id": i + 1, "file_name": file_name, "width": canvas, "height": canvas})
+            for box, label in objects:
+                w, h = box[2] - box[0], box[3] - box[1]
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": i + 1,
+                        "category_id": label + 1,
+                        "bbox": [box[0], box[1], w, h],
+                        "area": w * h,
+                        "iscrowd": 0,
+                    }
+                )
+        dataset = {
+            "info": {
+                "description": f"Fashion-MNIST items on {canvas}x{canvas} canvases ({split})",
+                "generator": "parnet make-det-dataset",
+                "seed": seed,
+                "num_objects": list(num_objects),
+                "object_size": list(object_size),
+                "max_iou": max_iou,
+            },
+            "images": images,
+            "annotations": annotations,
+            "categories": categories,
+        }
+        path = out / "annotations" / f"instances_{split}.json"
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(dataset))
+        written[split] = path
+    return written
