@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 # Modules that add their own subcommands, in the order ``parnet --help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("parnet.detection",)
 
 
 def _summary(args: argparse.Namespace) -> int:
