@@ -1,0 +1,674 @@
+"""Low-latency inference: exact weight folding, deployment modes and stream-parallel executors.
+
+:func:`deploy` turns a ParNet (training form or fused) into the fastest equivalent inference
+model for a device. Every mode computes the plain model's eval-mode outputs (float32, to about
+1e-5); none changes precision.
+
+Folding (:class:`FoldedParNet`, the base of every mode) goes beyond re-parameterization:
+
+* the skip BN of a stream block folds into its gate (``mean(BN(x)) = a * mean(x) + b``), and the
+  gated skip becomes one fused multiply-add on the conv output: ``y += x * (a g) + b g``;
+* the fusion's two BNs fold into the fusion conv: the scales into its input channels exactly, the
+  shifts into its bias, with the zero-padded border rows and columns corrected (a shift folded
+  into a zero-padded conv is otherwise wrong at the border);
+* the fusion's channel interleave becomes a plain concatenation of channel slices, the conv's
+  input channels permuted to match (one copy, as before, but no BN passes);
+* the channel shuffle after each fusion block disappears: its consumer (the next fusion's
+  concatenation, or the final block's conv and gate) reads the channels in the unshuffled order.
+
+Modes (``deploy(model, device, mode)``):
+
+========== ============================================================================
+fused      ``parnet.reparameterize`` (one 3x3 conv per block), eval
+folded     :class:`FoldedParNet`, NCHW
+channels_last  folded, channels_last weights and activations
+compiled   channels_last + ``torch.compile`` (inductor, weights frozen)
+parallel   CPU: the streams run concurrently (TorchScript ``torch.jit.fork`` on the inter-op
+           pool, the intra-op threads split between them); CUDA: one CUDA stream per ParNet stream
+cuda_graph CUDA only: ``parallel`` captured in a CUDA graph (re-captured for a new input shape)
+multi_device  the streams on separate devices (``devices=``), asynchronous copies at the fusions
+auto       the fastest for the device: ``compiled`` on CPU when a C++ compiler is present
+           (else ``channels_last``), ``cuda_graph`` on CUDA
+========== ============================================================================
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import Fusion, ParNetBlock
+from .model import ParNet
+
+__all__ = [
+    "MODES",
+    "CPU_MODES",
+    "FoldedBlock",
+    "FoldedFusion",
+    "FoldedParNet",
+    "StreamParallelParNet",
+    "CudaStreamParNet",
+    "CudaGraphModule",
+    "MultiDeviceParNet",
+    "deploy",
+    "fold",
+    "shuffle_perm",
+]
+
+MODES = ("fused", "folded", "channels_last", "compiled", "parallel", "cuda_graph", "multi_device", "auto")
+CPU_MODES = ("fused", "folded", "channels_last", "compiled", "parallel", "multi_device")
+CUDA_ONLY_MODES = ("cuda_graph",)
+
+
+def shuffle_perm(channels: int, groups: int = 2) -> torch.Tensor:
+    """``perm`` with ``channel_shuffle(y)[:, j] == y[:, perm[j]]``."""
+    j = torch.arange(channels)
+    per_group = channels // groups
+    return (j % groups) * per_group + j // groups
+
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BN as ``x * scale + shift``."""
+    scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+    return scale, bn.bias - bn.running_mean * scale
+
+
+def _dense_gate(block: ParNetBlock) -> torch.Tensor:
+    """The gate's 1x1 conv as a dense (out, in) matrix (block-diagonal for groups > 1)."""
+    w = block.gate.conv.weight[:, :, 0, 0]
+    if block.groups == 1:
+        return w.clone()
+    out_g, in_g = block.out_chs // block.groups, block.in_chs // block.groups
+    dense = w.new_zeros(block.out_chs, block.in_chs)
+    for g in range(block.groups):
+        dense[g * out_g : (g + 1) * out_g, g * in_g : (g + 1) * in_g] = w[g * out_g : (g + 1) * out_g]
+    return dense
+
+
+class FoldedBlock(nn.Module):
+    """A fused ParNet block with its skip BN folded into the gate and the gated skip into one FMA.
+
+    ``forward``: ``y = conv(x)`` (+ border correction for a folded input shift); then
+    ``y += x * (a g) + b g`` (skip block) or ``y *= 2 g`` (other blocks), ``g`` the gate; then
+    the activation. No channel shuffle: consumers read unshuffled channels.
+    """
+
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        act: str,
+        gate_w: torch.Tensor | None = None,
+        gate_b: torch.Tensor | None = None,
+        skip_scale: torch.Tensor | None = None,
+        skip_shift: torch.Tensor | None = None,
+        border: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        self.conv = conv
+        self.stride = int(conv.stride[0])
+        self.relu = act == "relu"
+        self.has_gate = gate_w is not None
+        self.has_skip = skip_scale is not None
+        self.has_border = border is not None
+        empty = conv.weight.new_zeros(0)
+        self.register_buffer("gate_w", gate_w if gate_w is not None else empty)
+        self.register_buffer("gate_b", gate_b if gate_b is not None else empty)
+        self.register_buffer("skip_scale", skip_scale if skip_scale is not None else empty)
+        self.register_buffer("skip_shift", skip_shift if skip_shift is not None else empty)
+        # border: (out, 3, 3) contribution of each tap of a folded input shift; precomputed sums.
+        t = border if border is not None else conv.weight.new_zeros(conv.out_channels, 3, 3)
+        self.register_buffer("border_taps", t)
+        self.register_buffer("border_top", t[:, 0, :].sum(1))
+        self.register_buffer("border_bottom", t[:, 2, :].sum(1))
+        self.register_buffer("border_left", t[:, :, 0].sum(1))
+        self.register_buffer("border_right", t[:, :, 2].sum(1))
+
+    def _fix_border(self, y: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Remove the folded shift's contribution from the taps that fell on the zero padding."""
+        t = self.border_taps
+        ho, wo = y.shape[-2], y.shape[-1]
+        bottom = (ho - 1) * self.stride + 1 >= h  # the last output row's lowest tap is padding
+        right = (wo - 1) * self.stride + 1 >= w
+        y[:, :, 0, :] -= self.border_top[:, None]
+        y[:, :, :, 0] -= self.border_left[:, None]
+        y[:, :, 0, 0] += t[:, 0, 0]
+        if bottom:
+            y[:, :, ho - 1, :] -= self.border_bottom[:, None]
+            y[:, :, ho - 1, 0] += t[:, 2, 0]
+        if right:
+            y[:, :, :, wo - 1] -= self.border_right[:, None]
+            y[:, :, 0, wo - 1] += t[:, 0, 2]
+        if bottom and right:
+            y[:, :, ho - 1, wo - 1] += t[:, 2, 2]
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.has_border:
+            y = self._fix_border(y, x.shape[-2], x.shape[-1])
+        if self.has_gate:
+            g = torch.sigmoid(F.linear(x.mean((2, 3)), self.gate_w, self.gate_b))
+            if self.has_skip:
+                y = y.addcmul_(x, (g * self.skip_scale)[:, :, None, None]).add_((g * self.skip_shift)[:, :, None, None])
+            else:
+                y = y.mul_((2.0 * g)[:, :, None, None])
+        if self.relu:
+            return y.relu_()
+        return F.silu(y, inplace=True)
+
+
+class FoldedFusion(nn.Module):
+    """Fusion with its BNs folded into the block's conv and gate, and the interleave a concat.
+
+    ``pieces`` lists ``(source, start, end)`` channel slices (source 0: the stream, 1: the running
+    tensor) in the order the conv's input channels were permuted to.
+    """
+
+    def __init__(self, block: FoldedBlock, pieces: list[tuple[int, int, int]]):
+        super().__init__()
+        self.block = block
+        self.pieces: list[tuple[int, int, int]] = pieces
+
+    def forward(self, stream: torch.Tensor, fused: torch.Tensor) -> torch.Tensor:
+        parts: list[torch.Tensor] = []
+        for src, start, end in self.pieces:
+            parts.append((stream if src == 0 else fused)[:, start:end])
+        return self.block(torch.cat(parts, 1))
+
+
+class PooledHead(nn.Module):
+    """Global average pool and linear classifier (timm's ClassifierHead with ``avg`` pooling, eval)."""
+
+    def __init__(self, fc: nn.Module):
+        super().__init__()
+        self.fc = fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean((2, 3)))
+
+
+def _fold_block(
+    block: ParNetBlock, act: str, in_perm: torch.Tensor | None = None, bias_only: bool = False
+) -> FoldedBlock:
+    """:class:`FoldedBlock` of a fused, ungrouped block; ``in_perm``: input arrives unshuffled."""
+    if block.reparam_conv is None:
+        raise ValueError("fold a re-parameterized model (parnet.reparameterize first)")
+    if block.groups != 1:
+        raise ValueError("grouped blocks fold only inside a fusion")
+    src = block.reparam_conv
+    conv = nn.Conv2d(src.in_channels, src.out_channels, 3, stride=src.stride, padding=1, bias=True)
+    conv = conv.to(src.weight.device, src.weight.dtype)
+    weight, bias = src.weight.detach().clone(), src.bias.detach().clone()
+    gate_w = _dense_gate(block).detach() if block.gate is not None else None
+    gate_b = None
+    skip_scale = skip_shift = None
+    if block.skip is not None:
+        a, b = (t.detach() for t in _bn_affine(block.skip))
+        if gate_w is not None:
+            gate_b = gate_w @ b
+            gate_w = gate_w * a[None, :]
+            skip_scale, skip_shift = a.clone(), b.clone()
+        else:  # ungated skip: the identity BN goes into the kernel's centre tap (RepVGG)
+            idx = torch.arange(weight.shape[0])
+            weight[idx, idx, 1, 1] += a
+            bias = bias + b
+    if in_perm is not None:
+        if block.skip is not None:
+            raise ValueError("a skip block cannot read permuted channels")
+        w = torch.empty_like(weight)
+        w[:, in_perm] = weight
+        weight = w
+        if gate_w is not None:
+            gw = torch.empty_like(gate_w)
+            gw[:, in_perm] = gate_w
+            gate_w = gw
+    if gate_w is not None and gate_b is None:
+        gate_b = gate_w.new_zeros(gate_w.shape[0])
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
+    return FoldedBlock(conv, act, gate_w, gate_b, skip_scale, skip_shift)
+
+
+def _fold_fusion(fusion: Fusion, act: str, fused_perm: torch.Tensor | None) -> FoldedFusion:
+    """Fold a fusion; ``fused_perm``: the running tensor arrives unshuffled (``fused[perm]`` is logical)."""
+    block = fusion.block
+    if block.reparam_conv is None:
+        raise ValueError("fold a re-parameterized model (parnet.reparameterize first)")
+    if block.skip is not None or block.groups != 2:
+        raise ValueError("unexpected fusion block (expected groups=2 without skip)")
+    c = fusion.norm_stream.num_features
+    half = c // 2
+    perm = fused_perm if fused_perm is not None else torch.arange(c)
+    sa, ta = (t.detach() for t in _bn_affine(fusion.norm_stream))
+    sb, tb = (t.detach() for t in _bn_affine(fusion.norm_fused))
+    # Per group g: the stream's channels g*half.. (physical = logical), then the running tensor's
+    # channels of the group, taken in physical order. Original in-group column of stream channel
+    # k: 2 (k - g half); of running-tensor logical channel j: 2 (j - g half) + 1.
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(c)
+    cols, scale, shift, pieces = [], [], [], []
+    for g in range(2):
+        lo, hi = g * half, (g + 1) * half
+        for k in range(lo, hi):
+            cols.append(g * c + 2 * (k - lo))
+            scale.append(sa[k])
+            shift.append(ta[k])
+        pieces.append((0, lo, hi))
+        phys = sorted(int(perm[j]) for j in range(lo, hi))
+        for p in phys:
+            j = int(inv[p])
+            cols.append(g * c + 2 * (j - lo) + 1)
+            scale.append(sb[j])
+            shift.append(tb[j])
+        start = prev = phys[0]
+        for p in phys[1:] + [None]:
+            if p is None or p != prev + 1:
+                pieces.append((1, start, prev + 1))
+                start = p
+            if p is not None:
+                prev = p
+    scale_t, shift_t = torch.stack(scale), torch.stack(shift)
+    src = block.reparam_conv
+    w = src.weight.detach()  # (out, c, 3, 3): group g's outputs read cat channels [g c, (g+1) c)
+    out = w.shape[0]
+    out_g = out // 2
+    local = torch.tensor(cols)
+    w_perm = torch.empty_like(w)
+    shift_out = torch.empty(out, c, dtype=w.dtype, device=w.device)  # each output's group shifts
+    scale_out = torch.empty_like(shift_out)
+    for g in range(2):
+        rows = slice(g * out_g, (g + 1) * out_g)
+        idx = local[g * c : (g + 1) * c] - g * c  # new column i <- original column idx[i]
+        w_perm[rows] = w[rows][:, idx]
+        shift_out[rows] = shift_t[g * c : (g + 1) * c]
+        scale_out[rows] = scale_t[g * c : (g + 1) * c]
+    taps = torch.einsum("ocyx,oc->oyx", w_perm, shift_out)
+    conv = nn.Conv2d(2 * c, out, 3, stride=src.stride, padding=1, groups=2, bias=True).to(w.device, w.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(w_perm * scale_out[:, :, None, None])
+        conv.bias.copy_(src.bias.detach() + taps.sum((1, 2)))
+    gate_w = gate_b = None
+    if block.gate is not None:
+        dense = _dense_gate(block).detach()[:, local]  # columns in the new cat order
+        gate_b = dense @ shift_t
+        gate_w = dense * scale_t[None, :]
+    return FoldedFusion(FoldedBlock(conv, act, gate_w, gate_b, border=taps), pieces)
+
+
+class FoldedParNet(nn.Module):
+    """A ParNet with every exact fold applied (see the module docstring); eval only.
+
+    ``forward`` gives the logits (or pooled features when the model has no classifier); the
+    input is checked like ``ParNet.check_input``. ``channels_last=True`` converts the input.
+    """
+
+    def __init__(self, model: ParNet):
+        super().__init__()
+        if any(isinstance(m, ParNetBlock) and m.reparam_conv is None for m in model.modules()):
+            model = _reparameterized(model)
+        cfg = model.cfg
+        act = cfg.act
+        self.in_chans = model.in_chans
+        self.multiple = cfg.input_multiple
+        self.channels_last = False
+        self.stem = nn.Sequential(*(_fold_block(b, act) for b in model.stem))
+        self.downsample = nn.ModuleList(_fold_block(b, act) for b in model.downsample)
+        self.streams = nn.ModuleList(nn.Sequential(*(_fold_block(b, act) for b in s)) for s in model.streams)
+        self.fuse_entry = _fold_block(model.fuse_entry, act) if model.fuse_entry is not None else nn.Identity()
+        fusions, perm = [], None
+        for fusion in model.fusions:
+            fusions.append(_fold_fusion(fusion, act, perm))
+            perm = shuffle_perm(fusion.block.out_chs, 2)
+        self.fusions = nn.ModuleList(fusions)
+        self.final_block = _fold_block(model.final_block, act, in_perm=perm)
+        head = model.head
+        if getattr(head.global_pool, "pool_type", "avg") == "avg" and not getattr(head, "use_conv", False):
+            self.head: nn.Module = PooledHead(copy.deepcopy(head.fc))
+        else:  # another pooling: timm's head as it is
+            self.head = copy.deepcopy(head)
+        self.eval().requires_grad_(False)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Refuse inputs the network cannot take (as ``ParNet.check_input``)."""
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"expected a batch (N, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
+        if x.shape[-2] % self.multiple or x.shape[-1] % self.multiple:
+            raise ValueError(
+                f"height and width must be multiples of {self.multiple}, got {x.shape[-2]}x{x.shape[-1]}"
+            )
+
+    def stream_inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.stem(x)
+        inputs = [x]
+        for down in self.downsample:
+            inputs.append(down(inputs[-1]))
+        return inputs
+
+    def merge(self, outs: list[torch.Tensor]) -> torch.Tensor:
+        fused = self.fuse_entry(outs[0])
+        i = 1
+        for fusion in self.fusions:
+            fused = fusion(outs[i], fused)
+            i += 1
+        return self.head(self.final_block(fused))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        inputs = self.stream_inputs(x)
+        outs: list[torch.Tensor] = []
+        i = 0
+        for stream in self.streams:
+            outs.append(stream(inputs[i]))
+            i += 1
+        return self.merge(outs)
+
+
+def _reparameterized(model: nn.Module) -> nn.Module:
+    from . import reparameterize
+
+    return reparameterize(model)
+
+
+def fold(model: ParNet, channels_last: bool = False) -> FoldedParNet:
+    """The folded inference model of ``model`` (training form or fused)."""
+    folded = FoldedParNet(model)
+    if channels_last:
+        folded = folded.to(memory_format=torch.channels_last)
+        folded.channels_last = True
+    return folded
+
+
+# -- CPU: streams concurrently -------------------------------------------------------------------
+
+
+class _StreamTask(nn.Module):
+    """One stream, and for the first stream the block that brings it down to the next resolution."""
+
+    def __init__(self, stream: nn.Module, tail: nn.Module):
+        super().__init__()
+        self.stream = stream
+        self.tail = tail
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.stream(x))
+
+
+class _ParallelCore(nn.Module):
+    """TorchScript body: streams 1..n-1 forked onto the inter-op pool, the last one inline."""
+
+    def __init__(self, folded: FoldedParNet):
+        super().__init__()
+        self.stem = folded.stem
+        self.downsample = folded.downsample
+        n = len(folded.streams)
+        tasks = [_StreamTask(folded.streams[0], folded.fuse_entry)]
+        tasks += [_StreamTask(folded.streams[i], nn.Identity()) for i in range(1, n)]
+        self.forked = nn.ModuleList(tasks[:-1])
+        self.last = tasks[-1]
+        self.fusions = folded.fusions
+        self.final_block = folded.final_block
+        self.head = folded.head
+        self.channels_last = folded.channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.stem(x)
+        futures: list[torch.jit.Future[torch.Tensor]] = []
+        for i, task in enumerate(self.forked):
+            futures.append(torch.jit.fork(task, x))  # stream i starts as soon as its input exists
+            for j, down in enumerate(self.downsample):
+                if j == i:
+                    x = down(x)
+        last = self.last(x)
+        outs = [torch.jit.wait(f) for f in futures]
+        outs.append(last)
+        fused = outs[0]
+        i = 1
+        for fusion in self.fusions:
+            fused = fusion(outs[i], fused)
+            i += 1
+        return self.head(self.final_block(fused))
+
+
+class StreamParallelParNet(nn.Module):
+    """The streams of a folded ParNet run concurrently on CPU (TorchScript ``torch.jit.fork``).
+
+    The first n-1 streams are forked onto PyTorch's inter-op thread pool as soon as their inputs
+    exist; the last runs on the calling thread. ``threads`` (default: all intra-op threads) are
+    split between the concurrent streams: each runs its ops with ``max(1, threads // n)``
+    intra-op threads, the serial parts (stem, fusions) with all of them.
+    """
+
+    def __init__(self, folded: FoldedParNet, threads: int | None = None):
+        super().__init__()
+        self.check_input = folded.check_input
+        self.threads = threads or torch.get_num_threads()
+        self.per_stream = max(1, self.threads // len(folded.streams))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            self.core = torch.jit.script(_ParallelCore(folded))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return self.core(x)
+
+
+# -- CUDA: one CUDA stream per ParNet stream, CUDA graphs, several devices --------------------
+
+
+class CudaStreamParNet(nn.Module):
+    """Each ParNet stream on its own CUDA stream; fusions wait on events of the streams they read.
+
+    Tensors made on one CUDA stream and read on another are marked with ``record_stream`` so the
+    caching allocator does not reuse their memory early.
+    """
+
+    def __init__(self, folded: FoldedParNet):
+        super().__init__()
+        self.folded = folded
+        self._streams: list[torch.cuda.Stream] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cuda":
+            raise ValueError(f"CudaStreamParNet needs a CUDA input, got {x.device}")
+        f = self.folded
+        f.check_input(x)
+        if self._streams is None or self._streams[0].device != x.device:
+            self._streams = [torch.cuda.Stream(x.device) for _ in f.streams]
+        main = torch.cuda.current_stream(x.device)
+        inputs = f.stream_inputs(x)  # stem and downsampling chain: short, on the main stream
+        outs = []
+        for i, (stream, cuda_stream) in enumerate(zip(f.streams, self._streams)):
+            cuda_stream.wait_stream(main)
+            with torch.cuda.stream(cuda_stream):
+                inputs[i].record_stream(cuda_stream)
+                y = stream(inputs[i])
+                if i == 0:
+                    y = f.fuse_entry(y)
+            outs.append(y)
+        for cuda_stream, y in zip(self._streams, outs):
+            main.wait_stream(cuda_stream)
+            y.record_stream(main)
+        return _merge_after_entry(f, outs)
+
+
+def _merge_after_entry(f: FoldedParNet, outs: list[torch.Tensor]) -> torch.Tensor:
+    """Fusions, final block and head, given stream outputs with the first already brought down."""
+    fused = outs[0]
+    for fusion, y in zip(f.fusions, outs[1:]):
+        fused = fusion(y, fused)
+    return f.head(f.final_block(fused))
+
+
+class CudaGraphModule(nn.Module):
+    """Replays a CUDA graph of ``module``'s forward; a new input shape is captured anew.
+
+    Each (shape, dtype, device) gets its own graph and static buffers (at most ``max_graphs``; the
+    oldest is dropped), so an input of another shape is never run through a graph captured for a
+    different one. The output is a copy, safe to keep across calls.
+    """
+
+    def __init__(self, module: nn.Module, max_graphs: int = 8, warmup: int = 3):
+        super().__init__()
+        self.module = module
+        self.max_graphs = max_graphs
+        self.warmup = warmup
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+
+    def _capture(self, x: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        static_x = x.clone()
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(self.warmup):
+                self.module(static_x)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph):
+            static_y = self.module(static_x)
+        return graph, static_x, static_y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cuda":
+            raise ValueError(f"a CUDA graph needs a CUDA input, got {x.device}")
+        key = (tuple(x.shape), x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last))
+        entry = self._graphs.get(key)
+        if entry is None:
+            if len(self._graphs) >= self.max_graphs:
+                self._graphs.pop(next(iter(self._graphs)))
+            entry = self._graphs[key] = self._capture(x)
+        graph, static_x, static_y = entry
+        static_x.copy_(x)
+        graph.replay()
+        return static_y.clone()
+
+
+class MultiDeviceParNet(nn.Module):
+    """ParNet with stream ``i`` on ``devices[i]`` (as the authors ran ParNet-XL on three GPUs).
+
+    The stem runs on ``devices[0]``; each downsampling block runs where its input is and sends its
+    output to the next stream's device; each fusion runs on its stream's device, with the running
+    tensor copied there. Copies are ``non_blocking``, so work on the devices overlaps. The output
+    is returned on the input's device. All devices may be the same (e.g. ``["cpu"] * 3``).
+    """
+
+    def __init__(self, folded: FoldedParNet, devices: Sequence[str | torch.device]):
+        super().__init__()
+        n = len(folded.streams)
+        devs = [torch.device(d) for d in devices]
+        if len(devs) != n:
+            raise ValueError(f"give one device per stream: {n} streams, {len(devs)} devices")
+        for d in devs:
+            _check_device(d)
+        self.devices = devs
+        self.check_input = folded.check_input
+        self.channels_last = folded.channels_last
+        self.stem = copy.deepcopy(folded.stem).to(devs[0])
+        # downsample[i] reads stream i's input and makes stream i+1's: it runs on devices[i].
+        self.downsample = nn.ModuleList(copy.deepcopy(d).to(devs[i]) for i, d in enumerate(folded.downsample))
+        self.streams = nn.ModuleList(copy.deepcopy(s).to(devs[i]) for i, s in enumerate(folded.streams))
+        self.fuse_entry = copy.deepcopy(folded.fuse_entry).to(devs[0])
+        self.fusions = nn.ModuleList(copy.deepcopy(f).to(devs[i + 1]) for i, f in enumerate(folded.fusions))
+        self.final_block = copy.deepcopy(folded.final_block).to(devs[-1])
+        self.head = copy.deepcopy(folded.head).to(devs[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        home = x.device
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        h = self.stem(x.to(self.devices[0], non_blocking=True))
+        inputs = [h]
+        for i, down in enumerate(self.downsample):
+            inputs.append(down(inputs[-1]).to(self.devices[i + 1], non_blocking=True))
+        outs = [stream(xi) for stream, xi in zip(self.streams, inputs)]  # queued on each device
+        fused = self.fuse_entry(outs[0])
+        for i, fusion in enumerate(self.fusions):
+            fused = fusion(outs[i + 1], fused.to(self.devices[i + 1], non_blocking=True))
+        return self.head(self.final_block(fused)).to(home)
+
+
+def _check_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device} requested but CUDA is not available on this machine")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {device} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif device.type != "cpu":
+        raise ValueError(f"unsupported device {device} (use cpu or cuda[:i])")
+
+
+def has_cpp_compiler() -> bool:
+    """Whether inductor can build CPU kernels here (a C++ compiler on PATH or in ``CXX``)."""
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
+
+
+def auto_mode(device: str | torch.device) -> str:
+    """The fastest mode for ``device``: see ``RESULTS.md`` ("Inference latency and throughput")."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "cuda_graph"
+    return "compiled" if has_cpp_compiler() else "channels_last"
+
+
+def compile_cpu(module: nn.Module, dynamic: bool = False) -> nn.Module:
+    """``torch.compile`` with inductor, weights frozen (constant-folded, convs prepacked)."""
+    return torch.compile(module, backend="inductor", dynamic=dynamic, options={"freezing": True})
+
+
+def deploy(
+    model: nn.Module,
+    device: str | torch.device = "cpu",
+    mode: str = "auto",
+    devices: Sequence[str | torch.device] | None = None,
+    threads: int | None = None,
+) -> nn.Module:
+    """The fastest equivalent inference model of ``model`` for ``device`` (see the module docstring).
+
+    Args:
+        model: a ParNet in training form or fused (it is not modified).
+        device: where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+        mode: one of :data:`MODES`; ``"auto"`` picks the fastest for the device.
+        devices: for ``multi_device``: one device per stream.
+        threads: for ``parallel`` on CPU: intra-op threads to split between the streams.
+
+    Returns an eval-mode module; call it under ``torch.inference_mode()``. Raises ``ValueError``
+    for a mode the device cannot run.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown deploy mode {mode!r}; choose one of {MODES}")
+    device = torch.device(device)
+    _check_device(device)
+    if not isinstance(model, ParNet):
+        raise ValueError(f"deploy takes a ParNet, got {type(model).__name__}")
+    if mode == "auto":
+        mode = auto_mode(device)
+    if mode in CUDA_ONLY_MODES and device.type != "cuda":
+        raise ValueError(f"mode {mode!r} needs a CUDA device, got {device}")
+    if mode == "fused":
+        return _reparameterized(model).to(device)
+    if mode == "multi_device":
+        if devices is None:
+            raise ValueError("mode 'multi_device' needs devices=[one device per stream]")
+        return MultiDeviceParNet(fold(model, channels_last=device.type == "cpu"), devices).eval()
+    folded = fold(model, channels_last=mode != "folded").to(device)
+    if mode in ("folded", "channels_last"):
+        return folded
+    if mode == "compiled":
+        return compile_cpu(folded) if device.type == "cpu" else torch.compile(folded, mode="max-autotune")
+    if device.type == "cuda":
+        parallel = CudaStreamParNet(folded).eval()
+        return parallel if mode == "parallel" else CudaGraphModule(parallel).eval()
+    return StreamParallelParNet(folded, threads=threads).eval()
