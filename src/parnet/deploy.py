@@ -117,11 +117,8 @@ class FoldedBlock(nn.Module):
         self.has_gate = gate_w is not None
         self.has_skip = skip_scale is not None
         self.has_border = border is not None
-        empty = conv.weight.new_zeros(0)
-        self.register_buffer("gate_w", gate_w if gate_w is not None else empty)
-        self.register_buffer("gate_b", gate_b if gate_b is not None else empty)
-        self.register_buffer("skip_scale", skip_scale if skip_scale is not None else empty)
-        self.register_buffer("skip_shift", skip_shift if skip_shift is not None else empty)
+        for name, value in (("gate_w", gate_w), ("gate_b", gate_b), ("skip_scale", skip_scale), ("skip_shift", skip_shift)):
+            self.register_buffer(name, value if value is not None else conv.weight.new_zeros(0))
         # border: (out, 3, 3) contribution of each tap of a folded input shift; precomputed sums.
         t = border if border is not None else conv.weight.new_zeros(conv.out_channels, 3, 3)
         self.register_buffer("border_taps", t)
@@ -339,7 +336,7 @@ class FoldedParNet(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         """Refuse inputs the network cannot take (as ``ParNet.check_input``)."""
         if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"expected a batch (N, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
+            raise ValueError(f"expected a batch (N, {self.in_chans}, H, W), got shape {list(x.shape)}")
         if x.shape[-2] % self.multiple or x.shape[-1] % self.multiple:
             raise ValueError(
                 f"height and width must be multiples of {self.multiple}, got {x.shape[-2]}x{x.shape[-1]}"
@@ -446,8 +443,8 @@ class StreamParallelParNet(nn.Module):
 
     The first n-1 streams are forked onto PyTorch's inter-op thread pool as soon as their inputs
     exist; the last runs on the calling thread. ``threads`` (default: all intra-op threads) are
-    split between the concurrent streams: each runs its ops with ``max(1, threads // n)``
-    intra-op threads, the serial parts (stem, fusions) with all of them.
+    split between the concurrent streams: during a call, ops run with ``max(1, threads // n)``
+    intra-op threads (restored afterwards), so n streams on n cores each get one core.
     """
 
     def __init__(self, folded: FoldedParNet, threads: int | None = None):
@@ -461,7 +458,14 @@ class StreamParallelParNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        return self.core(x)
+        prev = torch.get_num_threads()
+        if prev == self.per_stream:
+            return self.core(x)
+        torch.set_num_threads(self.per_stream)  # this thread's and the pool's ops (set per call)
+        try:
+            return self.core(x)
+        finally:
+            torch.set_num_threads(prev)
 
 
 # -- CUDA: one CUDA stream per ParNet stream, CUDA graphs, several devices --------------------

@@ -1,0 +1,188 @@
+"""Export the folded inference model: ONNX (dynamic batch), TorchScript, ``torch.export``.
+
+Every file is written atomically (:func:`parnet.io.atomic_write`) and, unless told otherwise,
+read back and run against the PyTorch model (ONNX through onnxruntime) to 1e-4 before the
+command reports success. The exported network is :class:`parnet.deploy.FoldedParNet` (fused,
+BNs/interleave/shuffle folded, NCHW), or with ``fused_only`` the plain re-parameterized ParNet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .io import atomic_write
+
+__all__ = ["FORMATS", "export_onnx", "export_torchscript", "export_program", "check_export", "export_model"]
+
+FORMATS = ("onnx", "torchscript", "export")
+SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "export": ".pt2"}
+TOLERANCE = 1e-4
+
+
+def inference_model(model: nn.Module, fused_only: bool = False) -> nn.Module:
+    """The network to export: folded (default) or only re-parameterized; eval, on CPU."""
+    from . import reparameterize
+    from .deploy import fold
+
+    model = model.cpu()
+    return reparameterize(model).eval() if fused_only else fold(model).eval()
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, example: torch.Tensor, opset: int = 17) -> Path:
+    """ONNX with a dynamic batch dimension (input ``input``, output ``logits``).
+
+    Uses the TorchScript-based exporter (seconds); if that fails, the ``torch.export``-based one.
+    """
+    with atomic_write(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                model,
+                (example,),
+                str(tmp),
+                dynamo=False,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=opset,
+            )
+        except Exception:  # noqa: BLE001 - fall back to the dynamo exporter
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            program = torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_shapes={"x": {0: batch}},
+                opset_version=max(opset, 18),
+                external_data=False,
+            )
+            program.save(str(tmp))
+    return Path(path)
+
+
+def export_torchscript(model: nn.Module, path: str | os.PathLike, example: torch.Tensor) -> Path:
+    """TorchScript (scripted, so any batch size and any valid resolution work)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            scripted = torch.jit.script(model)
+        except Exception:  # noqa: BLE001 - a model that does not script is traced instead
+            scripted = torch.jit.trace(model, example, check_trace=False)
+        with atomic_write(path) as tmp:
+            torch.jit.save(scripted, str(tmp))
+    return Path(path)
+
+
+def export_program(model: nn.Module, path: str | os.PathLike, example: torch.Tensor) -> Path:
+    """A ``torch.export`` program (``.pt2``) with a dynamic batch dimension."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}})
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        torch.export.save(program, f)
+    return Path(path)
+
+
+def load_and_run(fmt: str, path: str | os.PathLike, x: torch.Tensor) -> torch.Tensor:
+    """Run an exported file on ``x`` with its own runtime."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(path))(x)
+    if fmt == "export":
+        with open(path, "rb") as f:
+            return torch.export.load(f).module()(x)
+    raise ValueError(f"unknown export format {fmt!r}; choose from {FORMATS}")
+
+
+@torch.no_grad()
+def check_export(fmt: str, path: str | os.PathLike, model: nn.Module, inputs: list[torch.Tensor]) -> float:
+    """Largest absolute difference between the file's outputs and ``model``'s; raises above 1e-4."""
+    worst = 0.0
+    for x in inputs:
+        diff = (load_and_run(fmt, path, x) - model(x)).abs().max().item()
+        worst = max(worst, diff)
+    if not worst <= TOLERANCE:
+        raise ValueError(f"{fmt} export {path} differs from the model by {worst:.3g} (> {TOLERANCE})")
+    return worst
+
+
+@torch.no_grad()
+def export_model(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    name: str,
+    formats: tuple[str, ...] = FORMATS,
+    input_size: tuple[int, int, int] = (3, 224, 224),
+    fused_only: bool = False,
+    check: bool = True,
+) -> dict[str, dict]:
+    """Export ``model`` in each format to ``out_dir/name.*``; returns path and max difference per format.
+
+    The check compares each file's outputs with ``model``'s own (eval mode), batches of 2 and 3.
+    """
+    net = inference_model(model, fused_only)
+    example = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
+    checks = [example, torch.randn(3, *input_size, generator=torch.Generator().manual_seed(1))]
+    writers = {"onnx": export_onnx, "torchscript": export_torchscript, "export": export_program}
+    results = {}
+    for fmt in formats:
+        if fmt not in writers:
+            raise ValueError(f"unknown export format {fmt!r}; choose from {FORMATS}")
+        path = writers[fmt](net, Path(out_dir) / f"{name}{SUFFIX[fmt]}", example)
+        diff = check_export(fmt, path, model.eval(), checks) if check else None
+        results[fmt] = {"path": str(path), "max_abs_diff": diff}
+    return results
+
+
+def _build(args: argparse.Namespace) -> nn.Module:
+    import timm
+
+    from . import io
+
+    if args.checkpoint:
+        return io.load_model(args.checkpoint)
+    kwargs = {"num_classes": args.num_classes} if args.num_classes is not None else {}
+    return timm.create_model(args.model, **kwargs).eval()
+
+
+def _export(args: argparse.Namespace) -> int:
+    model = _build(args)
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    res = args.resolution
+    name = args.name or (Path(args.checkpoint).stem if args.checkpoint else args.model)
+    results = export_model(
+        model, args.out, name, formats, (model.in_chans, res, res), fused_only=args.fused_only, check=not args.no_check
+    )
+    for fmt, r in results.items():
+        diff = "not checked" if r["max_abs_diff"] is None else f"max |diff| {r['max_abs_diff']:.2e}"
+        print(f"{fmt:12s} {r['path']}  ({diff})")
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """``parnet export``."""
+    p = subparsers.add_parser("export", help="export the folded model: ONNX, TorchScript, torch.export")
+    p.add_argument("model", nargs="?", default="parnet_s", help="timm model name (random weights) [parnet_s]")
+    p.add_argument("--checkpoint", help="a .safetensors file written by parnet (overrides MODEL)")
+    p.add_argument("--out", default="exports", help="output folder [exports]")
+    p.add_argument("--name", help="file stem (default: model or checkpoint name)")
+    p.add_argument("--format", default=",".join(FORMATS), help=f"comma-separated of {', '.join(FORMATS)} [all]")
+    p.add_argument("--resolution", type=int, default=224, help="example input height and width [224]")
+    p.add_argument("--num-classes", type=int, help="classifier outputs (timm models only)")
+    p.add_argument("--fused-only", action="store_true", help="export the re-parameterized model without folding")
+    p.add_argument("--no-check", action="store_true", help="skip the round-trip check against PyTorch")
+    p.set_defaults(func=_export)
