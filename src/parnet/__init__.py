@@ -9,6 +9,7 @@ import timm
 from timm.utils import reparameterize_model
 from torch import nn
 
+from .deploy import deploy
 from .depth import network_depth
 from .layers import Fusion, ParNetBlock
 from .model import ParNet, ParNetCfg, model_cfgs
@@ -23,6 +24,7 @@ __all__ = [
     "ParNetCfg",
     "convert_official_state_dict",
     "create_model",
+    "deploy",
     "list_models",
     "load_official",
     "model_cfgs",
