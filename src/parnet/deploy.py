@@ -117,7 +117,12 @@ class FoldedBlock(nn.Module):
         self.has_gate = gate_w is not None
         self.has_skip = skip_scale is not None
         self.has_border = border is not None
-        for name, value in (("gate_w", gate_w), ("gate_b", gate_b), ("skip_scale", skip_scale), ("skip_shift", skip_shift)):
+        for name, value in (
+            ("gate_w", gate_w),
+            ("gate_b", gate_b),
+            ("skip_scale", skip_scale),
+            ("skip_shift", skip_shift),
+        ):
             self.register_buffer(name, value if value is not None else conv.weight.new_zeros(0))
         # border: (out, 3, 3) contribution of each tap of a folded input shift; precomputed sums.
         t = border if border is not None else conv.weight.new_zeros(conv.out_channels, 3, 3)
@@ -338,9 +343,7 @@ class FoldedParNet(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected a batch (N, {self.in_chans}, H, W), got shape {list(x.shape)}")
         if x.shape[-2] % self.multiple or x.shape[-1] % self.multiple:
-            raise ValueError(
-                f"height and width must be multiples of {self.multiple}, got {x.shape[-2]}x{x.shape[-1]}"
-            )
+            raise ValueError(f"height and width must be multiples of {self.multiple}, got {x.shape[-2]}x{x.shape[-1]}")
 
     def stream_inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.channels_last:
