@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 # Modules that add their own subcommands, in the order ``parnet --help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("parnet.detection",)
+COMMAND_MODULES: tuple[str, ...] = ("parnet.train", "parnet.detection", "parnet.export", "parnet.bench")
 
 
 def _summary(args: argparse.Namespace) -> int:

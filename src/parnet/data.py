@@ -1,0 +1,393 @@
+"""Datasets, transforms and loaders for classification training: Fashion-MNIST, CIFAR-10/100, image folders.
+
+``build_datasets(name, data_dir, ...)`` returns the train and test datasets with the paper's
+augmentation (RandAugment ``rand-m9-mstd0.5`` and random erasing, from timm) on the train split;
+``build_loaders`` wraps them in loaders with a sampler that shards across ranks and a seeded
+generator, so a run is reproducible and resumable.
+
+Formats read:
+
+* ``fashion_mnist``: the four IDX files (``train-images-idx3-ubyte[.gz]`` ...) in one folder
+  (Debian: ``apt-get install dataset-fashion-mnist`` puts them in /usr/share/datasets/fashion-mnist).
+  28x28 grayscale images are padded to 32x32 for the small-input ParNet.
+* ``cifar10`` / ``cifar100``: torchvision's python-pickle folders (``cifar-10-batches-py``,
+  ``cifar-100-python``), in ``data_dir`` or ``data_dir`` itself; ``download=True`` fetches them.
+* ``imagefolder``: ``data_dir/train/<class>/*.jpg`` and ``data_dir/val/<class>/*.jpg`` at 224.
+
+Missing data raises :class:`DatasetNotFoundError` saying where to get it; a truncated or corrupt
+file raises :class:`CorruptDatasetError` naming the file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+__all__ = [
+    "DATASETS",
+    "CorruptDatasetError",
+    "DatasetInfo",
+    "DatasetNotFoundError",
+    "FashionMNIST",
+    "ShardSampler",
+    "build_datasets",
+    "build_loaders",
+    "read_idx",
+]
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset is not where it was looked for; the message says how to get it."""
+
+
+class CorruptDatasetError(ValueError):
+    """A dataset file is truncated or not in the expected format; the message names it."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about a dataset: input size and channels, classes, normalisation."""
+
+    name: str
+    num_classes: int
+    in_chans: int
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    default_dir: str
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "fashion_mnist": DatasetInfo("fashion_mnist", 10, 1, 32, (0.2860,), (0.3530,), FASHION_MNIST_DIR),
+    "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "data/cifar10"),
+    "cifar100": DatasetInfo(
+        "cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "data/cifar100"
+    ),
+    "imagefolder": DatasetInfo("imagefolder", 0, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "data/imagenet"),
+}
+
+
+# -- Fashion-MNIST (IDX files) ------------------------------------------------------------------
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (gzipped or not), checking its header against its size."""
+    path = Path(path)
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise CorruptDatasetError(f"{path} is truncated or not a gzip file ({e}); download it again") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise CorruptDatasetError(f"{path} is not an IDX file (bad magic number)")
+    ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise CorruptDatasetError(f"{path} is truncated (header cut short)")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    body = raw[4 + 4 * ndim :]
+    if len(body) != expected:
+        raise CorruptDatasetError(
+            f"{path} is truncated or corrupt: header says shape {shape} ({expected} bytes), file has {len(body)}"
+        )
+    return np.frombuffer(body, dtype=dtype).reshape(shape)
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem):
+        if (root / name).is_file():
+            return root / name
+    raise DatasetNotFoundError(
+        f"Fashion-MNIST file {stem}[.gz] not found in {root}. Install the dataset with "
+        "`sudo apt-get install dataset-fashion-mnist` (it goes to /usr/share/datasets/fashion-mnist), "
+        "or download the four IDX files from https://github.com/zalandoresearch/fashion-mnist and pass --data-dir."
+    )
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST from its IDX files; items are ``(PIL image 'L' 28x28, label)`` before ``transform``.
+
+    Args:
+        root: folder with the IDX files.
+        train: the 60k training split (else the 10k test split).
+        transform: applied to each PIL image.
+    """
+
+    classes = FASHION_MNIST_CLASSES
+
+    def __init__(self, root: str | os.PathLike, train: bool = True, transform: Any = None):
+        root = Path(root)
+        if not root.is_dir():
+            _find_idx(root, "train-images-idx3-ubyte")  # raises the "how to get it" error
+        prefix = "train" if train else "t10k"
+        images_path = _find_idx(root, f"{prefix}-images-idx3-ubyte")
+        labels_path = _find_idx(root, f"{prefix}-labels-idx1-ubyte")
+        self.images = read_idx(images_path)
+        self.targets = read_idx(labels_path).astype(np.int64)
+        if self.images.ndim != 3 or self.targets.ndim != 1 or len(self.images) != len(self.targets):
+            raise CorruptDatasetError(
+                f"{images_path} and {labels_path} do not match: images {self.images.shape}, labels {self.targets.shape}"
+            )
+        if self.targets.size and (self.targets.min() < 0 or self.targets.max() >= len(self.classes)):
+            raise CorruptDatasetError(f"{labels_path} has labels outside 0..{len(self.classes) - 1}")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        img = Image.fromarray(np.asarray(self.images[i]), mode="L")
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.targets[i])
+
+
+# -- CIFAR (python pickles) ---------------------------------------------------------------------
+
+
+def _cifar(name: str, root: Path, train: bool, transform: Any, download: bool) -> Dataset:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    base_cls = CIFAR10 if name == "cifar10" else CIFAR100
+    folder = base_cls.base_folder
+    # Accept both the parent folder and the pickle folder itself.
+    if root.name == folder and not (root / folder).exists():
+        root = root.parent
+
+    class _Checked(base_cls):  # type: ignore[misc, valid-type]
+        """torchvision's CIFAR, with clear errors instead of a bare md5 failure or pickle error."""
+
+        def _check_integrity(self) -> bool:
+            return all((Path(self.root) / self.base_folder / f).is_file() for f, _ in self.train_list + self.test_list)
+
+        def _load_meta(self) -> None:
+            try:
+                super()._load_meta()
+            except Exception as e:  # noqa: BLE001
+                raise CorruptDatasetError(
+                    f"{Path(self.root) / self.base_folder / self.meta['filename']}: {e}"
+                ) from None
+
+    if download:
+        try:
+            base_cls(str(root), train=train, download=True)
+        except Exception as e:  # noqa: BLE001 - URLError, timeouts...
+            raise DatasetNotFoundError(f"could not download {name} into {root}: {e}") from None
+    files = base_cls.train_list + base_cls.test_list + [(base_cls.meta["filename"], None)]
+    missing = [f for f, _ in files if not (root / folder / f).is_file()]
+    if missing:
+        url = CIFAR10_URL if name == "cifar10" else CIFAR100_URL
+        raise DatasetNotFoundError(
+            f"{name} not found: {root / folder} lacks {', '.join(missing)}. Download and unpack {url} "
+            f"into {root} (it makes {folder}/), or pass --download to fetch it with torchvision."
+        )
+    for f, _ in base_cls.train_list if train else base_cls.test_list:
+        path = root / folder / f
+        try:
+            with open(path, "rb") as fh:
+                entry = pickle.load(fh, encoding="latin1")
+            data = np.asarray(entry["data"])
+            labels = entry["labels"] if "labels" in entry else entry["fine_labels"]
+            if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+                raise ValueError(f"data {data.shape}, {len(labels)} labels; expected (N, 3072) and N labels")
+        except Exception as e:  # noqa: BLE001 - EOFError, UnpicklingError, KeyError...
+            raise CorruptDatasetError(f"{path} is truncated or corrupt: {type(e).__name__}: {e}") from None
+    return _Checked(str(root), train=train, transform=transform, download=False)
+
+
+# -- image folders ------------------------------------------------------------------------------
+
+
+def _read_image(path: str) -> Image.Image:
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises many types
+        raise CorruptDatasetError(f"cannot read image {path} (truncated or corrupt?): {e}") from None
+
+
+def _imagefolder(root: Path, train: bool, transform: Any) -> Dataset:
+    from torchvision.datasets import ImageFolder
+
+    split = root / ("train" if train else "val")
+    if not split.is_dir():
+        raise DatasetNotFoundError(
+            f"image folder dataset not found: {split} does not exist. Expected {root}/train/<class>/*.jpg and "
+            f"{root}/val/<class>/*.jpg (e.g. ImageNet from https://image-net.org, val sorted into class folders)."
+        )
+    try:
+        return ImageFolder(str(split), transform=transform, loader=_read_image)
+    except FileNotFoundError as e:
+        raise DatasetNotFoundError(f"{split}: {e}") from None
+
+
+# -- transforms ---------------------------------------------------------------------------------
+
+
+@dataclass
+class AugmentCfg:
+    """Training augmentation.
+
+    Attributes:
+        auto_augment: timm RandAugment spec (the paper: ``rand-m9-mstd0.5``); ``""`` for none.
+        re_prob: probability of random erasing per image (0 for none).
+        hflip: probability of a horizontal flip.
+    """
+
+    auto_augment: str = "rand-m9-mstd0.5"
+    re_prob: float = 0.25
+    hflip: float = 0.5
+
+
+def build_transforms(info: DatasetInfo, train: bool, aug: AugmentCfg | None = None) -> Any:
+    """The transform of one split: for 32x32 data pad-and-crop, flip, RandAugment, erasing; for 224 timm's."""
+    from torchvision import transforms as T
+
+    aug = aug or AugmentCfg()
+    if info.img_size >= 64:
+        from timm.data import create_transform
+
+        return create_transform(
+            info.img_size,
+            is_training=train,
+            auto_augment=(aug.auto_augment or None) if train else None,
+            re_prob=aug.re_prob if train else 0.0,
+            hflip=aug.hflip,
+            interpolation="bicubic",
+            mean=info.mean,
+            std=info.std,
+        )
+    from timm.data.auto_augment import rand_augment_transform
+    from timm.data.random_erasing import RandomErasing
+
+    pad = [T.Pad(2)] if info.name == "fashion_mnist" else []  # 28x28 -> 32x32
+    tail = [T.ToTensor(), T.Normalize(info.mean, info.std)]
+    if not train:
+        return T.Compose(pad + tail)
+    ops: list[Any] = pad + [T.RandomCrop(info.img_size, padding=4)]
+    if aug.hflip > 0:
+        ops.append(T.RandomHorizontalFlip(aug.hflip))
+    if aug.auto_augment:
+        fill = tuple(round(255 * m) for m in info.mean)
+        ops.append(
+            rand_augment_transform(aug.auto_augment, dict(translate_const=int(info.img_size * 0.45), img_mean=fill))
+        )
+    ops += tail
+    if aug.re_prob > 0:
+        ops.append(RandomErasing(aug.re_prob, mode="pixel", device="cpu"))
+    return T.Compose(ops)
+
+
+def build_datasets(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    aug: AugmentCfg | None = None,
+    download: bool = False,
+    train_subset: int = 0,
+    test_subset: int = 0,
+) -> tuple[Dataset, Dataset, DatasetInfo]:
+    """Train and test datasets of ``name`` with their transforms, and the dataset's info.
+
+    Args:
+        name: one of ``DATASETS``.
+        data_dir: where the files are (default: the dataset's usual place).
+        aug: training augmentation.
+        download: CIFAR only: fetch the files with torchvision if missing.
+        train_subset / test_subset: if > 0, use only the first N images of a split (tests, demos).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    info = DATASETS[name]
+    root = Path(data_dir or info.default_dir).expanduser()
+    train_tf, test_tf = build_transforms(info, True, aug), build_transforms(info, False, aug)
+    if name == "fashion_mnist":
+        train, test = FashionMNIST(root, True, train_tf), FashionMNIST(root, False, test_tf)
+    elif name in ("cifar10", "cifar100"):
+        train = _cifar(name, root, True, train_tf, download)
+        test = _cifar(name, root, False, test_tf, False)
+    else:
+        if download:
+            raise ValueError("--download works for cifar10/cifar100 only")
+        train, test = _imagefolder(root, True, train_tf), _imagefolder(root, False, test_tf)
+        if train.classes != test.classes:
+            raise CorruptDatasetError(f"{root}/train and {root}/val have different class folders")
+        info = DatasetInfo(info.name, len(train.classes), info.in_chans, info.img_size, info.mean, info.std, str(root))
+    if train_subset > 0:
+        train = torch.utils.data.Subset(train, range(min(train_subset, len(train))))
+    if test_subset > 0:
+        test = torch.utils.data.Subset(test, range(min(test_subset, len(test))))
+    if len(train) == 0 or len(test) == 0:
+        raise CorruptDatasetError(f"{name} in {root} has an empty split (train {len(train)}, test {len(test)} images)")
+    return train, test, info
+
+
+# -- loaders ------------------------------------------------------------------------------------
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world, ...``: every item seen by exactly one rank, none repeated (evaluation)."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1):
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def build_loaders(
+    train: Dataset,
+    test: Dataset,
+    batch_size: int,
+    workers: int = 2,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    eval_batch_size: int | None = None,
+    pin_memory: bool = False,
+) -> tuple[DataLoader, DataLoader, torch.Generator]:
+    """Loaders for training (shuffled per epoch, sharded over ranks, last partial batch dropped) and testing.
+
+    Call ``train_loader.sampler.set_epoch(epoch)`` each epoch. The returned generator seeds the
+    workers' RNGs; save it with the checkpoint (``engine.save_checkpoint(..., generators=...)``).
+    """
+    from torch.utils.data import DistributedSampler
+
+    if len(train) < batch_size * world_size:
+        raise ValueError(
+            f"batch size {batch_size} x {world_size} rank(s) is larger than the training set ({len(train)} images)"
+        )
+    gen = torch.Generator().manual_seed(int(seed) * 1000 + rank)
+    sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=False)
+    train_loader = DataLoader(train, batch_size=batch_size, sampler=sampler, drop_last=True, generator=gen, **common)
+    test_loader = DataLoader(
+        test,
+        batch_size=eval_batch_size or batch_size,
+        sampler=ShardSampler(len(test), rank, world_size),
+        shuffle=False,
+        **common,
+    )
+    return train_loader, test_loader, gen
