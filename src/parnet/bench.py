@@ -1,0 +1,505 @@
+"""``parnet bench``: batch-1 latency and large-batch throughput, ParNet against deep baselines.
+
+Every (model, mode) pair is timed in the same run, interleaved: each repetition calls every pair
+once, in a rotating order, so that load from other processes falls on all of them alike. The
+first calls of each pair (``--warmup``; they include torch.compile's compilation) are not timed.
+Each pair's output is checked against its plain model's eval output (max absolute difference,
+recorded) before it is timed.
+
+ParNet variants run in training form (``train``: unfused, eval), ``fused`` and every deploy mode
+of the device; the baselines (timm's ResNet-34, ResNet-50, RepVGG-B1g4/B2g4, RepVGG
+re-parameterized) run ``eager``, ``channels_last`` and ``compiled`` (channels_last +
+torch.compile, the same generic best mode ParNet gets), and on CUDA also ``cuda_graph``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .io import atomic_write
+
+__all__ = ["PAPER", "Record", "run_bench", "format_markdown", "check_targets", "plot_results", "machine_info"]
+
+# Depth and ImageNet top-1 of the paper's comparison table (reference/ARCHITECTURE.md).
+PAPER: dict[str, tuple[int, float]] = {
+    "parnet_s": (12, 75.19),
+    "parnet_s_official": (12, 75.19),
+    "parnet_m": (12, 76.60),
+    "parnet_m_official": (12, 76.60),
+    "parnet_l": (12, 77.66),
+    "parnet_l_official": (12, 77.66),
+    "parnet_xl": (12, 78.55),
+    "parnet_xl_official": (12, 78.55),
+    "resnet34": (34, 74.12),
+    "resnet50": (50, 77.53),
+    "repvgg_b1g4": (29, 77.59),
+    "repvgg_b2g4": (29, 79.38),
+}
+PARNET_CPU_MODES = ("train", "fused", "folded", "channels_last", "parallel", "compiled")
+PARNET_CUDA_MODES = ("train", "fused", "channels_last", "parallel", "cuda_graph", "compiled")
+BASELINE_CPU_MODES = ("eager", "channels_last", "compiled")
+BASELINE_CUDA_MODES = ("eager", "channels_last", "cuda_graph", "compiled")
+# Issue 4's targets: the best CPU mode of ParNet-S against the baselines' best modes.
+LATENCY_TARGET = 0.95  # ParNet-S batch-1 latency at most this times ResNet-34's
+THROUGHPUT_TARGET = 1.2  # ParNet-S large-batch throughput at least this times ResNet-50's
+
+
+@dataclass
+class Record:
+    """One (model, mode, batch, device) measurement, times in milliseconds."""
+
+    model: str
+    mode: str
+    batch: int
+    device: str
+    resolution: int
+    threads: int
+    reps: int
+    median_ms: float
+    p25_ms: float
+    p75_ms: float
+    min_ms: float
+    max_ms: float
+    iqr_ms: float
+    throughput_img_s: float
+    max_abs_diff: float
+    depth: int | None = None
+    paper_top1: float | None = None
+    params_m: float | None = None
+    times_ms: list[float] = field(default_factory=list)
+
+
+def machine_info(threads: int) -> dict:
+    """What the results were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    import timm
+
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "interop_threads": torch.get_num_interop_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available()
+        else [],
+    }
+    return info
+
+
+def _is_parnet(name: str) -> bool:
+    return name.startswith("parnet")
+
+
+def _channels_last(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    module = module.to(memory_format=torch.channels_last)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return module(x.contiguous(memory_format=torch.channels_last))
+
+    return run
+
+
+def build_entries(
+    name: str, modes: Sequence[str], device: torch.device, threads: int, kwargs: dict | None = None
+) -> tuple[nn.Module, dict[str, Callable[[torch.Tensor], torch.Tensor]]]:
+    """The plain model (eval, the reference) and one callable per mode."""
+    import timm
+    from timm.utils import reparameterize_model
+
+    from .deploy import compile_cpu, deploy
+
+    model = timm.create_model(name, **(kwargs or {})).eval().to(device)
+    _nontrivial(model)
+    entries: dict[str, Callable] = {}
+    for mode in modes:
+        if _is_parnet(name):
+            if mode == "train":
+                entries[mode] = model
+            else:
+                entries[mode] = deploy(model, device, mode, threads=threads)
+            continue
+        fused = reparameterize_model(model).eval()  # RepVGG: one conv per block; ResNet: unchanged
+        if mode == "eager":
+            entries[mode] = fused
+        elif mode == "channels_last":
+            entries[mode] = _channels_last(fused)
+        elif mode == "compiled":
+            cl = fused.to(memory_format=torch.channels_last)
+            compiled = compile_cpu(cl) if device.type == "cpu" else torch.compile(cl)
+            entries[mode] = _channels_last(compiled)
+        elif mode == "cuda_graph":
+            from .deploy import CudaGraphModule
+
+            entries[mode] = CudaGraphModule(fused.to(memory_format=torch.channels_last))
+        else:
+            raise ValueError(f"unknown baseline mode {mode!r}; choose from {BASELINE_CUDA_MODES}")
+    return model, entries
+
+
+@torch.no_grad()
+def _nontrivial(model: nn.Module, seed: int = 0) -> None:
+    """Random BN statistics and classifier weights (seeded), as a trained network has.
+
+    A fresh network's BNs are identities and its features nearly zero, so output differences
+    between modes would mean nothing; timing does not depend on the values.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+        elif isinstance(m, nn.Linear):
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.01)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def time_interleaved(
+    entries: dict[str, Callable], x: torch.Tensor, reps: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Milliseconds per call of each entry; every repetition calls all entries, rotating the order."""
+    keys = list(entries)
+    for key in keys:
+        for _ in range(warmup):
+            entries[key](x)
+    _sync(device)
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    for r in range(reps):
+        for i in range(len(keys)):
+            key = keys[(i + r) % len(keys)]
+            _sync(device)
+            start = time.perf_counter()
+            entries[key](x)
+            _sync(device)
+            times[key].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _quantile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def run_bench(
+    models: Sequence[str],
+    baselines: Sequence[str],
+    devices: Sequence[str] = ("cpu",),
+    batches: Sequence[int] = (1, 32),
+    reps: Sequence[int] = (30, 10),
+    resolution: int = 224,
+    threads: int = 2,
+    warmup: int = 3,
+    parnet_modes: Sequence[str] | None = None,
+    baseline_modes: Sequence[str] | None = None,
+    model_kwargs: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> list[Record]:
+    """Time every model in every mode at every batch size on every device (see module docstring)."""
+    torch.set_num_threads(threads)
+    records: list[Record] = []
+    for dev_name in devices:
+        device = torch.device(dev_name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda requested but CUDA is not available")
+        pm = parnet_modes or (PARNET_CUDA_MODES if device.type == "cuda" else PARNET_CPU_MODES)
+        bm = baseline_modes or (BASELINE_CUDA_MODES if device.type == "cuda" else BASELINE_CPU_MODES)
+        if device.type == "cpu":
+            pm = [m for m in pm if m != "cuda_graph"]
+            bm = [m for m in bm if m != "cuda_graph"]
+        refs, entries, params = {}, {}, {}
+        for name in list(models) + list(baselines):
+            is_parnet = _is_parnet(name)
+            log(f"[{device}] building {name}: {', '.join(pm if is_parnet else bm)}")
+            ref, ents = build_entries(
+                name, pm if is_parnet else bm, device, threads, model_kwargs if is_parnet else None
+            )
+            refs[name] = ref
+            params[name] = sum(p.numel() for p in ref.parameters()) / 1e6
+            for mode, fn in ents.items():
+                entries[(name, mode)] = fn
+        in_chans = {name: ref.in_chans if hasattr(ref, "in_chans") else 3 for name, ref in refs.items()}
+        for batch, nrep in zip(batches, reps):
+            g = torch.Generator().manual_seed(batch)
+            xs = {
+                c: torch.randn(batch, c, resolution, resolution, generator=g).to(device) for c in set(in_chans.values())
+            }
+            diffs = {}
+            with torch.inference_mode():
+                for (name, mode), fn in entries.items():
+                    x = xs[in_chans[name]]
+                    diffs[(name, mode)] = (fn(x).float() - refs[name](x).float()).abs().max().item()
+            log(f"[{device}] batch {batch}: {len(entries)} entries x {nrep} interleaved repetitions")
+
+            timed = {key: _bind(fn, xs[in_chans[key[0]]]) for key, fn in entries.items()}
+            times = time_interleaved(timed, xs[3] if 3 in xs else next(iter(xs.values())), nrep, warmup, device)
+            for (name, mode), ts in times.items():
+                med = statistics.median(ts)
+                depth, top1 = PAPER.get(name.split(".")[0], (None, None))
+                records.append(
+                    Record(
+                        model=name,
+                        mode=mode,
+                        batch=batch,
+                        device=str(device),
+                        resolution=resolution,
+                        threads=threads,
+                        reps=nrep,
+                        median_ms=med,
+                        p25_ms=_quantile(ts, 0.25),
+                        p75_ms=_quantile(ts, 0.75),
+                        min_ms=min(ts),
+                        max_ms=max(ts),
+                        iqr_ms=_quantile(ts, 0.75) - _quantile(ts, 0.25),
+                        throughput_img_s=batch / med * 1e3,
+                        max_abs_diff=diffs[(name, mode)],
+                        depth=depth,
+                        paper_top1=top1,
+                        params_m=round(params[name], 2),
+                        times_ms=[round(t, 3) for t in ts],
+                    )
+                )
+    return records
+
+
+def _bind(fn: Callable, x: torch.Tensor) -> Callable:
+    """``fn`` on a fixed input (models with other input channels get their own)."""
+    return lambda _x: fn(x)
+
+
+def best(records: Sequence[Record], model: str, batch: int, device: str) -> Record | None:
+    """The fastest mode of ``model`` at ``batch`` on ``device`` (lowest median)."""
+    rows = [r for r in records if r.model == model and r.batch == batch and r.device == device]
+    return min(rows, key=lambda r: r.median_ms) if rows else None
+
+
+def check_targets(records: Sequence[Record], parnet: str, large_batch: int) -> list[dict]:
+    """Issue 4's CPU targets for ``parnet``'s best mode; empty when a needed baseline is missing."""
+    out = []
+    for device in sorted({r.device for r in records}):
+        p1, r34 = best(records, parnet, 1, device), best(records, "resnet34", 1, device)
+        if p1 and r34:
+            ratio = p1.median_ms / r34.median_ms
+            out.append(
+                dict(
+                    device=device,
+                    target=f"{parnet} batch-1 latency <= {LATENCY_TARGET} x resnet34 (best modes)",
+                    parnet_mode=p1.mode,
+                    baseline_mode=r34.mode,
+                    ratio=ratio,
+                    met=ratio <= LATENCY_TARGET,
+                )
+            )
+        pb, r50 = best(records, parnet, large_batch, device), best(records, "resnet50", large_batch, device)
+        if pb and r50 and large_batch != 1:
+            ratio = pb.throughput_img_s / r50.throughput_img_s
+            out.append(
+                dict(
+                    device=device,
+                    target=f"{parnet} batch-{large_batch} throughput >= {THROUGHPUT_TARGET} x resnet50 (best modes)",
+                    parnet_mode=pb.mode,
+                    baseline_mode=r50.mode,
+                    ratio=ratio,
+                    met=ratio >= THROUGHPUT_TARGET,
+                )
+            )
+    return out
+
+
+def format_markdown(records: Sequence[Record], targets: Sequence[dict] = ()) -> str:
+    """Markdown: every (model, mode) with latency and throughput side by side, then the best modes."""
+    batches = sorted({r.batch for r in records})
+    lines = []
+    for device in sorted({r.device for r in records}):
+        head = "| model | mode | depth | paper top-1 | params (M) |"
+        sep = "| --- | --- | ---: | ---: | ---: |"
+        for b in batches:
+            head += f" batch {b}: median ms [p25-p75] | batch {b}: img/s |"
+            sep += " ---: | ---: |"
+        lines += [f"**{device}**", "", head + " max abs diff |", sep + " ---: |"]
+        keys = list(dict.fromkeys((r.model, r.mode) for r in records if r.device == device))
+        for model, mode in keys:
+            rows = {r.batch: r for r in records if r.device == device and r.model == model and r.mode == mode}
+            any_row = next(iter(rows.values()))
+            cells = [
+                model,
+                mode,
+                str(any_row.depth or ""),
+                f"{any_row.paper_top1:.2f}" if any_row.paper_top1 else "",
+                f"{any_row.params_m:.1f}",
+            ]
+            for b in batches:
+                r = rows.get(b)
+                cells += (
+                    [f"{r.median_ms:.1f} [{r.p25_ms:.1f}-{r.p75_ms:.1f}]", f"{r.throughput_img_s:.1f}"]
+                    if r
+                    else ["", ""]
+                )
+            cells.append(f"{max(r.max_abs_diff for r in rows.values()):.1e}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", f"Best mode per model ({device}):", ""]
+        lines += ["| model | " + " | ".join(f"batch {b}: best mode, median ms, img/s" for b in batches) + " |"]
+        lines += ["| --- |" + " --- |" * len(batches)]
+        for model in dict.fromkeys(r.model for r in records if r.device == device):
+            cells = [model]
+            for b in batches:
+                r = best(records, model, b, device)
+                cells.append(f"{r.mode}, {r.median_ms:.1f}, {r.throughput_img_s:.1f}" if r else "")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    for t in targets:
+        verdict = "MET" if t["met"] else "MISSED"
+        lines.append(
+            f"- target ({t['device']}) {t['target']}: {verdict} (ratio {t['ratio']:.3f}; "
+            f"ParNet {t['parnet_mode']}, baseline {t['baseline_mode']})"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(records: Sequence[Record], path: str | os.PathLike, device: str = "cpu") -> Path | None:
+    """Batch-1 latency (best mode) against depth, and paper top-1 against it; PNG, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = []
+    for model in dict.fromkeys(r.model for r in records if r.device == device):
+        r = best(records, model, 1, device)
+        if r is not None:
+            points.append((model, r))
+    if not points:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for model, r in points:
+        color = "tab:red" if _is_parnet(model) else "tab:blue"
+        if r.depth is not None:
+            axes[0].scatter(r.depth, r.median_ms, color=color)
+            axes[0].annotate(f"{model}\n({r.mode})", (r.depth, r.median_ms), fontsize=7)
+        if r.paper_top1 is not None:
+            axes[1].scatter(r.median_ms, r.paper_top1, color=color)
+            axes[1].annotate(model, (r.median_ms, r.paper_top1), fontsize=7)
+    axes[0].set(xlabel="depth (layers)", ylabel="batch-1 latency, best mode (ms)", title="latency vs depth")
+    axes[1].set(
+        xlabel="batch-1 latency, best mode (ms)", ylabel="ImageNet top-1 (paper, %)", title="accuracy vs latency"
+    )
+    res, thr = points[0][1].resolution, points[0][1].threads
+    fig.suptitle(f"{device}, {thr} threads, {res}x{res}; red: ParNet, blue: deep baselines", fontsize=9)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _bench(args: argparse.Namespace) -> int:
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if args.device == "all" and not torch.cuda.is_available():
+        devices = ["cpu"]
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+    if args.threads < 1 or args.batch < 1 or args.reps < 1:
+        raise ValueError("--threads, --batch and --reps must be positive")
+    machine = machine_info(args.threads)
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    log(f"machine: {json.dumps(machine)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        records = run_bench(
+            _split(args.models),
+            _split(args.baselines),
+            devices=devices,
+            batches=(1, args.batch) if args.batch != 1 else (1,),
+            reps=(args.reps, args.reps_large or max(3, args.reps // 3)),
+            resolution=args.resolution,
+            threads=args.threads,
+            warmup=args.warmup,
+            parnet_modes=_split(args.modes) if args.modes else None,
+            baseline_modes=_split(args.baseline_modes) if args.baseline_modes else None,
+            model_kwargs=kwargs,
+            log=log,
+        )
+    machine["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    targets = check_targets(records, _split(args.models)[0], args.batch)
+    table = format_markdown(records, targets)
+    print(table)
+    if args.markdown:
+        with atomic_write(args.markdown) as tmp:
+            tmp.write_text(table)
+    if args.json:
+        doc = {"machine": machine, "args": vars(args) | {"func": None}, "targets": targets}
+        doc["records"] = [asdict(r) for r in records]
+        with atomic_write(args.json) as tmp:
+            tmp.write_text(json.dumps(doc, indent=1, default=str))
+        print(f"wrote {args.json}")
+    if args.plot:
+        for device in devices:
+            path = Path(args.plot)
+            if len(devices) > 1:
+                path = path.with_name(f"{path.stem}_{device}{path.suffix}")
+            if plot_results(records, path, device):
+                print(f"wrote {path}")
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """``parnet bench``."""
+    p = subparsers.add_parser("bench", help="latency and throughput of ParNet modes against deep baselines")
+    p.add_argument("--models", default="parnet_s_official", help="ParNet variants, comma-separated [parnet_s_official]")
+    p.add_argument(
+        "--baselines", default="resnet34,resnet50,repvgg_b1g4", help="timm baselines, comma-separated ('' for none)"
+    )
+    p.add_argument(
+        "--modes", help=f"ParNet modes [CPU: {','.join(PARNET_CPU_MODES)}; CUDA: {','.join(PARNET_CUDA_MODES)}]"
+    )
+    p.add_argument("--baseline-modes", help=f"baseline modes [CPU: {','.join(BASELINE_CPU_MODES)}]")
+    p.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda", "all"), help="[cpu]; all: CPU and CUDA if present"
+    )
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads [2]")
+    p.add_argument("--batch", type=int, default=32, help="large batch for throughput (batch 1 is always timed) [32]")
+    p.add_argument("--resolution", type=int, default=224, help="input height and width [224]")
+    p.add_argument("--reps", type=int, default=30, help="timed repetitions at batch 1 [30]")
+    p.add_argument("--reps-large", type=int, help="timed repetitions at the large batch [reps/3, at least 3]")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (compilation included) [3]")
+    p.add_argument("--model-kwargs", help="JSON of timm kwargs for the ParNet models, e.g. '{\"widths\": [8,16,32]}'")
+    p.add_argument("--json", help="write every record (and the machine) to this JSON file")
+    p.add_argument("--markdown", help="also write the table to this file")
+    p.add_argument("--plot", help="write latency-vs-depth and top-1-vs-latency plots to this PNG")
+    p.add_argument("--quiet", action="store_true", help="only print the table")
+    p.set_defaults(func=_bench)
