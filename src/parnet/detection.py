@@ -823,3 +823,21 @@ def add_commands(subparsers: Any) -> None:
     )
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=eval_det)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m parnet.detection COMMAND``: the detection commands alone (same as ``parnet COMMAND``)."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m parnet.detection", description="ParNet detection commands.")
+    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,415 @@
+"""Detection: backbone + FPN, torchvision detectors on it, COCO data checks, evaluation, generator."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import parnet
+from parnet import detection as det
+from parnet.det_data import (
+    CocoDetectionDataset,
+    check_coco,
+    collate_detection,
+    make_fashion_mnist_detection,
+    read_idx,
+)
+
+from .conftest import randomize_bn
+
+TINY = dict(widths=(8, 16, 32), head_width=64, stem_width=8)
+REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def tiny_detector(kind: str = "fcos", backbone: str = "parnet_s", size: int = 64, **kw) -> nn.Module:
+    kwargs = TINY if backbone.startswith("parnet") else dict(channels=(8, 16, 32, 64), stem_width=8)
+    return det.create_detector(
+        kind, backbone, num_classes=4, fpn_channels=32, backbone_kwargs=kwargs, min_size=size, max_size=size, **kw
+    )
+
+
+def tiny_batch(n: int = 2, size: int = 64) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, size, size, generator=g) for _ in range(n)]
+    targets = [
+        {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]]), "labels": torch.tensor([1, 3])}
+        for _ in range(n)
+    ]
+    targets[-1] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}  # an empty image
+    return images, targets
+
+
+# -- backbone -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, extra, strides, in_channels",
+    [
+        ("parnet_s", "p6p7", [8, 16, 32, 64, 128], [16, 32, 64]),
+        ("parnet_s", "pool", [4, 8, 16, 32, 64], [8, 16, 32, 64]),
+        ("parnet_cifar_s", "p6p7", [2, 4, 8, 16, 32], [16, 32, 64]),
+        ("parnet_cifar_s", "pool", [1, 2, 4, 8, 16], [8, 16, 32, 64]),
+    ],
+)
+def test_backbone_shapes_and_strides(name: str, extra: str, strides: list[int], in_channels: list[int]) -> None:
+    bb = det.build_backbone(name, out_channels=24, extra=extra, **TINY).eval()
+    assert bb.strides == strides and bb.in_channels_list == in_channels and bb.out_channels == 24
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        out = bb(x)
+    assert list(out) == bb.names
+    for (key, f), s in zip(out.items(), strides):
+        assert f.shape == (2, 24, -(-64 // s), -(-96 // s)), (key, s)
+
+
+def test_resnet18_baseline_backbone() -> None:
+    bb = det.build_backbone("resnet18", out_channels=16, channels=(8, 16, 32, 64), stem_width=8)
+    assert bb.strides == [8, 16, 32, 64, 128] and bb.in_channels_list == [16, 32, 64]
+    assert [f.shape[-1] for f in bb(torch.randn(1, 3, 128, 128)).values()] == [16, 8, 4, 2, 1]
+
+
+def test_backbone_bad_levels() -> None:
+    with pytest.raises(ValueError, match="levels"):
+        det.build_backbone("parnet_s", levels=[2, 1], **TINY)
+    with pytest.raises(ValueError, match="levels"):
+        det.build_backbone("parnet_s", levels=[5], **TINY)
+
+
+def test_freeze_batchnorm_keeps_eval_outputs() -> None:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    bb = det.build_backbone("parnet_s", **TINY)
+    randomize_bn(bb.body)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = bb.eval()(x)
+        det.freeze_batchnorm(bb)
+        bb.train()  # frozen BN ignores the mode
+        got = bb(x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in bb.modules())
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in bb.modules())
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-5)
+
+
+def test_backbone_weights_from_our_safetensors(tmp_path: Path) -> None:
+    from parnet.io import save_model
+
+    clf = parnet.create_model("parnet_s", num_classes=7, **TINY)
+    randomize_bn(clf, seed=3)
+    path = save_model(clf, tmp_path / "clf.safetensors")
+    bb = det.build_backbone("parnet_s", weights=path, freeze_bn=True, **TINY).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(bb.body(x)[-1], clf.eval().forward_features(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="does not fit the backbone"):
+        det.build_backbone("parnet_s", weights=path, widths=(8, 16, 48), head_width=64)
+    with pytest.raises(FileNotFoundError):
+        det.build_backbone("parnet_s", weights=tmp_path / "nope.safetensors", **TINY)
+
+
+def test_backbone_weights_from_official_checkpoint(official_tiny: dict) -> None:
+    kwargs = dict(
+        widths=(16, 32, 64), head_width=128, stem_width=16, act="silu"
+    )  # the fixture's network (fixtures/README.md)
+    reference = parnet.load_official(official_tiny["state_dict"], activation="silu").eval()
+    bb = det.build_backbone("parnet_s", weights={"state_dict": official_tiny["state_dict"]}, **kwargs).eval()
+    x = official_tiny["input"]
+    with torch.no_grad():
+        torch.testing.assert_close(bb.body(x)[-1], reference.forward_features(x))
+        torch.testing.assert_close(reference(x), official_tiny["output_eval"], rtol=1e-4, atol=1e-4)
+
+
+# -- detectors ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind, backbone",
+    [("fcos", "parnet_s"), ("retinanet", "parnet_s"), ("fasterrcnn", "parnet_s"), ("fcos", "parnet_cifar_s"),
+     ("fcos", "resnet18")],
+)  # fmt: skip
+def test_detector_forward_backward(kind: str, backbone: str) -> None:
+    torch.manual_seed(0)
+    model = tiny_detector(kind, backbone)
+    images, targets = tiny_batch()
+    model.train()
+    losses = model(images, targets)
+    loss = sum(losses.values())
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+    grads = [p.grad for p in model.backbone.body.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads[:5])
+    assert any(g.abs().sum() > 0 for g in grads if g is not None)
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert len(out) == 2 and set(out[0]) == {"boxes", "scores", "labels"}
+    assert out[0]["boxes"].shape[1] == 4
+
+
+def test_detector_pads_to_parnet_multiple_and_bad_args() -> None:
+    model = tiny_detector("fcos").eval()
+    assert model.transform.size_divisible % model.backbone.input_multiple == 0
+    with torch.no_grad():
+        out = model([torch.rand(3, 50, 70)])  # padded inside torchvision's transform, boxes in input pixels
+    assert out[0]["boxes"].shape[1] == 4
+    with pytest.raises(ValueError, match="unknown detector"):
+        det.create_detector("yolo", "parnet_s", num_classes=3)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        det.create_detector("fcos", "parnet_s", num_classes=3, fpn_channels=48, backbone_kwargs=TINY)
+    with pytest.raises(ValueError, match="background"):
+        det.create_detector("fcos", "parnet_s", num_classes=1, backbone_kwargs=TINY)
+
+
+def test_save_load_detector_round_trip(tmp_path: Path) -> None:
+    model = tiny_detector("retinanet", freeze_bn=True).eval()
+    path = det.save_detector(model, tmp_path / "det.safetensors", {"names": {"1": "a"}})
+    again, extra = det.load_detector(path)
+    assert extra == {"names": {"1": "a"}}
+    images, _ = tiny_batch()
+    with torch.no_grad():
+        a, b = model(images), again(images)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x["boxes"], y["boxes"])
+        torch.testing.assert_close(x["scores"], y["scores"])
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="cannot read"):
+        det.load_detector(tmp_path / "bad.safetensors")
+
+
+# -- COCO evaluation ----------------------------------------------------------------------------
+
+
+def coco_gt(boxes_per_image: list[list[list[float]]], size: int = 100) -> dict:
+    images = [
+        {"id": i + 1, "file_name": f"{i}.png", "width": size, "height": size} for i in range(len(boxes_per_image))
+    ]
+    anns = []
+    for i, boxes in enumerate(boxes_per_image):
+        for b in boxes:
+            ann = {"id": len(anns) + 1, "image_id": i + 1, "category_id": 1, "bbox": b, "area": b[2] * b[3]}
+            anns.append({**ann, "iscrowd": 0})
+    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+
+
+def test_coco_perfect_predictions_ap_1() -> None:
+    gt = coco_gt([[[10, 10, 40, 40]], [[5, 5, 20, 30], [50, 50, 45, 45]]])
+    results = [
+        {"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.9} for a in gt["annotations"]
+    ]
+    stats = det.coco_evaluate(gt, results)
+    assert stats["AP"] == pytest.approx(1.0) and stats["AP50"] == pytest.approx(1.0)
+    assert stats["APs"] == pytest.approx(1.0) and stats["APm"] == pytest.approx(1.0) and stats["APl"] == -1.0
+
+
+def test_coco_half_matching() -> None:
+    # Two objects; the best-scored detection is exact, the other misses its object entirely.
+    # Precision is 1 up to recall 0.5 and recall never goes higher: 51 of COCO's 101 recall
+    # points (0, 0.01, ..., 0.50) have precision 1, at every IoU threshold.
+    gt = coco_gt([[[10, 10, 40, 40]], [[10, 10, 40, 40]]])
+    results = [
+        {"image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "score": 0.9},
+        {"image_id": 2, "category_id": 1, "bbox": [60, 60, 30, 30], "score": 0.8},
+    ]
+    stats = det.coco_evaluate(gt, results)
+    assert stats["AP"] == pytest.approx(51 / 101) and stats["AP50"] == pytest.approx(51 / 101)
+    assert stats["AR100"] == pytest.approx(0.5)
+
+
+def test_coco_iou_thresholds() -> None:
+    # One box of IoU 0.62 with its object: a match at IoU thresholds 0.50, 0.55, 0.60 of ten.
+    gt = coco_gt([[[0, 0, 10, 10]]])
+    stats = det.coco_evaluate(gt, [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 6.2], "score": 0.5}])
+    assert stats["AP"] == pytest.approx(0.3) and stats["AP50"] == pytest.approx(1.0) and stats["AP75"] == 0.0
+
+
+def test_coco_no_detections_and_bad_results() -> None:
+    gt = coco_gt([[[0, 0, 10, 10]]])
+    assert det.coco_evaluate(gt, [])["AP"] == 0.0
+    with pytest.raises(ValueError, match="not in the ground truth"):
+        det.coco_evaluate(gt, [{"image_id": 9, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}])
+
+
+# -- bad annotations ----------------------------------------------------------------------------
+
+
+def test_bad_annotations_repaired_with_warning() -> None:
+    gt = coco_gt([[[-5, 10, 30, 20], [90, 90, 30, 30], [10, 10, 0, 5], [200, 200, 10, 10], [1, 1, 5, 5]], []])
+    with pytest.warns(UserWarning, match="2 boxes clipped.*2 boxes dropped as degenerate"):
+        check = check_coco(gt)
+    boxes = {a["id"]: a["bbox"] for a in check.data["annotations"]}
+    assert boxes == {1: [0.0, 10.0, 25.0, 20.0], 2: [90.0, 90.0, 10.0, 10.0], 5: [1, 1, 5, 5]}
+    assert check.clipped == [1, 2] and check.dropped_degenerate == [3, 4]
+
+
+def test_bad_annotations_refused_clearly() -> None:
+    gt = coco_gt([[[0, 0, 10, 10]]])
+    gt["annotations"][0]["category_id"] = 7
+    with pytest.raises(ValueError, match=r"category ids not in 'categories' \[1, 2\]: 1 \(category 7\)"):
+        check_coco(gt)
+    with pytest.warns(UserWarning, match="unknown category"):
+        assert check_coco(gt, strict=False).data["annotations"] == []
+    for bad in ([0, 0, 10], [0, 0, "a", 3], [0, float("nan"), 1, 1], None):
+        gt = coco_gt([[[0, 0, 10, 10]]])
+        gt["annotations"][0]["bbox"] = bad
+        with pytest.raises(ValueError, match="bbox is not"):
+            check_coco(gt)
+    gt = coco_gt([[[0, 0, 10, 10]]])
+    gt["annotations"][0]["image_id"] = 5
+    with pytest.raises(ValueError, match="refer to image ids"):
+        check_coco(gt)
+    gt = coco_gt([[[0, 0, 10, 10]], []])
+    gt["images"][1]["id"] = 1
+    with pytest.raises(ValueError, match="duplicate image id"):
+        check_coco(gt)
+    with pytest.raises(ValueError, match="missing or non-list"):
+        check_coco({"images": []})
+    gt = coco_gt([[]])
+    del gt["images"][0]["width"]
+    with pytest.raises(ValueError, match="width"):
+        check_coco(gt)
+
+
+def test_dataset_files_and_empty_images(tmp_path: Path) -> None:
+    from torchvision.io import write_png
+
+    gt = coco_gt([[[10, 20, 30, 40]], []], size=64)
+    (tmp_path / "ann.json").write_text(json.dumps(gt))
+    with pytest.raises(FileNotFoundError, match="2 images listed"):
+        CocoDetectionDataset(tmp_path, tmp_path / "ann.json")
+    for im in gt["images"]:
+        write_png(torch.zeros(1, 64, 64, dtype=torch.uint8), str(tmp_path / im["file_name"]))
+    ds = CocoDetectionDataset(tmp_path, tmp_path / "ann.json")
+    image, target = ds[0]
+    assert image.shape == (3, 64, 64) and image.dtype == torch.float32
+    assert target["boxes"].tolist() == [[10, 20, 40, 60]] and target["labels"].tolist() == [1]
+    assert ds[1][1]["boxes"].shape == (0, 4) and ds.num_classes == 3
+    model = tiny_detector("fcos").train()
+    images, targets = collate_detection([ds[1], ds[1]])  # a batch of empty images still trains
+    assert torch.isfinite(sum(model(images, targets).values()))
+    gt["images"][0]["width"] = 32
+    (tmp_path / "ann.json").write_text(json.dumps(gt))
+    with pytest.raises(ValueError, match="annotations say 32x64"):
+        CocoDetectionDataset(tmp_path, tmp_path / "ann.json")[0]
+    (tmp_path / "ann.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        CocoDetectionDataset(tmp_path, tmp_path / "ann.json")
+
+
+# -- the synthetic Fashion-MNIST set -------------------------------------------------------------
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = b"\x00\x00\x08" + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def fake_fashion_mnist(tmp_path: Path) -> Path:
+    """A tiny IDX set: 20 items per split, blobs of different shapes, labels 0..9."""
+    rng = np.random.default_rng(1)
+    src = tmp_path / "fmnist"
+    src.mkdir()
+    for prefix in ("train", "t10k"):
+        items = np.zeros((20, 28, 28), np.uint8)
+        for i in range(20):
+            y0, x0 = rng.integers(0, 10, 2)
+            items[i, y0 : y0 + rng.integers(8, 18), x0 : x0 + rng.integers(8, 18)] = rng.integers(120, 255)
+        write_idx(src / f"{prefix}-images-idx3-ubyte.gz", items)
+        write_idx(src / f"{prefix}-labels-idx1-ubyte.gz", np.arange(20) % 10)
+    return src
+
+
+def generated(out: Path, source: Path, seed: int) -> dict[str, bytes]:
+    make_fashion_mnist_detection(
+        out, num_train=12, num_val=4, canvas=64, object_size=(16, 40), seed=seed, source=source
+    )
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_generator_seeded(tmp_path: Path, fake_fashion_mnist: Path) -> None:
+    a = generated(tmp_path / "a", fake_fashion_mnist, seed=3)
+    b = generated(tmp_path / "b", fake_fashion_mnist, seed=3)
+    c = generated(tmp_path / "c", fake_fashion_mnist, seed=4)
+    assert len(a) == 12 + 4 + 2 and a == b
+    assert a["annotations/instances_train.json"] != c["annotations/instances_train.json"]
+
+
+def test_generator_boxes_and_categories(tmp_path: Path, fake_fashion_mnist: Path) -> None:
+    from torchvision.io import decode_image
+
+    generated(tmp_path, fake_fashion_mnist, seed=0)
+    for split, n in (("train", 12), ("val", 4)):
+        data = json.loads((tmp_path / "annotations" / f"instances_{split}.json").read_text())
+        assert len(data["images"]) == n and [c["id"] for c in data["categories"]] == list(range(1, 11))
+        per_image = {im["id"]: 0 for im in data["images"]}
+        for a in data["annotations"]:
+            x, y, w, h = a["bbox"]
+            assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= 64 and y + h <= 64
+            assert 1 <= a["category_id"] <= 10 and a["area"] == w * h
+            per_image[a["image_id"]] += 1
+            image = decode_image(str(tmp_path / split / f"{a['image_id'] - 1:06d}.png"))[0]
+            inside = image[int(y) : int(y + h), int(x) : int(x + w)]
+            assert inside.max() > 40  # the box is the extent of the item's pixels above 40
+        assert all(0 < k <= 4 for k in per_image.values())
+        assert check_coco(data).summary() == ""  # nothing to repair
+
+
+@pytest.mark.skipif(not REAL_FASHION_MNIST.is_dir(), reason="Fashion-MNIST IDX files not on this machine")
+def test_generator_on_real_fashion_mnist(tmp_path: Path) -> None:
+    assert read_idx(REAL_FASHION_MNIST / "t10k-labels-idx1-ubyte.gz").shape == (10000,)
+    make_fashion_mnist_detection(tmp_path, num_train=3, num_val=3, canvas=96, seed=0)
+    ds = CocoDetectionDataset(tmp_path / "val", tmp_path / "annotations" / "instances_val.json")
+    assert len(ds) == 3 and ds.names[10] == "Ankle boot"
+    assert all(len(ds[i][1]["boxes"]) >= 1 for i in range(3))
+
+
+def test_read_idx_bad_files(tmp_path: Path) -> None:
+    (tmp_path / "x.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x05ab"))
+    with pytest.raises(ValueError, match="holds 2 bytes"):
+        read_idx(tmp_path / "x.gz")
+    (tmp_path / "y.gz").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot read"):
+        read_idx(tmp_path / "y.gz")
+
+
+# -- the commands, end to end -------------------------------------------------------------------
+
+
+def test_cli_train_resume_eval(tmp_path: Path, fake_fashion_mnist: Path) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="parnet")
+    det.add_commands(parser.add_subparsers(dest="command", required=True))
+
+    def main(argv: list[str]) -> int:  # parnet.cli.main with only these commands
+        args = parser.parse_args(argv)
+        try:
+            return args.func(args)
+        except (ValueError, FileNotFoundError):
+            return 2
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["make-det-dataset", str(data), "--train", "6", "--val", "3", "--canvas", "64",
+                 "--min-size", "16", "--max-size", "40", "--source", str(fake_fashion_mnist)]) == 0  # fmt: skip
+    train = ["train-det", "--data", str(data), "--output", str(run), "--backbone", "parnet_s",
+             "--backbone-kwargs", json.dumps(TINY), "--fpn-channels", "32", "--batch-size", "3",
+             "--warmup-steps", "1", "--no-progress", "--draw", "2", "--device", "cpu"]  # fmt: skip
+    assert main(train + ["--epochs", "1"]) == 0
+    assert main(train + ["--epochs", "2", "--resume"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1] and "val_AP" in rows[1]
+    assert (run / "predictions.png").read_bytes()[:4] == b"\x89PNG"
+    trained = json.loads((run / "eval.json").read_text())["stats"]
+    assert main(["eval-det", str(run), "--data", str(data), "--output", str(tmp_path / "ev"), "--no-progress"]) == 0
+    again = json.loads((tmp_path / "ev" / "eval.json").read_text())["stats"]
+    assert again == pytest.approx(trained)
+    assert main(["eval-det", str(tmp_path / "none"), "--data", str(data)]) == 2  # a clear error, exit code 2
