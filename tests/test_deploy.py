@@ -1,0 +1,208 @@
+"""Deployment modes: each gives the plain model's eval outputs (float32, 1e-4); bad requests refused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import parnet
+from parnet.deploy import CPU_MODES, FoldedParNet, auto_mode, deploy, fold, shuffle_perm
+from parnet.layers import channel_shuffle
+
+from .conftest import randomize_bn
+
+TOL = 1e-4
+TINY = dict(widths=(8, 16, 32), head_width=64)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+
+
+def make(seed: int = 0, name: str = "parnet_cifar_s", **kwargs) -> nn.Module:
+    torch.manual_seed(seed)
+    model = randomize_bn(timm.create_model(name, **{**TINY, **kwargs}), seed).eval()
+    with torch.no_grad():  # a trained-looking classifier: outputs of order 1
+        model.head.fc.weight.normal_(0, 1.0)
+    return model
+
+
+VARIANTS = {
+    "silu": {},
+    "relu": dict(act="relu"),
+    "no_gate": dict(use_gate=False),
+    "odd_halves": dict(widths=(6, 10, 14), head_width=20),  # C/2 odd: the shuffle has no aligned slices
+    "two_streams": dict(widths=(8, 16), blocks=(2, 3)),
+    "four_streams": dict(widths=(8, 8, 16, 16), blocks=(1, 2, 1, 2)),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_cpu_modes_match_plain_model(variant: str) -> None:
+    model = make(1, **VARIANTS[variant])
+    n = model.cfg.num_streams
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        ref = model(x)
+        assert ref.abs().max() > 0.1  # a meaningful output, so a 1e-4 tolerance means something
+        for mode in CPU_MODES:
+            if mode == "compiled":
+                continue  # slow; see test_compiled_mode_matches
+            out = deploy(model, "cpu", mode, devices=["cpu"] * n)(x)
+            assert out.shape == ref.shape
+            assert (out - ref).abs().max().item() < TOL, (variant, mode)
+
+
+def test_imagenet_form_and_other_resolution() -> None:
+    model = make(2, name="parnet_s", widths=(8, 16, 32), head_width=32)
+    with torch.inference_mode():
+        for shape in [(1, 3, 64, 64), (2, 3, 96, 64)]:
+            x = torch.randn(shape)
+            ref = model(x)
+            for mode in ("folded", "channels_last", "parallel"):
+                assert (deploy(model, "cpu", mode)(x) - ref).abs().max().item() < TOL
+
+
+def test_deploy_leaves_the_model_alone_and_returns_eval() -> None:
+    model = make(3)
+    before = copy.deepcopy(model.state_dict())
+    folded = deploy(model, "cpu", "channels_last")
+    assert all(b.reparam_conv is None for b in model.modules() if isinstance(b, parnet.ParNetBlock))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not folded.training and not any(p.requires_grad for p in folded.parameters())
+    assert parnet.deploy is deploy
+
+
+def test_folding_removes_bns_shuffles_and_interleaves() -> None:
+    folded = fold(make(4))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    # the last fusion's shuffle went into the final block's input channels: a permuted weight
+    fused = parnet.reparameterize(make(4))
+    perm = shuffle_perm(fused.final_block.in_chs)
+    w = fused.final_block.reparam_conv.weight
+    assert torch.equal(folded.final_block.conv.weight[:, perm], w)
+
+
+def test_border_correction_is_needed_and_exact() -> None:
+    """The fusion BN shift folded into a zero-padded conv: without the border fix it is wrong."""
+    model = make(5)
+    with torch.no_grad():
+        for fusion in model.fusions:
+            fusion.norm_stream.bias.fill_(2.0)
+            fusion.norm_fused.bias.fill_(-1.5)
+    x = torch.randn(2, 3, 32, 32)
+    folded = fold(model)
+    with torch.inference_mode():
+        ref = model(x)
+        assert (folded(x) - ref).abs().max().item() < TOL
+        for fusion in folded.fusions:
+            fusion.block.has_border = False
+        assert (folded(x) - ref).abs().max().item() > 1e-3
+
+
+def test_channel_shuffle_perm() -> None:
+    y = torch.randn(2, 12, 3, 3)
+    assert torch.equal(channel_shuffle(y, 2), y[:, shuffle_perm(12)])
+
+
+def test_parallel_restores_threads_and_runs_streams_forked() -> None:
+    model = make(6)
+    torch.set_num_threads(2)  # the fixture restores it
+    par = deploy(model, "cpu", "parallel")
+    assert par.per_stream == 1  # 2 threads, 3 streams: one each
+    assert "fork" in par.core.code  # the streams really go through torch.jit.fork
+    before = torch.get_num_threads()
+    with torch.inference_mode():
+        par(torch.randn(1, 3, 32, 32))
+    assert torch.get_num_threads() == before
+
+
+def test_multi_device_on_one_device() -> None:
+    model = make(7)
+    x = torch.randn(2, 3, 32, 32)
+    md = deploy(model, "cpu", "multi_device", devices=["cpu", "cpu", "cpu"])
+    with torch.inference_mode():
+        assert (md(x) - model(x)).abs().max().item() < TOL
+
+
+def test_bad_requests_are_refused() -> None:
+    model = make(8)
+    with pytest.raises(ValueError, match="unknown deploy mode"):
+        deploy(model, "cpu", "warp_speed")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        deploy(model, "cpu", "cuda_graph")
+    with pytest.raises(ValueError, match="one device per stream"):
+        deploy(model, "cpu", "multi_device", devices=["cpu", "cpu"])
+    with pytest.raises(ValueError, match="needs devices"):
+        deploy(model, "cpu", "multi_device")
+    n = torch.cuda.device_count()
+    with pytest.raises(ValueError, match="CUDA"):
+        deploy(model, "cpu", "multi_device", devices=["cpu", "cpu", f"cuda:{n + 3}"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            deploy(model, "cuda", "parallel")
+    with pytest.raises(ValueError, match="takes a ParNet"):
+        deploy(nn.Linear(2, 2), "cpu", "folded")
+    folded = deploy(model, "cpu", "parallel")
+    with pytest.raises(ValueError, match="multiples of 8"):
+        folded(torch.randn(1, 3, 36, 36))
+    with pytest.raises(ValueError, match="expected a batch"):
+        folded(torch.randn(1, 4, 32, 32))
+
+
+def test_auto_mode_choice() -> None:
+    assert auto_mode("cuda") == "cuda_graph"
+    assert auto_mode("cpu") in ("compiled", "channels_last")
+
+
+@pytest.mark.slow
+def test_compiled_mode_matches() -> None:
+    model = make(9)
+    x = torch.randn(2, 3, 32, 32)
+    compiled = deploy(model, "cpu", "compiled")
+    with torch.inference_mode():
+        ref = model(x)
+        assert (compiled(x) - ref).abs().max().item() < TOL
+        x3 = torch.randn(3, 3, 32, 32)  # a new shape recompiles, never a wrong answer
+        assert (compiled(x3) - model(x3)).abs().max().item() < TOL
+
+
+@CUDA
+def test_cuda_modes_match_and_graph_recaptures() -> None:
+    model = make(10).cuda()
+    with torch.inference_mode():
+        for mode in ("folded", "channels_last", "parallel", "cuda_graph"):
+            net = deploy(model, "cuda", mode)
+            for batch in (1, 2, 1):  # a new shape gets its own graph; the old one is reused
+                x = torch.randn(batch, 3, 32, 32, device="cuda")
+                assert (net(x) - model(x)).abs().max().item() < TOL, mode
+        graph = deploy(model, "cuda", "cuda_graph")
+        graph(torch.randn(2, 3, 32, 32, device="cuda"))
+        graph(torch.randn(4, 3, 32, 32, device="cuda"))
+        assert len(graph._graphs) == 2
+        with pytest.raises(ValueError, match="CUDA input"):
+            graph(torch.randn(2, 3, 32, 32))
+
+
+@CUDA
+def test_multi_device_cuda() -> None:
+    model = make(11)
+    devices = [f"cuda:{i % torch.cuda.device_count()}" for i in range(3)]
+    md = deploy(model, "cuda", "multi_device", devices=devices)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert (md(x.cuda()).cpu() - model(x)).abs().max().item() < TOL
+
+
+def test_folded_is_a_plain_module() -> None:
+    assert isinstance(fold(make(12)), FoldedParNet)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Single-threaded: the machine is shared, and 2-thread OpenMP barriers stall under load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
