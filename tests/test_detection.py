@@ -31,7 +31,7 @@ REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 def tiny_detector(kind: str = "fcos", backbone: str = "parnet_s", size: int = 64, **kw) -> nn.Module:
     kwargs = TINY if backbone.startswith("parnet") else dict(channels=(8, 16, 32, 64), stem_width=8)
     return det.create_detector(
-        kind, backbone, num_classes=4, fpn_channels=32, backbone_kwargs=kwargs, min_size=size, max_size=size, **kw
+        kind, backbone, num_classes=4, fpn_channels=64, backbone_kwargs=kwargs, min_size=size, max_size=size, **kw
     )
 
 
@@ -162,8 +162,9 @@ def test_detector_pads_to_parnet_multiple_and_bad_args() -> None:
     assert out[0]["boxes"].shape[1] == 4
     with pytest.raises(ValueError, match="unknown detector"):
         det.create_detector("yolo", "parnet_s", num_classes=3)
-    with pytest.raises(ValueError, match="multiple of 32"):
-        det.create_detector("fcos", "parnet_s", num_classes=3, fpn_channels=48, backbone_kwargs=TINY)
+    for width in (48, 32):
+        with pytest.raises(ValueError, match="multiple of 32 and at least 64"):
+            det.create_detector("fcos", "parnet_s", num_classes=3, fpn_channels=width, backbone_kwargs=TINY)
     with pytest.raises(ValueError, match="background"):
         det.create_detector("fcos", "parnet_s", num_classes=1, backbone_kwargs=TINY)
 
@@ -401,7 +402,7 @@ def test_cli_train_resume_eval(tmp_path: Path, fake_fashion_mnist: Path) -> None
     assert main(["make-det-dataset", str(data), "--train", "6", "--val", "3", "--canvas", "64",
                  "--min-size", "16", "--max-size", "40", "--source", str(fake_fashion_mnist)]) == 0  # fmt: skip
     train = ["train-det", "--data", str(data), "--output", str(run), "--backbone", "parnet_s",
-             "--backbone-kwargs", json.dumps(TINY), "--fpn-channels", "32", "--batch-size", "3",
+             "--backbone-kwargs", json.dumps(TINY), "--fpn-channels", "64", "--batch-size", "3",
              "--warmup-steps", "1", "--no-progress", "--draw", "2", "--device", "cpu"]  # fmt: skip
     assert main(train + ["--epochs", "1"]) == 0
     assert main(train + ["--epochs", "2", "--resume"]) == 0

@@ -253,7 +253,7 @@ def create_detector(
         kind: the detector.
         backbone: timm model name, ``parnet_*`` or a baseline such as ``resnet18``.
         num_classes: categories + 1 (label 0 is background, as in torchvision).
-        fpn_channels: FPN and head width (a multiple of 32 for FCOS, whose head uses GroupNorm(32)).
+        fpn_channels: FPN and head width (for FCOS, whose head uses GroupNorm(32), a multiple of 32, >= 64).
         levels: backbone features fed to the FPN (see :func:`build_backbone`).
         anchor_scale: anchor size / stride at each level: FCOS 1 (its anchors are the locations),
             RetinaNet 4 (times 2^0, 2^1/3, 2^2/3, three aspect ratios), Faster R-CNN 8. These are
@@ -275,9 +275,10 @@ def create_detector(
         raise ValueError(f"unknown detector {kind!r}; choose one of {DETECTORS}")
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background too (categories + 1), got {num_classes}")
-    if kind == "fcos" and fpn_channels % 32:
+    if kind == "fcos" and (fpn_channels % 32 or fpn_channels < 64):
         raise ValueError(
-            f"FCOS's head uses GroupNorm with 32 groups: fpn_channels must be a multiple of 32, got {fpn_channels}"
+            "FCOS's head uses GroupNorm with 32 groups, which needs 2+ values per group on 1x1 levels: "
+            f"fpn_channels must be a multiple of 32 and at least 64, got {fpn_channels}"
         )
     config = dict(
         kind=kind,
