@@ -228,7 +228,31 @@ def run_bench(
     log: Callable[[str], None] = print,
 ) -> list[Record]:
     """Time every model in every mode at every batch size on every device (see module docstring)."""
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _run_bench(
+            models, baselines, devices, batches, reps, resolution, threads, warmup,
+            parnet_modes, baseline_modes, model_kwargs, log,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_bench(
+    models: Sequence[str],
+    baselines: Sequence[str],
+    devices: Sequence[str],
+    batches: Sequence[int],
+    reps: Sequence[int],
+    resolution: int,
+    threads: int,
+    warmup: int,
+    parnet_modes: Sequence[str] | None,
+    baseline_modes: Sequence[str] | None,
+    model_kwargs: dict | None,
+    log: Callable[[str], None],
+) -> list[Record]:
     records: list[Record] = []
     for dev_name in devices:
         device = torch.device(dev_name)
@@ -358,7 +382,7 @@ def format_markdown(records: Sequence[Record], targets: Sequence[dict] = ()) -> 
                 mode,
                 str(any_row.depth or ""),
                 f"{any_row.paper_top1:.2f}" if any_row.paper_top1 else "",
-                f"{any_row.params_m:.1f}",
+                f"{any_row.params_m:.1f}" if any_row.params_m is not None else "",
             ]
             for b in batches:
                 r = rows.get(b)

@@ -1,0 +1,82 @@
+"""``parnet bench`` on a tiny model: it runs, checks outputs, writes its table, JSON and plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from parnet import cli
+from parnet.bench import Record, check_targets, format_markdown
+
+TINY = '{"widths": [8, 16, 32], "head_width": 64}'
+PARNET_MODES = ["train", "fused", "folded", "channels_last", "parallel"]
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, Path, str]:
+    root = tmp_path_factory.mktemp("bench")
+    args = ["bench", "--models", "parnet_cifar_s", "--model-kwargs", TINY, "--baselines", "resnet18"]
+    args += ["--modes", ",".join(PARNET_MODES), "--baseline-modes", "eager,channels_last"]
+    args += [
+        "--threads",
+        "1",
+        "--resolution",
+        "32",
+        "--batch",
+        "4",
+        "--reps",
+        "3",
+        "--reps-large",
+        "2",
+        "--warmup",
+        "1",
+    ]
+    args += ["--json", str(root / "b.json"), "--plot", str(root / "b.png"), "--markdown", str(root / "b.md"), "--quiet"]
+    assert cli.main(args) == 0
+    return json.loads((root / "b.json").read_text()), root / "b.png", root / "b.md", ""
+
+
+def test_one_record_per_model_mode_batch_device(bench_run) -> None:
+    doc, _, _, _ = bench_run
+    keys = [(r["model"], r["mode"], r["batch"], r["device"]) for r in doc["records"]]
+    assert len(keys) == len(set(keys))
+    expected = {("parnet_cifar_s", m, b, "cpu") for m in PARNET_MODES for b in (1, 4)}
+    expected |= {("resnet18", m, b, "cpu") for m in ("eager", "channels_last") for b in (1, 4)}
+    assert set(keys) == expected
+    for r in doc["records"]:
+        assert len(r["times_ms"]) == (3 if r["batch"] == 1 else 2)
+        assert r["min_ms"] <= r["p25_ms"] <= r["median_ms"] <= r["p75_ms"] <= r["max_ms"]
+        assert r["throughput_img_s"] == pytest.approx(r["batch"] / r["median_ms"] * 1e3)
+        assert r["max_abs_diff"] < 1e-4  # every mode checked against its plain model
+    assert doc["machine"]["threads"] == 1 and doc["machine"]["cpu_count"] >= 1
+    assert "torch" in doc["machine"]
+
+
+def test_plot_and_markdown_written(bench_run) -> None:
+    _, png, md, _ = bench_run
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = md.read_text()
+    assert "| parnet_cifar_s | parallel |" in text and "Best mode per model" in text
+
+
+def _rec(model: str, mode: str, batch: int, ms: float) -> Record:
+    return Record(model, mode, batch, "cpu", 224, 2, 5, ms, ms, ms, ms, ms, 0.0, batch / ms * 1e3, 0.0)
+
+
+def test_targets_use_best_modes_and_can_fail() -> None:
+    recs = [
+        _rec("parnet_s", "fused", 1, 100.0),
+        _rec("parnet_s", "compiled", 1, 90.0),
+        _rec("resnet34", "eager", 1, 120.0),
+        _rec("resnet34", "compiled", 1, 100.0),
+        _rec("parnet_s", "compiled", 32, 1000.0),
+        _rec("resnet50", "compiled", 32, 1100.0),
+    ]
+    lat, thr = check_targets(recs, "parnet_s", 32)
+    assert lat["parnet_mode"] == "compiled" and lat["baseline_mode"] == "compiled"
+    assert lat["ratio"] == pytest.approx(0.9) and lat["met"]
+    assert thr["ratio"] == pytest.approx(1.1) and not thr["met"]  # 1.1x < 1.2x
+    text = format_markdown(recs, [lat, thr])
+    assert "MET (ratio 0.900" in text and "MISSED (ratio 1.100" in text

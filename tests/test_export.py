@@ -1,0 +1,77 @@
+"""Export round trips: ONNX (onnxruntime, dynamic batch), TorchScript and torch.export, via the CLI."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from parnet import cli, io
+from parnet.export import check_export, load_runner
+
+from .conftest import randomize_bn
+
+TOL = 1e-4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Single-threaded: the machine is shared, and 2-thread OpenMP barriers stall under load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory, one_thread) -> tuple[torch.nn.Module, Path]:
+    """A tiny random-BN model saved as a checkpoint and exported by ``parnet export`` (all formats)."""
+    torch.manual_seed(0)
+    model = randomize_bn(timm.create_model("parnet_cifar_s", widths=(8, 16, 32), head_width=64), 3).eval()
+    with torch.no_grad():
+        model.head.fc.weight.normal_(0, 1.0)
+    root = tmp_path_factory.mktemp("export")
+    ckpt = io.save_model(model, root / "tiny.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = cli.main(["export", "--checkpoint", str(ckpt), "--resolution", "32", "--out", str(root / "out")])
+    assert code == 0  # the command itself checked every file against the model to 1e-4
+    return io.load_model(ckpt), root / "out"
+
+
+@pytest.mark.parametrize("fmt,suffix", [("onnx", ".onnx"), ("torchscript", ".torchscript.pt"), ("export", ".pt2")])
+def test_round_trip_any_batch(exported, fmt: str, suffix: str) -> None:
+    model, out = exported
+    path = out / f"tiny{suffix}"
+    assert path.is_file()
+    run = load_runner(fmt, path)
+    with torch.no_grad():
+        for batch in (1, 5):  # export used batches 2 and 3: the batch dimension is dynamic
+            x = torch.randn(batch, 3, 32, 32)
+            ref = model(x)
+            assert ref.abs().max() > 0.1
+            assert (run(x) - ref).abs().max().item() < TOL
+
+
+def test_files_written_atomically(exported) -> None:
+    _, out = exported
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["tiny.onnx", "tiny.pt2", "tiny.torchscript.pt"]  # no temporary files left
+
+
+def test_check_export_fails_on_a_different_model(exported) -> None:
+    model, out = exported
+    other = randomize_bn(timm.create_model("parnet_cifar_s", widths=(8, 16, 32), head_width=64), 99).eval()
+    with torch.no_grad():
+        other.head.fc.weight.normal_(0, 1.0)
+    with pytest.raises(ValueError, match="differs"):
+        check_export("onnx", out / "tiny.onnx", other, [torch.randn(2, 3, 32, 32)])
+
+
+def test_export_refuses_unknown_format(tmp_path: Path) -> None:
+    tiny = '{"widths": [8, 16, 32], "head_width": 64}'
+    args = ["export", "parnet_cifar_s", "--model-kwargs", tiny, "--format", "tflite", "--out", str(tmp_path)]
+    assert cli.main([*args, "--resolution", "32"]) == 2
