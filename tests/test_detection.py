@@ -109,6 +109,14 @@ def test_backbone_weights_from_our_safetensors(tmp_path: Path) -> None:
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(bb.body(x)[-1], clf.eval().forward_features(x), rtol=1e-4, atol=1e-5)
+    # the training engine's checkpoint: its weights file and its full state (the "model" entry)
+    from parnet.engine import save_checkpoint
+
+    save_checkpoint(tmp_path / "run", 0, clf)
+    for weights in (tmp_path / "run" / "last.safetensors", tmp_path / "run" / "last_state.pt"):
+        again = det.build_backbone("parnet_s", weights=weights, **TINY).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(again.body(x)[-1], bb.body(x)[-1], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="does not fit the backbone"):
         det.build_backbone("parnet_s", weights=path, widths=(8, 16, 48), head_width=64)
     with pytest.raises(FileNotFoundError):
