@@ -392,6 +392,8 @@ def predict(
             boxes = out["boxes"].cpu()
             boxes[:, 2:] -= boxes[:, :2]
             for box, score, label in zip(boxes.tolist(), out["scores"].tolist(), out["labels"].tolist()):
+                if int(label) not in label_to_cat:  # label 0 (background) of a sigmoid head: not a category
+                    continue
                 results.append(
                     {
                         "image_id": int(target["image_id"]),
