@@ -193,6 +193,19 @@ def test_save_load_detector_round_trip(tmp_path: Path) -> None:
         det.load_detector(tmp_path / "bad.safetensors")
 
 
+def test_predict_maps_labels_to_categories_and_boxes_to_xywh() -> None:
+    class Fixed(nn.Module):
+        def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+            boxes = torch.tensor([[1.0, 2.0, 11.0, 22.0], [0.0, 0.0, 5.0, 5.0]])
+            return [
+                {"boxes": boxes, "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([2, 0])} for _ in images
+            ]
+
+    loader = [([torch.zeros(3, 8, 8)], [{"image_id": torch.tensor(7)}])]
+    results = det.predict(Fixed(), loader, {1: 5, 2: 9})  # label 0 is background: no category, left out
+    assert results == [{"image_id": 7, "category_id": 9, "bbox": [1.0, 2.0, 10.0, 20.0], "score": 0.9}]
+
+
 # -- COCO evaluation ----------------------------------------------------------------------------
 
 
