@@ -404,26 +404,22 @@ class _StreamTask(nn.Module):
 
 
 class _ParallelCore(nn.Module):
-    """TorchScript body: streams 1..n-1 forked onto the inter-op pool, the last one inline."""
+    """TorchScript body: streams 1..n-1 forked onto the inter-op pool, the last one inline.
+
+    Takes the stem's output; returns the stream outputs, the first already brought down by the
+    fusion entry block.
+    """
 
     def __init__(self, folded: FoldedParNet):
         super().__init__()
-        self.stem = folded.stem
         self.downsample = folded.downsample
         n = len(folded.streams)
         tasks = [_StreamTask(folded.streams[0], folded.fuse_entry)]
         tasks += [_StreamTask(folded.streams[i], nn.Identity()) for i in range(1, n)]
         self.forked = nn.ModuleList(tasks[:-1])
         self.last = tasks[-1]
-        self.fusions = folded.fusions
-        self.final_block = folded.final_block
-        self.head = folded.head
-        self.channels_last = folded.channels_last
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x = self.stem(x)
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         futures: list[torch.jit.Future[torch.Tensor]] = []
         for i, task in enumerate(self.forked):
             futures.append(torch.jit.fork(task, x))  # stream i starts as soon as its input exists
@@ -433,26 +429,22 @@ class _ParallelCore(nn.Module):
         last = self.last(x)
         outs = [torch.jit.wait(f) for f in futures]
         outs.append(last)
-        fused = outs[0]
-        i = 1
-        for fusion in self.fusions:
-            fused = fusion(outs[i], fused)
-            i += 1
-        return self.head(self.final_block(fused))
+        return outs
 
 
 class StreamParallelParNet(nn.Module):
     """The streams of a folded ParNet run concurrently on CPU (TorchScript ``torch.jit.fork``).
 
-    The first n-1 streams are forked onto PyTorch's inter-op thread pool as soon as their inputs
-    exist; the last runs on the calling thread. ``threads`` (default: all intra-op threads) are
-    split between the concurrent streams: during a call, ops run with ``max(1, threads // n)``
-    intra-op threads (restored afterwards), so n streams on n cores each get one core.
+    The stem runs first with all ``threads``; then the first n-1 streams are forked onto
+    PyTorch's inter-op thread pool as soon as their inputs exist and the last runs on the calling
+    thread, with the intra-op threads split between them (``max(1, threads // n)`` each, so n
+    streams on n cores get a core each); then the fusions, final block and head run with all
+    ``threads`` again. The thread count is set per call and restored afterwards.
     """
 
     def __init__(self, folded: FoldedParNet, threads: int | None = None):
         super().__init__()
-        self.check_input = folded.check_input
+        self.folded = folded
         self.threads = threads or torch.get_num_threads()
         self.per_stream = max(1, self.threads // len(folded.streams))
         with warnings.catch_warnings():
@@ -460,13 +452,18 @@ class StreamParallelParNet(nn.Module):
             self.core = torch.jit.script(_ParallelCore(folded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
+        f = self.folded
+        f.check_input(x)
+        if f.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         prev = torch.get_num_threads()
-        if prev == self.per_stream:
-            return self.core(x)
-        torch.set_num_threads(self.per_stream)  # this thread's and the pool's ops (set per call)
         try:
-            return self.core(x)
+            torch.set_num_threads(self.threads)
+            x = f.stem(x)
+            torch.set_num_threads(self.per_stream)  # this thread's, and the pool's on first use
+            outs = self.core(x)
+            torch.set_num_threads(self.threads)
+            return _merge_after_entry(f, outs)
         finally:
             torch.set_num_threads(prev)
 
