@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The CPU benchmark behind RESULTS.md, "Inference latency and throughput".
+#
+# ParNet-S (the authors' released architecture, parnet_s_official) in training form, fused and in
+# every CPU deploy mode, against ResNet-34, ResNet-50 and RepVGG-B1g4 (re-parameterized), each in
+# eager, channels_last and channels_last + torch.compile; batch 1 (latency) and batch 32
+# (throughput) at 224x224 with 2 intra-op threads, every (model, mode) timed interleaved in one
+# run. Prints the table and whether the issue's targets were met; writes
+# benchmarks/results/cpu.{json,md} and benchmarks/cpu_latency.png. Extra arguments go to
+# `parnet bench` (e.g. --reps 50). About 10 minutes on a quiet 2-core machine, most of it
+# torch.compile (inductor caches its kernels, so a second run compiles faster).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+.venv/bin/parnet bench \
+  --models parnet_s_official \
+  --baselines resnet34,resnet50,repvgg_b1g4 \
+  --device cpu --threads 2 --batch 32 --resolution 224 \
+  --reps 20 --reps-large 5 --warmup 2 \
+  --json "$OUT/cpu.json" --markdown "$OUT/cpu.md" --plot benchmarks/cpu_latency.png \
+  "$@"
