@@ -491,18 +491,22 @@ class CudaStreamParNet(nn.Module):
         if self._streams is None or self._streams[0].device != x.device:
             self._streams = [torch.cuda.Stream(x.device) for _ in f.streams]
         main = torch.cuda.current_stream(x.device)
-        inputs = f.stream_inputs(x)  # stem and downsampling chain: short, on the main stream
+        if f.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = f.stem(x)
         outs = []
         for i, (stream, cuda_stream) in enumerate(zip(f.streams, self._streams)):
-            cuda_stream.wait_stream(main)
+            if i > 0:
+                x = f.downsample[i - 1](x)  # the short downsampling chain stays on the main stream
+            cuda_stream.wait_stream(main)  # stream i starts as soon as its input is queued
             with torch.cuda.stream(cuda_stream):
-                inputs[i].record_stream(cuda_stream)
-                y = stream(inputs[i])
+                x.record_stream(cuda_stream)  # made on main, read here: keep its memory until done
+                y = stream(x)
                 if i == 0:
                     y = f.fuse_entry(y)
             outs.append(y)
         for cuda_stream, y in zip(self._streams, outs):
-            main.wait_stream(cuda_stream)
+            main.wait_stream(cuda_stream)  # the fusions (on main) read every stream's output
             y.record_stream(main)
         return _merge_after_entry(f, outs)
 
@@ -671,7 +675,7 @@ def deploy(
     if mode in ("folded", "channels_last"):
         return folded
     if mode == "compiled":
-        return compile_cpu(folded) if device.type == "cpu" else torch.compile(folded, mode="max-autotune")
+        return compile_cpu(folded) if device.type == "cpu" else torch.compile(folded)
     if device.type == "cuda":
         parallel = CudaStreamParNet(folded).eval()
         return parallel if mode == "parallel" else CudaGraphModule(parallel).eval()
