@@ -180,12 +180,13 @@ def _cifar(name: str, root: Path, train: bool, transform: Any, download: bool) -
             return all((Path(self.root) / self.base_folder / f).is_file() for f, _ in self.train_list + self.test_list)
 
         def _load_meta(self) -> None:
+            path = Path(self.root) / self.base_folder / self.meta["filename"]
             try:
-                super()._load_meta()
-            except Exception as e:  # noqa: BLE001
-                raise CorruptDatasetError(
-                    f"{Path(self.root) / self.base_folder / self.meta['filename']}: {e}"
-                ) from None
+                with open(path, "rb") as fh:
+                    self.classes = pickle.load(fh, encoding="latin1")[self.meta["key"]]
+            except Exception as e:  # noqa: BLE001 - EOFError, UnpicklingError, KeyError...
+                raise CorruptDatasetError(f"{path} is truncated or corrupt: {type(e).__name__}: {e}") from None
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
     if download:
         try:

@@ -81,7 +81,8 @@ class TrainConfig:
     test_subset: int = 0  # use only the first N test images (0 = all)
     eval_batch_size: int = 0  # evaluation batch size (0 = batch_size)
     progress: bool = True  # show a progress bar
-    threads: int = 0  # torch CPU threads per process (0 = torch's default)
+    threads: int = 0  # torch CPU threads per process (0 = torch's default; 1 is fastest on a busy CPU)
+    depth: bool = True  # measure the network depth at the end (torch.export; takes a few seconds)
 
     def run_dir(self) -> Path:
         return Path(self.output or f"runs/{self.dataset}-{self.model}")
@@ -235,6 +236,7 @@ _TYPES: dict[str, Any] = {
     "eval_batch_size": _nonneg_int,
     "progress": _bool,
     "threads": _nonneg_int,
+    "depth": _bool,
 }
 
 
@@ -476,13 +478,13 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
     generators = {"loader": loader_gen}
     start_epoch, global_step, extra = 0, 0, {}
     if cfg.resume:
-        start_epoch, extra = engine.load_checkpoint(
-            run_dir, model, ema, optimizer, scheduler, scaler, generators, restore_rng=False
-        )
-        saved = extra.get("config", {})
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
         for key in ("dataset", "model", "model_kwargs", "batch_size", "seed", "train_subset"):
             if key in saved and saved[key] != getattr(cfg, key):
                 raise ValueError(f"--resume: {key} was {saved[key]!r} in {run_dir}, now {getattr(cfg, key)!r}")
+        start_epoch, extra = engine.load_checkpoint(
+            run_dir, model, ema, optimizer, scheduler, scaler, generators, restore_rng=False
+        )
         if extra.get("world_size", 1) != d.world_size:
             raise ValueError(f"--resume: the run used {extra.get('world_size')} processes, now {d.world_size}")
         engine.set_rng_state(extra["rng_ranks"][d.rank], generators)
@@ -556,6 +558,7 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
 
         # Evaluate raw and EMA weights on the test split; log; checkpoint.
         res = evaluate_model(model, test_loader, d.device, amp_dtype, channels_last)
+        last_preds = {"": res["preds"]}
         metrics = {
             "lr": optimizer.param_groups[0]["lr"],
             "train_loss": engine.reduce_mean(means.get("loss", float("nan")), d.device),
@@ -567,6 +570,7 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
         if ema is not None:
             res_ema = evaluate_model(ema.module, test_loader, d.device, amp_dtype, channels_last)
             metrics.update(ema_loss=res_ema["loss"], ema_top1=res_ema["top1"], ema_top5=res_ema["top5"])
+            last_preds["ema_"] = res_ema["preds"]
         metrics.update(
             epoch_seconds=epoch_seconds,
             images_per_s=steps_per_epoch * cfg.batch_size * d.world_size / epoch_seconds,
@@ -608,7 +612,6 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
         epochs_run += 1
     logger.close()
 
-    finished = epochs_run > 0 and (not cfg.stop_after or epochs_run < cfg.stop_after or epoch + 1 == cfg.epochs)
     results: dict[str, Any] = {
         "model": cfg.model,
         "model_kwargs": cfg.model_kwargs,
@@ -622,8 +625,15 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
         "device": str(d.device),
         **{k: v for k, v in metrics.items() if k.startswith(("test_", "ema_"))},
     }
-    if finished and results["epochs_done"] == cfg.epochs:
-        results.update(_final_eval(model, ema, test_loader, d, amp_dtype, info, cfg, run_dir))
+    if d.distributed:
+        # Every rank must hold the same weights after DDP training: compare a checksum.
+        flat = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
+        check = torch.stack([flat.sum(), (flat * torch.arange(len(flat), device=flat.device) % 7919).sum()])
+        gathered = [torch.zeros_like(check) for _ in range(d.world_size)]
+        tdist.all_gather(gathered, check)
+        results["ranks_agree"] = all(torch.equal(g, gathered[0]) for g in gathered)
+    if epochs_run > 0 and results["epochs_done"] == cfg.epochs:
+        results.update(_final_eval(model, ema, test_loader, d, amp_dtype, info, cfg, run_dir, last_preds))
         results["wall_seconds"] = time.perf_counter() - t_start
         if d.is_main:
             with atomic_write(run_dir / "results.json") as tmp:
@@ -632,8 +642,21 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
     return results
 
 
-def _final_eval(model: Any, ema: Any, loader: Any, d: Any, amp_dtype: Any, info: Any, cfg: TrainConfig, run_dir: Path):
-    """Depth, and the re-parameterized (fused) raw and EMA models' scores; writes the fused weights."""
+def _final_eval(
+    model: Any,
+    ema: Any,
+    loader: Any,
+    d: Any,
+    amp_dtype: Any,
+    info: Any,
+    cfg: TrainConfig,
+    run_dir: Path,
+    ref_preds: dict[str, Any],
+) -> dict[str, Any]:
+    """Depth, and the re-parameterized (fused) raw and EMA models' scores; writes the fused weights.
+
+    ``ref_preds`` are the unfused models' predictions (keys ``""`` and ``"ema_"``) to compare with.
+    """
     import torch
 
     from . import network_depth, reparameterize
@@ -643,19 +666,18 @@ def _final_eval(model: Any, ema: Any, loader: Any, d: Any, amp_dtype: Any, info:
     example = torch.randn(1, info.in_chans, info.img_size, info.img_size, device=d.device)
     model.eval()
     try:
-        out["depth"] = network_depth(model, example)
+        out["depth"] = network_depth(model, example) if cfg.depth else None
     except Exception as e:  # noqa: BLE001 - depth needs torch.export; report, don't fail the run
         out["depth"] = None
         out["depth_error"] = str(e)[:200]
     if not _fusable(model):
         return out
     for name, net in [("", model)] + ([("ema_", ema.module)] if ema is not None else []):
-        ref = evaluate_model(net, loader, d.device, amp_dtype)
         fused = reparameterize(net)
         res = evaluate_model(fused, loader, d.device, amp_dtype)
         out[f"{name}fused_top1"] = res["top1"]
         out[f"{name}fused_top5"] = res["top5"]
-        out[f"{name}fused_prediction_changes"] = int((res["preds"] != ref["preds"]).sum())
+        out[f"{name}fused_prediction_changes"] = int((res["preds"] != ref_preds[name]).sum())
         if d.is_main:
             meta = {**_weights_metadata(cfg, info.num_classes, info.in_chans), "fused": "True"}
             from .model import ParNet
@@ -672,7 +694,7 @@ def _final_eval(model: Any, ema: Any, loader: Any, d: Any, amp_dtype: Any, info:
 # -- evaluating checkpoints ---------------------------------------------------------------------
 
 
-def load_weights(path: str | os.PathLike, device: str = "cpu", official: bool | None = None, use_ema: bool = True):
+def load_weights(path: str | os.PathLike, device: str = "cpu", official: bool | None = None, use_ema: bool = False):
     """A model from a run folder's ``last.safetensors``-style file, any file of ours, or an authors' checkpoint."""
     import torch
     from safetensors import SafetensorError, safe_open
@@ -741,8 +763,17 @@ def evaluate(
 
             run_cfg = yaml.safe_load((path / "config.yaml").read_text())
             dataset, data_dir = run_cfg["dataset"], data_dir or run_cfg.get("data_dir")
+    elif official or (official is None and not path.name.endswith(".safetensors")):
+        from .official import load_official, read_checkpoint
+
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint at {path}")
+        ckpt = read_checkpoint(path)
+        nets["raw"] = load_official(ckpt, use_ema=False).to(dev)
+        if "state_dict_ema" in ckpt:
+            nets["ema"] = load_official(ckpt, use_ema=True).to(dev)
     else:
-        nets["raw"] = load_weights(path, str(dev), official)
+        nets["raw"] = load_weights(path, str(dev), official=False)
     dataset = dataset or "fashion_mnist"
     _, test_set, info = build_datasets(dataset, data_dir, test_subset=test_subset)
     _, loader, _ = build_loaders(test_set, test_set, 1, workers, eval_batch_size=batch_size)

@@ -1,0 +1,220 @@
+"""Dataset readers on tiny files written in the real formats: IDX (Fashion-MNIST), CIFAR pickles, image folders."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from parnet.data import (
+    CorruptDatasetError,
+    DatasetNotFoundError,
+    ShardSampler,
+    build_datasets,
+    build_loaders,
+    read_idx,
+)
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:
+    """Write ``array`` (uint8) as an IDX file, gzipped like the distributed files."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+    return path
+
+
+def make_fashion_mnist(root: Path, n_train: int = 64, n_test: int = 32, seed: int = 0) -> Path:
+    """A Fashion-MNIST folder with ``n_train``/``n_test`` images whose class is learnable (a bright band per class)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            images[i, 2 + 2 * c : 4 + 2 * c, :] = 255
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+def make_cifar(root: Path, name: str = "cifar10", per_batch: int = 8) -> Path:
+    """A CIFAR python-pickle folder (cifar-10-batches-py / cifar-100-python) with tiny batches."""
+    rng = np.random.default_rng(0)
+    if name == "cifar10":
+        folder, files, key, meta = (
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            "labels",
+            "batches.meta",
+        )
+        files += ["test_batch"]
+        meta_content = {"label_names": [f"c{i}" for i in range(10)]}
+        classes = 10
+    else:
+        folder, files, key, meta = "cifar-100-python", ["train", "test"], "fine_labels", "meta"
+        meta_content = {"fine_label_names": [f"c{i}" for i in range(100)]}
+        classes = 100
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    for f in files:
+        entry = {
+            "data": rng.integers(0, 256, (per_batch, 3072)).astype(np.uint8),
+            key: rng.integers(0, classes, per_batch).tolist(),
+        }
+        with open(root / folder / f, "wb") as fh:
+            pickle.dump(entry, fh)
+    with open(root / folder / meta, "wb") as fh:
+        pickle.dump(meta_content, fh)
+    return root
+
+
+def make_image_folder(root: Path, classes: int = 2, per_class: int = 2) -> Path:
+    for split in ("train", "val"):
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(np.full((40, 48, 3), 40 * c + i, np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+# -- Fashion-MNIST --------------------------------------------------------------------------------
+
+
+def test_fashion_mnist_reads_idx_and_pads_to_32(tmp_path):
+    root = make_fashion_mnist(tmp_path / "fm")
+    train, test, info = build_datasets("fashion_mnist", root)
+    assert (len(train), len(test), info.num_classes, info.in_chans) == (64, 32, 10, 1)
+    x, y = test[0]
+    assert x.shape == (1, 32, 32) and x.dtype == torch.float32 and 0 <= y < 10
+    # Test images are padded, not augmented: the same every time, borders at the padded value.
+    assert torch.equal(test[0][0], x)
+    assert torch.allclose(x[:, :2, :], torch.full((1, 2, 32), -0.2860 / 0.3530), atol=1e-5)
+    xt, _ = train[0]
+    assert xt.shape == (1, 32, 32)
+
+
+def test_fashion_mnist_uncompressed_files_work(tmp_path):
+    root = tmp_path / "raw"
+    root.mkdir()
+    write_idx(root / "train-images-idx3-ubyte", np.zeros((4, 28, 28), np.uint8), compress=False)
+    write_idx(root / "train-labels-idx1-ubyte", np.arange(4, dtype=np.uint8), compress=False)
+    write_idx(root / "t10k-images-idx3-ubyte", np.zeros((2, 28, 28), np.uint8), compress=False)
+    write_idx(root / "t10k-labels-idx1-ubyte", np.arange(2, dtype=np.uint8), compress=False)
+    train, test, _ = build_datasets("fashion_mnist", root)
+    assert [train[i][1] for i in range(4)] == [0, 1, 2, 3] and len(test) == 2
+
+
+def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        build_datasets("fashion_mnist", tmp_path / "nowhere")
+
+
+def test_truncated_idx_names_the_file(tmp_path):
+    root = make_fashion_mnist(tmp_path / "fm")
+    target = root / "train-images-idx3-ubyte.gz"
+    target.write_bytes(target.read_bytes()[:100])  # a cut-off download
+    with pytest.raises(CorruptDatasetError, match="train-images-idx3-ubyte.gz"):
+        build_datasets("fashion_mnist", root)
+
+
+def test_idx_with_wrong_size_or_magic_is_refused(tmp_path):
+    path = write_idx(tmp_path / "x.gz", np.zeros((3, 28, 28), np.uint8))
+    raw = gzip.decompress(path.read_bytes())
+    (tmp_path / "short.gz").write_bytes(gzip.compress(raw[:-5]))
+    with pytest.raises(CorruptDatasetError, match="short.gz.*truncated"):
+        read_idx(tmp_path / "short.gz")
+    (tmp_path / "magic").write_bytes(b"\x01\x02\x03\x04" + raw[4:])
+    with pytest.raises(CorruptDatasetError, match="magic"):
+        read_idx(tmp_path / "magic")
+    assert read_idx(path).shape == (3, 28, 28)
+
+
+def test_labels_must_match_images(tmp_path):
+    root = make_fashion_mnist(tmp_path / "fm")
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", np.zeros(5, np.uint8))
+    with pytest.raises(CorruptDatasetError, match="do not match"):
+        build_datasets("fashion_mnist", root)
+
+
+# -- CIFAR ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,classes,n_train", [("cifar10", 10, 40), ("cifar100", 100, 8)])
+def test_cifar_pickles(tmp_path, name, classes, n_train):
+    root = make_cifar(tmp_path / name, name)
+    train, test, info = build_datasets(name, root)
+    assert (len(train), len(test), info.num_classes) == (n_train, 8, classes)
+    x, y = train[0]
+    assert x.shape == (3, 32, 32) and 0 <= y < classes
+    # The pickle folder itself is accepted too.
+    folder = next(p for p in root.iterdir() if p.is_dir())
+    assert len(build_datasets(name, folder)[1]) == 8
+
+
+def test_missing_cifar_gives_url_and_download_hint(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match=r"cifar-10-python.tar.gz.*--download"):
+        build_datasets("cifar10", tmp_path)
+
+
+def test_corrupt_cifar_batch_names_the_file(tmp_path):
+    root = make_cifar(tmp_path / "c10")
+    bad = root / "cifar-10-batches-py" / "data_batch_3"
+    bad.write_bytes(bad.read_bytes()[:50])
+    with pytest.raises(CorruptDatasetError, match="data_batch_3"):
+        build_datasets("cifar10", root)
+
+
+# -- image folders ----------------------------------------------------------------------------------
+
+
+def test_image_folder_at_224(tmp_path):
+    root = make_image_folder(tmp_path / "imgs")
+    train, test, info = build_datasets("imagefolder", root, train_subset=3)
+    assert info.num_classes == 2 and len(train) == 3 and len(test) == 4
+    assert train[0][0].shape == (3, 224, 224) and test[0][0].shape == (3, 224, 224)
+
+
+def test_image_folder_missing_split_and_corrupt_image(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="train"):
+        build_datasets("imagefolder", tmp_path)
+    root = make_image_folder(tmp_path / "imgs")
+    bad = root / "val" / "class1" / "0.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    _, test, _ = build_datasets("imagefolder", root)
+    idx = [i for i, (p, _) in enumerate(test.samples) if p.endswith("class1/0.png")][0]
+    with pytest.raises(CorruptDatasetError, match="class1/0.png"):
+        test[idx]
+
+
+# -- loaders ----------------------------------------------------------------------------------------
+
+
+def test_shard_sampler_covers_each_item_once():
+    shards = [list(ShardSampler(11, r, 3)) for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(11))
+
+
+def test_train_loader_is_reproducible_and_sharded(tmp_path):
+    train, test, _ = build_datasets("fashion_mnist", make_fashion_mnist(tmp_path / "fm"))
+
+    def first_batch(seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+        torch.manual_seed(123)
+        loader, _, _ = build_loaders(train, test, 8, workers=0, seed=seed, rank=rank, world_size=world)
+        loader.sampler.set_epoch(0)
+        return next(iter(loader))[1]
+
+    assert torch.equal(first_batch(0), first_batch(0))
+    loaders = [build_loaders(train, test, 8, 0, 0, r, 2)[0] for r in range(2)]
+    for ld in loaders:
+        ld.sampler.set_epoch(0)
+    idx = [set(iter(ld.sampler)) for ld in loaders]
+    assert not idx[0] & idx[1] and len(idx[0]) == 32
+    with pytest.raises(ValueError, match="larger than the training set"):
+        build_loaders(train, test, 1000)

@@ -1,0 +1,308 @@
+"""Training, resumption, NaN handling, checkpoints, evaluation, the CLI and DDP, on tiny data and a tiny ParNet."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from parnet import engine
+from parnet.cli import main
+from parnet.train import TrainConfig, evaluate, make_config, plot, train
+
+from .test_data import make_fashion_mnist, make_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(widths=[8, 16, 32], head_width=64, stem_width=8)
+
+
+def tiny_config(data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(
+        dataset="fashion_mnist",
+        data_dir=str(data),
+        model="parnet_cifar_s",
+        model_kwargs=TINY,
+        epochs=2,
+        batch_size=32,
+        lr=0.05,
+        warmup_epochs=0.5,
+        workers=0,
+        threads=1,
+        progress=False,
+        depth=False,
+        output=str(out),
+    )
+    return make_config({**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def fmnist(tmp_path_factory) -> Path:
+    return make_fashion_mnist(tmp_path_factory.mktemp("fm"), n_train=128, n_test=64)
+
+
+@pytest.fixture(scope="module")
+def reference_run(fmnist, tmp_path_factory) -> tuple[Path, dict]:
+    """Two epochs without interruption."""
+    out = tmp_path_factory.mktemp("runs") / "ref"
+    return out, train(tiny_config(fmnist, out, depth=True))
+
+
+def test_training_writes_everything_and_fused_model_scores_identically(reference_run):
+    out, res = reference_run
+    for name in ("last.safetensors", "last_ema.safetensors", "last_state.pt", "metrics.jsonl", "metrics.csv",
+                 "config.yaml", "results.json", "fused.safetensors", "ema_fused.safetensors"):  # fmt: skip
+        assert (out / name).is_file(), name
+    assert list((out / "tb").iterdir()), "no TensorBoard events"
+    rows = engine.read_metrics(out)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert {"train_loss", "test_top1", "test_top5", "ema_top1", "lr", "images_per_s"} <= set(rows[0])
+    assert (out / "metrics.csv").read_text().splitlines()[0].startswith("epoch,")
+    assert res["depth"] == 12 and res["epochs_done"] == 2
+    # Re-parameterization changes no prediction, so the scores are identical.
+    assert res["fused_prediction_changes"] == 0 and res["fused_top1"] == res["test_top1"]
+    assert res["ema_fused_prediction_changes"] == 0 and res["ema_fused_top1"] == res["ema_top1"]
+    assert res["fused_params"] < res["params"]
+    assert not list(out.glob("*.tmp")), "temporary files left behind"
+    # The classes of the fake data are learnable: 2 tiny epochs already beat chance.
+    assert max(r["train_acc"] for r in rows) > 10
+
+
+def test_resume_ends_bit_identical(fmnist, tmp_path, reference_run):
+    ref_dir, ref = reference_run
+    out = tmp_path / "resumed"
+    first = train(tiny_config(fmnist, out, stop_after=1))
+    assert first["epochs_done"] == 1 and not (out / "results.json").exists()
+    # A NaN-free resume from the epoch-1 checkpoint, in a fresh call.
+    second = train(tiny_config(fmnist, out, resume=True))
+    assert second["epochs_done"] == 2
+    a, b = load_file(ref_dir / "last.safetensors"), load_file(out / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = load_file(ref_dir / "last_ema.safetensors"), load_file(out / "last_ema.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = engine.read_state(ref_dir), engine.read_state(out)
+    for group_a, group_b in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert torch.equal(group_a["momentum_buffer"], group_b["momentum_buffer"])
+    strip = ("epoch_seconds", "images_per_s")
+    rows_a = [{k: v for k, v in r.items() if k not in strip} for r in engine.read_metrics(ref_dir)]
+    rows_b = [{k: v for k, v in r.items() if k not in strip} for r in engine.read_metrics(out)]
+    assert rows_a == rows_b
+    assert ref["test_top1"] == second["test_top1"] and ref["ema_top1"] == second["ema_top1"]
+
+
+def test_resume_refuses_a_different_model_and_an_existing_run(fmnist, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(fmnist, out, epochs=1, train_subset=32, test_subset=16))
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(tiny_config(fmnist, out, epochs=1, train_subset=32))
+    with pytest.raises(ValueError, match="model_kwargs"):
+        train(tiny_config(fmnist, out, epochs=2, train_subset=32, resume=True, model_kwargs={**TINY, "head_width": 32}))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(tiny_config(fmnist, tmp_path / "none", resume=True))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(fmnist, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "nan"
+    args = ["train", "--data-dir", str(fmnist), "--output", str(out), "--model-kwargs", "widths=[8,16,32]",
+            "head_width=64", "stem_width=8", "--batch-size", "32", "--train-subset", "64", "--workers", "0",
+            "--threads", "1", "--no-progress", "--warmup-epochs", "0", "--no-depth", "--test-subset", "16"]  # fmt: skip
+    assert main(args + ["--epochs", "1"]) == 0
+    before = (out / "last_state.pt").read_bytes(), (out / "last.safetensors").read_bytes()
+    # Continue, with a loss that turns NaN on the second step of the second epoch.
+    from timm.loss import LabelSmoothingCrossEntropy
+
+    calls, forward = [], LabelSmoothingCrossEntropy.forward
+
+    def poisoned(self, x, target):
+        calls.append(1)
+        loss = forward(self, x, target)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(LabelSmoothingCrossEntropy, "forward", poisoned)
+    code = main(args + ["--epochs", "2", "--resume"])
+    err = capsys.readouterr().err
+    assert code == 3 and "loss is nan at step 3" in err and "last checkpoint" in err
+    assert (out / "last_state.pt").read_bytes() == before[0]
+    assert (out / "last.safetensors").read_bytes() == before[1]
+    assert engine.read_state(out)["epoch"] == 0
+    assert not list(out.glob("*.tmp"))
+
+
+def test_check_finite():
+    engine.check_finite(torch.tensor(1.0), 0)
+    with pytest.raises(engine.NonFiniteLossError, match="step 7"):
+        engine.check_finite(torch.tensor(float("inf")), 7)
+
+
+def test_eval_and_plot_of_a_run(reference_run, capsys):
+    out, res = reference_run
+    scores = evaluate(out, workers=0)
+    assert set(scores) == {"raw", "raw_fused", "ema", "ema_fused"}
+    assert scores["raw"]["top1"] == pytest.approx(res["test_top1"])
+    assert scores["ema"]["top1"] == pytest.approx(res["ema_top1"])
+    assert scores["raw_fused"]["top1"] == scores["raw"]["top1"] and scores["raw_fused"]["prediction_changes"] == 0
+    assert scores["raw"]["n"] == 64
+    assert main(["eval", str(out), "--workers", "0", "--json", "--test-subset", "16"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["ema_fused"]["n"] == 16 and printed["ema_fused"]["prediction_changes"] == 0
+    png = plot(out)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(out)]) == 0
+
+
+def test_eval_fused_safetensors_alone(reference_run, fmnist):
+    out, res = reference_run
+    scores = evaluate(out / "fused.safetensors", dataset="fashion_mnist", data_dir=str(fmnist), workers=0)
+    assert scores["raw"]["top1"] == res["fused_top1"]
+
+
+def test_eval_accepts_the_authors_checkpoints(tmp_path):
+    """A tiny checkpoint in the authors' layout (2 classes), scored on a 224 image folder."""
+    tiny = torch.load(ROOT / "tests" / "fixtures" / "official_tiny.pt", weights_only=True)
+    sd = dict(tiny["state_dict"])
+    for k in [k for k in sd if k.endswith(("fc.weight", "fc.bias")) and sd[k].shape[0] == 1000]:
+        sd[k] = sd[k][:2].clone()
+    path = tmp_path / "official.pth.tar"
+    torch.save({"state_dict": sd, "state_dict_ema": sd, "epoch": 3}, path)
+    data = make_image_folder(tmp_path / "imgs", classes=2, per_class=2)
+    scores = evaluate(path, dataset="imagefolder", data_dir=str(data), workers=0, batch_size=4)
+    assert set(scores) == {"raw", "raw_fused", "ema", "ema_fused"}
+    assert scores["raw"]["n"] == 4 and scores["raw_fused"]["prediction_changes"] == 0
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--lr", "-1"], "--lr"),
+        (["--epochs", "0"], "--epochs"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--model", "no_such_model"], "unknown model"),
+        (["--dataset", "mnist2"], "unknown dataset"),
+        (["--re-prob", "1.5"], "--re-prob"),
+        (["--ema-decay", "1"], "--ema-decay"),
+        (["--model-kwargs", "widths"], "KEY=VALUE"),
+    ],
+)
+def test_parser_refuses_impossible_settings(flags, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--output", str(tmp_path / "x")] + flags)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_yaml_config_and_precedence(tmp_path, capsys):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("dataset: cifar10\nepochs: 7\nlr: 0.05\nmodel_kwargs: {widths: [8, 16, 32]}\n")
+    cfg = make_config({"lr": 0.02}, str(cfg_file))
+    assert (cfg.dataset, cfg.epochs, cfg.lr, cfg.warmup_epochs) == ("cifar10", 7, 0.02, 5)  # warm-up: cifar default
+    assert cfg.model_kwargs == {"widths": [8, 16, 32]}
+    assert make_config({}).epochs == 30  # fashion_mnist default
+    cfg_file.write_text("epochs: -3\n")
+    with pytest.raises(ValueError, match="epochs"):
+        make_config({}, str(cfg_file))
+    cfg_file.write_text("epochz: 3\n")
+    assert main(["train", "--config", str(cfg_file)]) == 2
+    assert "unknown setting 'epochz'" in capsys.readouterr().err
+
+
+def test_missing_or_corrupt_dataset_exits_non_zero_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data-dir", str(tmp_path / "none"), "--output", str(out)]) == 2
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+    assert main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--output", str(out)]) == 2
+    assert "--download" in capsys.readouterr().err
+    bad = make_fashion_mnist(tmp_path / "bad", 16, 8)
+    (bad / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+    assert main(["train", "--data-dir", str(bad), "--output", str(out)]) == 2
+    assert "t10k-images-idx3-ubyte.gz" in capsys.readouterr().err
+    assert not out.exists()
+
+
+KILL_SCRIPT = """
+import sys, torch, timm, parnet
+from parnet import engine
+from timm.utils import ModelEmaV3
+model = timm.create_model("parnet_cifar_s", num_classes=10, widths=(8, 16, 32), head_width=64)
+ema = ModelEmaV3(model)
+opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+epoch = 0
+while True:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float(epoch))
+    engine.save_checkpoint(sys.argv[1], epoch, model, ema, opt, extra={"epoch_copy": epoch})
+    print(epoch, flush=True)
+    epoch += 1
+"""
+
+
+def test_checkpoint_survives_a_kill_at_any_moment(tmp_path):
+    """SIGKILL a process that checkpoints in a loop, several times at random moments: the state always loads."""
+    script = tmp_path / "loop.py"
+    script.write_text(KILL_SCRIPT)
+    out = tmp_path / "ckpt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for delay in (0.05, 0.17):
+        proc = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE, text=True, env=env)
+        assert proc.stdout.readline()  # at least one checkpoint written
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state = engine.read_state(out)
+        assert state["extra"]["epoch_copy"] == state["epoch"]
+        assert all(torch.all(v == state["epoch"]) for k, v in state["model"].items() if k.endswith("conv.weight"))
+        weights = load_file(out / "last.safetensors")
+        # The weights file lags the state by at most the one epoch being written.
+        w = next(v for k, v in weights.items() if k.endswith("conv.weight"))
+        assert state["epoch"] - 1 <= w.flatten()[0].item() <= state["epoch"]
+
+
+def test_rng_state_round_trip():
+    g = torch.Generator().manual_seed(5)
+    state = engine.rng_state({"g": g})
+    import random
+
+    import numpy as np
+
+    first = (random.random(), np.random.rand(), torch.rand(2), torch.rand(2, generator=g))
+    engine.set_rng_state(state, {"g": g})
+    second = (random.random(), np.random.rand(), torch.rand(2), torch.rand(2, generator=g))
+    assert first[:2] == second[:2] and torch.equal(first[2], second[2]) and torch.equal(first[3], second[3])
+
+
+def test_baselines_are_timm_models():
+    import timm
+
+    import parnet
+
+    for name, params in [("resnet20_cifar", 272_186), ("resnet56_cifar", 855_482)]:
+        m = timm.create_model(name, num_classes=10, in_chans=1).eval()
+        assert sum(p.numel() for p in m.parameters()) == params
+    assert parnet.network_depth(m, torch.randn(1, 1, 32, 32)) == 56
+    m = timm.create_model("resnet18_cifar", num_classes=10)
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trains_and_agrees(fmnist, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "-m", "parnet",
+           "train", "--data-dir", str(fmnist), "--output", str(out), "--model-kwargs", "widths=[8,16,32]",
+           "head_width=64", "stem_width=8", "--batch-size", "16", "--epochs", "1", "--train-subset", "64",
+           "--workers", "0", "--threads", "1", "--no-progress", "--device", "cpu", "--no-depth"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["world_size"] == 2 and res["ranks_agree"] is True
+    assert evaluate(out, workers=0)["raw"]["top1"] == pytest.approx(res["test_top1"])  # all 64 test images, once
+    state = engine.read_state(out)
+    assert len(state["extra"]["rng_ranks"]) == 2
+    assert not torch.equal(state["extra"]["rng_ranks"][0]["torch"], state["extra"]["rng_ranks"][1]["torch"])
