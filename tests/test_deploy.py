@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import parnet
-from parnet.deploy import CPU_MODES, FoldedParNet, auto_mode, deploy, fold, shuffle_perm
+from parnet.deploy import CPU_MODES, FoldedParNet, StreamParallelParNet, auto_mode, deploy, fold, shuffle_perm
 from parnet.layers import channel_shuffle
 
 from .conftest import randomize_bn
@@ -153,7 +153,13 @@ def test_bad_requests_are_refused() -> None:
 
 def test_auto_mode_choice() -> None:
     assert auto_mode("cuda") == "cuda_graph"
-    assert auto_mode("cpu") in ("compiled", "channels_last")
+    assert auto_mode("cpu") in ("compiled", "channels_last", "parallel")
+    model = make(13)
+    x = torch.randn(2, 3, 32, 32)
+    net = deploy(model, "cpu", "auto", example=x, candidates=("folded", "parallel"))
+    assert isinstance(net, (FoldedParNet, StreamParallelParNet))
+    with torch.inference_mode():
+        assert (net(x) - model(x)).abs().max().item() < TOL
 
 
 @pytest.mark.slow

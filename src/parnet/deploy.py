@@ -27,8 +27,8 @@ parallel   CPU: the streams run concurrently (TorchScript ``torch.jit.fork`` on 
            pool, the intra-op threads split between them); CUDA: one CUDA stream per ParNet stream
 cuda_graph CUDA only: ``parallel`` captured in a CUDA graph (re-captured for a new input shape)
 multi_device  the streams on separate devices (``devices=``), asynchronous copies at the fusions
-auto       the fastest for the device: ``compiled`` on CPU when a C++ compiler is present
-           (else ``channels_last``), ``cuda_graph`` on CUDA
+auto       the fastest for the device: given an ``example`` input, the candidate modes are timed
+           on it and the fastest is returned; otherwise a rule (:func:`auto_mode`)
 ========== ============================================================================
 """
 
@@ -636,12 +636,34 @@ def compile_cpu(module: nn.Module, dynamic: bool = False) -> nn.Module:
     return torch.compile(module, backend="inductor", dynamic=dynamic, options={"freezing": True})
 
 
+@torch.inference_mode()
+def fastest(candidates: dict[str, nn.Module], example: torch.Tensor, reps: int = 5) -> str:
+    """Name of the candidate with the lowest median time on ``example`` (interleaved, after warm-up)."""
+    import statistics
+    import time
+
+    sync = torch.cuda.synchronize if example.device.type == "cuda" else (lambda: None)
+    for net in candidates.values():
+        net(example)  # warm-up (and compilation)
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(reps):
+        for name, net in candidates.items():
+            sync()
+            start = time.perf_counter()
+            net(example)
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return min(times, key=lambda name: statistics.median(times[name]))
+
+
 def deploy(
     model: nn.Module,
     device: str | torch.device = "cpu",
     mode: str = "auto",
     devices: Sequence[str | torch.device] | None = None,
     threads: int | None = None,
+    example: torch.Tensor | None = None,
+    candidates: Sequence[str] | None = None,
 ) -> nn.Module:
     """The fastest equivalent inference model of ``model`` for ``device`` (see the module docstring).
 
@@ -651,6 +673,10 @@ def deploy(
         mode: one of :data:`MODES`; ``"auto"`` picks the fastest for the device.
         devices: for ``multi_device``: one device per stream.
         threads: for ``parallel`` on CPU: intra-op threads to split between the streams.
+        example: with ``mode="auto"``, an input batch: the ``candidates`` modes (default: every
+            mode of the device but ``fused``) are built, timed on it, and the fastest returned.
+            Without it, ``auto`` follows the rule of :func:`auto_mode` (from our measurements).
+        candidates: the modes ``auto`` chooses among when ``example`` is given.
 
     Returns an eval-mode module; call it under ``torch.inference_mode()``. Raises ``ValueError``
     for a mode the device cannot run.
@@ -661,6 +687,14 @@ def deploy(
     _check_device(device)
     if not isinstance(model, ParNet):
         raise ValueError(f"deploy takes a ParNet, got {type(model).__name__}")
+    if mode == "auto" and example is not None:
+        names = candidates or (
+            ("channels_last", "parallel", "cuda_graph", "compiled")
+            if device.type == "cuda"
+            else ("channels_last", "parallel") + (("compiled",) if has_cpp_compiler() else ())
+        )
+        built = {name: deploy(model, device, name, devices, threads) for name in names}
+        return built[fastest(built, example.to(device))]
     if mode == "auto":
         mode = auto_mode(device)
     if mode in CUDA_ONLY_MODES and device.type != "cuda":
