@@ -99,7 +99,21 @@ def test_resume_ends_bit_identical(fmnist, tmp_path, reference_run):
 
 def test_resume_refuses_a_different_model_and_an_existing_run(fmnist, tmp_path):
     out = tmp_path / "run"
-    train(tiny_config(fmnist, out, epochs=1, train_subset=32, test_subset=16))
+    # Also the options the default CPU run leaves off: bf16 autocast, channels_last, Mixup/CutMix.
+    res = train(
+        tiny_config(
+            fmnist,
+            out,
+            epochs=1,
+            train_subset=32,
+            test_subset=16,
+            amp="bf16",
+            channels_last="on",
+            mixup=0.8,
+            cutmix=1.0,
+        )
+    )
+    assert 0 <= res["test_top1"] <= 100 and res["fused_prediction_changes"] <= 1  # bf16 rounding may flip a tie
     with pytest.raises(ValueError, match="already holds a run"):
         train(tiny_config(fmnist, out, epochs=1, train_subset=32))
     with pytest.raises(ValueError, match="model_kwargs"):
@@ -212,6 +226,12 @@ def test_yaml_config_and_precedence(tmp_path, capsys):
     assert "unknown setting 'epochz'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_are_valid(name):
+    cfg = make_config({}, str(ROOT / "configs" / name))
+    assert cfg.epochs > 0 and cfg.lr > 0
+
+
 def test_missing_or_corrupt_dataset_exits_non_zero_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--data-dir", str(tmp_path / "none"), "--output", str(out)]) == 2
@@ -293,7 +313,7 @@ def test_baselines_are_timm_models():
 @pytest.mark.slow
 def test_two_process_ddp_trains_and_agrees(fmnist, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "-m", "parnet",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "parnet",
            "train", "--data-dir", str(fmnist), "--output", str(out), "--model-kwargs", "widths=[8,16,32]",
            "head_width=64", "stem_width=8", "--batch-size", "16", "--epochs", "1", "--train-subset", "64",
            "--workers", "0", "--threads", "1", "--no-progress", "--device", "cpu", "--no-depth"]  # fmt: skip

@@ -178,6 +178,8 @@ def _kwargs(s: Any) -> dict[str, Any]:
 
 def _choice(*options: str):
     def check(s: Any) -> str:
+        if isinstance(s, bool):  # YAML reads a bare on/off as a boolean
+            s = "on" if s else "off"
         if str(s) not in options:
             raise argparse.ArgumentTypeError(f"choose one of {', '.join(options)}, got {s!r}")
         return str(s)
