@@ -16,7 +16,7 @@ run() {  # name backbone kwargs
   local resume=
   [ -f runs/det_$1/last_state.pt ] && resume=--resume
   OMP_NUM_THREADS=1 "${DET[@]}" train-det "${COMMON[@]}" --output runs/det_$1 --backbone $2 --backbone-kwargs "$3" $resume
-  OMP_NUM_THREADS=1 "${DET[@]}" eval-det runs/det_$1 --data $DATA --split val --no-progress
+  OMP_NUM_THREADS=1 "${DET[@]}" eval-det runs/det_$1 --data $DATA --split val --no-progress --score-thresh 0.5
 }
 mkdir -p runs
 run parnet parnet_s '{"widths": [16, 32, 64], "head_width": 256}' > runs/det_parnet.log 2>&1 &
