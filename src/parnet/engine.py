@@ -30,12 +30,15 @@ Nothing here knows about a task; a loop calls these in order:
 ``load_checkpoint(run_dir, model, ema=None, optimizer=None, scheduler=None, scaler=None) -> (next_epoch, extra)``
     Restores what is passed from ``last_state.pt`` (RNG states too, unless ``restore_rng=False``)
     and returns the epoch to continue from and the ``extra`` dict. A truncated or corrupt file
-    raises ``ValueError`` naming it.
+    raises ``ValueError`` naming it. ``read_state(run_dir)`` returns the raw dict. Under DDP only
+    rank 0's RNG states are in ``rng``; the classification loop gathers every rank's into
+    ``extra["rng_ranks"]`` and restores them itself (``restore_rng=False``).
 
 ``MetricLogger(run_dir, enabled, start_epoch)``
     ``.log(epoch, {"train_loss": ..., ...})`` rewrites ``metrics.jsonl`` and ``metrics.csv``
     atomically and adds scalars to TensorBoard (``run_dir/tb``) when it is installed; rows from
     ``start_epoch`` on (left by a run killed after logging) are dropped when resuming.
+    ``read_metrics(run_dir)`` reads the rows back.
 
 ``NonFiniteLossError``, ``check_finite(loss, step, dist=None)``
     Raise a clear error on a NaN/inf loss (agreed across ranks when ``dist`` is given).
@@ -74,6 +77,8 @@ __all__ = [
     "cleanup_distributed",
     "init_distributed",
     "load_checkpoint",
+    "read_metrics",
+    "read_state",
     "reduce_mean",
     "rng_state",
     "save_checkpoint",
