@@ -50,6 +50,7 @@ def test_one_record_per_model_mode_batch_device(bench_run) -> None:
         assert r["min_ms"] <= r["p25_ms"] <= r["median_ms"] <= r["p75_ms"] <= r["max_ms"]
         assert r["throughput_img_s"] == pytest.approx(r["batch"] / r["median_ms"] * 1e3)
         assert r["max_abs_diff"] < 1e-4  # every mode checked against its plain model
+        assert 0 <= r["max_rel_diff"] < 1e-4
     assert doc["machine"]["threads"] == 1 and doc["machine"]["cpu_count"] >= 1
     assert "torch" in doc["machine"]
 

@@ -75,6 +75,7 @@ class Record:
     iqr_ms: float
     throughput_img_s: float
     max_abs_diff: float
+    max_rel_diff: float = 0.0  # max_abs_diff / max |reference output|: deep baselines' logits can be huge
     depth: int | None = None
     paper_top1: float | None = None
     params_m: float | None = None
@@ -280,11 +281,13 @@ def _run_bench(
             xs = {
                 c: torch.randn(batch, c, resolution, resolution, generator=g).to(device) for c in set(in_chans.values())
             }
-            diffs = {}
+            diffs, scales = {}, {}
             with torch.inference_mode():
                 for (name, mode), fn in entries.items():
                     x = xs[in_chans[name]]
-                    diffs[(name, mode)] = (fn(x).float() - refs[name](x).float()).abs().max().item()
+                    ref = refs[name](x).float()
+                    diffs[(name, mode)] = (fn(x).float() - ref).abs().max().item()
+                    scales[(name, mode)] = max(ref.abs().max().item(), 1e-30)
             log(f"[{device}] batch {batch}: {len(entries)} entries x {nrep} interleaved repetitions")
 
             timed = {key: _bind(fn, xs[in_chans[key[0]]]) for key, fn in entries.items()}
@@ -309,6 +312,7 @@ def _run_bench(
                         iqr_ms=_quantile(ts, 0.75) - _quantile(ts, 0.25),
                         throughput_img_s=batch / med * 1e3,
                         max_abs_diff=diffs[(name, mode)],
+                        max_rel_diff=diffs[(name, mode)] / scales[(name, mode)],
                         depth=depth,
                         paper_top1=top1,
                         params_m=round(params[name], 2),
@@ -372,7 +376,7 @@ def format_markdown(records: Sequence[Record], targets: Sequence[dict] = ()) -> 
         for b in batches:
             head += f" batch {b}: median ms [p25-p75] | batch {b}: img/s |"
             sep += " ---: | ---: |"
-        lines += [f"**{device}**", "", head + " max abs diff |", sep + " ---: |"]
+        lines += [f"**{device}**", "", head + " max abs diff (relative) |", sep + " ---: |"]
         keys = list(dict.fromkeys((r.model, r.mode) for r in records if r.device == device))
         for model, mode in keys:
             rows = {r.batch: r for r in records if r.device == device and r.model == model and r.mode == mode}
@@ -391,7 +395,8 @@ def format_markdown(records: Sequence[Record], targets: Sequence[dict] = ()) -> 
                     if r
                     else ["", ""]
                 )
-            cells.append(f"{max(r.max_abs_diff for r in rows.values()):.1e}")
+            diff = max(r.max_abs_diff for r in rows.values())
+            cells.append(f"{diff:.1e} ({max(r.max_rel_diff for r in rows.values()):.0e})")
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", f"Best mode per model ({device}):", ""]
         lines += ["| model | " + " | ".join(f"batch {b}: best mode, median ms, img/s" for b in batches) + " |"]
