@@ -255,6 +255,11 @@ def test_coco_iou_thresholds() -> None:
 def test_coco_no_detections_and_bad_results() -> None:
     gt = coco_gt([[[0, 0, 10, 10]]])
     assert det.coco_evaluate(gt, [])["AP"] == 0.0
+    for a in gt["annotations"]:  # area and iscrowd are optional in the ground truth
+        del a["area"], a["iscrowd"]
+    assert det.coco_evaluate(gt, [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 1}])[
+        "AP"
+    ] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="not in the ground truth"):
         det.coco_evaluate(gt, [{"image_id": 9, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}])
 

@@ -410,14 +410,17 @@ def coco_evaluate(
 ) -> dict[str, float]:
     """pycocotools bbox evaluation: ``{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", ...}``.
 
-    ``gt`` is a COCO dataset dict (images, annotations with ``area`` and ``iscrowd``,
-    categories), e.g. :attr:`parnet.det_data.CocoDetectionDataset.coco_dict`; ``results`` are
-    COCO detections. Values are pycocotools' own: -1 where there is no ground truth to score (e.g.
-    no large objects). No detections at all score 0 (pycocotools' ``loadRes`` refuses an empty list).
+    ``gt`` is a COCO dataset dict, checked by :func:`parnet.det_data.check_coco` first (e.g.
+    :attr:`parnet.det_data.CocoDetectionDataset.coco_dict`); ``results`` are COCO detections.
+    Values are pycocotools' own: -1 where there is no ground truth to score (e.g. no large
+    objects). No detections at all score 0 (pycocotools' ``loadRes`` refuses an empty list).
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
+    from .det_data import check_coco
+
+    gt = check_coco(gt).data  # clear errors for malformed ground truth; fills area and iscrowd
     image_ids = {im["id"] for im in gt["images"]}
     cat_ids = {c["id"] for c in gt["categories"]}
     for r in results:
