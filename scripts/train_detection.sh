@@ -19,6 +19,6 @@ run() {  # name backbone kwargs
   OMP_NUM_THREADS=1 "${DET[@]}" eval-det runs/det_$1 --data $DATA --split val --no-progress --score-thresh 0.5
 }
 mkdir -p runs
-run parnet parnet_s '{"widths": [16, 32, 64], "head_width": 256}' > runs/det_parnet.log 2>&1 &
+run parnet parnet_s '{"widths": [16, 32, 64], "head_width": 256, "stem_width": 64}' > runs/det_parnet.log 2>&1 &
 run resnet18 resnet18 '{"channels": [16, 32, 64, 128], "stem_width": 16}' > runs/det_resnet18.log 2>&1 &
 wait

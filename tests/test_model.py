@@ -151,6 +151,19 @@ def test_features_only_every_stream_and_fusion():
         torch.testing.assert_close(model(x)[-1], full.forward_features(x))
 
 
+def test_features_only_with_four_streams_and_own_stem_width():
+    model = timm.create_model(
+        "parnet_s", features_only=True, widths=(8, 16, 24, 32), blocks=(1, 1, 1, 2), head_width=16
+    ).eval()
+    assert model.feature_info.reduction() == [4, 8, 16, 32, 64]
+    feats = model(torch.randn(1, 3, 64, 64))
+    assert [f.shape[-1] for f in feats] == [16, 8, 4, 2, 1]
+    # The stem follows the first stream's width unless stem_width says otherwise.
+    assert timm.create_model("parnet_s", widths=(16, 32, 64)).stem[0].out_chs == 16
+    assert timm.create_model("parnet_s").stem[0].out_chs == 64
+    assert timm.create_model("parnet_s", **TINY, stem_width=12).stem[0].out_chs == 12
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     model = timm.create_model("parnet_cifar_s", **TINY)

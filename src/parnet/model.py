@@ -60,12 +60,11 @@ class ParNetCfg:
     small_input: bool = False
     act: str = "silu"
     use_gate: bool = True
-    stem_width: int | None = None  # set to min(64, widths[0]) when None
+    stem_width: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
-        object.__setattr__(self, "stem_width", int(self.stem_width or min(64, self.widths[0])))
         if not 1 <= len(self.widths) <= 4:
             raise ValueError(f"ParNet takes 1 to 4 streams, got widths {self.widths}")
         if len(self.blocks) != len(self.widths):
@@ -78,6 +77,11 @@ class ParNetCfg:
     @property
     def num_streams(self) -> int:
         return len(self.widths)
+
+    @property
+    def stem_chs(self) -> int:
+        """Width of the first stem block."""
+        return self.stem_width or min(64, self.widths[0])
 
     @property
     def stem_stride(self) -> int:
@@ -106,8 +110,7 @@ model_cfgs: dict[str, ParNetCfg] = {
 }
 
 
-def feature_info(cfg: ParNetCfg) -> list[dict[str, Any]]:
-    """timm ``feature_info``: stream outputs, fusion outputs and the final block, in computing order."""
+def _features_in_computing_order(cfg: ParNetCfg) -> list[dict[str, Any]]:
     s, widths, n = cfg.stem_stride, cfg.widths, cfg.num_streams
     info = [dict(num_chs=w, reduction=s * 2**i, module=f"streams.{i}") for i, w in enumerate(widths)]
     for i in range(1, n):  # fusion of stream i; all but the last halve the resolution
@@ -121,6 +124,18 @@ def feature_info(cfg: ParNetCfg) -> list[dict[str, Any]]:
         )
     info.append(dict(num_chs=cfg.head_width, reduction=s * 2**n, module="final_block"))
     return info
+
+
+def _feature_order(cfg: ParNetCfg) -> list[int]:
+    """Positions of the computed features sorted by stride (stable), as timm's feature API expects."""
+    info = _features_in_computing_order(cfg)
+    return sorted(range(len(info)), key=lambda i: info[i]["reduction"])
+
+
+def feature_info(cfg: ParNetCfg) -> list[dict[str, Any]]:
+    """timm ``feature_info``: stream outputs, fusion outputs and the final block, by stride."""
+    info = _features_in_computing_order(cfg)
+    return [info[i] for i in _feature_order(cfg)]
 
 
 def default_out_indices(cfg: ParNetCfg) -> tuple[int, ...]:
@@ -160,8 +175,8 @@ class ParNet(nn.Module):
         stem_stride = 1 if cfg.small_input else 2
 
         self.stem = nn.Sequential(
-            ParNetBlock(in_chans, cfg.stem_width, stem_stride, **block),
-            ParNetBlock(cfg.stem_width, widths[0], stem_stride, **block),
+            ParNetBlock(in_chans, cfg.stem_chs, stem_stride, **block),
+            ParNetBlock(cfg.stem_chs, widths[0], stem_stride, **block),
         )
         # Inputs of streams 2..n: each one a stride-2 block from the previous stream's input.
         self.downsample = nn.ModuleList(ParNetBlock(widths[i], widths[i + 1], 2, **block) for i in range(n - 1))
@@ -179,6 +194,7 @@ class ParNet(nn.Module):
         self.head = ClassifierHead(cfg.head_width, num_classes, pool_type=global_pool, drop_rate=drop_rate)
 
         self.feature_info = feature_info(cfg)
+        self._feature_order = _feature_order(cfg)
 
     # -- structure -------------------------------------------------------------------------------
 
@@ -261,7 +277,7 @@ class ParNet(nn.Module):
         return list(range(count - indices, count)) if isinstance(indices, int) else [i % count for i in indices]
 
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every entry of ``feature_info``: stream outputs, fusion outputs, final block."""
+        """Every entry of ``feature_info``, in its order: stream outputs, fusion outputs, final block."""
         self.check_input(x)
         stream_inputs = [self._run(self.stem, x)]
         for down in self.downsample:
@@ -274,7 +290,8 @@ class ParNet(nn.Module):
         for fusion, stream_out in zip(self.fusions, outs[1:]):
             fused = self._run(fusion, stream_out, fused)
             fusion_outs.append(fused)
-        return outs + fusion_outs + [self._run(self.final_block, fused)]
+        feats = outs + fusion_outs + [self._run(self.final_block, fused)]
+        return [feats[i] for i in self._feature_order]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self._features(x)[-1]

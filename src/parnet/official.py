@@ -140,7 +140,7 @@ def infer_official_cfg(state_dict: Mapping[str, torch.Tensor], activation: str =
         blocks=blocks,
         act=activation,
         use_gate=any(".se.cvsig." in k for k in sd),
-        stem_width=stem.shape[0],
+        stem_width=stem.shape[0] if stem.shape[0] != min(64, widths[0]) else None,
     )
     return cfg, num_classes, stem.shape[1]
 
