@@ -3,11 +3,10 @@
 # ParNet and on a narrow ResNet-18 (both with an FPN; same data, schedule, FPN and head), trained
 # side by side with one thread each, then eval-det on the validation split.
 # Usage: bash scripts/train_detection.sh [EPOCHS] (default 8); outputs in runs/det_*/.
-# `python -m parnet.detection CMD` is `parnet CMD` with only the detection commands.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EPOCHS=${1:-8}
-DET=(.venv/bin/python -m parnet.detection)
+DET=(.venv/bin/parnet)
 DATA=data/fmnist_det
 [ -f $DATA/annotations/instances_val.json ] || "${DET[@]}" make-det-dataset $DATA --train 2000 --val 300 --canvas 128 --seed 0
 COMMON=(--data $DATA --detector fcos --fpn-channels 64 --epochs "$EPOCHS" --batch-size 16 --lr 1e-3

@@ -412,17 +412,7 @@ def test_read_idx_bad_files(tmp_path: Path) -> None:
 
 
 def test_cli_train_resume_eval(tmp_path: Path, fake_fashion_mnist: Path) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="parnet")
-    det.add_commands(parser.add_subparsers(dest="command", required=True))
-
-    def main(argv: list[str]) -> int:  # parnet.cli.main with only these commands
-        args = parser.parse_args(argv)
-        try:
-            return args.func(args)
-        except (ValueError, FileNotFoundError):
-            return 2
+    from parnet.cli import main
 
     data, run = tmp_path / "data", tmp_path / "run"
     assert main(["make-det-dataset", str(data), "--train", "6", "--val", "3", "--canvas", "64",

@@ -353,20 +353,9 @@ def save_detector(model: nn.Module, path: str | os.PathLike, extra: Mapping[str,
 
 def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a detector written by :func:`save_detector`, in eval mode; returns it and its ``extra``."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
+    from .io import read_safetensors
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no detector file at {path}")
-    try:
-        state = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
-    if meta.get("format") != "parnet-detector":
-        raise ValueError(f"{path} was not written by parnet.detection.save_detector")
+    state, meta = read_safetensors(path, "parnet-detector")
     model = create_detector(**json.loads(meta["config"]))
     model.load_state_dict(state)
     return model.to(device).eval(), json.loads(meta.get("extra", "{}"))
@@ -829,21 +818,3 @@ def add_commands(subparsers: Any) -> None:
     )
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=eval_det)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m parnet.detection COMMAND``: the detection commands alone (same as ``parnet COMMAND``)."""
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m parnet.detection", description="ParNet detection commands.")
-    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .model import ParNet, ParNetCfg
 
-__all__ = ["atomic_write", "save_model", "load_model", "model_metadata"]
+__all__ = ["atomic_write", "save_model", "load_model", "model_metadata", "read_safetensors"]
 
 
 @contextlib.contextmanager
@@ -63,21 +63,29 @@ def save_model(model: ParNet, path: str | os.PathLike, metadata: dict[str, str] 
     return Path(path)
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> ParNet:
-    """Rebuild a model written by :func:`save_model` (fused models come back fused), in eval mode."""
-    from . import reparameterize  # noqa: PLC0415 - the package imports this module
-
+def read_safetensors(
+    path: str | os.PathLike, expected_format: str, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of a safetensors file whose ``format`` metadata is ``expected_format``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no model file at {path}")
+        raise FileNotFoundError(f"no file at {path}")
     try:
         state = load_file(str(path), device=str(device))
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
-    if meta.get("format") != "parnet":
-        raise ValueError(f"{path} was not written by parnet.save_model (no ParNet metadata)")
+    if meta.get("format") != expected_format:
+        raise ValueError(f"{path} is not a {expected_format!r} file (its metadata says {meta.get('format')!r})")
+    return state, meta
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> ParNet:
+    """Rebuild a model written by :func:`save_model` (fused models come back fused), in eval mode."""
+    from . import reparameterize  # noqa: PLC0415 - the package imports this module
+
+    state, meta = read_safetensors(path, "parnet", device)
     cfg = ParNetCfg(**json.loads(meta["cfg"]))
     model = ParNet(cfg, num_classes=int(meta["num_classes"]), in_chans=int(meta["in_chans"]))
     if meta.get("fused") == "True":
