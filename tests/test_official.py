@@ -184,3 +184,19 @@ def test_timm_pretrained_url_path_reads_the_release_file(parnet_s_checkpoint, tm
     reference = parnet.load_official(parnet_s_checkpoint, use_ema=True)
     assert torch.equal(model.head.fc.weight, reference.head.fc.weight)
     assert torch.equal(model.stem[0].gate.conv.weight, reference.stem[0].gate.conv.weight)
+
+
+def test_atomic_write_leaves_the_usual_permissions_and_no_temporary_on_error(tmp_path):
+    from parnet.io import atomic_write
+
+    target = tmp_path / "out.bin"
+    with atomic_write(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
+    with pytest.raises(RuntimeError), atomic_write(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
