@@ -133,7 +133,7 @@ def build_entries(
     from .deploy import compile_cpu, deploy
 
     model = timm.create_model(name, **(kwargs or {})).eval().to(device)
-    _nontrivial(model)
+    randomize_statistics(model)
     entries: dict[str, Callable] = {}
     for mode in modes:
         if _is_parnet(name):
@@ -161,11 +161,12 @@ def build_entries(
 
 
 @torch.no_grad()
-def _nontrivial(model: nn.Module, seed: int = 0) -> None:
-    """Random BN statistics and classifier weights (seeded), as a trained network has.
+def randomize_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BN statistics and affine parameters (seeded), as a trained network has.
 
     A fresh network's BNs are identities and its features nearly zero, so output differences
-    between modes would mean nothing; timing does not depend on the values.
+    between modes (or between a model and its fused form) would mean little; timing does not
+    depend on the values. Also used by the tests.
     """
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
@@ -175,8 +176,7 @@ def _nontrivial(model: nn.Module, seed: int = 0) -> None:
             m.bias.copy_(torch.randn(c, generator=g) * 0.2)
             m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
             m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-        elif isinstance(m, nn.Linear):
-            m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.01)
+    return model
 
 
 def _sync(device: torch.device) -> None:
