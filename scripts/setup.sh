@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Set up everything this project needs on a fresh Debian machine: the Fashion-MNIST package
-# (when apt is usable) and a virtual environment in .venv with the project and its tools.
+# Set up everything this project needs on a fresh Debian machine: Debian packages (when apt is
+# usable) and a virtual environment in .venv with the project and its tools.
 # Safe to run again: it reinstalls only when pyproject.toml has changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
-    || echo "setup: could not install dataset-fashion-mnist; training on Fashion-MNIST will need --data-dir" >&2
+# Debian packages: the dataset, and a C++ compiler for torch.compile's CPU kernels (--compile, the
+# `compiled` deploy mode).
+packages=()
+[ -d /usr/share/datasets/fashion-mnist ] || packages+=(dataset-fashion-mnist)
+command -v g++ >/dev/null || packages+=(g++)
+if [ ${#packages[@]} -gt 0 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null) \
+    || echo "setup: could not install ${packages[*]}; Fashion-MNIST will need --data-dir, torch.compile a C++ compiler" >&2
 fi
 
 stamp=.venv/.parnet-installed

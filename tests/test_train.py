@@ -97,6 +97,20 @@ def test_resume_ends_bit_identical(fmnist, tmp_path, reference_run):
     assert ref["test_top1"] == second["test_top1"] and ref["ema_top1"] == second["ema_top1"]
 
 
+@pytest.mark.slow
+def test_compiled_training_follows_the_eager_run(fmnist, tmp_path):
+    """``--compile`` trains the same model: same losses to float rounding, plain checkpoint keys."""
+    short = dict(model_kwargs={**TINY, "blocks": [1, 1, 1]}, epochs=1)  # fewer kernels to compile
+    eager_dir, compiled_dir = tmp_path / "eager", tmp_path / "compiled"
+    train(tiny_config(fmnist, eager_dir, **short))
+    assert train(tiny_config(fmnist, compiled_dir, compile=True, **short))["epochs_done"] == 1
+    eager, compiled = engine.read_metrics(eager_dir)[0], engine.read_metrics(compiled_dir)[0]
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], abs=1e-3)
+    assert compiled["test_loss"] == pytest.approx(eager["test_loss"], abs=1e-3)
+    keys = load_file(eager_dir / "last.safetensors").keys()
+    assert load_file(compiled_dir / "last.safetensors").keys() == keys  # no "_orig_mod." prefixes
+
+
 def test_resume_refuses_a_different_model_and_an_existing_run(fmnist, tmp_path):
     out = tmp_path / "run"
     # Also the options the default CPU run leaves off: bf16 autocast, channels_last, Mixup/CutMix.
