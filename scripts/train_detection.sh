@@ -11,13 +11,13 @@ DATA=data/fmnist_det
 [ -f $DATA/annotations/instances_val.json ] || "${DET[@]}" make-det-dataset $DATA --train 2000 --val 300 --canvas 128 --seed 0
 COMMON=(--data $DATA --detector fcos --fpn-channels 64 --epochs "$EPOCHS" --batch-size 16 --lr 1e-3
         --weight-decay 0.05 --warmup-steps 100 --seed 0 --device cpu)
-run() {  # name backbone kwargs
+run() {  # name backbone KEY=VALUE...
   local resume=
   [ -f runs/det_$1/last_state.pt ] && resume=--resume
-  OMP_NUM_THREADS=1 "${DET[@]}" train-det "${COMMON[@]}" --output runs/det_$1 --backbone $2 --backbone-kwargs "$3" $resume
+  OMP_NUM_THREADS=1 "${DET[@]}" train-det "${COMMON[@]}" --output runs/det_$1 --backbone $2 --backbone-kwargs "${@:3}" $resume
   OMP_NUM_THREADS=1 "${DET[@]}" eval-det runs/det_$1 --data $DATA --split val --no-progress --score-thresh 0.5
 }
 mkdir -p runs
-run parnet parnet_s '{"widths": [16, 32, 64], "head_width": 256, "stem_width": 64}' > runs/det_parnet.log 2>&1 &
-run resnet18 resnet18 '{"channels": [16, 32, 64, 128], "stem_width": 16}' > runs/det_resnet18.log 2>&1 &
+run parnet parnet_s 'widths=[16,32,64]' head_width=256 stem_width=64 > runs/det_parnet.log 2>&1 &
+run resnet18 resnet18 'channels=[16,32,64,128]' stem_width=16 > runs/det_resnet18.log 2>&1 &
 wait

@@ -10,14 +10,14 @@ import pytest
 from parnet import cli
 from parnet.bench import Record, check_targets, format_markdown
 
-TINY = '{"widths": [8, 16, 32], "head_width": 64}'
+TINY = ["widths=[8,16,32]", "head_width=64"]
 PARNET_MODES = ["train", "fused", "folded", "channels_last", "parallel"]
 
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, Path, str]:
     root = tmp_path_factory.mktemp("bench")
-    args = ["bench", "--models", "parnet_cifar_s", "--model-kwargs", TINY, "--baselines", "resnet18"]
+    args = ["bench", "--models", "parnet_cifar_s", "--model-kwargs", *TINY, "--baselines", "resnet18"]
     args += ["--modes", ",".join(PARNET_MODES), "--baseline-modes", "eager,channels_last"]
     args += [
         "--threads",

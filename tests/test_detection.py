@@ -418,8 +418,8 @@ def test_cli_train_resume_eval(tmp_path: Path, fake_fashion_mnist: Path) -> None
     assert main(["make-det-dataset", str(data), "--train", "6", "--val", "3", "--canvas", "64",
                  "--min-size", "16", "--max-size", "40", "--source", str(fake_fashion_mnist)]) == 0  # fmt: skip
     train = ["train-det", "--data", str(data), "--output", str(run), "--backbone", "parnet_s",
-             "--backbone-kwargs", json.dumps(TINY), "--fpn-channels", "64", "--batch-size", "3",
-             "--warmup-steps", "1", "--no-progress", "--draw", "2", "--device", "cpu"]  # fmt: skip
+             "--backbone-kwargs", "widths=[8,16,32]", "head_width=64", "stem_width=8", "--fpn-channels", "64",
+             "--batch-size", "3", "--warmup-steps", "1", "--no-progress", "--draw", "2", "--device", "cpu"]  # fmt: skip
     assert main(train + ["--epochs", "1"]) == 0
     assert main(train + ["--epochs", "2", "--resume"]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

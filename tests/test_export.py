@@ -72,6 +72,6 @@ def test_check_export_fails_on_a_different_model(exported) -> None:
 
 
 def test_export_refuses_unknown_format(tmp_path: Path) -> None:
-    tiny = '{"widths": [8, 16, 32], "head_width": 64}'
-    args = ["export", "parnet_cifar_s", "--model-kwargs", tiny, "--format", "tflite", "--out", str(tmp_path)]
+    args = ["export", "parnet_cifar_s", "--model-kwargs", "widths=[8,16,32]", "head_width=64"]
+    args += ["--format", "tflite", "--out", str(tmp_path)]
     assert cli.main([*args, "--resolution", "32"]) == 2

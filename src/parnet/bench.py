@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cli import add_kwargs_option
 from .io import atomic_write
 
 __all__ = ["PAPER", "Record", "run_bench", "format_markdown", "check_targets", "plot_results", "machine_info"]
@@ -461,7 +462,7 @@ def _bench(args: argparse.Namespace) -> int:
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if args.device == "all" and not torch.cuda.is_available():
         devices = ["cpu"]
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+    kwargs = args.model_kwargs or None
     if args.threads < 1 or args.batch < 1 or args.reps < 1:
         raise ValueError("--threads, --batch and --reps must be positive")
     machine = machine_info(args.threads)
@@ -526,7 +527,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reps", type=int, default=30, help="timed repetitions at batch 1 [30]")
     p.add_argument("--reps-large", type=int, help="timed repetitions at the large batch [reps/3, at least 3]")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (compilation included) [3]")
-    p.add_argument("--model-kwargs", help="JSON of timm kwargs for the ParNet models, e.g. '{\"widths\": [8,16,32]}'")
+    add_kwargs_option(p, "--model-kwargs", "timm.create_model arguments of the ParNet models, e.g. widths=[8,16,32]")
     p.add_argument("--json", help="write every record (and the machine) to this JSON file")
     p.add_argument("--markdown", help="also write the table to this file")
     p.add_argument("--plot", help="write latency-vs-depth and top-1-vs-latency plots to this PNG")

@@ -12,9 +12,40 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 # Modules that add their own subcommands, in the order ``parnet --help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = ("parnet.train", "parnet.detection", "parnet.export", "parnet.bench")
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """One ``KEY=VALUE`` argument, VALUE read as YAML: ``widths=[16,32,64]``, ``act=relu``, ``head_width=64``."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. widths=[16,32,64]), got {text!r}")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"{key}: cannot read {value!r} ({e.__class__.__name__})") from None
+
+
+class MergeKwargs(argparse.Action):
+    """Collects ``KEY=VALUE`` arguments (parsed by :func:`key_value`) into one dict; repeats merge."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        merged = dict(getattr(namespace, self.dest, None) or {})
+        merged.update(values)
+        setattr(namespace, self.dest, merged)
+
+
+def add_kwargs_option(parser: argparse.ArgumentParser, flag: str, help: str, default: Any = None) -> None:
+    """The one way this CLI takes keyword arguments for ``timm.create_model``: ``KEY=VALUE ...``."""
+    parser.add_argument(
+        flag, nargs="+", type=key_value, action=MergeKwargs, metavar="KEY=VALUE",
+        default={} if default is None else default, help=help,
+    )  # fmt: skip
 
 
 def _summary(args: argparse.Namespace) -> int:

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cli import add_kwargs_option
+
 __all__ = [
     "DETECTORS",
     "FPNBackbone",
@@ -580,7 +582,7 @@ def train_det(args: argparse.Namespace) -> int:
             freeze_bn=args.freeze_bn,
             min_size=size,
             max_size=size,
-            backbone_kwargs=json.loads(args.backbone_kwargs),
+            backbone_kwargs=args.backbone_kwargs,
         ).to(device)
         run_dir = Path(args.output)
         n_params = sum(p.numel() for p in model.parameters())
@@ -777,11 +779,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--output", required=True, help="run folder: checkpoints, metrics, eval.json, predictions.png")
     p.add_argument("--detector", choices=DETECTORS, default="fcos")
     p.add_argument("--backbone", default="parnet_s", help="timm model: parnet_* or a baseline such as resnet18")
-    p.add_argument(
-        "--backbone-kwargs",
-        default="{}",
-        help='JSON for timm.create_model, e.g. \'{"widths": [16, 32, 64], "head_width": 128}\'',
-    )
+    add_kwargs_option(p, "--backbone-kwargs", "timm.create_model arguments, e.g. widths=[16,32,64] head_width=128")
     p.add_argument(
         "--backbone-weights", help="classification checkpoint: ours (.safetensors) or the authors' (.pth.tar)"
     )

@@ -9,7 +9,6 @@ BNs/interleave/shuffle folded, NCHW), or with ``fused_only`` the plain re-parame
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import warnings
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cli import add_kwargs_option
 from .io import atomic_write
 
 __all__ = [
@@ -171,7 +171,7 @@ def _build(args: argparse.Namespace) -> nn.Module:
 
     if args.checkpoint:
         return io.load_model(args.checkpoint)
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    kwargs = dict(args.model_kwargs)
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
     return timm.create_model(args.model, **kwargs).eval()
@@ -201,7 +201,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default=",".join(FORMATS), help=f"comma-separated of {', '.join(FORMATS)} [all]")
     p.add_argument("--resolution", type=int, default=224, help="example input height and width [224]")
     p.add_argument("--num-classes", type=int, help="classifier outputs (timm models only)")
-    p.add_argument("--model-kwargs", help='JSON of timm kwargs, e.g. \'{"widths": [8, 16, 32], "head_width": 64}\'')
+    add_kwargs_option(p, "--model-kwargs", "timm.create_model arguments, e.g. widths=[8,16,32] head_width=64")
     p.add_argument("--fused-only", action="store_true", help="export the re-parameterized model without folding")
     p.add_argument("--no-check", action="store_true", help="skip the round-trip check against PyTorch")
     p.set_defaults(func=_export)

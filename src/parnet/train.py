@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .cli import add_kwargs_option
+
 __all__ = ["DATASET_DEFAULTS", "TrainConfig", "add_commands", "evaluate", "evaluate_model", "plot", "train"]
 
 
@@ -164,18 +166,6 @@ def _dataset_name(s: Any) -> str:
     return str(s)
 
 
-def _kwargs(s: Any) -> dict[str, Any]:
-    """``KEY=VALUE`` (VALUE in YAML, e.g. ``widths=[16,32,64]``), or a dict from a YAML file."""
-    import yaml
-
-    if isinstance(s, dict):
-        return s
-    key, sep, value = str(s).partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
-    return {key: yaml.safe_load(value)}
-
-
 def _choice(*options: str):
     def check(s: Any) -> str:
         if isinstance(s, bool):  # YAML reads a bare on/off as a boolean
@@ -203,7 +193,7 @@ _TYPES: dict[str, Any] = {
     "data_dir": str,
     "download": _bool,
     "model": _model_name,
-    "model_kwargs": _kwargs,
+    "model_kwargs": dict,
     "epochs": _positive_int,
     "batch_size": _positive_int,
     "lr": _positive_float,
@@ -857,7 +847,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         text += ", or the dataset's)" if any(f.name in v for v in DATASET_DEFAULTS.values()) else ")"
         text = text.replace("%", "%%")
         if f.name == "model_kwargs":
-            p.add_argument(flag, nargs="+", type=_kwargs, metavar="KEY=VALUE", default=argparse.SUPPRESS, help=text)
+            add_kwargs_option(p, flag, text, default=argparse.SUPPRESS)
         elif f.type in (bool, "bool"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         else:
@@ -868,11 +858,6 @@ def _train_command(args: argparse.Namespace) -> int:
     from .engine import NonFiniteLossError
 
     overrides = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
-    if "model_kwargs" in overrides:
-        merged: dict[str, Any] = {}
-        for kv in overrides["model_kwargs"]:
-            merged.update(kv)
-        overrides["model_kwargs"] = merged
     cfg = make_config(overrides, args.config)
     try:
         train(cfg)
