@@ -11,14 +11,15 @@ from parnet import cli
 from parnet.bench import Record, check_targets, format_markdown
 
 TINY = ["widths=[8,16,32]", "head_width=64"]
-PARNET_MODES = ["train", "fused", "folded", "channels_last", "parallel"]
+PARNET_MODES = ["train", "fused", "folded", "channels_last", "packed", "frozen", "parallel"]
+BASELINE_MODES = ["eager", "channels_last", "frozen"]
 
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, Path, str]:
     root = tmp_path_factory.mktemp("bench")
     args = ["bench", "--models", "parnet_cifar_s", "--model-kwargs", *TINY, "--baselines", "resnet18"]
-    args += ["--modes", ",".join(PARNET_MODES), "--baseline-modes", "eager,channels_last"]
+    args += ["--modes", ",".join(PARNET_MODES), "--baseline-modes", ",".join(BASELINE_MODES)]
     args += [
         "--threads",
         "1",
@@ -43,7 +44,7 @@ def test_one_record_per_model_mode_batch_device(bench_run) -> None:
     keys = [(r["model"], r["mode"], r["batch"], r["device"]) for r in doc["records"]]
     assert len(keys) == len(set(keys))
     expected = {("parnet_cifar_s", m, b, "cpu") for m in PARNET_MODES for b in (1, 4)}
-    expected |= {("resnet18", m, b, "cpu") for m in ("eager", "channels_last") for b in (1, 4)}
+    expected |= {("resnet18", m, b, "cpu") for m in BASELINE_MODES for b in (1, 4)}
     assert set(keys) == expected
     for r in doc["records"]:
         assert len(r["times_ms"]) == (3 if r["batch"] == 1 else 2)

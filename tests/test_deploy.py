@@ -60,7 +60,7 @@ def test_imagenet_form_and_other_resolution() -> None:
         for shape in [(1, 3, 64, 64), (2, 3, 96, 64)]:
             x = torch.randn(shape)
             ref = model(x)
-            for mode in ("folded", "channels_last", "parallel"):
+            for mode in ("folded", "channels_last", "packed", "frozen", "parallel"):
                 assert (deploy(model, "cpu", mode)(x) - ref).abs().max().item() < TOL
 
 

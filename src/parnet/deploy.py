@@ -22,6 +22,10 @@ Modes (``deploy(model, device, mode)``):
 fused      ``parnet.reparameterize`` (one 3x3 conv per block), eval
 folded     :class:`FoldedParNet`, NCHW
 channels_last  folded, channels_last weights and activations
+packed     CPU only: channels_last, every conv weight pre-packed once in oneDNN's layout, with
+           the bias, the gated skip and ReLU fused into the conv call where exact
+frozen     CPU only: channels_last, TorchScript frozen and ``torch.jit.optimize_for_inference``
+           (PyTorch's generic oneDNN path: weights pre-packed, conv + ReLU/add fused)
 compiled   channels_last + ``torch.compile`` (inductor, weights frozen)
 parallel   CPU: the streams run concurrently (TorchScript ``torch.jit.fork`` on the inter-op
            pool, the intra-op threads split between them); CUDA: one CUDA stream per ParNet stream
@@ -62,9 +66,12 @@ __all__ = [
     "shuffle_perm",
 ]
 
-MODES = ("fused", "folded", "channels_last", "compiled", "parallel", "cuda_graph", "multi_device", "auto")
-CPU_MODES = ("fused", "folded", "channels_last", "compiled", "parallel", "multi_device")
+MODES = (
+    "fused", "folded", "channels_last", "packed", "frozen", "compiled", "parallel", "cuda_graph", "multi_device", "auto"
+)  # fmt: skip
+CPU_MODES = ("fused", "folded", "channels_last", "packed", "frozen", "compiled", "parallel", "multi_device")
 CUDA_ONLY_MODES = ("cuda_graph",)
+CPU_ONLY_MODES = ("packed", "frozen")
 
 
 def shuffle_perm(channels: int, groups: int = 2) -> torch.Tensor:
@@ -131,6 +138,7 @@ class FoldedBlock(nn.Module):
         self.register_buffer("border_bottom", t[:, 2, :].sum(1))
         self.register_buffer("border_left", t[:, :, 0].sum(1))
         self.register_buffer("border_right", t[:, :, 2].sum(1))
+        self.packed_weight: torch.Tensor | None = None  # see pack()
 
     def _fix_border(self, y: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Remove the folded shift's contribution from the taps that fell on the zero padding."""
@@ -151,12 +159,43 @@ class FoldedBlock(nn.Module):
             y[:, :, ho - 1, wo - 1] += t[:, 2, 2]
         return y
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x)
+    def pack(self) -> None:
+        """CPU: pre-pack the conv weight in oneDNN's blocked layout, once.
+
+        Eager ``F.conv2d`` (and, in this torch version, inductor too, whose freezing does not
+        reach our weights) reorders every weight into that layout on every call. The packed
+        call also fuses the bias and, where exact, the gated skip (a binary add) and ReLU.
+        """
+        weight = self.conv.weight.detach().contiguous(memory_format=torch.channels_last)
+        self.packed_weight = torch.ops.mkldnn._reorder_convolution_weight(
+            weight, [1, 1], [self.stride, self.stride], [1, 1], self.conv.groups, None
+        )
+
+    def _gate(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(F.linear(x.mean((2, 3)), self.gate_w, self.gate_b))
+
+    @torch.jit.unused  # eager CPU only; the TorchScript of the parallel mode never packs
+    def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops, w, b = torch.ops.mkldnn, self.packed_weight, self.conv.bias
+        geometry = ([1, 1], [self.stride, self.stride], [1, 1], self.conv.groups)
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.has_gate and self.has_skip and not self.has_border:
+            g = self._gate(x)
+            skip = torch.addcmul((g * self.skip_shift)[:, :, None, None], x, (g * self.skip_scale)[:, :, None, None])
+            skip = skip.contiguous(memory_format=torch.channels_last)
+            # oneDNN fuses ReLU after a binary post-op, not SiLU.
+            unary = "relu" if self.relu else None
+            y = ops._convolution_pointwise.binary(x, skip, w, b, *geometry, "add", None, unary, [], None)
+            return y if self.relu else F.silu(y, inplace=True)
+        if not self.has_gate and not self.has_border:
+            return ops._convolution_pointwise(x, w, b, *geometry, "relu" if self.relu else "swish", [], "")
+        return self._after_conv(x, ops._convolution_pointwise(x, w, b, *geometry, "none", [], ""))
+
+    def _after_conv(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.has_border:
             y = self._fix_border(y, x.shape[-2], x.shape[-1])
         if self.has_gate:
-            g = torch.sigmoid(F.linear(x.mean((2, 3)), self.gate_w, self.gate_b))
+            g = self._gate(x)
             if self.has_skip:
                 y = y.addcmul_(x, (g * self.skip_scale)[:, :, None, None]).add_((g * self.skip_shift)[:, :, None, None])
             else:
@@ -164,6 +203,11 @@ class FoldedBlock(nn.Module):
         if self.relu:
             return y.relu_()
         return F.silu(y, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return self._packed_forward(x)
+        return self._after_conv(x, self.conv(x))
 
 
 class FoldedFusion(nn.Module):
@@ -337,6 +381,16 @@ class FoldedParNet(nn.Module):
         else:  # another pooling: timm's head as it is
             self.head = copy.deepcopy(head)
         self.eval().requires_grad_(False)
+
+    def pack(self) -> FoldedParNet:
+        """Pre-pack every conv weight for oneDNN (CPU; see :meth:`FoldedBlock.pack`); channels_last."""
+        if not torch.backends.mkldnn.is_available():
+            raise ValueError("mode 'packed' needs PyTorch built with oneDNN (mkldnn), which this one is not")
+        self.channels_last = True
+        for module in self.modules():
+            if isinstance(module, FoldedBlock):
+                module.pack()
+        return self
 
     def check_input(self, x: torch.Tensor) -> None:
         """Refuse inputs the network cannot take (as ``ParNet.check_input``)."""
@@ -636,6 +690,16 @@ def compile_cpu(module: nn.Module, dynamic: bool = False) -> nn.Module:
     return torch.compile(module, backend="inductor", dynamic=dynamic, options={"freezing": True})
 
 
+def freeze_cpu(module: nn.Module) -> nn.Module:
+    """TorchScript, frozen and optimized for inference: PyTorch's generic oneDNN CPU path.
+
+    Works for any scriptable model (ParNet's folded form, timm's ResNets and RepVGGs); weights and
+    activations should be channels_last. Returns a ``torch.jit.ScriptModule``.
+    """
+    with torch.no_grad():
+        return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(module.eval())))
+
+
 @torch.inference_mode()
 def fastest(candidates: dict[str, nn.Module], example: torch.Tensor, reps: int = 5) -> str:
     """Name of the candidate with the lowest median time on ``example`` (interleaved, after warm-up)."""
@@ -691,7 +755,7 @@ def deploy(
         names = candidates or (
             ("channels_last", "parallel", "cuda_graph", "compiled")
             if device.type == "cuda"
-            else ("channels_last", "parallel") + (("compiled",) if has_cpp_compiler() else ())
+            else ("channels_last", "packed", "parallel") + (("compiled",) if has_cpp_compiler() else ())
         )
         built = {name: deploy(model, device, name, devices, threads) for name in names}
         return built[fastest(built, example.to(device))]
@@ -699,6 +763,8 @@ def deploy(
         mode = auto_mode(device)
     if mode in CUDA_ONLY_MODES and device.type != "cuda":
         raise ValueError(f"mode {mode!r} needs a CUDA device, got {device}")
+    if mode in CPU_ONLY_MODES and device.type != "cpu":
+        raise ValueError(f"mode {mode!r} runs on the CPU only, got {device}; on CUDA use cuda_graph or compiled")
     if mode == "fused":
         return _reparameterized(model).to(device)
     if mode == "multi_device":
@@ -708,6 +774,10 @@ def deploy(
     folded = fold(model, channels_last=mode != "folded").to(device)
     if mode in ("folded", "channels_last"):
         return folded
+    if mode == "packed":
+        return folded.pack()
+    if mode == "frozen":
+        return freeze_cpu(folded)
     if mode == "compiled":
         return compile_cpu(folded) if device.type == "cpu" else torch.compile(folded)
     if device.type == "cuda":
