@@ -26,9 +26,7 @@ packed     CPU only: channels_last, every conv weight pre-packed once in oneDNN'
            the bias, the gated skip and ReLU fused into the conv call where exact
 frozen     CPU only: channels_last, TorchScript frozen and ``torch.jit.optimize_for_inference``
            (PyTorch's generic oneDNN path: weights pre-packed, conv + ReLU/add fused)
-compiled   ``torch.compile`` (inductor) of ``packed`` on CPU (inductor fuses the gates and the
-           other elementwise work; the convs stay oneDNN calls on pre-packed weights), of
-           ``channels_last`` on CUDA
+compiled   channels_last + ``torch.compile`` (inductor)
 parallel   CPU: the streams run concurrently (TorchScript ``torch.jit.fork`` on the inter-op
            pool, the intra-op threads split between them); CUDA: one CUDA stream per ParNet stream
 cuda_graph CUDA only: ``parallel`` captured in a CUDA graph (re-captured for a new input shape)
@@ -140,7 +138,7 @@ class FoldedBlock(nn.Module):
         self.register_buffer("border_bottom", t[:, 2, :].sum(1))
         self.register_buffer("border_left", t[:, :, 0].sum(1))
         self.register_buffer("border_right", t[:, :, 2].sum(1))
-        self.packed_weight: torch.Tensor | None = None  # see pack()
+        self.packed_weights: dict[tuple[int, ...], torch.Tensor] | None = None  # see pack()
 
     def _fix_border(self, y: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Remove the folded shift's contribution from the taps that fell on the zero padding."""
@@ -162,25 +160,35 @@ class FoldedBlock(nn.Module):
         return y
 
     def pack(self) -> None:
-        """CPU: pre-pack the conv weight in oneDNN's blocked layout, once.
+        """CPU: use the conv weight pre-packed in oneDNN's blocked layout.
 
         Eager ``F.conv2d`` (and, in this torch version, inductor too, whose freezing does not
-        reach our weights) reorders every weight into that layout on every call. The packed
-        call also fuses the bias and, where exact, the gated skip (a binary add) and ReLU.
+        reach our weights) reorders every weight into that layout on every call. The layout
+        oneDNN picks depends on the input shape, so the weight is packed on the first call with
+        each input shape and kept. The packed call also fuses the bias and, where exact, the
+        gated skip (a binary add) and ReLU.
         """
-        weight = self.conv.weight.detach().contiguous(memory_format=torch.channels_last)
-        self.packed_weight = torch.ops.mkldnn._reorder_convolution_weight(
-            weight, [1, 1], [self.stride, self.stride], [1, 1], self.conv.groups, None
-        )
+        self.packed_weights = {}
+
+    def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
+        key = tuple(x.shape)
+        packed = self.packed_weights.get(key)
+        if packed is None:
+            weight = self.conv.weight.detach().contiguous(memory_format=torch.channels_last)
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                weight, [1, 1], [self.stride, self.stride], [1, 1], self.conv.groups, list(key)
+            )
+            self.packed_weights[key] = packed
+        return packed
 
     def _gate(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(F.linear(x.mean((2, 3)), self.gate_w, self.gate_b))
 
     @torch.jit.unused  # eager CPU only; the TorchScript of the parallel mode never packs
     def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops, w, b = torch.ops.mkldnn, self.packed_weight, self.conv.bias
-        geometry = ([1, 1], [self.stride, self.stride], [1, 1], self.conv.groups)
         x = x.contiguous(memory_format=torch.channels_last)
+        ops, w, b = torch.ops.mkldnn, self._packed_weight(x), self.conv.bias
+        geometry = ([1, 1], [self.stride, self.stride], [1, 1], self.conv.groups)
         if self.has_gate and self.has_skip and not self.has_border:
             g = self._gate(x)
             skip = torch.addcmul((g * self.skip_shift)[:, :, None, None], x, (g * self.skip_scale)[:, :, None, None])
@@ -207,7 +215,7 @@ class FoldedBlock(nn.Module):
         return F.silu(y, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_weight is not None:
+        if self.packed_weights is not None:
             return self._packed_forward(x)
         return self._after_conv(x, self.conv(x))
 
@@ -786,7 +794,7 @@ def deploy(
     if mode == "frozen":
         return freeze_cpu(folded)
     if mode == "compiled":
-        return compile_cpu(folded.pack()) if device.type == "cpu" else torch.compile(folded)
+        return compile_cpu(folded) if device.type == "cpu" else torch.compile(folded)
     if device.type == "cuda":
         parallel = CudaStreamParNet(folded).eval()
         return parallel if mode == "parallel" else CudaGraphModule(parallel).eval()
