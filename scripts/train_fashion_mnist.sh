@@ -7,7 +7,7 @@
 # shared 2-core machine of RESULTS.md: 2 threads ran 3-5x slower while other jobs used the CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EPOCHS=${EPOCHS:-2}
+EPOCHS=${EPOCHS:-8}
 THREADS=${THREADS:-1}
 which=${1:-all}
 common=(--dataset fashion_mnist --epochs "$EPOCHS" --batch-size 128 --lr 0.1 --warmup-epochs 0.2

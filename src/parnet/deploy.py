@@ -692,7 +692,9 @@ def auto_mode(device: str | torch.device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return "cuda_graph"
-    return "compiled" if has_cpp_compiler() else "channels_last"
+    # CPU: packed had the lowest batch-1 latency and needs no compilation (compiled was ~6% ahead
+    # at batch 32).
+    return "packed" if torch.backends.mkldnn.is_available() else "channels_last"
 
 
 def compile_cpu(module: nn.Module, dynamic: bool = False) -> nn.Module:
