@@ -10,7 +10,17 @@ import torch
 from torch import nn
 
 import parnet
-from parnet.deploy import CPU_MODES, FoldedParNet, StreamParallelParNet, auto_mode, deploy, fold, shuffle_perm
+from parnet.deploy import (
+    CPU_MODES,
+    PACKED_SHAPES,
+    FoldedBlock,
+    FoldedParNet,
+    StreamParallelParNet,
+    auto_mode,
+    deploy,
+    fold,
+    shuffle_perm,
+)
 from parnet.layers import channel_shuffle
 
 from .conftest import randomize_bn
@@ -149,6 +159,17 @@ def test_bad_requests_are_refused() -> None:
         folded(torch.randn(1, 3, 36, 36))
     with pytest.raises(ValueError, match="expected a batch"):
         folded(torch.randn(1, 4, 32, 32))
+
+
+def test_packed_mode_keeps_a_few_input_shapes() -> None:
+    model = make(14)
+    net = deploy(model, "cpu", "packed")
+    with torch.inference_mode():
+        for batch in (1, 2, 3, 4, 5, 1):
+            x = torch.randn(batch, 3, 32, 32)
+            assert (net(x) - model(x)).abs().max().item() < TOL
+    caches = [m.packed_weights for m in net.modules() if isinstance(m, FoldedBlock)]
+    assert caches and all(0 < len(c) <= PACKED_SHAPES for c in caches)
 
 
 def test_auto_mode_choice() -> None:

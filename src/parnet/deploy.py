@@ -72,6 +72,7 @@ MODES = (
 CPU_MODES = ("fused", "folded", "channels_last", "packed", "frozen", "compiled", "parallel", "multi_device")
 CUDA_ONLY_MODES = ("cuda_graph",)
 CPU_ONLY_MODES = ("packed", "frozen")
+PACKED_SHAPES = 4  # input shapes whose packed weights a block keeps (mode "packed")
 
 
 def shuffle_perm(channels: int, groups: int = 2) -> torch.Tensor:
@@ -174,6 +175,8 @@ class FoldedBlock(nn.Module):
         key = tuple(x.shape)
         packed = self.packed_weights.get(key)
         if packed is None:
+            if len(self.packed_weights) >= PACKED_SHAPES:  # bounded memory: forget the oldest shape
+                del self.packed_weights[next(iter(self.packed_weights))]
             weight = self.conv.weight.detach().contiguous(memory_format=torch.channels_last)
             packed = torch.ops.mkldnn._reorder_convolution_weight(
                 weight, [1, 1], [self.stride, self.stride], [1, 1], self.conv.groups, list(key)
