@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Where one forward's time goes inside oneDNN: the count and total milliseconds of each oneDNN
-# primitive (convolutions, weight reorders, ...) in one call after two warm-up calls, from
-# ONEDNN_VERBOSE; and the model's GFLOP per image (torch's FlopCounterMode, 2 per multiply-add,
+# primitive (convolutions, weight reorders, ...) per call, averaged over 5 calls after two
+# warm-up calls, from ONEDNN_VERBOSE; and the model's GFLOP per image (torch's FlopCounterMode, 2 per multiply-add,
 # of the re-parameterized model for ParNet). Usage: bash benchmarks/onednn_time.sh MODEL MODE [BATCH] [THREADS]
 #   MODEL: a ParNet variant (MODE: any CPU deploy mode) or a timm baseline (MODE: channels_last
 #   or frozen). Example: bash benchmarks/onednn_time.sh parnet_s_official packed 1 2
@@ -19,6 +19,7 @@ import parnet
 from parnet.deploy import deploy, freeze_cpu
 
 name, mode, batch, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+CALLS = 5
 torch.set_num_threads(threads)
 model = timm.create_model(name).eval()
 if name.startswith("parnet"):
@@ -36,10 +37,12 @@ with torch.inference_mode():
         plain(x[:1])
     net(x)
     net(x)
-    print("--- timed call ---", flush=True)
-    net(x)
+    print("--- timed calls ---", flush=True)
+    for _ in range(CALLS):
+        net(x)
 print(f"GFLOP per image (FlopCounterMode): {counter.get_total_flops() / 1e9:.2f}", flush=True)
 PY
-  sed -n '/--- timed call ---/,$p' |
+  sed -n '/--- timed calls ---/,$p' |
   awk -F, '/^GFLOP/ {flops = $0} /^onednn_verbose.*,exec,/ {n[$6]++; t[$6] += $NF}
-           END {for (k in n) printf "%-12s %4d calls %9.1f ms\n", k, n[k], t[k]; print flops}'
+           END {for (k in n) printf "%-12s %4d calls %9.1f ms per forward (mean of 5)\n", k, n[k] / 5, t[k] / 5
+                print flops}'
