@@ -709,7 +709,10 @@ def freeze_cpu(module: nn.Module) -> nn.Module:
     Works for any scriptable model (ParNet's folded form, timm's ResNets and RepVGGs); weights and
     activations should be channels_last. Returns a ``torch.jit.ScriptModule``.
     """
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # TorchScript is deprecated in favour of torch.compile, whose freezing does not pre-pack
+        # weights here (see compile_cpu): this is still the generic path that does.
+        warnings.filterwarnings("ignore", message=".*deprecated", category=FutureWarning, module=r"torch\.jit")
         return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(module.eval())))
 
 
