@@ -166,6 +166,13 @@ def _dataset_name(s: Any) -> str:
     return str(s)
 
 
+def _mapping(v: Any) -> dict[str, Any]:
+    """model_kwargs from a YAML file or the API (the command line builds it with add_kwargs_option)."""
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"must be a mapping, got {v!r}")
+    return v
+
+
 def _choice(*options: str):
     def check(s: Any) -> str:
         if isinstance(s, bool):  # YAML reads a bare on/off as a boolean
@@ -193,7 +200,7 @@ _TYPES: dict[str, Any] = {
     "data_dir": str,
     "download": _bool,
     "model": _model_name,
-    "model_kwargs": dict,
+    "model_kwargs": _mapping,
     "epochs": _positive_int,
     "batch_size": _positive_int,
     "lr": _positive_float,
@@ -256,12 +263,7 @@ def check_config(values: dict[str, Any], source: str = "config") -> dict[str, An
             out[k] = None
             continue
         try:
-            if k == "model_kwargs":
-                if not isinstance(v, dict):
-                    raise argparse.ArgumentTypeError(f"must be a mapping, got {v!r}")
-                out[k] = v
-            else:
-                out[k] = _TYPES[k](v)
+            out[k] = _TYPES[k](v)
         except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
             raise ValueError(f"{source}: {k}: {e}") from None
     return out
