@@ -3,11 +3,11 @@
 #
 # ParNet-S (the authors' released architecture, parnet_s_official) in training form, fused and in
 # every CPU deploy mode, against ResNet-34, ResNet-50 and RepVGG-B1g4 (re-parameterized), each in
-# eager, channels_last and channels_last + torch.compile; batch 1 (latency) and batch 32
+# eager, channels_last, packed, winograd, frozen and channels_last + torch.compile; batch 1 (latency) and batch 32
 # (throughput) at 224x224 with 2 intra-op threads, every (model, mode) timed interleaved in one
 # run. Prints the table and whether the issue's targets were met; writes
 # benchmarks/results/cpu.{json,md} and benchmarks/cpu_latency.png. Extra arguments go to
-# `parnet bench` (e.g. --reps 50). About 10 minutes on a quiet 2-core machine, most of it
+# `parnet bench` (e.g. --reps 50). About 15 minutes on a quiet 2-core machine, most of it
 # torch.compile (inductor caches its kernels, so a second run compiles faster).
 set -euo pipefail
 cd "$(dirname "$0")/.."

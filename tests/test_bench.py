@@ -11,8 +11,8 @@ from parnet import cli
 from parnet.bench import Record, check_targets, format_markdown
 
 TINY = ["widths=[8,16,32]", "head_width=64"]
-PARNET_MODES = ["train", "fused", "folded", "channels_last", "packed", "frozen", "parallel"]
-BASELINE_MODES = ["eager", "channels_last", "frozen"]
+PARNET_MODES = ["train", "fused", "folded", "channels_last", "packed", "winograd", "frozen", "parallel"]
+BASELINE_MODES = ["eager", "channels_last", "packed", "winograd", "frozen"]
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import timm
@@ -15,10 +16,13 @@ from parnet.deploy import (
     PACKED_SHAPES,
     FoldedBlock,
     FoldedParNet,
+    PackedConv2d,
     StreamParallelParNet,
     auto_mode,
     deploy,
     fold,
+    nnpack_is_faster,
+    pack_convs,
     shuffle_perm,
 )
 from parnet.layers import channel_shuffle
@@ -26,6 +30,7 @@ from parnet.layers import channel_shuffle
 from .conftest import randomize_bn
 
 TOL = 1e-4
+deploy_module = importlib.import_module("parnet.deploy")  # the name parnet.deploy is the function
 TINY = dict(widths=(8, 16, 32), head_width=64)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
 
@@ -168,8 +173,60 @@ def test_packed_mode_keeps_a_few_input_shapes() -> None:
         for batch in (1, 2, 3, 4, 5, 1):
             x = torch.randn(batch, 3, 32, 32)
             assert (net(x) - model(x)).abs().max().item() < TOL
-    caches = [m.packed_weights for m in net.modules() if isinstance(m, FoldedBlock)]
+    caches = [m.packed.packed_weights for m in net.modules() if isinstance(m, FoldedBlock)]
     assert caches and all(0 < len(c) <= PACKED_SHAPES for c in caches)
+
+
+NNPACK = pytest.mark.skipif(not torch.backends.nnpack.is_available(), reason="PyTorch without NNPACK here")
+
+
+@NNPACK
+@pytest.mark.parametrize("nnpack", [True, False])
+def test_winograd_mode_matches_whichever_backend_wins(monkeypatch: pytest.MonkeyPatch, nnpack: bool) -> None:
+    # The choice is timed, so each outcome is forced in turn; both must give the plain outputs.
+    monkeypatch.setattr(deploy_module, "_time_pair", make_timer(nnpack_fast=nnpack))
+    model = make(15, **VARIANTS["odd_halves"])
+    net = deploy(model, "cpu", "winograd")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        assert (net(x) - model(x)).abs().max().item() < TOL
+    choices = [c for m in net.modules() if isinstance(m, PackedConv2d) and m.use_nnpack for c in m.use_nnpack.values()]
+    assert choices and set(choices) == {nnpack}  # every stride-1 conv was timed, and followed the timing
+    stride_2 = [m for m in net.modules() if isinstance(m, PackedConv2d) and m.conv.stride != (1, 1)]
+    assert stride_2 and all(m.use_nnpack is None for m in stride_2)  # NNPACK has no strided convolution
+
+
+def make_timer(nnpack_fast: bool):
+    """A stand-in for nnpack_is_faster's timer (NNPACK's call first): NNPACK faster, or slower."""
+    return lambda nnpack, onednn: (1.0, 2.0) if nnpack_fast else (2.0, 1.0)
+
+
+@NNPACK
+def test_nnpack_is_refused_when_it_disagrees(monkeypatch: pytest.MonkeyPatch) -> None:
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(2, 8, 16, 16)
+    monkeypatch.setattr(deploy_module, "_time_pair", make_timer(nnpack_fast=True))
+    assert nnpack_is_faster(x, conv.weight, conv.bias, conv.padding, conv)
+    assert not nnpack_is_faster(x, conv.weight, conv.bias, conv.padding, lambda t: conv(t) + 1.0)  # wrong: refused
+
+
+@NNPACK
+@pytest.mark.parametrize("winograd", [True, False])
+def test_pack_convs_on_a_baseline(monkeypatch: pytest.MonkeyPatch, winograd: bool) -> None:
+    from torch.fx.experimental.optimization import fuse
+
+    monkeypatch.setattr(deploy_module, "_time_pair", make_timer(nnpack_fast=True))
+    torch.manual_seed(0)
+    model = randomize_bn(timm.create_model("resnet18", num_classes=10), 0).eval()
+    packed = pack_convs(fuse(copy.deepcopy(model)), winograd=winograd)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        ref = model(x)
+        out = packed(x.contiguous(memory_format=torch.channels_last))
+    assert (out - ref).abs().max().item() < TOL * ref.abs().max().item()
+    convs = [m for m in packed.modules() if isinstance(m, PackedConv2d)]
+    assert len(convs) == 20 and all(m.packed_weights for m in convs)
+    assert any(m.use_nnpack for m in convs) == winograd
 
 
 def test_auto_mode_choice() -> None:

@@ -8,9 +8,10 @@ recorded) before it is timed.
 
 ParNet variants run in training form (``train``: unfused, eval), ``fused`` and every deploy mode
 of the device; the baselines (timm's ResNet-34, ResNet-50, RepVGG-B1g4/B2g4, RepVGG
-re-parameterized) run ``eager``, ``channels_last``, ``frozen`` (TorchScript frozen and optimized
-for inference: PyTorch's generic oneDNN path) and ``compiled`` (channels_last + torch.compile):
-the same generic modes ParNet gets; on CUDA also ``cuda_graph``.
+re-parameterized) run ``eager``, ``channels_last``, ``packed`` and ``winograd`` (ParNet's modes in
+their generic form, :func:`parnet.deploy.pack_convs`, BNs folded first), ``frozen`` (TorchScript
+frozen and optimized for inference: PyTorch's generic oneDNN path) and ``compiled``
+(channels_last + torch.compile): the same modes ParNet gets; on CUDA also ``cuda_graph``.
 """
 
 from __future__ import annotations
@@ -49,9 +50,11 @@ PAPER: dict[str, tuple[int, float]] = {
     "repvgg_b1g4": (29, 77.59),
     "repvgg_b2g4": (29, 79.38),
 }
-PARNET_CPU_MODES = ("train", "fused", "folded", "channels_last", "packed", "frozen", "parallel", "compiled")
+PARNET_CPU_MODES = (
+    "train", "fused", "folded", "channels_last", "packed", "winograd", "frozen", "parallel", "compiled"
+)  # fmt: skip
 PARNET_CUDA_MODES = ("train", "fused", "channels_last", "parallel", "cuda_graph", "compiled")
-BASELINE_CPU_MODES = ("eager", "channels_last", "frozen", "compiled")
+BASELINE_CPU_MODES = ("eager", "channels_last", "packed", "winograd", "frozen", "compiled")
 BASELINE_CUDA_MODES = ("eager", "channels_last", "cuda_graph", "compiled")
 # Issue 4's targets: the best CPU mode of ParNet-S against the baselines' best modes.
 LATENCY_TARGET = 0.95  # ParNet-S batch-1 latency at most this times ResNet-34's
@@ -132,7 +135,7 @@ def build_entries(
     import timm
     from timm.utils import reparameterize_model
 
-    from .deploy import compile_cpu, deploy, freeze_cpu
+    from .deploy import compile_cpu, deploy, freeze_cpu, pack_convs
 
     model = timm.create_model(name, **(kwargs or {})).eval().to(device)
     randomize_statistics(model)
@@ -149,9 +152,13 @@ def build_entries(
             entries[mode] = fused
         elif mode == "channels_last":
             entries[mode] = _channels_last(fused)
+        elif mode in ("packed", "winograd", "frozen") and device.type != "cpu":
+            raise ValueError(f"baseline mode {mode!r} runs on the CPU only")
+        elif mode in ("packed", "winograd"):  # ParNet's modes, in their generic form: BNs folded first
+            from torch.fx.experimental.optimization import fuse
+
+            entries[mode] = _channels_last(pack_convs(fuse(fused), winograd=mode == "winograd"))
         elif mode == "frozen":
-            if device.type != "cpu":
-                raise ValueError("baseline mode 'frozen' runs on the CPU only")
             entries[mode] = _channels_last(freeze_cpu(fused.to(memory_format=torch.channels_last)))
         elif mode == "compiled":
             cl = fused.to(memory_format=torch.channels_last)

@@ -24,6 +24,9 @@ folded     :class:`FoldedParNet`, NCHW
 channels_last  folded, channels_last weights and activations
 packed     CPU only: channels_last, every conv weight pre-packed once in oneDNN's layout (per
            input shape), the bias (and the activation of ungated blocks) fused into the conv call
+winograd   CPU only: packed, but each stride-1 conv runs NNPACK's fast (Winograd / FFT)
+           convolution instead for the input shapes where that measured faster: decided on the
+           first call with each shape (:func:`nnpack_is_faster`); large batches gain, batch 1 not
 frozen     CPU only: channels_last, TorchScript frozen and ``torch.jit.optimize_for_inference``
            (PyTorch's generic oneDNN path: weights pre-packed, conv + ReLU/add fused)
 compiled   channels_last + ``torch.compile`` (inductor)
@@ -41,8 +44,9 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,18 +65,26 @@ __all__ = [
     "CudaStreamParNet",
     "CudaGraphModule",
     "MultiDeviceParNet",
+    "PackedConv2d",
     "deploy",
+    "nnpack_is_faster",
+    "pack_convs",
     "fold",
     "shuffle_perm",
 ]
 
 MODES = (
-    "fused", "folded", "channels_last", "packed", "frozen", "compiled", "parallel", "cuda_graph", "multi_device", "auto"
+    "fused", "folded", "channels_last", "packed", "winograd", "frozen", "compiled", "parallel", "cuda_graph",
+    "multi_device", "auto",
 )  # fmt: skip
-CPU_MODES = ("fused", "folded", "channels_last", "packed", "frozen", "compiled", "parallel", "multi_device")
+CPU_MODES = (
+    "fused", "folded", "channels_last", "packed", "winograd", "frozen", "compiled", "parallel", "multi_device"
+)  # fmt: skip
 CUDA_ONLY_MODES = ("cuda_graph",)
-CPU_ONLY_MODES = ("packed", "frozen")
-PACKED_SHAPES = 4  # input shapes whose packed weights a block keeps (mode "packed")
+CPU_ONLY_MODES = ("packed", "winograd", "frozen")
+PACKED_SHAPES = 4  # input shapes whose packed weights (and NNPACK choices) a block keeps
+NNPACK_TIMING_REPS = 3  # calls of each convolution timed to choose between oneDNN and NNPACK
+NNPACK_RTOL = 1e-4  # largest NNPACK error accepted, relative to the largest output of the conv
 
 
 def shuffle_perm(channels: int, groups: int = 2) -> torch.Tensor:
@@ -98,6 +110,142 @@ def _dense_gate(block: ParNetBlock) -> torch.Tensor:
     for g in range(block.groups):
         dense[g * out_g : (g + 1) * out_g, g * in_g : (g + 1) * in_g] = w[g * out_g : (g + 1) * out_g]
     return dense
+
+
+def _remember(cache: dict, key: tuple[int, ...], value: object) -> None:
+    """Store ``value`` under ``key``, forgetting the oldest entry beyond PACKED_SHAPES (bounded memory)."""
+    if len(cache) >= PACKED_SHAPES:
+        del cache[next(iter(cache))]
+    cache[key] = value
+
+
+def nnpack_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: Sequence[int]
+) -> torch.Tensor:
+    """A stride-1, ungrouped convolution by NNPACK (NCHW in and out)."""
+    return torch._nnpack_spatial_convolution(x.contiguous(), weight, bias, list(padding), [1, 1])
+
+
+def _time_pair(first: Callable[[], torch.Tensor], second: Callable[[], torch.Tensor]) -> tuple[float, float]:
+    """Best-of-NNPACK_TIMING_REPS seconds of each call, after a warm-up (kernels are set up on first use)."""
+    best = [float("inf"), float("inf")]
+    first(), second()
+    for _ in range(NNPACK_TIMING_REPS):
+        for i, fn in enumerate((first, second)):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best[0], best[1]
+
+
+@torch.no_grad()
+def nnpack_is_faster(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding: Sequence[int],
+    onednn: Callable[[torch.Tensor], torch.Tensor],
+) -> bool:
+    """Whether NNPACK's convolution of ``x`` beats ``onednn(x)`` (the same convolution) on this machine.
+
+    NNPACK picks a fast algorithm (Winograd F(6x6, 3x3) or FFT), which does fewer multiplications
+    than oneDNN's direct convolution but rounds differently: its output must also agree with
+    oneDNN's to NNPACK_RTOL of the largest output, else it is not used. Shapes NNPACK refuses
+    count as slower.
+    """
+    reference = onednn(x)
+    try:
+        fast = nnpack_conv(x, weight, bias, padding)
+    except RuntimeError:  # NNPACK does not take every shape
+        return False
+    if (fast - reference).abs().max() > NNPACK_RTOL * reference.abs().max():
+        return False
+    # Each is timed on the input in the layout it reads: in a chain of convs that make the same
+    # choice the layout changes once, so conversions are left out of the comparison.
+    x_nchw, x_nhwc = x.contiguous(), x.contiguous(memory_format=torch.channels_last)
+    nnpack_s, onednn_s = _time_pair(lambda: nnpack_conv(x_nchw, weight, bias, padding), lambda: onednn(x_nhwc))
+    return nnpack_s < onednn_s
+
+
+def _check_packing(mode: str, winograd: bool) -> None:
+    if not torch.backends.mkldnn.is_available():
+        raise ValueError(f"mode {mode!r} needs PyTorch built with oneDNN (mkldnn), which this one is not")
+    # torch.backends.nnpack.is_available() also initializes NNPACK: its convolution fails before.
+    if winograd and not torch.backends.nnpack.is_available():
+        raise ValueError(f"mode {mode!r} needs PyTorch built with NNPACK on a CPU it supports; use mode 'packed'")
+
+
+class PackedConv2d(nn.Module):
+    """``conv`` on the CPU with its weight pre-packed in oneDNN's layout; with ``winograd``, NNPACK where faster.
+
+    Eager ``F.conv2d`` (and, in this torch version, inductor too, whose freezing does not reach
+    the weights) reorders every weight into oneDNN's blocked layout on every call. That layout
+    depends on the input shape, so the weight is packed on the first call with each input shape
+    and kept (PACKED_SHAPES shapes at most). ``forward(x, activation)`` fuses the bias and an
+    optional activation (``"relu"``, ``"swish"``) into the oneDNN call; its output is channels_last.
+
+    ``winograd``: a stride-1, ungrouped conv also tries NNPACK's convolution on the first call with
+    each input shape and runs it for that shape where it is faster (:func:`nnpack_is_faster`); its
+    output is then NCHW, which the next layer takes as it is.
+    """
+
+    def __init__(self, conv: nn.Conv2d, winograd: bool = False):
+        super().__init__()
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            raise ValueError("PackedConv2d takes a conv with numeric zero padding")
+        self.conv = conv
+        self.packed_weights: dict[tuple[int, ...], torch.Tensor] = {}
+        stride_1 = conv.stride == (1, 1) and conv.groups == 1 and conv.dilation == (1, 1)
+        self.use_nnpack: dict[tuple[int, ...], bool] | None = {} if winograd and stride_1 else None
+
+    def _geometry(self) -> tuple[list[int], list[int], list[int], int]:
+        c = self.conv
+        return list(c.padding), list(c.stride), list(c.dilation), c.groups
+
+    def _onednn(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        key = tuple(x.shape)
+        packed = self.packed_weights.get(key)
+        if packed is None:
+            weight = self.conv.weight.detach().contiguous(memory_format=torch.channels_last)
+            packed = torch.ops.mkldnn._reorder_convolution_weight(weight, *self._geometry(), list(key))
+            _remember(self.packed_weights, key, packed)
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, packed, self.conv.bias, *self._geometry(), activation, [], ""
+        )
+
+    def nnpack_wins(self, x: torch.Tensor) -> bool:
+        """Whether this conv runs NNPACK for inputs of ``x``'s shape (timed on the first such input)."""
+        if self.use_nnpack is None:
+            return False
+        key = tuple(x.shape)
+        if key not in self.use_nnpack:
+            c = self.conv
+            _remember(self.use_nnpack, key, nnpack_is_faster(x, c.weight, c.bias, c.padding, self._onednn))
+        return self.use_nnpack[key]
+
+    def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
+        if not self.nnpack_wins(x):
+            return self._onednn(x, activation)
+        y = nnpack_conv(x, self.conv.weight, self.conv.bias, self.conv.padding)
+        if activation == "relu":
+            return y.relu_()
+        return F.silu(y, inplace=True) if activation == "swish" else y
+
+
+def pack_convs(model: nn.Module, winograd: bool = False) -> nn.Module:
+    """Run every conv of ``model`` (any CPU model, in place) as a :class:`PackedConv2d`; returns ``model``.
+
+    The generic form of modes ``packed`` and ``winograd``, which the benchmark gives to the deep
+    baselines too (after folding their BNs with ``torch.fx.experimental.optimization.fuse``).
+    """
+    _check_packing("winograd" if winograd else "packed", winograd)
+    for name, child in list(model.named_children()):
+        if type(child) is nn.Conv2d and not isinstance(child.padding, str) and child.padding_mode == "zeros":
+            setattr(model, name, PackedConv2d(child, winograd))
+        else:
+            pack_convs(child, winograd)
+    return model
 
 
 class FoldedBlock(nn.Module):
@@ -139,7 +287,7 @@ class FoldedBlock(nn.Module):
         self.register_buffer("border_bottom", t[:, 2, :].sum(1))
         self.register_buffer("border_left", t[:, :, 0].sum(1))
         self.register_buffer("border_right", t[:, :, 2].sum(1))
-        self.packed_weights: dict[tuple[int, ...], torch.Tensor] | None = None  # see pack()
+        self.packed: PackedConv2d | None = None  # see pack()
 
     def _fix_border(self, y: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Remove the folded shift's contribution from the taps that fell on the zero padding."""
@@ -160,42 +308,21 @@ class FoldedBlock(nn.Module):
             y[:, :, ho - 1, wo - 1] += t[:, 2, 2]
         return y
 
-    def pack(self) -> None:
-        """CPU: use the conv weight pre-packed in oneDNN's blocked layout.
-
-        Eager ``F.conv2d`` (and, in this torch version, inductor too, whose freezing does not
-        reach our weights) reorders every weight into that layout on every call. The layout
-        oneDNN picks depends on the input shape, so the weight is packed on the first call with
-        each input shape and kept. The packed call also fuses the bias, and for blocks without a
-        gate the activation.
-        """
-        self.packed_weights = {}
-
-    def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
-        key = tuple(x.shape)
-        packed = self.packed_weights.get(key)
-        if packed is None:
-            if len(self.packed_weights) >= PACKED_SHAPES:  # bounded memory: forget the oldest shape
-                del self.packed_weights[next(iter(self.packed_weights))]
-            weight = self.conv.weight.detach().contiguous(memory_format=torch.channels_last)
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                weight, [1, 1], [self.stride, self.stride], [1, 1], self.conv.groups, list(key)
-            )
-            self.packed_weights[key] = packed
-        return packed
+    def pack(self, winograd: bool = False) -> None:
+        """CPU: run the conv as a :class:`PackedConv2d` (weights pre-packed; NNPACK with ``winograd``)."""
+        self.packed = PackedConv2d(self.conv, winograd)
 
     def _gate(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(F.linear(x.mean((2, 3)), self.gate_w, self.gate_b))
 
     @torch.jit.unused  # eager CPU only; the TorchScript of the parallel mode never packs
-    def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous(memory_format=torch.channels_last)
-        ops, w, b = torch.ops.mkldnn, self._packed_weight(x), self.conv.bias
-        geometry = ([1, 1], [self.stride, self.stride], [1, 1], self.conv.groups)
+    def _packed_forward(self, packed: PackedConv2d, x: torch.Tensor) -> torch.Tensor:
+        # x in the layout the conv reads, so that the gated skip adds tensors of one layout
+        x = x.contiguous() if packed.nnpack_wins(x) else x.contiguous(memory_format=torch.channels_last)
         if not self.has_gate and not self.has_border:  # conv, bias and activation in one call
-            return ops._convolution_pointwise(x, w, b, *geometry, "relu" if self.relu else "swish", [], "")
+            return packed(x, "relu" if self.relu else "swish")
         # The gated skip is not fused as a binary post-op: measured slower at batch 32, no faster at 1.
-        return self._after_conv(x, ops._convolution_pointwise(x, w, b, *geometry, "none", [], ""))
+        return self._after_conv(x, packed(x))
 
     def _after_conv(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.has_border:
@@ -211,8 +338,8 @@ class FoldedBlock(nn.Module):
         return F.silu(y, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_weights is not None:
-            return self._packed_forward(x)
+        if self.packed is not None:
+            return self._packed_forward(self.packed, x)
         return self._after_conv(x, self.conv(x))
 
 
@@ -388,14 +515,16 @@ class FoldedParNet(nn.Module):
             self.head = copy.deepcopy(head)
         self.eval().requires_grad_(False)
 
-    def pack(self) -> FoldedParNet:
-        """Pre-pack every conv weight for oneDNN (CPU; see :meth:`FoldedBlock.pack`); channels_last."""
-        if not torch.backends.mkldnn.is_available():
-            raise ValueError("mode 'packed' needs PyTorch built with oneDNN (mkldnn), which this one is not")
+    def pack(self, winograd: bool = False) -> FoldedParNet:
+        """Pre-pack every conv weight for oneDNN (CPU; see :meth:`FoldedBlock.pack`); channels_last.
+
+        ``winograd``: stride-1 blocks use NNPACK's convolution for the input shapes where it is faster.
+        """
+        _check_packing("winograd" if winograd else "packed", winograd)
         self.channels_last = True
         for module in self.modules():
             if isinstance(module, FoldedBlock):
-                module.pack()
+                module.pack(winograd)
         return self
 
     def check_input(self, x: torch.Tensor) -> None:
@@ -688,8 +817,8 @@ def auto_mode(device: str | torch.device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return "cuda_graph"
-    # CPU: packed had the lowest batch-1 latency and needs no compilation (compiled was ~4% ahead
-    # at batch 32).
+    # CPU: packed had the lowest batch-1 latency and needs no compilation; winograd is faster at
+    # batch 32 but times its convolutions on the first call with each input shape.
     return "packed" if torch.backends.mkldnn.is_available() else "channels_last"
 
 
@@ -771,7 +900,7 @@ def deploy(
         names = candidates or (
             ("channels_last", "parallel", "cuda_graph", "compiled")
             if device.type == "cuda"
-            else ("channels_last", "packed", "parallel") + (("compiled",) if has_cpp_compiler() else ())
+            else ("channels_last", "packed", "winograd", "parallel") + (("compiled",) if has_cpp_compiler() else ())
         )
         built = {name: deploy(model, device, name, devices, threads) for name in names}
         return built[fastest(built, example.to(device))]
@@ -790,8 +919,8 @@ def deploy(
     folded = fold(model, channels_last=mode != "folded").to(device)
     if mode in ("folded", "channels_last"):
         return folded
-    if mode == "packed":
-        return folded.pack()
+    if mode in ("packed", "winograd"):
+        return folded.pack(winograd=mode == "winograd")
     if mode == "frozen":
         return freeze_cpu(folded)
     if mode == "compiled":
