@@ -186,7 +186,8 @@ class PackedConv2d(nn.Module):
 
     ``winograd``: a stride-1, ungrouped conv also tries NNPACK's convolution on the first call with
     each input shape and runs it for that shape where it is faster (:func:`nnpack_is_faster`); its
-    output is then NCHW, which the next layer takes as it is.
+    output is then NCHW, which the next layer takes as it is. NNPACK's thread pool is sized by
+    ``torch.get_num_threads()`` at its first use in the process: set the threads before the first call.
     """
 
     def __init__(self, conv: nn.Conv2d, winograd: bool = False):
