@@ -282,13 +282,15 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def load_image(self, index: int) -> torch.Tensor:
-        from torchvision.io import ImageReadMode, decode_image
+        from PIL import Image
+        from torchvision.transforms.functional import pil_to_tensor
 
         info = self.images[index]
         path = self.image_dir / info["file_name"]
-        try:
-            image = decode_image(str(path), mode=ImageReadMode.RGB)
-        except RuntimeError as e:
+        try:  # PIL: torchvision.io's image decoding is deprecated since torchvision 0.29
+            with Image.open(path) as img:
+                image = pil_to_tensor(img.convert("RGB"))
+        except (OSError, ValueError) as e:  # PIL's errors for unreadable and truncated files
             raise ValueError(f"cannot decode image {path}: {e}") from None
         if tuple(image.shape[1:]) != (info["height"], info["width"]):
             raise ValueError(
@@ -437,7 +439,7 @@ def make_fashion_mnist_detection(
     Output: ``out_dir/{train,val}/*.png`` and ``out_dir/annotations/instances_{train,val}.json``.
     The same arguments give the same files, byte for byte. Returns the two JSON paths.
     """
-    from torchvision.io import encode_png
+    from PIL import Image
 
     if canvas < 8 or num_train < 0 or num_val < 0:
         raise ValueError(f"need canvas >= 8 and non-negative image counts, got {canvas}, {num_train}, {num_val}")
@@ -457,7 +459,7 @@ def make_fashion_mnist_detection(
             pixels, objects = _render_canvas(rng, items, labels, canvas, num_objects, object_size, max_iou)
             file_name = f"{i:06d}.png"
             with atomic_write(out / split / file_name) as tmp:
-                tmp.write_bytes(encode_png(torch.from_numpy(pixels)[None], compression_level=6).numpy().tobytes())
+                Image.fromarray(pixels).save(tmp, format="PNG", compress_level=6)
             images.append({"id": i + 1, "file_name": file_name, "width": canvas, "height": canvas})
             for box, label in objects:
                 w, h = box[2] - box[0], box[3] - box[1]

@@ -475,13 +475,13 @@ def draw_predictions(
 
 
 def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
-    """Write a uint8 (C, H, W) tensor as PNG, atomically."""
-    from torchvision.io import encode_png
+    """Write a uint8 (C, H, W) tensor (1 or 3 channels) as PNG, atomically."""
+    from torchvision.transforms.functional import to_pil_image
 
     from .io import atomic_write
 
     with atomic_write(path) as tmp:
-        tmp.write_bytes(encode_png(image.cpu()).numpy().tobytes())
+        to_pil_image(image.cpu()).save(tmp, format="PNG")
     return Path(path)
 
 
