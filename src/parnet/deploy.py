@@ -127,9 +127,8 @@ def nnpack_conv(
 
 
 def _time_pair(first: Callable[[], torch.Tensor], second: Callable[[], torch.Tensor]) -> tuple[float, float]:
-    """Best-of-NNPACK_TIMING_REPS seconds of each call, after a warm-up (kernels are set up on first use)."""
+    """Best-of-NNPACK_TIMING_REPS seconds of each call (the caller has already run both once)."""
     best = [float("inf"), float("inf")]
-    first(), second()
     for _ in range(NNPACK_TIMING_REPS):
         for i, fn in enumerate((first, second)):
             start = time.perf_counter()
@@ -153,7 +152,7 @@ def nnpack_is_faster(
     oneDNN's to NNPACK_RTOL of the largest output, else it is not used. Shapes NNPACK refuses
     count as slower.
     """
-    reference = onednn(x)
+    reference = onednn(x)  # these two calls also warm up both backends for the timing below
     try:
         fast = nnpack_conv(x, weight, bias, padding)
     except RuntimeError:  # NNPACK does not take every shape
@@ -167,7 +166,8 @@ def nnpack_is_faster(
     return nnpack_s < onednn_s
 
 
-def _check_packing(mode: str, winograd: bool) -> None:
+def _check_packing(winograd: bool) -> None:
+    mode = "winograd" if winograd else "packed"
     if not torch.backends.mkldnn.is_available():
         raise ValueError(f"mode {mode!r} needs PyTorch built with oneDNN (mkldnn), which this one is not")
     # torch.backends.nnpack.is_available() also initializes NNPACK: its convolution fails before.
@@ -192,16 +192,18 @@ class PackedConv2d(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, winograd: bool = False):
         super().__init__()
-        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-            raise ValueError("PackedConv2d takes a conv with numeric zero padding")
+        if not self.takes(conv):
+            raise ValueError("PackedConv2d takes an nn.Conv2d with numeric zero padding")
         self.conv = conv
+        self.geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
         self.packed_weights: dict[tuple[int, ...], torch.Tensor] = {}
         stride_1 = conv.stride == (1, 1) and conv.groups == 1 and conv.dilation == (1, 1)
         self.use_nnpack: dict[tuple[int, ...], bool] | None = {} if winograd and stride_1 else None
 
-    def _geometry(self) -> tuple[list[int], list[int], list[int], int]:
-        c = self.conv
-        return list(c.padding), list(c.stride), list(c.dilation), c.groups
+    @staticmethod
+    def takes(module: nn.Module) -> bool:
+        """Whether ``module`` is a conv this class can run (a plain ``nn.Conv2d``, numeric zero padding)."""
+        return type(module) is nn.Conv2d and not isinstance(module.padding, str) and module.padding_mode == "zeros"
 
     def _onednn(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -209,11 +211,9 @@ class PackedConv2d(nn.Module):
         packed = self.packed_weights.get(key)
         if packed is None:
             weight = self.conv.weight.detach().contiguous(memory_format=torch.channels_last)
-            packed = torch.ops.mkldnn._reorder_convolution_weight(weight, *self._geometry(), list(key))
+            packed = torch.ops.mkldnn._reorder_convolution_weight(weight, *self.geometry, list(key))
             _remember(self.packed_weights, key, packed)
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, packed, self.conv.bias, *self._geometry(), activation, [], ""
-        )
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, self.conv.bias, *self.geometry, activation, [], "")
 
     def nnpack_wins(self, x: torch.Tensor) -> bool:
         """Whether this conv runs NNPACK for inputs of ``x``'s shape (timed on the first such input)."""
@@ -240,9 +240,9 @@ def pack_convs(model: nn.Module, winograd: bool = False) -> nn.Module:
     The generic form of modes ``packed`` and ``winograd``, which the benchmark gives to the deep
     baselines too (after folding their BNs with ``torch.fx.experimental.optimization.fuse``).
     """
-    _check_packing("winograd" if winograd else "packed", winograd)
+    _check_packing(winograd)
     for name, child in list(model.named_children()):
-        if type(child) is nn.Conv2d and not isinstance(child.padding, str) and child.padding_mode == "zeros":
+        if PackedConv2d.takes(child):
             setattr(model, name, PackedConv2d(child, winograd))
         else:
             pack_convs(child, winograd)
@@ -521,7 +521,7 @@ class FoldedParNet(nn.Module):
 
         ``winograd``: stride-1 blocks use NNPACK's convolution for the input shapes where it is faster.
         """
-        _check_packing("winograd" if winograd else "packed", winograd)
+        _check_packing(winograd)
         self.channels_last = True
         for module in self.modules():
             if isinstance(module, FoldedBlock):
