@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from timm.optim import create_optimizer_v2
 from timm.utils import reparameterize_model
 
 import parnet
@@ -47,6 +48,14 @@ def test_every_variant_is_depth_12_fused_or_not(name):
     x = torch.randn(1, 3, *model.pretrained_cfg["input_size"][1:])
     assert parnet.network_depth(model, x) == 12
     assert parnet.network_depth(parnet.reparameterize(model), x) == 12
+
+
+def test_network_depth_restores_each_modules_mode():
+    model = ParNet(ParNetCfg(widths=(8,), head_width=16, blocks=(1,)), num_classes=3).train()
+    model.stem.eval()  # e.g. a frozen stem
+    assert parnet.network_depth(model, torch.randn(1, 3, 32, 32)) == 2 + 1 + 1 + 1
+    assert model.training and model.streams.training and not model.stem.training
+    assert not any(m.training for m in model.stem.modules())
 
 
 @pytest.mark.parametrize(("name", "depth"), [("resnet34", 34), ("resnet50", 50), ("repvgg_b1g4", 29)])
@@ -164,17 +173,71 @@ def test_features_only_with_four_streams_and_own_stem_width():
     assert timm.create_model("parnet_s", **TINY, stem_width=12).stem[0].out_chs == 12
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
     torch.manual_seed(0)
     model = timm.create_model("parnet_cifar_s", **TINY)
     x = torch.randn(2, 3, 32, 32)
     model(x).sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
+    checkpointed = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counting_checkpoint(module, *args, **kwargs):
+        checkpointed.append(module)
+        return checkpoint(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
     model.set_grad_checkpointing(True)
     model(x).sum().backward()
+    # stem, 2 downsamples, 3 streams, fuse entry, 2 fusions, final block: the checkpoints did run.
+    assert len(checkpointed) == 10
     for a, p in zip(grads, model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, a, atol=1e-5, rtol=1e-4)
+    checkpointed.clear()
+    with torch.no_grad():
+        model(x)
+    assert not checkpointed  # nothing to save memory for without gradients
+
+
+def test_group_matcher_orders_blocks_from_input_to_head():
+    """timm's layer-wise LR decay groups parameters with group_matcher; the head must come last."""
+    model = timm.create_model("parnet_s", **TINY)
+    groups = timm.models.group_parameters(model, model.group_matcher())
+    prefixes = [sorted({".".join(n.split(".")[:1 if n.startswith("stem") else 2]) for n in v}) for v in groups.values()]
+    assert [p[0] for p in prefixes] == [
+        "stem",
+        "streams.0",
+        "downsample.0",
+        "streams.1",
+        "downsample.1",
+        "streams.2",
+        "fuse_entry.dense",
+        "fusions.0",
+        "fusions.1",
+        "final_block.dense",
+        "head.fc",
+    ]
+    optimizer = create_optimizer_v2(model, "sgd", lr=0.1, layer_decay=0.5)
+    scales = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    assert scales[id(model.head.fc.weight)] == 1.0
+    assert scales[id(model.final_block.dense.conv.weight)] == 0.5  # not treated as part of the head
+    assert scales[id(model.fuse_entry.dense.conv.weight)] == 0.5**4
+
+
+def test_forward_intermediates_follows_timm_indexing():
+    model = timm.create_model("parnet_s", **TINY).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        final, feats = model.forward_intermediates(x, indices=2)
+        torch.testing.assert_close(final, model.forward_features(x))
+        assert [f.shape[1] for f in feats] == [32, 64]  # the last two: fusions.1 and final_block
+        assert [f.shape[1] for f in model.forward_intermediates(x, [0, -1], intermediates_only=True)] == [8, 64]
+        for bad in ([6], [-7], 7, 0):  # 6 features: indices must not wrap around silently
+            with pytest.raises(AssertionError, match="out of range"):
+                model.forward_intermediates(x, bad)
+    with pytest.raises(AssertionError, match="out of range"):
+        timm.create_model("parnet_s", features_only=True, out_indices=(1, 6), **TINY)
 
 
 @pytest.mark.parametrize(
@@ -208,4 +271,11 @@ def test_bad_configs_and_names():
         ParNetCfg(widths=(8, 16), head_width=8)
     with pytest.raises(ValueError, match="act must be one of"):
         ParNetCfg(widths=(8, 16, 32), head_width=8, act="gelu")
+    with pytest.raises(ValueError, match="stem_width must be positive"):
+        ParNetCfg(widths=(8, 16, 32), head_width=8, stem_width=0)  # was silently min(64, widths[0])
+    with pytest.raises(ValueError, match=r"need even widths: \(33,\)"):
+        timm.create_model("parnet_s", widths=(8, 16, 33), head_width=8)  # was a Conv2d groups error
+    with pytest.raises(ValueError, match=r"need even widths: \(15,\)"):
+        ParNetCfg(widths=(8, 15), head_width=8, blocks=(1, 1))
+    assert ParNetCfg(widths=(7, 16, 32), head_width=9).widths[0] == 7  # the first stream is never fused
     assert parnet.create_model("parnet_cifar_s", **TINY).cfg.widths == (8, 16, 32)

@@ -90,6 +90,9 @@ def test_timm_pretrained_cfg_offline_file_converts_on_load(parnet_s_checkpoint):
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert model.pretrained_cfg["url"].endswith("planes_92_192_384_1280_num_blocks_5_6_6_1_sebv_13.pth.tar")
+    # The release's terms are those of the authors' repository; variants without weights claim none.
+    assert model.pretrained_cfg["license"] == "bsd-3-clause"
+    assert "license" not in timm.create_model("parnet_s").pretrained_cfg
     # A new classifier for another task keeps the backbone weights.
     model10 = timm.create_model(
         "parnet_s_official.in1k",
@@ -99,6 +102,19 @@ def test_timm_pretrained_cfg_offline_file_converts_on_load(parnet_s_checkpoint):
     )
     assert model10.get_classifier().out_features == 10
     assert torch.equal(model10.final_block.dense.conv.weight, reference.final_block.dense.conv.weight)
+
+
+def test_pretrained_with_one_input_channel_adapts_every_stem_conv(parnet_s_checkpoint):
+    """timm sums the RGB weights of each ``first_conv`` (the stem block's three convs) for in_chans=1."""
+    reference = parnet.load_official(parnet_s_checkpoint, use_ema=True)
+    overlay = dict(file=str(parnet_s_checkpoint))
+    model = timm.create_model("parnet_s_official.in1k", pretrained=True, in_chans=1, pretrained_cfg_overlay=overlay)
+    for name in model.pretrained_cfg["first_conv"]:
+        weight = reference.get_submodule(name).weight
+        torch.testing.assert_close(model.get_submodule(name).weight, weight.sum(1, keepdim=True))
+    assert torch.equal(model.stem[1].dense.conv.weight, reference.stem[1].dense.conv.weight)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 1, 64, 64)).shape == (1, 1000)
 
 
 def test_convert_command_writes_loadable_safetensors(parnet_s_checkpoint, tmp_path):

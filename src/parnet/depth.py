@@ -55,15 +55,17 @@ def network_depth(model: nn.Module, example_input: torch.Tensor) -> int:
     """Convolution and linear layers on the longest input-to-output path of ``model``.
 
     The model is traced in eval mode on ``example_input`` (its values do not matter, its shape
-    must be one the model accepts); the model's training flag is restored afterwards.
+    must be one the model accepts); every submodule's training flag is restored afterwards (so a
+    frozen BN stays in eval mode inside a model that is training).
     """
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
             program = torch.export.export(model, (example_input,), strict=False)
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     sig = program.graph_signature
     user_inputs = set(sig.user_inputs)
     return graph_depth(program.graph, user_inputs)

@@ -27,6 +27,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import nn
 
 from .layers import Fusion, ParNetBlock
@@ -73,6 +74,12 @@ class ParNetCfg:
             raise ValueError("widths, head_width and blocks must be positive")
         if self.act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}")
+        if self.stem_width is not None and self.stem_width < 1:
+            raise ValueError(f"stem_width must be positive (or None for min(64, widths[0])), got {self.stem_width}")
+        # Fusion blocks have groups=2 and shuffle their output in two halves: their widths must be even.
+        fused = self.widths[min(2, self.num_streams - 1) :] if self.num_streams > 1 else ()
+        if any(w % 2 for w in fused):
+            raise ValueError(f"fusion blocks (groups=2) need even widths: {fused} of widths {self.widths}")
 
     @property
     def num_streams(self) -> int:
@@ -200,7 +207,13 @@ class ParNet(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(stem=r"^stem", blocks=r"^(downsample|streams|fuse_entry|fusions|final_block)\.(\d+)")
+        """Parameter groups in input-to-output order (timm's layer-wise LR decay); the head is last."""
+        return dict(
+            stem=r"^stem",
+            streams=[(r"^streams\.(\d+)", (0,)), (r"^downsample\.(\d+)", (1,))],  # stream i, then its downsample
+            fusions=[(r"^fuse_entry", (0,)), (r"^fusions\.(\d+)", (1,))],
+            final_block=r"^final_block",
+        )
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -250,17 +263,13 @@ class ParNet(nn.Module):
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """timm's feature API: the features of ``feature_info`` selected by ``indices``.
 
-        ``indices`` is a list of positions in ``feature_info``, or an int ``k`` for the last k.
+        ``indices`` is a list of positions in ``feature_info`` (negative ones count from the end),
+        or an int ``k`` for the last k. ``norm`` and ``stop_early`` have no effect: there is no
+        final norm, and every stream feeds the last feature.
         """
         if output_fmt != "NCHW":
             raise ValueError("ParNet gives NCHW features only")
-        count = len(self.feature_info)
-        if indices is None:
-            take = list(range(count))
-        elif isinstance(indices, int):
-            take = list(range(count - indices, count))
-        else:
-            take = [i % count for i in indices]
+        take, _ = feature_take_indices(len(self.feature_info), indices)
         feats = self._features(x)
         intermediates = [feats[i] for i in take]
         if intermediates_only:
@@ -271,10 +280,10 @@ class ParNet(nn.Module):
         self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Drop the classifier (timm's API); all blocks stay because the streams feed the last one."""
+        take, _ = feature_take_indices(len(self.feature_info), indices)
         if prune_head:
             self.reset_classifier(0, "")
-        count = len(self.feature_info)
-        return list(range(count - indices, count)) if isinstance(indices, int) else [i % count for i in indices]
+        return take
 
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every entry of ``feature_info``, in its order: stream outputs, fusion outputs, final block."""
@@ -338,7 +347,6 @@ def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
         "std": IMAGENET_DEFAULT_STD,
         "first_conv": ("stem.0.dense.conv", "stem.0.point.conv", "stem.0.gate.conv"),
         "classifier": "head.fc",
-        "license": "apache-2.0",
         **kwargs,
     }
 
@@ -350,6 +358,13 @@ def _cifar_cfg(**kwargs: Any) -> dict[str, Any]:
 
 
 RELEASE_URL = "https://github.com/imankgoyal/NonDeepNetworks/releases/download/v.0.1.0/"
+
+
+def _official_cfg(file: str) -> dict[str, Any]:
+    """An authors' release file: bilinear resizing as in their validation, their repository's BSD-3-Clause license."""
+    return _cfg(RELEASE_URL + file, interpolation="bilinear", license="bsd-3-clause")
+
+
 # The authors' ImageNet checkpoints, named after their model configs; top-1 is the paper's (EMA,
 # fused, 224x224), not measured here.
 default_cfgs = generate_default_cfgs(
@@ -358,25 +373,16 @@ default_cfgs = generate_default_cfgs(
         "parnet_m": _cfg(),
         "parnet_l": _cfg(),
         "parnet_xl": _cfg(),
-        "parnet_s_official.in1k": _cfg(
-            RELEASE_URL + "planes_92_192_384_1280_num_blocks_5_6_6_1_sebv_13.pth.tar",
-            crop_pct=0.875,
-            interpolation="bilinear",
+        "parnet_s_official.in1k": _official_cfg("planes_92_192_384_1280_num_blocks_5_6_6_1_sebv_13.pth.tar"),
+        "parnet_m_official.in1k": _official_cfg("planes_128_256_512_2048_num_blocks_5_6_6_1_sebv_13.pth.tar"),
+        "parnet_l_official.in1k": _official_cfg(
+            "planes_160_320_640_2560_num_blocks_5_6_6_1_sebv_13_dropout_lin.pth.tar"
         ),
-        "parnet_m_official.in1k": _cfg(
-            RELEASE_URL + "planes_128_256_512_2048_num_blocks_5_6_6_1_sebv_13.pth.tar", interpolation="bilinear"
+        "parnet_xl_official.in1k": _official_cfg(
+            "reg_se13_planes_200_400_800_3200_num_blocks_5_6_6_1_sebv_13_dropout_lin.pth.tar"
         ),
-        "parnet_l_official.in1k": _cfg(
-            RELEASE_URL + "planes_160_320_640_2560_num_blocks_5_6_6_1_sebv_13_dropout_lin.pth.tar",
-            interpolation="bilinear",
-        ),
-        "parnet_xl_official.in1k": _cfg(
-            RELEASE_URL + "reg_se13_planes_200_400_800_3200_num_blocks_5_6_6_1_sebv_13_dropout_lin.pth.tar",
-            interpolation="bilinear",
-        ),
-        "parnet_xl_official.in1k_200ep": _cfg(
-            RELEASE_URL + "reg_se13_cosine_planes_200_400_800_3200_num_blocks_5_6_6_1_sebv_13_dropout_lin.pth.tar",
-            interpolation="bilinear",
+        "parnet_xl_official.in1k_200ep": _official_cfg(
+            "reg_se13_cosine_planes_200_400_800_3200_num_blocks_5_6_6_1_sebv_13_dropout_lin.pth.tar"
         ),
         "parnet_cifar_s": _cifar_cfg(),
         "parnet_cifar_m": _cifar_cfg(),
