@@ -136,6 +136,17 @@ def test_idx_with_wrong_size_or_magic_is_refused(tmp_path):
     assert read_idx(path).shape == (3, 28, 28)
 
 
+def test_idx_with_a_damaged_gzip_body_names_the_file(tmp_path):
+    """Bytes flipped inside the compressed stream (zlib.error, not a truncation): a clear error, not a traceback."""
+    root = make_fashion_mnist(tmp_path / "fm")
+    target = root / "train-images-idx3-ubyte.gz"
+    raw = bytearray(target.read_bytes())
+    raw[40:80] = b"\xff" * 40
+    target.write_bytes(bytes(raw))
+    with pytest.raises(CorruptDatasetError, match="train-images-idx3-ubyte.gz.*download it again"):
+        build_datasets("fashion_mnist", root)
+
+
 def test_labels_must_match_images(tmp_path):
     root = make_fashion_mnist(tmp_path / "fm")
     write_idx(root / "t10k-labels-idx1-ubyte.gz", np.zeros(5, np.uint8))
@@ -168,6 +179,19 @@ def test_corrupt_cifar_batch_names_the_file(tmp_path):
     bad = root / "cifar-10-batches-py" / "data_batch_3"
     bad.write_bytes(bad.read_bytes()[:50])
     with pytest.raises(CorruptDatasetError, match="data_batch_3"):
+        build_datasets("cifar10", root)
+
+
+@pytest.mark.parametrize("label", [10, -1])
+def test_cifar_labels_out_of_range_name_the_file(tmp_path, label):
+    root = make_cifar(tmp_path / "c10")
+    path = root / "cifar-10-batches-py" / "test_batch"
+    with open(path, "rb") as fh:
+        entry = pickle.load(fh)
+    entry["labels"][3] = label  # e.g. a CIFAR-100 batch in a CIFAR-10 folder
+    with open(path, "wb") as fh:
+        pickle.dump(entry, fh)
+    with pytest.raises(CorruptDatasetError, match=r"test_batch.*labels outside 0\.\.9"):
         build_datasets("cifar10", root)
 
 
@@ -204,13 +228,17 @@ def test_shard_sampler_covers_each_item_once():
 def test_train_loader_is_reproducible_and_sharded(tmp_path):
     train, test, _ = build_datasets("fashion_mnist", make_fashion_mnist(tmp_path / "fm"))
 
-    def first_batch(seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
-        torch.manual_seed(123)
-        loader, _, _ = build_loaders(train, test, 8, workers=0, seed=seed, rank=rank, world_size=world)
-        loader.sampler.set_epoch(0)
-        return next(iter(loader))[1]
+    calls = iter(range(100, 200))
 
-    assert torch.equal(first_batch(0), first_batch(0))
+    def order(seed: int, epoch: int) -> list[int]:
+        torch.manual_seed(next(calls))  # the global RNG must not matter, only (seed, epoch)
+        loader, _, _ = build_loaders(train, test, 8, workers=0, seed=seed)
+        loader.sampler.set_epoch(epoch)
+        return list(loader.sampler)
+
+    assert order(0, 0) == order(0, 0) and sorted(order(0, 0)) == list(range(64))
+    assert order(0, 1) != order(0, 0), "set_epoch must reshuffle"
+    assert order(1, 0) != order(0, 0), "the seed must change the order"
     loaders = [build_loaders(train, test, 8, 0, 0, r, 2)[0] for r in range(2)]
     for ld in loaders:
         ld.sampler.set_epoch(0)

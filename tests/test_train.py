@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from safetensors.torch import load_file
 
@@ -75,6 +77,26 @@ def test_training_writes_everything_and_fused_model_scores_identically(reference
     assert max(r["train_acc"] for r in rows) > 10
 
 
+def test_schedule_warmup_cosine_and_weight_decay_exclusions(reference_run):
+    """The paper's recipe as run: linear warm-up then cosine to min_lr per step; no decay on biases and norms."""
+    out, _ = reference_run
+    # 128 images / 32 = 4 steps an epoch, 8 in all; warm-up 0.5 epoch = 2 steps; lr 0.05, min_lr 0.
+    lrs = [r["lr"] for r in engine.read_metrics(out)]  # after the last step of each epoch
+    assert lrs[0] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert lrs[1] == pytest.approx(0.0, abs=1e-12)
+    state = engine.read_state(out)
+    assert state["scheduler"]["warmup_t"] == 2 and state["scheduler"]["t_initial"] == 8
+    groups, buffers = state["optimizer"]["param_groups"], state["optimizer"]["state"]
+    decay = [i for g in groups if g["weight_decay"] == 5e-4 for i in g["params"]]
+    no_decay = [i for g in groups if g["weight_decay"] == 0 for i in g["params"]]
+    n_params = len(list(timm.create_model("parnet_cifar_s", num_classes=10, in_chans=1, **TINY).parameters()))
+    assert sorted(decay + no_decay) == list(range(n_params))
+    # A parameter's momentum buffer has its shape: only vectors (biases, BN weights) go undecayed.
+    assert all(buffers[i]["momentum_buffer"].ndim > 1 for i in decay)
+    assert no_decay and all(buffers[i]["momentum_buffer"].ndim <= 1 for i in no_decay)
+    assert all(g["momentum"] == 0.9 and not g["nesterov"] for g in groups)
+
+
 def test_resume_ends_bit_identical(fmnist, tmp_path, reference_run):
     ref_dir, ref = reference_run
     out = tmp_path / "resumed"
@@ -132,8 +154,33 @@ def test_resume_refuses_a_different_model_and_an_existing_run(fmnist, tmp_path):
         train(tiny_config(fmnist, out, epochs=1, train_subset=32))
     with pytest.raises(ValueError, match="model_kwargs"):
         train(tiny_config(fmnist, out, epochs=2, train_subset=32, resume=True, model_kwargs={**TINY, "head_width": 32}))
+    # Settings the restored optimizer and schedule would silently override: a longer --epochs would go on
+    # at the finished cosine's min_lr, a new --lr or --weight-decay would be ignored.
+    for change, message in [({"epochs": 2}, "epochs was 1, now 2"), ({"lr": 0.1}, "lr was 0.05, now 0.1"),
+                            ({"weight_decay": 0.0}, "weight_decay")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            train(tiny_config(fmnist, out, train_subset=32, resume=True, **{"epochs": 1, **change}))
+    # Same settings (a tuple where the file has a list): nothing to do, the run is finished.
+    again = train(tiny_config(fmnist, out, epochs=1, train_subset=32, resume=True,
+                              model_kwargs={**TINY, "widths": (8, 16, 32)}))  # fmt: skip
+    assert again["epochs_done"] == 1
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(tiny_config(fmnist, tmp_path / "none", resume=True))
+
+
+def test_a_finished_run_without_its_checkpoint_is_not_overwritten(fmnist, tmp_path):
+    """Deleting last_state.pt (the biggest file) to save space must not let a new run replace the results."""
+    out = tmp_path / "run"
+    train(tiny_config(fmnist, out, epochs=1, train_subset=32, test_subset=16, ema=False))
+    (out / "last_state.pt").unlink()
+    kept = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match=r"already holds a run \(last.safetensors, metrics.jsonl, results.json"):
+        train(tiny_config(fmnist, out, epochs=1, train_subset=32, test_subset=16, ema=False))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == kept
+    # A folder holding only the config.yaml of a run killed in its first epoch may be reused.
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / "config.yaml").write_text("epochs: 1\n")
+    train(tiny_config(fmnist, tmp_path / "killed", epochs=1, train_subset=32, test_subset=16, ema=False))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(fmnist, tmp_path, capsys, monkeypatch):
@@ -141,7 +188,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(fmnist, tmp_path, capsys,
     args = ["train", "--data-dir", str(fmnist), "--output", str(out), "--model-kwargs", "widths=[8,16,32]",
             "head_width=64", "stem_width=8", "--batch-size", "32", "--train-subset", "64", "--workers", "0",
             "--threads", "1", "--no-progress", "--warmup-epochs", "0", "--no-depth", "--test-subset", "16"]  # fmt: skip
-    assert main(args + ["--epochs", "1"]) == 0
+    assert main(args + ["--epochs", "2", "--stop-after", "1"]) == 0
     before = (out / "last_state.pt").read_bytes(), (out / "last.safetensors").read_bytes()
     # Continue, with a loss that turns NaN on the second step of the second epoch.
     from timm.loss import LabelSmoothingCrossEntropy
@@ -216,6 +263,7 @@ def test_eval_accepts_the_authors_checkpoints(tmp_path):
         (["--re-prob", "1.5"], "--re-prob"),
         (["--ema-decay", "1"], "--ema-decay"),
         (["--model-kwargs", "widths"], "KEY=VALUE"),
+        (["--sched", "plateau"], "--sched"),  # timm's plateau steps per epoch on a metric; the loop per update
     ],
 )
 def test_parser_refuses_impossible_settings(flags, message, capsys, tmp_path):
@@ -235,6 +283,14 @@ def test_yaml_config_and_precedence(tmp_path, capsys):
     cfg_file.write_text("epochs: -3\n")
     with pytest.raises(ValueError, match="epochs"):
         make_config({}, str(cfg_file))
+    cfg_file.write_text("epochs:\n")  # left empty: an error naming it, not a TypeError mid-run
+    with pytest.raises(ValueError, match="epochs: needs a value"):
+        make_config({}, str(cfg_file))
+    cfg_file.write_text("model_kwargs: null\n")
+    with pytest.raises(ValueError, match="model_kwargs: needs a value"):
+        make_config({}, str(cfg_file))
+    cfg_file.write_text("data_dir: null\ndevice:\n")
+    assert make_config({}, str(cfg_file)).data_dir is None
     cfg_file.write_text("epochz: 3\n")
     assert main(["train", "--config", str(cfg_file)]) == 2
     assert "unknown setting 'epochz'" in capsys.readouterr().err
@@ -335,6 +391,7 @@ def test_two_process_ddp_trains_and_agrees(fmnist, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
+    # Parameters, BN running statistics (each rank's saw only its own batches) and the EMA all agree.
     assert res["world_size"] == 2 and res["ranks_agree"] is True
     assert evaluate(out, workers=0)["raw"]["top1"] == pytest.approx(res["test_top1"])  # all 64 test images, once
     state = engine.read_state(out)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         raise CorruptDatasetError(f"{path} is truncated or not a gzip file ({e}); download it again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise CorruptDatasetError(f"{path} is not an IDX file (bad magic number)")
@@ -210,6 +211,9 @@ def _cifar(name: str, root: Path, train: bool, transform: Any, download: bool) -
             labels = entry["labels"] if "labels" in entry else entry["fine_labels"]
             if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
                 raise ValueError(f"data {data.shape}, {len(labels)} labels; expected (N, 3072) and N labels")
+            classes = 10 if name == "cifar10" else 100
+            if len(labels) and not 0 <= min(labels) <= max(labels) < classes:
+                raise ValueError(f"labels outside 0..{classes - 1}")
         except Exception as e:  # noqa: BLE001 - EOFError, UnpicklingError, KeyError...
             raise CorruptDatasetError(f"{path} is truncated or corrupt: {type(e).__name__}: {e}") from None
     return _Checked(str(root), train=train, transform=transform, download=False)

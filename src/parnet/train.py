@@ -207,7 +207,8 @@ _TYPES: dict[str, Any] = {
     "opt": str,
     "momentum": _nonneg_float,
     "weight_decay": _nonneg_float,
-    "sched": _choice("cosine", "step", "multistep", "plateau", "poly", "tanh", "wsd"),
+    # Schedules stepped per update (timm's "plateau" steps per epoch only, on a metric: not offered).
+    "sched": _choice("cosine", "step", "multistep", "poly", "tanh", "wsd"),
     "warmup_epochs": _nonneg_float,
     "warmup_lr": _nonneg_float,
     "min_lr": _nonneg_float,
@@ -253,13 +254,17 @@ def _field_help() -> dict[str, str]:
 
 def check_config(values: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """Parse and check ``values`` (field -> value) with the command line's rules; ``ValueError`` if wrong."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     out: dict[str, Any] = {}
     for k, v in values.items():
         k = k.replace("-", "_")
-        if k not in known:
+        if k not in fields:
             raise ValueError(f"{source}: unknown setting {k!r}")
         if v is None:
+            f = fields[k]
+            if f.default is not None:  # only data_dir and device may be left empty
+                example = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+                raise ValueError(f"{source}: {k}: needs a value (e.g. {example!r}), got none")
             out[k] = None
             continue
         try:
@@ -299,7 +304,7 @@ def make_config(overrides: dict[str, Any] | None = None, config_file: str | None
 
 def evaluate_model(
     model: Any, loader: Any, device: Any = "cpu", amp_dtype: Any = None, channels_last: bool = False
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Top-1, top-5 (percent) and mean cross-entropy of ``model`` over ``loader``, summed over all ranks.
 
     Also returns ``n`` (images) and ``preds`` (this rank's predicted classes, a tensor).
@@ -368,6 +373,16 @@ def _create_model(name: str, num_classes: int, in_chans: int, kwargs: dict[str, 
         raise ValueError(f"cannot create {name} with {kwargs}: {e}") from None
 
 
+# What a fresh run must not overwrite (config.yaml alone is left by a run killed in its first epoch).
+_RUN_OUTPUTS = ("last_state.pt", "last.safetensors", "last_ema.safetensors", "metrics.jsonl", "results.json",
+                "fused.safetensors", "ema_fused.safetensors")  # fmt: skip
+
+# Settings a resumed run must keep: the data and model, and those the restored optimizer and schedule
+# state would silently override (a longer --epochs would continue at the finished cosine's min_lr).
+_RESUME_FIXED = ("dataset", "model", "model_kwargs", "batch_size", "seed", "train_subset", "epochs", "lr", "opt",
+                 "momentum", "weight_decay", "sched", "warmup_epochs", "warmup_lr", "min_lr", "ema")  # fmt: skip
+
+
 def _fusable(model: Any) -> bool:
     return any(hasattr(m, "reparameterize") for m in model.modules())
 
@@ -399,7 +414,7 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
-    from timm.utils import ModelEmaV3
+    from timm.utils import ModelEmaV3, distribute_bn
 
     from . import engine
     from .data import AugmentCfg, build_datasets, build_loaders
@@ -413,8 +428,14 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
     state_file = run_dir / engine.STATE_FILE
     if cfg.resume and not state_file.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {state_file}")
-    if not cfg.resume and state_file.is_file():
-        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --output")
+    if not cfg.resume:
+        # Any result of a run, not only its checkpoint (which a user may delete to save space).
+        held = [name for name in _RUN_OUTPUTS if (run_dir / name).is_file()]
+        if held:
+            raise ValueError(
+                f"{run_dir} already holds a run ({', '.join(held)}); pass --resume to continue it, "
+                "or choose another --output (or remove the folder)"
+            )
     engine.seed_everything(cfg.seed, d.rank)
 
     # Data: the train split with the paper's augmentation, sharded over ranks; the full test split.
@@ -473,9 +494,10 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
     start_epoch, global_step, extra = 0, 0, {}
     if cfg.resume:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-        for key in ("dataset", "model", "model_kwargs", "batch_size", "seed", "train_subset"):
-            if key in saved and saved[key] != getattr(cfg, key):
-                raise ValueError(f"--resume: {key} was {saved[key]!r} in {run_dir}, now {getattr(cfg, key)!r}")
+        now = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg)))  # tuples as the file has them: lists
+        changed = [f"{k} was {saved[k]!r}, now {now[k]!r}" for k in _RESUME_FIXED if k in saved and saved[k] != now[k]]
+        if changed:
+            raise ValueError(f"--resume: {run_dir} was trained with other settings: {'; '.join(changed)}")
         start_epoch, extra = engine.load_checkpoint(
             run_dir, model, ema, optimizer, scheduler, scaler, generators, restore_rng=False
         )
@@ -549,6 +571,12 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
         train_seconds += epoch_seconds
         train_images += steps_per_epoch * cfg.batch_size * d.world_size
         means = bar.means()
+        if d.distributed:
+            # Each rank's BN running statistics (and their EMA) saw only its own batches: average them, so
+            # that every rank evaluates, and rank 0 saves, the same model (timm's --dist-bn reduce).
+            distribute_bn(model, d.world_size, reduce=True)
+            if ema is not None:
+                distribute_bn(ema.module, d.world_size, reduce=True)
 
         # Evaluate raw and EMA weights on the test split; log; checkpoint.
         res = evaluate_model(model, test_loader, d.device, amp_dtype, channels_last)
@@ -620,8 +648,9 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
         **{k: v for k, v in metrics.items() if k.startswith(("test_", "ema_"))},
     }
     if d.distributed:
-        # Every rank must hold the same weights after DDP training: compare a checksum.
-        flat = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
+        # Every rank must hold the same weights, BN statistics and EMA after DDP training: compare a checksum.
+        nets = [model] + ([ema.module] if ema is not None else [])
+        flat = torch.cat([t.detach().double().reshape(-1) for net in nets for t in net.state_dict().values()])
         check = torch.stack([flat.sum(), (flat * torch.arange(len(flat), device=flat.device) % 7919).sum()])
         gathered = [torch.zeros_like(check) for _ in range(d.world_size)]
         tdist.all_gather(gathered, check)
