@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 EPOCHS=${1:-8}
 DET=(.venv/bin/parnet)
 DATA=data/fmnist_det
-[ -f $DATA/annotations/instances_val.json ] || "${DET[@]}" make-det-dataset $DATA --train 2000 --val 300 --canvas 128 --seed 0
+# instances_val.json is written last: without it the set is incomplete and is regenerated
+[ -f $DATA/annotations/instances_val.json ] || "${DET[@]}" make-det-dataset $DATA --train 2000 --val 300 --canvas 128 --seed 0 --overwrite
 COMMON=(--data $DATA --detector fcos --fpn-channels 64 --epochs "$EPOCHS" --batch-size 16 --lr 1e-3
         --weight-decay 0.05 --warmup-steps 100 --seed 0 --device cpu)
 run() {  # name backbone KEY=VALUE...
@@ -19,5 +20,10 @@ run() {  # name backbone KEY=VALUE...
 }
 mkdir -p runs
 run parnet parnet_s 'widths=[16,32,64]' head_width=256 stem_width=64 > runs/det_parnet.log 2>&1 &
+parnet=$!
 run resnet18 resnet18 'channels=[16,32,64,128]' stem_width=16 > runs/det_resnet18.log 2>&1 &
-wait
+resnet=$!
+status=0  # a bare `wait` returns 0 even when a run failed
+wait $parnet || { status=1; echo "det_parnet failed, see runs/det_parnet.log" >&2; }
+wait $resnet || { status=1; echo "det_resnet18 failed, see runs/det_resnet18.log" >&2; }
+exit $status

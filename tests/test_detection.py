@@ -201,9 +201,12 @@ def test_predict_maps_labels_to_categories_and_boxes_to_xywh() -> None:
                 {"boxes": boxes, "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([2, 0])} for _ in images
             ]
 
-    loader = [([torch.zeros(3, 8, 8)], [{"image_id": torch.tensor(7)}])]
+    # two images whose outputs share one boxes tensor: converting to xywh must not do it twice
+    loader = [([torch.zeros(3, 8, 8)] * 2, [{"image_id": torch.tensor(7)}, {"image_id": torch.tensor(8)}])]
     results = det.predict(Fixed(), loader, {1: 5, 2: 9})  # label 0 is background: no category, left out
-    assert results == [{"image_id": 7, "category_id": 9, "bbox": [1.0, 2.0, 10.0, 20.0], "score": 0.9}]
+    assert results == [
+        {"image_id": i, "category_id": 9, "bbox": [1.0, 2.0, 10.0, 20.0], "score": 0.9} for i in (7, 8)
+    ]
 
 
 # -- COCO evaluation ----------------------------------------------------------------------------
@@ -302,6 +305,11 @@ def test_bad_annotations_refused_clearly() -> None:
     del gt["images"][0]["width"]
     with pytest.raises(ValueError, match="width"):
         check_coco(gt)
+    for key, bad in (("id", "a.jpg"), ("id", 1.0), ("file_name", 3)):  # ids end up in tensors, names in paths
+        gt = coco_gt([[]])
+        gt["images"][0][key] = bad
+        with pytest.raises(ValueError, match="integer 'id' and a string 'file_name'"):
+            check_coco(gt)
 
 
 def test_dataset_files_and_empty_images(tmp_path: Path) -> None:
@@ -328,6 +336,103 @@ def test_dataset_files_and_empty_images(tmp_path: Path) -> None:
     (tmp_path / "ann.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         CocoDetectionDataset(tmp_path, tmp_path / "ann.json")
+
+
+def test_crowd_boxes_out_of_targets_but_ignored_by_evaluation(tmp_path: Path) -> None:
+    from PIL import Image
+
+    gt = coco_gt([[[10, 10, 20, 20], [40, 40, 20, 20]]], size=64)
+    gt["annotations"][1]["iscrowd"] = 1
+    (tmp_path / "ann.json").write_text(json.dumps(gt))
+    Image.new("L", (64, 64)).save(tmp_path / "0.png")
+    ds = CocoDetectionDataset(tmp_path, tmp_path / "ann.json")
+    assert ds[0][1]["boxes"].tolist() == [[10, 10, 30, 30]] and ds[0][1]["iscrowd"].tolist() == [0]
+    assert [a["iscrowd"] for a in ds.coco_dict["annotations"]] == [0, 1]
+    # a detection on the crowd region is neither a true nor a false positive
+    exact = {"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "score": 0.5}
+    on_crowd = {"image_id": 1, "category_id": 1, "bbox": [40, 40, 20, 20], "score": 0.9}
+    assert det.coco_evaluate(ds.coco_dict, [exact, on_crowd])["AP"] == pytest.approx(1.0)
+
+
+def test_train_flip_moves_boxes_with_pixels(tmp_path: Path) -> None:
+    from PIL import Image
+
+    gt = coco_gt([[[5, 10, 20, 30]]], size=64)
+    gt["images"][0]["width"] = 48
+    (tmp_path / "ann.json").write_text(json.dumps(gt))
+    pixels = np.zeros((64, 48), np.uint8)
+    pixels[10:40, 5:25] = 255  # the object fills exactly its box
+    Image.fromarray(pixels).save(tmp_path / "0.png")
+    ds = CocoDetectionDataset(tmp_path, tmp_path / "ann.json", train=True)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        image, target = ds[0]
+        x0, y0, x1, y1 = (int(v) for v in target["boxes"][0].tolist())
+        seen.add(x0)
+        mask = torch.zeros(64, 48, dtype=torch.bool)
+        mask[y0:y1, x0:x1] = True
+        assert bool((image[:, mask] == 1).all()) and bool((image[:, ~mask] == 0).all())
+    assert seen == {5, 48 - 25}  # both the plain and the flipped image came up
+
+
+def test_eval_det_refuses_other_categories(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from PIL import Image
+
+    from parnet.cli import main
+
+    model = tiny_detector("fcos")  # 3 categories, trained as ids 1, 2, 3
+    weights = det.save_detector(model, tmp_path / "det.safetensors", {"label_to_cat": {"1": 1, "2": 2, "3": 3}})
+    gt = coco_gt([[[10, 10, 20, 20]]], size=64)
+    gt["categories"] = [{"id": 5, "name": "x"}, {"id": 6, "name": "y"}, {"id": 7, "name": "z"}]
+    gt["annotations"][0]["category_id"] = 5
+    (tmp_path / "ann.json").write_text(json.dumps(gt))
+    Image.new("L", (64, 64)).save(tmp_path / "0.png")
+    args = ["eval-det", str(weights), "--val-images", str(tmp_path), "--val-ann", str(tmp_path / "ann.json"),
+            "--no-progress", "--draw", "1", "--output", str(tmp_path / "ev")]  # fmt: skip
+    assert main(args) == 2
+    assert "trained on category ids [1, 2, 3], the data has [5, 6, 7]" in capsys.readouterr().err
+    assert not (tmp_path / "ev").exists()
+
+
+def test_draw_examples_nothing_to_draw(tmp_path: Path) -> None:
+    from PIL import Image
+
+    gt = coco_gt([[[10, 10, 20, 20]]], size=64)
+    (tmp_path / "ann.json").write_text(json.dumps(gt))
+    Image.new("L", (64, 64)).save(tmp_path / "0.png")
+    ds = CocoDetectionDataset(tmp_path, tmp_path / "ann.json")
+    model = tiny_detector("fcos")
+    assert det._draw_examples(model, ds, tmp_path / "p.png", 0, 0.3, torch.device("cpu")) is None  # --draw 0
+    assert not (tmp_path / "p.png").exists()
+    assert det._draw_examples(model, ds, tmp_path / "p.png", 4, 0.3, torch.device("cpu")) == tmp_path / "p.png"
+
+
+def test_train_det_refuses_to_overwrite_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from parnet.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last_state.pt").write_bytes(b"an earlier run")
+    assert main(["train-det", "--data", str(tmp_path / "data"), "--output", str(run), "--device", "cpu"]) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert (run / "last_state.pt").read_bytes() == b"an earlier run"
+
+
+def test_train_detection_script_fails_when_a_run_fails(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(Path(__file__).parents[1] / "scripts" / "train_detection.sh", tmp_path / "scripts")
+    stub = tmp_path / ".venv" / "bin" / "parnet"
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#!/bin/sh\nexit 3\n")  # every parnet command fails
+    stub.chmod(0o755)
+    (tmp_path / "data" / "fmnist_det" / "annotations").mkdir(parents=True)
+    (tmp_path / "data" / "fmnist_det" / "annotations" / "instances_val.json").write_text("{}")
+    done = subprocess.run(["bash", str(tmp_path / "scripts" / "train_detection.sh"), "1"], capture_output=True)
+    assert done.returncode != 0 and b"det_parnet failed" in done.stderr
 
 
 # -- the synthetic Fashion-MNIST set -------------------------------------------------------------
@@ -397,6 +502,23 @@ def test_generator_on_real_fashion_mnist(tmp_path: Path) -> None:
     ds = CocoDetectionDataset(tmp_path / "val", tmp_path / "annotations" / "instances_val.json")
     assert len(ds) == 3 and ds.names[10] == "Ankle boot"
     assert all(len(ds[i][1]["boxes"]) >= 1 for i in range(3))
+
+
+def test_generator_keeps_existing_data(tmp_path: Path, fake_fashion_mnist: Path) -> None:
+    out = tmp_path / "out"
+    before = generated(out, fake_fashion_mnist, seed=3)
+    with pytest.raises(ValueError, match="already holds a dataset"):
+        generated(out, fake_fashion_mnist, seed=4)
+    after = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before  # nothing was touched by the refused call
+    make_fashion_mnist_detection(out, num_train=2, num_val=1, canvas=64, object_size=(16, 40), seed=4,
+                                 source=fake_fashion_mnist, overwrite=True)  # fmt: skip
+    assert len(json.loads((out / "annotations" / "instances_val.json").read_text())["images"]) == 1
+    # a missing split in the source: nothing is written, not half a dataset
+    (fake_fashion_mnist / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="t10k-labels"):
+        make_fashion_mnist_detection(tmp_path / "half", num_train=2, num_val=1, source=fake_fashion_mnist)
+    assert not (tmp_path / "half").exists()
 
 
 def test_read_idx_bad_files(tmp_path: Path) -> None:

@@ -139,8 +139,13 @@ def check_coco(source: str | os.PathLike | Mapping[str, Any], strict: bool = Tru
 
     images: dict[int, dict[str, Any]] = {}
     for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
-            raise ValueError(f"{name}: images[{i}] needs an 'id' and a 'file_name', got {img!r:.200}")
+        if (
+            not isinstance(img, dict)
+            or not isinstance(img.get("id"), int)
+            or isinstance(img.get("id"), bool)
+            or not isinstance(img.get("file_name"), str)
+        ):
+            raise ValueError(f"{name}: images[{i}] needs an integer 'id' and a string 'file_name', got {img!r:.200}")
         for key in ("width", "height"):
             if not isinstance(img.get(key), int) or img[key] <= 0:
                 raise ValueError(f"{name}: image {img['id']} needs a positive integer {key!r}, got {img.get(key)!r}")
@@ -426,6 +431,7 @@ def make_fashion_mnist_detection(
     max_iou: float = 0.2,
     seed: int = 0,
     source: str | os.PathLike = DEFAULT_FASHION_MNIST,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write a COCO-format detection set built from Fashion-MNIST items.
 
@@ -438,6 +444,8 @@ def make_fashion_mnist_detection(
 
     Output: ``out_dir/{train,val}/*.png`` and ``out_dir/annotations/instances_{train,val}.json``.
     The same arguments give the same files, byte for byte. Returns the two JSON paths.
+    An existing dataset there (either JSON) is refused unless ``overwrite``; both Fashion-MNIST
+    splits are read before anything is written.
     """
     from PIL import Image
 
@@ -448,10 +456,17 @@ def make_fashion_mnist_detection(
     if not 1 <= object_size[0] <= object_size[1] <= canvas:
         raise ValueError(f"object_size must be a range within 1..{canvas}, got {object_size}")
     source, out = Path(source), Path(out_dir)
+    existing = [p for split in ("train", "val") if (p := out / "annotations" / f"instances_{split}.json").exists()]
+    if existing and not overwrite:
+        raise ValueError(
+            f"{out} already holds a dataset ({', '.join(map(str, existing))}); "
+            "choose another folder or pass overwrite=True (--overwrite) to replace it"
+        )
+    sources = {split: _load_fashion_mnist(source, split) for split in ("train", "val")}
     categories = [{"id": i + 1, "name": n, "supercategory": "fashion"} for i, n in enumerate(FASHION_MNIST_CLASSES)]
     written = {}
     for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
-        items, labels = _load_fashion_mnist(source, split)
+        items, labels = sources[split]
         rng = np.random.default_rng([seed, split_index])
         (out / split).mkdir(parents=True, exist_ok=True)
         images, annotations = [], []

@@ -380,8 +380,8 @@ def predict(
     for images, targets in progress(loader) if progress else loader:
         outputs = model([im.to(device) for im in images])
         for target, out in zip(targets, outputs):
-            boxes = out["boxes"].cpu()
-            boxes[:, 2:] -= boxes[:, :2]
+            xyxy = out["boxes"].detach().cpu()
+            boxes = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], 1)  # not in place: outputs may share tensors
             for box, score, label in zip(boxes.tolist(), out["scores"].tolist(), out["labels"].tolist()):
                 if int(label) not in label_to_cat:  # label 0 (background) of a sigmoid head: not a category
                     continue
@@ -524,10 +524,13 @@ def _to_device(
 
 def _draw_examples(
     model: nn.Module, dataset: Any, path: Path, count: int, score_thresh: float, device: torch.device
-) -> Path:
-    """Predictions (red) and ground truth (green) on the first ``count`` images of ``dataset``, as PNG."""
+) -> Path | None:
+    """Predictions (red) and ground truth (green) on the first ``count`` images of ``dataset``, as PNG;
+    ``None`` (nothing written) when there is nothing to draw (``--draw 0`` or an empty dataset)."""
     model.eval()
     items = [dataset[i] for i in range(min(count, len(dataset)))]
+    if not items:
+        return None
     with torch.no_grad():
         preds = model([im.to(device) for im, _ in items])
     grid = draw_predictions([im for im, _ in items], preds, dataset.names, [t for _, t in items], score_thresh)
@@ -562,6 +565,9 @@ def train_det(args: argparse.Namespace) -> int:
     from . import engine
     from .det_data import CocoDetectionDataset
 
+    run_dir = Path(args.output)
+    if not args.resume and (run_dir / engine.STATE_FILE).is_file():
+        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --output")
     dist_info = engine.init_distributed(args.device)
     try:
         engine.seed_everything(args.seed, dist_info.rank)
@@ -584,7 +590,6 @@ def train_det(args: argparse.Namespace) -> int:
             max_size=size,
             backbone_kwargs=args.backbone_kwargs,
         ).to(device)
-        run_dir = Path(args.output)
         n_params = sum(p.numel() for p in model.parameters())
         n_backbone = sum(p.numel() for p in model.backbone.body.parameters())
         if main:
@@ -684,7 +689,9 @@ def train_det(args: argparse.Namespace) -> int:
             with atomic_write(run_dir / "eval.json") as tmp:
                 tmp.write_text(json.dumps({"stats": stats, "split": "val", "epochs": args.epochs}, indent=2))
             png = _draw_examples(model, val_ds, run_dir / "predictions.png", args.draw, args.score_thresh, device)
-            print("val: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()) + f"\nwrote {png}", flush=True)
+            print("val: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()), flush=True)
+            if png is not None:
+                print(f"wrote {png}", flush=True)
     finally:
         engine.cleanup_distributed()
     return 0
@@ -698,11 +705,17 @@ def eval_det(args: argparse.Namespace) -> int:
     weights = Path(args.weights)
     if weights.is_dir():
         weights = weights / "last.safetensors"
-    model, _ = load_detector(weights, args.device)
+    model, extra = load_detector(weights, args.device)
     dataset = CocoDetectionDataset(*_data_paths(args, args.split), train=False, strict=not args.lenient)
     if model.detector_config["num_classes"] != dataset.num_classes:
         raise ValueError(
             f"the detector has {model.detector_config['num_classes'] - 1} classes, the data {dataset.num_classes - 1}"
+        )
+    trained = {int(k): v for k, v in extra.get("label_to_cat", {}).items()}
+    if trained and trained != dataset.label_to_cat:  # labels would be written back as the wrong category ids
+        raise ValueError(
+            f"the detector was trained on category ids {sorted(trained.values())}, the data has "
+            f"{sorted(dataset.label_to_cat.values())}; evaluate on data with the training categories"
         )
     device = torch.device(args.device)
     stats, results = evaluate_dataset(model, dataset, args.batch_size, args.workers, device, not args.no_progress)
@@ -713,7 +726,7 @@ def eval_det(args: argparse.Namespace) -> int:
         tmp.write_text(json.dumps(results))
     png = _draw_examples(model, dataset, out / "predictions.png", args.draw, args.score_thresh, device)
     print("\n".join(f"{k:6s} {v:.4f}" for k, v in stats.items()))
-    print(f"wrote {out / 'eval.json'}, {out / 'detections.json'}, {png}")
+    print(f"wrote {out / 'eval.json'}, {out / 'detections.json'}" + (f", {png}" if png else ""))
     return 0
 
 
@@ -731,6 +744,7 @@ def make_det_dataset(args: argparse.Namespace) -> int:
         max_iou=args.max_iou,
         seed=args.seed,
         source=args.source,
+        overwrite=args.overwrite,
     )
     for split, path in paths.items():
         data = json.loads(path.read_text())
@@ -751,7 +765,7 @@ def _add_data_args(p: argparse.ArgumentParser, splits: Sequence[str]) -> None:
         help="drop annotations with unknown categories or malformed boxes instead of stopping",
     )
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
-    p.add_argument("--draw", type=int, default=8, help="images in predictions.png")
+    p.add_argument("--draw", type=int, default=8, help="images in predictions.png (0: none)")
     p.add_argument("--score-thresh", type=float, default=0.3, help="lowest score drawn in predictions.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -772,6 +786,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--max-iou", type=float, default=0.2, help="largest IoU between two items' boxes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--source", default=str(DEFAULT_FASHION_MNIST), help="folder of the Fashion-MNIST IDX .gz files")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in the output folder")
     p.set_defaults(func=make_det_dataset)
 
     p = subparsers.add_parser("train-det", help="train a detector (FCOS, RetinaNet, Faster R-CNN) on a COCO-format set")
