@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import gc
 import importlib
+import weakref
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -14,8 +17,10 @@ import parnet
 from parnet.deploy import (
     CPU_MODES,
     PACKED_SHAPES,
+    CudaGraphModule,
     FoldedBlock,
     FoldedParNet,
+    MultiDeviceParNet,
     PackedConv2d,
     StreamParallelParNet,
     auto_mode,
@@ -250,6 +255,71 @@ def test_compiled_mode_matches() -> None:
         assert (compiled(x) - ref).abs().max().item() < TOL
         x3 = torch.randn(3, 3, 32, 32)  # a new shape recompiles, never a wrong answer
         assert (compiled(x3) - model(x3)).abs().max().item() < TOL
+
+
+def test_multi_device_keeps_no_folded_copy_and_blocks_copies_to_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make(7)
+    folded = fold(model, channels_last=True)
+    alive = weakref.ref(folded)
+    md = MultiDeviceParNet(folded, ["cpu"] * 3).eval()
+    del folded
+    gc.collect()
+    assert alive() is None  # it holds its own copies only, not the folded model they came from
+    flags, to = [], torch.Tensor.to
+
+    def spy(self: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        flags.append(kwargs.get("non_blocking", False))
+        return to(self, *args, **kwargs)
+
+    x = torch.randn(2, 3, 32, 32)
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    with torch.inference_mode():
+        out = md(x)
+    monkeypatch.undo()
+    # a non_blocking copy to the CPU (from a GPU) returns before its data is there: never to the CPU
+    assert flags and not any(flags)
+    with torch.inference_mode():
+        assert (out - model(x)).abs().max().item() < TOL
+    with pytest.raises(ValueError, match="multiples of 8"):
+        md(torch.randn(1, 3, 36, 36))
+
+
+def test_auto_timing_synchronizes_the_example_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    example = SimpleNamespace(device=torch.device("cuda", 1))  # only its device is looked at
+    assert deploy_module.fastest({"a": lambda x: None, "b": lambda x: None}, example, reps=2) in ("a", "b")
+    assert synced and all(d == torch.device("cuda", 1) for d in synced)  # not the current device
+
+
+def test_cuda_graph_bookkeeping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CudaGraphModule's graphs per input, copies and grad modes, with the capture replaced by a CPU stand-in."""
+
+    def capture(self: CudaGraphModule, static_x: torch.Tensor) -> tuple:
+        with torch.inference_mode():
+            static_y = self.module(static_x)
+        # a replay runs the captured forward again on the static input, into the static output
+        return SimpleNamespace(replay=lambda: static_y.copy_(self.module(static_x))), static_y
+
+    monkeypatch.setattr(CudaGraphModule, "_capture", capture)
+    torch.manual_seed(0)
+    net = CudaGraphModule(nn.Linear(4, 3), max_graphs=2)
+    a, b = torch.randn(2, 4), torch.randn(2, 4)
+    with torch.inference_mode():
+        out_a = net._replay(a)  # the first call in inference mode: its static input is an inference tensor
+    with torch.no_grad():
+        out_b = net._replay(b)  # the same graph, called outside inference mode
+        assert torch.allclose(out_a, net.module(a)) and torch.allclose(out_b, net.module(b))  # out_a kept
+        for batch in (5, 6, 2):
+            x = torch.randn(batch, 4)
+            assert torch.allclose(net._replay(x), net.module(x))  # each shape its own graph
+    assert [k[0] for k in net._graphs] == [(6, 4), (2, 4)]  # at most max_graphs, the oldest dropped
+    net.double()
+    assert not net._graphs  # the graphs read the float weights' old memory
+    with pytest.raises(ValueError, match="CUDA input"):
+        net(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="warmup >= 1"):
+        CudaGraphModule(nn.Identity(), warmup=0)
 
 
 @CUDA

@@ -10,7 +10,9 @@ import timm
 import torch
 
 from parnet import cli, io
-from parnet.export import check_export, load_runner
+from parnet import export as export_module
+from parnet.deploy import fold
+from parnet.export import check_export, export_model, load_runner
 
 from .conftest import randomize_bn
 
@@ -75,3 +77,25 @@ def test_export_refuses_unknown_format(tmp_path: Path) -> None:
     args = ["export", "parnet_cifar_s", "--model-kwargs", "widths=[8,16,32]", "head_width=64"]
     args += ["--format", "tflite", "--out", str(tmp_path)]
     assert cli.main([*args, "--resolution", "32"]) == 2
+
+
+def _tiny(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = randomize_bn(timm.create_model("parnet_cifar_s", widths=(8, 16, 32), head_width=64), seed)
+    with torch.no_grad():
+        model.head.fc.weight.normal_(0, 1.0)
+    return model
+
+
+def test_export_leaves_the_model_and_writes_no_failed_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _tiny(4).train()
+    export_model(model, tmp_path, "m", formats=("torchscript",), input_size=(3, 32, 32))
+    assert all(m.training for m in model.modules())  # the caller's model keeps its mode (and device)
+    path = tmp_path / "m.torchscript.pt"
+    good = path.read_bytes()
+    other = fold(_tiny(5)).eval()  # an exporter that gets it wrong
+    monkeypatch.setattr(export_module, "inference_model", lambda m, fused_only=False: other)
+    with pytest.raises(ValueError, match="differs"):
+        export_model(model, tmp_path, "m", formats=("torchscript",), input_size=(3, 32, 32))
+    assert path.read_bytes() == good  # the good file was not replaced by the wrong one
+    assert [p.name for p in tmp_path.iterdir()] == ["m.torchscript.pt"]  # and no temporary file is left

@@ -695,10 +695,15 @@ class CudaStreamParNet(nn.Module):
                 if i == 0:
                     y = f.fuse_entry(y)
             outs.append(y)
-        for cuda_stream, y in zip(self._streams, outs):
-            main.wait_stream(cuda_stream)  # the fusions (on main) read every stream's output
+        # Each fusion (on main) waits only for the stream it reads, so it overlaps the later streams.
+        main.wait_stream(self._streams[0])
+        outs[0].record_stream(main)
+        fused = outs[0]
+        for fusion, y, cuda_stream in zip(f.fusions, outs[1:], self._streams[1:]):
+            main.wait_stream(cuda_stream)
             y.record_stream(main)
-        return _merge_after_entry(f, outs)
+            fused = fusion(y, fused)
+        return f.head(f.final_block(fused))
 
 
 def _merge_after_entry(f: FoldedParNet, outs: list[torch.Tensor]) -> torch.Tensor:
@@ -712,44 +717,62 @@ def _merge_after_entry(f: FoldedParNet, outs: list[torch.Tensor]) -> torch.Tenso
 class CudaGraphModule(nn.Module):
     """Replays a CUDA graph of ``module``'s forward; a new input shape is captured anew.
 
-    Each (shape, dtype, device) gets its own graph and static buffers (at most ``max_graphs``; the
-    oldest is dropped), so an input of another shape is never run through a graph captured for a
-    different one. The output is a copy, safe to keep across calls.
+    Each (shape, dtype, device, layout) gets its own graph and static buffers (at most
+    ``max_graphs``; the oldest is dropped), so an input of another shape is never run through a
+    graph captured for a different one. The output is a copy, safe to keep across calls. Moving
+    or casting the module (``.to``, ``.half``, ...) drops the graphs, which read the old weights.
     """
 
     def __init__(self, module: nn.Module, max_graphs: int = 8, warmup: int = 3):
         super().__init__()
+        if max_graphs < 1 or warmup < 1:
+            # warm-up (at least one call) initializes cuBLAS/cuDNN and the streams outside the capture
+            raise ValueError(f"CudaGraphModule needs max_graphs >= 1 and warmup >= 1, got {max_graphs}, {warmup}")
         self.module = module
         self.max_graphs = max_graphs
         self.warmup = warmup
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
-    def _capture(self, x: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
-        static_x = x.clone()
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side), torch.inference_mode():
-            for _ in range(self.warmup):
-                self.module(static_x)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph):
-            static_y = self.module(static_x)
-        return graph, static_x, static_y
+    def _apply(self, fn: Callable, recurse: bool = True) -> CudaGraphModule:
+        self._graphs.clear()  # the graphs read the parameters' old memory
+        return super()._apply(fn, recurse)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cuda":
-            raise ValueError(f"a CUDA graph needs a CUDA input, got {x.device}")
+    def _capture(self, static_x: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm up on a side stream, then capture on it (on ``static_x``'s device, whichever is current)."""
+        with torch.cuda.device(static_x.device):
+            side = torch.cuda.Stream(static_x.device)
+            side.wait_stream(torch.cuda.current_stream(static_x.device))
+            with torch.cuda.stream(side), torch.inference_mode():
+                for _ in range(self.warmup):
+                    self.module(static_x)
+            torch.cuda.current_stream(static_x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # An explicit stream: torch.cuda.graph's default capture stream is made once, on the
+            # device current at its first use, and would capture nothing for another device.
+            with torch.inference_mode(), torch.cuda.graph(graph, stream=side):
+                static_y = self.module(static_x)
+        return graph, static_y
+
+    def _replay(self, x: torch.Tensor) -> torch.Tensor:
         key = (tuple(x.shape), x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last))
         entry = self._graphs.get(key)
         if entry is None:
             if len(self._graphs) >= self.max_graphs:
                 self._graphs.pop(next(iter(self._graphs)))
-            entry = self._graphs[key] = self._capture(x)
+            static_x = x.clone()
+            graph, static_y = self._capture(static_x)
+            entry = self._graphs[key] = (graph, static_x, static_y)
         graph, static_x, static_y = entry
-        static_x.copy_(x)
-        graph.replay()
+        # In inference mode: static_x is an inference tensor when the first call was made in it.
+        with torch.inference_mode():
+            static_x.copy_(x)
+            graph.replay()
         return static_y.clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cuda":
+            raise ValueError(f"a CUDA graph needs a CUDA input, got {x.device}")
+        return self._replay(x)
 
 
 class MultiDeviceParNet(nn.Module):
@@ -770,7 +793,8 @@ class MultiDeviceParNet(nn.Module):
         for d in devs:
             _check_device(d)
         self.devices = devs
-        self.check_input = folded.check_input
+        # not folded.check_input: that bound method would keep the whole folded copy alive
+        self.in_chans, self.multiple = folded.in_chans, folded.multiple
         self.channels_last = folded.channels_last
         self.stem = copy.deepcopy(folded.stem).to(devs[0])
         # downsample[i] reads stream i's input and makes stream i+1's: it runs on devices[i].
@@ -781,20 +805,32 @@ class MultiDeviceParNet(nn.Module):
         self.final_block = copy.deepcopy(folded.final_block).to(devs[-1])
         self.head = copy.deepcopy(folded.head).to(devs[-1])
 
+    check_input = FoldedParNet.check_input
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         home = x.device
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        h = self.stem(x.to(self.devices[0], non_blocking=True))
+        h = self.stem(_send(x, self.devices[0]))
         inputs = [h]
         for i, down in enumerate(self.downsample):
-            inputs.append(down(inputs[-1]).to(self.devices[i + 1], non_blocking=True))
+            inputs.append(_send(down(inputs[-1]), self.devices[i + 1]))
         outs = [stream(xi) for stream, xi in zip(self.streams, inputs)]  # queued on each device
         fused = self.fuse_entry(outs[0])
         for i, fusion in enumerate(self.fusions):
-            fused = fusion(outs[i + 1], fused.to(self.devices[i + 1], non_blocking=True))
+            fused = fusion(outs[i + 1], _send(fused, self.devices[i + 1]))
         return self.head(self.final_block(fused)).to(home)
+
+
+def _send(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; asynchronous only to a CUDA device.
+
+    PyTorch orders a copy to a GPU (from the host, or from another GPU) on the current streams of
+    the devices involved, so it may overlap. A ``non_blocking`` copy from a GPU to the CPU returns
+    before the data has arrived, and the CPU would read it too early: that one blocks.
+    """
+    return t.to(device, non_blocking=device.type == "cuda")
 
 
 def _check_device(device: torch.device) -> None:
@@ -852,7 +888,9 @@ def fastest(candidates: dict[str, nn.Module], example: torch.Tensor, reps: int =
     import statistics
     import time
 
-    sync = torch.cuda.synchronize if example.device.type == "cuda" else (lambda: None)
+    device = example.device
+    # the example's device: torch.cuda.synchronize() alone waits only for the current one
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     for net in candidates.values():
         net(example)  # warm-up (and compilation)
     times: dict[str, list[float]] = {name: [] for name in candidates}

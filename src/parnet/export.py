@@ -9,6 +9,7 @@ BNs/interleave/shuffle folded, NCHW), or with ``fused_only`` the plain re-parame
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import warnings
 from collections.abc import Callable
@@ -36,12 +37,12 @@ TOLERANCE = 1e-4
 
 
 def inference_model(model: nn.Module, fused_only: bool = False) -> nn.Module:
-    """The network to export: folded (default) or only re-parameterized; eval, on CPU."""
+    """The network to export: folded (default) or only re-parameterized; eval, on CPU (``model`` is left as it is)."""
     from . import reparameterize
     from .deploy import fold
 
-    model = model.cpu()
-    return reparameterize(model).eval() if fused_only else fold(model).eval()
+    net = reparameterize(model) if fused_only else fold(model)  # both copy: model.cpu() would move the caller's
+    return net.cpu().eval()
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, example: torch.Tensor, opset: int = 17) -> Path:
@@ -148,8 +149,10 @@ def export_model(
     """Export ``model`` in each format to ``out_dir/name.*``; returns path and max difference per format.
 
     Exported with a batch of 2; the check compares each file's outputs with ``model``'s own (eval
-    mode) on a batch of 3, so it also checks that the batch dimension is dynamic.
+    mode) on a batch of 3, so it also checks that the batch dimension is dynamic. A file that fails
+    the check is not written (an existing one is left as it was). ``model`` itself is not changed.
     """
+    model = copy.deepcopy(model).cpu().eval()  # the reference, on the CPU like the checks
     net = inference_model(model, fused_only)
     example = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     checks = [torch.randn(3, *input_size, generator=torch.Generator().manual_seed(1))]  # another batch size
@@ -158,8 +161,10 @@ def export_model(
     for fmt in formats:
         if fmt not in writers:
             raise ValueError(f"unknown export format {fmt!r}; choose from {FORMATS}")
-        path = writers[fmt](net, Path(out_dir) / f"{name}{SUFFIX[fmt]}", example)
-        diff = check_export(fmt, path, model.eval(), checks) if check else None
+        path = Path(out_dir) / f"{name}{SUFFIX[fmt]}"
+        with atomic_write(path) as tmp:  # replaced only once the file has passed the check
+            writers[fmt](net, tmp, example)
+            diff = check_export(fmt, tmp, model, checks) if check else None
         results[fmt] = {"path": str(path), "max_abs_diff": diff}
     return results
 
