@@ -12,7 +12,7 @@ Nothing here knows about a task; a loop calls these in order:
     Seeds python, numpy and torch (``seed + rank``), and captures / restores all their states
     plus any ``torch.Generator`` passed in (e.g. the data loader's), for exact resumption.
 
-``save_checkpoint(run_dir, epoch, model, ema, optimizer, scheduler, scaler, extra, metadata)``
+``save_checkpoint(run_dir, epoch, model, ema, optimizer, scheduler, scaler, extra, metadata, generators)``
     Writes, each atomically (:func:`parnet.io.atomic_write`):
 
     * ``run_dir/last_state.pt``: everything, the weights included: ``epoch`` (the last finished
