@@ -245,6 +245,17 @@ def test_auto_mode_choice() -> None:
         assert (net(x) - model(x)).abs().max().item() < TOL
 
 
+def test_auto_times_compiled_only_where_inductor_can_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.utils._triton as triton_check
+
+    monkeypatch.setattr(triton_check, "has_triton", lambda: False)  # a CUDA machine without Triton
+    assert "compiled" not in deploy_module.auto_candidates(torch.device("cuda"))
+    monkeypatch.setattr(triton_check, "has_triton", lambda: True)
+    assert deploy_module.auto_candidates(torch.device("cuda"))[-1] == "compiled"
+    monkeypatch.setattr(deploy_module, "has_cpp_compiler", lambda: False)  # a CPU machine without C++
+    assert deploy_module.auto_candidates(torch.device("cpu")) == ("channels_last", "packed", "winograd", "parallel")
+
+
 @pytest.mark.slow
 def test_compiled_mode_matches() -> None:
     model = make(9)

@@ -849,6 +849,24 @@ def has_cpp_compiler() -> bool:
     return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
 
 
+def can_compile(device: torch.device) -> bool:
+    """Whether ``torch.compile`` (inductor) can build kernels for ``device``: C++ on CPU, Triton on CUDA."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return has_triton()
+    return has_cpp_compiler()
+
+
+def auto_candidates(device: torch.device) -> tuple[str, ...]:
+    """The modes ``auto`` times when given an example: every mode of the device but ``fused``."""
+    if device.type == "cuda":
+        names: tuple[str, ...] = ("channels_last", "parallel", "cuda_graph")
+    else:
+        names = ("channels_last", "packed", "winograd", "parallel")
+    return names + (("compiled",) if can_compile(device) else ())
+
+
 def auto_mode(device: str | torch.device) -> str:
     """The fastest mode for ``device``: see ``RESULTS.md`` ("Inference latency and throughput")."""
     device = torch.device(device)
@@ -921,8 +939,8 @@ def deploy(
         mode: one of :data:`MODES`; ``"auto"`` picks the fastest for the device.
         devices: for ``multi_device``: one device per stream.
         threads: for ``parallel`` on CPU: intra-op threads to split between the streams.
-        example: with ``mode="auto"``, an input batch: the ``candidates`` modes (default: every
-            mode of the device but ``fused``) are built, timed on it, and the fastest returned.
+        example: with ``mode="auto"``, an input batch: the ``candidates`` modes (default:
+            :func:`auto_candidates`) are built, timed on it, and the fastest returned.
             Without it, ``auto`` follows the rule of :func:`auto_mode` (from our measurements).
         candidates: the modes ``auto`` chooses among when ``example`` is given.
 
@@ -936,11 +954,7 @@ def deploy(
     if not isinstance(model, ParNet):
         raise ValueError(f"deploy takes a ParNet, got {type(model).__name__}")
     if mode == "auto" and example is not None:
-        names = candidates or (
-            ("channels_last", "parallel", "cuda_graph", "compiled")
-            if device.type == "cuda"
-            else ("channels_last", "packed", "winograd", "parallel") + (("compiled",) if has_cpp_compiler() else ())
-        )
+        names = candidates or auto_candidates(device)
         built = {name: deploy(model, device, name, devices, threads) for name in names}
         return built[fastest(built, example.to(device))]
     if mode == "auto":
