@@ -175,11 +175,13 @@ def test_packed_mode_keeps_a_few_input_shapes() -> None:
     model = make(14)
     net = deploy(model, "cpu", "packed")
     with torch.inference_mode():
-        for batch in (1, 2, 3, 4, 5, 1):
+        for batch in (1, 2, 3, 4, 1, 5, 3):
             x = torch.randn(batch, 3, 32, 32)
             assert (net(x) - model(x)).abs().max().item() < TOL
     caches = [m.packed.packed_weights for m in net.modules() if isinstance(m, FoldedBlock)]
-    assert caches and all(0 < len(c) <= PACKED_SHAPES for c in caches)
+    assert caches and all(len(c) == PACKED_SHAPES for c in caches)
+    # the least recently used shape (batch 2) was forgotten, not the first one seen (batch 1)
+    assert all([key[0] for key in c] == [4, 1, 5, 3] for c in caches)
 
 
 NNPACK = pytest.mark.skipif(not torch.backends.nnpack.is_available(), reason="PyTorch without NNPACK here")
@@ -321,10 +323,10 @@ def test_cuda_graph_bookkeeping(monkeypatch: pytest.MonkeyPatch) -> None:
     with torch.no_grad():
         out_b = net._replay(b)  # the same graph, called outside inference mode
         assert torch.allclose(out_a, net.module(a)) and torch.allclose(out_b, net.module(b))  # out_a kept
-        for batch in (5, 6, 2):
+        for batch in (5, 6, 5, 2):
             x = torch.randn(batch, 4)
             assert torch.allclose(net._replay(x), net.module(x))  # each shape its own graph
-    assert [k[0] for k in net._graphs] == [(6, 4), (2, 4)]  # at most max_graphs, the oldest dropped
+    assert [k[0] for k in net._graphs] == [(5, 4), (2, 4)]  # at most max_graphs, the least recently used dropped
     net.double()
     assert not net._graphs  # the graphs read the float weights' old memory
     with pytest.raises(ValueError, match="CUDA input"):

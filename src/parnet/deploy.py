@@ -47,6 +47,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -112,9 +113,17 @@ def _dense_gate(block: ParNetBlock) -> torch.Tensor:
     return dense
 
 
-def _remember(cache: dict, key: tuple[int, ...], value: object) -> None:
-    """Store ``value`` under ``key``, forgetting the oldest entry beyond PACKED_SHAPES (bounded memory)."""
-    if len(cache) >= PACKED_SHAPES:
+def _recall(cache: dict, key: tuple) -> Any:
+    """The entry under ``key`` (``None`` if there is none), now the most recently used."""
+    value = cache.pop(key, None)
+    if value is not None:
+        cache[key] = value  # a dict keeps insertion order: least recently used first
+    return value
+
+
+def _remember(cache: dict, key: tuple, value: object, limit: int = PACKED_SHAPES) -> None:
+    """Store ``value`` under ``key``, forgetting the least recently used entries beyond ``limit`` (bounded memory)."""
+    while len(cache) >= limit:
         del cache[next(iter(cache))]
     cache[key] = value
 
@@ -208,7 +217,7 @@ class PackedConv2d(nn.Module):
     def _onednn(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
         key = tuple(x.shape)
-        packed = self.packed_weights.get(key)
+        packed = _recall(self.packed_weights, key)
         if packed is None:
             weight = self.conv.weight.detach().contiguous(memory_format=torch.channels_last)
             packed = torch.ops.mkldnn._reorder_convolution_weight(weight, *self.geometry, list(key))
@@ -220,10 +229,12 @@ class PackedConv2d(nn.Module):
         if self.use_nnpack is None:
             return False
         key = tuple(x.shape)
-        if key not in self.use_nnpack:
+        wins = _recall(self.use_nnpack, key)
+        if wins is None:
             c = self.conv
-            _remember(self.use_nnpack, key, nnpack_is_faster(x, c.weight, c.bias, c.padding, self._onednn))
-        return self.use_nnpack[key]
+            wins = nnpack_is_faster(x, c.weight, c.bias, c.padding, self._onednn)
+            _remember(self.use_nnpack, key, wins)
+        return wins
 
     def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
         if not self.nnpack_wins(x):
@@ -718,7 +729,7 @@ class CudaGraphModule(nn.Module):
     """Replays a CUDA graph of ``module``'s forward; a new input shape is captured anew.
 
     Each (shape, dtype, device, layout) gets its own graph and static buffers (at most
-    ``max_graphs``; the oldest is dropped), so an input of another shape is never run through a
+    ``max_graphs``; the least recently used is dropped), so an input of another shape is never run through a
     graph captured for a different one. The output is a copy, safe to keep across calls. Moving
     or casting the module (``.to``, ``.half``, ...) drops the graphs, which read the old weights.
     """
@@ -755,13 +766,12 @@ class CudaGraphModule(nn.Module):
 
     def _replay(self, x: torch.Tensor) -> torch.Tensor:
         key = (tuple(x.shape), x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last))
-        entry = self._graphs.get(key)
+        entry = _recall(self._graphs, key)
         if entry is None:
-            if len(self._graphs) >= self.max_graphs:
-                self._graphs.pop(next(iter(self._graphs)))
             static_x = x.clone()
             graph, static_y = self._capture(static_x)
-            entry = self._graphs[key] = (graph, static_x, static_y)
+            entry = (graph, static_x, static_y)
+            _remember(self._graphs, key, entry, self.max_graphs)
         graph, static_x, static_y = entry
         # In inference mode: static_x is an inference tensor when the first call was made in it.
         with torch.inference_mode():
