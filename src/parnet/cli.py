@@ -31,6 +31,27 @@ def key_value(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"{key}: cannot read {value!r} ({e.__class__.__name__})") from None
 
 
+def model_name(text: Any) -> str:
+    """A timm model name (``name`` or ``name.tag``; ours and the baselines registered), as an argparse type.
+
+    An unknown name is refused with the registered names that look like it.
+    """
+    import difflib
+
+    import timm
+
+    from . import baselines  # noqa: F401 - registers the baselines
+
+    name = str(text)
+    if not timm.is_model(name.split(".")[0]):
+        known = timm.list_models()
+        close = difflib.get_close_matches(name.split(".")[0], known, n=5, cutoff=0.6)
+        close += [m for m in timm.list_models(f"*{name.split('_')[0]}*")[:8] if m not in close]
+        hint = f"; similar: {', '.join(close[:8])}" if close else "; `timm.list_models()` lists them"
+        raise argparse.ArgumentTypeError(f"unknown model {name!r}{hint}")
+    return name
+
+
 class MergeKwargs(argparse.Action):
     """Collects ``KEY=VALUE`` arguments (parsed by :func:`key_value`) into one dict; repeats merge."""
 

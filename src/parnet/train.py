@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cli import add_kwargs_option
+from .cli import add_kwargs_option, model_name
 
 __all__ = ["DATASET_DEFAULTS", "TrainConfig", "add_commands", "evaluate", "evaluate_model", "plot", "train"]
 
@@ -146,18 +146,6 @@ def _decay(s: Any) -> float:
     return v
 
 
-def _model_name(s: Any) -> str:
-    import timm
-
-    from . import baselines  # noqa: F401 - registers the baselines
-
-    s = str(s)
-    if not timm.is_model(s.split(".")[0]):
-        close = timm.list_models(f"*{s.split('_')[0]}*")[:8]
-        raise argparse.ArgumentTypeError(f"unknown model {s!r}" + (f"; similar: {', '.join(close)}" if close else ""))
-    return s
-
-
 def _dataset_name(s: Any) -> str:
     from .data import DATASETS
 
@@ -199,7 +187,7 @@ _TYPES: dict[str, Any] = {
     "dataset": _dataset_name,
     "data_dir": str,
     "download": _bool,
-    "model": _model_name,
+    "model": model_name,
     "model_kwargs": _mapping,
     "epochs": _positive_int,
     "batch_size": _positive_int,
