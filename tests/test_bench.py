@@ -82,3 +82,21 @@ def test_targets_use_best_modes_and_can_fail() -> None:
     assert thr["ratio"] == pytest.approx(1.1) and not thr["met"]  # 1.1x < 1.2x
     text = format_markdown(recs, [lat, thr])
     assert "MET (ratio 0.900" in text and "MISSED (ratio 1.100" in text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--models", "parnet_s,parnet_q"], "argument --models: unknown model 'parnet_q'"),
+        (["--baselines", "resnet34,resnt50"], "argument --baselines: unknown model 'resnt50'; similar: resnet50"),
+    ],
+)
+def test_model_names_checked_one_by_one(args: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["bench", *args])
+    assert message in capsys.readouterr().err
+
+
+def test_no_models_is_a_clear_error(capsys) -> None:
+    assert cli.main(["bench", "--models", " ", "--baselines", ""]) == 2
+    assert "--models is empty" in capsys.readouterr().err

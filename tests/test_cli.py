@@ -28,3 +28,35 @@ def test_summary_table_via_module_entry_point():
 def test_unknown_variant_is_a_clear_error(capsys):
     assert main(["summary", "parnet_q"]) == 2
     assert "unknown ParNet variant 'parnet_q'" in capsys.readouterr().err
+
+
+def test_kwargs_comma_lists_and_tuples_are_lists():
+    from parnet.cli import key_value
+
+    for text in ("widths=8,16,32", "widths=(8,16,32)", "widths=(8, 16, 32)", "widths=[8,16,32]"):
+        assert key_value(text) == ("widths", [8, 16, 32])
+    assert key_value("widths=(8,)") == ("widths", [8])
+    assert key_value("head_width=64") == ("head_width", 64) and key_value("act=relu") == ("act", "relu")
+    assert key_value('name="a,b"') == ("name", "a,b")  # quoted: YAML, as before
+
+
+def test_kwargs_reserved_keys_are_refused_with_the_reason(capsys):
+    import argparse
+
+    import pytest
+
+    from parnet.cli import add_kwargs_option
+
+    parser = argparse.ArgumentParser(prog="x")
+    add_kwargs_option(parser, "--model-kwargs", "help", reserved={"num_classes": "set by the dataset"})
+    assert parser.parse_args(["--model-kwargs", "widths=8,16,32"]).model_kwargs == {"widths": [8, 16, 32]}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model-kwargs", "widths=8,16,32", "num_classes=10"])
+    assert "num_classes is not accepted here: set by the dataset" in capsys.readouterr().err
+
+
+def test_a_keyword_the_model_does_not_take_is_a_clear_error(tmp_path, capsys):
+    """A --model-kwargs typo: the command says which keyword, in every command that builds a model."""
+    assert main(["export", "parnet_cifar_s", "--model-kwargs", "num_streams=4", "--out", str(tmp_path)]) == 2
+    assert "cannot create parnet_cifar_s with {'num_streams': 4}" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

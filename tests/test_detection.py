@@ -123,6 +123,26 @@ def test_backbone_weights_from_our_safetensors(tmp_path: Path) -> None:
         det.build_backbone("parnet_s", weights=tmp_path / "nope.safetensors", **TINY)
 
 
+def test_backbone_weights_read_by_content(official_tiny: dict, tmp_path: Path) -> None:
+    """A torch checkpoint named .safetensors, and plain safetensors state dicts (no or another format)."""
+    from safetensors.torch import save_file
+
+    kwargs = dict(widths=(16, 32, 64), head_width=128, stem_width=16, act="silu")  # the fixture's network
+    reference = parnet.load_official(official_tiny["state_dict"], activation="silu").eval()
+    torch.save({"state_dict": official_tiny["state_dict"]}, tmp_path / "authors.safetensors")
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    save_file(state, tmp_path / "plain.safetensors")
+    save_file(state, tmp_path / "hub.safetensors", metadata={"format": "pt"})
+    x = official_tiny["input"]
+    for name in ("authors.safetensors", "plain.safetensors", "hub.safetensors"):
+        bb = det.build_backbone("parnet_s", weights=tmp_path / name, **kwargs).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(bb.body(x)[-1], reference.forward_features(x))
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "plain.safetensors").read_bytes()[:200])
+    with pytest.raises(ValueError, match="cannot read .*cut.safetensors as safetensors"):
+        det.build_backbone("parnet_s", weights=tmp_path / "cut.safetensors", **kwargs)
+
+
 def test_backbone_weights_from_official_checkpoint(official_tiny: dict) -> None:
     kwargs = dict(
         widths=(16, 32, 64), head_width=128, stem_width=16, act="silu"
@@ -417,6 +437,22 @@ def test_train_det_refuses_to_overwrite_a_run(tmp_path: Path, capsys: pytest.Cap
     assert main(["train-det", "--data", str(tmp_path / "data"), "--output", str(run), "--device", "cpu"]) == 2
     assert "already holds a run; pass --resume" in capsys.readouterr().err
     assert (run / "last_state.pt").read_bytes() == b"an earlier run"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--backbone", "parnet_ss"], "unknown model 'parnet_ss'; similar: parnet_s"),
+        (["--backbone-kwargs", "widths=8,16,32", "in_chans=1"], "in_chans is not accepted here: the detector"),
+        (["--backbone-kwargs", "num_classes=3"], "num_classes is not accepted here: set by the dataset"),
+    ],
+)
+def test_train_det_checks_backbone_arguments(args: list[str], message: str, tmp_path: Path, capsys) -> None:
+    from parnet.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train-det", "--data", str(tmp_path), "--output", str(tmp_path / "run"), *args])
+    assert message in capsys.readouterr().err
 
 
 def test_train_detection_script_fails_when_a_run_fails(tmp_path: Path) -> None:

@@ -99,3 +99,38 @@ def test_export_leaves_the_model_and_writes_no_failed_file(tmp_path: Path, monke
         export_model(model, tmp_path, "m", formats=("torchscript",), input_size=(3, 32, 32))
     assert path.read_bytes() == good  # the good file was not replaced by the wrong one
     assert [p.name for p in tmp_path.iterdir()] == ["m.torchscript.pt"]  # and no temporary file is left
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [("parnet_ss", "unknown model 'parnet_ss'; similar: parnet_s"), ("resnet18", "export takes the ParNet variants")],
+)
+def test_export_refuses_unknown_and_non_parnet_models(model: str, message: str, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["export", model, "--out", str(tmp_path)])
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_export_checks_the_resolution_first(tmp_path: Path, capsys) -> None:
+    args = ["export", "parnet_cifar_s", "--model-kwargs", "widths=(8,16,32)", "head_width=64", "--out", str(tmp_path)]
+    assert cli.main([*args, "--resolution", "12", "--format", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "small-input form of ParNet with 3 streams" in err and "multiples of 8 (e.g. 8 or 16" in err
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="multiples of 32 \\(e.g. 96 or 128"):
+        export_model(timm.create_model("parnet_s", widths=(8, 16, 32), head_width=64), tmp_path, "m",
+                     input_size=(3, 100, 100))  # fmt: skip
+    # the tuple form of --model-kwargs builds the model
+    assert cli.main([*args, "--resolution", "16", "--format", "torchscript"]) == 0
+
+
+def test_export_points_a_torch_checkpoint_to_convert(official_tiny: dict, tmp_path: Path, capsys) -> None:
+    renamed = ("renamed.safetensors", "renamed_converted.safetensors")
+    for name, out in [("authors.pth.tar", "authors.safetensors"), renamed]:
+        torch.save({"state_dict": official_tiny["state_dict"]}, tmp_path / name)
+        assert cli.main(["export", "--checkpoint", str(tmp_path / name), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert "is a PyTorch checkpoint" in err and f"convert it first: `parnet convert {tmp_path / name} " in err
+        assert f" {tmp_path / out}`" in err
+    assert not (tmp_path / "out").exists()

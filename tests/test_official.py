@@ -216,3 +216,27 @@ def test_atomic_write_leaves_the_usual_permissions_and_no_temporary_on_error(tmp
         tmp.write_bytes(b"half")
         raise RuntimeError("killed mid-write")
     assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_training_state_is_pointed_to_the_run_files(tmp_path, capsys):
+    from parnet.cli import main
+    from parnet.engine import save_checkpoint
+
+    model = timm.create_model("parnet_cifar_s", widths=(8, 16, 32), head_width=64)
+    state = save_checkpoint(tmp_path / "run", 0, model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="training state.*the run folder, or its last.safetensors / last_ema"):
+        parnet.load_official(state)
+    assert main(["convert", str(state), str(tmp_path / "out.safetensors")]) == 2
+    assert "to `parnet eval` (without --official)" in capsys.readouterr().err
+
+
+def test_torch_checkpoint_named_safetensors_is_read_by_content(official_tiny, tmp_path):
+    from parnet.io import save_model
+    from parnet.official import is_torch_checkpoint
+
+    path = tmp_path / "renamed.safetensors"
+    torch.save({"state_dict": official_tiny["state_dict"]}, path)
+    assert is_torch_checkpoint(path) and is_torch_checkpoint(FIXTURES / "official_tiny.pt")
+    model = parnet.load_official(path, activation="silu")
+    assert torch.equal(model.head.fc.weight, official_tiny["state_dict"]["head.fc.weight"])
+    assert not is_torch_checkpoint(save_model(model, tmp_path / "ours.pth"))

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cli import add_kwargs_option
+from .cli import add_kwargs_option, create_model, model_name
 from .io import atomic_write
 
 __all__ = ["PAPER", "Record", "run_bench", "format_markdown", "check_targets", "plot_results", "machine_info"]
@@ -132,12 +132,11 @@ def build_entries(
     name: str, modes: Sequence[str], device: torch.device, threads: int, kwargs: dict | None = None
 ) -> tuple[nn.Module, dict[str, Callable[[torch.Tensor], torch.Tensor]]]:
     """The plain model (eval, the reference) and one callable per mode."""
-    import timm
     from timm.utils import reparameterize_model
 
     from .deploy import compile_cpu, deploy, freeze_cpu, pack_convs
 
-    model = timm.create_model(name, **(kwargs or {})).eval().to(device)
+    model = create_model(name, **(kwargs or {})).eval().to(device)
     randomize_statistics(model)
     entries: dict[str, Callable] = {}
     for mode in modes:
@@ -470,6 +469,11 @@ def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _model_list(text: str) -> str:
+    """Comma-separated timm model names, as an argparse type: each is checked by :func:`parnet.cli.model_name`."""
+    return ",".join(model_name(name) for name in _split(text))
+
+
 def _bench(args: argparse.Namespace) -> int:
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if args.device == "all" and not torch.cuda.is_available():
@@ -477,6 +481,8 @@ def _bench(args: argparse.Namespace) -> int:
     kwargs = args.model_kwargs or None
     if args.threads < 1 or args.batch < 1 or args.reps < 1:
         raise ValueError("--threads, --batch and --reps must be positive")
+    if not _split(args.models):
+        raise ValueError("--models is empty: give at least one ParNet variant, e.g. --models parnet_s")
     machine = machine_info(args.threads)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     log(f"machine: {json.dumps(machine)}")
@@ -522,10 +528,14 @@ def _bench(args: argparse.Namespace) -> int:
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """``parnet bench``."""
     p = subparsers.add_parser("bench", help="latency and throughput of ParNet modes against deep baselines")
-    p.add_argument("--models", default="parnet_s_official", help="ParNet variants, comma-separated [parnet_s_official]")
     p.add_argument(
-        "--baselines", default="resnet34,resnet50,repvgg_b1g4", help="timm baselines, comma-separated ('' for none)"
-    )
+        "--models", default="parnet_s_official", type=_model_list,
+        help="ParNet variants, comma-separated [parnet_s_official]",
+    )  # fmt: skip
+    p.add_argument(
+        "--baselines", default="resnet34,resnet50,repvgg_b1g4", type=_model_list,
+        help="timm baselines, comma-separated ('' for none)",
+    )  # fmt: skip
     p.add_argument(
         "--modes", help=f"ParNet modes [CPU: {','.join(PARNET_CPU_MODES)}; CUDA: {','.join(PARNET_CUDA_MODES)}]"
     )

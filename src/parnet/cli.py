@@ -19,12 +19,21 @@ COMMAND_MODULES: tuple[str, ...] = ("parnet.train", "parnet.detection", "parnet.
 
 
 def key_value(text: str) -> tuple[str, Any]:
-    """One ``KEY=VALUE`` argument, VALUE read as YAML: ``widths=[16,32,64]``, ``act=relu``, ``head_width=64``."""
+    """One ``KEY=VALUE`` argument, VALUE read as YAML: ``widths=[16,32,64]``, ``act=relu``, ``head_width=64``.
+
+    A comma list, bare or in parentheses as in Python (``widths=16,32,64``, ``widths=(16,32,64)``), is a list.
+    """
     import yaml
 
     key, sep, value = text.partition("=")
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. widths=[16,32,64]), got {text!r}")
+    stripped = value.strip()
+    if stripped.startswith("(") and stripped.endswith(")"):
+        inner = stripped[1:-1]
+        value = f"[{inner}]" if "," in inner or not inner.strip() else inner  # (8) is 8, as in Python
+    elif "," in stripped and not stripped.startswith(("[", "{", '"', "'")):
+        value = f"[{stripped}]"
     try:
         return key, yaml.safe_load(value)
     except yaml.YAMLError as e:
@@ -52,20 +61,49 @@ def model_name(text: Any) -> str:
     return name
 
 
+def create_model(name: str, **kwargs: Any) -> Any:
+    """``timm.create_model`` for a command: our variants and the baselines registered, and a keyword the
+    model does not take (a ``--model-kwargs`` typo) a ``ValueError`` that names it rather than a traceback."""
+    import timm
+
+    from . import baselines  # noqa: F401 - registers the baselines (and, through parnet, the variants)
+
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"cannot create {name} with {kwargs}: {e}") from None
+
+
 class MergeKwargs(argparse.Action):
-    """Collects ``KEY=VALUE`` arguments (parsed by :func:`key_value`) into one dict; repeats merge."""
+    """Collects ``KEY=VALUE`` arguments (parsed by :func:`key_value`) into one dict; repeats merge.
+
+    ``reserved`` maps the keys the command sets itself to why they are not accepted.
+    """
+
+    def __init__(self, *args: Any, reserved: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reserved = dict(reserved or {})
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
+        for key, _ in values:
+            if key in self.reserved:
+                raise argparse.ArgumentError(self, f"{key} is not accepted here: {self.reserved[key]}")
         merged = dict(getattr(namespace, self.dest, None) or {})
         merged.update(values)
         setattr(namespace, self.dest, merged)
 
 
-def add_kwargs_option(parser: argparse.ArgumentParser, flag: str, help: str, default: Any = None) -> None:
-    """The one way this CLI takes keyword arguments for ``timm.create_model``: ``KEY=VALUE ...``."""
+def add_kwargs_option(
+    parser: argparse.ArgumentParser, flag: str, help: str, default: Any = None, reserved: dict[str, str] | None = None
+) -> None:
+    """The one way this CLI takes keyword arguments for ``timm.create_model``: ``KEY=VALUE ...``.
+
+    ``reserved`` maps keys the command sets itself to why they are not accepted (e.g.
+    ``{"num_classes": "set by the dataset"}``); giving one is a usage error that says so.
+    """
     parser.add_argument(
         flag, nargs="+", type=key_value, action=MergeKwargs, metavar="KEY=VALUE",
-        default={} if default is None else default, help=help,
+        default={} if default is None else default, help=help, reserved=reserved,
     )  # fmt: skip
 
 

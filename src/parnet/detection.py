@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cli import add_kwargs_option
+from .cli import add_kwargs_option, create_model, model_name
 
 __all__ = [
     "DETECTORS",
@@ -132,8 +132,8 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
 
 def _read_weights(source: str | os.PathLike | Mapping[str, Any], use_ema: bool) -> tuple[dict[str, torch.Tensor], str]:
     """A classification state dict from: our safetensors (``parnet.io.save_model`` or a plain
-    safetensors state dict), the authors' ``.pth.tar`` (converted), or a torch checkpoint."""
-    from .official import is_official_layout, load_official, read_checkpoint, select_state_dict
+    safetensors state dict), the authors' ``.pth.tar`` (converted), or a torch checkpoint; told apart by content."""
+    from .official import is_official_layout, is_torch_checkpoint, load_official, read_checkpoint, select_state_dict
 
     if isinstance(source, Mapping):
         checkpoint, name = dict(source), "the given state dict"
@@ -141,14 +141,10 @@ def _read_weights(source: str | os.PathLike | Mapping[str, Any], use_ema: bool) 
         path, name = Path(source), str(source)
         if not path.is_file():
             raise FileNotFoundError(f"backbone weights not found: {path}")
-        if path.suffix == ".safetensors":
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
+        if not is_torch_checkpoint(path):  # by content: a torch.save file named .safetensors is read as one
+            from .io import read_safetensors
 
-            try:
-                return load_file(str(path)), name
-            except (SafetensorError, OSError) as e:
-                raise ValueError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
+            return read_safetensors(path, None)[0], name
         checkpoint = read_checkpoint(path)
     if isinstance(checkpoint.get("model"), Mapping):  # a full training checkpoint
         checkpoint = dict(checkpoint["model"])
@@ -211,14 +207,10 @@ def build_backbone(
         freeze_bn: replace BN by ``FrozenBatchNorm2d`` (after loading weights).
         model_kwargs: passed to ``timm.create_model`` (e.g. ``widths=(16, 32, 64)``).
     """
-    import timm
-
-    from . import model as _model  # noqa: F401  registers the ParNet variants
-
     if name.startswith("parnet"):
-        body = timm.create_model(name, features_only=True, **model_kwargs)
+        body = create_model(name, features_only=True, **model_kwargs)
     else:
-        body = timm.create_model(
+        body = create_model(
             name, features_only=True, out_indices=model_kwargs.pop("out_indices", (1, 2, 3, 4)), **model_kwargs
         )
     if weights is not None:
@@ -793,8 +785,17 @@ def add_commands(subparsers: Any) -> None:
     _add_data_args(p, ("train", "val"))
     p.add_argument("--output", required=True, help="run folder: checkpoints, metrics, eval.json, predictions.png")
     p.add_argument("--detector", choices=DETECTORS, default="fcos")
-    p.add_argument("--backbone", default="parnet_s", help="timm model: parnet_* or a baseline such as resnet18")
-    add_kwargs_option(p, "--backbone-kwargs", "timm.create_model arguments, e.g. widths=[16,32,64] head_width=128")
+    p.add_argument(
+        "--backbone", default="parnet_s", type=model_name, help="timm model: parnet_* or a baseline such as resnet18"
+    )
+    add_kwargs_option(
+        p, "--backbone-kwargs", "timm.create_model arguments, e.g. widths=[16,32,64] head_width=128",
+        reserved={
+            "in_chans": "the detector takes RGB images (3 channels)",
+            "num_classes": "set by the dataset's categories (the backbone has no classifier)",
+            "features_only": "the detector always takes the backbone's features",
+        },
+    )  # fmt: skip
     p.add_argument(
         "--backbone-weights", help="classification checkpoint: ours (.safetensors) or the authors' (.pth.tar)"
     )

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cli import add_kwargs_option
+from .cli import add_kwargs_option, create_model, model_name
 from .io import atomic_write
 
 __all__ = [
@@ -152,6 +152,7 @@ def export_model(
     mode) on a batch of 3, so it also checks that the batch dimension is dynamic. A file that fails
     the check is not written (an existing one is left as it was). ``model`` itself is not changed.
     """
+    check_input_size(model, input_size)
     model = copy.deepcopy(model).cpu().eval()  # the reference, on the CPU like the checks
     net = inference_model(model, fused_only)
     example = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
@@ -169,17 +170,45 @@ def export_model(
     return results
 
 
+def check_input_size(model: nn.Module, input_size: tuple[int, int, int]) -> None:
+    """Refuse an example size the ParNet cannot take: height and width must be multiples of its ``multiple``."""
+    cfg = getattr(model, "cfg", None)
+    m = getattr(model, "multiple", None) or getattr(cfg, "input_multiple", 1)
+    h, w = input_size[-2:]
+    if h < 1 or w < 1 or h % m or w % m:
+        bad = h if h < 1 or h % m else w
+        near = sorted({s for s in (bad // m * m, -(-bad // m) * m) if s >= m}) or [m]
+        form = f"the {'small-input' if cfg.small_input else 'ImageNet'} form of ParNet" if cfg else "this model"
+        streams = f" with {cfg.num_streams} streams" if cfg else ""
+        raise ValueError(
+            f"input size {h}x{w} does not fit: {form}{streams} takes heights and widths that are multiples of {m} "
+            f"(e.g. {' or '.join(map(str, near))}; --resolution of `parnet export`)"
+        )
+
+
+def parnet_model_name(text: str) -> str:
+    """A ParNet variant (``parnet_*``), as an argparse type: other timm models cannot be folded and exported."""
+    name = model_name(text)
+    if not name.startswith("parnet_"):
+        raise argparse.ArgumentTypeError(
+            f"{name!r} is not a ParNet variant: export takes the ParNet variants (parnet_*, e.g. parnet_s, "
+            "parnet_cifar_s; `parnet summary` lists them)"
+        )
+    return name
+
+
 def _build(args: argparse.Namespace) -> nn.Module:
-    import timm
 
     from . import io
+    from .official import refuse_torch_checkpoint
 
     if args.checkpoint:
+        refuse_torch_checkpoint(args.checkpoint, "parnet export --checkpoint")
         return io.load_model(args.checkpoint)
     kwargs = dict(args.model_kwargs)
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
-    return timm.create_model(args.model, **kwargs).eval()
+    return create_model(args.model, **kwargs).eval()
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -199,7 +228,10 @@ def _export(args: argparse.Namespace) -> int:
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """``parnet export``."""
     p = subparsers.add_parser("export", help="export the folded model: ONNX, TorchScript, torch.export")
-    p.add_argument("model", nargs="?", default="parnet_s", help="timm model name (random weights) [parnet_s]")
+    p.add_argument(
+        "model", nargs="?", default="parnet_s", type=parnet_model_name,
+        help="ParNet variant, parnet_* (random weights; `parnet summary` lists them) [parnet_s]",
+    )  # fmt: skip
     p.add_argument("--checkpoint", help="a .safetensors file written by parnet (overrides MODEL)")
     p.add_argument("--out", default="exports", help="output folder [exports]")
     p.add_argument("--name", help="file stem (default: model or checkpoint name)")

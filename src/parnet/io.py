@@ -71,9 +71,10 @@ def save_model(model: ParNet, path: str | os.PathLike, metadata: dict[str, str] 
 
 
 def read_safetensors(
-    path: str | os.PathLike, expected_format: str, device: str | torch.device = "cpu"
+    path: str | os.PathLike, expected_format: str | None, device: str | torch.device = "cpu"
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header metadata of a safetensors file whose ``format`` metadata is ``expected_format``."""
+    """Tensors and header metadata of a safetensors file whose ``format`` metadata is ``expected_format``
+    (``None``: any file, whatever its metadata)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no file at {path}")
@@ -83,7 +84,7 @@ def read_safetensors(
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
-    if meta.get("format") != expected_format:
+    if expected_format is not None and meta.get("format") != expected_format:
         raise ValueError(f"{path} is not a {expected_format!r} file (its metadata says {meta.get('format')!r})")
     return state, meta
 

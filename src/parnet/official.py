@@ -61,8 +61,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        with reading_official_checkpoints():
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # A file object, not the path: torch.load reads any path named *.safetensors as safetensors.
+        with reading_official_checkpoints(), open(path, "rb") as f:
+            checkpoint = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(
             f"refused to load {path}: it holds objects other than tensors and argparse.Namespace, "
@@ -78,6 +79,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def select_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> dict[str, torch.Tensor]:
     """The weights of a checkpoint (``state_dict``, ``state_dict_ema`` or a bare state dict),
     without the ``module.`` prefix of DataParallel / DistributedDataParallel."""
+    if checkpoint.get("format") == "parnet-train-state" or {"model", "optimizer", "epoch"} <= checkpoint.keys():
+        raise ValueError(
+            "this is a `parnet train` training state (last_state.pt: model, optimizer, epoch, ...), not an authors' "
+            "checkpoint; pass the run folder, or its last.safetensors / last_ema.safetensors, "
+            "to `parnet eval` (without --official)"
+        )
     if use_ema:
         if "state_dict_ema" not in checkpoint:
             raise ValueError(f"use_ema=True but the checkpoint has no 'state_dict_ema' (keys: {sorted(checkpoint)})")
@@ -90,6 +97,38 @@ def select_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> d
     if not tensors:
         raise ValueError("the checkpoint holds no tensors")
     return tensors
+
+
+# Suffixes of files written by ``torch.save`` (the authors' release files end in ``.pth.tar``).
+TORCH_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".ckpt")
+
+
+def is_torch_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a ``torch.save`` file (zip or pickle), or is named like one, rather than safetensors.
+
+    A safetensors file starts with the 8-byte length of its JSON header, then ``{``.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[8:9] == b"{":
+        return False
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or path.suffix.lower() in TORCH_SUFFIXES
+
+
+def refuse_torch_checkpoint(path: str | os.PathLike, what: str = "this command") -> None:
+    """Raise ``ValueError`` pointing to ``parnet convert`` if ``path`` is a PyTorch checkpoint, not safetensors."""
+    path = Path(path)
+    if path.is_file() and is_torch_checkpoint(path):
+        out = path
+        while out.suffix.lower() in TORCH_SUFFIXES + (".safetensors",):
+            out = out.with_suffix("")
+        out = out.with_name(out.name + ("_converted" if path.suffix == ".safetensors" else "") + ".safetensors")
+        raise ValueError(
+            f"{path} is a PyTorch checkpoint (such as the authors' .pth.tar), but {what} reads the safetensors "
+            f"files of this project; convert it first: `parnet convert {path} {out}` "
+            "(a `parnet train` run's weights are its last.safetensors)"
+        )
 
 
 def is_official_layout(state_dict: Mapping[str, Any]) -> bool:
