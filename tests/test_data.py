@@ -16,6 +16,7 @@ from parnet.data import (
     CorruptDatasetError,
     DatasetNotFoundError,
     ShardSampler,
+    available_cpus,
     build_datasets,
     build_loaders,
     read_idx,
@@ -246,3 +247,11 @@ def test_train_loader_is_reproducible_and_sharded(tmp_path):
     assert not idx[0] & idx[1] and len(idx[0]) == 32
     with pytest.raises(ValueError, match="larger than the training set"):
         build_loaders(train, test, 1000)
+
+
+def test_loader_workers_are_capped_at_the_cpus(tmp_path):
+    """A config written for a big machine (configs/imagenet.yaml: 8 workers) runs on a small one, unwarned."""
+    train, test, _ = build_datasets("fashion_mnist", make_fashion_mnist(tmp_path / "fm", 16, 8))
+    train_loader, test_loader, _ = build_loaders(train, test, 4, workers=available_cpus() + 6)
+    assert train_loader.num_workers == test_loader.num_workers == available_cpus()
+    assert build_loaders(train, test, 4, workers=0)[0].num_workers == 0

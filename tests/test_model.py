@@ -101,6 +101,25 @@ def test_stream_count_and_depth_follow_the_config():
         assert parnet.network_depth(model, torch.randn(1, 3, 64, 64)) == depth
 
 
+@pytest.mark.parametrize("blocks", [(5,), (4, 5), (6, 2), (4, 5, 5), (1, 3, 2), (5, 6, 6, 1)])
+def test_readme_depth_formula_and_input_multiple(blocks):
+    n = len(blocks)
+    widths = tuple(8 * 2**i for i in range(n))
+    for small in (True, False):
+        cfg = ParNetCfg(widths=widths, head_width=16, blocks=blocks, small_input=small)
+        model = ParNet(cfg, num_classes=3).eval()
+        # README: multiples of the stem's stride (1 small-input, 4 ImageNet form) times 2 per stream.
+        m = cfg.input_multiple
+        assert m == (1 if small else 4) * 2**n
+        assert model(torch.randn(1, 3, m, 2 * m)).shape == (1, 3)
+        with pytest.raises(ValueError, match=f"multiples of {m},"):
+            model(torch.randn(1, 3, m, m + m // 2))
+    # README: 2 (stem) + (streams - 1) + the most blocks of any stream + 3 (fusion, last downsampling,
+    # classifier), one less with a single stream (no fusion).
+    readme = 2 + (n - 1) + max(blocks) + 3 - (n == 1)
+    assert parnet.network_depth(model, torch.randn(1, 3, m, m)) == readme
+
+
 def test_timm_create_model_knobs():
     model = timm.create_model("parnet_cifar_s", num_classes=100, in_chans=1, drop_rate=0.2)
     assert isinstance(model, ParNet)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -14,11 +15,21 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from parnet import engine
 from parnet.cli import main
-from parnet.train import TrainConfig, evaluate, make_config, plot, train
+from parnet.train import (
+    DATASET_DEFAULTS,
+    TrainConfig,
+    _amp_dtype,
+    check_config,
+    evaluate,
+    make_config,
+    plot,
+    train,
+)
 
 from .test_data import make_fashion_mnist, make_image_folder
 
@@ -97,13 +108,19 @@ def test_schedule_warmup_cosine_and_weight_decay_exclusions(reference_run):
     assert all(g["momentum"] == 0.9 and not g["nesterov"] for g in groups)
 
 
-def test_resume_ends_bit_identical(fmnist, tmp_path, reference_run):
+def test_resume_ends_bit_identical(fmnist, tmp_path, reference_run, capsys):
     ref_dir, ref = reference_run
     out = tmp_path / "resumed"
     first = train(tiny_config(fmnist, out, stop_after=1))
     assert first["epochs_done"] == 1 and not (out / "results.json").exists()
-    # A NaN-free resume from the epoch-1 checkpoint, in a fresh call.
-    second = train(tiny_config(fmnist, out, resume=True))
+    # `parnet train --output RUN --resume` takes the run's settings from RUN/config.yaml; a setting given
+    # explicitly that the restored state depends on must still match it.
+    assert main(["train", "--output", str(out), "--resume", "--lr", "0.2"]) == 2
+    assert "lr was 0.05, now 0.2" in capsys.readouterr().err
+    # A NaN-free resume from the epoch-1 checkpoint, in a fresh call, without repeating the settings
+    # (nor the first call's --stop-after).
+    assert main(["train", "--output", str(out), "--resume"]) == 0
+    second = json.loads((out / "results.json").read_text())
     assert second["epochs_done"] == 2
     a, b = load_file(ref_dir / "last.safetensors"), load_file(out / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -232,6 +249,15 @@ def test_eval_and_plot_of_a_run(reference_run, capsys):
     assert main(["plot", str(out)]) == 0
 
 
+def test_eval_on_data_with_other_channels_names_the_runs_dataset(reference_run, tmp_path, capsys):
+    """A 1-channel Fashion-MNIST run scored on 3-channel CIFAR: said before looking for the data."""
+    out, _ = reference_run
+    assert main(["eval", str(out), "--dataset", "cifar10", "--data-dir", str(tmp_path), "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on 1-channel data (fashion_mnist), cifar10 has 3-channel images" in err
+    assert "evaluate it on fashion_mnist" in err and "in_chans" not in err
+
+
 def test_eval_fused_safetensors_alone(reference_run, fmnist):
     out, res = reference_run
     scores = evaluate(out / "fused.safetensors", dataset="fashion_mnist", data_dir=str(fmnist), workers=0)
@@ -264,6 +290,7 @@ def test_eval_accepts_the_authors_checkpoints(tmp_path):
         (["--ema-decay", "1"], "--ema-decay"),
         (["--model-kwargs", "widths"], "KEY=VALUE"),
         (["--sched", "plateau"], "--sched"),  # timm's plateau steps per epoch on a metric; the loop per update
+        (["--model-kwargs", "in_chans=3"], "in_chans is not accepted here: set by the dataset's images"),
     ],
 )
 def test_parser_refuses_impossible_settings(flags, message, capsys, tmp_path):
@@ -280,6 +307,9 @@ def test_yaml_config_and_precedence(tmp_path, capsys):
     assert (cfg.dataset, cfg.epochs, cfg.lr, cfg.warmup_epochs) == ("cifar10", 7, 0.02, 5)  # warm-up: cifar default
     assert cfg.model_kwargs == {"widths": [8, 16, 32]}
     assert make_config({}).epochs == 30  # fashion_mnist default
+    cfg_file.write_text("model_kwargs: {num_classes: 5}\n")
+    with pytest.raises(ValueError, match="num_classes is not accepted here: set by the dataset"):
+        make_config({}, str(cfg_file))
     cfg_file.write_text("epochs: -3\n")
     with pytest.raises(ValueError, match="epochs"):
         make_config({}, str(cfg_file))
@@ -296,10 +326,41 @@ def test_yaml_config_and_precedence(tmp_path, capsys):
     assert "unknown setting 'epochz'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
-def test_shipped_configs_are_valid(name):
-    cfg = make_config({}, str(ROOT / "configs" / name))
+CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+RECIPES = {"fashion_mnist_results.yaml"}  # README: a recipe; every other file writes out a dataset's defaults
+
+
+def _config_file_name(dataset: str) -> str:
+    return {"imagefolder": "imagenet"}.get(dataset, dataset) + ".yaml"
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_configs_are_valid_and_are_the_datasets_defaults(name):
+    """README: settings come from the defaults, then the dataset's (DATASET_DEFAULTS, which
+    configs/<dataset>.yaml writes out), then --config FILE, then flags."""
+    path = ROOT / "configs" / name
+    loaded = yaml.safe_load(path.read_text())
+    assert check_config(loaded, name).keys() == loaded.keys()
+    cfg = make_config({}, str(path))
     assert cfg.epochs > 0 and cfg.lr > 0
+    if name not in RECIPES:
+        assert name == _config_file_name(cfg.dataset)
+        assert cfg == make_config({"dataset": cfg.dataset}), f"{name} differs from the built-in defaults"
+
+
+def test_every_dataset_has_its_defaults_written_out_and_the_recipe_gives_the_recorded_run():
+    assert {_config_file_name(d) for d in DATASET_DEFAULTS} == set(CONFIGS) - RECIPES
+    recorded = yaml.safe_load((ROOT / "results" / "fmnist-parnet-e8" / "config.yaml").read_text())
+    cfg = dataclasses.asdict(make_config({}, str(ROOT / "configs" / "fashion_mnist_results.yaml")))
+    assert {**cfg, "output": recorded["output"]} == recorded
+
+
+def test_imagenet_config_leaves_bf16_and_channels_last_to_cuda():
+    """README: bf16 autocast and channels_last on CUDA; a CPU run of configs/imagenet.yaml gets neither."""
+    cfg = make_config({}, str(ROOT / "configs" / "imagenet.yaml"))
+    assert _amp_dtype(cfg.amp, torch.device("cpu")) is None
+    assert _amp_dtype(cfg.amp, torch.device("cuda")) == torch.bfloat16
+    assert cfg.channels_last == "auto"
 
 
 def test_missing_or_corrupt_dataset_exits_non_zero_and_writes_nothing(tmp_path, capsys):

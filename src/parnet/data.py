@@ -349,6 +349,14 @@ def build_datasets(
 # -- loaders ------------------------------------------------------------------------------------
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity, as the DataLoader counts them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class ShardSampler(Sampler[int]):
     """Indices ``rank, rank + world, ...``: every item seen by exactly one rank, none repeated (evaluation)."""
 
@@ -377,9 +385,12 @@ def build_loaders(
 
     Call ``train_loader.sampler.set_epoch(epoch)`` each epoch. The returned generator seeds the
     workers' RNGs; save it with the checkpoint (``engine.save_checkpoint(..., generators=...)``).
+    ``workers`` is capped at the CPUs this process may use (more only compete for them, and the
+    DataLoader warns), so a config written for a big machine also runs on a small one.
     """
     from torch.utils.data import DistributedSampler
 
+    workers = min(workers, available_cpus())
     if len(train) < batch_size * world_size:
         raise ValueError(
             f"batch size {batch_size} x {world_size} rank(s) is larger than the training set ({len(train)} images)"

@@ -236,7 +236,8 @@ class ParNet(nn.Module):
         if x.shape[1] != self.in_chans:
             raise ValueError(
                 f"ParNet was built for {self.in_chans} input channels, got {x.shape[1]} "
-                f"(shape {tuple(x.shape)}); create the model with in_chans={x.shape[1]}"
+                f"(shape {tuple(x.shape)}); give it {self.in_chans}-channel images, or create the model with "
+                f"in_chans={x.shape[1]}"
             )
         m = self.cfg.input_multiple
         h, w = x.shape[-2:]
