@@ -218,6 +218,25 @@ def test_atomic_write_leaves_the_usual_permissions_and_no_temporary_on_error(tmp
     assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
 
 
+def test_atomic_write_follows_the_umask_without_changing_it(tmp_path, monkeypatch):
+    """Reading the umask means setting it, which races with other threads creating files: never done."""
+    from parnet.io import atomic_write
+
+    old = os.umask(0o027)
+    try:
+
+        def no_umask(mask: int) -> int:
+            raise AssertionError("atomic_write changed the process umask")
+
+        monkeypatch.setattr(os, "umask", no_umask)
+        with atomic_write(tmp_path / "private.bin") as tmp:
+            tmp.write_bytes(b"x")
+        monkeypatch.undo()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "private.bin").stat().st_mode & 0o777 == 0o640
+
+
 def test_training_state_is_pointed_to_the_run_files(tmp_path, capsys):
     from parnet.cli import main
     from parnet.engine import save_checkpoint

@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,27 +28,46 @@ __all__ = ["atomic_write", "save_model", "load_model", "model_metadata", "read_s
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path`` atomically.
 
-    On an exception the temporary file is removed and ``path`` is left as it was.
+    On an exception the temporary file is removed and ``path`` is left as it was. The new file has
+    the permissions a plain ``open`` would give it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_temporary(path)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp_path, path)
+        _sync_folder(path.parent)  # the rename itself survives a power cut
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _new_temporary(path: Path) -> Path:
+    """A new empty file beside ``path``, made with mode 0o666 so that the kernel applies the umask
+    (``tempfile.mkstemp`` makes 0600, and reading the umask means changing it, which races with threads)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"cannot create a temporary file beside {path}")
+
+
+def _sync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not every platform opens folders (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # nor syncs them on every file system
+        pass
+    finally:
+        os.close(fd)
 
 
 def model_metadata(model: ParNet) -> dict[str, str]:
