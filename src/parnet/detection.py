@@ -319,8 +319,8 @@ def create_detector(
         model = FasterRCNN(
             body, num_classes, rpn_anchor_generator=anchors, box_roi_pool=roi_pool, **common, **detector_kwargs
         )
-    # torchvision pads batches to multiples of 32; ParNet needs multiples of its input_multiple.
-    model.transform.size_divisible = max(model.transform.size_divisible, body.input_multiple)
+    # torchvision pads batches to multiples of 32; ParNet needs multiples of its input_multiple: both hold.
+    model.transform.size_divisible = math.lcm(model.transform.size_divisible, body.input_multiple)
     model.detector_config = config
     return model
 
