@@ -116,9 +116,9 @@ def test_export_checks_the_resolution_first(tmp_path: Path, capsys) -> None:
     args = ["export", "parnet_cifar_s", "--model-kwargs", "widths=(8,16,32)", "head_width=64", "--out", str(tmp_path)]
     assert cli.main([*args, "--resolution", "12", "--format", "onnx"]) == 2
     err = capsys.readouterr().err
-    assert "small-input form of ParNet with 3 streams" in err and "multiples of 8 (e.g. 8 or 16" in err
-    assert not any(tmp_path.iterdir())
-    with pytest.raises(ValueError, match="multiples of 32 \\(e.g. 96 or 128"):
+    assert "the small-input form of ParNet needs height and width that are multiples of 8, got 12x12" in err
+    assert "(e.g. to 16x16)" in err and not any(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="multiples of 32, got 100x100; resize or pad the input \\(e.g. to 128x128"):
         export_model(timm.create_model("parnet_s", widths=(8, 16, 32), head_width=64), tmp_path, "m",
                      input_size=(3, 100, 100))  # fmt: skip
     # the tuple form of --model-kwargs builds the model

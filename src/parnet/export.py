@@ -152,7 +152,10 @@ def export_model(
     mode) on a batch of 3, so it also checks that the batch dimension is dynamic. A file that fails
     the check is not written (an existing one is left as it was). ``model`` itself is not changed.
     """
-    check_input_size(model, input_size)
+    try:  # before any work: the model's own check says which sizes it takes
+        model.check_input(torch.empty(1, *input_size, device="meta"))
+    except ValueError as e:
+        raise ValueError(f"cannot export at input size {tuple(input_size)}: {e}") from None
     model = copy.deepcopy(model).cpu().eval()  # the reference, on the CPU like the checks
     net = inference_model(model, fused_only)
     example = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
@@ -170,20 +173,11 @@ def export_model(
     return results
 
 
-def check_input_size(model: nn.Module, input_size: tuple[int, int, int]) -> None:
-    """Refuse an example size the ParNet cannot take: height and width must be multiples of its ``multiple``."""
-    cfg = getattr(model, "cfg", None)
-    m = getattr(model, "multiple", None) or getattr(cfg, "input_multiple", 1)
-    h, w = input_size[-2:]
-    if h < 1 or w < 1 or h % m or w % m:
-        bad = h if h < 1 or h % m else w
-        near = sorted({s for s in (bad // m * m, -(-bad // m) * m) if s >= m}) or [m]
-        form = f"the {'small-input' if cfg.small_input else 'ImageNet'} form of ParNet" if cfg else "this model"
-        streams = f" with {cfg.num_streams} streams" if cfg else ""
-        raise ValueError(
-            f"input size {h}x{w} does not fit: {form}{streams} takes heights and widths that are multiples of {m} "
-            f"(e.g. {' or '.join(map(str, near))}; --resolution of `parnet export`)"
-        )
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def parnet_model_name(text: str) -> str:
@@ -236,7 +230,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="exports", help="output folder [exports]")
     p.add_argument("--name", help="file stem (default: model or checkpoint name)")
     p.add_argument("--format", default=",".join(FORMATS), help=f"comma-separated of {', '.join(FORMATS)} [all]")
-    p.add_argument("--resolution", type=int, default=224, help="example input height and width [224]")
+    p.add_argument("--resolution", type=_positive_int, default=224, help="example input height and width [224]")
     p.add_argument("--num-classes", type=int, help="classifier outputs (timm models only)")
     add_kwargs_option(p, "--model-kwargs", "timm.create_model arguments, e.g. widths=[8,16,32] head_width=64")
     p.add_argument("--fused-only", action="store_true", help="export the re-parameterized model without folding")
