@@ -23,9 +23,6 @@ from .io import atomic_write
 
 __all__ = [
     "FORMATS",
-    "export_onnx",
-    "export_torchscript",
-    "export_program",
     "check_export",
     "export_model",
     "load_runner",
@@ -45,18 +42,22 @@ def inference_model(model: nn.Module, fused_only: bool = False) -> nn.Module:
     return net.cpu().eval()
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, example: torch.Tensor, opset: int = 17) -> Path:
+# The writers write ``path`` directly: export_model gives them a temporary file, checks it, and only
+# then moves it into place (parnet.io.atomic_write).
+
+
+def _write_onnx(model: nn.Module, path: Path, example: torch.Tensor, opset: int = 17) -> None:
     """ONNX with a dynamic batch dimension (input ``input``, output ``logits``).
 
     Uses the TorchScript-based exporter (seconds); if that fails, the ``torch.export``-based one.
     """
-    with atomic_write(path) as tmp, warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
                 model,
                 (example,),
-                str(tmp),
+                str(path),
                 dynamo=False,
                 input_names=["input"],
                 output_names=["logits"],
@@ -75,11 +76,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example: torch.Tensor
                 opset_version=max(opset, 18),
                 external_data=False,
             )
-            program.save(str(tmp))
-    return Path(path)
+            program.save(str(path))
 
 
-def export_torchscript(model: nn.Module, path: str | os.PathLike, example: torch.Tensor) -> Path:
+def _write_torchscript(model: nn.Module, path: Path, example: torch.Tensor) -> None:
     """TorchScript (scripted, so any batch size and any valid resolution work)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -87,18 +87,15 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, example: torch
             scripted = torch.jit.script(model)
         except Exception:  # noqa: BLE001 - a model that does not script is traced instead
             scripted = torch.jit.trace(model, example, check_trace=False)
-        with atomic_write(path) as tmp:
-            torch.jit.save(scripted, str(tmp))
-    return Path(path)
+        torch.jit.save(scripted, str(path))
 
 
-def export_program(model: nn.Module, path: str | os.PathLike, example: torch.Tensor) -> Path:
+def _write_program(model: nn.Module, path: Path, example: torch.Tensor) -> None:
     """A ``torch.export`` program (``.pt2``) with a dynamic batch dimension."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}})
-    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+    with open(path, "wb") as f:  # a file object: given a name not ending in .pt2, torch.export.save warns
         torch.export.save(program, f)
-    return Path(path)
 
 
 def load_runner(fmt: str, path: str | os.PathLike) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -160,7 +157,7 @@ def export_model(
     net = inference_model(model, fused_only)
     example = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     checks = [torch.randn(3, *input_size, generator=torch.Generator().manual_seed(1))]  # another batch size
-    writers = {"onnx": export_onnx, "torchscript": export_torchscript, "export": export_program}
+    writers = {"onnx": _write_onnx, "torchscript": _write_torchscript, "export": _write_program}
     results = {}
     for fmt in formats:
         if fmt not in writers:
@@ -168,7 +165,10 @@ def export_model(
         path = Path(out_dir) / f"{name}{SUFFIX[fmt]}"
         with atomic_write(path) as tmp:  # replaced only once the file has passed the check
             writers[fmt](net, tmp, example)
-            diff = check_export(fmt, tmp, model, checks) if check else None
+            try:
+                diff = check_export(fmt, tmp, model, checks) if check else None
+            except ValueError as e:  # named after the target, not the temporary file
+                raise ValueError(str(e).replace(str(tmp), f"{path} (not written)")) from None
         results[fmt] = {"path": str(path), "max_abs_diff": diff}
     return results
 
