@@ -126,8 +126,8 @@ def test_export_checks_the_resolution_first(tmp_path: Path, capsys) -> None:
 
 
 def test_export_points_a_torch_checkpoint_to_convert(official_tiny: dict, tmp_path: Path, capsys) -> None:
-    renamed = ("renamed.safetensors", "renamed_converted.safetensors")
-    for name, out in [("authors.pth.tar", "authors.safetensors"), renamed]:
+    for name in ("authors.pth.tar", "renamed.safetensors"):
+        out = name.split(".")[0] + "_converted.safetensors"
         torch.save({"state_dict": official_tiny["state_dict"]}, tmp_path / name)
         assert cli.main(["export", "--checkpoint", str(tmp_path / name), "--out", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err

@@ -133,7 +133,8 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
 def _read_weights(source: str | os.PathLike | Mapping[str, Any], use_ema: bool) -> tuple[dict[str, torch.Tensor], str]:
     """A classification state dict from: our safetensors (``parnet.io.save_model`` or a plain
     safetensors state dict), the authors' ``.pth.tar`` (converted), or a torch checkpoint; told apart by content."""
-    from .official import is_official_layout, is_torch_checkpoint, load_official, read_checkpoint, select_state_dict
+    from .io import is_torch_checkpoint
+    from .official import is_official_layout, load_official, read_checkpoint, select_state_dict
 
     if isinstance(source, Mapping):
         checkpoint, name = dict(source), "the given state dict"

@@ -194,10 +194,8 @@ def parnet_model_name(text: str) -> str:
 def _build(args: argparse.Namespace) -> nn.Module:
 
     from . import io
-    from .official import refuse_torch_checkpoint
 
     if args.checkpoint:
-        refuse_torch_checkpoint(args.checkpoint, "parnet export --checkpoint")
         return io.load_model(args.checkpoint)
     kwargs = dict(args.model_kwargs)
     if args.num_classes is not None:

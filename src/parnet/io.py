@@ -89,6 +89,23 @@ def save_model(model: ParNet, path: str | os.PathLike, metadata: dict[str, str] 
     return Path(path)
 
 
+# Suffixes of files written by ``torch.save`` (the authors' release files end in ``.pth.tar``).
+TORCH_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".ckpt")
+
+
+def is_torch_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a ``torch.save`` file (zip or pickle), or is named like one, rather than safetensors.
+
+    A safetensors file starts with the 8-byte length of its JSON header, then ``{``.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[8:9] == b"{":
+        return False
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or path.suffix.lower() in TORCH_SUFFIXES
+
+
 def read_safetensors(
     path: str | os.PathLike, expected_format: str | None, device: str | torch.device = "cpu"
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -102,6 +119,12 @@ def read_safetensors(
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as e:
+        if is_torch_checkpoint(path):
+            out = path.with_name(path.name.split(".")[0] + "_converted.safetensors")
+            raise ValueError(
+                f"{path} is a PyTorch checkpoint (such as the authors' .pth.tar), not safetensors; convert it "
+                f"first: `parnet convert {path} {out}` (a `parnet train` run's weights are its last.safetensors)"
+            ) from None
         raise ValueError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
     if expected_format is not None and meta.get("format") != expected_format:
         raise ValueError(f"{path} is not a {expected_format!r} file (its metadata says {meta.get('format')!r})")

@@ -99,38 +99,6 @@ def select_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> d
     return tensors
 
 
-# Suffixes of files written by ``torch.save`` (the authors' release files end in ``.pth.tar``).
-TORCH_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".ckpt")
-
-
-def is_torch_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds a ``torch.save`` file (zip or pickle), or is named like one, rather than safetensors.
-
-    A safetensors file starts with the 8-byte length of its JSON header, then ``{``.
-    """
-    path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head[8:9] == b"{":
-        return False
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or path.suffix.lower() in TORCH_SUFFIXES
-
-
-def refuse_torch_checkpoint(path: str | os.PathLike, what: str = "this command") -> None:
-    """Raise ``ValueError`` pointing to ``parnet convert`` if ``path`` is a PyTorch checkpoint, not safetensors."""
-    path = Path(path)
-    if path.is_file() and is_torch_checkpoint(path):
-        out = path
-        while out.suffix.lower() in TORCH_SUFFIXES + (".safetensors",):
-            out = out.with_suffix("")
-        out = out.with_name(out.name + ("_converted" if path.suffix == ".safetensors" else "") + ".safetensors")
-        raise ValueError(
-            f"{path} is a PyTorch checkpoint (such as the authors' .pth.tar), but {what} reads the safetensors "
-            f"files of this project; convert it first: `parnet convert {path} {out}` "
-            "(a `parnet train` run's weights are its last.safetensors)"
-        )
-
-
 def is_official_layout(state_dict: Mapping[str, Any]) -> bool:
     return any(k.startswith(("inits.", "combine.")) for k in state_dict)
 

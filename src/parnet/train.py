@@ -757,8 +757,8 @@ def load_weights(path: str | os.PathLike, device: str = "cpu", official: bool | 
     import torch
 
     from . import reparameterize
-    from .io import read_safetensors
-    from .official import is_torch_checkpoint, load_official
+    from .io import is_torch_checkpoint, read_safetensors
+    from .official import load_official
 
     path = Path(path)
     if not path.is_file():
@@ -800,6 +800,7 @@ def evaluate(
 
     from . import reparameterize
     from .data import DATASETS, build_datasets, build_loaders
+    from .io import is_torch_checkpoint
 
     path = Path(checkpoint)
     nets: dict[str, Any] = {}
@@ -818,7 +819,7 @@ def evaluate(
             run_dataset = run_cfg.get("dataset")
             if dataset is None:
                 dataset, data_dir = run_dataset, data_dir or run_cfg.get("data_dir")
-    elif official or (official is None and not path.name.endswith(".safetensors")):
+    elif official or (official is None and path.is_file() and is_torch_checkpoint(path)):  # by content
         from .official import load_official, read_checkpoint
 
         if not path.is_file():
