@@ -311,8 +311,11 @@ def test_cuda_graph_bookkeeping(monkeypatch: pytest.MonkeyPatch) -> None:
     def capture(self: CudaGraphModule, static_x: torch.Tensor) -> tuple:
         with torch.inference_mode():
             static_y = self.module(static_x)
-        # a replay runs the captured forward again on the static input, into the static output
-        return SimpleNamespace(replay=lambda: static_y.copy_(self.module(static_x))), static_y
+        def replay() -> None:  # the captured forward again, static input to static output; like a real
+            with torch.inference_mode():  # replay, it runs outside autograd whatever the caller's mode
+                static_y.copy_(self.module(static_x))
+
+        return SimpleNamespace(replay=replay), static_y
 
     monkeypatch.setattr(CudaGraphModule, "_capture", capture)
     torch.manual_seed(0)

@@ -71,6 +71,8 @@ def create_model(name: str, **kwargs: Any) -> Any:
     try:
         return timm.create_model(name, **kwargs)
     except TypeError as e:
+        if "unexpected keyword argument" not in str(e):  # not a typo of the user's: keep the traceback
+            raise
         raise ValueError(f"cannot create {name} with {kwargs}: {e}") from None
 
 

@@ -768,15 +768,14 @@ class CudaGraphModule(nn.Module):
         key = (tuple(x.shape), x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last))
         entry = _recall(self._graphs, key)
         if entry is None:
-            static_x = x.clone()
+            with torch.inference_mode(False):  # a normal tensor, which any later call can copy into
+                static_x = x.clone()
             graph, static_y = self._capture(static_x)
             entry = (graph, static_x, static_y)
             _remember(self._graphs, key, entry, self.max_graphs)
         graph, static_x, static_y = entry
-        # In inference mode: static_x is an inference tensor when the first call was made in it.
-        with torch.inference_mode():
-            static_x.copy_(x)
-            graph.replay()
+        static_x.copy_(x)
+        graph.replay()
         return static_y.clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
