@@ -435,7 +435,7 @@ def test_train_det_refuses_to_overwrite_a_run(tmp_path: Path, capsys: pytest.Cap
     run.mkdir()
     (run / "last_state.pt").write_bytes(b"an earlier run")
     assert main(["train-det", "--data", str(tmp_path / "data"), "--output", str(run), "--device", "cpu"]) == 2
-    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert "already holds a run (last_state.pt); pass --resume" in capsys.readouterr().err
     assert (run / "last_state.pt").read_bytes() == b"an earlier run"
 
 

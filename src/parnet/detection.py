@@ -559,8 +559,7 @@ def train_det(args: argparse.Namespace) -> int:
     from .det_data import CocoDetectionDataset
 
     run_dir = Path(args.output)
-    if not args.resume and (run_dir / engine.STATE_FILE).is_file():
-        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --output")
+    engine.check_run_folder(run_dir, args.resume, ("eval.json",))
     dist_info = engine.init_distributed(args.device)
     try:
         engine.seed_everything(args.seed, dist_info.rank)

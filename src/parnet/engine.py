@@ -56,6 +56,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ __all__ = [
     "Progress",
     "all_reduce_sum",
     "check_finite",
+    "check_run_folder",
     "cleanup_distributed",
     "init_distributed",
     "load_checkpoint",
@@ -90,6 +92,28 @@ __all__ = [
 STATE_FILE = "last_state.pt"
 WEIGHTS_FILE = "last.safetensors"
 EMA_WEIGHTS_FILE = "last_ema.safetensors"
+METRICS_FILE = "metrics.jsonl"
+# The files that make a folder a run (config.yaml alone is left by a run killed in its first epoch).
+RUN_FILES = (STATE_FILE, WEIGHTS_FILE, EMA_WEIGHTS_FILE, METRICS_FILE)
+
+
+def check_run_folder(run_dir: str | os.PathLike, resume: bool, results: Sequence[str] = ()) -> None:
+    """Refuse to resume a run without a checkpoint, or to start a new run over an old one.
+
+    Any file of a run counts (``RUN_FILES`` and the task's ``results``), not only its checkpoint,
+    which a user may delete to save space.
+    """
+    run_dir = Path(run_dir)
+    if resume:
+        if not (run_dir / STATE_FILE).is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {run_dir / STATE_FILE}")
+        return
+    held = [name for name in (*RUN_FILES, *results) if (run_dir / name).is_file()]
+    if held:
+        raise ValueError(
+            f"{run_dir} already holds a run ({', '.join(held)}); pass --resume to continue it, "
+            "or choose another --output (or remove the folder)"
+        )
 
 
 # -- distributed --------------------------------------------------------------------------------
@@ -360,7 +384,7 @@ class MetricLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        jsonl = self.run_dir / "metrics.jsonl"
+        jsonl = self.run_dir / METRICS_FILE
         if start_epoch is not None and jsonl.is_file():
             self.rows = [r for r in read_metrics(jsonl) if r.get("epoch", 0) < start_epoch]
         if tensorboard:
@@ -377,7 +401,7 @@ class MetricLogger:
             return
         row = {"epoch": int(epoch), **{k: _plain(v) for k, v in metrics.items()}}
         self.rows = [r for r in self.rows if r["epoch"] != epoch] + [row]
-        with atomic_write(self.run_dir / "metrics.jsonl") as tmp:
+        with atomic_write(self.run_dir / METRICS_FILE) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         fields: list[str] = []
         for r in self.rows:

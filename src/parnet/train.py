@@ -405,9 +405,8 @@ def _create_model(name: str, num_classes: int, in_chans: int, kwargs: dict[str, 
     return create_model(name, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, **kwargs)
 
 
-# What a fresh run must not overwrite (config.yaml alone is left by a run killed in its first epoch).
-_RUN_OUTPUTS = ("last_state.pt", "last.safetensors", "last_ema.safetensors", "metrics.jsonl", "results.json",
-                "fused.safetensors", "ema_fused.safetensors")  # fmt: skip
+# What a run writes besides the engine's files; a new run must not overwrite them either.
+_RESULT_FILES = ("results.json", "fused.safetensors", "ema_fused.safetensors")
 
 # Settings a resumed run must keep: the data and model, and those the restored optimizer and schedule
 # state would silently override (a longer --epochs would continue at the finished cosine's min_lr).
@@ -457,17 +456,7 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
     log = print if d.is_main else (lambda *a, **k: None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    state_file = run_dir / engine.STATE_FILE
-    if cfg.resume and not state_file.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {state_file}")
-    if not cfg.resume:
-        # Any result of a run, not only its checkpoint (which a user may delete to save space).
-        held = [name for name in _RUN_OUTPUTS if (run_dir / name).is_file()]
-        if held:
-            raise ValueError(
-                f"{run_dir} already holds a run ({', '.join(held)}); pass --resume to continue it, "
-                "or choose another --output (or remove the folder)"
-            )
+    engine.check_run_folder(run_dir, cfg.resume, _RESULT_FILES)
     engine.seed_everything(cfg.seed, d.rank)
 
     # Data: the train split with the paper's augmentation, sharded over ranks; the full test split.
