@@ -76,6 +76,13 @@ def create_model(name: str, **kwargs: Any) -> Any:
         raise ValueError(f"cannot create {name} with {kwargs}: {e}") from None
 
 
+def refuse_reserved(kwargs: dict[str, Any], reserved: dict[str, str]) -> None:
+    """``argparse.ArgumentTypeError`` for the first key of ``kwargs`` in ``reserved`` (key -> why it is refused)."""
+    for key in kwargs:
+        if key in reserved:
+            raise argparse.ArgumentTypeError(f"{key} is not accepted here: {reserved[key]}")
+
+
 class MergeKwargs(argparse.Action):
     """Collects ``KEY=VALUE`` arguments (parsed by :func:`key_value`) into one dict; repeats merge.
 
@@ -87,9 +94,10 @@ class MergeKwargs(argparse.Action):
         self.reserved = dict(reserved or {})
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        for key, _ in values:
-            if key in self.reserved:
-                raise argparse.ArgumentError(self, f"{key} is not accepted here: {self.reserved[key]}")
+        try:
+            refuse_reserved(dict(values), self.reserved)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentError(self, str(e)) from None
         merged = dict(getattr(namespace, self.dest, None) or {})
         merged.update(values)
         setattr(namespace, self.dest, merged)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cli import add_kwargs_option, create_model, model_name
+from .cli import add_kwargs_option, create_model, model_name, refuse_reserved
 
 __all__ = ["DATASET_DEFAULTS", "TrainConfig", "add_commands", "evaluate", "evaluate_model", "plot", "train"]
 
@@ -186,9 +186,7 @@ def _mapping(v: Any) -> dict[str, Any]:
     """model_kwargs from a YAML file or the API (the command line builds it with add_kwargs_option)."""
     if not isinstance(v, dict):
         raise argparse.ArgumentTypeError(f"must be a mapping, got {v!r}")
-    for key in v:
-        if key in RESERVED_MODEL_KWARGS:
-            raise argparse.ArgumentTypeError(f"{key} is not accepted here: {RESERVED_MODEL_KWARGS[key]}")
+    refuse_reserved(v, RESERVED_MODEL_KWARGS)
     return v
 
 
