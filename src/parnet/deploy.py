@@ -706,21 +706,26 @@ class CudaStreamParNet(nn.Module):
                 if i == 0:
                     y = f.fuse_entry(y)
             outs.append(y)
-        # Each fusion (on main) waits only for the stream it reads, so it overlaps the later streams.
-        main.wait_stream(self._streams[0])
-        outs[0].record_stream(main)
-        fused = outs[0]
-        for fusion, y, cuda_stream in zip(f.fusions, outs[1:], self._streams[1:]):
-            main.wait_stream(cuda_stream)
-            y.record_stream(main)
-            fused = fusion(y, fused)
-        return f.head(f.final_block(fused))
+        streams = self._streams
+
+        def ready(i: int) -> None:  # each fusion (on main) waits only for the stream it reads,
+            main.wait_stream(streams[i])  # so it overlaps the later streams
+            outs[i].record_stream(main)
+
+        return _merge_after_entry(f, outs, ready)
 
 
-def _merge_after_entry(f: FoldedParNet, outs: list[torch.Tensor]) -> torch.Tensor:
-    """Fusions, final block and head, given stream outputs with the first already brought down."""
+def _merge_after_entry(
+    f: FoldedParNet, outs: list[torch.Tensor], ready: Callable[[int], None] | None = None
+) -> torch.Tensor:
+    """Fusions, final block and head, given stream outputs with the first already brought down;
+    ``ready(i)``, if given, is called before stream ``i``'s output is read."""
+    if ready is not None:
+        ready(0)
     fused = outs[0]
-    for fusion, y in zip(f.fusions, outs[1:]):
+    for i, (fusion, y) in enumerate(zip(f.fusions, outs[1:]), start=1):
+        if ready is not None:
+            ready(i)
         fused = fusion(y, fused)
     return f.head(f.final_block(fused))
 
