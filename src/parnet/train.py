@@ -308,6 +308,11 @@ def _read_settings(path: Path) -> dict[str, Any]:
     return check_config(loaded, str(path))
 
 
+def _with_dataset_defaults(settings: dict[str, Any]) -> TrainConfig:
+    dataset = settings.get("dataset", TrainConfig.dataset)
+    return TrainConfig(**{**DATASET_DEFAULTS.get(dataset, {}), **settings})
+
+
 def make_config(overrides: dict[str, Any] | None = None, config_file: str | None = None) -> TrainConfig:
     """A checked :class:`TrainConfig`: defaults, then the dataset's, then ``config_file`` (YAML), then ``overrides``.
 
@@ -322,15 +327,12 @@ def make_config(overrides: dict[str, Any] | None = None, config_file: str | None
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         from_file = _read_settings(path)
-    dataset = overrides.get("dataset", from_file.get("dataset", TrainConfig.dataset))
-    merged = {**DATASET_DEFAULTS.get(dataset, {}), **from_file, **overrides}
-    cfg = TrainConfig(**merged)
+    given = {**from_file, **overrides}
+    cfg = _with_dataset_defaults(given)
     saved_file = cfg.run_dir() / "config.yaml"
     if cfg.resume and saved_file.is_file():
         saved = {k: v for k, v in _read_settings(saved_file).items() if k not in _PER_INVOCATION}
-        dataset = overrides.get("dataset", from_file.get("dataset", saved.get("dataset", TrainConfig.dataset)))
-        merged = {**DATASET_DEFAULTS.get(dataset, {}), **saved, **from_file, **overrides}
-        cfg = TrainConfig(**{**merged, "output": cfg.output or str(cfg.run_dir())})
+        cfg = _with_dataset_defaults({**saved, **given, "output": str(cfg.run_dir())})
     if cfg.mixup == 0 and cfg.cutmix == 0 and cfg.label_smoothing >= 1:
         raise ValueError("label_smoothing must be below 1")
     return cfg
