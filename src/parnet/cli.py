@@ -40,6 +40,22 @@ def key_value(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"{key}: cannot read {value!r} ({e.__class__.__name__})") from None
 
 
+def positive_int(text: Any) -> int:
+    """An integer >= 1, as an argparse type."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def nonneg_int(text: Any) -> int:
+    """An integer >= 0, as an argparse type."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def model_name(text: Any) -> str:
     """A timm model name (``name`` or ``name.tag``; ours and the baselines registered), as an argparse type.
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cli import add_kwargs_option, create_model, model_name
+from .cli import add_kwargs_option, create_model, model_name, positive_int
 from .io import atomic_write
 
 __all__ = [
@@ -173,13 +173,6 @@ def export_model(
     return results
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def parnet_model_name(text: str) -> str:
     """A ParNet variant (``parnet_*``), as an argparse type: other timm models cannot be folded and exported."""
     name = model_name(text)
@@ -228,7 +221,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="exports", help="output folder [exports]")
     p.add_argument("--name", help="file stem (default: model or checkpoint name)")
     p.add_argument("--format", default=",".join(FORMATS), help=f"comma-separated of {', '.join(FORMATS)} [all]")
-    p.add_argument("--resolution", type=_positive_int, default=224, help="example input height and width [224]")
+    p.add_argument("--resolution", type=positive_int, default=224, help="example input height and width [224]")
     p.add_argument("--num-classes", type=int, help="classifier outputs (timm models only)")
     add_kwargs_option(p, "--model-kwargs", "timm.create_model arguments, e.g. widths=[8,16,32] head_width=64")
     p.add_argument("--fused-only", action="store_true", help="export the re-parameterized model without folding")

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cli import add_kwargs_option, create_model, model_name, refuse_reserved
+from .cli import add_kwargs_option, create_model, model_name, nonneg_int, positive_int, refuse_reserved
 
 __all__ = ["DATASET_DEFAULTS", "TrainConfig", "add_commands", "evaluate", "evaluate_model", "plot", "train"]
 
@@ -124,20 +124,6 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _positive_int(s: Any) -> int:
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
-
-
-def _nonneg_int(s: Any) -> int:
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return v
-
-
 def _positive_float(s: Any) -> float:
     v = float(s)
     if not (v > 0 and math.isfinite(v)):
@@ -218,8 +204,8 @@ _TYPES: dict[str, Any] = {
     "download": _bool,
     "model": model_name,
     "model_kwargs": _mapping,
-    "epochs": _positive_int,
-    "batch_size": _positive_int,
+    "epochs": positive_int,
+    "batch_size": positive_int,
     "lr": _positive_float,
     "opt": str,
     "momentum": _nonneg_float,
@@ -242,17 +228,17 @@ _TYPES: dict[str, Any] = {
     "amp": _choice("auto", "bf16", "fp16", "off"),
     "channels_last": _choice("auto", "on", "off"),
     "compile": _bool,
-    "workers": _nonneg_int,
-    "seed": _nonneg_int,
+    "workers": nonneg_int,
+    "seed": nonneg_int,
     "device": _choice("cpu", "cuda"),
     "output": str,
     "resume": _bool,
-    "stop_after": _nonneg_int,
-    "train_subset": _nonneg_int,
-    "test_subset": _nonneg_int,
-    "eval_batch_size": _nonneg_int,
+    "stop_after": nonneg_int,
+    "train_subset": nonneg_int,
+    "test_subset": nonneg_int,
+    "eval_batch_size": nonneg_int,
     "progress": _bool,
-    "threads": _nonneg_int,
+    "threads": nonneg_int,
     "depth": _bool,
 }
 
@@ -976,9 +962,9 @@ def add_commands(subparsers: Any) -> None:
         "--dataset", type=_dataset_name, default=None, help="dataset (default: the run's, else fashion_mnist)"
     )
     p.add_argument("--data-dir", default=None, help="where the dataset is (default: its usual place)")
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="evaluation batch size")
-    p.add_argument("--workers", type=_nonneg_int, default=2, help="data loader worker processes")
-    p.add_argument("--test-subset", type=_nonneg_int, default=0, help="only the first N test images (0 = all)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size")
+    p.add_argument("--workers", type=nonneg_int, default=2, help="data loader worker processes")
+    p.add_argument("--test-subset", type=nonneg_int, default=0, help="only the first N test images (0 = all)")
     p.add_argument("--device", type=_choice("cpu", "cuda"), default=None, help="cpu or cuda (default: cuda if any)")
     p.add_argument("--official", action="store_true", help="the checkpoint is an authors' .pth.tar (load_official)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
