@@ -298,3 +298,35 @@ def test_bad_configs_and_names():
         ParNetCfg(widths=(8, 15), head_width=8, blocks=(1, 1))
     assert ParNetCfg(widths=(7, 16, 32), head_width=9).widths[0] == 7  # the first stream is never fused
     assert parnet.create_model("parnet_cifar_s", **TINY).cfg.widths == (8, 16, 32)
+
+
+def test_cifar_baselines_are_timm_feature_extractors_and_refuse_unknown_knobs():
+    import parnet.baselines  # noqa: F401  (registers them)
+
+    x = torch.randn(1, 3, 32, 32)
+    for name, reductions in [("resnet20_cifar", [1, 1, 2, 4]), ("resnet18_cifar", [1, 1, 2, 4, 8])]:
+        model = timm.create_model(name, features_only=True)
+        assert model.feature_info.reduction() == reductions, name
+        shapes = [(c, 32 // r, 32 // r) for c, r in zip(model.feature_info.channels(), reductions, strict=True)]
+        assert [tuple(f.shape[1:]) for f in model(x)] == shapes, name
+    with pytest.raises(TypeError, match="widht"):  # was silently ignored
+        timm.create_model("resnet20_cifar", widht=(8, 16, 32))
+    # resnet18_cifar's own stem conv: timm's ResNet init (kaiming, fan_out) and the device asked for.
+    std = timm.create_model("resnet18_cifar").conv1.weight.std().item()
+    assert std == pytest.approx((2 / (64 * 9)) ** 0.5, rel=0.1)
+    assert all(p.is_meta for p in timm.create_model("resnet18_cifar", device="meta").parameters())
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_fused_block_keeps_the_convolutions_dtype_under_fp32_batchnorm(stride):
+    """Half-precision convolutions with fp32 BNs (apex O2's keep_batchnorm_fp32) run, and must still run fused."""
+    block = randomize_bn(parnet.ParNetBlock(8, 16, stride, groups=2)).eval()
+    for m in block.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.to(torch.bfloat16)
+    x = torch.randn(2, 8, 8, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = block(x)
+        block.reparameterize()
+        assert block.reparam_conv.weight.dtype == torch.bfloat16
+        torch.testing.assert_close(block(x), expected, atol=0.1, rtol=0.05)

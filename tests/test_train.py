@@ -432,6 +432,7 @@ def test_baselines_are_timm_models():
     import timm
 
     import parnet
+    import parnet.baselines  # noqa: F401 - registers them (importing parnet alone does not)
 
     for name, params in [("resnet20_cifar", 272_186), ("resnet56_cifar", 855_482)]:
         m = timm.create_model(name, num_classes=10, in_chans=1).eval()

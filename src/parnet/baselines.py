@@ -1,8 +1,9 @@
 """Deep residual baselines for 32x32 images, registered with timm (``import parnet.baselines``).
 
 * ``resnet20_cifar`` / ``resnet56_cifar``: He et al. (2016), Section 4.2: three stages of 16, 32
-  and 64 channels with n = 3 / 9 basic blocks each, 6n + 2 layers deep (0.27 M / 0.86 M params).
-  Shortcuts that change shape are 1x1 stride-2 convolutions with BN (option B).
+  and 64 channels with n = 3 / 9 basic blocks each, 6n + 2 layers deep. Unlike the paper, whose
+  CIFAR nets use parameter-free zero-padding shortcuts (option A: 0.27 M / 0.85 M params), shortcuts
+  that change shape here are 1x1 stride-2 convolutions with BN (option B: 0.27 M / 0.86 M params).
 * ``resnet18_cifar``: timm's ResNet-18 with the usual small-input stem: one 3x3 stride-1 convolution
   and no max-pool (11.2 M params).
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.resnet import BasicBlock as TimmBasicBlock
+from timm.models.resnet import ResNet
 from torch import Tensor, nn
 
 __all__ = ["CifarResNet"]
@@ -55,11 +58,14 @@ class CifarResNet(nn.Module):
         num_classes: int = 10,
         in_chans: int = 3,
         drop_rate: float = 0.0,
-        **kwargs: Any,
     ):
         super().__init__()
         self.num_classes = num_classes
         self.num_features = widths[-1]
+        # For timm's features_only (stage modules as named after flatten_sequential).
+        self.feature_info = [dict(num_chs=widths[0], reduction=1, module="stem.2")] + [
+            dict(num_chs=w, reduction=2**i, module=f"stages.{i}") for i, w in enumerate(widths)
+        ]
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
         )
@@ -121,7 +127,9 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> CifarResNet:
-    return build_model_with_cfg(CifarResNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True), **kwargs)
+    return build_model_with_cfg(
+        CifarResNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)), **kwargs
+    )
 
 
 @register_model
@@ -136,16 +144,19 @@ def resnet56_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     return _create("resnet56_cifar", pretrained, depth_per_stage=kwargs.pop("depth_per_stage", 9), **kwargs)
 
 
+class _CifarResNet18(ResNet):
+    """timm's ResNet-18 with the small-input stem, built before timm wraps it (``features_only``)."""
+
+    def __init__(self, in_chans: int = 3, device: Any = None, dtype: Any = None, **kwargs: Any):
+        super().__init__(TimmBasicBlock, [2, 2, 2, 2], in_chans=in_chans, device=device, dtype=dtype, **kwargs)
+        self.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")  # as timm's ResNet
+        self.maxpool = nn.Identity()
+        # Without the stem's two stride-2 steps every reduction is 4x smaller (act1 and layer1: 1).
+        self.feature_info = [{**f, "reduction": max(1, f["reduction"] // 4)} for f in self.feature_info]
+
+
 @register_model
 def resnet18_cifar(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """timm's ResNet-18 with a 3x3 stride-1 stem and no max-pool, for 32x32 images (11.2 M params)."""
-    from timm.models.resnet import BasicBlock as TimmBasicBlock
-    from timm.models.resnet import ResNet
-
-    model = build_model_with_cfg(
-        ResNet, "resnet18_cifar", pretrained, block=TimmBasicBlock, layers=[2, 2, 2, 2], **kwargs
-    )
-    in_chans = kwargs.get("in_chans", 3)
-    model.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)
-    model.maxpool = nn.Identity()
-    return model
+    return build_model_with_cfg(_CifarResNet18, "resnet18_cifar", pretrained, **kwargs)

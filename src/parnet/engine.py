@@ -4,7 +4,8 @@ Nothing here knows about a task; a loop calls these in order:
 
 ``init_distributed() -> DistInfo``
     Reads torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; starts the process group (gloo on
-    CPU, nccl on CUDA) when ``WORLD_SIZE > 1``. ``cleanup_distributed()`` ends it.
+    CPU; on CUDA nccl for CUDA tensors and gloo for CPU ones) when ``WORLD_SIZE > 1``.
+    ``cleanup_distributed()`` ends it.
     ``all_reduce_sum(tensor)`` and ``reduce_mean(value)`` combine metrics across ranks (no-ops
     when not distributed).
 
@@ -25,7 +26,8 @@ Nothing here knows about a task; a loop calls these in order:
       for a ParNet also the metadata of :func:`parnet.io.save_model`, so
       :func:`parnet.io.load_model` reads it directly.
 
-    Only the main rank writes; pass the unwrapped model (not the DDP wrapper).
+    Call it on the main rank only (it writes on any rank that calls it); a DDP or ``torch.compile``
+    wrapper is unwrapped.
 
 ``load_checkpoint(run_dir, model, ema=None, optimizer=None, scheduler=None, scaler=None) -> (next_epoch, extra)``
     Restores what is passed from ``last_state.pt`` (RNG states too, unless ``restore_rng=False``)
@@ -40,8 +42,8 @@ Nothing here knows about a task; a loop calls these in order:
     ``start_epoch`` on (left by a run killed after logging) are dropped when resuming.
     ``read_metrics(run_dir)`` reads the rows back.
 
-``NonFiniteLossError``, ``check_finite(loss, step, dist=None)``
-    Raise a clear error on a NaN/inf loss (agreed across ranks when ``dist`` is given).
+``NonFiniteLossError``, ``check_finite(loss, step, dist_info=None)``
+    Raise a clear error on a NaN/inf loss (agreed across ranks when ``dist_info`` is distributed).
 
 ``Progress(total, desc, enabled)``
     A tqdm bar: ``.update(images, loss=..., acc=...)`` shows running means, images/s and ETA.
@@ -136,7 +138,9 @@ def init_distributed(device: str | None = None) -> DistInfo:
 
     Args:
         device: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available). Under torchrun each rank
-            takes ``cuda:LOCAL_RANK``; the backend is nccl on CUDA and gloo on CPU.
+            takes ``cuda:LOCAL_RANK``; the backend is gloo on CPU. On CUDA it is nccl for CUDA
+            tensors plus gloo for CPU ones (``reduce_mean(value)`` without a device reduces a CPU
+            tensor, which an nccl-only group refuses).
     """
     want_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
     if want_cuda and not torch.cuda.is_available():
@@ -150,7 +154,7 @@ def init_distributed(device: str | None = None) -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if want_cuda else "gloo")
     distributed = world_size > 1
     return DistInfo(rank, world_size, local_rank, dev, rank == 0, distributed)
 
@@ -455,8 +459,11 @@ def check_finite(loss: torch.Tensor, step: int, dist_info: DistInfo | None = Non
         bad = all_reduce_sum(bad.to(torch.float32).reshape(1)) > 0
     if bool(bad):
         value = loss.detach().float().mean().item()
+        # Under DDP every rank stops, and a rank whose own loss is finite must not report it as the cause.
+        mine = not math.isfinite(value)
+        what = f"the loss is {value}" if mine else f"another rank's loss is NaN/inf (here {value:.4g})"
         raise NonFiniteLossError(
-            f"the loss is {value} at step {step}: training stopped. The last checkpoint (the end of the "
+            f"{what} at step {step}: training stopped. The last checkpoint (the end of the "
             "previous epoch) is kept; lower the learning rate, add warm-up, or check the data."
         )
 

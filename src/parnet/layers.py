@@ -140,7 +140,7 @@ class ParNetBlock(nn.Module):
         conv = self.dense.conv
         self.reparam_conv = nn.Conv2d(
             self.in_chs, self.out_chs, 3, stride=self.stride, padding=1, groups=self.groups, bias=True
-        ).to(device=kernel.device, dtype=kernel.dtype)
+        ).to(device=conv.weight.device, dtype=conv.weight.dtype)  # the layer it replaces, not BN's (fp32) dtype
         self.reparam_conv.weight.copy_(kernel)
         self.reparam_conv.bias.copy_(bias + point_bias)
         self.reparam_conv.weight.requires_grad_(conv.weight.requires_grad)
