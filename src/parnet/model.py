@@ -77,7 +77,7 @@ class ParNetCfg:
         if self.stem_width is not None and self.stem_width < 1:
             raise ValueError(f"stem_width must be positive (or None for min(64, widths[0])), got {self.stem_width}")
         # Fusion blocks have groups=2 and shuffle their output in two halves: their widths must be even.
-        fused = self.widths[min(2, self.num_streams - 1) :] if self.num_streams > 1 else ()
+        fused = self.widths[2:] if self.num_streams > 2 else self.widths[1:]  # 1 stream: none
         if any(w % 2 for w in fused):
             raise ValueError(f"fusion blocks (groups=2) need even widths: {fused} of widths {self.widths}")
 
