@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The GPU check: what this project can only check where a CUDA device is present, in one run of
+# under 8 minutes on one GPU. Run it first thing when a GPU is lent (see DEVELOPERS notes in README):
+#
+#   bash scripts/gpu_check.sh   # writes gpu_check.log, bench*.json/md, train_*.json* to $OUT [gpu_check_out/]
+#
+# Steps, each under its own time limit so that one hang cannot eat the others:
+#   1. the machine: GPU, driver, torch/timm/onnxruntime versions, whether TensorRT is installable;
+#   2. the CUDA tests (tests marked for CUDA in tests/test_deploy.py);
+#   3. one bf16 training epoch of parnet_cifar_s on Fashion-MNIST (data from $FMNIST_DIR, default
+#      /usr/share/datasets/fashion-mnist, or data/fashion-mnist in the repository);
+#   4. `parnet bench --device cuda`: ParNet-S in each CUDA mode (streams, CUDA graph) against
+#      ResNet-34/50 and RepVGG-B1g4, batch 1 and 32, then the compiled modes separately;
+#   5. the whole suite with CUDA visible (tests that behave differently when a GPU is present), last
+#      so that the timings above run on a quiet machine.
+# It uses the python3 on the PATH (the GPU machine's own torch) with src/ on PYTHONPATH: nothing is
+# installed. Every step runs even when an earlier one failed; the exit status is the number of steps
+# that failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_check_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+failed=0
+run_dir=$(mktemp -d)  # the training run's weights stay out of $OUT (only its results are copied)
+trap 'rm -rf "$run_dir"' EXIT
+step() {  # step NAME SECONDS COMMAND...: run a step under a time limit, log it, count a failure
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s) ==" | tee -a "$OUT/gpu_check.log"
+  local start=$SECONDS
+  timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$OUT/gpu_check.log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: rc $rc in $((SECONDS - start))s ==" | tee -a "$OUT/gpu_check.log"
+  [ "$rc" = 0 ] || failed=$((failed + 1))
+}
+
+if [ -n "${FMNIST_DIR:-}" ]; then :
+elif [ -d /usr/share/datasets/fashion-mnist ]; then FMNIST_DIR=/usr/share/datasets/fashion-mnist
+else FMNIST_DIR=data/fashion-mnist
+fi
+
+step machine 30 bash -c "nvidia-smi; lscpu | grep -E 'Model name|^CPU\(s\)'; $PY - <<'PY'
+import importlib.util, torch
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'devices', torch.cuda.device_count(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device')
+for name in ('timm', 'onnxruntime', 'tensorrt', 'torch_tensorrt', 'triton', 'pycocotools'):
+    spec = importlib.util.find_spec(name)
+    version = getattr(__import__(name), '__version__', '?') if spec else 'not installed'
+    print(f'{name}: {version}')
+if importlib.util.find_spec('onnxruntime'):
+    import onnxruntime
+    print('onnxruntime providers:', onnxruntime.get_available_providers())
+PY"
+
+step cuda_tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_deploy.py -k "cuda or multi_device"
+
+step bf16_epoch 120 "$PY" -m parnet train --dataset fashion_mnist --data-dir "$FMNIST_DIR" --device cuda \
+  --amp bf16 --epochs 1 --warmup-epochs 0.2 --workers 8 --no-progress --output "$run_dir/run" \
+  --no-depth
+cp "$run_dir/run/results.json" "$OUT/train_results.json" 2>/dev/null
+cp "$run_dir/run/metrics.jsonl" "$OUT/train_metrics.jsonl" 2>/dev/null
+
+step bench 90 "$PY" -m parnet bench --device cuda --modes train,fused,channels_last,parallel,cuda_graph \
+  --baseline-modes eager,channels_last,cuda_graph --reps 50 --json "$OUT/bench.json" --markdown "$OUT/bench.md"
+
+step bench_compiled 100 "$PY" -m parnet bench --device cuda --modes compiled --baseline-modes compiled \
+  --baselines resnet50 --reps 50 --json "$OUT/bench_compiled.json"
+
+# The whole suite with CUDA visible, 4 workers of 4 threads (8 x 16 threads overloaded 16 cores).
+# Without pycocotools (not on the GPU machine's image) the detection tests cannot run there.
+suite=(-m "not slow")
+"$PY" -c "import xdist" 2>/dev/null && suite+=(-n 4)
+"$PY" -c "import pycocotools" 2>/dev/null || suite+=(--ignore=tests/test_detection.py)
+OMP_NUM_THREADS=4 step test_suite 200 "$PY" -m pytest -q -p no:cacheprovider "${suite[@]}"
+
+echo "gpu_check: $failed step(s) failed"
+exit "$failed"
