@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .factory import check_model_name, create_model, refuse_reserved  # noqa: F401 - create_model: for commands
+
 # Modules that add their own subcommands, in the order ``parnet --help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = ("parnet.train", "parnet.detection", "parnet.export", "parnet.bench")
 
@@ -57,46 +59,11 @@ def nonneg_int(text: Any) -> int:
 
 
 def model_name(text: Any) -> str:
-    """A timm model name (``name`` or ``name.tag``; ours and the baselines registered), as an argparse type.
-
-    An unknown name is refused with the registered names that look like it.
-    """
-    import difflib
-
-    import timm
-
-    from . import baselines  # noqa: F401 - registers the baselines
-
-    name = str(text)
-    if not timm.is_model(name.split(".")[0]):
-        known = timm.list_models()
-        close = difflib.get_close_matches(name.split(".")[0], known, n=5, cutoff=0.6)
-        close += [m for m in timm.list_models(f"*{name.split('_')[0]}*")[:8] if m not in close]
-        hint = f"; similar: {', '.join(close[:8])}" if close else "; `timm.list_models()` lists them"
-        raise argparse.ArgumentTypeError(f"unknown model {name!r}{hint}")
-    return name
-
-
-def create_model(name: str, **kwargs: Any) -> Any:
-    """``timm.create_model`` for a command: our variants and the baselines registered, and a keyword the
-    model does not take (a ``--model-kwargs`` typo) a ``ValueError`` that names it rather than a traceback."""
-    import timm
-
-    from . import baselines  # noqa: F401 - registers the baselines (and, through parnet, the variants)
-
+    """A timm model name, as an argparse type (:func:`parnet.factory.check_model_name`)."""
     try:
-        return timm.create_model(name, **kwargs)
-    except TypeError as e:
-        if "unexpected keyword argument" not in str(e):  # not a typo of the user's: keep the traceback
-            raise
-        raise ValueError(f"cannot create {name} with {kwargs}: {e}") from None
-
-
-def refuse_reserved(kwargs: dict[str, Any], reserved: dict[str, str]) -> None:
-    """``argparse.ArgumentTypeError`` for the first key of ``kwargs`` in ``reserved`` (key -> why it is refused)."""
-    for key in kwargs:
-        if key in reserved:
-            raise argparse.ArgumentTypeError(f"{key} is not accepted here: {reserved[key]}")
+        return check_model_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 class MergeKwargs(argparse.Action):
@@ -112,7 +79,7 @@ class MergeKwargs(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         try:
             refuse_reserved(dict(values), self.reserved)
-        except argparse.ArgumentTypeError as e:
+        except ValueError as e:
             raise argparse.ArgumentError(self, str(e)) from None
         merged = dict(getattr(namespace, self.dest, None) or {})
         merged.update(values)

@@ -163,23 +163,19 @@ def load_backbone_weights(
     Keys of the classifier (``head.*``, ``fc.*``) are not needed; every weight of the body must
     be present with the right shape, or ``ValueError`` says which are missing or mismatched.
     """
+    from .weights import check_state_dict
+
     state, name = _read_weights(source, use_ema)
     target = body.model if hasattr(body, "model") and isinstance(body.model, nn.Module) else body
     state = {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
     own = target.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    mismatched = [
-        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or mismatched:
+    try:  # the classifier's weights may be extra; every weight of the body must fit by name, shape and dtype
+        check_state_dict(own, state, name, allow_unexpected=True, optional=lambda k: k.endswith("num_batches_tracked"))
+    except ValueError as e:
         raise ValueError(
-            f"{name} does not fit the backbone ({type(target).__name__}): "
-            + (f"{len(missing)} missing weights ({', '.join(missing[:5])}...) " if missing else "")
-            + (f"shape mismatches ({'; '.join(mismatched[:5])})" if mismatched else "")
-            + "; build the backbone with the checkpoint's architecture (widths, head_width, ...)"
-        )
+            f"{str(e).replace('does not fit the model', f'does not fit the backbone ({type(target).__name__})')}; "
+            "build the backbone with the checkpoint's architecture (widths, head_width, ...)"
+        ) from None
     target.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return sorted(k for k in state if k not in own)
 
@@ -328,32 +324,80 @@ def create_detector(
 
 def save_detector(model: nn.Module, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
     """Write a detector from :func:`create_detector` to safetensors with what rebuilds it, atomically."""
-    from safetensors.torch import save_file
-
-    from .io import atomic_write
+    from .io import write_safetensors
 
     model = getattr(model, "module", model)
     if not hasattr(model, "detector_config"):
         raise ValueError("save_detector needs a model made by create_detector (it has no detector_config)")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {
         "format": "parnet-detector",
         "config": json.dumps(model.detector_config),
         "extra": json.dumps(dict(extra or {})),
     }
-    with atomic_write(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
-    return Path(path)
+    return write_safetensors(path, model, meta)
 
 
 def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a detector written by :func:`save_detector`, in eval mode; returns it and its ``extra``."""
-    from .io import read_safetensors
+    from .io import header_json, read_safetensors
+    from .weights import build_checked
 
     state, meta = read_safetensors(path, "parnet-detector")
-    model = create_detector(**json.loads(meta["config"]))
-    model.load_state_dict(state)
-    return model.to(device).eval(), json.loads(meta.get("extra", "{}"))
+    config = detector_config(header_json(meta, "config", str(path)), f"{path}: config")
+    extra = header_json(meta, "extra", str(path)) if "extra" in meta else {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"{path}: metadata 'extra' must be a mapping")
+    return build_checked(lambda: create_detector(**config), state, str(path)).to(device).eval(), extra
+
+
+def detector_config(config: Any, source: str) -> dict[str, Any]:
+    """A ``detector_config`` read from a file, checked: only the keys :func:`create_detector` writes,
+    with their types and bounds (:mod:`parnet.weights`); ``ValueError`` names the key."""
+    from .factory import check_model_name
+    from .weights import MAX_CLASSES, architecture_kwargs, bounded_int
+
+    def optional(check: Any) -> Any:
+        return lambda v, k: None if v is None else check(v, k)
+
+    def scale(v: Any, k: str) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1000:
+            raise ValueError(f"{source}: {k} must be a number in (0, 1000], got {v!r}")
+        return float(v)
+
+    def flag(v: Any, k: str) -> bool:
+        if not isinstance(v, bool):
+            raise ValueError(f"{source}: {k} must be true or false, got {v!r}")
+        return v
+
+    def levels(v: Any, k: str) -> list[int]:
+        if not isinstance(v, list) or not 1 <= len(v) <= 8:
+            raise ValueError(f"{source}: {k} must be a list of 1 to 8 feature positions, got {v!r}")
+        return [bounded_int(i, k, 0, 16, source) for i in v]
+
+    def kind(v: Any, k: str) -> str:
+        if v not in DETECTORS:
+            raise ValueError(f"{source}: {k} must be one of {', '.join(DETECTORS)}, got {v!r}")
+        return v
+
+    out_indices = {"out_indices": lambda v, k, src: levels(v, k)}
+    checks: dict[str, Any] = {
+        "kind": kind,
+        "backbone": lambda v, k: check_model_name(v),
+        "num_classes": lambda v, k: bounded_int(v, k, 2, MAX_CLASSES, source),
+        "fpn_channels": lambda v, k: bounded_int(v, k, 1, 4096, source),
+        "levels": optional(levels),
+        "anchor_scale": optional(scale),
+        "freeze_bn": flag,
+        "min_size": lambda v, k: bounded_int(v, k, 1, 8192, source),
+        "max_size": lambda v, k: bounded_int(v, k, 1, 8192, source),
+        "backbone_kwargs": lambda v, k: architecture_kwargs(v, f"{source}: {k}", out_indices),
+    }
+    if not isinstance(config, dict):
+        raise ValueError(f"{source} must be a mapping, got {type(config).__name__}")
+    unknown = [k for k in config if k not in checks]
+    if unknown:
+        raise ValueError(f"{source}: unknown key {unknown[0]!r}; allowed: {', '.join(checks)}")
+    return {k: checks[k](v, k) for k, v in config.items()}
 
 
 # -- evaluation ---------------------------------------------------------------------------------

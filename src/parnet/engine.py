@@ -68,7 +68,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .io import atomic_write
+from .io import atomic_write, write_safetensors
 
 __all__ = [
     "DistInfo",
@@ -261,14 +261,6 @@ def _safetensors_metadata(model: nn.Module, epoch: int, metadata: dict[str, str]
     return meta
 
 
-def _write_weights(path: Path, module: nn.Module, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    with atomic_write(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
-
-
 def _ema_module(ema: nn.Module) -> nn.Module:
     """The averaged network inside a timm ``ModelEma*`` (or ``ema`` itself)."""
     return getattr(ema, "module", ema)
@@ -310,9 +302,9 @@ def save_checkpoint(
     with atomic_write(path) as tmp:
         tmp.write_bytes(buf.getvalue())
     meta = _safetensors_metadata(model, epoch, metadata)
-    _write_weights(run_dir / WEIGHTS_FILE, model, meta)
+    write_safetensors(run_dir / WEIGHTS_FILE, model, meta)
     if ema is not None:
-        _write_weights(run_dir / EMA_WEIGHTS_FILE, _ema_module(ema), {**meta, "ema": "True"})
+        write_safetensors(run_dir / EMA_WEIGHTS_FILE, _ema_module(ema), {**meta, "ema": "True"})
     return path
 
 

@@ -169,11 +169,14 @@ RESERVED_MODEL_KWARGS = {
 
 
 def _mapping(v: Any) -> dict[str, Any]:
-    """model_kwargs from a YAML file or the API (the command line builds it with add_kwargs_option)."""
+    """model_kwargs: architecture keywords only (:func:`parnet.weights.architecture_kwargs`), as the
+    weights files a run writes must be read back with them."""
+    from .weights import architecture_kwargs
+
     if not isinstance(v, dict):
         raise argparse.ArgumentTypeError(f"must be a mapping, got {v!r}")
     refuse_reserved(v, RESERVED_MODEL_KWARGS)
-    return v
+    return architecture_kwargs(v, "")
 
 
 def _choice(*options: str):
@@ -693,7 +696,7 @@ def _final_eval(
     import torch
 
     from . import network_depth, reparameterize
-    from .engine import _write_weights
+    from .io import write_safetensors
 
     out: dict[str, Any] = {}
     example = torch.randn(1, info.in_chans, info.img_size, info.img_size, device=d.device)
@@ -719,7 +722,7 @@ def _final_eval(
                 from .io import model_metadata
 
                 meta.update(model_metadata(fused))
-            _write_weights(run_dir / f"{name}fused.safetensors", fused, meta)
+            write_safetensors(run_dir / f"{name}fused.safetensors", fused, meta)
     out["fused_params"] = sum(p.numel() for p in reparameterize(model).parameters())
     return out
 
@@ -731,7 +734,6 @@ def load_weights(path: str | os.PathLike, device: str = "cpu", official: bool | 
     """A model from a run folder's ``last.safetensors``-style file, any file of ours, or an authors' checkpoint."""
     import torch
 
-    from . import reparameterize
     from .io import is_torch_checkpoint, read_safetensors
     from .official import load_official
 
@@ -745,13 +747,27 @@ def load_weights(path: str | os.PathLike, device: str = "cpu", official: bool | 
         from .io import load_model
 
         return load_model(path, device)
-    model = _create_model(
-        meta["timm_model"], int(meta["num_classes"]), int(meta["in_chans"]), json.loads(meta["model_kwargs"])
-    )
-    if meta.get("fused") == "True":
-        model = reparameterize(model, inplace=True)
-    model.load_state_dict(state)
-    return model.to(torch.device(device)).eval()
+    return _build_from_header(meta, state, str(path)).to(torch.device(device)).eval()
+
+
+def _build_from_header(meta: dict[str, str], state: dict[str, Any], source: str) -> Any:
+    """The model a training run's weights file describes (``_weights_metadata``), with ``state`` loaded,
+    strictly: a registered name, architecture keywords only, bounded sizes (:mod:`parnet.weights`)."""
+    from . import reparameterize
+    from .factory import check_model_name
+    from .io import header_classes_and_chans, header_flag, header_json
+    from .weights import architecture_kwargs, build_checked
+
+    name = check_model_name(meta["timm_model"])
+    kwargs = architecture_kwargs(header_json(meta, "model_kwargs", source), f"{source}: model_kwargs")
+    num_classes, in_chans = header_classes_and_chans(meta, source)
+    fused = header_flag(meta, "fused", source)
+
+    def build() -> Any:
+        model = _create_model(name, num_classes, in_chans, kwargs)
+        return reparameterize(model, inplace=True) if fused else model
+
+    return build_checked(build, state, source)
 
 
 def evaluate(
@@ -819,7 +835,7 @@ def evaluate(
             f"evaluate it on {run_dataset or f'a {model_chans}-channel dataset'}"
             + (f" (leave out --dataset, or pass --dataset {run_dataset})" if run_dataset else "")
         )
-    _, test_set, info = build_datasets(dataset, data_dir, test_subset=test_subset)
+    _, test_set, info = build_datasets(dataset, data_dir, test_subset=test_subset, test_only=True)
     _, loader, _ = build_loaders(test_set, test_set, 1, workers, eval_batch_size=batch_size)
     if getattr(first, "num_classes", info.num_classes) != info.num_classes:
         raise ValueError(f"{path} has {first.num_classes} classes, {dataset} has {info.num_classes}")
