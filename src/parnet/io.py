@@ -136,15 +136,32 @@ def write_safetensors(path: str | os.PathLike, module: torch.nn.Module, metadata
     """``module``'s state dict (on the CPU) as a safetensors file with ``metadata``, atomically.
 
     Serialized in memory first, so the file follows the umask like every other file (safetensors'
-    ``save_file`` makes it 0600) and a full disk fails before the target is touched.
+    ``save_file`` makes it 0600) and a full disk fails before the target is touched. The same
+    weights and metadata give the same bytes in every process (:func:`_sorted_metadata`).
     """
     from safetensors.torch import save
 
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    data = save(state, metadata={k: str(v) for k, v in metadata.items()})
+    data = _sorted_metadata(save(state, metadata={k: str(v) for k, v in metadata.items()}))
     with atomic_write(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its header metadata in sorted order.
+
+    safetensors writes the metadata from a Rust HashMap, in an order that changes from process to
+    process; a resumed run must write the same bytes as an uninterrupted one. The tensor entries
+    and data are kept as they are; the header is padded to 8 bytes as safetensors pads it.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + size :]
 
 
 def save_model(model: ParNet, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:

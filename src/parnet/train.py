@@ -11,7 +11,7 @@ The recipe is the paper's: SGD with momentum, cosine schedule with linear warm-u
 channels_last on CUDA (off on CPU, where they were measured to be slower here); ``--compile``.
 Configuration comes from, in increasing priority: :class:`TrainConfig`'s defaults, the dataset's
 defaults (``DATASET_DEFAULTS``; ``configs/<dataset>.yaml`` writes them out), with ``--resume`` the
-run's own ``config.yaml``, a YAML file (``--config``), the command line.
+run's own settings (saved in its checkpoint), a YAML file (``--config``), the command line.
 
 ``torchrun --nproc_per_node=N -m parnet train ...`` trains with DistributedDataParallel; every epoch
 ends with a checkpoint in the run folder (see :mod:`parnet.engine`) that ``--resume`` continues
@@ -78,7 +78,7 @@ class TrainConfig:
     seed: int = 0  # seed of everything (each rank adds its rank)
     device: str | None = None  # cpu or cuda (default: cuda when available)
     output: str = ""  # run folder (default runs/<dataset>-<model>)
-    resume: bool = False  # continue the run in `output` from its last checkpoint, with its config.yaml's settings
+    resume: bool = False  # continue the run in `output` from its last checkpoint, with the settings saved in it
     stop_after: int = 0  # end after this many epochs of this invocation (time-limited jobs); 0 = no limit
     train_subset: int = 0  # use only the first N training images (0 = all)
     test_subset: int = 0  # use only the first N test images (0 = all)
@@ -297,6 +297,20 @@ def _read_settings(path: Path) -> dict[str, Any]:
     return check_config(loaded, str(path))
 
 
+def _run_settings(run_dir: Path) -> dict[str, Any] | None:
+    """The checked settings of the run in ``run_dir``: its checkpoint's, else its config.yaml's, else ``None``."""
+    from .engine import STATE_FILE, read_state
+
+    if (run_dir / STATE_FILE).is_file():
+        saved = read_state(run_dir)["extra"].get("config")
+        if not isinstance(saved, dict):
+            raise ValueError(f"{run_dir / STATE_FILE} holds no settings: it was not written by `parnet train`")
+        return check_config(saved, f"the settings in {run_dir / STATE_FILE}")
+    if (run_dir / "config.yaml").is_file():
+        return _read_settings(run_dir / "config.yaml")
+    return None
+
+
 def _with_dataset_defaults(settings: dict[str, Any]) -> TrainConfig:
     dataset = settings.get("dataset", TrainConfig.dataset)
     return TrainConfig(**{**DATASET_DEFAULTS.get(dataset, {}), **settings})
@@ -305,9 +319,10 @@ def _with_dataset_defaults(settings: dict[str, Any]) -> TrainConfig:
 def make_config(overrides: dict[str, Any] | None = None, config_file: str | None = None) -> TrainConfig:
     """A checked :class:`TrainConfig`: defaults, then the dataset's, then ``config_file`` (YAML), then ``overrides``.
 
-    With ``resume``, the run's own ``config.yaml`` (in its output folder) comes under ``config_file``:
-    a resumed run keeps its settings unless told otherwise, and ``train`` refuses a changed one
-    that the restored state depends on (``_RESUME_FIXED``).
+    With ``resume``, the run's own settings come under ``config_file``: those in its checkpoint (the
+    authority, whatever ``config.yaml`` says), or, killed before its first checkpoint, its
+    ``config.yaml``. A resumed run keeps its settings unless told otherwise, and ``train`` refuses a
+    changed one that the restored state depends on (``_RESUME_FIXED``).
     """
     overrides = check_config(overrides or {}, "arguments")
     from_file: dict[str, Any] = {}
@@ -318,9 +333,8 @@ def make_config(overrides: dict[str, Any] | None = None, config_file: str | None
         from_file = _read_settings(path)
     given = {**from_file, **overrides}
     cfg = _with_dataset_defaults(given)
-    saved_file = cfg.run_dir() / "config.yaml"
-    if cfg.resume and saved_file.is_file():
-        saved = {k: v for k, v in _read_settings(saved_file).items() if k not in _PER_INVOCATION}
+    if cfg.resume and (saved := _run_settings(cfg.run_dir())):
+        saved = {k: v for k, v in saved.items() if k not in _PER_INVOCATION}
         cfg = _with_dataset_defaults({**saved, **given, "output": str(cfg.run_dir())})
     if cfg.mixup == 0 and cfg.cutmix == 0 and cfg.label_smoothing >= 1:
         raise ValueError("label_smoothing must be below 1")
@@ -414,19 +428,38 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     """Train as ``config`` says (a :class:`TrainConfig` or a dict of its fields); returns the final results.
 
     Raises :class:`parnet.engine.NonFiniteLossError` if the loss becomes NaN/inf (the last
-    checkpoint is kept), ``ValueError``/``FileNotFoundError`` for bad settings or data.
+    checkpoint is kept), ``ValueError``/``FileNotFoundError`` for bad settings or data, and
+    ``ValueError`` while another training writes into the run folder (its lock).
     """
+    import contextlib
+
     from . import engine
 
     cfg = config if isinstance(config, TrainConfig) else make_config(config)
     dist_info = engine.init_distributed(cfg.device)
     try:
-        return _train(cfg, dist_info)
+        with contextlib.ExitStack() as held:  # the run folder's lock, once taken
+            return _train(cfg, dist_info, held)
     finally:
         engine.cleanup_distributed()
 
 
-def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
+def _check_resume_settings(cfg: TrainConfig, saved: dict[str, Any] | None, run_dir: Path) -> None:
+    """Refuse a resumed run whose settings differ from its checkpoint's in what the restored state depends on."""
+    import yaml
+
+    if not saved:
+        return
+    now = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg)))  # tuples as the checkpoint has them: lists
+    changed = [f"{k} was {saved[k]!r}, now {now[k]!r}" for k in _RESUME_FIXED if k in saved and saved[k] != now[k]]
+    if changed:
+        raise ValueError(
+            f"--resume: {run_dir} was trained with other settings: {'; '.join(changed)} "
+            "(leave them out to take the run's, from its checkpoint)"
+        )
+
+
+def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     import torch
     import torch.distributed as tdist
     import yaml
@@ -438,14 +471,19 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
 
     from . import engine
     from .data import AugmentCfg, build_datasets, build_loaders
-    from .io import atomic_write
+    from .io import atomic_write, remove_temporaries
 
     t_start = time.perf_counter()
     run_dir = cfg.run_dir()
     log = print if d.is_main else (lambda *a, **k: None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    engine.check_run_folder(run_dir, cfg.resume, _RESULT_FILES)
+    engine.check_run_folder(run_dir, cfg.resume, _RESULT_FILES)  # before any work: nothing written yet
+    if d.is_main:  # one training writes into a folder at a time; then look again, under the lock
+        held.enter_context(engine.RunLock(run_dir))
+    has_checkpoint = engine.check_run_folder(run_dir, cfg.resume, _RESULT_FILES)
+    if d.is_main and (removed := remove_temporaries(run_dir)):  # left by a killed run
+        log(f"removed {len(removed)} temporary file(s) a killed run left in {run_dir}")
     engine.seed_everything(cfg.seed, d.rank)
 
     # Data: the train split with the paper's augmentation, sharded over ranks; the full test split.
@@ -498,29 +536,29 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
         criterion = LabelSmoothingCrossEntropy(cfg.label_smoothing)
     else:
         criterion = torch.nn.CrossEntropyLoss()
+    weights_meta = _weights_metadata(cfg, info.num_classes, info.in_chans)
 
-    # Resume: weights, EMA, optimizer, schedule, scaler, every RNG (each rank its own).
+    # Resume from the checkpoint, the authority: weights, EMA, optimizer, schedule, scaler, every RNG (each
+    # rank its own), metric rows, the stage reached; the weights files a kill may have left behind rewritten.
     generators = {"loader": loader_gen}
-    start_epoch, global_step, extra = 0, 0, {}
-    if cfg.resume:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-        now = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg)))  # tuples as the file has them: lists
-        changed = [f"{k} was {saved[k]!r}, now {now[k]!r}" for k in _RESUME_FIXED if k in saved and saved[k] != now[k]]
-        if changed:
-            raise ValueError(
-                f"--resume: {run_dir} was trained with other settings: {'; '.join(changed)} "
-                f"(leave them out to take the run's, from {run_dir / 'config.yaml'})"
-            )
+    start_epoch, global_step, extra, stage = 0, 0, {}, "epochs"
+    if has_checkpoint:
+        state = engine.read_state(run_dir)
+        _check_resume_settings(cfg, state["extra"].get("config"), run_dir)
         start_epoch, extra = engine.load_checkpoint(
-            run_dir, model, ema, optimizer, scheduler, scaler, generators, restore_rng=False
+            run_dir, model, ema, optimizer, scheduler, scaler, generators, restore_rng=False, state=state
         )
+        stage = state.get("stage", "epochs")
+        del state
         if extra.get("world_size", 1) != d.world_size:
             raise ValueError(f"--resume: the run used {extra.get('world_size')} processes, now {d.world_size}")
         engine.set_rng_state(extra["rng_ranks"][d.rank], generators)
         global_step = int(extra["global_step"])
+        if d.is_main:
+            engine.write_run_weights(run_dir, start_epoch - 1, model, ema, weights_meta)
         log(f"resuming {run_dir} at epoch {start_epoch + 1}/{cfg.epochs}")
-    if start_epoch >= cfg.epochs:
-        log(f"{run_dir} has already finished its {cfg.epochs} epochs")
+    elif cfg.resume:
+        log(f"{run_dir} holds no checkpoint yet: starting from the first epoch")
 
     train_model: Any = model
     if cfg.compile:
@@ -531,10 +569,10 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
         )
 
     if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         with atomic_write(run_dir / "config.yaml") as tmp:
             tmp.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    logger = engine.MetricLogger(run_dir, d.is_main, start_epoch if cfg.resume else None)
+    # Rows from the checkpoint (None from one written before it held them: metrics.jsonl's earlier rows).
+    logger = engine.MetricLogger(run_dir, d.is_main, start_epoch if has_checkpoint else None, rows=extra.get("metrics"))
     log(
         f"{cfg.model}: {n_params / 1e6:.3f} M params | {cfg.dataset}: {len(train_set)} train / {len(test_set)} test "
         f"images | {d.world_size} process(es) on {d.device} | {cfg.epochs} epochs of {steps_per_epoch} steps"
@@ -545,6 +583,7 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
     train_images = int(extra.get("train_images", 0))
     epochs_run = 0
     metrics: dict[str, Any] = {}
+    last_preds: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.stop_after and epochs_run >= cfg.stop_after:
             log(f"stopping after {epochs_run} epoch(s) (--stop-after); continue with --resume")
@@ -564,7 +603,7 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
             with torch.autocast(d.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = train_model(x)
                 loss = criterion(logits, target)
-            engine.check_finite(loss, global_step, d)
+            engine.check_finite(loss, global_step, d, kept_epoch=epoch - 1 if epoch > 0 else None)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
@@ -591,7 +630,7 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
             if ema is not None:
                 distribute_bn(ema.module, d.world_size, reduce=True)
 
-        # Evaluate raw and EMA weights on the test split; log; checkpoint.
+        # Evaluate raw and EMA weights on the test split; checkpoint (the metrics with it); then log them.
         res = evaluate_model(model, test_loader, d.device, amp_dtype, channels_last)
         last_preds = {"": res["preds"]}
         metrics = {
@@ -610,13 +649,6 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
             epoch_seconds=epoch_seconds,
             images_per_s=steps_per_epoch * cfg.batch_size * d.world_size / epoch_seconds,
             global_step=global_step,
-        )
-        logger.log(epoch, metrics)
-        log(
-            f"epoch {epoch + 1}/{cfg.epochs}: train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.2f} | "
-            f"test top-1 {metrics['test_top1']:.2f}"
-            + (f" | EMA top-1 {metrics['ema_top1']:.2f}" if ema is not None else "")
-            + f" | {metrics['images_per_s']:.0f} img/s"
         )
         rng_ranks = [engine.rng_state(generators)]
         if d.distributed:
@@ -638,28 +670,46 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
                     "rng_ranks": rng_ranks,
                     "train_seconds": train_seconds,
                     "train_images": train_images,
+                    "metrics": [r for r in logger.rows if r["epoch"] < epoch] + [logger.row(epoch, metrics)],
                 },
-                metadata=_weights_metadata(cfg, info.num_classes, info.in_chans),
+                metadata=weights_meta,
                 generators=generators,
             )
+        logger.log(epoch, metrics)
+        log(
+            f"epoch {epoch + 1}/{cfg.epochs}: train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.2f} | "
+            f"test top-1 {metrics['test_top1']:.2f}"
+            + (f" | EMA top-1 {metrics['ema_top1']:.2f}" if ema is not None else "")
+            + f" | {metrics['images_per_s']:.0f} img/s"
+        )
         if d.distributed:
             tdist.barrier()
         epochs_run += 1
     logger.close()
 
+    epochs_done = start_epoch + epochs_run
+    last_row = metrics if epochs_run else (extra.get("metrics") or logger.rows or [{}])[-1]
     results: dict[str, Any] = {
         "model": cfg.model,
         "model_kwargs": cfg.model_kwargs,
         "dataset": cfg.dataset,
         "params": n_params,
-        "epochs_done": start_epoch + epochs_run,
+        "epochs_done": epochs_done,
         "epochs": cfg.epochs,
         "train_seconds": train_seconds,
         "train_images_per_s": train_images / train_seconds if train_seconds else None,
         "world_size": d.world_size,
         "device": str(d.device),
-        **{k: v for k, v in metrics.items() if k.startswith(("test_", "ema_"))},
+        **{k: v for k, v in last_row.items() if k.startswith(("test_", "ema_"))},
     }
+    if epochs_done < cfg.epochs:
+        return results
+    if stage == engine.FINISHED and (run_dir / "results.json").is_file():
+        log(f"{run_dir} has already finished its {cfg.epochs} epochs")
+        return json.loads((run_dir / "results.json").read_text())
+
+    # The final stage: fused files and results.json, then the checkpoint says the run is finished. Killed
+    # before that, --resume comes back here and writes the same files from the same weights.
     if d.distributed:
         # Every rank must hold the same weights, BN statistics and EMA after DDP training: compare a checksum.
         nets = [model] + ([ema.module] if ema is not None else [])
@@ -668,13 +718,19 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
         gathered = [torch.zeros_like(check) for _ in range(d.world_size)]
         tdist.all_gather(gathered, check)
         results["ranks_agree"] = all(torch.equal(g, gathered[0]) for g in gathered)
-    if epochs_run > 0 and results["epochs_done"] == cfg.epochs:
-        results.update(_final_eval(model, ema, test_loader, d, amp_dtype, info, cfg, run_dir, last_preds))
-        results["wall_seconds"] = time.perf_counter() - t_start
-        if d.is_main:
-            with atomic_write(run_dir / "results.json") as tmp:
-                tmp.write_text(json.dumps(results, indent=2))
-            log(json.dumps({k: v for k, v in results.items() if k != "model_kwargs"}, indent=None))
+    if not last_preds:  # resumed after the last epoch: its predictions again (evaluation is deterministic)
+        last_preds = {"": evaluate_model(model, test_loader, d.device, amp_dtype, channels_last)["preds"]}
+        if ema is not None:
+            last_preds["ema_"] = evaluate_model(ema.module, test_loader, d.device, amp_dtype, channels_last)["preds"]
+    results.update(_final_eval(model, ema, test_loader, d, amp_dtype, info, cfg, run_dir, last_preds))
+    results["wall_seconds"] = time.perf_counter() - t_start
+    if d.is_main:
+        with atomic_write(run_dir / "results.json") as tmp:
+            tmp.write_text(json.dumps(results, indent=2))
+        engine.mark_finished(run_dir)
+        log(json.dumps({k: v for k, v in results.items() if k != "model_kwargs"}, indent=None))
+    if d.distributed:
+        tdist.barrier()
     return results
 
 
@@ -804,9 +860,7 @@ def evaluate(
         if (path / "last_ema.safetensors").is_file():
             nets["ema"] = load_weights(path / "last_ema.safetensors", str(dev))
         if (path / "config.yaml").is_file():
-            import yaml
-
-            run_cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
+            run_cfg = _read_settings(path / "config.yaml")
             run_dataset = run_cfg.get("dataset")
             if dataset is None:
                 dataset, data_dir = run_dataset, data_dir or run_cfg.get("data_dir")
