@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -20,16 +19,9 @@ from safetensors.torch import load_file
 
 from parnet import engine
 from parnet.cli import main
-from parnet.train import (
-    DATASET_DEFAULTS,
-    TrainConfig,
-    _amp_dtype,
-    check_config,
-    evaluate,
-    make_config,
-    plot,
-    train,
-)
+from parnet.evaluate import _amp_dtype, evaluate, plot
+from parnet.settings import DATASET_DEFAULTS, TrainConfig, check_config, make_config
+from parnet.train import train
 
 from .test_data import make_fashion_mnist, make_image_folder
 
@@ -351,7 +343,7 @@ def test_shipped_configs_are_valid_and_are_the_datasets_defaults(name):
 def test_every_dataset_has_its_defaults_written_out_and_the_recipe_gives_the_recorded_run():
     assert {_config_file_name(d) for d in DATASET_DEFAULTS} == set(CONFIGS) - RECIPES
     recorded = yaml.safe_load((ROOT / "results" / "fmnist-parnet-e8" / "config.yaml").read_text())
-    cfg = dataclasses.asdict(make_config({}, str(ROOT / "configs" / "fashion_mnist_results.yaml")))
+    cfg = make_config({}, str(ROOT / "configs" / "fashion_mnist_results.yaml")).model_dump()
     assert {**cfg, "output": recorded["output"]} == recorded
 
 

@@ -12,7 +12,7 @@ import difflib
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["check_model_name", "create_model", "refuse_reserved"]
+__all__ = ["check_model_name", "create_classifier", "create_model", "refuse_reserved"]
 
 
 def check_model_name(text: Any) -> str:
@@ -52,3 +52,11 @@ def refuse_reserved(kwargs: Mapping[str, Any], reserved: Mapping[str, str]) -> N
     for key in kwargs:
         if key in reserved:
             raise ValueError(f"{key} is not accepted here: {reserved[key]}")
+
+
+def create_classifier(
+    name: str, num_classes: int, in_chans: int, model_kwargs: Mapping[str, Any], drop_rate: float = 0.0
+) -> Any:
+    """The classifier a training run builds (and its weights files describe): :func:`create_model` with
+    the dataset's classes and channels."""
+    return create_model(name, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, **model_kwargs)

@@ -1,23 +1,13 @@
-"""The ``parnet`` command line: one subcommand per job, each defined beside the code it runs.
-
-A module that adds commands exposes ``add_commands(subparsers)``; each parser it adds sets
-``func`` to a function taking the parsed arguments and returning an exit code.
-"""
+"""Argument types and options every command shares: ``KEY=VALUE`` lists, checked integers and model
+names, and flags generated from a settings model (:func:`add_settings_flags`)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
-import sys
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
-from .factory import check_model_name, create_model, refuse_reserved  # noqa: F401 - create_model: for commands
-
-# Modules that add their own subcommands, in the order ``parnet --help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("parnet.train", "parnet.detection", "parnet.export", "parnet.bench")
+from ..factory import check_model_name, refuse_reserved
 
 
 def key_value(text: str) -> tuple[str, Any]:
@@ -100,61 +90,49 @@ def add_kwargs_option(
     )  # fmt: skip
 
 
-def _summary(args: argparse.Namespace) -> int:
-    from .summary import format_table, summary
-
-    rows = summary(args.variants or None)
-    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
-    return 0
-
-
-def _convert(args: argparse.Namespace) -> int:
-    from .io import save_model
-    from .official import load_official
-
-    model = load_official(args.input, use_ema=args.ema, activation=args.activation)
-    out = save_model(model, args.output, metadata={"source": Path(args.input).name})
-    print(
-        f"wrote {out} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
-        f"widths {model.cfg.widths}, {model.num_classes} classes, {model.cfg.act})"
-    )
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="parnet", description="ParNet: depth-12 non-deep networks.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("summary", help="table of all variants: params, fused params, GFLOPs, depth")
-    p.add_argument("variants", nargs="*", help="variant names (default: all)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
-    p.set_defaults(func=_summary)
-
-    p = sub.add_parser("convert", help="convert an authors' checkpoint to this project's safetensors layout")
-    p.add_argument("input", help="the authors' .pth.tar checkpoint")
-    p.add_argument("output", help="the .safetensors file to write")
-    p.add_argument("--ema", action="store_true", help="take the EMA weights (state_dict_ema)")
-    p.add_argument(
-        "--activation",
-        choices=("relu", "silu"),
-        default="relu",
-        help="activation the checkpoint was trained with (released weights: relu)",
-    )
-    p.set_defaults(func=_convert)
-
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_commands(sub)
-    return parser
+def add_settings_flags(
+    parser: argparse.ArgumentParser,
+    model: Any,
+    reserved: Mapping[str, Mapping[str, str]] | None = None,
+    note: Mapping[str, str] | None = None,
+    skip: tuple[str, ...] = (),
+) -> None:
+    """One flag per field of a pydantic settings ``model`` (``--batch-size`` for ``batch_size``): its
+    description as help, ``--x/--no-x`` for booleans, ``KEY=VALUE ...`` for mappings (``reserved``: field ->
+    refused keys). Each value is checked by the model's own rules as it is parsed; a flag not given is
+    absent from the namespace (``argparse.SUPPRESS``), so defaults, files and the command line combine.
+    ``note`` adds text to a field's help; ``skip`` leaves fields out."""
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+        text = f"{field.description or ''} ({default}{(note or {}).get(name, '')})".replace("%", "%%")
+        kind = field.annotation
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+        elif getattr(kind, "__origin__", None) is dict:
+            add_kwargs_option(parser, flag, text, default=argparse.SUPPRESS, reserved=(reserved or {}).get(name))
+        else:
+            parser.add_argument(
+                flag, type=field_type(model, name), default=argparse.SUPPRESS, required=field.is_required(), help=text
+            )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"parnet {args.command}: error: {e}", file=sys.stderr)
-        return 2
+def field_type(model: Any, name: str) -> Any:
+    """An argparse type checking one field of ``model`` with the model's rules."""
+    from ..settings import check_config
+
+    def parse(text: str) -> Any:
+        try:
+            return check_config({name: text}, "", model)[name]
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f": {name}: ")) from None
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def settings_given(args: argparse.Namespace, model: Any) -> dict[str, Any]:
+    """The fields of ``model`` given on the command line."""
+    return {k: v for k, v in vars(args).items() if k in model.model_fields}
