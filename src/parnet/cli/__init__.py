@@ -46,7 +46,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "parnet.cli.train",
     "parnet.detection",
     "parnet.export",
-    "parnet.bench",
+    "parnet.cli.bench",
 )
 
 
