@@ -45,7 +45,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "parnet.cli.models",
     "parnet.cli.train",
     "parnet.detection",
-    "parnet.export",
+    "parnet.cli.export",
     "parnet.cli.bench",
 )
 
