@@ -59,7 +59,17 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 class CorruptDatasetError(ValueError):
-    """A dataset file is truncated or not in the expected format; the message names it."""
+    """A dataset file is truncated or not in the expected format; the message names it.
+
+    Raised in a data loader worker, it reaches the main process with its own message: torch wraps
+    the worker's traceback around it, which is taken off again here.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        marker = f"{type(self).__name__}: "
+        if "Original Traceback" in message and marker in message:  # torch's ExceptionWrapper.reraise
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
 
 
 @dataclass(frozen=True)

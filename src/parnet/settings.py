@@ -130,13 +130,9 @@ class TrainConfig(Settings):
     @classmethod
     def _architecture_only(cls, value: Any) -> Any:
         """Architecture keywords only: the weights files a run writes must be read back with them."""
-        from .factory import refuse_reserved
-        from .weights import architecture_kwargs
+        from .weights import setting_kwargs
 
-        if not isinstance(value, dict):
-            raise ValueError(f"must be a mapping, got {value!r}")
-        refuse_reserved(value, RESERVED_MODEL_KWARGS)
-        return architecture_kwargs(value, "")
+        return setting_kwargs(value, RESERVED_MODEL_KWARGS)
 
     @field_validator("amp", "channels_last", mode="before")
     @classmethod
@@ -206,6 +202,7 @@ def check_config(values: dict[str, Any], source: str = "config", model: type[Set
     """
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
     fields = model.model_fields
+    checked = model.model_construct()  # each value validated as if assigned to it: one field at a time
     for key, value in values.items():
         if key not in fields:
             raise ValueError(f"{source}: unknown setting {key!r}; the settings are: {', '.join(fields)}")
@@ -213,10 +210,10 @@ def check_config(values: dict[str, Any], source: str = "config", model: type[Set
         if value is None and field.default is not None:  # only the settings whose default is none may be empty
             example = field.get_default(call_default_factory=True)
             raise ValueError(f"{source}: {key}: needs a value (e.g. {example!r}), got none")
-    try:
-        checked = model.model_validate(values)
-    except ValidationError as e:
-        raise ValueError(validation_message(e, source)) from None
+        try:
+            model.__pydantic_validator__.validate_assignment(checked, key, value)
+        except ValidationError as e:
+            raise ValueError(validation_message(e, source)) from None
     return {k: getattr(checked, k) for k in values}
 
 

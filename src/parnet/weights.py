@@ -16,7 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ARCHITECTURE_KEYS", "MAX_PARAMS", "architecture_kwargs", "bounded_int", "build_checked", "check_state_dict"]
+__all__ = [
+    "ARCHITECTURE_KEYS",
+    "FEATURE_KEYS",
+    "MAX_PARAMS",
+    "architecture_kwargs",
+    "bounded_int",
+    "build_checked",
+    "check_state_dict",
+    "setting_kwargs",
+]
 
 # The largest model any file may ask for: 2e9 parameters (8 GB of fp32), far above ParNet-XL's 0.2e9.
 MAX_PARAMS = 2_000_000_000
@@ -69,7 +78,8 @@ def _activation(value: Any, key: str, source: str) -> str:
 
 
 # The keyword arguments of timm.create_model a file or a setting may give: ParNet's architecture
-# (ParNetCfg's fields) and the CIFAR ResNets' depth. Nothing that loads weights or reads files.
+# (ParNetCfg's fields), the CIFAR ResNets' depth and timm ResNets' stage widths (the detection
+# baseline's). Nothing that loads weights or reads files.
 ARCHITECTURE_KEYS: dict[str, Callable[[Any, str, str], Any]] = {
     "widths": _int_list(1, MAX_WIDTH),
     "head_width": _int_in(1, MAX_WIDTH),
@@ -79,6 +89,7 @@ ARCHITECTURE_KEYS: dict[str, Callable[[Any, str, str], Any]] = {
     "use_gate": _bool,
     "stem_width": _int_in(1, MAX_WIDTH, optional=True),
     "depth_per_stage": _int_in(1, 256),
+    "channels": _int_list(1, MAX_WIDTH, max_len=8),
 }
 # Keys refused with their own reason: they would load weights or read files named by the settings.
 _LOADING_KEYS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "pretrained_strict",
@@ -106,6 +117,23 @@ def architecture_kwargs(
             raise ValueError(f"{_at(source)}unknown model keyword {key!r}; allowed: {', '.join(allowed)}")
         out[key] = allowed[key](value, key, source)
     return out
+
+
+# A features_only backbone's keyword (the detection backbones'): which of its features to return.
+FEATURE_KEYS: dict[str, Callable[[Any, str, str], Any]] = {"out_indices": _int_list(0, 16, max_len=8)}
+
+
+def setting_kwargs(
+    value: Any, reserved: Mapping[str, str], extra: Mapping[str, Callable[[Any, str, str], Any]] | None = None
+) -> dict[str, Any]:
+    """Model keywords given as a setting (``--model-kwargs``, ``--backbone-kwargs``, a YAML file): a mapping,
+    none of the ``reserved`` keys the command sets itself (key -> why), architecture keywords only."""
+    from .factory import refuse_reserved
+
+    if not isinstance(value, Mapping):
+        raise ValueError(f"must be a mapping, got {value!r}")
+    refuse_reserved(value, reserved)
+    return architecture_kwargs(value, "", extra)
 
 
 def check_state_dict(

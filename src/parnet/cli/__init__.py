@@ -44,7 +44,7 @@ __all__ = [
 COMMAND_MODULES: tuple[str, ...] = (
     "parnet.cli.models",
     "parnet.cli.train",
-    "parnet.detection",
+    "parnet.cli.detection",
     "parnet.cli.export",
     "parnet.cli.bench",
 )
