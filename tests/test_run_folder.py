@@ -82,3 +82,43 @@ def test_nan_in_the_first_epoch_does_not_claim_a_checkpoint(data, tmp_path, caps
     err = capsys.readouterr().err
     assert "No checkpoint was written (the first epoch did not finish)" in err and "is kept" not in err
     assert not (out / "last_state.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "errno_name, where", [("ENOSPC", "fsync"), ("EROFS", "open")], ids=["full_disk", "read_only_disk"]
+)
+def test_a_full_or_read_only_disk_is_an_error_not_a_traceback(data, tmp_path, capsys, monkeypatch, errno_name, where):
+    import errno
+    import os
+
+    import parnet.io
+
+    error = OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)))
+    real = {"fsync": os.fsync, "open": os.open}
+
+    def failing(*args, **kwargs):
+        if where == "open" and not str(args[0]).endswith(".tmp"):
+            return real[where](*args, **kwargs)  # the lock file opens; the first file written fails
+        raise error
+
+    monkeypatch.setattr(parnet.io.os, where, failing)
+    out = tmp_path / "run"
+    code = main(_flags(data, out, "--epochs", "1"))
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert code == 1 and os.strerror(getattr(errno, errno_name)) in err and "Traceback" not in err
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_eval_does_not_read_the_training_split(tmp_path):
+    """A damaged training file must not block evaluating on the test split."""
+    from parnet.evaluate import evaluate
+    from parnet.io import save_model
+    from parnet.model import ParNet, ParNetCfg
+
+    root = make_fashion_mnist(tmp_path / "fm", n_train=16, n_test=8)
+    (root / "train-images-idx3-ubyte.gz").write_bytes(b"damaged")
+    model = ParNet(ParNetCfg(widths=(8, 16, 32), head_width=64, small_input=True), num_classes=10, in_chans=1)
+    path = save_model(model, tmp_path / "m.safetensors")
+    scores = evaluate(path, dataset="fashion_mnist", data_dir=str(root), workers=0)
+    assert scores["raw"]["n"] == 8

@@ -283,6 +283,9 @@ def test_eval_accepts_the_authors_checkpoints(tmp_path):
         (["--model-kwargs", "widths"], "KEY=VALUE"),
         (["--sched", "plateau"], "--sched"),  # timm's plateau steps per epoch on a metric; the loop per update
         (["--model-kwargs", "in_chans=3"], "in_chans is not accepted here: set by the dataset's images"),
+        (["--threads", "100000"], "--threads: Input should be less than or equal to 1024"),
+        (["--lr", "nan"], "--lr: Input should be a finite number"),
+        (["--amp", "bf32"], "--amp: Input should be 'auto', 'bf16', 'fp16' or 'off'"),
     ],
 )
 def test_parser_refuses_impossible_settings(flags, message, capsys, tmp_path):
