@@ -29,11 +29,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .evaluate import _amp_dtype, _fusable, evaluate_model
+from .evaluate import _amp_dtype, _fusable, evaluate, evaluate_model, load_weights, plot
 from .factory import create_classifier
 from .settings import DATASET_DEFAULTS, TrainConfig, make_config
 
-__all__ = ["DATASET_DEFAULTS", "TrainConfig", "make_config", "train"]
+# evaluate, evaluate_model, load_weights and plot live in parnet.evaluate; named here too, where they were.
+__all__ = [
+    "DATASET_DEFAULTS",
+    "TrainConfig",
+    "evaluate",
+    "evaluate_model",
+    "load_weights",
+    "make_config",
+    "plot",
+    "train",
+]
 
 
 def _weights_metadata(cfg: TrainConfig, num_classes: int, in_chans: int) -> dict[str, str]:
