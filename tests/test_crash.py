@@ -19,10 +19,12 @@ from parnet import engine, io
 from parnet.cli import main
 
 from .test_data import make_fashion_mnist
+from .test_detection import fake_fashion_mnist  # noqa: F401 - a fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 # Timings differ from run to run; everything else must not.
-TIMING = ("epoch_seconds", "images_per_s", "train_seconds", "train_images_per_s", "wall_seconds")
+TIMING = ("epoch_seconds", "images_per_s", "train_seconds", "train_images_per_s", "wall_seconds", "epoch_time_s",
+          "eval_time_s")  # fmt: skip
 WEIGHT_FILES = ("last.safetensors", "last_ema.safetensors", "fused.safetensors", "ema_fused.safetensors")
 
 
@@ -104,3 +106,41 @@ def test_a_finished_run_resumed_again_changes_nothing(data, reference, tmp_path,
     assert main([*_flags(data, out), "--resume"]) == 0
     assert "has already finished its 2 epochs" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
+
+
+def test_train_det_killed_then_resumed_gives_the_same_run(tmp_path, fake_fashion_mnist):  # noqa: F811
+    """The detection loop keeps its folder the same way: killed once its state is written but not its
+    weights nor metrics, and once eval.json is written but not the finished state."""
+    data = tmp_path / "data"
+    assert main(["make-det-dataset", str(data), "--train", "3", "--val", "2", "--canvas", "64", "--min-size", "16",
+                 "--max-size", "40", "--source", str(fake_fashion_mnist)]) == 0  # fmt: skip
+
+    def flags(out: Path) -> list[str]:
+        return ["train-det", "--data", str(data), "--output", str(out), "--backbone", "parnet_s", "--backbone-kwargs",
+                "widths=[8,16,32]", "head_width=64", "stem_width=8", "--fpn-channels", "64", "--batch-size", "3",
+                "--warmup-steps", "1", "--no-progress", "--draw", "1", "--device", "cpu", "--epochs", "1"]  # fmt: skip
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the killed processes (OMP_NUM_THREADS=1): the same sums in the same order
+    try:
+        assert main(flags(tmp_path / "ref")) == 0
+        _kill_det_runs(tmp_path, flags)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _kill_det_runs(tmp_path: Path, flags) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    for at in (3, 11):  # writes: best, state, last, metrics.jsonl, metrics.csv, eval.json, predictions.png, state
+        out = tmp_path / f"killed_at_{at}"
+        proc = subprocess.run([sys.executable, "-m", "parnet", *flags(out)], capture_output=True, text=True,
+                              env={**env, "PARNET_TEST_KILL_AT_WRITE": str(at)})  # fmt: skip
+        assert proc.returncode == io.KILL_EXIT_CODE, proc.stderr[-2000:]
+        assert main([*flags(out), "--resume"]) == 0
+        for name in ("last.safetensors", "best.safetensors", "eval.json"):
+            assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), (at, name)
+        assert _without_timing(engine.read_metrics(out)) == _without_timing(engine.read_metrics(tmp_path / "ref"))
+        assert engine.read_state(out)["stage"] == engine.FINISHED

@@ -229,7 +229,15 @@ def _train_det(cfg: DetTrainConfig, dist_info: Any, run_dir: Path) -> dict[str, 
     steps = len(loader) if not cfg.max_steps else min(len(loader), cfg.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, steps * cfg.epochs))
 
-    # Resume from the checkpoint: the settings it was trained with must hold; metrics and stage come from it.
+    meta = {"format": "parnet-detector", "config": json.dumps(model.detector_config)}
+    meta_extra = {
+        "names": {str(k): v for k, v in train_ds.names.items()},
+        "label_to_cat": {str(k): v for k, v in train_ds.label_to_cat.items()},
+    }
+    meta["extra"] = json.dumps(meta_extra)
+
+    # Resume from the checkpoint: the settings it was trained with must hold; metrics and stage come from it,
+    # and the weights file a kill may have cut short is written again from it.
     start_epoch, extra, stage = 0, {}, "epochs"
     if has_checkpoint:
         state = engine.read_state(run_dir)
@@ -244,17 +252,12 @@ def _train_det(cfg: DetTrainConfig, dist_info: Any, run_dir: Path) -> dict[str, 
         stage = state.get("stage", "epochs")
         del state
         if main:
+            engine.write_run_weights(run_dir, start_epoch - 1, model, metadata=meta)
             print(f"resumed from {run_dir} at epoch {start_epoch + 1}", flush=True)
     train_model = DistributedDataParallel(model) if dist_info.distributed else model
     logger = engine.MetricLogger(
         run_dir, enabled=main, start_epoch=start_epoch if has_checkpoint else None, rows=extra.get("metrics")
     )
-    meta = {"format": "parnet-detector", "config": json.dumps(model.detector_config)}
-    meta_extra = {
-        "names": {str(k): v for k, v in train_ds.names.items()},
-        "label_to_cat": {str(k): v for k, v in train_ds.label_to_cat.items()},
-    }
-    meta["extra"] = json.dumps(meta_extra)
     best = extra.get("best_ap", -1.0)
     stats: dict[str, float] = dict(extra.get("stats") or {})
     for epoch in range(start_epoch, cfg.epochs):
