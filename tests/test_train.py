@@ -316,6 +316,10 @@ def test_yaml_config_and_precedence(tmp_path, capsys):
         make_config({}, str(cfg_file))
     cfg_file.write_text("data_dir: null\ndevice:\n")
     assert make_config({}, str(cfg_file)).data_dir is None
+    # Checked together, not flag by flag: smoothing 1 is refused alone, accepted with Mixup softening the labels.
+    with pytest.raises(ValueError, match="label_smoothing must be below 1"):
+        make_config({"label_smoothing": 1})
+    assert make_config({"label_smoothing": 1, "mixup": 0.8}).label_smoothing == 1
     cfg_file.write_text("epochz: 3\n")
     assert main(["train", "--config", str(cfg_file)]) == 2
     assert "unknown setting 'epochz'" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = ["DATASET_DEFAULTS", "RESERVED_MODEL_KWARGS", "TrainConfig", "check_config", "make_config", "read_yaml"]
 
@@ -138,12 +138,6 @@ class TrainConfig(Settings):
     @classmethod
     def _words(cls, value: Any) -> Any:
         return _on_off(value)
-
-    @model_validator(mode="after")
-    def _smoothing_below_one(self) -> TrainConfig:
-        if self.mixup == 0 and self.cutmix == 0 and self.label_smoothing >= 1:
-            raise ValueError("label_smoothing must be below 1")
-        return self
 
     def run_dir(self) -> Path:
         return Path(self.output or f"runs/{self.dataset}-{self.model}")
@@ -276,6 +270,9 @@ def make_config(overrides: dict[str, Any] | None = None, config_file: str | None
         if cfg.resume and (saved := _run_settings(cfg.run_dir())):
             saved = {k: v for k, v in saved.items() if k not in _PER_INVOCATION}
             cfg = _with_dataset_defaults({**saved, **given, "output": str(cfg.run_dir())})
-    except ValidationError as e:  # settings valid one by one, not together (label_smoothing 1 without Mixup)
+    except ValidationError as e:
         raise ValueError(validation_message(e, config_file or "arguments")) from None
+    # Valid one by one, not together: smoothing 1 leaves no target unless Mixup/CutMix soften the labels.
+    if cfg.mixup == 0 and cfg.cutmix == 0 and cfg.label_smoothing >= 1:
+        raise ValueError("label_smoothing must be below 1 (without --mixup or --cutmix)")
     return cfg
