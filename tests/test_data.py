@@ -255,3 +255,16 @@ def test_loader_workers_are_capped_at_the_cpus(tmp_path):
     train_loader, test_loader, _ = build_loaders(train, test, 4, workers=available_cpus() + 6)
     assert train_loader.num_workers == test_loader.num_workers == available_cpus()
     assert build_loaders(train, test, 4, workers=0)[0].num_workers == 0
+
+
+def test_a_corrupt_image_read_by_a_loader_worker_is_named_without_the_workers_traceback(tmp_path):
+    """The error reaches the user as `cannot read image PATH`, not at the end of a worker traceback."""
+    root = make_image_folder(tmp_path / "imgs", classes=2, per_class=2)
+    bad = root / "val" / "class1" / "1.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    _, test, _ = build_datasets("imagefolder", root, test_only=True)
+    loader = torch.utils.data.DataLoader(test, batch_size=4, num_workers=1)
+    with pytest.raises(CorruptDatasetError) as info:
+        next(iter(loader))
+    assert str(info.value).startswith(f"cannot read image {bad} (truncated or corrupt?)")
+    assert "Traceback" not in str(info.value)

@@ -21,6 +21,7 @@ from parnet.det_data import (
     make_fashion_mnist_detection,
     read_idx,
 )
+from parnet.det_train import _draw_examples
 
 from .conftest import randomize_bn
 
@@ -423,9 +424,9 @@ def test_draw_examples_nothing_to_draw(tmp_path: Path) -> None:
     Image.new("L", (64, 64)).save(tmp_path / "0.png")
     ds = CocoDetectionDataset(tmp_path, tmp_path / "ann.json")
     model = tiny_detector("fcos")
-    assert det._draw_examples(model, ds, tmp_path / "p.png", 0, 0.3, torch.device("cpu")) is None  # --draw 0
+    assert _draw_examples(model, ds, tmp_path / "p.png", 0, 0.3, torch.device("cpu")) is None  # --draw 0
     assert not (tmp_path / "p.png").exists()
-    assert det._draw_examples(model, ds, tmp_path / "p.png", 4, 0.3, torch.device("cpu")) == tmp_path / "p.png"
+    assert _draw_examples(model, ds, tmp_path / "p.png", 4, 0.3, torch.device("cpu")) == tmp_path / "p.png"
 
 
 def test_train_det_refuses_to_overwrite_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -588,3 +589,31 @@ def test_cli_train_resume_eval(tmp_path: Path, fake_fashion_mnist: Path) -> None
     again = json.loads((tmp_path / "ev" / "eval.json").read_text())["stats"]
     assert again == pytest.approx(trained)
     assert main(["eval-det", str(tmp_path / "none"), "--data", str(data)]) == 2  # a clear error, exit code 2
+
+
+def test_nan_in_train_det_exits_3_without_a_traceback(tmp_path: Path, fake_fashion_mnist: Path, capsys) -> None:
+    """As `parnet train` does; and the message does not claim a checkpoint that was never written."""
+    from parnet.cli import main
+
+    data = tmp_path / "data"
+    assert main(["make-det-dataset", str(data), "--train", "3", "--val", "2", "--canvas", "64",
+                 "--min-size", "16", "--max-size", "40", "--source", str(fake_fashion_mnist)]) == 0  # fmt: skip
+    capsys.readouterr()
+    original = torch.nn.Module.__call__
+
+    def poisoned(self, *args, **kwargs):  # every detector loss NaN
+        out = original(self, *args, **kwargs)
+        if self.training and isinstance(out, dict) and out and all(torch.is_tensor(v) for v in out.values()):
+            return {k: v * float("nan") for k, v in out.items()}
+        return out
+
+    torch.nn.Module.__call__ = poisoned
+    try:
+        code = main(["train-det", "--data", str(data), "--output", str(tmp_path / "run"), "--backbone", "parnet_s",
+                     "--backbone-kwargs", "widths=[8,16,32]", "head_width=64", "stem_width=8", "--fpn-channels",
+                     "64", "--batch-size", "3", "--no-progress", "--device", "cpu", "--epochs", "1"])  # fmt: skip
+    finally:
+        torch.nn.Module.__call__ = original
+    err = capsys.readouterr().err
+    assert code == 3 and "loss is nan" in err and "No checkpoint was written" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "last_state.pt").exists()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -20,16 +19,9 @@ from safetensors.torch import load_file
 
 from parnet import engine
 from parnet.cli import main
-from parnet.train import (
-    DATASET_DEFAULTS,
-    TrainConfig,
-    _amp_dtype,
-    check_config,
-    evaluate,
-    make_config,
-    plot,
-    train,
-)
+from parnet.evaluate import _amp_dtype, evaluate, plot
+from parnet.settings import DATASET_DEFAULTS, TrainConfig, check_config, make_config
+from parnet.train import train
 
 from .test_data import make_fashion_mnist, make_image_folder
 
@@ -291,6 +283,9 @@ def test_eval_accepts_the_authors_checkpoints(tmp_path):
         (["--model-kwargs", "widths"], "KEY=VALUE"),
         (["--sched", "plateau"], "--sched"),  # timm's plateau steps per epoch on a metric; the loop per update
         (["--model-kwargs", "in_chans=3"], "in_chans is not accepted here: set by the dataset's images"),
+        (["--threads", "100000"], "--threads: Input should be less than or equal to 1024"),
+        (["--lr", "nan"], "--lr: Input should be a finite number"),
+        (["--amp", "bf32"], "--amp: Input should be 'auto', 'bf16', 'fp16' or 'off'"),
     ],
 )
 def test_parser_refuses_impossible_settings(flags, message, capsys, tmp_path):
@@ -321,6 +316,10 @@ def test_yaml_config_and_precedence(tmp_path, capsys):
         make_config({}, str(cfg_file))
     cfg_file.write_text("data_dir: null\ndevice:\n")
     assert make_config({}, str(cfg_file)).data_dir is None
+    # Checked together, not flag by flag: smoothing 1 is refused alone, accepted with Mixup softening the labels.
+    with pytest.raises(ValueError, match="label_smoothing must be below 1"):
+        make_config({"label_smoothing": 1})
+    assert make_config({"label_smoothing": 1, "mixup": 0.8}).label_smoothing == 1
     cfg_file.write_text("epochz: 3\n")
     assert main(["train", "--config", str(cfg_file)]) == 2
     assert "unknown setting 'epochz'" in capsys.readouterr().err
@@ -351,7 +350,7 @@ def test_shipped_configs_are_valid_and_are_the_datasets_defaults(name):
 def test_every_dataset_has_its_defaults_written_out_and_the_recipe_gives_the_recorded_run():
     assert {_config_file_name(d) for d in DATASET_DEFAULTS} == set(CONFIGS) - RECIPES
     recorded = yaml.safe_load((ROOT / "results" / "fmnist-parnet-e8" / "config.yaml").read_text())
-    cfg = dataclasses.asdict(make_config({}, str(ROOT / "configs" / "fashion_mnist_results.yaml")))
+    cfg = make_config({}, str(ROOT / "configs" / "fashion_mnist_results.yaml")).model_dump()
     assert {**cfg, "output": recorded["output"]} == recorded
 
 

@@ -59,7 +59,17 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 class CorruptDatasetError(ValueError):
-    """A dataset file is truncated or not in the expected format; the message names it."""
+    """A dataset file is truncated or not in the expected format; the message names it.
+
+    Raised in a data loader worker, it reaches the main process with its own message: torch wraps
+    the worker's traceback around it, which is taken off again here.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        marker = f"{type(self).__name__}: "
+        if "Original Traceback" in message and marker in message:  # torch's ExceptionWrapper.reraise
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -310,6 +320,7 @@ def build_datasets(
     download: bool = False,
     train_subset: int = 0,
     test_subset: int = 0,
+    test_only: bool = False,
 ) -> tuple[Dataset, Dataset, DatasetInfo]:
     """Train and test datasets of ``name`` with their transforms, and the dataset's info.
 
@@ -319,6 +330,7 @@ def build_datasets(
         aug: training augmentation.
         download: CIFAR only: fetch the files with torchvision if missing.
         train_subset / test_subset: if > 0, use only the first N images of a split (tests, demos).
+        test_only: read the test split only (evaluation): the first result is then the test set too.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
@@ -326,14 +338,16 @@ def build_datasets(
     root = Path(data_dir or info.default_dir).expanduser()
     train_tf, test_tf = build_transforms(info, True, aug), build_transforms(info, False, aug)
     if name == "fashion_mnist":
-        train, test = FashionMNIST(root, True, train_tf), FashionMNIST(root, False, test_tf)
+        test = FashionMNIST(root, False, test_tf)
+        train = test if test_only else FashionMNIST(root, True, train_tf)
     elif name in ("cifar10", "cifar100"):
-        train = _cifar(name, root, True, train_tf, download)
-        test = _cifar(name, root, False, test_tf, False)
+        test = _cifar(name, root, False, test_tf, download and test_only)
+        train = test if test_only else _cifar(name, root, True, train_tf, download)
     else:
         if download:
             raise ValueError("--download works for cifar10/cifar100 only")
-        train, test = _imagefolder(root, True, train_tf), _imagefolder(root, False, test_tf)
+        test = _imagefolder(root, False, test_tf)
+        train = test if test_only else _imagefolder(root, True, train_tf)
         if train.classes != test.classes:
             raise CorruptDatasetError(f"{root}/train and {root}/val have different class folders")
         info = DatasetInfo(info.name, len(train.classes), info.in_chans, info.img_size, info.mean, info.std, str(root))

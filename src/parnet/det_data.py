@@ -296,7 +296,9 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
             with Image.open(path) as img:
                 image = pil_to_tensor(img.convert("RGB"))
         except (OSError, ValueError) as e:  # PIL's errors for unreadable and truncated files
-            raise ValueError(f"cannot decode image {path}: {e}") from None
+            from .data import CorruptDatasetError
+
+            raise CorruptDatasetError(f"cannot decode image {path}: {e}") from None
         if tuple(image.shape[1:]) != (info["height"], info["width"]):
             raise ValueError(
                 f"{path} is {image.shape[2]}x{image.shape[1]} but the annotations say {info['width']}x{info['height']}"

@@ -20,13 +20,11 @@ Data (COCO JSON + images), the annotation checks and the synthetic Fashion-MNIST
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
 import math
 import os
-import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -35,16 +33,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cli import add_kwargs_option, create_model, model_name
+from .factory import create_model
 
 __all__ = [
     "DETECTORS",
     "FPNBackbone",
-    "add_commands",
     "build_backbone",
     "coco_evaluate",
     "create_detector",
+    "detector_config",
     "draw_predictions",
+    "evaluate_dataset",
     "freeze_batchnorm",
     "load_backbone_weights",
     "load_detector",
@@ -163,23 +162,19 @@ def load_backbone_weights(
     Keys of the classifier (``head.*``, ``fc.*``) are not needed; every weight of the body must
     be present with the right shape, or ``ValueError`` says which are missing or mismatched.
     """
+    from .weights import check_state_dict
+
     state, name = _read_weights(source, use_ema)
     target = body.model if hasattr(body, "model") and isinstance(body.model, nn.Module) else body
     state = {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
     own = target.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    mismatched = [
-        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or mismatched:
+    try:  # the classifier's weights may be extra; every weight of the body must fit by name, shape and dtype
+        check_state_dict(own, state, name, allow_unexpected=True, optional=lambda k: k.endswith("num_batches_tracked"))
+    except ValueError as e:
         raise ValueError(
-            f"{name} does not fit the backbone ({type(target).__name__}): "
-            + (f"{len(missing)} missing weights ({', '.join(missing[:5])}...) " if missing else "")
-            + (f"shape mismatches ({'; '.join(mismatched[:5])})" if mismatched else "")
-            + "; build the backbone with the checkpoint's architecture (widths, head_width, ...)"
-        )
+            f"{str(e).replace('does not fit the model', f'does not fit the backbone ({type(target).__name__})')}; "
+            "build the backbone with the checkpoint's architecture (widths, head_width, ...)"
+        ) from None
     target.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return sorted(k for k in state if k not in own)
 
@@ -328,32 +323,79 @@ def create_detector(
 
 def save_detector(model: nn.Module, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
     """Write a detector from :func:`create_detector` to safetensors with what rebuilds it, atomically."""
-    from safetensors.torch import save_file
-
-    from .io import atomic_write
+    from .io import write_safetensors
 
     model = getattr(model, "module", model)
     if not hasattr(model, "detector_config"):
         raise ValueError("save_detector needs a model made by create_detector (it has no detector_config)")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {
         "format": "parnet-detector",
         "config": json.dumps(model.detector_config),
         "extra": json.dumps(dict(extra or {})),
     }
-    with atomic_write(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
-    return Path(path)
+    return write_safetensors(path, model, meta)
 
 
 def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a detector written by :func:`save_detector`, in eval mode; returns it and its ``extra``."""
-    from .io import read_safetensors
+    from .io import header_json, read_safetensors
+    from .weights import build_checked
 
     state, meta = read_safetensors(path, "parnet-detector")
-    model = create_detector(**json.loads(meta["config"]))
-    model.load_state_dict(state)
-    return model.to(device).eval(), json.loads(meta.get("extra", "{}"))
+    config = detector_config(header_json(meta, "config", str(path)), f"{path}: config")
+    extra = header_json(meta, "extra", str(path)) if "extra" in meta else {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"{path}: metadata 'extra' must be a mapping")
+    return build_checked(lambda: create_detector(**config), state, str(path)).to(device).eval(), extra
+
+
+def detector_config(config: Any, source: str) -> dict[str, Any]:
+    """A ``detector_config`` read from a file, checked: only the keys :func:`create_detector` writes,
+    with their types and bounds (:mod:`parnet.weights`); ``ValueError`` names the key."""
+    from .factory import check_model_name
+    from .weights import FEATURE_KEYS, MAX_CLASSES, architecture_kwargs, bounded_int
+
+    def optional(check: Any) -> Any:
+        return lambda v, k: None if v is None else check(v, k)
+
+    def scale(v: Any, k: str) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1000:
+            raise ValueError(f"{source}: {k} must be a number in (0, 1000], got {v!r}")
+        return float(v)
+
+    def flag(v: Any, k: str) -> bool:
+        if not isinstance(v, bool):
+            raise ValueError(f"{source}: {k} must be true or false, got {v!r}")
+        return v
+
+    def levels(v: Any, k: str) -> list[int]:
+        if not isinstance(v, list) or not 1 <= len(v) <= 8:
+            raise ValueError(f"{source}: {k} must be a list of 1 to 8 feature positions, got {v!r}")
+        return [bounded_int(i, k, 0, 16, source) for i in v]
+
+    def kind(v: Any, k: str) -> str:
+        if v not in DETECTORS:
+            raise ValueError(f"{source}: {k} must be one of {', '.join(DETECTORS)}, got {v!r}")
+        return v
+
+    checks: dict[str, Any] = {
+        "kind": kind,
+        "backbone": lambda v, k: check_model_name(v),
+        "num_classes": lambda v, k: bounded_int(v, k, 2, MAX_CLASSES, source),
+        "fpn_channels": lambda v, k: bounded_int(v, k, 1, 4096, source),
+        "levels": optional(levels),
+        "anchor_scale": optional(scale),
+        "freeze_bn": flag,
+        "min_size": lambda v, k: bounded_int(v, k, 1, 8192, source),
+        "max_size": lambda v, k: bounded_int(v, k, 1, 8192, source),
+        "backbone_kwargs": lambda v, k: architecture_kwargs(v, f"{source}: {k}", FEATURE_KEYS),
+    }
+    if not isinstance(config, dict):
+        raise ValueError(f"{source} must be a mapping, got {type(config).__name__}")
+    unknown = [k for k in config if k not in checks]
+    if unknown:
+        raise ValueError(f"{source}: unknown key {unknown[0]!r}; allowed: {', '.join(checks)}")
+    return {k: checks[k](v, k) for k, v in config.items()}
 
 
 # -- evaluation ---------------------------------------------------------------------------------
@@ -478,18 +520,7 @@ def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-# -- commands -----------------------------------------------------------------------------------
-
-
-def _data_paths(args: argparse.Namespace, split: str) -> tuple[Path, Path]:
-    """(image folder, COCO JSON) of a split: explicit flags, or the ``--data`` layout of make-det-dataset."""
-    images, ann = getattr(args, f"{split}_images", None), getattr(args, f"{split}_ann", None)
-    if args.data is not None:
-        images = images or Path(args.data) / split
-        ann = ann or Path(args.data) / "annotations" / f"instances_{split}.json"
-    if images is None or ann is None:
-        raise ValueError(f"give --data DIR, or both --{split}-images and --{split}-ann")
-    return Path(images), Path(ann)
+# -- data loading and evaluation over a dataset ----------------------------------------------
 
 
 def _loader(
@@ -509,27 +540,6 @@ def _loader(
     )
 
 
-def _to_device(
-    images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]], device: torch.device
-) -> tuple[list, list]:
-    return [im.to(device) for im in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
-
-
-def _draw_examples(
-    model: nn.Module, dataset: Any, path: Path, count: int, score_thresh: float, device: torch.device
-) -> Path | None:
-    """Predictions (red) and ground truth (green) on the first ``count`` images of ``dataset``, as PNG;
-    ``None`` (nothing written) when there is nothing to draw (``--draw 0`` or an empty dataset)."""
-    model.eval()
-    items = [dataset[i] for i in range(min(count, len(dataset)))]
-    if not items:
-        return None
-    with torch.no_grad():
-        preds = model([im.to(device) for im, _ in items])
-    grid = draw_predictions([im for im, _ in items], preds, dataset.names, [t for _, t in items], score_thresh)
-    return save_png(grid, path)
-
-
 def evaluate_dataset(
     model: nn.Module, dataset: Any, batch_size: int, workers: int, device: torch.device, progress: bool = True
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -540,295 +550,3 @@ def evaluate_dataset(
     bar = (lambda it: tqdm(it, desc="eval", total=len(loader), dynamic_ncols=True)) if progress else None
     results = predict(model, loader, dataset.label_to_cat, device, bar)
     return coco_evaluate(dataset.coco_dict, results), results
-
-
-def _lr_lambda(warmup: int, total: int) -> Any:
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return f
-
-
-def train_det(args: argparse.Namespace) -> int:
-    """``parnet train-det``: train a detector on a COCO-format set with the shared training engine."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    from . import engine
-    from .det_data import CocoDetectionDataset
-
-    run_dir = Path(args.output)
-    engine.check_run_folder(run_dir, args.resume, ("eval.json",))
-    dist_info = engine.init_distributed(args.device)
-    try:
-        engine.seed_everything(args.seed, dist_info.rank)
-        device, main = dist_info.device, dist_info.is_main
-        strict = not args.lenient
-        train_ds = CocoDetectionDataset(*_data_paths(args, "train"), train=True, strict=strict)
-        val_ds = CocoDetectionDataset(*_data_paths(args, "val"), train=False, strict=strict)
-        if train_ds.check.cat_ids != val_ds.check.cat_ids:
-            raise ValueError(f"train and val categories differ: {train_ds.check.cat_ids} vs {val_ds.check.cat_ids}")
-        size = args.image_size or max(max(im["width"], im["height"]) for im in train_ds.images)
-        model = create_detector(
-            args.detector,
-            backbone=args.backbone,
-            num_classes=train_ds.num_classes,
-            fpn_channels=args.fpn_channels,
-            backbone_weights=args.backbone_weights,
-            use_ema=args.ema,
-            freeze_bn=args.freeze_bn,
-            min_size=size,
-            max_size=size,
-            backbone_kwargs=args.backbone_kwargs,
-        ).to(device)
-        n_params = sum(p.numel() for p in model.parameters())
-        n_backbone = sum(p.numel() for p in model.backbone.body.parameters())
-        if main:
-            print(
-                f"{args.detector} on {args.backbone}: {n_params / 1e6:.3f} M params "
-                f"({n_backbone / 1e6:.3f} M backbone), "
-                f"strides {model.backbone.strides}, images {size}px, {len(train_ds)} train / {len(val_ds)} val images, "
-                f"{train_ds.num_classes - 1} classes",
-                flush=True,
-            )
-        decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=args.lr,
-        )
-        generator = torch.Generator().manual_seed(args.seed)
-        if dist_info.distributed:
-            sampler = torch.utils.data.DistributedSampler(
-                train_ds, dist_info.world_size, dist_info.rank, seed=args.seed
-            )
-        else:
-            sampler = torch.utils.data.RandomSampler(train_ds, generator=generator)
-        loader = _loader(train_ds, args.batch_size, args.workers, sampler=sampler)
-        steps = len(loader) if not args.max_steps else min(len(loader), args.max_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(args.warmup_steps, steps * args.epochs))
-        start_epoch, extra = 0, {}
-        if args.resume:
-            start_epoch, extra = engine.load_checkpoint(
-                run_dir, model, optimizer=optimizer, scheduler=scheduler, generators={"loader": generator}
-            )
-            if main:
-                print(f"resumed from {run_dir} at epoch {start_epoch + 1}", flush=True)
-        train_model = DistributedDataParallel(model) if dist_info.distributed else model
-        logger = engine.MetricLogger(run_dir, enabled=main, start_epoch=start_epoch if args.resume else None)
-        meta = {"format": "parnet-detector", "config": json.dumps(model.detector_config)}
-        meta_extra = {
-            "names": {str(k): v for k, v in train_ds.names.items()},
-            "label_to_cat": {str(k): v for k, v in train_ds.label_to_cat.items()},
-        }
-        meta["extra"] = json.dumps(meta_extra)
-        best = extra.get("best_ap", -1.0)
-        stats: dict[str, float] = {}
-        for epoch in range(start_epoch, args.epochs):
-            if dist_info.distributed:
-                sampler.set_epoch(epoch)
-            train_model.train()
-            bar = engine.Progress(steps, f"epoch {epoch + 1}/{args.epochs}", enabled=main and not args.no_progress)
-            t0 = time.perf_counter()
-            for step, (images, targets) in enumerate(loader):
-                if step >= steps:
-                    break
-                images, targets = _to_device(images, targets, device)
-                losses = train_model(images, targets)
-                loss = sum(losses.values())
-                engine.check_finite(loss, epoch * steps + step, dist_info)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if args.clip_grad:
-                    nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-                optimizer.step()
-                scheduler.step()
-                bar.update(len(images), loss=loss.item(), **{k: v.item() for k, v in losses.items()})
-            bar.close()
-            epoch_time = time.perf_counter() - t0
-            row = {f"train_{k}": engine.reduce_mean(v) for k, v in bar.means().items()}
-            row.update(epoch_time_s=epoch_time, lr=scheduler.get_last_lr()[0])
-            last = epoch + 1 == args.epochs
-            if main and (last or (args.eval_every and (epoch + 1) % args.eval_every == 0)):
-                t1 = time.perf_counter()
-                stats, _ = evaluate_dataset(model, val_ds, args.batch_size, args.workers, device, not args.no_progress)
-                row.update({f"val_{k}": v for k, v in stats.items()}, eval_time_s=time.perf_counter() - t1)
-                if stats["AP"] > best:
-                    best = stats["AP"]
-                    save_detector(model, run_dir / "best.safetensors", meta_extra | {"epoch": epoch, "stats": stats})
-            if main:
-                logger.log(epoch, row)
-                print(
-                    f"epoch {epoch + 1}/{args.epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True
-                )
-                engine.save_checkpoint(
-                    run_dir,
-                    epoch,
-                    model,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    extra={"best_ap": best, "config": model.detector_config},
-                    metadata=meta,
-                    generators={"loader": generator},
-                )
-            if dist_info.distributed:
-                torch.distributed.barrier()
-        logger.close()
-        if main and stats:
-            from .io import atomic_write
-
-            with atomic_write(run_dir / "eval.json") as tmp:
-                tmp.write_text(json.dumps({"stats": stats, "split": "val", "epochs": args.epochs}, indent=2))
-            png = _draw_examples(model, val_ds, run_dir / "predictions.png", args.draw, args.score_thresh, device)
-            print("val: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()), flush=True)
-            if png is not None:
-                print(f"wrote {png}", flush=True)
-    finally:
-        engine.cleanup_distributed()
-    return 0
-
-
-def eval_det(args: argparse.Namespace) -> int:
-    """``parnet eval-det``: pycocotools metrics and a picture of predictions for a trained detector."""
-    from .det_data import CocoDetectionDataset
-    from .io import atomic_write
-
-    weights = Path(args.weights)
-    if weights.is_dir():
-        weights = weights / "last.safetensors"
-    model, extra = load_detector(weights, args.device)
-    dataset = CocoDetectionDataset(*_data_paths(args, args.split), train=False, strict=not args.lenient)
-    if model.detector_config["num_classes"] != dataset.num_classes:
-        raise ValueError(
-            f"the detector has {model.detector_config['num_classes'] - 1} classes, the data {dataset.num_classes - 1}"
-        )
-    trained = {int(k): v for k, v in extra.get("label_to_cat", {}).items()}
-    if trained and trained != dataset.label_to_cat:  # labels would be written back as the wrong category ids
-        raise ValueError(
-            f"the detector was trained on category ids {sorted(trained.values())}, the data has "
-            f"{sorted(dataset.label_to_cat.values())}; evaluate on data with the training categories"
-        )
-    device = torch.device(args.device)
-    stats, results = evaluate_dataset(model, dataset, args.batch_size, args.workers, device, not args.no_progress)
-    out = Path(args.output) if args.output else weights.parent / f"eval_{args.split}"
-    with atomic_write(out / "eval.json") as tmp:
-        tmp.write_text(json.dumps({"weights": str(weights), "split": args.split, "stats": stats}, indent=2))
-    with atomic_write(out / "detections.json") as tmp:
-        tmp.write_text(json.dumps(results))
-    png = _draw_examples(model, dataset, out / "predictions.png", args.draw, args.score_thresh, device)
-    print("\n".join(f"{k:6s} {v:.4f}" for k, v in stats.items()))
-    print(f"wrote {out / 'eval.json'}, {out / 'detections.json'}" + (f", {png}" if png else ""))
-    return 0
-
-
-def make_det_dataset(args: argparse.Namespace) -> int:
-    """``parnet make-det-dataset``: the synthetic Fashion-MNIST detection set."""
-    from .det_data import make_fashion_mnist_detection
-
-    paths = make_fashion_mnist_detection(
-        args.output,
-        num_train=args.train,
-        num_val=args.val,
-        canvas=args.canvas,
-        num_objects=(args.min_objects, args.max_objects),
-        object_size=(args.min_size, args.max_size),
-        max_iou=args.max_iou,
-        seed=args.seed,
-        source=args.source,
-        overwrite=args.overwrite,
-    )
-    for split, path in paths.items():
-        data = json.loads(path.read_text())
-        print(f"{split}: {len(data['images'])} images, {len(data['annotations'])} boxes -> {path}")
-    return 0
-
-
-def _add_data_args(p: argparse.ArgumentParser, splits: Sequence[str]) -> None:
-    p.add_argument(
-        "--data", help="a folder laid out as make-det-dataset writes it: SPLIT/ and annotations/instances_SPLIT.json"
-    )
-    for split in splits:
-        p.add_argument(f"--{split}-images", help=f"image folder of the {split} split (overrides --data)")
-        p.add_argument(f"--{split}-ann", help=f"COCO JSON of the {split} split (overrides --data)")
-    p.add_argument(
-        "--lenient",
-        action="store_true",
-        help="drop annotations with unknown categories or malformed boxes instead of stopping",
-    )
-    p.add_argument("--workers", type=int, default=0, help="data loader processes")
-    p.add_argument("--draw", type=int, default=8, help="images in predictions.png (0: none)")
-    p.add_argument("--score-thresh", type=float, default=0.3, help="lowest score drawn in predictions.png")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def add_commands(subparsers: Any) -> None:
-    """Add ``make-det-dataset``, ``train-det`` and ``eval-det`` to the ``parnet`` command line."""
-    from .det_data import DEFAULT_FASHION_MNIST
-
-    p = subparsers.add_parser("make-det-dataset", help="synthetic COCO-format detection set from Fashion-MNIST items")
-    p.add_argument("output", help="folder to write (train/, val/, annotations/)")
-    p.add_argument("--train", type=int, default=2000, help="training images")
-    p.add_argument("--val", type=int, default=300, help="validation images")
-    p.add_argument("--canvas", type=int, default=128, help="image side in pixels")
-    p.add_argument("--min-objects", type=int, default=1)
-    p.add_argument("--max-objects", type=int, default=4)
-    p.add_argument("--min-size", type=int, default=24, help="smallest item side in pixels")
-    p.add_argument("--max-size", type=int, default=64, help="largest item side in pixels")
-    p.add_argument("--max-iou", type=float, default=0.2, help="largest IoU between two items' boxes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--source", default=str(DEFAULT_FASHION_MNIST), help="folder of the Fashion-MNIST IDX .gz files")
-    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in the output folder")
-    p.set_defaults(func=make_det_dataset)
-
-    p = subparsers.add_parser("train-det", help="train a detector (FCOS, RetinaNet, Faster R-CNN) on a COCO-format set")
-    _add_data_args(p, ("train", "val"))
-    p.add_argument("--output", required=True, help="run folder: checkpoints, metrics, eval.json, predictions.png")
-    p.add_argument("--detector", choices=DETECTORS, default="fcos")
-    p.add_argument(
-        "--backbone", default="parnet_s", type=model_name, help="timm model: parnet_* or a baseline such as resnet18"
-    )
-    add_kwargs_option(
-        p, "--backbone-kwargs", "timm.create_model arguments, e.g. widths=[16,32,64] head_width=128",
-        reserved={
-            "in_chans": "the detector takes RGB images (3 channels)",
-            "num_classes": "set by the dataset's categories (the backbone has no classifier)",
-            "features_only": "the detector always takes the backbone's features",
-        },
-    )  # fmt: skip
-    p.add_argument(
-        "--backbone-weights", help="classification checkpoint: ours (.safetensors) or the authors' (.pth.tar)"
-    )
-    p.add_argument("--ema", action="store_true", help="take the EMA weights of --backbone-weights")
-    p.add_argument(
-        "--freeze-bn", action="store_true", help="FrozenBatchNorm2d in the backbone (for pretrained weights)"
-    )
-    p.add_argument("--fpn-channels", type=int, default=256)
-    p.add_argument(
-        "--image-size", type=int, help="resize images to this side (default: the largest training image side)"
-    )
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine decay after warm-up)")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--clip-grad", type=float, default=10.0, help="gradient norm clip (0: none)")
-    p.add_argument(
-        "--max-steps", type=int, default=0, help="steps per epoch at most (0: the whole set); for quick runs"
-    )
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N epochs (always after the last)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.set_defaults(func=train_det)
-
-    p = subparsers.add_parser("eval-det", help="COCO AP of a trained detector, and a picture of its predictions")
-    p.add_argument("weights", help="a train-det run folder, or a detector .safetensors (last/best)")
-    _add_data_args(p, ("val", "test", "train"))
-    p.add_argument("--split", default="val", choices=("val", "test", "train"))
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument(
-        "--output", help="folder for eval.json, detections.json, predictions.png (default: beside the weights)"
-    )
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=eval_det)

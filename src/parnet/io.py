@@ -2,7 +2,13 @@
 
 Every file this project writes goes through :func:`atomic_write`: the data goes to a temporary
 file in the same folder, is flushed to disk, and only then renamed over the target, so a process
-killed at any moment leaves either the old file or the new one, never a torn one.
+killed at any moment leaves either the old file or the new one, never a torn one. A kill can
+leave the temporary file; :func:`remove_temporaries` removes those of a folder (a resumed run
+does). Reading weights is strict and bounded (:mod:`parnet.weights`).
+
+For tests, the environment variable ``PARNET_TEST_KILL_AT_WRITE=N`` ends the process (exit code
+86, no clean-up, as a kill would) at the N-th write boundary (0-based), counting two per file:
+once the temporary file is written, and once it has replaced the target.
 """
 
 from __future__ import annotations
@@ -11,17 +17,41 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .model import ParNet, ParNetCfg
+from .model import CFG_FIELDS, ParNet, ParNetCfg
+from .weights import MAX_CLASSES, MAX_IN_CHANS, architecture_kwargs, bounded_int, build_checked
 
-__all__ = ["atomic_write", "save_model", "load_model", "model_metadata", "read_safetensors"]
+__all__ = [
+    "atomic_write",
+    "load_model",
+    "model_metadata",
+    "read_safetensors",
+    "remove_temporaries",
+    "save_model",
+    "write_safetensors",
+]
+
+KILL_EXIT_CODE = 86
+_kill_at = int(os.environ.get("PARNET_TEST_KILL_AT_WRITE", "-1") or -1)
+_boundaries_passed = 0
+
+
+def _write_boundary() -> None:
+    """The test hook of the module docstring: a deterministic stand-in for a kill at this instant."""
+    global _boundaries_passed
+    if _kill_at < 0:
+        return
+    if _boundaries_passed == _kill_at:
+        os._exit(KILL_EXIT_CODE)
+    _boundaries_passed += 1
 
 
 @contextlib.contextmanager
@@ -38,10 +68,31 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        _write_boundary()
         os.replace(tmp_path, path)
         _sync_folder(path.parent)  # the rename itself survives a power cut
+        _write_boundary()
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Remove the temporary files :func:`atomic_write` left in ``folder`` when killed; returns their names.
+
+    Only call it while no other process writes there (a run holds its folder's lock).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.iterdir():
+        if _TEMPORARY.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return sorted(removed)
 
 
 def _new_temporary(path: Path) -> Path:
@@ -81,12 +132,41 @@ def model_metadata(model: ParNet) -> dict[str, str]:
     }
 
 
+def write_safetensors(path: str | os.PathLike, module: torch.nn.Module, metadata: Mapping[str, str]) -> Path:
+    """``module``'s state dict (on the CPU) as a safetensors file with ``metadata``, atomically.
+
+    Serialized in memory first, so the file follows the umask like every other file (safetensors'
+    ``save_file`` makes it 0600) and a full disk fails before the target is touched. The same
+    weights and metadata give the same bytes in every process (:func:`_sorted_metadata`).
+    """
+    from safetensors.torch import save
+
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    data = _sorted_metadata(save(state, metadata={k: str(v) for k, v in metadata.items()}))
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its header metadata in sorted order.
+
+    safetensors writes the metadata from a Rust HashMap, in an order that changes from process to
+    process; a resumed run must write the same bytes as an uninterrupted one. The tensor entries
+    and data are kept as they are; the header is padded to 8 bytes as safetensors pads it.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + size :]
+
+
 def save_model(model: ParNet, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Write ``model``'s weights and architecture to a safetensors file, atomically."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_write(path) as tmp:
-        save_file(state, str(tmp), metadata={**model_metadata(model), **(metadata or {})})
-    return Path(path)
+    return write_safetensors(path, model, {**model_metadata(model), **(metadata or {})})
 
 
 # Suffixes of files written by ``torch.save`` (the authors' release files end in ``.pth.tar``).
@@ -131,14 +211,52 @@ def read_safetensors(
     return state, meta
 
 
+def header_json(meta: Mapping[str, str], key: str, source: str) -> object:
+    """A JSON value of a safetensors header, or ``ValueError`` naming the file and key."""
+    if key not in meta:
+        raise ValueError(f"{source}: its metadata has no {key!r}")
+    try:
+        return json.loads(meta[key])
+    except (json.JSONDecodeError, RecursionError):
+        raise ValueError(f"{source}: metadata {key!r} is not valid JSON") from None
+
+
+def header_flag(meta: Mapping[str, str], key: str, source: str) -> bool:
+    """A ``"True"``/``"False"`` entry of a safetensors header (missing: ``False``)."""
+    value = meta.get(key, "False")
+    if value not in ("True", "False"):
+        raise ValueError(f"{source}: metadata {key!r} must be 'True' or 'False', got {value!r}")
+    return value == "True"
+
+
+def header_classes_and_chans(meta: Mapping[str, str], source: str) -> tuple[int, int]:
+    """``num_classes`` and ``in_chans`` of a safetensors header, bounded."""
+    num_classes = bounded_int(meta.get("num_classes"), "num_classes", 0, MAX_CLASSES, source)
+    return num_classes, bounded_int(meta.get("in_chans"), "in_chans", 1, MAX_IN_CHANS, source)
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> ParNet:
-    """Rebuild a model written by :func:`save_model` (fused models come back fused), in eval mode."""
+    """Rebuild a model written by :func:`save_model` (fused models come back fused), in eval mode.
+
+    The header's architecture and the tensors are checked before the model is built (:mod:`parnet.weights`).
+    """
     from . import reparameterize  # noqa: PLC0415 - the package imports this module
 
     state, meta = read_safetensors(path, "parnet", device)
-    cfg = ParNetCfg(**json.loads(meta["cfg"]))
-    model = ParNet(cfg, num_classes=int(meta["num_classes"]), in_chans=int(meta["in_chans"]))
-    if meta.get("fused") == "True":
-        model = reparameterize(model, inplace=True)
-    model.load_state_dict(state)
-    return model.to(device).eval()
+    source = str(path)
+    cfg_dict = header_json(meta, "cfg", source)
+    if not isinstance(cfg_dict, dict) or not {"widths", "head_width"} <= cfg_dict.keys() <= CFG_FIELDS:
+        raise ValueError(f"{source}: metadata 'cfg' must hold widths, head_width and only {sorted(CFG_FIELDS)}")
+    cfg_kwargs = architecture_kwargs(cfg_dict, f"{source}: cfg")
+    try:
+        cfg = ParNetCfg(**cfg_kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: metadata 'cfg' is not a ParNet architecture: {e}") from None
+    num_classes, in_chans = header_classes_and_chans(meta, source)
+    fused = header_flag(meta, "fused", source)
+
+    def build() -> ParNet:
+        model = ParNet(cfg, num_classes=num_classes, in_chans=in_chans)
+        return reparameterize(model, inplace=True) if fused else model
+
+    return build_checked(build, state, source).to(device).eval()

@@ -57,17 +57,30 @@ def reading_official_checkpoints() -> Iterator[None]:
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint without running code: tensors, containers and ``argparse.Namespace`` only."""
+    from .io import is_torch_checkpoint
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not is_torch_checkpoint(path):  # a safetensors file, by content: nothing to convert, nothing unsafe
+        raise ValueError(
+            f"{path} is a safetensors file, not a PyTorch checkpoint: it needs no conversion. Use it as it is "
+            "(`parnet eval FILE` without --official, `parnet export --checkpoint FILE`, "
+            "`parnet.io.load_model`, --backbone-weights FILE)"
+        )
     try:
         # A file object, not the path: torch.load reads any path named *.safetensors as safetensors.
         with reading_official_checkpoints(), open(path, "rb") as f:
             checkpoint = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's message ends with advice to load with weights_only=False, i.e. to run the file's code: not passed on.
+        found = re.search(r"unsupported global:? (?:GLOBAL )?([\w.]+)", str(e), re.IGNORECASE)
+        if found is None and "Weights only load failed" not in str(e):
+            raise ValueError(f"cannot read {path} as a PyTorch checkpoint (truncated or corrupt?)") from None
+        what = f" ({found.group(1)})" if found else ""
         raise ValueError(
-            f"refused to load {path}: it holds objects other than tensors and argparse.Namespace, "
-            f"which could run code when unpickled; nothing in it was executed ({e})"
+            f"refused to load {path}: it holds an object other than tensors and argparse.Namespace{what}, "
+            "which could run code when unpickled; nothing in it was executed"
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"cannot read {path} as a PyTorch checkpoint (truncated or corrupt?): {e}") from None
@@ -175,12 +188,18 @@ def load_official(
     state = select_state_dict(checkpoint, use_ema)
     cfg, num_classes, in_chans = infer_official_cfg(state, activation)
     model = ParNet(cfg, num_classes=num_classes, in_chans=in_chans)
-    result = model.load_state_dict(convert_official_state_dict(state), strict=False)
-    if strict and (result.missing_keys or result.unexpected_keys):
-        raise ValueError(
-            f"{name} does not match the inferred ParNet: missing keys {result.missing_keys[:8]}, "
-            f"unexpected keys {result.unexpected_keys[:8]}; pass strict=False to load what matches"
-        )
+    converted = convert_official_state_dict(state)
+    if strict:  # names, shapes and dtypes, before anything is copied
+        from .weights import check_state_dict
+
+        try:
+            check_state_dict(model.state_dict(), converted, name)
+        except ValueError as e:
+            raise ValueError(f"{e}; pass strict=False to load what matches") from None
+    else:
+        own = model.state_dict()
+        converted = {k: v for k, v in converted.items() if k in own and v.shape == own[k].shape}
+    model.load_state_dict(converted, strict=False)
     return model.eval()
 
 

@@ -1,0 +1,117 @@
+"""``parnet bench``: flags over :func:`parnet.bench.run_bench` (see :mod:`parnet.bench` for what is timed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..bench import (
+    BASELINE_CPU_MODES,
+    PARNET_CPU_MODES,
+    PARNET_CUDA_MODES,
+    check_targets,
+    format_markdown,
+    machine_info,
+    plot_results,
+    run_bench,
+)
+from ..io import atomic_write
+from .args import add_kwargs_option, model_name
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _model_list(text: str) -> str:
+    """Comma-separated timm model names, as an argparse type: each is checked by :func:`parnet.cli.args.model_name`."""
+    return ",".join(model_name(name) for name in _split(text))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if args.device == "all" and not torch.cuda.is_available():
+        devices = ["cpu"]
+    kwargs = args.model_kwargs or None
+    if args.threads < 1 or args.batch < 1 or args.reps < 1:
+        raise ValueError("--threads, --batch and --reps must be positive")
+    if not _split(args.models):
+        raise ValueError("--models is empty: give at least one ParNet variant, e.g. --models parnet_s")
+    machine = machine_info(args.threads)
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    log(f"machine: {json.dumps(machine)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        records = run_bench(
+            _split(args.models),
+            _split(args.baselines),
+            devices=devices,
+            batches=(1, args.batch) if args.batch != 1 else (1,),
+            reps=(args.reps, args.reps_large or max(3, args.reps // 3)),
+            resolution=args.resolution,
+            threads=args.threads,
+            warmup=args.warmup,
+            parnet_modes=_split(args.modes) if args.modes else None,
+            baseline_modes=_split(args.baseline_modes) if args.baseline_modes else None,
+            model_kwargs=kwargs,
+            log=log,
+        )
+    machine["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    targets = check_targets(records, _split(args.models)[0], args.batch)
+    table = format_markdown(records, targets)
+    print(table)
+    if args.markdown:
+        with atomic_write(args.markdown) as tmp:
+            tmp.write_text(table)
+    if args.json:
+        doc = {"machine": machine, "args": vars(args) | {"func": None}, "targets": targets}
+        doc["records"] = [asdict(r) for r in records]
+        with atomic_write(args.json) as tmp:
+            tmp.write_text(json.dumps(doc, indent=1, default=str))
+        print(f"wrote {args.json}")
+    if args.plot:
+        for device in devices:
+            path = Path(args.plot)
+            if len(devices) > 1:
+                path = path.with_name(f"{path.stem}_{device}{path.suffix}")
+            if plot_results(records, path, device):
+                print(f"wrote {path}")
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """``parnet bench``."""
+    p = subparsers.add_parser("bench", help="latency and throughput of ParNet modes against deep baselines")
+    p.add_argument(
+        "--models", default="parnet_s_official", type=_model_list,
+        help="ParNet variants, comma-separated [parnet_s_official]",
+    )  # fmt: skip
+    p.add_argument(
+        "--baselines", default="resnet34,resnet50,repvgg_b1g4", type=_model_list,
+        help="timm baselines, comma-separated ('' for none)",
+    )  # fmt: skip
+    p.add_argument(
+        "--modes", help=f"ParNet modes [CPU: {','.join(PARNET_CPU_MODES)}; CUDA: {','.join(PARNET_CUDA_MODES)}]"
+    )
+    p.add_argument("--baseline-modes", help=f"baseline modes [CPU: {','.join(BASELINE_CPU_MODES)}]")
+    p.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda", "all"), help="[cpu]; all: CPU and CUDA if present"
+    )
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads [2]")
+    p.add_argument("--batch", type=int, default=32, help="large batch for throughput (batch 1 is always timed) [32]")
+    p.add_argument("--resolution", type=int, default=224, help="input height and width [224]")
+    p.add_argument("--reps", type=int, default=30, help="timed repetitions at batch 1 [30]")
+    p.add_argument("--reps-large", type=int, help="timed repetitions at the large batch [reps/3, at least 3]")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (compilation included) [3]")
+    add_kwargs_option(p, "--model-kwargs", "timm.create_model arguments of the ParNet models, e.g. widths=[8,16,32]")
+    p.add_argument("--json", help="write every record (and the machine) to this JSON file")
+    p.add_argument("--markdown", help="also write the table to this file")
+    p.add_argument("--plot", help="write latency-vs-depth and top-1-vs-latency plots to this PNG")
+    p.add_argument("--quiet", action="store_true", help="only print the table")
+    p.set_defaults(func=_bench)

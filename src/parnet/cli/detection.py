@@ -1,0 +1,108 @@
+"""``parnet make-det-dataset``, ``train-det`` and ``eval-det``: flags over :mod:`parnet.det_data` and
+:mod:`parnet.det_train`. The flags of ``train-det`` are generated from :class:`parnet.det_train.DetTrainConfig`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ..det_train import RESERVED_BACKBONE_KWARGS, DetTrainConfig
+from .args import add_settings_flags, nonneg_int, positive_int, settings_given
+
+
+def _make_det_dataset(args: argparse.Namespace) -> int:
+    from ..det_data import make_fashion_mnist_detection
+
+    paths = make_fashion_mnist_detection(
+        args.output,
+        num_train=args.train,
+        num_val=args.val,
+        canvas=args.canvas,
+        num_objects=(args.min_objects, args.max_objects),
+        object_size=(args.min_size, args.max_size),
+        max_iou=args.max_iou,
+        seed=args.seed,
+        source=args.source,
+        overwrite=args.overwrite,
+    )
+    for split, path in paths.items():
+        data = json.loads(path.read_text())
+        print(f"{split}: {len(data['images'])} images, {len(data['annotations'])} boxes -> {path}")
+    return 0
+
+
+def _train_det(args: argparse.Namespace) -> int:
+    from ..det_train import train_det
+    from ..engine import NonFiniteLossError
+    from ..settings import check_config
+
+    cfg = DetTrainConfig(**check_config(settings_given(args, DetTrainConfig), "arguments", DetTrainConfig))
+    try:
+        train_det(cfg)
+    except NonFiniteLossError as e:  # as `parnet train`: exit 3, no traceback
+        print(f"parnet train-det: error: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _eval_det(args: argparse.Namespace) -> int:
+    from ..det_train import data_paths, eval_det
+
+    images, ann = data_paths(
+        args.data, getattr(args, f"{args.split}_images"), getattr(args, f"{args.split}_ann"), args.split
+    )
+    stats, out = eval_det(
+        args.weights, images, ann, args.split, args.output, args.batch_size, args.workers, args.device,
+        args.lenient, args.draw, args.score_thresh, not args.no_progress,
+    )  # fmt: skip
+    print("\n".join(f"{k:6s} {v:.4f}" for k, v in stats.items()))
+    written = [out / name for name in ("eval.json", "detections.json", "predictions.png") if (out / name).is_file()]
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def add_commands(subparsers: Any) -> None:
+    """Add ``make-det-dataset``, ``train-det`` and ``eval-det`` to the ``parnet`` command line."""
+    from ..det_data import DEFAULT_FASHION_MNIST
+
+    p = subparsers.add_parser("make-det-dataset", help="synthetic COCO-format detection set from Fashion-MNIST items")
+    p.add_argument("output", help="folder to write (train/, val/, annotations/)")
+    p.add_argument("--train", type=nonneg_int, default=2000, help="training images")
+    p.add_argument("--val", type=nonneg_int, default=300, help="validation images")
+    p.add_argument("--canvas", type=positive_int, default=128, help="image side in pixels")
+    p.add_argument("--min-objects", type=nonneg_int, default=1)
+    p.add_argument("--max-objects", type=nonneg_int, default=4)
+    p.add_argument("--min-size", type=positive_int, default=24, help="smallest item side in pixels")
+    p.add_argument("--max-size", type=positive_int, default=64, help="largest item side in pixels")
+    p.add_argument("--max-iou", type=float, default=0.2, help="largest IoU between two items' boxes")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--source", default=str(DEFAULT_FASHION_MNIST), help="folder of the Fashion-MNIST IDX .gz files")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in the output folder")
+    p.set_defaults(func=_make_det_dataset)
+
+    p = subparsers.add_parser("train-det", help="train a detector (FCOS, RetinaNet, Faster R-CNN) on a COCO-format set")
+    add_settings_flags(p, DetTrainConfig, reserved={"backbone_kwargs": RESERVED_BACKBONE_KWARGS})
+    p.set_defaults(func=_train_det)
+
+    p = subparsers.add_parser("eval-det", help="COCO AP of a trained detector, and a picture of its predictions")
+    p.add_argument("weights", help="a train-det run folder, or a detector .safetensors (last/best)")
+    p.add_argument(
+        "--data", help="a folder laid out as make-det-dataset writes it: SPLIT/ and annotations/instances_SPLIT.json"
+    )
+    for split in ("val", "test", "train"):
+        p.add_argument(f"--{split}-images", help=f"image folder of the {split} split (overrides --data)")
+        p.add_argument(f"--{split}-ann", help=f"COCO JSON of the {split} split (overrides --data)")
+    p.add_argument("--split", default="val", choices=("val", "test", "train"))
+    p.add_argument("--lenient", action="store_true", help="drop annotations with unknown categories or malformed boxes")
+    p.add_argument("--workers", type=nonneg_int, default=0, help="data loader processes")
+    p.add_argument("--draw", type=nonneg_int, default=8, help="images in predictions.png (0: none)")
+    p.add_argument("--score-thresh", type=float, default=0.3, help="lowest score drawn in predictions.png")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument(
+        "--output", help="folder for eval.json, detections.json, predictions.png (default: beside the weights)"
+    )
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.set_defaults(func=_eval_det)

@@ -1,0 +1,68 @@
+"""``parnet export``: flags over :func:`parnet.export.export_model`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from torch import nn
+
+from ..export import FORMATS, export_model
+from ..factory import create_model
+from .args import add_kwargs_option, model_name, positive_int
+
+
+def parnet_model_name(text: str) -> str:
+    """A ParNet variant (``parnet_*``), as an argparse type: other timm models cannot be folded and exported."""
+    name = model_name(text)
+    if not name.startswith("parnet_"):
+        raise argparse.ArgumentTypeError(
+            f"{name!r} is not a ParNet variant: export takes the ParNet variants (parnet_*, e.g. parnet_s, "
+            "parnet_cifar_s; `parnet summary` lists them)"
+        )
+    return name
+
+
+def _build(args: argparse.Namespace) -> nn.Module:
+
+    from .. import io
+
+    if args.checkpoint:
+        return io.load_model(args.checkpoint)
+    kwargs = dict(args.model_kwargs)
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    return create_model(args.model, **kwargs).eval()
+
+
+def _export(args: argparse.Namespace) -> int:
+    model = _build(args)
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    res = args.resolution
+    name = args.name or (Path(args.checkpoint).stem if args.checkpoint else args.model)
+    results = export_model(
+        model, args.out, name, formats, (model.in_chans, res, res), fused_only=args.fused_only, check=not args.no_check
+    )
+    for fmt, r in results.items():
+        diff = "not checked" if r["max_abs_diff"] is None else f"max |diff| {r['max_abs_diff']:.2e}"
+        print(f"{fmt:12s} {r['path']}  ({diff})")
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """``parnet export``."""
+    p = subparsers.add_parser("export", help="export the folded model: ONNX, TorchScript, torch.export")
+    p.add_argument(
+        "model", nargs="?", default="parnet_s", type=parnet_model_name,
+        help="ParNet variant, parnet_* (random weights; `parnet summary` lists them) [parnet_s]",
+    )  # fmt: skip
+    p.add_argument("--checkpoint", help="a .safetensors file written by parnet (overrides MODEL)")
+    p.add_argument("--out", default="exports", help="output folder [exports]")
+    p.add_argument("--name", help="file stem (default: model or checkpoint name)")
+    p.add_argument("--format", default=",".join(FORMATS), help=f"comma-separated of {', '.join(FORMATS)} [all]")
+    p.add_argument("--resolution", type=positive_int, default=224, help="example input height and width [224]")
+    p.add_argument("--num-classes", type=int, help="classifier outputs (timm models only)")
+    add_kwargs_option(p, "--model-kwargs", "timm.create_model arguments, e.g. widths=[8,16,32] head_width=64")
+    p.add_argument("--fused-only", action="store_true", help="export the re-parameterized model without folding")
+    p.add_argument("--no-check", action="store_true", help="skip the round-trip check against PyTorch")
+    p.set_defaults(func=_export)

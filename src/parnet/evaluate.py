@@ -1,0 +1,247 @@
+"""Scoring classifiers: a model over a loader, a run folder or weights file on a dataset, learning curves.
+
+::
+
+    from parnet.evaluate import evaluate, plot
+    evaluate("runs/demo")        # raw, EMA and re-parameterized top-1/top-5 on the run's dataset
+    plot("runs/demo")            # runs/demo/curves.png
+
+Weights are read strictly (:mod:`parnet.weights`): the header may describe an architecture only,
+and every tensor must fit the model by name, shape and dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["evaluate", "evaluate_model", "load_weights", "plot"]
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+
+def evaluate_model(
+    model: Any, loader: Any, device: Any = "cpu", amp_dtype: Any = None, channels_last: bool = False
+) -> dict[str, Any]:
+    """Top-1, top-5 (percent) and mean cross-entropy of ``model`` over ``loader``, summed over all ranks.
+
+    Also returns ``n`` (images) and ``preds`` (this rank's predicted classes, a tensor).
+    """
+    import torch
+
+    from .engine import all_reduce_sum
+
+    model.eval()
+    device = torch.device(device)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss sum, count
+    preds = []
+    with torch.inference_mode():
+        for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            if channels_last:
+                x = x.to(memory_format=torch.channels_last)
+            y = y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = model(x)
+            logits = logits.float()
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            totals[0] += (top[:, 0] == y).sum()
+            totals[1] += (top == y[:, None]).any(dim=1).sum()
+            totals[2] += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+            totals[3] += len(y)
+            preds.append(top[:, 0].cpu())
+    totals = all_reduce_sum(totals)
+    n = max(float(totals[3]), 1.0)
+    return {
+        "top1": 100 * float(totals[0]) / n,
+        "top5": 100 * float(totals[1]) / n,
+        "loss": float(totals[2]) / n,
+        "n": int(totals[3]),
+        "preds": torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long),
+    }
+
+
+def _amp_dtype(amp: str, device: Any) -> Any:
+    import torch
+
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def _fusable(model: Any) -> bool:
+    return any(hasattr(m, "reparameterize") for m in model.modules())
+
+
+def load_weights(path: str | os.PathLike, device: str = "cpu", official: bool | None = None, use_ema: bool = False):
+    """A model from a run folder's ``last.safetensors``-style file, any file of ours, or an authors' checkpoint."""
+    import torch
+
+    from .io import is_torch_checkpoint, read_safetensors
+    from .official import load_official
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if official or (official is None and is_torch_checkpoint(path)):  # by content, not only by name
+        return load_official(path, use_ema=use_ema).to(device).eval()
+    state, meta = read_safetensors(path, None, device)
+    if "timm_model" not in meta:
+        from .io import load_model
+
+        return load_model(path, device)
+    return _build_from_header(meta, state, str(path)).to(torch.device(device)).eval()
+
+
+def _build_from_header(meta: dict[str, str], state: dict[str, Any], source: str) -> Any:
+    """The model a training run's weights file describes (``_weights_metadata``), with ``state`` loaded,
+    strictly: a registered name, architecture keywords only, bounded sizes (:mod:`parnet.weights`)."""
+    from . import reparameterize
+    from .factory import check_model_name, create_classifier
+    from .io import header_classes_and_chans, header_flag, header_json
+    from .weights import architecture_kwargs, build_checked
+
+    name = check_model_name(meta["timm_model"])
+    kwargs = architecture_kwargs(header_json(meta, "model_kwargs", source), f"{source}: model_kwargs")
+    num_classes, in_chans = header_classes_and_chans(meta, source)
+    fused = header_flag(meta, "fused", source)
+
+    def build() -> Any:
+        model = create_classifier(name, num_classes, in_chans, kwargs)
+        return reparameterize(model, inplace=True) if fused else model
+
+    return build_checked(build, state, source)
+
+
+def evaluate(
+    checkpoint: str | os.PathLike,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    batch_size: int = 256,
+    workers: int = 2,
+    test_subset: int = 0,
+    device: str | None = None,
+    official: bool | None = None,
+    progress: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Top-1/top-5 of a checkpoint on a dataset's test split, and of its re-parameterized form.
+
+    ``checkpoint`` is a run folder (its raw and EMA weights are both scored), a ``.safetensors``
+    file of this project, or an authors' ``.pth.tar`` (``load_official``, EMA weights when present).
+    ``dataset`` defaults to the run's. Returns ``{"raw": {...}, "raw_fused": {...}, "ema": ...}``.
+    """
+    import torch
+
+    from . import reparameterize
+    from .data import DATASETS, build_datasets, build_loaders
+    from .io import is_torch_checkpoint
+    from .settings import read_yaml
+
+    path = Path(checkpoint)
+    nets: dict[str, Any] = {}
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run_dataset = None  # the dataset a run folder was trained on, from its config.yaml
+    if path.is_dir():
+        if not (path / "last.safetensors").is_file():
+            raise FileNotFoundError(f"{path} holds no last.safetensors: is it a training run folder?")
+        nets["raw"] = load_weights(path / "last.safetensors", str(dev))
+        if (path / "last_ema.safetensors").is_file():
+            nets["ema"] = load_weights(path / "last_ema.safetensors", str(dev))
+        if (path / "config.yaml").is_file():
+            run_cfg = read_yaml(path / "config.yaml")
+            run_dataset = run_cfg.get("dataset")
+            if dataset is None:
+                dataset, data_dir = run_dataset, data_dir or run_cfg.get("data_dir")
+    elif official or (official is None and path.is_file() and is_torch_checkpoint(path)):  # by content
+        from .official import load_official, read_checkpoint
+
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint at {path}")
+        ckpt = read_checkpoint(path)
+        nets["raw"] = load_official(ckpt, use_ema=False).to(dev)
+        if "state_dict_ema" in ckpt:
+            nets["ema"] = load_official(ckpt, use_ema=True).to(dev)
+    else:
+        nets["raw"] = load_weights(path, str(dev), official=False)
+    dataset = dataset or "fashion_mnist"
+    first = next(iter(nets.values()))
+    # The model's input channels (ParNet's in_chans, else its first convolution's), checked before
+    # looking for the data, which may not be there.
+    conv = next((m for m in first.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    model_chans = getattr(first, "in_chans", conv.in_channels if conv is not None else None)
+    chans = getattr(DATASETS.get(dataset), "in_chans", None)
+    if chans and model_chans and model_chans != chans:
+        trained_on = f"{model_chans}-channel data" + (f" ({run_dataset})" if run_dataset else "")
+        raise ValueError(
+            f"{path} was trained on {trained_on}, {dataset} has {chans}-channel images: "
+            f"evaluate it on {run_dataset or f'a {model_chans}-channel dataset'}"
+            + (f" (leave out --dataset, or pass --dataset {run_dataset})" if run_dataset else "")
+        )
+    _, test_set, info = build_datasets(dataset, data_dir, test_subset=test_subset, test_only=True)
+    _, loader, _ = build_loaders(test_set, test_set, 1, workers, eval_batch_size=batch_size)
+    if getattr(first, "num_classes", info.num_classes) != info.num_classes:
+        raise ValueError(f"{path} has {first.num_classes} classes, {dataset} has {info.num_classes}")
+    out: dict[str, dict[str, float]] = {}
+    for name, net in nets.items():
+        res = evaluate_model(net, loader, dev)
+        out[name] = {k: v for k, v in res.items() if k != "preds"}
+        if _fusable(net):
+            fused = reparameterize(net)
+            res_f = evaluate_model(fused, loader, dev)
+            out[f"{name}_fused"] = {k: v for k, v in res_f.items() if k != "preds"}
+            out[f"{name}_fused"]["prediction_changes"] = int((res_f["preds"] != res["preds"]).sum())
+        if progress:
+            print(f"{name}: " + json.dumps(out[name]), flush=True)
+    return out
+
+
+# -- plots --------------------------------------------------------------------------------------
+
+
+def plot(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
+    """Draw the learning curves of a run (loss, accuracy, learning rate per epoch) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .engine import read_metrics
+    from .io import atomic_write
+
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise ValueError(f"{run_dir}/metrics.jsonl has no epochs yet")
+    epochs = [r["epoch"] + 1 for r in rows]
+
+    def series(key: str) -> list[float]:
+        return [r.get(key, float("nan")) for r in rows]
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(epochs, series("train_loss"), "o-", label="train")
+    axes[0].plot(epochs, series("test_loss"), "o-", label="test")
+    if "ema_loss" in rows[0]:
+        axes[0].plot(epochs, series("ema_loss"), "o-", label="test (EMA)")
+    axes[0].set(title="loss", xlabel="epoch")
+    axes[1].plot(epochs, series("train_acc"), "o-", label="train (augmented)")
+    axes[1].plot(epochs, series("test_top1"), "o-", label="test top-1")
+    if "ema_top1" in rows[0]:
+        axes[1].plot(epochs, series("ema_top1"), "o-", label="test top-1 (EMA)")
+    axes[1].set(title="accuracy (%)", xlabel="epoch")
+    axes[2].plot(epochs, series("lr"), "o-")
+    axes[2].set(title="learning rate (end of epoch)", xlabel="epoch")
+    for ax in axes[:2]:
+        ax.legend()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(str(run_dir))
+    fig.tight_layout()
+    out = Path(output or run_dir / "curves.png")
+    with atomic_write(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,62 @@
+"""Models by name, for every command and library function: timm's registry with clear errors.
+
+``check_model_name`` refuses an unknown name with the registered names that look like it;
+``create_model`` is ``timm.create_model`` with our variants and the baselines registered, a
+keyword the model does not take a ``ValueError`` naming it; ``refuse_reserved`` refuses keywords
+a caller sets itself. The command line wraps these as argparse types (:mod:`parnet.cli`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["check_model_name", "create_classifier", "create_model", "refuse_reserved"]
+
+
+def check_model_name(text: Any) -> str:
+    """A timm model name (``name`` or ``name.tag``; ours and the baselines registered), or ``ValueError``
+    with the registered names that look like it."""
+    import timm
+
+    from . import baselines  # noqa: F401 - registers the baselines
+
+    name = str(text)
+    if not timm.is_model(name.split(".")[0]):
+        known = timm.list_models()
+        close = difflib.get_close_matches(name.split(".")[0], known, n=5, cutoff=0.6)
+        close += [m for m in timm.list_models(f"*{name.split('_')[0]}*")[:8] if m not in close]
+        hint = f"; similar: {', '.join(close[:8])}" if close else "; `timm.list_models()` lists them"
+        raise ValueError(f"unknown model {name!r}{hint}")
+    return name
+
+
+def create_model(name: str, **kwargs: Any) -> Any:
+    """``timm.create_model`` with our variants and the baselines registered; a keyword the model does
+    not take (a ``--model-kwargs`` typo) is a ``ValueError`` that names it rather than a traceback."""
+    import timm
+
+    from . import baselines  # noqa: F401 - registers the baselines (and, through parnet, the variants)
+
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):  # not a typo of the user's: keep the traceback
+            raise
+        raise ValueError(f"cannot create {name} with {kwargs}: {e}") from None
+
+
+def refuse_reserved(kwargs: Mapping[str, Any], reserved: Mapping[str, str]) -> None:
+    """``ValueError`` for the first key of ``kwargs`` in ``reserved`` (key -> why it is refused)."""
+    for key in kwargs:
+        if key in reserved:
+            raise ValueError(f"{key} is not accepted here: {reserved[key]}")
+
+
+def create_classifier(
+    name: str, num_classes: int, in_chans: int, model_kwargs: Mapping[str, Any], drop_rate: float = 0.0
+) -> Any:
+    """The classifier a training run builds (and its weights files describe): :func:`create_model` with
+    the dataset's classes and channels."""
+    return create_model(name, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, **model_kwargs)

@@ -1,0 +1,278 @@
+"""The settings of a classification training run: one validated model (pydantic) for the API, the
+command line (its flags are generated from it, :mod:`parnet.cli.train`), YAML files and the copy
+kept in each checkpoint.
+
+Types, ranges and choices are declared once, on the fields of :class:`TrainConfig`; a wrong value
+is a ``ValueError`` naming the file (or "arguments"), the key and what is allowed. Settings come
+from, in increasing priority: the defaults, the dataset's (``DATASET_DEFAULTS``;
+``configs/<dataset>.yaml`` writes them out), with ``resume`` the run's own (from its checkpoint), a
+YAML file (``--config``), the command line: :func:`make_config`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = ["DATASET_DEFAULTS", "RESERVED_MODEL_KWARGS", "TrainConfig", "check_config", "make_config", "read_yaml"]
+
+# model_kwargs keys the run sets itself, and why (checked on the command line and in files).
+RESERVED_MODEL_KWARGS = {
+    "in_chans": "set by the dataset's images",
+    "num_classes": "set by the dataset",
+    "drop_rate": "use --drop-rate",
+}
+
+
+class Settings(BaseModel):
+    """Validated settings: unknown keys, NaN/inf and wrong types refused; values checked again when set."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
+
+
+def _on_off(value: Any) -> Any:
+    """YAML reads a bare on/off as a boolean; the choice fields take the words."""
+    return ("on" if value else "off") if isinstance(value, bool) else value
+
+
+class TrainConfig(Settings):
+    """Every knob of a training run (``parnet train --help`` shows the same with their defaults)."""
+
+    dataset: str = Field("fashion_mnist", description="fashion_mnist, cifar10, cifar100 or imagefolder")
+    data_dir: str | None = Field(None, description="where the dataset is (default: the dataset's usual place)")
+    download: bool = Field(False, description="CIFAR: fetch it with torchvision if missing (needs internet)")
+    model: str = Field("parnet_cifar_s", description="any timm model name (ParNet variants, resnet20_cifar, ...)")
+    model_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="architecture arguments of timm.create_model (widths, head_width, ...)"
+    )
+    epochs: int = Field(30, ge=1, description="training epochs")
+    batch_size: int = Field(128, ge=1, description="images per step per process")
+    lr: float = Field(0.1, gt=0, description="peak learning rate (after warm-up)")
+    opt: str = Field(
+        "momentum",
+        description="timm optimizer: momentum = SGD with momentum (the paper), sgd = Nesterov, adamw...",
+    )
+    momentum: float = Field(0.9, ge=0, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="L2 weight decay (not applied to biases and norms)")
+    # Schedules stepped per update (timm's "plateau" steps per epoch only, on a metric: not offered).
+    sched: Literal["cosine", "step", "multistep", "poly", "tanh", "wsd"] = Field(
+        "cosine", description="timm scheduler name"
+    )
+    warmup_epochs: float = Field(
+        2, ge=0, description="linear warm-up from warmup_lr to lr, in epochs (fractional allowed)"
+    )
+    warmup_lr: float = Field(1e-4, ge=0, description="learning rate at the start of warm-up")
+    min_lr: float = Field(0.0, ge=0, description="learning rate at the end of the cosine")
+    label_smoothing: float = Field(0.1, ge=0, le=1, description="label smoothing of the cross-entropy")
+    auto_augment: str = Field("rand-m9-mstd0.5", description='timm RandAugment spec ("" for none)')
+    re_prob: float = Field(0.25, ge=0, le=1, description="random erasing probability")
+    hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")
+    mixup: float = Field(0.0, ge=0, description="Mixup alpha (0 = off)")
+    cutmix: float = Field(0.0, ge=0, description="CutMix alpha (0 = off)")
+    drop_rate: float = Field(0.0, ge=0, le=1, description="dropout before the classifier")
+    grad_clip: float = Field(0.0, ge=0, description="clip the gradient norm to this (0 = off)")
+    ema: bool = Field(True, description="keep an EMA of the weights (timm ModelEmaV3, with warm-up)")
+    ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay per step")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto", description="autocast: bf16, fp16, off, or auto (bf16 on CUDA, off on CPU)"
+    )
+    channels_last: Literal["auto", "on", "off"] = Field("auto", description="on, off, or auto (on with CUDA)")
+    compile: bool = Field(False, description="torch.compile the model")
+    workers: int = Field(2, ge=0, le=256, description="data loader worker processes")
+    seed: int = Field(0, ge=0, description="seed of everything (each rank adds its rank)")
+    device: Literal["cpu", "cuda"] | None = Field(None, description="cpu or cuda (default: cuda when available)")
+    output: str = Field("", description="run folder (default runs/<dataset>-<model>)")
+    resume: bool = Field(
+        False, description="continue the run in `output` from its last checkpoint, with the settings saved in it"
+    )
+    stop_after: int = Field(
+        0, ge=0, description="end after this many epochs of this invocation (time-limited jobs); 0 = no limit"
+    )
+    train_subset: int = Field(0, ge=0, description="use only the first N training images (0 = all)")
+    test_subset: int = Field(0, ge=0, description="use only the first N test images (0 = all)")
+    eval_batch_size: int = Field(0, ge=0, description="evaluation batch size (0 = batch_size)")
+    progress: bool = Field(True, description="show a progress bar")
+    threads: int = Field(
+        0, ge=0, le=1024, description="torch CPU threads per process (0 = torch's default; 1 is fastest on a busy CPU)"
+    )
+    depth: bool = Field(True, description="measure the network depth at the end (torch.export; takes a few seconds)")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        from .data import DATASETS
+
+        if value not in DATASETS:
+            raise ValueError(f"unknown dataset {value!r}; choose one of {', '.join(DATASETS)}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        from .factory import check_model_name
+
+        return check_model_name(value)
+
+    @field_validator("opt")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        from timm.optim import list_optimizers
+
+        if value.lower() not in list_optimizers():
+            raise ValueError(
+                f"unknown timm optimizer {value!r}; e.g. momentum, sgd, adamw (see timm.optim.list_optimizers)"
+            )
+        return value
+
+    @field_validator("model_kwargs", mode="before")
+    @classmethod
+    def _architecture_only(cls, value: Any) -> Any:
+        """Architecture keywords only: the weights files a run writes must be read back with them."""
+        from .weights import setting_kwargs
+
+        return setting_kwargs(value, RESERVED_MODEL_KWARGS)
+
+    @field_validator("amp", "channels_last", mode="before")
+    @classmethod
+    def _words(cls, value: Any) -> Any:
+        return _on_off(value)
+
+    def run_dir(self) -> Path:
+        return Path(self.output or f"runs/{self.dataset}-{self.model}")
+
+
+# Defaults per dataset, applied over TrainConfig's and under a YAML file and the command line. This is
+# the one source of them: configs/<dataset>.yaml only writes them out (a test holds the two equal),
+# because configs/ is not part of the installed package.
+# The model is parnet_cifar_s on every small-image dataset: the paper reports S, M and L on both
+# CIFARs alike, so the dataset alone is no reason for a 12x bigger network (--model parnet_cifar_m).
+# The EMA decay follows the run's length in steps, as timm's 0.9998 does for ImageNet: its horizon
+# 1 / (1 - decay) should be a few epochs. Fashion-MNIST's 30 x 468 steps take 0.999 (about 2
+# epochs), CIFAR's 200 x 390 steps 0.9995 (about 5 of 200), ImageNet's 120 x 5000 steps 0.9998.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "fashion_mnist": dict(
+        model="parnet_cifar_s", epochs=30, batch_size=128, lr=0.1, weight_decay=5e-4, warmup_epochs=2
+    ),
+    "cifar10": dict(
+        model="parnet_cifar_s", epochs=200, batch_size=128, lr=0.1, weight_decay=5e-4, warmup_epochs=5, ema_decay=0.9995
+    ),
+    "cifar100": dict(
+        model="parnet_cifar_s", epochs=200, batch_size=128, lr=0.1, weight_decay=5e-4, warmup_epochs=5, ema_decay=0.9995
+    ),
+    # The paper's ImageNet recipe (lr 0.8 at batch 2048, 120 epochs, wd 5e-5), scaled to batch 256; 224 px
+    # JPEGs with RandAugment need more loader workers (never more than the CPUs: see build_loaders).
+    "imagefolder": dict(
+        model="parnet_s",
+        epochs=120,
+        batch_size=256,
+        lr=0.1,
+        weight_decay=5e-5,
+        warmup_epochs=5,
+        ema_decay=0.9998,
+        workers=8,
+    ),
+}
+
+
+def validation_message(error: ValidationError, source: str) -> str:
+    """One line per wrong value of a pydantic ``error``: ``source: key: what is wrong (got value)``."""
+    lines = []
+    for e in error.errors():
+        key = ".".join(str(part) for part in e["loc"]) or "settings"
+        message = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            message = "unknown setting"
+        got = "" if e["type"] in ("extra_forbidden", "value_error") else f" (got {e['input']!r})"
+        lines.append(f"{source}: {key}: {message}{got}" if key != "settings" else f"{source}: {message}")
+    return "; ".join(lines)
+
+
+def check_config(values: dict[str, Any], source: str = "config", model: type[Settings] = TrainConfig) -> dict[str, Any]:
+    """Parse and check ``values`` (field -> value, ``-`` or ``_`` in names) with ``model``'s rules.
+
+    Returns the checked values of the keys given; ``ValueError`` naming ``source``, the key and what is allowed.
+    """
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    fields = model.model_fields
+    checked = model.model_construct()  # each value validated as if assigned to it: one field at a time
+    for key, value in values.items():
+        if key not in fields:
+            raise ValueError(f"{source}: unknown setting {key!r}; the settings are: {', '.join(fields)}")
+        field = fields[key]
+        if value is None and field.default is not None:  # only the settings whose default is none may be empty
+            example = field.get_default(call_default_factory=True)
+            raise ValueError(f"{source}: {key}: needs a value (e.g. {example!r}), got none")
+        try:
+            model.__pydantic_validator__.validate_assignment(checked, key, value)
+        except ValidationError as e:
+            raise ValueError(validation_message(e, source)) from None
+    return {k: getattr(checked, k) for k in values}
+
+
+# Settings of one invocation, not of the run: a resumed run does not take them from its saved settings.
+_PER_INVOCATION = ("output", "resume", "stop_after")
+
+
+def read_yaml(path: Path, model: type[Settings] = TrainConfig) -> dict[str, Any]:
+    """The checked settings of a YAML file; ``ValueError`` naming the file (and the line of a syntax error)."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} must hold a mapping of settings, got {type(loaded).__name__}")
+    return check_config(loaded, str(path), model)
+
+
+def _run_settings(run_dir: Path) -> dict[str, Any] | None:
+    """The checked settings of the run in ``run_dir``: its checkpoint's, else its config.yaml's, else ``None``."""
+    from .checkpoint import STATE_FILE, read_state
+
+    if (run_dir / STATE_FILE).is_file():
+        saved = read_state(run_dir)["extra"].get("config")
+        if not isinstance(saved, dict):
+            raise ValueError(f"{run_dir / STATE_FILE} holds no settings: it was not written by `parnet train`")
+        return check_config(saved, f"the settings in {run_dir / STATE_FILE}")
+    if (run_dir / "config.yaml").is_file():
+        return read_yaml(run_dir / "config.yaml")
+    return None
+
+
+def _with_dataset_defaults(settings: dict[str, Any]) -> TrainConfig:
+    dataset = settings.get("dataset", TrainConfig.model_fields["dataset"].default)
+    return TrainConfig(**{**DATASET_DEFAULTS.get(dataset, {}), **settings})
+
+
+def make_config(overrides: dict[str, Any] | None = None, config_file: str | None = None) -> TrainConfig:
+    """A checked :class:`TrainConfig`: defaults, then the dataset's, then ``config_file`` (YAML), then ``overrides``.
+
+    With ``resume``, the run's own settings come under ``config_file``: those in its checkpoint (the
+    authority, whatever ``config.yaml`` says), or, killed before its first checkpoint, its
+    ``config.yaml``. A resumed run keeps its settings unless told otherwise, and ``train`` refuses a
+    changed one that the restored state depends on.
+    """
+    overrides = check_config(overrides or {}, "arguments")
+    from_file: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        from_file = read_yaml(path)
+    given = {**from_file, **overrides}
+    try:
+        cfg = _with_dataset_defaults(given)
+        if cfg.resume and (saved := _run_settings(cfg.run_dir())):
+            saved = {k: v for k, v in saved.items() if k not in _PER_INVOCATION}
+            cfg = _with_dataset_defaults({**saved, **given, "output": str(cfg.run_dir())})
+    except ValidationError as e:
+        raise ValueError(validation_message(e, config_file or "arguments")) from None
+    # Valid one by one, not together: smoothing 1 leaves no target unless Mixup/CutMix soften the labels.
+    if cfg.mixup == 0 and cfg.cutmix == 0 and cfg.label_smoothing >= 1:
+        raise ValueError("label_smoothing must be below 1 (without --mixup or --cutmix)")
+    return cfg
