@@ -153,11 +153,13 @@ def default_out_indices(cfg: ParNetCfg) -> tuple[int, ...]:
 
 @torch.fx.wrap  # a leaf of every FX trace (timm's own and plain ones), run on the real input
 @register_notrace_function  # the same for timm's tracers, which take their list of leaves
-def check_parnet_input(x: torch.Tensor, in_chans: int, multiple: int, small_input: bool) -> None:
-    """Refuse inputs a ParNet cannot take, with a message that says what to pass.
+def check_parnet_input(x: torch.Tensor, in_chans: int, multiple: int, small_input: bool) -> torch.Tensor:
+    """``x`` itself if a ParNet can take it, else a ``ValueError`` whose message says what to pass.
 
-    Scriptable, so a scripted model checks too. ``torch.compile`` and ``torch.export`` see only
-    shape tests: with height and width declared as multiples of ``multiple`` they never fail.
+    The network computes on the returned tensor, so that a traced graph keeps the check (torchvision's
+    feature extractor drops calls whose result is unused). Scriptable, so a scripted model checks too.
+    ``torch.compile`` and ``torch.export`` see only shape tests: with height and width declared as
+    multiples of ``multiple`` they never fail.
     """
     if x.dim() != 4:
         raise ValueError(f"ParNet expects a 4-D batch (N, C, H, W), got a tensor of shape {list(x.shape)}")
@@ -174,6 +176,7 @@ def check_parnet_input(x: torch.Tensor, in_chans: int, multiple: int, small_inpu
             f"resize or pad the input (e.g. to {(h + multiple - 1) // multiple * multiple}x"
             f"{(w + multiple - 1) // multiple * multiple})"
         )
+    return x
 
 
 class ParNet(nn.Module):
@@ -299,7 +302,7 @@ class ParNet(nn.Module):
         Each stage is one gradient checkpoint when checkpointing is on; ``torch.jit.is_scripting()``
         stands first in each test so that TorchScript never compiles ``checkpoint``.
         """
-        check_parnet_input(x, self.in_chans, self.input_multiple, self.small_input)
+        x = check_parnet_input(x, self.in_chans, self.input_multiple, self.small_input)
         ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         x = checkpoint(self.stem, x) if not torch.jit.is_scripting() and ckpt else self.stem(x)
         stream_inputs = [x]
