@@ -41,8 +41,9 @@ def run(tmp_path_factory) -> Path:
     """A Fashion-MNIST run of one tiny epoch, written by `parnet train` itself."""
     root = tmp_path_factory.mktemp("predict_run")
     data = make_fashion_mnist(root / "fm", n_train=32, n_test=16)
-    settings = dict(dataset="fashion_mnist", data_dir=str(data), model="parnet_cifar_s", model_kwargs=TINY, epochs=1,
-                    batch_size=16, workers=0, threads=1, progress=False, depth=False, output=str(root / "run"))  # fmt: skip
+    settings = dict(dataset="fashion_mnist", data_dir=str(data), model="parnet_cifar_s", model_kwargs=TINY,
+                    epochs=1, batch_size=16, workers=0, threads=1, progress=False, depth=False,
+                    output=str(root / "run"))  # fmt: skip
     train(make_config(settings))
     return root / "run"
 

@@ -121,7 +121,7 @@ def test_fx_forward_and_backward_equal_eager(name):
 
 @pytest.mark.parametrize("name", ["parnet_s", "parnet_cifar_s"])
 def test_fx_graph_scripts(name, fast_torchscript):
-    """timm's test_model_forward_fx_torchscript: the traced graph scripts (each form once: scripting a graph is slow)."""
+    """timm's test_model_forward_fx_torchscript: the traced graph scripts (each form once: it is slow)."""
     model = tiny(name).eval()
     x = batch(model)
     with torch.inference_mode():
@@ -248,7 +248,7 @@ def test_default_cfg_is_consistent(name):
         headless = timm.create_model(name, num_classes=0, global_pool="").eval()
         assert headless(x).shape == features.shape
     state = timm.create_model(name, **TINY).state_dict()  # the names do not depend on the size
-    for key in ((cfg["classifier"],) if isinstance(cfg["classifier"], str) else cfg["classifier"]):
+    for key in (cfg["classifier"],) if isinstance(cfg["classifier"], str) else cfg["classifier"]:
         assert key + ".weight" in state
     for key in cfg["first_conv"]:
         assert key + ".weight" in state
@@ -275,7 +275,7 @@ def _check_features(feats, channels, reductions, x):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_features_only_and_forward_intermediates(name):
-    """timm's test_model_forward_features and test_model_forward_intermediates(_features), at its 96 px (32 for CIFAR)."""
+    """timm's test_model_forward_features and _forward_intermediates(_features), at 96 px (32 for CIFAR)."""
     model = tiny(name).eval()
     side = min(96, model.pretrained_cfg["input_size"][-1])
     x = torch.randn(1, 3, side, side)
@@ -301,7 +301,7 @@ def test_load_official_builds_the_variants_dropout(name):
 
 
 def test_load_official_gives_parnet_l_its_dropout():
-    """End to end: a state dict with the authors' keys and ParNet-L's shapes loads with dropout 0.1, as timm's variant."""
+    """End to end: the authors' keys with ParNet-L's shapes load with dropout 0.1, as in timm's variant."""
     ours_to_theirs = {}
     for line in (FIXTURES / "parnet_s_official_keys.txt").read_text().splitlines():  # the same keys for every size
         key = line.split("\t")[0]
@@ -327,7 +327,8 @@ def _package_imports(path: Path) -> set[str]:
             else:  # from . import x: a module, or a name of the package
                 found |= {a.name if (SRC / f"{a.name}.py").exists() else "parnet" for a in node.names}
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] if "." in a.name else "parnet" for a in node.names if a.name.startswith("parnet")}
+            names = [a.name for a in node.names if a.name.split(".")[0] == "parnet"]
+            found |= {name.split(".")[1] if "." in name else "parnet" for name in names}
     return found
 
 
