@@ -209,7 +209,8 @@ def test_export_of_fused_model_has_dynamic_batch_height_and_width(name):
 def test_forward_backward_every_parameter_gets_a_gradient(name):
     model = tiny(name, num_classes=42).train()
     params = sum(p.numel() for p in model.parameters())
-    for steps in ((2, 2), (3, 5)):  # the smallest input, and another, non-square one
+    default = tuple(s // model.input_multiple for s in model.pretrained_cfg["input_size"][1:])
+    for steps in (default, (2, 2), (3, 5)):  # the default size, the smallest, a non-square one
         model.zero_grad(set_to_none=True)
         out = model(batch(model, steps))
         out.mean().backward()
