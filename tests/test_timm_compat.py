@@ -168,11 +168,19 @@ def test_eager_mode_keeps_its_clear_value_errors():
 # -- torch.compile and torch.export --------------------------------------------------------------
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo remembers the shapes each code object saw, across compiles: a later compile of the same forward
+    with another input size would make height and width dynamic. Leave no such state to other tests."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["trained", "fused"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_compile_fullgraph_has_no_graph_break(fused, train):
+def test_compile_fullgraph_has_no_graph_break(fused, train, fresh_dynamo):
     """fullgraph=True raises at the first graph break; the eager backend captures without generating code."""
-    torch._dynamo.reset()
     model = tiny("parnet_cifar_s", drop_rate=0.1).eval()
     randomize_bn(model)
     if fused:
@@ -187,7 +195,7 @@ def test_compile_fullgraph_has_no_graph_break(fused, train):
 
 
 @pytest.mark.parametrize("name", ["parnet_s", "parnet_cifar_s"])
-def test_export_of_fused_model_has_dynamic_batch_height_and_width(name):
+def test_export_of_fused_model_has_dynamic_batch_height_and_width(name, fresh_dynamo):
     model = tiny(name).eval()
     randomize_bn(model)
     fused = parnet.reparameterize(model)
