@@ -52,6 +52,8 @@ CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
+# torchvision's CIFAR10.classes (read there from the dataset's meta file, which may not be at hand).
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -254,6 +256,32 @@ def _imagefolder(root: Path, train: bool, transform: Any) -> Dataset:
         return ImageFolder(str(split), transform=transform, loader=_read_image)
     except FileNotFoundError as e:
         raise DatasetNotFoundError(f"{split}: {e}") from None
+
+
+def class_names(name: str, data_dir: str | os.PathLike | None = None) -> list[str] | None:
+    """The class names of dataset ``name`` in label order, or ``None`` where its files are needed and absent.
+
+    Fashion-MNIST and CIFAR-10 names are known; CIFAR-100's come from its ``meta`` file, an image
+    folder's from its ``train`` subfolders (sorted, as ``ImageFolder`` numbers them).
+    """
+    if name == "fashion_mnist":
+        return list(FASHION_MNIST_CLASSES)
+    if name == "cifar10":
+        return list(CIFAR10_CLASSES)
+    if name not in DATASETS:
+        return None
+    root = Path(data_dir or DATASETS[name].default_dir).expanduser()
+    if name == "cifar100":
+        for meta in (root / "cifar-100-python" / "meta", root / "meta"):
+            if meta.is_file():
+                try:
+                    with open(meta, "rb") as fh:
+                        return list(pickle.load(fh, encoding="latin1")["fine_label_names"])
+                except Exception as e:  # noqa: BLE001 - EOFError, UnpicklingError, KeyError...
+                    raise CorruptDatasetError(f"{meta} is truncated or corrupt: {type(e).__name__}: {e}") from None
+        return None
+    train = root / "train"
+    return sorted(d.name for d in os.scandir(train) if d.is_dir()) if train.is_dir() else None
 
 
 # -- transforms ---------------------------------------------------------------------------------

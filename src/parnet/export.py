@@ -1,4 +1,4 @@
-"""Export the folded inference model: ONNX (dynamic batch), TorchScript, ``torch.export``.
+"""Export the folded inference model: ONNX (dynamic batch), TorchScript, ``torch.export`` (dynamic batch and size).
 
 Every file is written atomically (:func:`parnet.io.atomic_write`) and, unless told otherwise,
 read back and run against the PyTorch model (ONNX through onnxruntime) to 1e-4 before the
@@ -9,10 +9,12 @@ BNs/interleave/shuffle folded, NCHW), or with ``fused_only`` the plain re-parame
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,10 +90,30 @@ def _write_torchscript(model: nn.Module, path: Path, example: torch.Tensor) -> N
         torch.jit.save(scripted, str(path))
 
 
-def _write_program(model: nn.Module, path: Path, example: torch.Tensor) -> None:
-    """A ``torch.export`` program (``.pt2``) with a dynamic batch dimension."""
+def dynamic_shapes(example: torch.Tensor, multiple: int) -> dict[str, dict[int, Any]]:
+    """``torch.export`` dynamic shapes of a ParNet input ``x``: any batch, any height and width that are multiples
+    of ``multiple`` (the model's ``input_multiple``) from twice that on.
+
+    At once ``multiple`` the last stage is 1 pixel wide, where broadcasting makes torch.export specialize; an
+    example that small keeps its height and width fixed.
+    """
     batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}})
+    shapes: dict[int, Any] = {0: batch}
+    for axis, name in ((2, "height"), (3, "width")):
+        steps = example.shape[axis] // multiple
+        if steps >= 2:
+            shapes[axis] = multiple * torch.export.Dim(f"{name}_steps", min=2, max=max(steps, 4096 // multiple))
+    return {"x": shapes}
+
+
+def export_program(model: nn.Module, example: torch.Tensor, multiple: int) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``model`` (eval mode) with :func:`dynamic_shapes`."""
+    return torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes(example, multiple))
+
+
+def _write_program(model: nn.Module, path: Path, example: torch.Tensor, multiple: int = 1) -> None:
+    """A ``torch.export`` program (``.pt2``) with a dynamic batch, height and width (:func:`dynamic_shapes`)."""
+    program = export_program(model, example, multiple)
     with open(path, "wb") as f:  # a file object: given a name not ending in .pt2, torch.export.save warns
         torch.export.save(program, f)
 
@@ -155,7 +177,11 @@ def export_model(
     net = inference_model(model, fused_only)
     example = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     checks = [torch.randn(3, *input_size, generator=torch.Generator().manual_seed(1))]  # another batch size
-    writers = {"onnx": _write_onnx, "torchscript": _write_torchscript, "export": _write_program}
+    writers = {
+        "onnx": _write_onnx,
+        "torchscript": _write_torchscript,
+        "export": functools.partial(_write_program, multiple=model.input_multiple),
+    }
     results = {}
     for fmt in formats:
         if fmt not in writers:

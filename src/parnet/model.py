@@ -11,22 +11,22 @@ classifier: 12 layers on its longest path. Variants are data (:class:`ParNetCfg`
 
 Paper variants (``parnet_s/m/l/xl``) use SiLU and the paper's widths. The ``*_official`` variants
 are the networks of the authors' released checkpoints: the same widths with ReLU, because their
-configs never switch SiLU on (see ``reference/ARCHITECTURE.md``). The released ParNet-S file is
-named after widths 92, 192, 384, 1280, but its tensors are 96, 192, 384, 1280 wide (every key and
-shape is in ``tests/fixtures/parnet_s_official_keys.txt``), so ``parnet_s_official`` is 96 wide;
-``parnet.load_official`` infers widths from the tensors and loads either.
+configs never switch SiLU on (see ``reference/ARCHITECTURE.md``). Their weights, file layout and
+timm registration are in :mod:`parnet.official`; this module knows nothing of them.
+
+This module has no ``from __future__ import annotations``: FX writes the forward's annotations
+into the code of a traced graph, and TorchScript cannot read a string annotation there.
 """
 
-from __future__ import annotations
-
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import ClassifierHead, register_notrace_function
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 
@@ -151,6 +151,34 @@ def default_out_indices(cfg: ParNetCfg) -> tuple[int, ...]:
     return tuple(sorted(last.values()))
 
 
+@torch.fx.wrap  # a leaf of every FX trace (timm's own and plain ones), run on the real input
+@register_notrace_function  # the same for timm's tracers, which take their list of leaves
+def check_parnet_input(x: torch.Tensor, in_chans: int, multiple: int, small_input: bool) -> torch.Tensor:
+    """``x`` itself if a ParNet can take it, else a ``ValueError`` whose message says what to pass.
+
+    The network computes on the returned tensor, so that a traced graph keeps the check (torchvision's
+    feature extractor drops calls whose result is unused). Scriptable, so a scripted model checks too.
+    ``torch.compile`` and ``torch.export`` see only shape tests: with height and width declared as
+    multiples of ``multiple`` they never fail.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"ParNet expects a 4-D batch (N, C, H, W), got a tensor of shape {list(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f"ParNet was built for {in_chans} input channels, got {x.shape[1]} (shape {list(x.shape)}); "
+            f"give it {in_chans}-channel images, or create the model with in_chans={x.shape[1]}"
+        )
+    h, w = x.shape[2], x.shape[3]
+    if h % multiple != 0 or w % multiple != 0:
+        form = "small-input" if small_input else "ImageNet"
+        raise ValueError(
+            f"the {form} form of ParNet needs height and width that are multiples of {multiple}, got {h}x{w}; "
+            f"resize or pad the input (e.g. to {(h + multiple - 1) // multiple * multiple}x"
+            f"{(w + multiple - 1) // multiple * multiple})"
+        )
+    return x
+
+
 class ParNet(nn.Module):
     """ParNet: parallel streams of RepVGG-SSE blocks, fused into a classifier, depth 12.
 
@@ -174,6 +202,8 @@ class ParNet(nn.Module):
         self.cfg = cfg
         self.num_classes = num_classes
         self.in_chans = in_chans
+        self.input_multiple = cfg.input_multiple  # plain attributes: TorchScript cannot read cfg
+        self.small_input = cfg.small_input
         self.drop_rate = drop_rate
         self.num_features = self.head_hidden_size = cfg.head_width
         self.grad_checkpointing = False
@@ -231,27 +261,7 @@ class ParNet(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Refuse inputs this network cannot take, with a message that says what to pass."""
-        if x.dim() != 4:
-            raise ValueError(f"ParNet expects a 4-D batch (N, C, H, W), got a tensor of shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"ParNet was built for {self.in_chans} input channels, got {x.shape[1]} "
-                f"(shape {tuple(x.shape)}); give it {self.in_chans}-channel images, or create the model with "
-                f"in_chans={x.shape[1]}"
-            )
-        m = self.cfg.input_multiple
-        h, w = x.shape[-2:]
-        if h % m or w % m:
-            form = "small-input" if self.cfg.small_input else "ImageNet"
-            raise ValueError(
-                f"the {form} form of ParNet needs height and width that are multiples of {m}, got {h}x{w}; "
-                f"resize or pad the input (e.g. to {-(-h // m) * m}x{-(-w // m) * m})"
-            )
-
-    def _run(self, module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
-        return module(*args)
+        check_parnet_input(x, self.in_chans, self.input_multiple, self.small_input)
 
     def forward_intermediates(
         self,
@@ -287,20 +297,38 @@ class ParNet(nn.Module):
         return take
 
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every entry of ``feature_info``, in its order: stream outputs, fusion outputs, final block."""
-        self.check_input(x)
-        stream_inputs = [self._run(self.stem, x)]
+        """Every entry of ``feature_info``, in its order: stream outputs, fusion outputs, final block.
+
+        Each stage is one gradient checkpoint when checkpointing is on; ``torch.jit.is_scripting()``
+        stands first in each test so that TorchScript never compiles ``checkpoint``.
+        """
+        x = check_parnet_input(x, self.in_chans, self.input_multiple, self.small_input)
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+        x = checkpoint(self.stem, x) if not torch.jit.is_scripting() and ckpt else self.stem(x)
+        stream_inputs = [x]
         for down in self.downsample:
-            stream_inputs.append(self._run(down, stream_inputs[-1]))
-        outs = [self._run(stream, xi) for stream, xi in zip(self.streams, stream_inputs)]
+            x = checkpoint(down, x) if not torch.jit.is_scripting() and ckpt else down(x)
+            stream_inputs.append(x)
+        outs: list[torch.Tensor] = []
+        for i, stream in enumerate(self.streams):
+            xi = stream_inputs[i]
+            outs.append(checkpoint(stream, xi) if not torch.jit.is_scripting() and ckpt else stream(xi))
         fused = outs[0]
         if self.fuse_entry is not None:
-            fused = self._run(self.fuse_entry, fused)
-        fusion_outs = []
-        for fusion, stream_out in zip(self.fusions, outs[1:]):
-            fused = self._run(fusion, stream_out, fused)
-            fusion_outs.append(fused)
-        feats = outs + fusion_outs + [self._run(self.final_block, fused)]
+            fused = (
+                checkpoint(self.fuse_entry, fused) if not torch.jit.is_scripting() and ckpt else self.fuse_entry(fused)
+            )
+        feats = outs.copy()
+        for i, fusion in enumerate(self.fusions):
+            stream_out = outs[i + 1]
+            fused = (
+                checkpoint(fusion, stream_out, fused)
+                if not torch.jit.is_scripting() and ckpt
+                else fusion(stream_out, fused)
+            )
+            feats.append(fused)
+        final = self.final_block
+        feats.append(checkpoint(final, fused) if not torch.jit.is_scripting() and ckpt else final(fused))
         return [feats[i] for i in self._feature_order]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -318,25 +346,31 @@ class ParNet(nn.Module):
 CFG_FIELDS = {f.name for f in dataclasses.fields(ParNetCfg)}
 
 
-def _create_parnet(variant: str, pretrained: bool = False, **kwargs: Any) -> ParNet:
-    """Build a registered variant; architecture knobs (widths, blocks, act, ...) override its cfg."""
+def create_parnet(
+    variant: str,
+    pretrained: bool = False,
+    pretrained_filter_fn: Callable[[dict[str, Any], nn.Module], dict[str, Any]] | None = None,
+    **kwargs: Any,
+) -> ParNet:
+    """Build a registered variant with timm's builder; architecture knobs (widths, blocks, act, ...) override its cfg.
+
+    ``pretrained_filter_fn`` (timm's hook) converts a pretrained file of another layout to this
+    network's keys: modules that register variants with released weights pass theirs.
+    """
     overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in CFG_FIELDS}
     cfg = dataclasses.replace(model_cfgs[variant], **overrides)
-    from .official import checkpoint_filter_fn, reading_official_checkpoints
-
-    with reading_official_checkpoints():
-        return build_model_with_cfg(
-            ParNet,
-            variant,
-            pretrained,
-            cfg=cfg,
-            pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(feature_cls="getter", out_indices=default_out_indices(cfg)),
-            **kwargs,
-        )
+    return build_model_with_cfg(
+        ParNet,
+        variant,
+        pretrained,
+        cfg=cfg,
+        pretrained_filter_fn=pretrained_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=default_out_indices(cfg)),
+        **kwargs,
+    )
 
 
-def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
+def imagenet_cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
     return {
         "url": url,
         "num_classes": 1000,
@@ -353,38 +387,18 @@ def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
 
 
 def _cifar_cfg(**kwargs: Any) -> dict[str, Any]:
-    return _cfg(
+    return imagenet_cfg(
         num_classes=10, input_size=(3, 32, 32), pool_size=(4, 4), crop_pct=1.0, mean=CIFAR_MEAN, std=CIFAR_STD, **kwargs
     )
 
 
-RELEASE_URL = "https://github.com/imankgoyal/NonDeepNetworks/releases/download/v.0.1.0/"
-
-
-def _official_cfg(file: str) -> dict[str, Any]:
-    """An authors' release file: bilinear resizing as in their validation, their repository's BSD-3-Clause license."""
-    return _cfg(RELEASE_URL + file, interpolation="bilinear", license="bsd-3-clause")
-
-
-# The authors' ImageNet checkpoints, named after their model configs; top-1 is the paper's (EMA,
-# fused, 224x224), not measured here.
+# The authors' released checkpoints register their ``parnet_*_official`` variants in parnet.official.
 default_cfgs = generate_default_cfgs(
     {
-        "parnet_s": _cfg(),
-        "parnet_m": _cfg(),
-        "parnet_l": _cfg(),
-        "parnet_xl": _cfg(),
-        "parnet_s_official.in1k": _official_cfg("planes_92_192_384_1280_num_blocks_5_6_6_1_sebv_13.pth.tar"),
-        "parnet_m_official.in1k": _official_cfg("planes_128_256_512_2048_num_blocks_5_6_6_1_sebv_13.pth.tar"),
-        "parnet_l_official.in1k": _official_cfg(
-            "planes_160_320_640_2560_num_blocks_5_6_6_1_sebv_13_dropout_lin.pth.tar"
-        ),
-        "parnet_xl_official.in1k": _official_cfg(
-            "reg_se13_planes_200_400_800_3200_num_blocks_5_6_6_1_sebv_13_dropout_lin.pth.tar"
-        ),
-        "parnet_xl_official.in1k_200ep": _official_cfg(
-            "reg_se13_cosine_planes_200_400_800_3200_num_blocks_5_6_6_1_sebv_13_dropout_lin.pth.tar"
-        ),
+        "parnet_s": imagenet_cfg(),
+        "parnet_m": imagenet_cfg(),
+        "parnet_l": imagenet_cfg(),
+        "parnet_xl": imagenet_cfg(),
         "parnet_cifar_s": _cifar_cfg(),
         "parnet_cifar_m": _cifar_cfg(),
         "parnet_cifar_l": _cifar_cfg(),
@@ -395,67 +409,40 @@ default_cfgs = generate_default_cfgs(
 @register_model
 def parnet_s(pretrained: bool = False, **kwargs: Any) -> ParNet:
     """ParNet-S of the paper: widths 96, 192, 384, head 1280, SiLU (19.2 M params fused)."""
-    return _create_parnet("parnet_s", pretrained, **kwargs)
+    return create_parnet("parnet_s", pretrained, **kwargs)
 
 
 @register_model
 def parnet_m(pretrained: bool = False, **kwargs: Any) -> ParNet:
     """ParNet-M of the paper: widths 128, 256, 512, head 2048, SiLU (35.6 M params fused)."""
-    return _create_parnet("parnet_m", pretrained, **kwargs)
+    return create_parnet("parnet_m", pretrained, **kwargs)
 
 
 @register_model
 def parnet_l(pretrained: bool = False, **kwargs: Any) -> ParNet:
     """ParNet-L of the paper: widths 160, 320, 640, head 2560, SiLU (54.9 M params fused)."""
-    return _create_parnet("parnet_l", pretrained, **kwargs)
+    return create_parnet("parnet_l", pretrained, **kwargs)
 
 
 @register_model
 def parnet_xl(pretrained: bool = False, **kwargs: Any) -> ParNet:
     """ParNet-XL of the paper: widths 200, 400, 800, head 3200, SiLU (85.0 M params fused)."""
-    return _create_parnet("parnet_xl", pretrained, **kwargs)
-
-
-@register_model
-def parnet_s_official(pretrained: bool = False, **kwargs: Any) -> ParNet:
-    """The network of the authors' released ParNet-S weights: ParNet-S with ReLU.
-
-    The file is named after widths 92, 192, 384, 1280; its tensors are 96, 192, 384, 1280.
-    """
-    return _create_parnet("parnet_s_official", pretrained, **kwargs)
-
-
-@register_model
-def parnet_m_official(pretrained: bool = False, **kwargs: Any) -> ParNet:
-    """The network of the authors' released ParNet-M weights: ParNet-M with ReLU."""
-    return _create_parnet("parnet_m_official", pretrained, **kwargs)
-
-
-@register_model
-def parnet_l_official(pretrained: bool = False, **kwargs: Any) -> ParNet:
-    """The network of the authors' released ParNet-L weights: ParNet-L with ReLU, dropout 0.1."""
-    return _create_parnet("parnet_l_official", pretrained, drop_rate=kwargs.pop("drop_rate", 0.1), **kwargs)
-
-
-@register_model
-def parnet_xl_official(pretrained: bool = False, **kwargs: Any) -> ParNet:
-    """The network of the authors' released ParNet-XL weights: ParNet-XL with ReLU, dropout 0.1."""
-    return _create_parnet("parnet_xl_official", pretrained, drop_rate=kwargs.pop("drop_rate", 0.1), **kwargs)
+    return create_parnet("parnet_xl", pretrained, **kwargs)
 
 
 @register_model
 def parnet_cifar_s(pretrained: bool = False, **kwargs: Any) -> ParNet:
     """Small-input ParNet for 32x32 images, 1.31 M params fused (10 classes): widths 24, 48, 96, head 512."""
-    return _create_parnet("parnet_cifar_s", pretrained, **kwargs)
+    return create_parnet("parnet_cifar_s", pretrained, **kwargs)
 
 
 @register_model
 def parnet_cifar_m(pretrained: bool = False, **kwargs: Any) -> ParNet:
     """Small-input ParNet for 32x32 images, 15.4 M params fused (10 classes): widths 96, 192, 384, head 640."""
-    return _create_parnet("parnet_cifar_m", pretrained, **kwargs)
+    return create_parnet("parnet_cifar_m", pretrained, **kwargs)
 
 
 @register_model
 def parnet_cifar_l(pretrained: bool = False, **kwargs: Any) -> ParNet:
     """Small-input ParNet for 32x32 images, 34.9 M params fused (10 classes): widths 128, 256, 512, head 2304."""
-    return _create_parnet("parnet_cifar_l", pretrained, **kwargs)
+    return create_parnet("parnet_cifar_l", pretrained, **kwargs)

@@ -5,6 +5,15 @@ pickles holding ``state_dict`` (keys maybe prefixed ``module.``), often ``state_
 ``argparse.Namespace`` of arguments, the epoch and the optimizer. They are read with
 ``torch.load(weights_only=True)`` allowing ``argparse.Namespace`` and nothing else, so a hostile
 pickle is refused before any of it runs.
+
+This module also registers their networks with timm (``parnet_*_official``: the paper's widths with
+ReLU, see :mod:`parnet.model`), with a ``pretrained_filter_fn`` that converts their keys::
+
+    timm.create_model("parnet_s_official.in1k", pretrained=True)   # downloads and converts their file
+
+The released ParNet-S file is named after widths 92, 192, 384, 1280, but its tensors are 96, 192,
+384, 1280 wide (every key and shape is in ``tests/fixtures/parnet_s_official_keys.txt``), so
+``parnet_s_official`` is 96 wide; :func:`load_official` infers widths from the tensors and loads either.
 """
 
 from __future__ import annotations
@@ -19,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.models import generate_default_cfgs, register_model
 
-from .model import ParNet, ParNetCfg
+from .model import ParNet, ParNetCfg, create_parnet, imagenet_cfg, model_cfgs
 
 __all__ = ["load_official", "convert_official_state_dict", "infer_official_cfg", "read_checkpoint"]
 
@@ -180,14 +190,15 @@ def load_official(
             (their configs never switched SiLU on); ``"silu"`` for checkpoints that did.
         strict: refuse missing or unexpected keys.
 
-    Widths, blocks per stream, class count and input channels come from the tensor shapes.
+    Widths, blocks per stream, class count and input channels come from the tensor shapes; the
+    dropout is that of the registered variant of the same architecture (0.1 for L and XL).
     The model is returned in eval mode.
     """
     name = str(source) if not isinstance(source, Mapping) else "the given dict"
     checkpoint = read_checkpoint(source) if not isinstance(source, Mapping) else source
     state = select_state_dict(checkpoint, use_ema)
     cfg, num_classes, in_chans = infer_official_cfg(state, activation)
-    model = ParNet(cfg, num_classes=num_classes, in_chans=in_chans)
+    model = ParNet(cfg, num_classes=num_classes, in_chans=in_chans, drop_rate=official_drop_rate(cfg))
     converted = convert_official_state_dict(state)
     if strict:  # names, shapes and dtypes, before anything is copied
         from .weights import check_state_dict
@@ -211,3 +222,77 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: ParNet) -> dict[s
     """
     state = select_state_dict(state_dict, use_ema="state_dict_ema" in state_dict)
     return convert_official_state_dict(state) if is_official_layout(state) else state
+
+
+# -- timm registration of the released networks ------------------------------------------------
+
+RELEASE_URL = "https://github.com/imankgoyal/NonDeepNetworks/releases/download/v.0.1.0/"
+
+# The authors trained L and XL with dropout before the classifier (their files say "dropout_lin").
+OFFICIAL_DROP_RATES = {"parnet_l_official": 0.1, "parnet_xl_official": 0.1}
+
+
+def official_variant(cfg: ParNetCfg) -> str | None:
+    """The registered ``parnet_*_official`` variant with architecture ``cfg``, if there is one."""
+    return next((name for name, c in model_cfgs.items() if name.endswith("_official") and c == cfg), None)
+
+
+def official_drop_rate(cfg: ParNetCfg) -> float:
+    """Dropout of the registered variant with architecture ``cfg`` (0 for an architecture not released)."""
+    return OFFICIAL_DROP_RATES.get(official_variant(cfg) or "", 0.0)
+
+
+def _official_cfg(file: str) -> dict[str, Any]:
+    """An authors' release file: bilinear resizing as in their validation, their repository's BSD-3-Clause license."""
+    return imagenet_cfg(RELEASE_URL + file, interpolation="bilinear", license="bsd-3-clause")
+
+
+# The authors' ImageNet checkpoints, named after their model configs.
+default_cfgs = generate_default_cfgs(
+    {
+        "parnet_s_official.in1k": _official_cfg("planes_92_192_384_1280_num_blocks_5_6_6_1_sebv_13.pth.tar"),
+        "parnet_m_official.in1k": _official_cfg("planes_128_256_512_2048_num_blocks_5_6_6_1_sebv_13.pth.tar"),
+        "parnet_l_official.in1k": _official_cfg(
+            "planes_160_320_640_2560_num_blocks_5_6_6_1_sebv_13_dropout_lin.pth.tar"
+        ),
+        "parnet_xl_official.in1k": _official_cfg(
+            "reg_se13_planes_200_400_800_3200_num_blocks_5_6_6_1_sebv_13_dropout_lin.pth.tar"
+        ),
+        "parnet_xl_official.in1k_200ep": _official_cfg(
+            "reg_se13_cosine_planes_200_400_800_3200_num_blocks_5_6_6_1_sebv_13_dropout_lin.pth.tar"
+        ),
+    }
+)
+
+
+def _create_official(variant: str, pretrained: bool, **kwargs: Any) -> ParNet:
+    kwargs.setdefault("drop_rate", OFFICIAL_DROP_RATES.get(variant, 0.0))
+    with reading_official_checkpoints():  # timm reads their pickles with weights_only=True
+        return create_parnet(variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+
+
+@register_model
+def parnet_s_official(pretrained: bool = False, **kwargs: Any) -> ParNet:
+    """The network of the authors' released ParNet-S weights: ParNet-S with ReLU.
+
+    The file is named after widths 92, 192, 384, 1280; its tensors are 96, 192, 384, 1280.
+    """
+    return _create_official("parnet_s_official", pretrained, **kwargs)
+
+
+@register_model
+def parnet_m_official(pretrained: bool = False, **kwargs: Any) -> ParNet:
+    """The network of the authors' released ParNet-M weights: ParNet-M with ReLU."""
+    return _create_official("parnet_m_official", pretrained, **kwargs)
+
+
+@register_model
+def parnet_l_official(pretrained: bool = False, **kwargs: Any) -> ParNet:
+    """The network of the authors' released ParNet-L weights: ParNet-L with ReLU, dropout 0.1."""
+    return _create_official("parnet_l_official", pretrained, **kwargs)
+
+
+@register_model
+def parnet_xl_official(pretrained: bool = False, **kwargs: Any) -> ParNet:
+    """The network of the authors' released ParNet-XL weights: ParNet-XL with ReLU, dropout 0.1."""
+    return _create_official("parnet_xl_official", pretrained, **kwargs)

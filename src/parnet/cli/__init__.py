@@ -47,6 +47,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "parnet.cli.detection",
     "parnet.cli.export",
     "parnet.cli.bench",
+    "parnet.cli.predict",
 )
 
 

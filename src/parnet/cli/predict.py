@@ -1,0 +1,60 @@
+"""``parnet predict``: the top classes of image files (argument parsing only; the work is in :mod:`parnet.predict`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .args import model_name, positive_int
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from ..predict import format_predictions, load_predictor
+
+    runs = [p for p in args.paths if Path(p).is_dir()]  # an image is never a folder: a folder is the run
+    images = [p for p in args.paths if not Path(p).is_dir()]
+    if len(runs) > 1:
+        raise ValueError(f"give one run folder, got {len(runs)}: {', '.join(runs)}")
+    if not images:
+        raise ValueError("give at least one image file")
+    predictor = load_predictor(
+        run=runs[0] if runs else None,
+        checkpoint=args.checkpoint,
+        model_name=args.model,
+        use_ema=not args.raw,
+        device=args.device,
+    )
+    results = predictor.predict(images, top_k=args.top)
+    if not args.json:
+        print(f"weights: {predictor.source}")
+    print(format_predictions(results, as_json=args.json))
+    return 0
+
+
+def add_commands(subparsers: Any) -> None:
+    """``parnet predict``."""
+    p = subparsers.add_parser(
+        "predict",
+        help="top-5 classes of image files, from a run folder, a checkpoint or a model's released weights",
+        description="parnet predict IMAGE... [--model NAME] [--checkpoint FILE | RUN]: the top classes of each image "
+        "with their probabilities, preprocessed as the weights' training data was.",
+    )
+    p.add_argument(
+        "paths", nargs="+", metavar="IMAGE|RUN", help="image files, and at most one `parnet train` run folder"
+    )
+    p.add_argument(
+        "--checkpoint",
+        help="weights file: a .safetensors of this project (a run's, `parnet convert`'s) or an authors' .pth.tar",
+    )
+    p.add_argument(
+        "--model",
+        type=model_name,
+        help="timm model name whose pretrained config sets the preprocessing (e.g. parnet_s_official.in1k); "
+        "without --checkpoint or a run, its released weights (downloaded by timm)",
+    )
+    p.add_argument("--top", type=positive_int, default=5, help="classes to show per image (default 5)")
+    p.add_argument("--raw", action="store_true", help="the raw weights rather than the EMA weights, where both exist")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_predict)

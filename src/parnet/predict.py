@@ -1,0 +1,240 @@
+"""Top-k classes of image files, from a training run, a checkpoint or a timm model's released weights.
+
+The weights come from a run folder (its EMA weights when it has them), a ``.safetensors`` file of this
+project, an authors' ``.pth.tar`` (through :func:`parnet.load_official`, EMA weights when present) or
+timm's pretrained download of a model name. Preprocessing and class names follow the data the weights
+were trained on:
+
+* a run, or a file written by one (its metadata names the dataset): the dataset's own evaluation
+  transform after the image is brought to the dataset's size and colour mode (Fashion-MNIST images are
+  28x28 grey, padded to 32 as in training), and the dataset's class names;
+* anything else: timm's ``resolve_data_config`` / ``create_transform`` with the pretrained config of the
+  model (``model_name``, the model's own, or that of the released variant with its architecture), and
+  ImageNet's class names (``timm.data.ImageNetInfo``) for a 1000-class model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+
+__all__ = ["Predictor", "load_predictor", "read_image"]
+
+# A run's weight files, preferred first (the EMA weights are the ones its results quote).
+RUN_WEIGHTS = ("last_ema.safetensors", "last.safetensors")
+# Size of a dataset's images before its own transform (Fashion-MNIST's pads 28 to 32).
+NATIVE_SIZE = {"fashion_mnist": 28}
+
+
+@dataclass
+class Predictor:
+    """A model in eval mode with the preprocessing and class names of its training data."""
+
+    model: nn.Module
+    transform: Callable[[Image.Image], torch.Tensor]
+    class_names: list[str]
+    image_mode: str  # "RGB" or "L": what the transform expects
+    source: str  # where the weights came from, for the report
+
+    @torch.no_grad()
+    def predict(self, paths: Sequence[str | os.PathLike], top_k: int = 5) -> list[dict[str, Any]]:
+        """``[{"image": path, "top": [{"index", "label", "probability"}, ...]}, ...]``, best first.
+
+        Every image is read before the model runs, so a file that is not an image fails early.
+        """
+        images = [read_image(p, self.image_mode) for p in paths]
+        device = next(self.model.parameters()).device
+        k = min(top_k, len(self.class_names))
+        results = []
+        for path, image in zip(paths, images):
+            probs = self.model(self.transform(image).unsqueeze(0).to(device)).softmax(-1)[0]
+            top = probs.topk(k)
+            results.append(
+                {
+                    "image": str(path),
+                    "top": [
+                        {"index": int(i), "label": self.class_names[int(i)], "probability": float(p)}
+                        for p, i in zip(top.values, top.indices)
+                    ],
+                }
+            )
+        return results
+
+
+def read_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
+    """An image file as a PIL image in ``mode``; ``ValueError`` for a file that is not an image."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no image file at {path}")
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL reports truncated files as OSError
+        raise ValueError(f"{path} is not an image PIL can read ({type(e).__name__}: {e})") from None
+
+
+def load_predictor(
+    run: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    model_name: str | None = None,
+    use_ema: bool = True,
+    device: str = "cpu",
+) -> Predictor:
+    """A :class:`Predictor` from a run folder, a checkpoint file, or a timm model name alone (its released weights).
+
+    ``model_name`` with ``checkpoint`` chooses the pretrained config that sets the preprocessing (e.g.
+    ``parnet_s_official.in1k`` for an authors' file); alone, timm downloads its pretrained weights.
+    ``use_ema``: a run's (or an authors' file's) EMA weights when it has them.
+    """
+    if run is not None and checkpoint is not None:
+        raise ValueError("give a run folder or a checkpoint file, not both")
+    if run is None and checkpoint is None and not model_name:
+        raise ValueError("give the weights: a run folder, a checkpoint file, or a model name with released weights")
+    dataset = data_dir = None
+    if run is not None:
+        model, source, dataset, data_dir = _load_run(Path(run), use_ema, device)
+    elif checkpoint is not None:
+        model, source, dataset = _load_checkpoint(Path(checkpoint), use_ema, device)
+    else:
+        model, source = _load_pretrained(str(model_name), device)
+    model.eval()
+    num_classes = model.num_classes
+    names = _class_names(dataset, data_dir, num_classes)
+    if dataset is not None and dataset != "imagefolder":
+        transform, mode = _dataset_transform(dataset)
+    else:
+        transform, mode = _timm_transform(model, model_name)
+    return Predictor(model, transform, names, mode, source)
+
+
+# -- weights -------------------------------------------------------------------------------------
+
+
+def _load_run(run: Path, use_ema: bool, device: str) -> tuple[nn.Module, str, str | None, str | None]:
+    import yaml
+
+    from .evaluate import load_weights
+
+    files = [run / f for f in RUN_WEIGHTS if (run / f).is_file()]
+    if not files:
+        raise FileNotFoundError(f"{run} holds no {' or '.join(RUN_WEIGHTS)}: is it a `parnet train` run folder?")
+    path = files[0] if use_ema else files[-1]
+    config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    return load_weights(path, device), str(path), (config or {}).get("dataset"), (config or {}).get("data_dir")
+
+
+def _load_checkpoint(path: Path, use_ema: bool, device: str) -> tuple[nn.Module, str, str | None]:
+    from .evaluate import load_weights
+    from .io import is_torch_checkpoint, read_safetensors
+    from .official import load_official, read_checkpoint
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if is_torch_checkpoint(path):  # an authors' file (load_official refuses anything else clearly)
+        ckpt = read_checkpoint(path)
+        ema = use_ema and "state_dict_ema" in ckpt
+        return load_official(ckpt, use_ema=ema).to(device), f"{path} ({'EMA' if ema else 'raw'} weights)", None
+    _, meta = read_safetensors(path, None)
+    return load_weights(path, device), str(path), meta.get("dataset")
+
+
+def _load_pretrained(name: str, device: str) -> tuple[nn.Module, str]:
+    import timm
+
+    from . import baselines  # noqa: F401 - registers the baselines (and, through parnet, the variants)
+
+    if not timm.is_model(name.split(".")[0]):
+        raise ValueError(f"unknown model {name!r}")
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not (cfg.url or cfg.hf_hub_id or cfg.file):
+        raise ValueError(f"{name} has no released weights: pass --checkpoint FILE (or a run folder) with it")
+    try:
+        model = timm.create_model(name, pretrained=True)
+    except (OSError, RuntimeError) as e:  # no network, a refused download
+        raise ValueError(
+            f"cannot get the pretrained weights of {name} ({e}); download them and pass --checkpoint"
+        ) from None
+    return model.to(device), f"timm pretrained {name}"
+
+
+# -- preprocessing and names ---------------------------------------------------------------------
+
+
+def _class_names(dataset: str | None, data_dir: str | None, num_classes: int) -> list[str]:
+    from .data import class_names
+
+    names = class_names(dataset, data_dir) if dataset else None
+    if names is None and num_classes == 1000:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        names = [info.index_to_description(i) for i in range(1000)]
+    if names is None or len(names) != num_classes:
+        return [f"class {i}" for i in range(num_classes)]
+    return names
+
+
+def _dataset_transform(dataset: str) -> tuple[Callable[[Image.Image], torch.Tensor], str]:
+    """The dataset's evaluation transform, after resizing to the size its images have on disk."""
+    from torchvision import transforms as T
+
+    from .data import DATASETS, build_transforms
+
+    if dataset not in DATASETS:
+        raise ValueError(f"the weights were trained on {dataset!r}, which this version does not know")
+    info = DATASETS[dataset]
+    size = NATIVE_SIZE.get(dataset, info.img_size)
+    resize = T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR, antialias=True)
+    return T.Compose([resize, build_transforms(info, train=False)]), "L" if info.in_chans == 1 else "RGB"
+
+
+def _timm_transform(model: nn.Module, model_name: str | None) -> tuple[Callable[[Image.Image], torch.Tensor], str]:
+    """timm's evaluation transform from the pretrained config of ``model_name``, the model or its released variant."""
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    pretrained_cfg = None
+    if model_name:
+        pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
+        pretrained_cfg = pretrained_cfg.to_dict() if pretrained_cfg is not None else None
+    if pretrained_cfg is None:
+        pretrained_cfg = getattr(model, "pretrained_cfg", None) or _variant_cfg(model)
+    config = resolve_data_config(pretrained_cfg=pretrained_cfg)
+    in_chans = getattr(model, "in_chans", 3)
+    config["input_size"] = (in_chans, *config["input_size"][1:])
+    if len(config["mean"]) != in_chans:  # a grey model under an RGB config: the channels' average
+        config["mean"] = (sum(config["mean"]) / len(config["mean"]),) * in_chans
+        config["std"] = (sum(config["std"]) / len(config["std"]),) * in_chans
+    return create_transform(**config), "L" if in_chans == 1 else "RGB"
+
+
+def _variant_cfg(model: nn.Module) -> dict[str, Any]:
+    """The pretrained config of the released ParNet variant with ``model``'s architecture, else of its form."""
+    import timm
+
+    from .official import official_variant
+
+    cfg = getattr(model, "cfg", None)
+    name = (official_variant(cfg) if cfg is not None else None) or (
+        "parnet_cifar_s" if getattr(model, "small_input", False) else "parnet_s"
+    )
+    return timm.models.get_pretrained_cfg(name).to_dict()
+
+
+def format_predictions(results: list[dict[str, Any]], as_json: bool = False) -> str:
+    """The report ``parnet predict`` prints: per image, its classes with probabilities (or JSON)."""
+    if as_json:
+        return json.dumps(results, indent=2)
+    lines = []
+    for result in results:
+        lines.append(result["image"])
+        lines += [f"  {t['probability']:7.2%}  {t['label']}" for t in result["top"]]
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""`parnet predict`: top-k classes of images from a run, our files, the authors' files; clear errors."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from timm.data import ImageNetInfo, create_transform, resolve_data_config
+from torchvision import transforms as T
+
+import parnet
+from parnet.cli import main
+from parnet.data import DATASETS, FASHION_MNIST_CLASSES, class_names
+from parnet.io import save_model
+from parnet.predict import load_predictor
+from parnet.train import load_weights, make_config, train
+
+from .test_data import make_fashion_mnist
+
+TINY = dict(widths=[8, 16, 32], head_width=64, stem_width=8)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    paths = {"rgb": root / "photo.png", "grey": root / "grey.png", "text": root / "notes.png"}
+    Image.fromarray(rng.integers(0, 256, (45, 30, 3), dtype=np.uint8)).save(paths["rgb"])
+    Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(paths["grey"])
+    paths["text"].write_text("not an image, whatever its name says")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A Fashion-MNIST run of one tiny epoch, written by `parnet train` itself."""
+    root = tmp_path_factory.mktemp("predict_run")
+    data = make_fashion_mnist(root / "fm", n_train=32, n_test=16)
+    settings = dict(dataset="fashion_mnist", data_dir=str(data), model="parnet_cifar_s", model_kwargs=TINY,
+                    epochs=1, batch_size=16, workers=0, threads=1, progress=False, depth=False,
+                    output=str(root / "run"))  # fmt: skip
+    train(make_config(settings))
+    return root / "run"
+
+
+def _probabilities(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x.unsqueeze(0)).softmax(-1)[0]
+
+
+def _assert_top(result: dict, probs: torch.Tensor, names: list[str], k: int = 5) -> None:
+    top = probs.topk(k)
+    assert [t["index"] for t in result["top"]] == top.indices.tolist()
+    assert [t["label"] for t in result["top"]] == [names[i] for i in top.indices]
+    np.testing.assert_allclose([t["probability"] for t in result["top"]], top.values.numpy(), rtol=1e-5)
+
+
+def test_run_folder_uses_its_dataset_transform_names_and_ema_weights(run, images):
+    predictor = load_predictor(run=run)
+    assert predictor.source.endswith("last_ema.safetensors") and predictor.image_mode == "L"
+    results = predictor.predict([images["rgb"], images["grey"]])
+    model = load_weights(run / "last_ema.safetensors")
+    info = DATASETS["fashion_mnist"]
+    # As in training: 28x28 grey, padded to 32 with black, normalized with the dataset's statistics.
+    by_hand = T.Compose([T.Resize((28, 28)), T.Pad(2), T.ToTensor(), T.Normalize(info.mean, info.std)])
+    for result, key in zip(results, ("rgb", "grey")):
+        assert result["image"] == str(images[key])
+        probs = _probabilities(model, by_hand(Image.open(images[key]).convert("L")))
+        _assert_top(result, probs, list(FASHION_MNIST_CLASSES))
+    assert load_predictor(run=run, use_ema=False).source.endswith("/last.safetensors")
+
+
+def test_predict_command_prints_top5_for_each_image(run, images, capsys):
+    assert main(["predict", str(images["rgb"]), str(run), str(images["grey"]), "--top", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("weights: ") and out[1] == str(images["rgb"]) and out[5] == str(images["grey"])
+    assert len(out) == 9 and all(line.split()[1] in " ".join(FASHION_MNIST_CLASSES) for line in out[2:5])
+    assert main(["predict", str(images["grey"]), str(run), "--json"]) == 0
+    assert '"label"' in capsys.readouterr().out
+
+
+def test_authors_checkpoint_gets_imagenet_names_and_the_released_preprocessing(official_tiny, images, tmp_path):
+    path = tmp_path / "release.pth.tar"
+    state = official_tiny["state_dict"]
+    ema = {k: v + 0.01 if v.is_floating_point() and "running_var" not in k else v for k, v in state.items()}
+    torch.save({"state_dict": state, "state_dict_ema": ema}, path)
+    predictor = load_predictor(checkpoint=path, model_name="parnet_s_official.in1k")
+    assert "EMA" in predictor.source
+    [result] = predictor.predict([images["rgb"]])
+    config = resolve_data_config(pretrained_cfg=timm.models.get_pretrained_cfg("parnet_s_official.in1k").to_dict())
+    assert config["interpolation"] == "bilinear" and config["crop_pct"] == 0.875
+    x = create_transform(**config)(Image.open(images["rgb"]).convert("RGB"))
+    names = ImageNetInfo().label_descriptions()
+    _assert_top(result, _probabilities(parnet.load_official(path, use_ema=True), x), names)
+    assert "great grey owl" in names[24]
+
+
+def test_our_safetensors_without_a_dataset(images, tmp_path):
+    """A 1000-class file gets ImageNet's names, another class count numbers; timm's ImageNet preprocessing."""
+    for classes in (1000, 7):
+        model = timm.create_model("parnet_s", **TINY, num_classes=classes).eval()
+        path = save_model(model, tmp_path / f"model{classes}.safetensors")
+        predictor = load_predictor(checkpoint=path)
+        [result] = predictor.predict([images["rgb"]], top_k=9)
+        assert len(result["top"]) == min(9, classes)
+        x = create_transform(**resolve_data_config(pretrained_cfg=model.pretrained_cfg))(
+            Image.open(images["rgb"]).convert("RGB")
+        )
+        names = ImageNetInfo().label_descriptions() if classes == 1000 else [f"class {i}" for i in range(7)]
+        _assert_top(result, _probabilities(model, x), names, k=min(9, classes))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["{text}", "{run}"], "is not an image"),
+        (["{missing}", "{run}"], "no image file"),
+        (["{rgb}", "{run}", "{run}"], "one run folder"),
+        (["{run}"], "at least one image"),
+        (["{rgb}"], "give the weights"),
+        (["{rgb}", "--model", "parnet_s"], "no released weights"),
+        (["{rgb}", "{run}", "--checkpoint", "{rgb}"], "not both"),
+        (["{rgb}", "--checkpoint", "{missing}"], "no checkpoint"),
+        (["{rgb}", "--checkpoint", "{text}"], "cannot read"),
+    ],
+)
+def test_bad_input_is_a_clear_error_without_traceback(run, images, tmp_path, capsys, args, message):
+    values = {k: str(v) for k, v in images.items()} | {"run": str(run), "missing": str(tmp_path / "nothing.png")}
+    assert main(["predict", *(a.format(**values) for a in args)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_class_names_of_each_dataset(tmp_path):
+    assert class_names("fashion_mnist")[9] == "Ankle boot" and class_names("cifar10")[0] == "airplane"
+    meta = tmp_path / "cifar-100-python" / "meta"
+    meta.parent.mkdir()
+    meta.write_bytes(pickle.dumps({"fine_label_names": [f"n{i}" for i in range(100)]}))
+    assert class_names("cifar100", tmp_path)[42] == "n42"
+    assert class_names("cifar100", tmp_path / "elsewhere") is None  # the files are not there: numbers instead
+    for name in ("b", "a"):
+        (tmp_path / "folder" / "train" / name).mkdir(parents=True)
+    assert class_names("imagefolder", tmp_path / "folder") == ["a", "b"]
