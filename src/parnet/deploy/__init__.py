@@ -1,0 +1,205 @@
+"""Low-latency inference: exact weight folding, deployment modes and stream-parallel executors.
+
+:func:`deploy` turns a ParNet (training form or fused) into the fastest equivalent inference
+model for a device. Every mode computes the plain model's eval-mode outputs (float32, to about
+1e-5); none changes precision.
+
+Folding (:class:`FoldedParNet`, the base of every mode) goes beyond re-parameterization:
+
+* the skip BN of a stream block folds into its gate (``mean(BN(x)) = a * mean(x) + b``), and the
+  gated skip becomes one fused multiply-add on the conv output: ``y += x * (a g) + b g``;
+* the fusion's two BNs fold into the fusion conv: the scales into its input channels exactly, the
+  shifts into its bias, with the zero-padded border rows and columns corrected (a shift folded
+  into a zero-padded conv is otherwise wrong at the border);
+* the fusion's channel interleave becomes a plain concatenation of channel slices, the conv's
+  input channels permuted to match (one copy, as before, but no BN passes);
+* the channel shuffle after each fusion block disappears: its consumer (the next fusion's
+  concatenation, or the final block's conv and gate) reads the channels in the unshuffled order.
+
+Modes (``deploy(model, device, mode)``):
+
+========== ============================================================================
+fused      ``parnet.reparameterize`` (one 3x3 conv per block), eval
+folded     :class:`FoldedParNet`, NCHW
+channels_last  folded, channels_last weights and activations
+packed     CPU only: channels_last, every conv weight pre-packed once in oneDNN's layout (per
+           input shape), the bias (and the activation of ungated blocks) fused into the conv call
+winograd   CPU only: packed, but each stride-1 conv runs NNPACK's fast (Winograd / FFT)
+           convolution instead for the input shapes where that measured faster: decided on the
+           first call with each shape (:func:`nnpack_is_faster`); large batches gain, batch 1 not
+frozen     CPU only: channels_last, TorchScript frozen and ``torch.jit.optimize_for_inference``
+           (PyTorch's generic oneDNN path: weights pre-packed, conv + ReLU/add fused)
+compiled   channels_last + ``torch.compile`` (inductor)
+parallel   CPU: the streams run concurrently (TorchScript ``torch.jit.fork`` on the inter-op
+           pool, the intra-op threads split between them); CUDA: one CUDA stream per ParNet stream
+cuda_graph CUDA only: ``parallel`` captured in a CUDA graph (re-captured for a new input shape)
+multi_device  the streams on separate devices (``devices=``), asynchronous copies at the fusions
+auto       the fastest for the device: given an ``example`` input, the candidate modes are timed
+           on it and the fastest is returned; otherwise a rule (:func:`auto_mode`)
+========== ============================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..model import ParNet
+from .cuda import CudaGraphModule, CudaStreamParNet, MultiDeviceParNet, check_device
+from .fold import FoldedBlock, FoldedFusion, FoldedParNet, fold, reparameterized, shuffle_perm
+from .kernels import (
+    PACKED_SHAPES,
+    PackedConv2d,
+    compile_cpu,
+    freeze_cpu,
+    has_cpp_compiler,
+    nnpack_is_faster,
+    pack_convs,
+)
+from .parallel import StreamParallelParNet
+
+__all__ = [
+    "MODES",
+    "CPU_MODES",
+    "PACKED_SHAPES",
+    "FoldedBlock",
+    "FoldedFusion",
+    "FoldedParNet",
+    "StreamParallelParNet",
+    "CudaStreamParNet",
+    "CudaGraphModule",
+    "MultiDeviceParNet",
+    "PackedConv2d",
+    "auto_mode",
+    "compile_cpu",
+    "deploy",
+    "freeze_cpu",
+    "nnpack_is_faster",
+    "pack_convs",
+    "fold",
+    "shuffle_perm",
+]
+
+MODES = (
+    "fused", "folded", "channels_last", "packed", "winograd", "frozen", "compiled", "parallel", "cuda_graph",
+    "multi_device", "auto",
+)  # fmt: skip
+CPU_MODES = (
+    "fused", "folded", "channels_last", "packed", "winograd", "frozen", "compiled", "parallel", "multi_device"
+)  # fmt: skip
+CUDA_ONLY_MODES = ("cuda_graph",)
+CPU_ONLY_MODES = ("packed", "winograd", "frozen")
+
+
+def can_compile(device: torch.device) -> bool:
+    """Whether ``torch.compile`` (inductor) can build kernels for ``device``: C++ on CPU, Triton on CUDA."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return has_triton()
+    return has_cpp_compiler()
+
+
+def auto_candidates(device: torch.device) -> tuple[str, ...]:
+    """The modes ``auto`` times when given an example: every mode of the device but ``fused``."""
+    if device.type == "cuda":
+        names: tuple[str, ...] = ("channels_last", "parallel", "cuda_graph")
+    else:
+        names = ("channels_last", "packed", "winograd", "parallel")
+    return names + (("compiled",) if can_compile(device) else ())
+
+
+def auto_mode(device: str | torch.device) -> str:
+    """The fastest mode for ``device``: see ``RESULTS.md`` ("Inference latency and throughput")."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "cuda_graph"
+    # CPU: packed had the lowest batch-1 latency and needs no compilation; winograd is faster at
+    # batch 32 but times its convolutions on the first call with each input shape.
+    return "packed" if torch.backends.mkldnn.is_available() else "channels_last"
+
+
+@torch.inference_mode()
+def fastest(candidates: dict[str, nn.Module], example: torch.Tensor, reps: int = 5) -> str:
+    """Name of the candidate with the lowest median time on ``example`` (interleaved, after warm-up)."""
+    import statistics
+    import time
+
+    device = example.device
+    # the example's device: torch.cuda.synchronize() alone waits only for the current one
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for net in candidates.values():
+        net(example)  # warm-up (and compilation)
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(reps):
+        for name, net in candidates.items():
+            sync()
+            start = time.perf_counter()
+            net(example)
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return min(times, key=lambda name: statistics.median(times[name]))
+
+
+def deploy(
+    model: nn.Module,
+    device: str | torch.device = "cpu",
+    mode: str = "auto",
+    devices: Sequence[str | torch.device] | None = None,
+    threads: int | None = None,
+    example: torch.Tensor | None = None,
+    candidates: Sequence[str] | None = None,
+) -> nn.Module:
+    """The fastest equivalent inference model of ``model`` for ``device`` (see the module docstring).
+
+    Args:
+        model: a ParNet in training form or fused (it is not modified).
+        device: where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+        mode: one of :data:`MODES`; ``"auto"`` picks the fastest for the device.
+        devices: for ``multi_device``: one device per stream.
+        threads: for ``parallel`` on CPU: intra-op threads to split between the streams.
+        example: with ``mode="auto"``, an input batch: the ``candidates`` modes (default:
+            :func:`auto_candidates`) are built, timed on it, and the fastest returned.
+            Without it, ``auto`` follows the rule of :func:`auto_mode` (from our measurements).
+        candidates: the modes ``auto`` chooses among when ``example`` is given.
+
+    Returns an eval-mode module; call it under ``torch.inference_mode()``. Raises ``ValueError``
+    for a mode the device cannot run.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown deploy mode {mode!r}; choose one of {MODES}")
+    device = torch.device(device)
+    check_device(device)
+    if not isinstance(model, ParNet):
+        raise ValueError(f"deploy takes a ParNet, got {type(model).__name__}")
+    if mode == "auto" and example is not None:
+        names = candidates or auto_candidates(device)
+        built = {name: deploy(model, device, name, devices, threads) for name in names}
+        return built[fastest(built, example.to(device))]
+    if mode == "auto":
+        mode = auto_mode(device)
+    if mode in CUDA_ONLY_MODES and device.type != "cuda":
+        raise ValueError(f"mode {mode!r} needs a CUDA device, got {device}")
+    if mode in CPU_ONLY_MODES and device.type != "cpu":
+        raise ValueError(f"mode {mode!r} runs on the CPU only, got {device}; on CUDA use cuda_graph or compiled")
+    if mode == "fused":
+        return reparameterized(model).to(device)
+    if mode == "multi_device":
+        if devices is None:
+            raise ValueError("mode 'multi_device' needs devices=[one device per stream]")
+        return MultiDeviceParNet(fold(model, channels_last=device.type == "cpu"), devices).eval()
+    folded = fold(model, channels_last=mode != "folded").to(device)
+    if mode in ("folded", "channels_last"):
+        return folded
+    if mode in ("packed", "winograd"):
+        return folded.pack(winograd=mode == "winograd")
+    if mode == "frozen":
+        return freeze_cpu(folded)
+    if mode == "compiled":
+        return compile_cpu(folded) if device.type == "cpu" else torch.compile(folded)
+    if device.type == "cuda":
+        parallel = CudaStreamParNet(folded).eval()
+        return parallel if mode == "parallel" else CudaGraphModule(parallel).eval()
+    return StreamParallelParNet(folded, threads=threads).eval()
