@@ -41,13 +41,15 @@ auto       the fastest for the device: given an ``example`` input, the candidate
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib.util
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from ..model import ParNet
 from .cuda import CudaGraphModule, CudaStreamParNet, MultiDeviceParNet, check_device
+from .engines import ENGINES, engine_module, installed
 from .fold import FoldedBlock, FoldedFusion, FoldedParNet, fold, reparameterized, shuffle_perm
 from .kernels import (
     PACKED_SHAPES,
@@ -59,11 +61,14 @@ from .kernels import (
     pack_convs,
 )
 from .parallel import StreamParallelParNet
+from .quantize import PRECISIONS, Bf16Module, calibration_batches, check_precision, pt2e_int8
 
 __all__ = [
     "MODES",
     "CPU_MODES",
     "PACKED_SHAPES",
+    "PRECISIONS",
+    "PRECISION_MODES",
     "FoldedBlock",
     "FoldedFusion",
     "FoldedParNet",
@@ -89,6 +94,13 @@ MODES = (
 CPU_MODES = (
     "fused", "folded", "channels_last", "packed", "winograd", "frozen", "compiled", "parallel", "multi_device"
 )  # fmt: skip
+PRECISION_MODES = {
+    "fp32": MODES + ENGINES,
+    "bf16": ("channels_last", "packed", "compiled", "openvino", "auto"),
+    "int8": ("compiled", "onnxruntime", "openvino", "auto"),  # compiled: PT2E + inductor
+}
+ENGINE_PRECISIONS = {"onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8")}
+INT8_PREFERENCE = ("openvino", "onnxruntime", "compiled")  # auto's int8 mode without an example
 CUDA_ONLY_MODES = ("cuda_graph",)
 CPU_ONLY_MODES = ("packed", "winograd", "frozen")
 
@@ -102,20 +114,33 @@ def can_compile(device: torch.device) -> bool:
     return has_cpp_compiler()
 
 
-def auto_candidates(device: torch.device) -> tuple[str, ...]:
-    """The modes ``auto`` times when given an example: every mode of the device but ``fused``."""
+def auto_candidates(device: torch.device, precision: str = "fp32") -> tuple[str, ...]:
+    """The modes ``auto`` times when given an example: every mode of the device and precision but ``fused``,
+    every installed engine included."""
     if device.type == "cuda":
         names: tuple[str, ...] = ("channels_last", "parallel", "cuda_graph")
-    else:
+    elif precision == "fp32":
         names = ("channels_last", "packed", "winograd", "parallel")
+    elif precision == "bf16":
+        names = ("channels_last", "packed")
+    else:
+        names = ()
+    names += tuple(e for e in ENGINES if device.type == "cpu" and precision in ENGINE_PRECISIONS[e] and installed(e))
+    if precision == "int8" and importlib.util.find_spec("torchao") is None:
+        return names
     return names + (("compiled",) if can_compile(device) else ())
 
 
-def auto_mode(device: str | torch.device) -> str:
-    """The fastest mode for ``device``: see ``RESULTS.md`` ("Inference latency and throughput")."""
+def auto_mode(device: str | torch.device, precision: str = "fp32") -> str:
+    """The fastest mode for ``device`` and ``precision``: see ``RESULTS.md`` ("Inference latency and throughput")."""
     device = torch.device(device)
     if device.type == "cuda":
         return "cuda_graph"
+    if precision == "int8":
+        for mode in INT8_PREFERENCE:
+            if mode in auto_candidates(device, "int8"):
+                return mode
+        raise ValueError("int8 needs onnxruntime, openvino (+nncf) or torchao installed; none is")
     # CPU: packed had the lowest batch-1 latency and needs no compilation; winograd is faster at
     # batch 32 but times its convolutions on the first call with each input shape.
     return "packed" if torch.backends.mkldnn.is_available() else "channels_last"
@@ -147,43 +172,61 @@ def deploy(
     model: nn.Module,
     device: str | torch.device = "cpu",
     mode: str = "auto",
+    precision: str = "fp32",
+    calibration: Iterable[torch.Tensor] | None = None,
+    example: torch.Tensor | None = None,
     devices: Sequence[str | torch.device] | None = None,
     threads: int | None = None,
-    example: torch.Tensor | None = None,
     candidates: Sequence[str] | None = None,
 ) -> nn.Module:
-    """The fastest equivalent inference model of ``model`` for ``device`` (see the module docstring).
+    """The fastest inference model of ``model`` for ``device`` in ``precision`` (see the module docstring).
 
     Args:
         model: a ParNet in training form or fused (it is not modified).
         device: where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
-        mode: one of :data:`MODES`; ``"auto"`` picks the fastest for the device.
+        mode: one of :data:`MODES` (for bf16 and int8, one of :data:`PRECISION_MODES`);
+            ``"auto"`` picks the fastest for the device and precision.
+        precision: ``"fp32"`` (every mode equals the plain model to about 1e-5), ``"bf16"`` (CPUs with
+            native bf16 only) or ``"int8"`` (static post-training quantization, CPU).
+        calibration: for int8: an iterable of input batches (or ``(images, labels)`` pairs, as a
+            ``DataLoader`` yields), a few hundred real images; required.
+        example: an input batch. With ``mode="auto"`` the candidate modes (``candidates``, default
+            :func:`auto_candidates`) are built, timed on it and the fastest returned; without it
+            ``auto`` follows :func:`auto_mode`. The engine modes are built for its resolution
+            (int8: the calibration's).
         devices: for ``multi_device``: one device per stream.
-        threads: for ``parallel`` on CPU: intra-op threads to split between the streams.
-        example: with ``mode="auto"``, an input batch: the ``candidates`` modes (default:
-            :func:`auto_candidates`) are built, timed on it, and the fastest returned.
-            Without it, ``auto`` follows the rule of :func:`auto_mode` (from our measurements).
+        threads: for ``parallel`` on CPU: intra-op threads to split between the streams; for the
+            engines, their threads (default: ``torch.get_num_threads()``).
         candidates: the modes ``auto`` chooses among when ``example`` is given.
 
-    Returns an eval-mode module; call it under ``torch.inference_mode()``. Raises ``ValueError``
-    for a mode the device cannot run.
+    Returns an eval-mode module taking and returning float32 tensors; call it under
+    ``torch.inference_mode()``. Raises ``ValueError`` for a mode, precision or engine the device
+    cannot run, and for int8 without calibration data.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown deploy mode {mode!r}; choose one of {MODES}")
     device = torch.device(device)
     check_device(device)
+    check_precision(precision, device)
+    allowed = PRECISION_MODES[precision] if device.type == "cpu" else MODES
+    if mode not in allowed:
+        raise ValueError(f"unknown deploy mode {mode!r} for precision {precision}; choose one of {allowed}")
     if not isinstance(model, ParNet):
         raise ValueError(f"deploy takes a ParNet, got {type(model).__name__}")
+    batches = calibration_batches(calibration, model.in_chans) if precision == "int8" else None
     if mode == "auto" and example is not None:
-        names = candidates or auto_candidates(device)
-        built = {name: deploy(model, device, name, devices, threads) for name in names}
+        names = candidates or auto_candidates(device, precision)
+        built = {
+            name: deploy(model, device, name, precision, batches, example, devices=devices, threads=threads)
+            for name in names
+        }
         return built[fastest(built, example.to(device))]
     if mode == "auto":
-        mode = auto_mode(device)
+        mode = auto_mode(device, precision)
     if mode in CUDA_ONLY_MODES and device.type != "cuda":
         raise ValueError(f"mode {mode!r} needs a CUDA device, got {device}")
     if mode in CPU_ONLY_MODES and device.type != "cpu":
         raise ValueError(f"mode {mode!r} runs on the CPU only, got {device}; on CUDA use cuda_graph or compiled")
+    if precision != "fp32" or mode in ENGINES:
+        return _deploy_cpu_precision(model, mode, precision, batches, example, threads)
     if mode == "fused":
         return reparameterized(model).to(device)
     if mode == "multi_device":
@@ -203,3 +246,29 @@ def deploy(
         parallel = CudaStreamParNet(folded).eval()
         return parallel if mode == "parallel" else CudaGraphModule(parallel).eval()
     return StreamParallelParNet(folded, threads=threads).eval()
+
+
+def _deploy_cpu_precision(
+    model: ParNet,
+    mode: str,
+    precision: str,
+    batches: list[torch.Tensor] | None,
+    example: torch.Tensor | None,
+    threads: int | None,
+) -> nn.Module:
+    """The CPU modes of bf16 and int8, and the engines in every precision."""
+    if mode in ENGINES:
+        shape_from = example if example is not None else (batches[0] if batches else None)
+        if shape_from is None:
+            raise ValueError(f"mode {mode!r} needs example= (an input batch: its size fixes the engine's input size)")
+        folded = fold(model).cpu()
+        return engine_module(
+            mode, folded, shape_from[:1].float().cpu(), precision, batches, threads or torch.get_num_threads()
+        )
+    if precision == "int8":  # mode 'compiled'
+        return pt2e_int8(fold(model).cpu(), batches or [])
+    folded = fold(model, channels_last=True).cpu()
+    if mode == "packed":
+        folded.pack()
+    net = Bf16Module(folded).eval()
+    return compile_cpu(net) if mode == "compiled" else net

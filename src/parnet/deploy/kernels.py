@@ -192,3 +192,20 @@ def freeze_cpu(module: nn.Module) -> nn.Module:
         # weights here (see compile_cpu): this is still the generic path that does.
         warnings.filterwarnings("ignore", message=".*deprecated", category=FutureWarning, module=r"torch\.jit")
         return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(module.eval())))
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def has_native_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16), not by emulation."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
