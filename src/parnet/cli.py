@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 # Modules that add their own subcommands, in the order ``parnet --help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("parnet.train", "parnet.detection", "parnet.export", "parnet.bench")
+COMMAND_MODULES: tuple[str, ...] = (
+    "parnet.train", "parnet.detection", "parnet.export", "parnet.bench", "parnet.cli_quantize"
+)  # fmt: skip
 
 
 def key_value(text: str) -> tuple[str, Any]:

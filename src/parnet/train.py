@@ -775,6 +775,7 @@ def evaluate(
 
     from . import reparameterize
     from .data import DATASETS, build_datasets, build_loaders
+    from .deployed import is_deployed_file, load_deployed
     from .io import is_torch_checkpoint
 
     path = Path(checkpoint)
@@ -803,6 +804,10 @@ def evaluate(
         nets["raw"] = load_official(ckpt, use_ema=False).to(dev)
         if "state_dict_ema" in ckpt:
             nets["ema"] = load_official(ckpt, use_ema=True).to(dev)
+    elif is_deployed_file(path):  # written by `parnet quantize`: runs on its engine, on the CPU
+        nets["raw"] = load_deployed(path)
+        run_dataset = nets["raw"].dataset
+        dataset, dev = dataset or run_dataset, torch.device("cpu")
     else:
         nets["raw"] = load_weights(path, str(dev), official=False)
     dataset = dataset or "fashion_mnist"
@@ -957,7 +962,9 @@ def add_commands(subparsers: Any) -> None:
     p.set_defaults(func=_train_command)
 
     p = subparsers.add_parser("eval", help="top-1/top-5 of a run or checkpoint, raw, EMA and re-parameterized")
-    p.add_argument("checkpoint", help="a run folder, a .safetensors file, or an authors' .pth.tar")
+    p.add_argument(
+        "checkpoint", help="a run folder, a .safetensors file, an authors' .pth.tar, or a `parnet quantize` file"
+    )
     p.add_argument(
         "--dataset", type=_dataset_name, default=None, help="dataset (default: the run's, else fashion_mnist)"
     )

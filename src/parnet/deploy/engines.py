@@ -273,11 +273,15 @@ def engine_module(
     precision: str,
     calibration: Iterable[torch.Tensor] | None,
     threads: int,
+    method: str = "minmax",
 ) -> EngineModule:
-    """``net`` (a folded ParNet, eval, on the CPU) run by ``engine`` in ``precision``."""
+    """``net`` (a folded ParNet, or any image classifier; eval, on the CPU) run by ``engine`` in ``precision``.
+
+    ``method``: ONNX Runtime's calibration (:data:`ORT_CALIBRATION`); NNCF calibrates its own way.
+    """
     batches = list(calibration) if calibration is not None else None
     if engine == "onnxruntime":
-        return onnxruntime_module(net, example, precision, batches, threads)
+        return onnxruntime_module(net, example, precision, batches, threads, method)
     if engine == "openvino":
         return openvino_module(net, example, precision, batches, threads)
     raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
