@@ -99,6 +99,7 @@ PRECISION_MODES = {
     "bf16": ("channels_last", "packed", "compiled", "openvino", "auto"),
     "int8": ("compiled", "onnxruntime", "openvino", "auto"),  # compiled: PT2E + inductor
 }
+CUDA_BF16_MODES = ("channels_last", "parallel", "cuda_graph", "compiled")
 ENGINE_PRECISIONS = {"onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8")}
 INT8_PREFERENCE = ("openvino", "onnxruntime", "compiled")  # auto's int8 mode without an example
 CUDA_ONLY_MODES = ("cuda_graph",)
@@ -225,6 +226,8 @@ def deploy(
         raise ValueError(f"mode {mode!r} needs a CUDA device, got {device}")
     if mode in CPU_ONLY_MODES and device.type != "cpu":
         raise ValueError(f"mode {mode!r} runs on the CPU only, got {device}; on CUDA use cuda_graph or compiled")
+    if precision == "bf16" and device.type == "cuda":
+        return _deploy_cuda_bf16(model, device, mode)
     if precision != "fp32" or mode in ENGINES:
         return _deploy_cpu_precision(model, mode, precision, batches, example, threads)
     if mode == "fused":
@@ -246,6 +249,17 @@ def deploy(
         parallel = CudaStreamParNet(folded).eval()
         return parallel if mode == "parallel" else CudaGraphModule(parallel).eval()
     return StreamParallelParNet(folded, threads=threads).eval()
+
+
+def _deploy_cuda_bf16(model: ParNet, device: torch.device, mode: str) -> nn.Module:
+    """bf16 on CUDA: the folded network (its streams on CUDA streams for ``parallel`` and ``cuda_graph``) in bf16."""
+    if mode not in CUDA_BF16_MODES:
+        raise ValueError(f"bf16 on CUDA runs the modes {CUDA_BF16_MODES}, not {mode!r}")
+    folded = fold(model, channels_last=True).to(device)
+    net = Bf16Module(CudaStreamParNet(folded) if mode in ("parallel", "cuda_graph") else folded).eval()
+    if mode == "cuda_graph":
+        return CudaGraphModule(net).eval()
+    return torch.compile(net) if mode == "compiled" else net
 
 
 def _deploy_cpu_precision(
