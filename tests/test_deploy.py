@@ -256,7 +256,9 @@ def test_auto_times_compiled_only_where_inductor_can_build(monkeypatch: pytest.M
     monkeypatch.setattr(triton_check, "has_triton", lambda: True)
     assert deploy_module.auto_candidates(torch.device("cuda"))[-1] == "compiled"
     monkeypatch.setattr(deploy_module, "has_cpp_compiler", lambda: False)  # a CPU machine without C++
-    assert deploy_module.auto_candidates(torch.device("cpu")) == ("channels_last", "packed", "winograd", "parallel")
+    engines = tuple(e for e in ("onnxruntime", "openvino") if deploy_module.installed(e))  # every installed engine
+    cpu_modes = ("channels_last", "packed", "winograd", "parallel")
+    assert deploy_module.auto_candidates(torch.device("cpu")) == cpu_modes + engines
 
 
 @pytest.mark.slow
@@ -379,3 +381,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@CUDA
+def test_cuda_bf16_modes_are_close() -> None:
+    model = make(16).cuda()
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    with torch.inference_mode():
+        ref = model(x)
+        for mode in ("channels_last", "parallel", "cuda_graph"):
+            out = deploy(model, "cuda", mode, "bf16")(x)
+            assert out.dtype == torch.float32
+            assert (out - ref).abs().max().item() < 0.05 * ref.abs().max().item(), mode

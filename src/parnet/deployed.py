@@ -197,6 +197,8 @@ def quantize_checkpoint(
     from .data import build_datasets, build_loaders
     from .train import evaluate_model
 
+    if Path(out).suffix.lower() != SUFFIX.get(engine):
+        raise ValueError(f"an {engine} model is written to a {SUFFIX.get(engine)} file, got {Path(out).name}")
     model, run_dataset, run_data_dir = load_trained(checkpoint)
     dataset = dataset or run_dataset or "fashion_mnist"
     data_dir = data_dir or run_data_dir

@@ -49,7 +49,7 @@ from torch import nn
 
 from ..model import ParNet
 from .cuda import CudaGraphModule, CudaStreamParNet, MultiDeviceParNet, check_device
-from .engines import ENGINES, engine_module, installed
+from .engines import BF16_ORT, ENGINES, engine_module, installed
 from .fold import FoldedBlock, FoldedFusion, FoldedParNet, fold, reparameterized, shuffle_perm
 from .kernels import (
     PACKED_SHAPES,
@@ -208,6 +208,8 @@ def deploy(
     check_device(device)
     check_precision(precision, device)
     allowed = PRECISION_MODES[precision] if device.type == "cpu" else MODES
+    if mode == "onnxruntime" and precision == "bf16":
+        raise ValueError(BF16_ORT)
     if mode not in allowed:
         raise ValueError(f"unknown deploy mode {mode!r} for precision {precision}; choose one of {allowed}")
     if not isinstance(model, ParNet):

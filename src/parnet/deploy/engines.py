@@ -32,6 +32,7 @@ from .kernels import recall, remember
 
 ENGINES = ("onnxruntime", "openvino")
 ORT_CALIBRATION = ("minmax", "percentile", "entropy")
+BF16_ORT = "ONNX Runtime's CPU provider has no bf16 convolution: for bf16 use mode 'openvino' or a torch mode"
 
 
 def installed(engine: str) -> bool:
@@ -158,9 +159,7 @@ def onnxruntime_module(
     """ONNX Runtime's form of ``net`` (a folded ParNet); int8: static QDQ quantization on ``calibration``."""
     require("onnxruntime", precision)
     if precision == "bf16":
-        raise ValueError(
-            "ONNX Runtime's CPU provider has no bf16 convolution: use mode 'openvino' or a torch mode for bf16"
-        )
+        raise ValueError(BF16_ORT)
     model_bytes = onnx_model_bytes(net, example)
     if precision == "int8":
         model_bytes = ort_quantize(model_bytes, calibration or [], method)
