@@ -167,3 +167,21 @@ def test_quantize_refuses_a_wrong_suffix_and_writes_nothing(tmp_path: Path, caps
     assert cli.main(args + ["--data-dir", str(data), "--workers", "0"]) == 2
     assert "written to a .onnx file" in capsys.readouterr().err
     assert not (tmp_path / "m.xml").exists()
+
+
+def test_amp_auto_picks_bf16_only_where_native_and_measured_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    import parnet.precision as precision
+
+    model, x = make(5).train(), torch.randn(4, 3, 32, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert precision.auto_amp(torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(precision, "has_native_bf16", lambda: False)  # emulated bf16: never
+    assert precision.auto_amp(torch.device("cpu"), model, x) is None
+    monkeypatch.setattr(precision, "has_native_bf16", lambda: True)
+    for faster, expected in ((True, torch.bfloat16), (False, None)):  # the timing decides; forced both ways
+        monkeypatch.setattr(precision, "bf16_step_is_faster", lambda m, e, faster=faster: faster)
+        assert precision.auto_amp(torch.device("cpu"), model, x) is expected
+    monkeypatch.undo()
+    precision.bf16_step_is_faster(model, x, reps=1)  # the real probe runs, and leaves the model as it was
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..precision import cpu_flags, has_native_bf16  # noqa: F401 - part of the kernels' interface
+
 PACKED_SHAPES = 4  # input shapes whose packed weights (and NNPACK choices) a block keeps
 NNPACK_TIMING_REPS = 3  # calls of each convolution timed to choose between oneDNN and NNPACK
 NNPACK_RTOL = 1e-4  # largest NNPACK error accepted, relative to the largest output of the conv
@@ -193,19 +195,3 @@ def freeze_cpu(module: nn.Module) -> nn.Module:
         warnings.filterwarnings("ignore", message=".*deprecated", category=FutureWarning, module=r"torch\.jit")
         return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(module.eval())))
 
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (``/proc/cpuinfo``; empty where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def has_native_bf16() -> bool:
-    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16), not by emulation."""
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
