@@ -185,3 +185,33 @@ def test_amp_auto_picks_bf16_only_where_native_and_measured_faster(monkeypatch: 
     precision.bf16_step_is_faster(model, x, reps=1)  # the real probe runs, and leaves the model as it was
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+@ORT
+def test_bench_times_a_quantized_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from parnet.deploy.quantize import calibration_batches
+    from parnet.deployed import DeployedInfo, build, save_deployed
+
+    model = make(6)
+    example = torch.randn(1, 3, 32, 32)
+    net = build(model, "onnxruntime", "int8", calibration_batches([torch.randn(4, 3, 32, 32)], 3), example)
+    path = save_deployed(net, tmp_path / "m.onnx", DeployedInfo("onnxruntime", "int8", "x", 3, 32, 32, 10, "m"))
+    args = ["bench", "--models", "parnet_cifar_s", "--model-kwargs", "widths=[8,16,32]", "head_width=64"]
+    args += ["--baselines", "", "--modes", "folded", "--resolution", "32", "--batch", "2", "--reps", "2"]
+    args += [
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--peak-size",
+        "0",
+        "--deployed",
+        str(path),
+        "--json",
+        str(tmp_path / "b.json"),
+    ]
+    assert cli.main(args + ["--quiet"]) == 0
+    import json
+
+    rows = [r for r in json.loads((tmp_path / "b.json").read_text())["records"] if r["model"] == "m.onnx"]
+    assert [(r["mode"], r["batch"]) for r in rows] == [("int8:onnxruntime", 1), ("int8:onnxruntime", 2)]

@@ -395,17 +395,19 @@ def run_bench(
     model_kwargs: dict | None = None,
     log: Callable[[str], None] = print,
     peaks: dict | None = None,
+    peak_size: int = PEAK_SIZE,
 ) -> list[Record]:
     """Time every model in every mode at every batch size on every device (see module docstring).
 
-    ``peaks``, if given, receives each device's measured peak GFLOP/s per precision (:func:`machine_peak`).
+    ``peaks``, if given, receives each device's measured peak GFLOP/s per precision (:func:`machine_peak`,
+    with a ``peak_size`` matrix product; 0: no peak, no fractions).
     """
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         return _run_bench(
             models, baselines, devices, batches, reps, resolution, threads, warmup,
-            parnet_modes, baseline_modes, model_kwargs, log, {} if peaks is None else peaks,
+            parnet_modes, baseline_modes, model_kwargs, log, {} if peaks is None else peaks, peak_size,
         )  # fmt: skip
     finally:
         torch.set_num_threads(previous_threads)
@@ -425,6 +427,7 @@ def _run_bench(
     model_kwargs: dict | None,
     log: Callable[[str], None],
     peaks: dict,
+    peak_size: int,
 ) -> list[Record]:
     records: list[Record] = []
     for dev_name in devices:
@@ -438,7 +441,7 @@ def _run_bench(
             bm = [m for m in bm if m != "cuda_graph"]
         refs, entries, params, gflop = {}, {}, {}, {}
         precisions = sorted({split_mode(m)[0] for m in list(pm) + list(bm)})
-        peak = machine_peak(precisions) if device.type == "cpu" else {}
+        peak = machine_peak(precisions, size=peak_size) if device.type == "cpu" and peak_size > 0 else {}
         log(f"[{device}] peak GFLOP/s: {json.dumps(peak)}")
         peaks[str(device)] = peak
         for name in list(models) + list(baselines):
@@ -504,6 +507,43 @@ def _run_bench(
                     )
                 )
     return records
+
+
+def bench_files(
+    paths: Sequence[str], batches: Sequence[int], reps: Sequence[int], warmup: int, threads: int,
+    log: Callable[[str], None] = print,
+) -> list[Record]:  # fmt: skip
+    """Time files written by ``parnet quantize`` (CPU, at the resolution each was built for), interleaved.
+
+    There is no plain model to compare with, so ``max_abs_diff`` is NaN: ``parnet quantize`` scored them.
+    """
+    from .deployed import load_deployed
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        nets = {Path(p).name: load_deployed(p, threads) for p in paths}
+        records = []
+        for batch, nrep in zip(batches, reps):
+            log(f"[cpu] deployed files, batch {batch}: {len(nets)} x {nrep} interleaved repetitions")
+            timed = {}
+            for name, net in nets.items():
+                x = torch.randn(batch, net.in_chans, net.height, net.width, generator=torch.Generator().manual_seed(0))
+                timed[name] = _bind(net, x)
+            times = time_interleaved(timed, torch.empty(0), nrep, warmup, torch.device("cpu"))
+            for name, ts in times.items():
+                med, net = statistics.median(ts), nets[name]
+                records.append(
+                    Record(
+                        name, f"{net.precision}:{net.engine}", batch, "cpu", net.height, threads, nrep, med,
+                        _quantile(ts, 0.25), _quantile(ts, 0.75), min(ts), max(ts),
+                        _quantile(ts, 0.75) - _quantile(ts, 0.25), batch / med * 1e3, float("nan"), float("nan"),
+                        precision=net.precision, times_ms=[round(t, 3) for t in ts],
+                    )
+                )  # fmt: skip
+        return records
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _bind(fn: Callable, x: torch.Tensor) -> Callable:
@@ -675,6 +715,8 @@ def _bench(args: argparse.Namespace) -> int:
         raise ValueError("--models is empty: give at least one ParNet variant, e.g. --models parnet_s")
     machine = machine_info(args.threads)
     peaks: dict = {}
+    batches = (1, args.batch) if args.batch != 1 else (1,)
+    reps = (args.reps, args.reps_large or max(3, args.reps // 3))
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     log(f"machine: {json.dumps(machine)}")
     with warnings.catch_warnings():
@@ -683,8 +725,8 @@ def _bench(args: argparse.Namespace) -> int:
             _split(args.models),
             _split(args.baselines),
             devices=devices,
-            batches=(1, args.batch) if args.batch != 1 else (1,),
-            reps=(args.reps, args.reps_large or max(3, args.reps // 3)),
+            batches=batches,
+            reps=reps,
             resolution=args.resolution,
             threads=args.threads,
             warmup=args.warmup,
@@ -693,9 +735,14 @@ def _bench(args: argparse.Namespace) -> int:
             model_kwargs=kwargs,
             log=log,
             peaks=peaks,
+            peak_size=args.peak_size,
         )
     machine["peak_gflops"] = peaks
     machine["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if args.deployed:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            records += bench_files(_split(args.deployed), batches, reps, args.warmup, args.threads, log)
     targets = check_targets(records, _split(args.models)[0], args.batch)
     table = format_markdown(records, targets)
     print(table)
@@ -746,6 +793,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reps-large", type=int, help="timed repetitions at the large batch [reps/3, at least 3]")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (compilation included) [3]")
     add_kwargs_option(p, "--model-kwargs", "timm.create_model arguments of the ParNet models, e.g. widths=[8,16,32]")
+    p.add_argument(
+        "--peak-size", type=int, default=PEAK_SIZE, help=f"matrix size of the peak measurement (0: none) [{PEAK_SIZE}]"
+    )
+    p.add_argument("--deployed", help="also time these `parnet quantize` files (comma-separated; CPU)")
     p.add_argument("--json", help="write every record (and the machine) to this JSON file")
     p.add_argument("--markdown", help="also write the table to this file")
     p.add_argument("--plot", help="write latency-vs-depth and top-1-vs-latency plots to this PNG")
