@@ -52,6 +52,7 @@ def main() -> None:
     p.add_argument("--calibration-images", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", required=True)
+    p.add_argument("--variants", default="", help="only the variants whose name contains one of these (comma list)")
     args = p.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
@@ -65,7 +66,10 @@ def main() -> None:
         ref = evaluate_model(model, loader)
         print(run, "fp32", ref["top1"], flush=True)
         doc["rows"].append({"run": run, "variant": "fp32", "top1": ref["top1"], "n": ref["n"], "changes": 0})
+        wanted = [w for w in args.variants.split(",") if w]
         for name, make in variants(model, calibration, example):
+            if wanted and not any(w in name for w in wanted):
+                continue
             start = time.perf_counter()
             res = evaluate_model(make(), loader)
             row = {

@@ -260,7 +260,7 @@ def openvino_module(
         dataset = nncf.Dataset(batches, lambda batch: batch.float().contiguous().numpy())
         ov_model = nncf.quantize(
             ov_model, dataset, preset=nncf.QuantizationPreset.PERFORMANCE, target_device=nncf.TargetDevice.CPU,
-            subset_size=sum(int(b.shape[0]) for b in batches),
+            subset_size=len(batches),  # NNCF counts dataset items: batches, not images
         )  # fmt: skip
     return OpenVinoModule(ov_model, c, h, w, precision, threads).eval()
 

@@ -96,7 +96,7 @@ def pt2e_int8(net: nn.Module, calibration: list[torch.Tensor]) -> nn.Module:
     prepared = prepare_pt2e(captured, quantizer)
     for batch_x in calibration:
         prepared(batch_x)
-    return FrozenCompiled(convert_pt2e(prepared))  # not .eval(): an exported module refuses train()
+    return FrozenCompiled(convert_pt2e(prepared)).eval()
 
 
 class FrozenCompiled(nn.Module):
@@ -111,6 +111,11 @@ class FrozenCompiled(nn.Module):
         super().__init__()
         self.module = module
         self.compiled = torch.compile(module)
+
+    def train(self, mode: bool = True) -> FrozenCompiled:
+        """Only the flag: the quantized graph is inference-only, and torchao's exported module refuses ``train()``."""
+        self.training = mode
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch._inductor.config as inductor_config
