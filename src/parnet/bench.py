@@ -429,6 +429,10 @@ def _run_bench(
     peaks: dict,
     peak_size: int,
 ) -> list[Record]:
+    from timm.utils import reparameterize_model
+
+    from .deploy import fold
+
     records: list[Record] = []
     for dev_name in devices:
         device = torch.device(dev_name)
@@ -451,7 +455,9 @@ def _run_bench(
                 name, pm if is_parnet else bm, device, threads, model_kwargs if is_parnet else None, resolution
             )
             refs[name] = ref
-            gflop[name] = model_gflop(ref, getattr(ref, "in_chans", 3), resolution)
+            # the work of the deployed form: ParNet folded (one 3x3 conv per block), baselines re-parameterized
+            counted = fold(ref) if is_parnet else reparameterize_model(ref)
+            gflop[name] = model_gflop(counted, getattr(ref, "in_chans", 3), resolution)
             params[name] = sum(p.numel() for p in ref.parameters()) / 1e6
             for mode, fn in ents.items():
                 entries[(name, mode)] = fn
