@@ -10,6 +10,7 @@ inductor), bf16 in PyTorch and OpenVINO. Calibration: the first N training image
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 import warnings
@@ -41,7 +42,8 @@ def variants(model, calibration, example):
         from torch.fx.experimental.optimization import fuse
 
         out.append(("int8 compiled (PT2E)", lambda: pt2e_int8(fuse(model), batches)))
-        out.append(("bf16 channels_last", lambda: Bf16Module(model.to(memory_format=torch.channels_last)).eval()))
+        cl = lambda: copy.deepcopy(model).to(memory_format=torch.channels_last)  # noqa: E731 - Bf16Module casts in place
+        out.append(("bf16 channels_last", lambda: Bf16Module(cl()).eval()))
     out.append(("bf16 openvino", lambda: build(model, "openvino", "bf16", None, example)))
     return out
 

@@ -1,8 +1,10 @@
 """Low-latency inference: exact weight folding, deployment modes and stream-parallel executors.
 
 :func:`deploy` turns a ParNet (training form or fused) into the fastest equivalent inference
-model for a device. Every mode computes the plain model's eval-mode outputs (float32, to about
-1e-5); none changes precision.
+model for a device and precision. In fp32 every mode computes the plain model's eval-mode outputs
+(float32, to about 1e-5). ``precision="bf16"`` (native bf16 CPUs, and CUDA) and ``"int8"`` (static
+post-training quantization calibrated on ``calibration``, CPU) change the arithmetic, never the
+interface: inputs and outputs stay float32 tensors (``engines`` and ``quantize`` modules).
 
 Folding (:class:`FoldedParNet`, the base of every mode) goes beyond re-parameterization:
 
@@ -34,9 +36,15 @@ parallel   CPU: the streams run concurrently (TorchScript ``torch.jit.fork`` on 
            pool, the intra-op threads split between them); CUDA: one CUDA stream per ParNet stream
 cuda_graph CUDA only: ``parallel`` captured in a CUDA graph (re-captured for a new input shape)
 multi_device  the streams on separate devices (``devices=``), asynchronous copies at the fusions
-auto       the fastest for the device: given an ``example`` input, the candidate modes are timed
-           on it and the fastest is returned; otherwise a rule (:func:`auto_mode`)
+onnxruntime  CPU: ONNX Runtime, a fixed-shape session per input shape (fp32, int8 QDQ)
+openvino   CPU: OpenVINO, a compiled model per input shape (fp32, bf16, int8 with NNCF)
+auto       the fastest for the device and precision: given an ``example`` input, the candidate
+           modes (every installed engine included) are timed on it and the fastest is returned;
+           otherwise a rule (:func:`auto_mode`)
 ========== ============================================================================
+
+bf16 runs ``channels_last``, ``packed``, ``compiled`` and ``openvino`` on the CPU; int8 runs
+``compiled`` (torchao PT2E + X86InductorQuantizer + inductor), ``onnxruntime`` and ``openvino``.
 """
 
 from __future__ import annotations

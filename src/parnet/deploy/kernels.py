@@ -194,4 +194,3 @@ def freeze_cpu(module: nn.Module) -> nn.Module:
         # weights here (see compile_cpu): this is still the generic path that does.
         warnings.filterwarnings("ignore", message=".*deprecated", category=FutureWarning, module=r"torch\.jit")
         return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(module.eval())))
-
