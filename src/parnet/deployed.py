@@ -96,7 +96,7 @@ def save_deployed(module: EngineModule, path: str | os.PathLike, info: DeployedI
     if isinstance(module, OnnxRuntimeModule):
         import onnx
 
-        model = onnx.load_from_string(module.model_bytes)
+        model = onnx.load_from_string(module.model)
         del model.metadata_props[:]
         model.metadata_props.add(key=META_KEY, value=meta)
         with atomic_write(path) as tmp:
@@ -106,7 +106,7 @@ def save_deployed(module: EngineModule, path: str | os.PathLike, info: DeployedI
 
     import openvino as ov
 
-    ov_model = module.ov_model.clone()
+    ov_model = module.model.clone()
     ov_model.set_rt_info(meta, [META_KEY])
     with tempfile.TemporaryDirectory(dir=path.parent) as folder:
         staged = Path(folder) / "model.xml"

@@ -89,10 +89,12 @@ class EngineModule(nn.Module):
 
     engine = ""
 
-    def __init__(self, in_chans: int, height: int, width: int, precision: str):
+    def __init__(self, model: Any, in_chans: int, height: int, width: int, precision: str, threads: int):
         super().__init__()
+        self.model = model  # the engine's own model: ONNX bytes, or an openvino.Model
         self.in_chans, self.height, self.width = in_chans, height, width
         self.precision = precision
+        self.threads = threads
         self._sessions: dict[tuple[int, ...], Callable] = {}
 
     def build(self, shape: tuple[int, ...]) -> Callable[[Any], Any]:
@@ -127,17 +129,12 @@ class OnnxRuntimeModule(EngineModule):
 
     engine = "onnxruntime"
 
-    def __init__(self, model_bytes: bytes, in_chans: int, height: int, width: int, precision: str, threads: int):
-        super().__init__(in_chans, height, width, precision)
-        self.model_bytes = model_bytes
-        self.threads = threads
-
     def build(self, shape: tuple[int, ...]) -> Callable:
         import onnx
         import onnxruntime as ort
         from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
 
-        model = onnx.load_from_string(self.model_bytes)
+        model = onnx.load_from_string(self.model)
         make_input_shape_fixed(model.graph, "input", list(shape))
         fix_output_shapes(model)
         options = ort.SessionOptions()
@@ -221,15 +218,10 @@ class OpenVinoModule(EngineModule):
 
     engine = "openvino"
 
-    def __init__(self, ov_model: Any, in_chans: int, height: int, width: int, precision: str, threads: int):
-        super().__init__(in_chans, height, width, precision)
-        self.ov_model = ov_model
-        self.threads = threads
-
     def build(self, shape: tuple[int, ...]) -> Callable:
         import openvino as ov
 
-        model = self.ov_model.clone()
+        model = self.model.clone()
         model.reshape({model.inputs[0]: ov.PartialShape(list(shape))})
         config = {
             "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
