@@ -11,8 +11,12 @@
 #      /usr/share/datasets/fashion-mnist, or data/fashion-mnist in the repository);
 #   4. `parnet bench --device cuda`: ParNet-S in each CUDA mode (streams, CUDA graph) against
 #      ResNet-34/50 and RepVGG-B1g4, batch 1 and 32, then the compiled modes separately;
+#   4b. `parnet bench --device cuda` in bf16 (ParNet-S and ResNet-34/50: channels_last, streams and
+#      CUDA graph in bf16 beside their fp32 CUDA graph); TensorRT is reported by step 1 only: neither
+#      tensorrt nor torch_tensorrt nor ORT's TensorRT provider is on the GPU machine's image (2026-11-30);
 #   5. the whole suite with CUDA visible (tests that behave differently when a GPU is present), last
 #      so that the timings above run on a quiet machine.
+# STEPS="machine bench_bf16" runs only the named steps (all by default).
 # It uses the python3 on the PATH (the GPU machine's own torch) with src/ on PYTHONPATH: nothing is
 # installed. Every step runs even when an earlier one failed; the exit status is the number of steps
 # that failed.
@@ -28,6 +32,7 @@ trap 'rm -rf "$run_dir"' EXIT
 step() {  # step NAME SECONDS COMMAND...: run a step under a time limit, log it, count a failure
   local name=$1 limit=$2
   shift 2
+  if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return 0; fi
   echo "== $name (limit ${limit}s) ==" | tee -a "$OUT/gpu_check.log"
   local start=$SECONDS
   timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$OUT/gpu_check.log"
@@ -67,6 +72,10 @@ step bench 90 "$PY" -m parnet bench --device cuda --modes train,fused,channels_l
 
 step bench_compiled 100 "$PY" -m parnet bench --device cuda --modes compiled --baseline-modes compiled \
   --baselines resnet50 --reps 50 --json "$OUT/bench_compiled.json"
+
+step bench_bf16 90 "$PY" -m parnet bench --device cuda --modes cuda_graph,bf16:channels_last,bf16:parallel,bf16:cuda_graph \
+  --baselines resnet34,resnet50 --baseline-modes cuda_graph,bf16:channels_last,bf16:cuda_graph --reps 50 \
+  --json "$OUT/bench_bf16.json" --markdown "$OUT/bench_bf16.md"
 
 # The whole suite with CUDA visible, 4 workers of 4 threads (8 x 16 threads overloaded 16 cores).
 # Without pycocotools (not on the GPU machine's image) the detection tests cannot run there.

@@ -33,6 +33,8 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, Pat
         "2",
         "--warmup",
         "1",
+        "--peak-size",
+        "0",  # the peak measurement is timing: not in tests
     ]
     args += ["--json", str(root / "b.json"), "--plot", str(root / "b.png"), "--markdown", str(root / "b.md"), "--quiet"]
     assert cli.main(args) == 0
@@ -100,3 +102,15 @@ def test_model_names_checked_one_by_one(args: list[str], message: str, capsys) -
 def test_no_models_is_a_clear_error(capsys) -> None:
     assert cli.main(["bench", "--models", " ", "--baselines", ""]) == 2
     assert "--models is empty" in capsys.readouterr().err
+
+
+def test_machine_peak_and_gflop_count() -> None:
+    import torch
+
+    from parnet.bench import machine_peak, model_gflop
+
+    peak = machine_peak(["fp32", "int8"], reps=1, size=64)
+    assert set(peak) == {"fp32", "int8"} and set(peak["fp32"]) == {"matmul", "conv3x3"}
+    assert all(rate > 0 for rates in peak.values() for rate in rates.values())
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)  # 2 x 3 x 8 x 9 x 16 x 16 flop
+    assert model_gflop(conv, 3, 16) == pytest.approx(2 * 3 * 8 * 9 * 16 * 16 / 1e9)

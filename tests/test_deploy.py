@@ -36,6 +36,7 @@ from .conftest import randomize_bn
 
 TOL = 1e-4
 deploy_module = importlib.import_module("parnet.deploy")  # the name parnet.deploy is the function
+kernels = importlib.import_module("parnet.deploy.kernels")
 TINY = dict(widths=(8, 16, 32), head_width=64)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
 
@@ -191,7 +192,7 @@ NNPACK = pytest.mark.skipif(not torch.backends.nnpack.is_available(), reason="Py
 @pytest.mark.parametrize("nnpack", [True, False])
 def test_winograd_mode_matches_whichever_backend_wins(monkeypatch: pytest.MonkeyPatch, nnpack: bool) -> None:
     # The choice is timed, so each outcome is forced in turn; both must give the plain outputs.
-    monkeypatch.setattr(deploy_module, "_time_pair", make_timer(nnpack_fast=nnpack))
+    monkeypatch.setattr(kernels, "_time_pair", make_timer(nnpack_fast=nnpack))
     model = make(15, **VARIANTS["odd_halves"])
     net = deploy(model, "cpu", "winograd")
     x = torch.randn(4, 3, 32, 32)
@@ -212,7 +213,7 @@ def make_timer(nnpack_fast: bool):
 def test_nnpack_is_refused_when_it_disagrees(monkeypatch: pytest.MonkeyPatch) -> None:
     conv = nn.Conv2d(8, 8, 3, padding=1)
     x = torch.randn(2, 8, 16, 16)
-    monkeypatch.setattr(deploy_module, "_time_pair", make_timer(nnpack_fast=True))
+    monkeypatch.setattr(kernels, "_time_pair", make_timer(nnpack_fast=True))
     assert nnpack_is_faster(x, conv.weight, conv.bias, conv.padding, conv)
     assert not nnpack_is_faster(x, conv.weight, conv.bias, conv.padding, lambda t: conv(t) + 1.0)  # wrong: refused
 
@@ -222,7 +223,7 @@ def test_nnpack_is_refused_when_it_disagrees(monkeypatch: pytest.MonkeyPatch) ->
 def test_pack_convs_on_a_baseline(monkeypatch: pytest.MonkeyPatch, winograd: bool) -> None:
     from torch.fx.experimental.optimization import fuse
 
-    monkeypatch.setattr(deploy_module, "_time_pair", make_timer(nnpack_fast=True))
+    monkeypatch.setattr(kernels, "_time_pair", make_timer(nnpack_fast=True))
     torch.manual_seed(0)
     model = randomize_bn(timm.create_model("resnet18", num_classes=10), 0).eval()
     packed = pack_convs(fuse(copy.deepcopy(model)), winograd=winograd)
@@ -255,7 +256,9 @@ def test_auto_times_compiled_only_where_inductor_can_build(monkeypatch: pytest.M
     monkeypatch.setattr(triton_check, "has_triton", lambda: True)
     assert deploy_module.auto_candidates(torch.device("cuda"))[-1] == "compiled"
     monkeypatch.setattr(deploy_module, "has_cpp_compiler", lambda: False)  # a CPU machine without C++
-    assert deploy_module.auto_candidates(torch.device("cpu")) == ("channels_last", "packed", "winograd", "parallel")
+    engines = tuple(e for e in ("onnxruntime", "openvino") if deploy_module.installed(e))  # every installed engine
+    cpu_modes = ("channels_last", "packed", "winograd", "parallel")
+    assert deploy_module.auto_candidates(torch.device("cpu")) == cpu_modes + engines
 
 
 @pytest.mark.slow
@@ -378,3 +381,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@CUDA
+def test_cuda_bf16_modes_are_close() -> None:
+    model = make(16).cuda()
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    with torch.inference_mode():
+        ref = model(x)
+        for mode in ("channels_last", "parallel", "cuda_graph"):
+            out = deploy(model, "cuda", mode, "bf16")(x)
+            assert out.dtype == torch.float32
+            assert (out - ref).abs().max().item() < 0.05 * ref.abs().max().item(), mode

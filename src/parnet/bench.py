@@ -16,6 +16,8 @@ frozen and optimized for inference: PyTorch's generic oneDNN path) and ``compile
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import platform
 import statistics
@@ -27,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .deploy.engines import ENGINES
+from .deploy.kernels import cpu_flags
 from .factory import create_model
 from .io import atomic_write
 
@@ -53,6 +57,15 @@ PARNET_CPU_MODES = (
 PARNET_CUDA_MODES = ("train", "fused", "channels_last", "parallel", "cuda_graph", "compiled")
 BASELINE_CPU_MODES = ("eager", "channels_last", "packed", "winograd", "frozen", "compiled")
 BASELINE_CUDA_MODES = ("eager", "channels_last", "cuda_graph", "compiled")
+# Low-precision and engine modes, as ``precision:mode`` (fp32 without a prefix); each is given to the
+# ParNet variants and the baselines alike, where the CPU and the installed engines can run it.
+CPU_EXTRA_MODES = (
+    "onnxruntime", "openvino", "bf16:channels_last", "bf16:packed", "bf16:compiled", "bf16:openvino",
+    "int8:compiled", "int8:onnxruntime", "int8:openvino",
+)  # fmt: skip
+BASELINE_SKIPS = ("bf16:packed",)  # ParNet's own bf16 packed blocks; the baselines' bf16 is channels_last/compiled
+CUDA_EXTRA_MODES = ("bf16:channels_last", "bf16:cuda_graph", "bf16:compiled")
+PEAK_SIZE = 4096  # the square matrix product that measures the machine's peak
 # Issue 4's targets: the best CPU mode of ParNet-S against the baselines' best modes.
 LATENCY_TARGET = 0.95  # ParNet-S batch-1 latency at most this times ResNet-34's
 THROUGHPUT_TARGET = 1.2  # ParNet-S large-batch throughput at least this times ResNet-50's
@@ -78,6 +91,10 @@ class Record:
     throughput_img_s: float
     max_abs_diff: float
     max_rel_diff: float = 0.0  # max_abs_diff / max |reference output|: deep baselines' logits can be huge
+    precision: str = "fp32"
+    gflop: float | None = None  # per image, 2 x multiply-adds (torch.utils.flop_counter)
+    achieved_gflops: float | None = None  # gflop x images per second
+    peak_fraction: float | None = None  # achieved_gflops / the machine's peak in this precision, same run
     depth: int | None = None
     paper_top1: float | None = None
     params_m: float | None = None
@@ -105,11 +122,104 @@ def machine_info(threads: int) -> dict:
         "torch": torch.__version__,
         "timm": timm.__version__,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "cpu_flags": sorted(cpu_flags() & SIMD_FLAGS),
+        "engines": engine_versions(),
         "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if torch.cuda.is_available()
         else [],
     }
     return info
+
+
+SIMD_FLAGS = {
+    "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
+    "amx_bf16",
+}  # fmt: skip
+
+
+def engine_versions() -> dict[str, str | None]:
+    """Versions of the libraries that run the modes (``None``: not installed)."""
+    import importlib.metadata
+
+    out: dict[str, str | None] = {"onednn": str(torch.backends.mkldnn.is_available())}
+    for name in ("onnxruntime", "openvino", "nncf", "torchao", "onnx"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def default_modes(device: torch.device, parnet: bool) -> list[str]:
+    """Every mode of ``device`` for a ParNet or a baseline, precisions and engines the machine can run included."""
+    from .deploy.engines import ENGINES, installed
+    from .deploy.kernels import has_native_bf16
+
+    if device.type == "cuda":
+        base = PARNET_CUDA_MODES if parnet else BASELINE_CUDA_MODES
+        return list(base) + list(CUDA_EXTRA_MODES)
+    base = PARNET_CPU_MODES if parnet else BASELINE_CPU_MODES
+    extra = [m for m in CPU_EXTRA_MODES if parnet or m not in BASELINE_SKIPS]
+    for label in list(extra):
+        precision, mode = split_mode(label)
+        if (mode in ENGINES and not installed(mode)) or (precision == "bf16" and not has_native_bf16()):
+            extra.remove(label)
+        elif label == "int8:compiled" and importlib.util.find_spec("torchao") is None:
+            extra.remove(label)
+    return list(base) + extra
+
+
+@torch.no_grad()
+def model_gflop(model: nn.Module, in_chans: int, resolution: int) -> float:
+    """GFLOP (2 x multiply-adds) of one image through ``model`` (torch's flop counter, on the CPU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, in_chans, resolution, resolution, device=next(model.parameters()).device)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() / 1e9
+
+
+@torch.inference_mode()
+def machine_peak(precisions: Sequence[str], reps: int = 3, size: int = PEAK_SIZE) -> dict[str, dict[str, float]]:
+    """The CPU's practical peak per precision, GFLOP/s: the best of a large matrix product and a large 3x3 conv.
+
+    fp32/bf16: ``torch.mm`` (BLAS, which on AMD may run at half oneDNN's rate) and ``F.conv2d`` in
+    channels_last (oneDNN); int8: ``torch._int_mm`` (a private op: the only int8 x int8 -> int32
+    product torch exposes; VNNI) and ONNX Runtime's int8 ``ConvInteger`` is not used, so int8's conv
+    peak is not measured. Each kernel is timed ``reps`` times after a warm-up; its best time counts.
+    """
+    import torch.nn.functional as F
+
+    def best_rate(fn: Callable[[], object], flop: float) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return flop / min(times) / 1e9
+
+    g = torch.Generator().manual_seed(0)
+    out: dict[str, dict[str, float]] = {}
+    mm_flop = 2.0 * size**3
+    n, c, hw = 8, 256, 56  # a ResNet/ParNet stage-2 conv: 256 -> 256 channels, 56x56, batch 8
+    conv_flop = 2.0 * n * c * c * 9 * hw * hw
+    for precision in precisions:
+        if precision == "int8":
+            a = torch.randint(-128, 127, (size, size), generator=g, dtype=torch.int8)
+            b = torch.randint(-128, 127, (size, size), generator=g, dtype=torch.int8)
+            out["int8"] = {"matmul": best_rate(lambda a=a, b=b: torch._int_mm(a, b), mm_flop)}
+            continue
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        a = torch.randn(size, size, generator=g).to(dtype)
+        x = torch.randn(n, c, hw, hw, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(c, c, 3, 3, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+        out[precision] = {
+            "matmul": best_rate(lambda a=a: torch.mm(a, a), mm_flop),
+            "conv3x3": best_rate(lambda x=x, w=w: F.conv2d(x, w, padding=1), conv_flop),
+        }
+    return out
 
 
 def _is_parnet(name: str) -> bool:
@@ -125,48 +235,94 @@ def _channels_last(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
+def split_mode(label: str) -> tuple[str, str]:
+    """``"int8:onnxruntime"`` -> ``("int8", "onnxruntime")``; a label without a precision is fp32."""
+    precision, _, mode = label.rpartition(":")
+    return precision or "fp32", mode
+
+
+def calibration_noise(in_chans: int, resolution: int, batches: int = 2, batch: int = 8) -> list[torch.Tensor]:
+    """Seeded random calibration batches: timing does not depend on the values (accuracy: ``parnet quantize``)."""
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(batch, in_chans, resolution, resolution, generator=g) for _ in range(batches)]
+
+
 def build_entries(
-    name: str, modes: Sequence[str], device: torch.device, threads: int, kwargs: dict | None = None
-) -> tuple[nn.Module, dict[str, Callable[[torch.Tensor], torch.Tensor]]]:
-    """The plain model (eval, the reference) and one callable per mode."""
+    name: str, modes: Sequence[str], device: torch.device, threads: int, kwargs: dict | None = None,
+    resolution: int = 224,
+) -> tuple[nn.Module, dict[str, Callable[[torch.Tensor], torch.Tensor]]]:  # fmt: skip
+    """The plain model (eval, the reference) and one callable per mode label (``[precision:]mode``)."""
     from timm.utils import reparameterize_model
 
     from .deploy import compile_cpu, deploy, freeze_cpu, pack_convs
 
     model = create_model(name, **(kwargs or {})).eval().to(device)
     randomize_statistics(model)
+    in_chans = getattr(model, "in_chans", 3)
+    calibration = calibration_noise(in_chans, resolution)
+    example = calibration[0][:1].to(device)
     entries: dict[str, Callable] = {}
-    for mode in modes:
+    for label in modes:
+        precision, mode = split_mode(label)
         if _is_parnet(name):
-            if mode == "train":
-                entries[mode] = model
+            if label == "train":
+                entries[label] = model
             else:
-                entries[mode] = deploy(model, device, mode, threads=threads)
+                calib = calibration if precision == "int8" else None
+                entries[label] = deploy(model, device, mode, precision, calib, example, threads=threads)
             continue
         fused = reparameterize_model(model).eval()  # RepVGG: one conv per block; ResNet: unchanged
-        if mode == "eager":
-            entries[mode] = fused
+        if precision != "fp32" or mode in ENGINES:
+            entries[label] = _baseline_low_precision(fused, mode, precision, device, calibration, example, threads)
+        elif mode == "eager":
+            entries[label] = fused
         elif mode == "channels_last":
-            entries[mode] = _channels_last(fused)
+            entries[label] = _channels_last(fused)
         elif mode in ("packed", "winograd", "frozen") and device.type != "cpu":
             raise ValueError(f"baseline mode {mode!r} runs on the CPU only")
         elif mode in ("packed", "winograd"):  # ParNet's modes, in their generic form: BNs folded first
             from torch.fx.experimental.optimization import fuse
 
-            entries[mode] = _channels_last(pack_convs(fuse(fused), winograd=mode == "winograd"))
+            entries[label] = _channels_last(pack_convs(fuse(fused), winograd=mode == "winograd"))
         elif mode == "frozen":
-            entries[mode] = _channels_last(freeze_cpu(fused.to(memory_format=torch.channels_last)))
+            entries[label] = _channels_last(freeze_cpu(fused.to(memory_format=torch.channels_last)))
         elif mode == "compiled":
             cl = fused.to(memory_format=torch.channels_last)
             compiled = compile_cpu(cl) if device.type == "cpu" else torch.compile(cl)
-            entries[mode] = _channels_last(compiled)
+            entries[label] = _channels_last(compiled)
         elif mode == "cuda_graph":
             from .deploy import CudaGraphModule
 
-            entries[mode] = CudaGraphModule(fused.to(memory_format=torch.channels_last))
+            entries[label] = CudaGraphModule(fused.to(memory_format=torch.channels_last))
         else:
             raise ValueError(f"unknown baseline mode {mode!r}; choose from {BASELINE_CUDA_MODES}")
     return model, entries
+
+
+def _baseline_low_precision(
+    fused: nn.Module, mode: str, precision: str, device: torch.device, calibration: list, example: torch.Tensor,
+    threads: int,
+) -> Callable[[torch.Tensor], torch.Tensor]:  # fmt: skip
+    """A baseline in ParNet's bf16/int8/engine modes, in their generic form (the same tools, any model)."""
+    from .deploy import CudaGraphModule, compile_cpu
+    from .deploy.quantize import Bf16Module, check_precision, pt2e_int8
+    from .deployed import build
+
+    check_precision(precision, device)
+    if mode in ENGINES:
+        return build(fused.cpu(), mode, precision, calibration, example.cpu(), threads)
+    if precision == "int8" and mode == "compiled":
+        from torch.fx.experimental.optimization import fuse
+
+        return pt2e_int8(fuse(fused), calibration)
+    if precision == "bf16" and mode in ("channels_last", "compiled", "cuda_graph"):
+        net = Bf16Module(fused.to(memory_format=torch.channels_last)).eval()
+        if mode == "cuda_graph":
+            return CudaGraphModule(net)
+        if mode == "compiled":
+            net = compile_cpu(net) if device.type == "cpu" else torch.compile(net)
+        return _channels_last(net)
+    raise ValueError(f"no baseline mode {precision}:{mode}")
 
 
 @torch.no_grad()
@@ -236,14 +392,20 @@ def run_bench(
     baseline_modes: Sequence[str] | None = None,
     model_kwargs: dict | None = None,
     log: Callable[[str], None] = print,
+    peaks: dict | None = None,
+    peak_size: int = PEAK_SIZE,
 ) -> list[Record]:
-    """Time every model in every mode at every batch size on every device (see module docstring)."""
+    """Time every model in every mode at every batch size on every device (see module docstring).
+
+    ``peaks``, if given, receives each device's measured peak GFLOP/s per precision (:func:`machine_peak`,
+    with a ``peak_size`` matrix product; 0: no peak, no fractions).
+    """
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         return _run_bench(
             models, baselines, devices, batches, reps, resolution, threads, warmup,
-            parnet_modes, baseline_modes, model_kwargs, log,
+            parnet_modes, baseline_modes, model_kwargs, log, {} if peaks is None else peaks, peak_size,
         )  # fmt: skip
     finally:
         torch.set_num_threads(previous_threads)
@@ -262,25 +424,38 @@ def _run_bench(
     baseline_modes: Sequence[str] | None,
     model_kwargs: dict | None,
     log: Callable[[str], None],
+    peaks: dict,
+    peak_size: int,
 ) -> list[Record]:
+    from timm.utils import reparameterize_model
+
+    from .deploy import fold
+
     records: list[Record] = []
     for dev_name in devices:
         device = torch.device(dev_name)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda requested but CUDA is not available")
-        pm = parnet_modes or (PARNET_CUDA_MODES if device.type == "cuda" else PARNET_CPU_MODES)
-        bm = baseline_modes or (BASELINE_CUDA_MODES if device.type == "cuda" else BASELINE_CPU_MODES)
+        pm = parnet_modes or default_modes(device, parnet=True)
+        bm = baseline_modes or default_modes(device, parnet=False)
         if device.type == "cpu":
             pm = [m for m in pm if m != "cuda_graph"]
             bm = [m for m in bm if m != "cuda_graph"]
-        refs, entries, params = {}, {}, {}
+        refs, entries, params, gflop = {}, {}, {}, {}
+        precisions = sorted({split_mode(m)[0] for m in list(pm) + list(bm)})
+        peak = machine_peak(precisions, size=peak_size) if device.type == "cpu" and peak_size > 0 else {}
+        log(f"[{device}] peak GFLOP/s: {json.dumps(peak)}")
+        peaks[str(device)] = peak
         for name in list(models) + list(baselines):
             is_parnet = _is_parnet(name)
             log(f"[{device}] building {name}: {', '.join(pm if is_parnet else bm)}")
             ref, ents = build_entries(
-                name, pm if is_parnet else bm, device, threads, model_kwargs if is_parnet else None
+                name, pm if is_parnet else bm, device, threads, model_kwargs if is_parnet else None, resolution
             )
             refs[name] = ref
+            # the work of the deployed form: ParNet folded (one 3x3 conv per block), baselines re-parameterized
+            counted = fold(ref) if is_parnet else reparameterize_model(ref)
+            gflop[name] = model_gflop(counted, getattr(ref, "in_chans", 3), resolution)
             params[name] = sum(p.numel() for p in ref.parameters()) / 1e6
             for mode, fn in ents.items():
                 entries[(name, mode)] = fn
@@ -304,6 +479,9 @@ def _run_bench(
             for (name, mode), ts in times.items():
                 med = statistics.median(ts)
                 depth, top1 = PAPER.get(name.split(".")[0], (None, None))
+                precision = split_mode(mode)[0]
+                rate = gflop[name] * batch / med * 1e3
+                best_peak = max(peak.get(precision, {}).values(), default=None)
                 records.append(
                     Record(
                         model=name,
@@ -326,9 +504,50 @@ def _run_bench(
                         paper_top1=top1,
                         params_m=round(params[name], 2),
                         times_ms=[round(t, 3) for t in ts],
+                        precision=precision,
+                        gflop=round(gflop[name], 3),
+                        achieved_gflops=round(rate, 1),
+                        peak_fraction=round(rate / best_peak, 3) if best_peak else None,
                     )
                 )
     return records
+
+
+def bench_files(
+    paths: Sequence[str], batches: Sequence[int], reps: Sequence[int], warmup: int, threads: int,
+    log: Callable[[str], None] = print,
+) -> list[Record]:  # fmt: skip
+    """Time files written by ``parnet quantize`` (CPU, at the resolution each was built for), interleaved.
+
+    There is no plain model to compare with, so ``max_abs_diff`` is NaN: ``parnet quantize`` scored them.
+    """
+    from .deployed import load_deployed
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        nets = {Path(p).name: load_deployed(p, threads) for p in paths}
+        records = []
+        for batch, nrep in zip(batches, reps):
+            log(f"[cpu] deployed files, batch {batch}: {len(nets)} x {nrep} interleaved repetitions")
+            timed = {}
+            for name, net in nets.items():
+                x = torch.randn(batch, net.in_chans, net.height, net.width, generator=torch.Generator().manual_seed(0))
+                timed[name] = _bind(net, x)
+            times = time_interleaved(timed, torch.empty(0), nrep, warmup, torch.device("cpu"))
+            for name, ts in times.items():
+                med, net = statistics.median(ts), nets[name]
+                records.append(
+                    Record(
+                        name, f"{net.precision}:{net.engine}", batch, "cpu", net.height, threads, nrep, med,
+                        _quantile(ts, 0.25), _quantile(ts, 0.75), min(ts), max(ts),
+                        _quantile(ts, 0.75) - _quantile(ts, 0.25), batch / med * 1e3, float("nan"), float("nan"),
+                        precision=net.precision, times_ms=[round(t, 3) for t in ts],
+                    )
+                )  # fmt: skip
+        return records
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _bind(fn: Callable, x: torch.Tensor) -> Callable:
@@ -336,9 +555,14 @@ def _bind(fn: Callable, x: torch.Tensor) -> Callable:
     return lambda _x: fn(x)
 
 
-def best(records: Sequence[Record], model: str, batch: int, device: str) -> Record | None:
-    """The fastest mode of ``model`` at ``batch`` on ``device`` (lowest median)."""
-    rows = [r for r in records if r.model == model and r.batch == batch and r.device == device]
+def best(
+    records: Sequence[Record], model: str, batch: int, device: str, precision: str | None = "fp32"
+) -> Record | None:
+    """The fastest mode of ``model`` at ``batch`` on ``device`` in ``precision`` (``None``: any), lowest median."""
+    rows = [
+        r for r in records
+        if r.model == model and r.batch == batch and r.device == device and precision in (None, r.precision)
+    ]  # fmt: skip
     return min(rows, key=lambda r: r.median_ms) if rows else None
 
 
@@ -385,7 +609,12 @@ def format_markdown(records: Sequence[Record], targets: Sequence[dict] = ()) -> 
         for b in batches:
             head += f" batch {b}: median ms [p25-p75] | batch {b}: img/s |"
             sep += " ---: | ---: |"
-        lines += [f"**{device}**", "", head + " max abs diff (relative) |", sep + " ---: |"]
+        lines += [
+            f"**{device}**",
+            "",
+            head + " max abs diff (relative) | GFLOP/s, batch " + str(batches[-1]) + " (fraction of peak) |",
+            sep + " ---: | ---: |",
+        ]
         keys = list(dict.fromkeys((r.model, r.mode) for r in records if r.device == device))
         for model, mode in keys:
             rows = {r.batch: r for r in records if r.device == device and r.model == model and r.mode == mode}
@@ -406,16 +635,24 @@ def format_markdown(records: Sequence[Record], targets: Sequence[dict] = ()) -> 
                 )
             diff = max(r.max_abs_diff for r in rows.values())
             cells.append(f"{diff:.1e} ({max(r.max_rel_diff for r in rows.values()):.0e})")
+            last = rows.get(batches[-1])
+            rate = last.achieved_gflops if last else None
+            frac = f" ({last.peak_fraction:.0%})" if last and last.peak_fraction is not None else ""
+            cells.append(f"{rate:.0f}{frac}" if rate is not None else "")
             lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", f"Best mode per model ({device}):", ""]
-        lines += ["| model | " + " | ".join(f"batch {b}: best mode, median ms, img/s" for b in batches) + " |"]
-        lines += ["| --- |" + " --- |" * len(batches)]
+        lines += ["", f"Best mode per model and precision ({device}):", ""]
+        lines += ["| model | precision | " + " | ".join(f"batch {b}: best mode, median ms, img/s" for b in batches)]
+        lines[-1] += " |"
+        lines += ["| --- | --- |" + " --- |" * len(batches)]
+        precisions = [p for p in ("fp32", "bf16", "int8") if any(r.precision == p for r in records)]
         for model in dict.fromkeys(r.model for r in records if r.device == device):
-            cells = [model]
-            for b in batches:
-                r = best(records, model, b, device)
-                cells.append(f"{r.mode}, {r.median_ms:.1f}, {r.throughput_img_s:.1f}" if r else "")
-            lines.append("| " + " | ".join(cells) + " |")
+            for precision in precisions:
+                cells = [model, precision]
+                for b in batches:
+                    r = best(records, model, b, device, precision)
+                    cells.append(f"{r.mode}, {r.median_ms:.1f}, {r.throughput_img_s:.1f}" if r else "")
+                if any(cells[2:]):
+                    lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     for t in targets:
         verdict = "MET" if t["met"] else "MISSED"
@@ -460,3 +697,4 @@ def plot_results(records: Sequence[Record], path: str | os.PathLike, device: str
         fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
     return Path(path)
+

@@ -138,6 +138,7 @@ def evaluate(
 
     from . import reparameterize
     from .data import DATASETS, build_datasets, build_loaders
+    from .deployed import is_deployed_file, load_deployed
     from .io import is_torch_checkpoint
     from .settings import read_yaml
 
@@ -165,6 +166,10 @@ def evaluate(
         nets["raw"] = load_official(ckpt, use_ema=False).to(dev)
         if "state_dict_ema" in ckpt:
             nets["ema"] = load_official(ckpt, use_ema=True).to(dev)
+    elif is_deployed_file(path):  # written by `parnet quantize`: runs on its engine, on the CPU
+        nets["raw"] = load_deployed(path)
+        run_dataset = nets["raw"].dataset
+        dataset, dev = dataset or run_dataset, torch.device("cpu")
     else:
         nets["raw"] = load_weights(path, str(dev), official=False)
     dataset = dataset or "fashion_mnist"

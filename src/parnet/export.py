@@ -47,36 +47,11 @@ def inference_model(model: nn.Module, fused_only: bool = False) -> nn.Module:
 
 
 def _write_onnx(model: nn.Module, path: Path, example: torch.Tensor, opset: int = 17) -> None:
-    """ONNX with a dynamic batch dimension (input ``input``, output ``logits``).
+    """ONNX with a dynamic batch dimension (input ``input``, output ``logits``): see
+    :func:`parnet.deploy.engines.onnx_model_bytes`."""
+    from .deploy.engines import onnx_model_bytes
 
-    Uses the TorchScript-based exporter (seconds); if that fails, the ``torch.export``-based one.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(
-                model,
-                (example,),
-                str(path),
-                dynamo=False,
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                opset_version=opset,
-            )
-        except Exception:  # noqa: BLE001 - fall back to the dynamo exporter
-            batch = torch.export.Dim("batch", min=1, max=4096)
-            program = torch.onnx.export(
-                model,
-                (example,),
-                dynamo=True,
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_shapes={"x": {0: batch}},
-                opset_version=max(opset, 18),
-                external_data=False,
-            )
-            program.save(str(path))
+    path.write_bytes(onnx_model_bytes(model, example, opset=opset))
 
 
 def _write_torchscript(model: nn.Module, path: Path, example: torch.Tensor) -> None:

@@ -165,7 +165,9 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
         step_on_epochs=False,
         updates_per_epoch=steps_per_epoch,
     )
-    amp_dtype = _amp_dtype(cfg.amp, d.device)
+    state = engine.read_state(run_dir) if has_checkpoint else None
+    amp = _settle_amp(cfg.amp, state, d, model, info)
+    amp_dtype = _amp_dtype(amp, d.device)
     scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype == torch.float16)
     mixup_fn = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
@@ -186,8 +188,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     # rank its own), metric rows, the stage reached; the weights files a kill may have left behind rewritten.
     generators = {"loader": loader_gen}
     start_epoch, global_step, extra, stage = 0, 0, {}, "epochs"
-    if has_checkpoint:
-        state = engine.read_state(run_dir)
+    if state is not None:
         _check_resume_settings(cfg, state["extra"].get("config"), run_dir)
         start_epoch, extra = engine.load_checkpoint(
             run_dir, model, ema, optimizer, scheduler, scaler, generators, restore_rng=False, state=state
@@ -309,6 +310,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
                 scaler,
                 extra={
                     "config": cfg.model_dump(),
+                    "amp": amp,
                     "global_step": global_step,
                     "world_size": d.world_size,
                     "rng_ranks": rng_ranks,
@@ -344,6 +346,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
         "train_images_per_s": train_images / train_seconds if train_seconds else None,
         "world_size": d.world_size,
         "device": str(d.device),
+        "amp": amp,
         **{k: v for k, v in last_row.items() if k.startswith(("test_", "ema_"))},
     }
     if epochs_done < cfg.epochs:
@@ -376,6 +379,32 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     if d.distributed:
         tdist.barrier()
     return results
+
+
+def _settle_amp(amp: str, state: dict[str, Any] | None, d: Any, model: Any, info: Any) -> str:
+    """The run's autocast precision, ``bf16``, ``fp16`` or ``off``: ``auto`` is settled once per run.
+
+    On a CPU ``auto`` times a training step (:func:`parnet.precision.auto_amp`), which can come out
+    differently on another start: so a resumed run takes the precision its checkpoint recorded, and
+    every rank takes rank 0's.
+    """
+    import torch
+
+    if state is not None and state["extra"].get("amp"):
+        return state["extra"]["amp"]
+    if amp != "auto":
+        return amp
+    from .precision import auto_amp
+
+    with torch.random.fork_rng(devices=[]):  # the probe's draws (input, dropout) leave the run's RNG as it was
+        probe = torch.randn(8, info.in_chans, info.img_size, info.img_size, device=d.device)
+        dtype = auto_amp(d.device, model, probe)
+    settled = [{torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off")]
+    if d.distributed:
+        import torch.distributed as tdist
+
+        tdist.broadcast_object_list(settled, src=0)
+    return settled[0]
 
 
 def _final_eval(

@@ -48,6 +48,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "parnet.cli.export",
     "parnet.cli.bench",
     "parnet.cli.predict",
+    "parnet.cli.quantize",
 )
 
 

@@ -13,8 +13,12 @@ import torch
 
 from ..bench import (
     BASELINE_CPU_MODES,
+    CPU_EXTRA_MODES,
+    CUDA_EXTRA_MODES,
     PARNET_CPU_MODES,
     PARNET_CUDA_MODES,
+    PEAK_SIZE,
+    bench_files,
     check_targets,
     format_markdown,
     machine_info,
@@ -44,6 +48,9 @@ def _bench(args: argparse.Namespace) -> int:
     if not _split(args.models):
         raise ValueError("--models is empty: give at least one ParNet variant, e.g. --models parnet_s")
     machine = machine_info(args.threads)
+    peaks: dict = {}
+    batches = (1, args.batch) if args.batch != 1 else (1,)
+    reps = (args.reps, args.reps_large or max(3, args.reps // 3))
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     log(f"machine: {json.dumps(machine)}")
     with warnings.catch_warnings():
@@ -52,8 +59,8 @@ def _bench(args: argparse.Namespace) -> int:
             _split(args.models),
             _split(args.baselines),
             devices=devices,
-            batches=(1, args.batch) if args.batch != 1 else (1,),
-            reps=(args.reps, args.reps_large or max(3, args.reps // 3)),
+            batches=batches,
+            reps=reps,
             resolution=args.resolution,
             threads=args.threads,
             warmup=args.warmup,
@@ -61,8 +68,15 @@ def _bench(args: argparse.Namespace) -> int:
             baseline_modes=_split(args.baseline_modes) if args.baseline_modes else None,
             model_kwargs=kwargs,
             log=log,
+            peaks=peaks,
+            peak_size=args.peak_size,
         )
+    machine["peak_gflops"] = peaks
     machine["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if args.deployed:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            records += bench_files(_split(args.deployed), batches, reps, args.warmup, args.threads, log)
     targets = check_targets(records, _split(args.models)[0], args.batch)
     table = format_markdown(records, targets)
     print(table)
@@ -97,9 +111,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="timm baselines, comma-separated ('' for none)",
     )  # fmt: skip
     p.add_argument(
-        "--modes", help=f"ParNet modes [CPU: {','.join(PARNET_CPU_MODES)}; CUDA: {','.join(PARNET_CUDA_MODES)}]"
+        "--modes",
+        help=f"ParNet modes, [PRECISION:]MODE, e.g. packed,int8:openvino [CPU: {','.join(PARNET_CPU_MODES)}, "
+        f"{','.join(CPU_EXTRA_MODES)} where installed and supported; CUDA: {','.join(PARNET_CUDA_MODES)}, "
+        f"{','.join(CUDA_EXTRA_MODES)}]",
     )
-    p.add_argument("--baseline-modes", help=f"baseline modes [CPU: {','.join(BASELINE_CPU_MODES)}]")
+    p.add_argument("--baseline-modes", help=f"baseline modes [CPU: {','.join(BASELINE_CPU_MODES)} and the same extras]")
     p.add_argument(
         "--device", default="cpu", choices=("cpu", "cuda", "all"), help="[cpu]; all: CPU and CUDA if present"
     )
@@ -110,6 +127,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reps-large", type=int, help="timed repetitions at the large batch [reps/3, at least 3]")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (compilation included) [3]")
     add_kwargs_option(p, "--model-kwargs", "timm.create_model arguments of the ParNet models, e.g. widths=[8,16,32]")
+    p.add_argument(
+        "--peak-size", type=int, default=PEAK_SIZE, help=f"matrix size of the peak measurement (0: none) [{PEAK_SIZE}]"
+    )
+    p.add_argument("--deployed", help="also time these `parnet quantize` files (comma-separated; CPU)")
     p.add_argument("--json", help="write every record (and the machine) to this JSON file")
     p.add_argument("--markdown", help="also write the table to this file")
     p.add_argument("--plot", help="write latency-vs-depth and top-1-vs-latency plots to this PNG")

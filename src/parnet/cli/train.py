@@ -74,7 +74,9 @@ def add_commands(subparsers: Any) -> None:
     p.set_defaults(func=_train_command)
 
     p = subparsers.add_parser("eval", help="top-1/top-5 of a run or checkpoint, raw, EMA and re-parameterized")
-    p.add_argument("checkpoint", help="a run folder, a .safetensors file, or an authors' .pth.tar")
+    p.add_argument(
+        "checkpoint", help="a run folder, a .safetensors file, an authors' .pth.tar, or a `parnet quantize` file"
+    )
     p.add_argument(
         "--dataset",
         type=field_type(TrainConfig, "dataset"),

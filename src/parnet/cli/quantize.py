@@ -1,0 +1,53 @@
+"""``parnet quantize``: a trained model as a deployable int8 (or fp32/bf16) engine file, scored against fp32."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..deploy.engines import ENGINES, ORT_CALIBRATION
+from ..deploy.quantize import PRECISIONS
+from .args import nonneg_int, positive_int
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from ..deployed import SUFFIX, quantize_checkpoint
+
+    out = args.out or f"{str(args.checkpoint).rstrip('/')}_{args.precision}{SUFFIX[args.engine]}"
+    result = quantize_checkpoint(
+        args.checkpoint, out, args.precision, args.engine, args.calibration_images, args.dataset, args.data_dir,
+        args.calibration_method, args.batch_size, args.test_subset, args.workers,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"wrote {result['file']} ({result['engine']}, {result['precision']})")
+        r = result
+        print(
+            f"top-1 on {r['images']} {r['dataset']} test images: fp32 {r['fp32_top1']:.2f}, "
+            f"{r['precision']} {r['top1']:.2f} ({r['prediction_changes']} predictions changed)"
+        )
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """``parnet quantize``."""
+    p = subparsers.add_parser("quantize", help="write a deployable int8/bf16/fp32 engine model and score it")
+    p.add_argument("checkpoint", help="a training run folder (its EMA weights when kept) or a .safetensors file")
+    p.add_argument("--precision", choices=PRECISIONS, default="int8", help="[int8]")
+    p.add_argument("--engine", choices=ENGINES, default="onnxruntime", help="[onnxruntime]")
+    p.add_argument(
+        "--calibration-images", type=positive_int, default=512,
+        help="int8: training images (test transforms) to calibrate on [512]",
+    )  # fmt: skip
+    p.add_argument(
+        "--calibration-method", choices=ORT_CALIBRATION, default="minmax", help="ONNX Runtime's calibration [minmax]"
+    )
+    p.add_argument("--out", help="file to write (.onnx for onnxruntime, .xml for openvino) [CHECKPOINT_PRECISION.*]")
+    p.add_argument("--dataset", help="dataset (default: the run's, else fashion_mnist)")
+    p.add_argument("--data-dir", help="where the dataset is (default: the run's, else its usual place)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size [256]")
+    p.add_argument("--test-subset", type=nonneg_int, default=0, help="only the first N test images (0 = all)")
+    p.add_argument("--workers", type=nonneg_int, default=2, help="data loader worker processes [2]")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_quantize)

@@ -1,0 +1,298 @@
+"""Low-latency inference: exact weight folding, deployment modes and stream-parallel executors.
+
+:func:`deploy` turns a ParNet (training form or fused) into the fastest equivalent inference
+model for a device and precision. In fp32 every mode computes the plain model's eval-mode outputs
+(float32, to about 1e-5). ``precision="bf16"`` (native bf16 CPUs, and CUDA) and ``"int8"`` (static
+post-training quantization calibrated on ``calibration``, CPU) change the arithmetic, never the
+interface: inputs and outputs stay float32 tensors (``engines`` and ``quantize`` modules).
+
+Folding (:class:`FoldedParNet`, the base of every mode) goes beyond re-parameterization:
+
+* the skip BN of a stream block folds into its gate (``mean(BN(x)) = a * mean(x) + b``), and the
+  gated skip becomes one fused multiply-add on the conv output: ``y += x * (a g) + b g``;
+* the fusion's two BNs fold into the fusion conv: the scales into its input channels exactly, the
+  shifts into its bias, with the zero-padded border rows and columns corrected (a shift folded
+  into a zero-padded conv is otherwise wrong at the border);
+* the fusion's channel interleave becomes a plain concatenation of channel slices, the conv's
+  input channels permuted to match (one copy, as before, but no BN passes);
+* the channel shuffle after each fusion block disappears: its consumer (the next fusion's
+  concatenation, or the final block's conv and gate) reads the channels in the unshuffled order.
+
+Modes (``deploy(model, device, mode)``):
+
+========== ============================================================================
+fused      ``parnet.reparameterize`` (one 3x3 conv per block), eval
+folded     :class:`FoldedParNet`, NCHW
+channels_last  folded, channels_last weights and activations
+packed     CPU only: channels_last, every conv weight pre-packed once in oneDNN's layout (per
+           input shape), the bias (and the activation of ungated blocks) fused into the conv call
+winograd   CPU only: packed, but each stride-1 conv runs NNPACK's fast (Winograd / FFT)
+           convolution instead for the input shapes where that measured faster: decided on the
+           first call with each shape (:func:`nnpack_is_faster`); large batches gain, batch 1 not
+frozen     CPU only: channels_last, TorchScript frozen and ``torch.jit.optimize_for_inference``
+           (PyTorch's generic oneDNN path: weights pre-packed, conv + ReLU/add fused)
+compiled   channels_last + ``torch.compile`` (inductor)
+parallel   CPU: the streams run concurrently (TorchScript ``torch.jit.fork`` on the inter-op
+           pool, the intra-op threads split between them); CUDA: one CUDA stream per ParNet stream
+cuda_graph CUDA only: ``parallel`` captured in a CUDA graph (re-captured for a new input shape)
+multi_device  the streams on separate devices (``devices=``), asynchronous copies at the fusions
+onnxruntime  CPU: ONNX Runtime, a fixed-shape session per input shape (fp32, int8 QDQ)
+openvino   CPU: OpenVINO, a compiled model per input shape (fp32, bf16, int8 with NNCF)
+auto       the fastest for the device and precision: given an ``example`` input, the candidate
+           modes (every installed engine included) are timed on it and the fastest is returned;
+           otherwise a rule (:func:`auto_mode`)
+========== ============================================================================
+
+bf16 runs ``channels_last``, ``packed``, ``compiled`` and ``openvino`` on the CPU; int8 runs
+``compiled`` (torchao PT2E + X86InductorQuantizer + inductor), ``onnxruntime`` and ``openvino``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..model import ParNet
+from .cuda import CudaGraphModule, CudaStreamParNet, MultiDeviceParNet, check_device
+from .engines import BF16_ORT, ENGINES, engine_module, installed
+from .fold import FoldedBlock, FoldedFusion, FoldedParNet, fold, reparameterized, shuffle_perm
+from .kernels import (
+    PACKED_SHAPES,
+    PackedConv2d,
+    compile_cpu,
+    freeze_cpu,
+    has_cpp_compiler,
+    nnpack_is_faster,
+    pack_convs,
+)
+from .parallel import StreamParallelParNet
+from .quantize import PRECISIONS, Bf16Module, calibration_batches, check_precision, pt2e_int8
+
+__all__ = [
+    "MODES",
+    "CPU_MODES",
+    "PACKED_SHAPES",
+    "PRECISIONS",
+    "PRECISION_MODES",
+    "FoldedBlock",
+    "FoldedFusion",
+    "FoldedParNet",
+    "StreamParallelParNet",
+    "CudaStreamParNet",
+    "CudaGraphModule",
+    "MultiDeviceParNet",
+    "PackedConv2d",
+    "auto_mode",
+    "compile_cpu",
+    "deploy",
+    "freeze_cpu",
+    "nnpack_is_faster",
+    "pack_convs",
+    "fold",
+    "shuffle_perm",
+]
+
+MODES = (
+    "fused", "folded", "channels_last", "packed", "winograd", "frozen", "compiled", "parallel", "cuda_graph",
+    "multi_device", "auto",
+)  # fmt: skip
+CPU_MODES = (
+    "fused", "folded", "channels_last", "packed", "winograd", "frozen", "compiled", "parallel", "multi_device"
+)  # fmt: skip
+PRECISION_MODES = {
+    "fp32": MODES + ENGINES,
+    "bf16": ("channels_last", "packed", "compiled", "openvino", "auto"),
+    "int8": ("compiled", "onnxruntime", "openvino", "auto"),  # compiled: PT2E + inductor
+}
+CUDA_BF16_MODES = ("channels_last", "parallel", "cuda_graph", "compiled")
+ENGINE_PRECISIONS = {"onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8")}
+INT8_PREFERENCE = ("openvino", "onnxruntime", "compiled")  # auto's int8 mode without an example
+CUDA_ONLY_MODES = ("cuda_graph",)
+CPU_ONLY_MODES = ("packed", "winograd", "frozen")
+
+
+def can_compile(device: torch.device) -> bool:
+    """Whether ``torch.compile`` (inductor) can build kernels for ``device``: C++ on CPU, Triton on CUDA."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return has_triton()
+    return has_cpp_compiler()
+
+
+def auto_candidates(device: torch.device, precision: str = "fp32") -> tuple[str, ...]:
+    """The modes ``auto`` times when given an example: every mode of the device and precision but ``fused``,
+    every installed engine included."""
+    if device.type == "cuda":
+        names: tuple[str, ...] = ("channels_last", "parallel", "cuda_graph")
+    elif precision == "fp32":
+        names = ("channels_last", "packed", "winograd", "parallel")
+    elif precision == "bf16":
+        names = ("channels_last", "packed")
+    else:
+        names = ()
+    names += tuple(e for e in ENGINES if device.type == "cpu" and precision in ENGINE_PRECISIONS[e] and installed(e))
+    if precision == "int8" and importlib.util.find_spec("torchao") is None:
+        return names
+    return names + (("compiled",) if can_compile(device) else ())
+
+
+def auto_mode(device: str | torch.device, precision: str = "fp32") -> str:
+    """The fastest mode for ``device`` and ``precision``: see ``RESULTS.md`` ("Inference latency and throughput")."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "cuda_graph"
+    if precision == "int8":
+        for mode in INT8_PREFERENCE:
+            if mode in auto_candidates(device, "int8"):
+                return mode
+        raise ValueError("int8 needs onnxruntime, openvino (+nncf) or torchao installed; none is")
+    # CPU: packed had the lowest batch-1 latency and needs no compilation; winograd is faster at
+    # batch 32 but times its convolutions on the first call with each input shape.
+    return "packed" if torch.backends.mkldnn.is_available() else "channels_last"
+
+
+@torch.inference_mode()
+def fastest(candidates: dict[str, nn.Module], example: torch.Tensor, reps: int = 5) -> str:
+    """Name of the candidate with the lowest median time on ``example`` (interleaved, after warm-up)."""
+    import statistics
+    import time
+
+    device = example.device
+    # the example's device: torch.cuda.synchronize() alone waits only for the current one
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for net in candidates.values():
+        net(example)  # warm-up (and compilation)
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(reps):
+        for name, net in candidates.items():
+            sync()
+            start = time.perf_counter()
+            net(example)
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return min(times, key=lambda name: statistics.median(times[name]))
+
+
+def deploy(
+    model: nn.Module,
+    device: str | torch.device = "cpu",
+    mode: str = "auto",
+    precision: str = "fp32",
+    calibration: Iterable[torch.Tensor] | None = None,
+    example: torch.Tensor | None = None,
+    devices: Sequence[str | torch.device] | None = None,
+    threads: int | None = None,
+    candidates: Sequence[str] | None = None,
+) -> nn.Module:
+    """The fastest inference model of ``model`` for ``device`` in ``precision`` (see the module docstring).
+
+    Args:
+        model: a ParNet in training form or fused (it is not modified).
+        device: where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+        mode: one of :data:`MODES` (for bf16 and int8, one of :data:`PRECISION_MODES`);
+            ``"auto"`` picks the fastest for the device and precision.
+        precision: ``"fp32"`` (every mode equals the plain model to about 1e-5), ``"bf16"`` (CPUs with
+            native bf16 only) or ``"int8"`` (static post-training quantization, CPU).
+        calibration: for int8: an iterable of input batches (or ``(images, labels)`` pairs, as a
+            ``DataLoader`` yields), a few hundred real images; required.
+        example: an input batch. With ``mode="auto"`` the candidate modes (``candidates``, default
+            :func:`auto_candidates`) are built, timed on it and the fastest returned; without it
+            ``auto`` follows :func:`auto_mode`. The engine modes are built for its resolution
+            (int8: the calibration's).
+        devices: for ``multi_device``: one device per stream.
+        threads: for ``parallel`` on CPU: intra-op threads to split between the streams; for the
+            engines, their threads (default: ``torch.get_num_threads()``).
+        candidates: the modes ``auto`` chooses among when ``example`` is given.
+
+    Returns an eval-mode module taking and returning float32 tensors; call it under
+    ``torch.inference_mode()``. Raises ``ValueError`` for a mode, precision or engine the device
+    cannot run, and for int8 without calibration data.
+    """
+    device = torch.device(device)
+    check_device(device)
+    check_precision(precision, device)
+    allowed = PRECISION_MODES[precision] if device.type == "cpu" else MODES
+    if mode == "onnxruntime" and precision == "bf16":
+        raise ValueError(BF16_ORT)
+    if mode not in allowed:
+        raise ValueError(f"unknown deploy mode {mode!r} for precision {precision}; choose one of {allowed}")
+    if not isinstance(model, ParNet):
+        raise ValueError(f"deploy takes a ParNet, got {type(model).__name__}")
+    batches = calibration_batches(calibration, model.in_chans) if precision == "int8" else None
+    if mode == "auto" and example is not None:
+        names = candidates or auto_candidates(device, precision)
+        built = {
+            name: deploy(model, device, name, precision, batches, example, devices=devices, threads=threads)
+            for name in names
+        }
+        return built[fastest(built, example.to(device))]
+    if mode == "auto":
+        mode = auto_mode(device, precision)
+    if mode in CUDA_ONLY_MODES and device.type != "cuda":
+        raise ValueError(f"mode {mode!r} needs a CUDA device, got {device}")
+    if mode in CPU_ONLY_MODES and device.type != "cpu":
+        raise ValueError(f"mode {mode!r} runs on the CPU only, got {device}; on CUDA use cuda_graph or compiled")
+    if precision == "bf16" and device.type == "cuda":
+        return _deploy_cuda_bf16(model, device, mode)
+    if precision != "fp32" or mode in ENGINES:
+        return _deploy_cpu_precision(model, mode, precision, batches, example, threads)
+    if mode == "fused":
+        return reparameterized(model).to(device)
+    if mode == "multi_device":
+        if devices is None:
+            raise ValueError("mode 'multi_device' needs devices=[one device per stream]")
+        return MultiDeviceParNet(fold(model, channels_last=device.type == "cpu"), devices).eval()
+    folded = fold(model, channels_last=mode != "folded").to(device)
+    if mode in ("folded", "channels_last"):
+        return folded
+    if mode in ("packed", "winograd"):
+        return folded.pack(winograd=mode == "winograd")
+    if mode == "frozen":
+        return freeze_cpu(folded)
+    if mode == "compiled":
+        return compile_cpu(folded) if device.type == "cpu" else torch.compile(folded)
+    if device.type == "cuda":
+        parallel = CudaStreamParNet(folded).eval()
+        return parallel if mode == "parallel" else CudaGraphModule(parallel).eval()
+    return StreamParallelParNet(folded, threads=threads).eval()
+
+
+def _deploy_cuda_bf16(model: ParNet, device: torch.device, mode: str) -> nn.Module:
+    """bf16 on CUDA: the folded network (its streams on CUDA streams for ``parallel`` and ``cuda_graph``) in bf16."""
+    if mode not in CUDA_BF16_MODES:
+        raise ValueError(f"bf16 on CUDA runs the modes {CUDA_BF16_MODES}, not {mode!r}")
+    folded = fold(model, channels_last=True).to(device)
+    net = Bf16Module(CudaStreamParNet(folded) if mode in ("parallel", "cuda_graph") else folded).eval()
+    if mode == "cuda_graph":
+        return CudaGraphModule(net).eval()
+    return torch.compile(net) if mode == "compiled" else net
+
+
+def _deploy_cpu_precision(
+    model: ParNet,
+    mode: str,
+    precision: str,
+    batches: list[torch.Tensor] | None,
+    example: torch.Tensor | None,
+    threads: int | None,
+) -> nn.Module:
+    """The CPU modes of bf16 and int8, and the engines in every precision."""
+    if mode in ENGINES:
+        shape_from = example if example is not None else (batches[0] if batches else None)
+        if shape_from is None:
+            raise ValueError(f"mode {mode!r} needs example= (an input batch: its size fixes the engine's input size)")
+        folded = fold(model).cpu()
+        return engine_module(
+            mode, folded, shape_from[:1].float().cpu(), precision, batches, threads or torch.get_num_threads()
+        )
+    if precision == "int8":  # mode 'compiled'
+        return pt2e_int8(fold(model).cpu(), batches or [])
+    folded = fold(model, channels_last=True).cpu()
+    if mode == "packed":
+        folded.pack()
+    net = Bf16Module(folded).eval()
+    return compile_cpu(net) if mode == "compiled" else net

@@ -1,0 +1,278 @@
+"""Other inference engines as deploy modes: ONNX Runtime and OpenVINO (with NNCF for int8).
+
+Each engine runs the folded network (:class:`~parnet.deploy.fold.FoldedParNet`, NCHW) converted
+once at a fixed input resolution with a dynamic batch; a session (ONNX Runtime) or compiled model
+(OpenVINO) is then built for each input shape on its first call, with every dimension fixed (a
+dynamic-batch ONNX Runtime session ran ParNet-S 2x slower at batch 1 than a fixed-shape one), and
+the last :data:`~parnet.deploy.kernels.PACKED_SHAPES` are kept. Inputs and outputs are float32
+torch tensors on the CPU; an input of another resolution or channel count is refused (deploy again
+with an example of that size).
+
+int8 is static post-training quantization calibrated on the caller's batches with the engine's
+own tool: ONNX Runtime's ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations,
+min-max or percentile/entropy calibration) and NNCF's ``quantize`` (per-channel weights). bf16
+runs through OpenVINO's CPU plugin where the CPU has native bf16; ONNX Runtime's CPU provider has
+no bf16 convolution, so it is refused there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .kernels import recall, remember
+
+ENGINES = ("onnxruntime", "openvino")
+ORT_CALIBRATION = ("minmax", "percentile", "entropy")
+BF16_ORT = "ONNX Runtime's CPU provider has no bf16 convolution: for bf16 use mode 'openvino' or a torch mode"
+
+
+def installed(engine: str) -> bool:
+    """Whether ``engine``'s Python package can be imported here."""
+    if engine == "onnxruntime":
+        return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
+    if engine == "openvino":
+        return importlib.util.find_spec("openvino") is not None
+    raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+
+
+def require(engine: str, precision: str = "fp32") -> None:
+    """Refuse an engine that is not installed (or, for int8 with OpenVINO, NNCF), saying what to install."""
+    if not installed(engine):
+        extra = "onnxruntime onnx" if engine == "onnxruntime" else "openvino"
+        raise ValueError(f"mode {engine!r} needs {engine}, which is not installed: pip install {extra}")
+    if engine == "openvino" and precision == "int8" and importlib.util.find_spec("nncf") is None:
+        raise ValueError("int8 with OpenVINO needs NNCF, which is not installed: pip install nncf")
+
+
+def onnx_model_bytes(net: nn.Module, example: torch.Tensor, dynamic_batch: bool = True, opset: int = 17) -> bytes:
+    """``net`` as an ONNX model (input ``input``, output ``logits``; the batch dynamic), serialized.
+
+    Uses the TorchScript-based exporter (seconds); if that fails, the ``torch.export``-based one.
+    """
+    axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                net, (example,), buffer, dynamo=False, input_names=["input"], output_names=["logits"],
+                dynamic_axes=axes, opset_version=opset,
+            )  # fmt: skip
+            return buffer.getvalue()
+        except Exception:  # noqa: BLE001 - fall back to the dynamo exporter
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            program = torch.onnx.export(
+                net, (example,), dynamo=True, input_names=["input"], output_names=["logits"],
+                dynamic_shapes={"x": {0: batch}} if dynamic_batch else None, opset_version=max(opset, 18),
+                external_data=False,
+            )  # fmt: skip
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "model.onnx"
+                program.save(str(path))
+                return path.read_bytes()
+
+
+class EngineModule(nn.Module):
+    """An engine's model behind a torch module: one session per input shape (the last few kept).
+
+    ``build(shape)`` returns a function of a float32 NCHW numpy array; subclasses define it.
+    """
+
+    engine = ""
+
+    def __init__(self, model: Any, in_chans: int, height: int, width: int, precision: str, threads: int):
+        super().__init__()
+        self.model = model  # the engine's own model: ONNX bytes, or an openvino.Model
+        self.in_chans, self.height, self.width = in_chans, height, width
+        self.precision = precision
+        self.threads = threads
+        self._sessions: dict[tuple[int, ...], Callable] = {}
+
+    def build(self, shape: tuple[int, ...]) -> Callable[[Any], Any]:
+        raise NotImplementedError
+
+    def check_input(self, x: torch.Tensor) -> None:
+        want = (self.in_chans, self.height, self.width)
+        if x.dim() != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(
+                f"this {self.engine} {self.precision} model was built for inputs (N, {want[0]}, {want[1]}, {want[2]}), "
+                f"got {list(x.shape)}: deploy again with an example of that size"
+            )
+        if x.device.type != "cpu":
+            raise ValueError(f"the {self.engine} modes run on the CPU; got an input on {x.device}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        key = tuple(x.shape)
+        run = recall(self._sessions, key)
+        if run is None:
+            run = self.build(key)
+            remember(self._sessions, key, run)
+        array = x.detach().float().contiguous().numpy()
+        return torch.from_numpy(run(array))
+
+
+# -- ONNX Runtime ---------------------------------------------------------------------------------
+
+
+class OnnxRuntimeModule(EngineModule):
+    """ONNX Runtime's CPU provider on a fixed-shape copy of the model per input shape."""
+
+    engine = "onnxruntime"
+
+    def build(self, shape: tuple[int, ...]) -> Callable:
+        import onnx
+        import onnxruntime as ort
+        from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
+
+        model = onnx.load_from_string(self.model)
+        make_input_shape_fixed(model.graph, "input", list(shape))
+        fix_output_shapes(model)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return lambda array: session.run(None, {"input": array})[0]
+
+
+def onnxruntime_module(
+    net: nn.Module,
+    example: torch.Tensor,
+    precision: str,
+    calibration: list[torch.Tensor] | None,
+    threads: int,
+    method: str = "minmax",
+) -> OnnxRuntimeModule:
+    """ONNX Runtime's form of ``net`` (a folded ParNet); int8: static QDQ quantization on ``calibration``."""
+    require("onnxruntime", precision)
+    if precision == "bf16":
+        raise ValueError(BF16_ORT)
+    model_bytes = onnx_model_bytes(net, example)
+    if precision == "int8":
+        model_bytes = ort_quantize(model_bytes, calibration or [], method)
+    _, c, h, w = example.shape
+    return OnnxRuntimeModule(model_bytes, c, h, w, precision, threads).eval()
+
+
+def ort_quantize(model_bytes: bytes, calibration: list[torch.Tensor], method: str = "minmax") -> bytes:
+    """ONNX Runtime static quantization: QDQ, per-channel symmetric int8 weights, uint8 activations
+    (what ORT recommends on x86 with VNNI), calibrated on ``calibration`` with ``method``."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if method not in ORT_CALIBRATION:
+        raise ValueError(f"unknown calibration method {method!r}; choose one of {ORT_CALIBRATION}")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calibration)
+
+        def get_next(self) -> dict | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {"input": batch.float().contiguous().numpy()}
+
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        src, pre, out = (Path(tmp) / name for name in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        src.write_bytes(model_bytes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            quantize_static(
+                str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method],
+                extra_options={"CalibMovingAverage": False},
+            )  # fmt: skip
+        return out.read_bytes()
+
+
+# -- OpenVINO -------------------------------------------------------------------------------------
+
+
+class OpenVinoModule(EngineModule):
+    """OpenVINO's CPU plugin: the model reshaped to each input shape and compiled for it.
+
+    ``INFERENCE_PRECISION_HINT`` is set explicitly: on a CPU with native bf16 the plugin's default
+    is bf16, so an fp32 request would otherwise silently run in bf16.
+    """
+
+    engine = "openvino"
+
+    def build(self, shape: tuple[int, ...]) -> Callable:
+        import openvino as ov
+
+        model = self.model.clone()
+        model.reshape({model.inputs[0]: ov.PartialShape(list(shape))})
+        config = {
+            "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
+            "INFERENCE_NUM_THREADS": self.threads,
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        compiled = ov.Core().compile_model(model, "CPU", config)
+        request = compiled.create_infer_request()
+        output = compiled.outputs[0]
+        return lambda array: request.infer({0: array})[output].copy()
+
+
+def openvino_module(
+    net: nn.Module, example: torch.Tensor, precision: str, calibration: list[torch.Tensor] | None, threads: int
+) -> OpenVinoModule:
+    """OpenVINO's form of ``net`` (a folded ParNet); int8: NNCF post-training quantization on ``calibration``."""
+    require("openvino", precision)
+    import openvino as ov
+
+    _, c, h, w = example.shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ov_model = ov.convert_model(net, example_input=example, input=[ov.PartialShape([-1, c, h, w])])
+    if precision == "int8":
+        import nncf
+
+        batches = list(calibration or [])
+        dataset = nncf.Dataset(batches, lambda batch: batch.float().contiguous().numpy())
+        ov_model = nncf.quantize(
+            ov_model, dataset, preset=nncf.QuantizationPreset.PERFORMANCE, target_device=nncf.TargetDevice.CPU,
+            subset_size=len(batches),  # NNCF counts dataset items: batches, not images
+        )  # fmt: skip
+    return OpenVinoModule(ov_model, c, h, w, precision, threads).eval()
+
+
+def engine_module(
+    engine: str,
+    net: nn.Module,
+    example: torch.Tensor,
+    precision: str,
+    calibration: Iterable[torch.Tensor] | None,
+    threads: int,
+    method: str = "minmax",
+) -> EngineModule:
+    """``net`` (a folded ParNet, or any image classifier; eval, on the CPU) run by ``engine`` in ``precision``.
+
+    ``method``: ONNX Runtime's calibration (:data:`ORT_CALIBRATION`); NNCF calibrates its own way.
+    """
+    batches = list(calibration) if calibration is not None else None
+    if engine == "onnxruntime":
+        return onnxruntime_module(net, example, precision, batches, threads, method)
+    if engine == "openvino":
+        return openvino_module(net, example, precision, batches, threads)
+    raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")

@@ -1,0 +1,124 @@
+"""Low precision in PyTorch: bf16 of the folded network, and int8 by PT2E static quantization.
+
+int8 (:func:`pt2e_int8`): the folded network is captured with ``torch.export`` (dynamic batch),
+quantized with torchao's PT2E flow and the ``X86InductorQuantizer`` (per-channel symmetric int8
+weights, uint8 activations, calibrated on the caller's batches with min-max observers), then
+compiled by inductor with freezing, which lowers each quantized conv to oneDNN's int8 convolution
+with its bias, add and activation fused as post-ops. PT2E moved from ``torch.ao`` to torchao;
+torch 2.14 ships neither the quantizer nor the flow, so this mode needs ``pip install torchao``.
+
+bf16 (:class:`Bf16Module`): the folded network's weights in bf16, the input cast on entry and the
+output returned in float32; oneDNN runs bf16 convolutions natively on AVX512-BF16 / AMX CPUs.
+Elsewhere it would be emulated (slower than fp32), so it is refused (:func:`check_precision`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .kernels import cpu_flags, has_native_bf16
+
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a precision the device cannot run natively, saying why."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    if device.type != "cpu" and precision == "int8":
+        raise ValueError(f"int8 deployment runs on the CPU only, got {device}")
+    if device.type == "cpu" and precision == "bf16" and not has_native_bf16():
+        have = sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2")))
+        raise ValueError(
+            "bf16 needs a CPU with native bf16 (AVX512-BF16 or AMX); this one has "
+            f"{', '.join(have) or 'neither'}: use precision 'fp32' (or 'int8')"
+        )
+
+
+def calibration_batches(calibration: Iterable[torch.Tensor] | None, in_chans: int) -> list[torch.Tensor]:
+    """The calibration batches as float32 CPU tensors, checked: int8 needs real images of the right shape.
+
+    Accepts batches or ``(images, labels)`` pairs, as a ``DataLoader`` yields them.
+    """
+    if calibration is None:
+        raise ValueError(
+            "int8 needs calibration data: pass calibration= an iterable of input batches (a few hundred "
+            "images of the data the model will see, e.g. from its training loader)"
+        )
+    batches = []
+    for item in calibration:
+        batch = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(batch, torch.Tensor) or batch.dim() != 4 or batch.shape[1] != in_chans:
+            shape = list(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
+            raise ValueError(f"calibration batches must be tensors (N, {in_chans}, H, W), got {shape}")
+        batches.append(batch.detach().float().cpu())
+    if not batches:
+        raise ValueError("calibration is empty: int8 needs at least one batch of real images")
+    if len({tuple(b.shape[1:]) for b in batches}) > 1:
+        raise ValueError("calibration batches differ in size: give images of one resolution")
+    return batches
+
+
+class Bf16Module(nn.Module):
+    """``net`` in bf16 behind a float32 interface (input cast on entry, output back to float32)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.to(torch.bfloat16)).float()
+
+
+def require_torchao() -> None:
+    if importlib.util.find_spec("torchao") is None:
+        raise ValueError(
+            "int8 in PyTorch (mode 'compiled') needs torchao's PT2E quantization, which is not installed: "
+            "pip install torchao (or use mode 'onnxruntime' or 'openvino')"
+        )
+
+
+@torch.no_grad()
+def pt2e_int8(net: nn.Module, calibration: list[torch.Tensor]) -> nn.Module:
+    """``net`` (eval, CPU, NCHW float32) statically quantized by PT2E + X86InductorQuantizer and compiled."""
+    require_torchao()
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    example = calibration[0][:1].expand(2, -1, -1, -1).contiguous()  # batch 2: a batch of 1 would be fixed
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    captured = torch.export.export(net, (example,), dynamic_shapes={"x": {0: batch}}).module()
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(captured, quantizer)
+    for batch_x in calibration:
+        prepared(batch_x)
+    return FrozenCompiled(convert_pt2e(prepared)).eval()
+
+
+class FrozenCompiled(nn.Module):
+    """``torch.compile`` of ``module`` with inductor's freezing switched on while it compiles (on each new shape).
+
+    Measured with torch 2.14.1 and torchao 0.18: passing ``options={"freezing": True}`` to
+    ``torch.compile`` leaves the int8 weight pre-packing (``onednn.qconv_prepack``) unfolded and
+    inductor fails on it; the global ``torch._inductor.config.freezing``, set around the call, works.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        self.compiled = torch.compile(module)
+
+    def train(self, mode: bool = True) -> FrozenCompiled:
+        """Only the flag: the quantized graph is inference-only, and torchao's exported module refuses ``train()``."""
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True), torch.no_grad():
+            return self.compiled(x)

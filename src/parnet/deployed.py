@@ -1,0 +1,219 @@
+"""Deployable model files: a trained model quantized (or converted) for an engine, written, read back, scored.
+
+``parnet quantize`` writes one: an ONNX Runtime model (``.onnx``, int8 QDQ or fp32) or an OpenVINO
+model (``.xml`` with its ``.bin``), with what it takes to use it (dataset, input size, precision)
+in the file's own metadata. :func:`load_deployed` reads either back as a torch module (float32
+tensors in and out), which ``parnet eval`` and ``parnet bench`` accept.
+
+Calibration images come from the training split with the test transforms (no augmentation), the
+first N in order, so calibration never sees the test images it is scored on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .deploy.engines import EngineModule, OnnxRuntimeModule, OpenVinoModule, engine_module, require
+from .io import atomic_write
+
+SUFFIX = {"onnxruntime": ".onnx", "openvino": ".xml"}
+META_KEY = "parnet_deployed"
+
+
+@dataclass
+class DeployedInfo:
+    """What a deployable file says about itself."""
+
+    engine: str
+    precision: str
+    dataset: str
+    in_chans: int
+    height: int
+    width: int
+    num_classes: int
+    source: str
+
+
+def is_deployed_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a deployable file by its suffix (``.onnx`` or OpenVINO's ``.xml``)."""
+    return Path(path).suffix.lower() in SUFFIX.values()
+
+
+def calibration_loader(dataset: str, data_dir: str | None, images: int, batch_size: int = 32) -> Any:
+    """The first ``images`` training images, test transforms, in batches (for calibration)."""
+    from .data import build_datasets, build_transforms
+
+    if images < 1:
+        raise ValueError(f"--calibration-images must be at least 1, got {images}")
+    train, _, info = build_datasets(dataset, data_dir, train_subset=images)
+    base = train.dataset if isinstance(train, torch.utils.data.Subset) else train
+    base.transform = build_transforms(info, False)  # no augmentation: the images as the model will see them
+    return torch.utils.data.DataLoader(train, batch_size=min(batch_size, images), shuffle=False)
+
+
+def fold_for_engine(model: nn.Module) -> nn.Module:
+    """The network an engine converts: ParNet folded; another model re-parameterized (BNs folded by the exporters)."""
+    from timm.utils import reparameterize_model
+
+    from .deploy import fold
+    from .model import ParNet
+
+    return fold(model).cpu() if isinstance(model, ParNet) else reparameterize_model(model).cpu().eval()
+
+
+def build(
+    model: nn.Module,
+    engine: str,
+    precision: str,
+    calibration: Any,
+    example: torch.Tensor,
+    threads: int | None = None,
+    method: str = "minmax",
+) -> EngineModule:
+    """``model`` (any image classifier; ParNet is folded first) for ``engine`` in ``precision``."""
+    from .deploy.quantize import calibration_batches, check_precision
+
+    check_precision(precision, torch.device("cpu"))
+    batches = calibration_batches(calibration, example.shape[1]) if precision == "int8" else None
+    net = fold_for_engine(model)
+    return engine_module(engine, net, example, precision, batches, threads or torch.get_num_threads(), method)
+
+
+def save_deployed(module: EngineModule, path: str | os.PathLike, info: DeployedInfo) -> Path:
+    """Write ``module``'s engine model to ``path`` (``.onnx`` or ``.xml`` + ``.bin``), atomically."""
+    path = Path(path)
+    want = SUFFIX[info.engine]
+    if path.suffix.lower() != want:
+        raise ValueError(f"an {info.engine} model is written to a {want} file, got {path.name}")
+    meta = json.dumps(info.__dict__)
+    if isinstance(module, OnnxRuntimeModule):
+        import onnx
+
+        model = onnx.load_from_string(module.model)
+        del model.metadata_props[:]
+        model.metadata_props.add(key=META_KEY, value=meta)
+        with atomic_write(path) as tmp:
+            tmp.write_bytes(model.SerializeToString())
+        return path
+    import tempfile
+
+    import openvino as ov
+
+    ov_model = module.model.clone()
+    ov_model.set_rt_info(meta, [META_KEY])
+    with tempfile.TemporaryDirectory(dir=path.parent) as folder:
+        staged = Path(folder) / "model.xml"
+        ov.save_model(ov_model, str(staged), compress_to_fp16=False)
+        # the weights first, then the graph that names them: a reader never finds an .xml without its .bin
+        for src, dst in ((staged.with_suffix(".bin"), path.with_suffix(".bin")), (staged, path)):
+            with atomic_write(dst) as tmp:
+                tmp.write_bytes(src.read_bytes())
+    return path
+
+
+def read_info(path: str | os.PathLike) -> DeployedInfo:
+    """The metadata of a deployable file; a clear error for a file that is not one of ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {path}")
+    if path.suffix.lower() == ".onnx":
+        require("onnxruntime")
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        props = {p.key: p.value for p in model.metadata_props}
+        text = props.get(META_KEY)
+    else:
+        require("openvino")
+        import openvino as ov
+
+        ov_model = ov.Core().read_model(str(path))
+        text = ov_model.get_rt_info([META_KEY]).astype(str) if ov_model.has_rt_info([META_KEY]) else None
+    if text is None:
+        raise ValueError(f"{path} was not written by `parnet quantize` (no {META_KEY} metadata)")
+    return DeployedInfo(**json.loads(text))
+
+
+def load_deployed(path: str | os.PathLike, threads: int | None = None) -> EngineModule:
+    """A file written by :func:`save_deployed` as a torch module (float32 NCHW in, logits out)."""
+    info = read_info(path)
+    threads = threads or torch.get_num_threads()
+    shape = (info.in_chans, info.height, info.width)
+    if info.engine == "onnxruntime":
+        module: EngineModule = OnnxRuntimeModule(Path(path).read_bytes(), *shape, info.precision, threads)
+    else:
+        import openvino as ov
+
+        module = OpenVinoModule(ov.Core().read_model(str(path)), *shape, info.precision, threads)
+    module.num_classes = info.num_classes
+    module.dataset = info.dataset
+    return module.eval()
+
+
+def load_trained(checkpoint: str | os.PathLike) -> tuple[nn.Module, str | None, str | None]:
+    """The model of a run folder (its EMA weights when kept) or a checkpoint file; the run's dataset and data folder."""
+    from .evaluate import load_weights
+
+    path = Path(checkpoint)
+    if not path.is_dir():
+        return load_weights(path), None, None
+    weights = path / "last_ema.safetensors"
+    weights = weights if weights.is_file() else path / "last.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{path} holds no last.safetensors: is it a training run folder?")
+    dataset = data_dir = None
+    if (path / "config.yaml").is_file():
+        import yaml
+
+        cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        dataset, data_dir = cfg.get("dataset"), cfg.get("data_dir")
+    return load_weights(weights), dataset, data_dir
+
+
+def quantize_checkpoint(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    precision: str = "int8",
+    engine: str = "onnxruntime",
+    calibration_images: int = 512,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    method: str = "minmax",
+    batch_size: int = 256,
+    test_subset: int = 0,
+    workers: int = 2,
+) -> dict[str, Any]:
+    """Quantize (or convert) a trained model for ``engine``, write it to ``out`` and score both on the test split.
+
+    Returns the file, and the fp32 model's and the written model's top-1 (percent) on the same images.
+    """
+    from .data import build_datasets, build_loaders
+    from .evaluate import evaluate_model
+
+    if Path(out).suffix.lower() != SUFFIX.get(engine):
+        raise ValueError(f"an {engine} model is written to a {SUFFIX.get(engine)} file, got {Path(out).name}")
+    model, run_dataset, run_data_dir = load_trained(checkpoint)
+    dataset = dataset or run_dataset or "fashion_mnist"
+    data_dir = data_dir or run_data_dir
+    _, test_set, info = build_datasets(dataset, data_dir, test_subset=test_subset)
+    _, test_loader, _ = build_loaders(test_set, test_set, 1, workers, eval_batch_size=batch_size)
+    calibration = calibration_loader(dataset, data_dir, calibration_images) if precision == "int8" else None
+    example = next(iter(test_loader))[0][:1]
+    deployed = build(model, engine, precision, calibration, example, method=method)
+    c, h, w = example.shape[1:]
+    source = Path(checkpoint).name
+    path = save_deployed(deployed, out, DeployedInfo(engine, precision, dataset, c, h, w, info.num_classes, source))
+    reference = evaluate_model(model, test_loader)
+    written = evaluate_model(load_deployed(path), test_loader)  # the file as written, read back
+    changed = int((reference["preds"] != written["preds"]).sum())
+    return {
+        "file": str(path), "engine": engine, "precision": precision, "dataset": dataset, "images": written["n"],
+        "fp32_top1": reference["top1"], "top1": written["top1"], "prediction_changes": changed,
+    }  # fmt: skip

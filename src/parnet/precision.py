@@ -1,0 +1,73 @@
+"""What the CPU computes natively, and the training precision ``--amp auto`` picks on it.
+
+On CUDA ``auto`` is bf16. On a CPU it is bf16 only where the CPU has native bf16 (AVX512-BF16 or
+AMX) *and* a bf16-autocast training step of the actual model measured faster than an fp32 one
+(:func:`bf16_step_is_faster`, a few steps on the first batch size, at start-up); everywhere else fp32.
+Emulated bf16 (AVX-512 without BF16, AVX2) is several times slower than fp32.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+MIN_SPEEDUP = 1.05  # bf16 must beat fp32 by this much: a tie is not worth the rounding
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def has_native_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16), not by emulation."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def _step_seconds(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None, reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps + 1):  # the first call warms up (oneDNN primitives) and is not counted
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = model(x).float().logsumexp(1).mean()
+        loss.backward()
+        best = min(best, time.perf_counter() - start) if _ else best
+    model.zero_grad(set_to_none=True)
+    return best
+
+
+def bf16_step_is_faster(model: nn.Module, example: torch.Tensor, reps: int = 3) -> bool:
+    """Whether a bf16-autocast forward+backward of ``model`` on ``example`` beats fp32 by :data:`MIN_SPEEDUP`.
+
+    The model's BN running statistics are saved and restored, so the probe leaves no trace.
+    """
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    was_training = model.training
+    model.train()
+    try:
+        fp32 = _step_seconds(model, example, None, reps)
+        bf16 = _step_seconds(model, example, torch.bfloat16, reps)
+    finally:
+        model.load_state_dict(state)
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    return fp32 > MIN_SPEEDUP * bf16
+
+
+def auto_amp(device: torch.device, model: nn.Module | None = None, example: torch.Tensor | None = None) -> Any:
+    """The autocast dtype of ``--amp auto`` (``None``: fp32): bf16 on CUDA; on a CPU, see the module docstring."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    if not has_native_bf16() or model is None or example is None:
+        return None
+    return torch.bfloat16 if bf16_step_is_faster(model, example) else None

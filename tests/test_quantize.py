@@ -1,0 +1,217 @@
+"""Low precision and engines: fp32 engine modes equal the model, bf16 close, int8 keeps a trained model's
+top-1, `parnet quantize` round trip, and every bad request refused with a message that says what to do."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import parnet
+from parnet import cli
+from parnet.deploy import deploy
+from parnet.deploy.kernels import has_native_bf16
+from parnet.io import load_model, save_model
+
+from .conftest import randomize_bn
+from .test_data import make_fashion_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINED = ROOT / "results" / "quant" / "parnet_fmnist.safetensors"  # 2 epochs on Fashion-MNIST (RESULTS.md)
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+ORT = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime not installed")
+OPENVINO = pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None,
+    reason="openvino/nncf not installed",
+)
+BF16 = pytest.mark.skipif(not has_native_bf16(), reason="this CPU has no native bf16")
+engines_module = importlib.import_module("parnet.deploy.engines")
+quantize_module = importlib.import_module("parnet.deploy.quantize")
+
+
+def make(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = randomize_bn(timm.create_model("parnet_cifar_s", widths=(8, 16, 32), head_width=64), seed).eval()
+    with torch.no_grad():
+        model.head.fc.weight.normal_(0, 1.0)
+    return model
+
+
+@pytest.mark.parametrize("engine", [pytest.param("onnxruntime", marks=ORT), pytest.param("openvino", marks=OPENVINO)])
+def test_fp32_engine_modes_equal_the_model_at_every_batch(engine: str) -> None:
+    model = make(1)
+    net = deploy(model, "cpu", engine, example=torch.randn(1, 3, 32, 32))
+    with torch.inference_mode():
+        for batch in (2, 1, 2):  # a session per shape, reused
+            x = torch.randn(batch, 3, 32, 32)
+            out = net(x)
+            assert out.dtype == torch.float32 and out.shape == (batch, 10)
+            assert (out - model(x)).abs().max().item() < 1e-4
+    assert len(net._sessions) == 2
+
+
+@BF16
+@pytest.mark.parametrize(
+    "mode", ["channels_last", "packed", pytest.param("openvino", marks=OPENVINO)]
+)  # compiled: slow, covered by the bench
+def test_bf16_modes_are_close_to_fp32(mode: str) -> None:
+    model = make(2)
+    x = torch.randn(8, 3, 32, 32)
+    net = deploy(model, "cpu", mode, "bf16", example=x[:1])
+    with torch.inference_mode():
+        ref, out = model(x), net(x)
+    assert out.dtype == torch.float32
+    # bf16 keeps 8 bits of mantissa: a few parts in a hundred of the largest logit, through 12 layers
+    assert (out - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+
+
+def fmnist_batch(n: int, train: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    from parnet.data import build_datasets, build_transforms
+
+    train_set, test_set, info = build_datasets("fashion_mnist", str(FMNIST))
+    if train:
+        train_set.transform = build_transforms(info, False)
+        return torch.stack([train_set[i][0] for i in range(n)])
+    items = [test_set[i] for i in range(n)]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+TRAINED_DATA = pytest.mark.skipif(
+    not (TRAINED.is_file() and FMNIST.is_dir()), reason="needs results/quant weights and Fashion-MNIST"
+)
+
+
+@TRAINED_DATA
+@pytest.mark.parametrize("engine", [pytest.param("onnxruntime", marks=ORT), pytest.param("openvino", marks=OPENVINO)])
+def test_int8_keeps_the_top1_of_a_trained_model(engine: str) -> None:
+    """On the first 512 test images, int8 top-1 within 1 point of fp32 (measured: RESULTS.md)."""
+    model = load_model(TRAINED)
+    calibration = fmnist_batch(256, train=True).split(64)
+    x, y = fmnist_batch(512, train=False)
+    net = deploy(model, "cpu", engine, "int8", calibration=calibration)
+    with torch.inference_mode():
+        fp32, int8 = model(x).argmax(1), net(x).argmax(1)
+    top1_fp32, top1_int8 = (fp32 == y).float().mean().item() * 100, (int8 == y).float().mean().item() * 100
+    assert top1_fp32 > 80  # a trained model, so the comparison means something
+    assert abs(top1_int8 - top1_fp32) <= 1.0, (top1_fp32, top1_int8)
+
+
+def test_bad_requests_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make(3)
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="int8 needs calibration data"):
+        deploy(model, "cpu", "onnxruntime", "int8")
+    with pytest.raises(ValueError, match="calibration is empty"):
+        deploy(model, "cpu", "onnxruntime", "int8", calibration=[])
+    with pytest.raises(ValueError, match=r"calibration batches must be tensors \(N, 3, H, W\)"):
+        deploy(model, "cpu", "onnxruntime", "int8", calibration=[torch.randn(2, 1, 32, 32)])
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        deploy(model, "cpu", "packed", "fp16")
+    with pytest.raises(ValueError, match="for precision int8"):
+        deploy(model, "cpu", "winograd", "int8", calibration=[x])
+    with pytest.raises(ValueError, match="needs example="):
+        deploy(model, "cpu", "onnxruntime")
+    with pytest.raises(ValueError, match="ONNX Runtime's CPU provider has no bf16"):
+        monkeypatch.setattr(quantize_module, "has_native_bf16", lambda: True)
+        deploy(model, "cpu", "onnxruntime", "bf16", example=x)
+    monkeypatch.setattr(quantize_module, "has_native_bf16", lambda: False)  # a CPU without native bf16
+    with pytest.raises(ValueError, match="bf16 needs a CPU with native bf16"):
+        deploy(model, "cpu", "packed", "bf16")
+    monkeypatch.setattr(engines_module, "installed", lambda engine: False)  # an engine that is not installed
+    with pytest.raises(ValueError, match="pip install openvino"):
+        deploy(model, "cpu", "openvino", example=x)
+
+
+@ORT
+def test_engine_refuses_an_input_size_it_was_not_built_for() -> None:
+    net = deploy(make(4), "cpu", "onnxruntime", "int8", calibration=[torch.randn(4, 3, 32, 32)])
+    with torch.inference_mode():
+        net(torch.randn(3, 3, 32, 32))  # another batch: a new session, fine
+        with pytest.raises(ValueError, match=r"built for inputs \(N, 3, 32, 32\).*deploy again"):
+            net(torch.randn(1, 3, 64, 64))
+
+
+@ORT
+def test_quantize_command_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = make_fashion_mnist(tmp_path / "fm", n_train=64, n_test=48)
+    torch.manual_seed(0)
+    model = randomize_bn(parnet.create_model("parnet_cifar_s", widths=(8, 16, 32), head_width=64, in_chans=1), 0)
+    checkpoint = save_model(model.eval(), tmp_path / "m.safetensors")
+    out = tmp_path / "m_int8.onnx"
+    args = ["quantize", str(checkpoint), "--calibration-images", "32", "--out", str(out)]
+    args += ["--dataset", "fashion_mnist", "--data-dir", str(data), "--workers", "0", "--json"]
+    assert cli.main(args) == 0
+    import json
+
+    result = json.loads(capsys.readouterr().out)
+    assert result["file"] == str(out) and out.is_file() and result["images"] == 48
+    assert 0 <= result["top1"] <= 100 and 0 <= result["fp32_top1"] <= 100
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically: no temporary left
+    # parnet eval reads the file back and scores it the same way, on the dataset its metadata names
+    assert cli.main(["eval", str(out), "--data-dir", str(data), "--workers", "0", "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["raw"]["top1"] == pytest.approx(result["top1"])
+    assert cli.main(["eval", str(checkpoint).replace(".safetensors", ".onnx"), "--workers", "0"]) == 2  # no file
+    assert "no file at" in capsys.readouterr().err
+
+
+@ORT
+def test_quantize_refuses_a_wrong_suffix_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = make_fashion_mnist(tmp_path / "fm", n_train=32, n_test=16)
+    model = parnet.create_model("parnet_cifar_s", widths=(8, 16, 32), head_width=64, in_chans=1).eval()
+    checkpoint = save_model(model, tmp_path / "m.safetensors")
+    args = ["quantize", str(checkpoint), "--calibration-images", "16", "--out", str(tmp_path / "m.xml")]
+    assert cli.main(args + ["--data-dir", str(data), "--workers", "0"]) == 2
+    assert "written to a .onnx file" in capsys.readouterr().err
+    assert not (tmp_path / "m.xml").exists()
+
+
+def test_amp_auto_picks_bf16_only_where_native_and_measured_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    import parnet.precision as precision
+
+    model, x = make(5).train(), torch.randn(4, 3, 32, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert precision.auto_amp(torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(precision, "has_native_bf16", lambda: False)  # emulated bf16: never
+    assert precision.auto_amp(torch.device("cpu"), model, x) is None
+    monkeypatch.setattr(precision, "has_native_bf16", lambda: True)
+    for faster, expected in ((True, torch.bfloat16), (False, None)):  # the timing decides; forced both ways
+        monkeypatch.setattr(precision, "bf16_step_is_faster", lambda m, e, faster=faster: faster)
+        assert precision.auto_amp(torch.device("cpu"), model, x) is expected
+    monkeypatch.undo()
+    precision.bf16_step_is_faster(model, x, reps=1)  # the real probe runs, and leaves the model as it was
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+@ORT
+def test_bench_times_a_quantized_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from parnet.deploy.quantize import calibration_batches
+    from parnet.deployed import DeployedInfo, build, save_deployed
+
+    model = make(6)
+    example = torch.randn(1, 3, 32, 32)
+    net = build(model, "onnxruntime", "int8", calibration_batches([torch.randn(4, 3, 32, 32)], 3), example)
+    path = save_deployed(net, tmp_path / "m.onnx", DeployedInfo("onnxruntime", "int8", "x", 3, 32, 32, 10, "m"))
+    args = ["bench", "--models", "parnet_cifar_s", "--model-kwargs", "widths=[8,16,32]", "head_width=64"]
+    args += ["--baselines", "", "--modes", "folded", "--resolution", "32", "--batch", "2", "--reps", "2"]
+    args += [
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--peak-size",
+        "0",
+        "--deployed",
+        str(path),
+        "--json",
+        str(tmp_path / "b.json"),
+    ]
+    assert cli.main(args + ["--quiet"]) == 0
+    import json
+
+    rows = [r for r in json.loads((tmp_path / "b.json").read_text())["records"] if r["model"] == "m.onnx"]
+    assert [(r["mode"], r["batch"]) for r in rows] == [("int8:onnxruntime", 1), ("int8:onnxruntime", 2)]
