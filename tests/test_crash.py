@@ -32,7 +32,7 @@ def _flags(data: Path, out: Path) -> list[str]:
     return ["train", "--data-dir", str(data), "--output", str(out), "--model-kwargs", "widths=[8,16,32]",
             "head_width=64", "stem_width=8", "--epochs", "2", "--batch-size", "32", "--train-subset", "64",
             "--test-subset", "32", "--warmup-epochs", "0.5", "--lr", "0.05", "--workers", "0", "--threads", "1",
-            "--no-progress", "--no-depth"]  # fmt: skip
+            "--no-progress", "--no-depth", "--device", "cpu", "--amp", "off"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

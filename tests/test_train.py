@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -44,6 +45,8 @@ def tiny_config(data: Path, out: Path, **kw) -> TrainConfig:
         progress=False,
         depth=False,
         output=str(out),
+        device="cpu",  # the tests' figures are the CPU's, whatever else the machine has
+        amp="off",  # `auto` may time a step and pick bf16 on a CPU with native bf16
     )
     return make_config({**base, **kw})
 
@@ -458,3 +461,22 @@ def test_two_process_ddp_trains_and_agrees(fmnist, tmp_path):
     state = engine.read_state(out)
     assert len(state["extra"]["rng_ranks"]) == 2
     assert not torch.equal(state["extra"]["rng_ranks"][0]["torch"], state["extra"]["rng_ranks"][1]["torch"])
+
+
+def test_auto_amp_is_settled_once_per_run(monkeypatch):
+    """`--amp auto` is decided at a run's start (on a CPU by timing a step) and a resume keeps that decision."""
+    import torch
+
+    from parnet import precision
+    from parnet.train import _settle_amp
+
+    d = SimpleNamespace(device=torch.device("cpu"), distributed=False)
+    info = SimpleNamespace(in_chans=1, img_size=32)
+    model = timm.create_model("parnet_cifar_s", in_chans=1, **TINY)
+    monkeypatch.setattr(precision, "auto_amp", lambda device, model, example: torch.bfloat16)
+    assert _settle_amp("auto", None, d, model, info) == "bf16"
+    assert _settle_amp("off", None, d, model, info) == "off"
+    monkeypatch.setattr(precision, "auto_amp", lambda device, model, example: None)
+    assert _settle_amp("auto", None, d, model, info) == "off"
+    recorded = {"extra": {"amp": "bf16"}}  # the checkpoint of a run that started in bf16
+    assert _settle_amp("auto", recorded, d, model, info) == "bf16"
