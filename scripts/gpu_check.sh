@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # The GPU check: what this project can only check where a CUDA device is present, in one run of
-# under 8 minutes on one GPU. Run it first thing when a GPU is lent (see DEVELOPERS notes in README):
+# under 8 minutes on one GPU. Run it first thing when a GPU is lent:
 #
 #   bash scripts/gpu_check.sh   # writes gpu_check.log, bench*.json/md, train_*.json* to $OUT [gpu_check_out/]
+#
+# What the GPU machine lacks travels with the tree (both paths are git-ignored; carry them):
+#   data/fashion-mnist   cp -r /usr/share/datasets/fashion-mnist data/   (for step 3)
+#   .whl/                Python wheels the machine's image lacks (pydantic, which parnet imports, and
+#                        its needs), fetched here for its Python 3.12:
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#       pydantic pydantic-core annotated-types typing-inspection typing-extensions
 #
 # Steps, each under its own time limit so that one hang cannot eat the others:
 #   1. the machine: GPU, driver, torch/timm/onnxruntime versions, whether TensorRT is installable;
@@ -26,6 +34,10 @@ OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then  # the carried wheels, into a folder of their own
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/parnet-site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/parnet-site"
+fi
 failed=0
 run_dir=$(mktemp -d)  # the training run's weights stay out of $OUT (only its results are copied)
 trap 'rm -rf "$run_dir"' EXIT
