@@ -1,13 +1,15 @@
 """Issue 13's grid: the full-schedule Fashion-MNIST runs and the paper's ablations, as data.
 
-Every run of the issue is a :class:`Run` built from the tables below (``FULL``, ``ABLATIONS``). The
+Every run of the issue is a :class:`Run` built from the tables below (``FULL_CONFIGS`` and
+``ABLATION_CONFIGS``, each queue with its one :class:`Budget`; ``COMPARISONS`` groups them). The
 runner trains them one at a time with ``parnet train`` (any python and PYTHONPATH, e.g. a frozen
 copy of the code), each into ``ROOT/<config>-seed<k>/``, and is resumable:
 
 * a run with ``results.json`` is finished and skipped;
 * a run with a checkpoint (``last_state.pt``) continues with ``--resume``;
-* every invocation trains at most ``--piece`` epochs (``--stop-after``), so a stop loses at most
-  one piece, and after each piece the table and the plot are written again;
+* every invocation trains at most one piece of epochs (``--stop-after``); after each piece the
+  table and the plot are written again (every epoch also checkpoints, so a stop loses at most the
+  epoch in progress);
 * a folder left without a checkpoint (killed in its first epoch) is moved aside (``*.stale-<time>``).
 
 Usage (with the venv python; ``parnet`` must import, for the parameter counts)::
@@ -453,7 +455,9 @@ def plot(root: Path, runs: list[Run], output: Path) -> Path:
     import matplotlib.pyplot as plt
 
     outcomes = [o for o in (read_outcome(r, root) for r in runs) if o is not None]
-    fig, axes = plt.subplots(1, len(COMPARISONS) + 1, figsize=(4 * (len(COMPARISONS) + 1), 4.2))
+    cols = math.ceil((len(COMPARISONS) + 1) / 2)
+    fig, grid = plt.subplots(2, cols, figsize=(4.5 * cols, 8.5))
+    axes = grid.flatten()
     for ax, comp in zip(axes, COMPARISONS):
         for i, name in enumerate(comp.configs):
             outs = [o for o in outcomes if o.run.config.name == name and o.top1 is not None]
@@ -469,17 +473,21 @@ def plot(root: Path, runs: list[Run], output: Path) -> Path:
         if tops:
             ax.set_ylim(min(tops) - 1.5, max(tops) + 1.0)
         ax.grid(alpha=0.3, axis="y")
-    ax = axes[-1]
+    for ax in axes[len(COMPARISONS) + 1 :]:
+        ax.axis("off")
+    ax = axes[len(COMPARISONS)]
     for o in outcomes:
         style = "-" if o.finished else ":"
         ax.plot(range(1, len(o.curve) + 1), o.curve, style, label=o.run.name)
-    ax.set(title="test top-1 per epoch (dotted: running)", xlabel="epoch")
+    ax.set(title="test top-1 per epoch (dotted: unfinished)", xlabel="epoch")
     ax.grid(alpha=0.3)
     if outcomes:
         ax.legend(fontsize=6)
         finals = [v for o in outcomes for v in o.curve[-1:]]
         ax.set_ylim(min(finals) - 5, max(finals) + 1)
-    fig.suptitle("Fashion-MNIST; bars: mean of finished seeds, filled dots: finished seeds, hollow: unfinished runs")
+    fig.suptitle(
+        "Fashion-MNIST test top-1. Bars: mean of finished seeds; filled dots: finished seeds; hollow: unfinished"
+    )
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
