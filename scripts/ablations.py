@@ -402,7 +402,7 @@ def config_cell(outcomes: list[Outcome], key: str) -> str:
         parts.append(f"**{mean:.2f}**" + (f" ± {spread / 2:.2f}" if len(done) > 1 else "") + f" (n={len(done)})")
     for o in outcomes:
         if not o.finished:
-            parts.append(f"_{_fmt(getattr(o, key))} at epoch {o.epochs_done}/{o.run.budget.epochs}, running_")
+            parts.append(f"_{_fmt(getattr(o, key))} at epoch {o.epochs_done}/{o.run.budget.epochs}, unfinished_")
     return "; ".join(parts) or "-"
 
 
@@ -444,6 +444,10 @@ def table(root: Path, measured: dict[str, dict[str, Any]], runs: list[Run]) -> s
                 f"{config_cell(outs, 'top1')} | {config_cell(outs, 'ema_top1')} | {seeds} |"
             )
         lines.append("")
+    lines += ["### Runs", "", "| run | state | epochs done |", "|---|---|---|"]
+    for run in runs:
+        state = run_state(root / run.name, run.budget.epochs)
+        lines.append(f"| {run.name} | {state} | {len(read_rows(root / run.name))}/{run.budget.epochs} |")
     return "\n".join(lines)
 
 

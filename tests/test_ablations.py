@@ -139,11 +139,12 @@ def test_report_from_fake_metrics(ab, tmp_path):
     measured = {"base": {"params": 148626, "mmacs": 12.5, "depth": 12}}
     text = ab.table(tmp_path, measured, runs)
     assert "**90.50** ± 0.50 (n=2)" in text  # mean, half the spread
-    assert "_85.50 at epoch 4/10, running_" in text  # unfinished run marked
+    assert "_85.50 at epoch 4/10, unfinished_" in text  # unfinished run marked
     assert "0: 90.00, 1: 91.00" in text
     assert "0: 85.50*" in text
     assert "0.149 M" in text and "fp32" in text
     assert "ResNet34" in text  # the paper's figure beside the depth comparison
+    assert "| base-seed1 | done | 10/10 |" in text and "| relu-seed0 | resume | 4/10 |" in text
     out = ab.plot(tmp_path, [by_name["base-seed0"], by_name["base-seed1"], by_name["relu-seed0"]], tmp_path / "p.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
     ab.write_report(tmp_path, measured, runs)
