@@ -447,6 +447,7 @@ def table(root: Path, measured: dict[str, dict[str, Any]], runs: list[Run]) -> s
     lines += ["### Runs", "", "| run | state | epochs done |", "|---|---|---|"]
     for run in runs:
         state = run_state(root / run.name, run.budget.epochs)
+        state = "started, no checkpoint yet" if state == "stale" else state  # in its first epoch, or killed there
         lines.append(f"| {run.name} | {state} | {len(read_rows(root / run.name))}/{run.budget.epochs} |")
     return "\n".join(lines)
 
