@@ -223,7 +223,7 @@ def read_rows(run_dir: Path) -> list[dict[str, Any]]:
 def run_state(run_dir: Path, epochs: int) -> str:
     """What to do with a run folder.
 
-    ``done`` (results.json), ``resume`` (a checkpoint), ``new`` (nothing), ``stale`` (files but no
+    ``done`` (results.json), ``resume`` (a checkpoint), ``new`` (nothing), ``no-checkpoint`` (files but no
     checkpoint) or ``no-results`` (every epoch trained, but no results.json: killed in the final evaluation).
     """
     if (run_dir / "results.json").is_file():
@@ -231,7 +231,7 @@ def run_state(run_dir: Path, epochs: int) -> str:
     if (run_dir / "last_state.pt").is_file():
         return "no-results" if len(read_rows(run_dir)) >= epochs else "resume"
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        return "stale"
+        return "no-checkpoint"  # in its first epoch, or stopped there
     return "new"
 
 
@@ -278,7 +278,7 @@ class Runner:
             state = run_state(out, run.budget.epochs)
             if state in ("done", "no-results"):
                 continue
-            if state == "stale":
+            if state == "no-checkpoint":  # this runner holds the queue: nothing else trains it
                 aside = out.with_name(f"{out.name}.stale-{time.strftime('%Y%m%dT%H%M%S')}")
                 self.log(f"{out} holds files but no checkpoint: moved to {aside}")
                 out.rename(aside)
@@ -447,7 +447,6 @@ def table(root: Path, measured: dict[str, dict[str, Any]], runs: list[Run]) -> s
     lines += ["### Runs", "", "| run | state | epochs done |", "|---|---|---|"]
     for run in runs:
         state = run_state(root / run.name, run.budget.epochs)
-        state = "started, no checkpoint yet" if state == "stale" else state  # in its first epoch, or killed there
         lines.append(f"| {run.name} | {state} | {len(read_rows(root / run.name))}/{run.budget.epochs} |")
     return "\n".join(lines)
 
