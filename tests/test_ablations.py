@@ -1,0 +1,151 @@
+"""scripts/ablations.py: the grid's parameter matching and depths, the runner's skip/resume decisions, the report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "ablations.py"
+
+
+@pytest.fixture(scope="module")
+def ab():
+    spec = importlib.util.spec_from_file_location("ablations", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ablations"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_matched_comparisons_match_within_5_percent(ab):
+    params = {c.name: ab.measure(c, depth=False)["params"] for c in ab.ABLATION_CONFIGS}
+    params.update({c.name: 1 for c in ab.FULL_CONFIGS})  # "full" is not a matched comparison
+    assert ab.check_matching(params) == []
+    # and the check does catch a mismatch
+    assert ab.check_matching({**params, "streams1": int(params["base"] * 1.2)})[0].startswith("streams:")
+
+
+@pytest.mark.slow
+def test_designed_depths_are_measured(ab):
+    for c in ab.ABLATION_CONFIGS:
+        assert ab.measure(c)["depth"] == c.depth, c.name
+
+
+def test_queue_order_first_seeds_first(ab):
+    runs = ab.queue_runs("ablations")
+    names = [r.name for r in runs]
+    n = len(ab.ABLATION_CONFIGS)
+    assert names[:n] == [f"{c.name}-seed0" for c in ab.ABLATION_CONFIGS]
+    assert names[n:] == [f"{c.name}-seed1" for c in ab.ABLATION_CONFIGS]
+    assert {r.budget.epochs for r in runs} == {ab.ABLATION_BUDGET.epochs}  # one budget for all
+    assert {r.budget.amp for r in runs} == {ab.ABLATION_BUDGET.amp}  # one precision for all
+
+
+def _fake_run(run_dir: Path, epochs_done: int, finished: bool = False, state: bool = True, top1=(80.0,)) -> None:
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("amp: 'off'\n")
+    rows = [{"epoch": e, "test_top1": top1[min(e, len(top1) - 1)], "ema_top1": 1.0, "epoch_seconds": 10.0,
+             "images_per_s": 100.0} for e in range(epochs_done)]  # fmt: skip
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if state:
+        (run_dir / "last_state.pt").write_bytes(b"x")
+    if finished:
+        res = {"epochs_done": epochs_done, "test_top1": top1[-1], "ema_top1": top1[-1] - 0.1, "params": 1000,
+               "depth": 12, "train_seconds": 10.0 * epochs_done, "train_images_per_s": 100.0}  # fmt: skip
+        (run_dir / "results.json").write_text(json.dumps(res))
+
+
+def test_next_action_skips_finished_resumes_unfinished_moves_stale(ab, tmp_path):
+    runs = ab.queue_runs("ablations")
+    epochs = ab.ABLATION_BUDGET.epochs
+    runner = ab.Runner(ab.Settings(root=tmp_path), log=lambda m: None)
+    _fake_run(tmp_path / runs[0].name, epochs, finished=True)  # done: skipped
+    _fake_run(tmp_path / runs[1].name, epochs)  # trained, but no results.json: skipped, not looped on
+    _fake_run(tmp_path / runs[2].name, 3)  # unfinished: resumed
+    run, args = runner.next_action(runs)
+    assert run is runs[2]
+    assert args[:1] == ["train"] and "--resume" in args
+    assert args[args.index("--stop-after") + 1] == str(ab.ABLATION_BUDGET.piece)
+    assert args[args.index("--output") + 1] == str(tmp_path / runs[2].name)
+    assert args[args.index("--amp") + 1] == ab.ABLATION_BUDGET.amp
+    assert [ab.run_state(tmp_path / r.name, epochs) for r in runs[:4]] == ["done", "no-results", "resume", "new"]
+
+    runner.failed.add(runs[2].name)  # a failed run waits for the next start; a stale folder is moved aside
+    _fake_run(tmp_path / runs[3].name, 1, state=False)
+    run, args = runner.next_action(runs)
+    assert run is runs[3] and "--resume" not in args
+    assert not (tmp_path / runs[3].name).exists()
+    assert len(list(tmp_path.glob(f"{runs[3].name}.stale-*"))) == 1
+
+
+FAKE_PARNET = """\
+import json, pathlib, sys
+args = sys.argv[3:]  # python -m parnet <args>
+if args[0] == "plot":
+    sys.exit(0)
+out = pathlib.Path(args[args.index("--output") + 1])
+epochs, piece = int(args[args.index("--epochs") + 1]), int(args[args.index("--stop-after") + 1])
+if "--resume" not in args and (out / "last_state.pt").exists():
+    sys.exit("refuses: already holds a run")
+if "fail" in str(out) and "--resume" in args:
+    sys.exit(2)
+path = out / "metrics.jsonl"
+rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+for _ in range(piece):
+    if len(rows) < epochs:
+        rows.append({"epoch": len(rows), "test_top1": 80.0 + len(rows), "ema_top1": 80.0})
+path.write_text("".join(json.dumps(r) + "\\n" for r in rows))
+(out / "last_state.pt").write_text("x")
+if len(rows) == epochs:
+    (out / "results.json").write_text(json.dumps({"epochs_done": epochs, "test_top1": 80.0 + epochs}))
+"""
+
+
+def test_runner_trains_in_pieces_and_resumes(ab, tmp_path):
+    """The whole loop against a stand-in for `python -m parnet` that writes what parnet train writes."""
+    fake = tmp_path / "fake.py"
+    fake.write_text(FAKE_PARNET)
+    root = tmp_path / "runs"
+    budget = ab.Budget(epochs=3, amp="off", warmup_epochs=0, seeds=(0,), piece=2)
+    configs = (ab.Config("a", "m"), ab.Config("fail", "m"))
+    runs = [ab.Run("q", c, 0, budget) for c in configs]
+    logs: list[str] = []
+    runner = ab.Runner(ab.Settings(root=root, python=f"{sys.executable} {fake}", nice=0), log=logs.append)
+    runner.command = lambda *a: [sys.executable, str(fake), "-m", "parnet", *a]
+    reports = []
+    runner.run(runs, report=lambda: reports.append(1))
+    assert json.loads((root / "a-seed0" / "results.json").read_text())["epochs_done"] == 3
+    assert len(ab.read_rows(root / "a-seed0")) == 3
+    assert runner.failed == {"fail-seed0"}  # its second piece failed: not retried in this invocation
+    assert len(ab.read_rows(root / "fail-seed0")) == 2
+    assert len(reports) == 4  # a: 2 pieces, fail: 2 pieces
+    assert (root / "a-seed0" / "train.log").read_text().count("--resume") == 1
+    # A new runner continues the failed one and skips the finished one.
+    runner2 = ab.Runner(ab.Settings(root=root, nice=0), log=logs.append)
+    run, args = runner2.next_action(runs)
+    assert run.name == "fail-seed0" and "--resume" in args
+
+
+def test_report_from_fake_metrics(ab, tmp_path):
+    runs = ab.queue_runs("ablations")
+    by_name = {r.name: r for r in runs}
+    _fake_run(tmp_path / "base-seed0", 10, finished=True, top1=(80.0, 90.0))
+    _fake_run(tmp_path / "base-seed1", 10, finished=True, top1=(80.0, 91.0))
+    _fake_run(tmp_path / "relu-seed0", 4, top1=(70.0, 85.5))
+    measured = {"base": {"params": 148626, "mmacs": 12.5, "depth": 12}}
+    text = ab.table(tmp_path, measured, runs)
+    assert "**90.50** ± 0.50 (n=2)" in text  # mean, half the spread
+    assert "_85.50 at epoch 4/10, unfinished_" in text  # unfinished run marked
+    assert "0: 90.00, 1: 91.00" in text
+    assert "0: 85.50*" in text
+    assert "0.149 M" in text and "fp32" in text
+    assert "ResNet34" in text  # the paper's figure beside the depth comparison
+    assert "| base-seed1 | done | 10/10 |" in text and "| relu-seed0 | resume | 4/10 |" in text
+    out = ab.plot(tmp_path, [by_name["base-seed0"], by_name["base-seed1"], by_name["relu-seed0"]], tmp_path / "p.png")
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    ab.write_report(tmp_path, measured, runs)
+    assert (tmp_path / "TABLE.md").is_file() and (tmp_path / "ablations.png").is_file()
