@@ -1,25 +1,9 @@
-"""``parnet bench``: batch-1 latency and large-batch throughput, ParNet against deep baselines.
-
-Every (model, mode) pair is timed in the same run, interleaved: each repetition calls every pair
-once, in a rotating order, so that load from other processes falls on all of them alike. The
-first calls of each pair (``--warmup``; they include torch.compile's compilation) are not timed.
-Each pair's output is checked against its plain model's eval output (max absolute difference,
-recorded) before it is timed.
-
-ParNet variants run in training form (``train``: unfused, eval), ``fused`` and every deploy mode
-of the device; the baselines (timm's ResNet-34, ResNet-50, RepVGG-B1g4/B2g4, RepVGG
-re-parameterized) run ``eager``, ``channels_last``, ``packed`` and ``winograd`` (ParNet's modes in
-their generic form, ``pack_convs`` of ``parnet/deploy.py``, BNs folded first), ``frozen`` (TorchScript
-frozen and optimized for inference: PyTorch's generic oneDNN path) and ``compiled``
-(channels_last + torch.compile): the same modes ParNet gets; on CUDA also ``cuda_graph``.
-"""
+"""Building every (model, mode) pair and timing them interleaved: :func:`run_bench`, :func:`bench_files`."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -29,12 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .deploy.engines import ENGINES
-from .deploy.kernels import cpu_flags
-from .factory import create_model
-from .io import atomic_write
-
-__all__ = ["PAPER", "Record", "run_bench", "format_markdown", "check_targets", "plot_results", "machine_info"]
+from ..deploy.engines import ENGINES
+from ..factory import create_model
+from .machine import PEAK_SIZE, machine_peak, model_gflop
 
 # Depth and ImageNet top-1 of the paper's comparison table (reference/ARCHITECTURE.md).
 PAPER: dict[str, tuple[int, float]] = {
@@ -65,10 +46,6 @@ CPU_EXTRA_MODES = (
 )  # fmt: skip
 BASELINE_SKIPS = ("bf16:packed",)  # ParNet's own bf16 packed blocks; the baselines' bf16 is channels_last/compiled
 CUDA_EXTRA_MODES = ("bf16:channels_last", "bf16:cuda_graph", "bf16:compiled")
-PEAK_SIZE = 4096  # the square matrix product that measures the machine's peak
-# Issue 4's targets: the best CPU mode of ParNet-S against the baselines' best modes.
-LATENCY_TARGET = 0.95  # ParNet-S batch-1 latency at most this times ResNet-34's
-THROUGHPUT_TARGET = 1.2  # ParNet-S large-batch throughput at least this times ResNet-50's
 
 
 @dataclass
@@ -101,59 +78,10 @@ class Record:
     times_ms: list[float] = field(default_factory=list)
 
 
-def machine_info(threads: int) -> dict:
-    """What the results were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    import timm
-
-    info = {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "threads": threads,
-        "interop_threads": torch.get_num_interop_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "cpu_flags": sorted(cpu_flags() & SIMD_FLAGS),
-        "engines": engine_versions(),
-        "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        if torch.cuda.is_available()
-        else [],
-    }
-    return info
-
-
-SIMD_FLAGS = {
-    "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
-    "amx_bf16",
-}  # fmt: skip
-
-
-def engine_versions() -> dict[str, str | None]:
-    """Versions of the libraries that run the modes (``None``: not installed)."""
-    import importlib.metadata
-
-    out: dict[str, str | None] = {"onednn": str(torch.backends.mkldnn.is_available())}
-    for name in ("onnxruntime", "openvino", "nncf", "torchao", "onnx"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def default_modes(device: torch.device, parnet: bool) -> list[str]:
     """Every mode of ``device`` for a ParNet or a baseline, precisions and engines the machine can run included."""
-    from .deploy.engines import ENGINES, installed
-    from .deploy.kernels import has_native_bf16
+    from ..deploy.engines import ENGINES, installed
+    from ..deploy.kernels import has_native_bf16
 
     if device.type == "cuda":
         base = PARNET_CUDA_MODES if parnet else BASELINE_CUDA_MODES
@@ -169,60 +97,7 @@ def default_modes(device: torch.device, parnet: bool) -> list[str]:
     return list(base) + extra
 
 
-@torch.no_grad()
-def model_gflop(model: nn.Module, in_chans: int, resolution: int) -> float:
-    """GFLOP (2 x multiply-adds) of one image through ``model`` (torch's flop counter, on the CPU)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.zeros(1, in_chans, resolution, resolution, device=next(model.parameters()).device)
-    with FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops() / 1e9
-
-
-@torch.inference_mode()
-def machine_peak(precisions: Sequence[str], reps: int = 3, size: int = PEAK_SIZE) -> dict[str, dict[str, float]]:
-    """The CPU's practical peak per precision, GFLOP/s: the best of a large matrix product and a large 3x3 conv.
-
-    fp32/bf16: ``torch.mm`` (BLAS, which on AMD may run at half oneDNN's rate) and ``F.conv2d`` in
-    channels_last (oneDNN); int8: ``torch._int_mm`` (a private op: the only int8 x int8 -> int32
-    product torch exposes; VNNI) and ONNX Runtime's int8 ``ConvInteger`` is not used, so int8's conv
-    peak is not measured. Each kernel is timed ``reps`` times after a warm-up; its best time counts.
-    """
-    import torch.nn.functional as F
-
-    def best_rate(fn: Callable[[], object], flop: float) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return flop / min(times) / 1e9
-
-    g = torch.Generator().manual_seed(0)
-    out: dict[str, dict[str, float]] = {}
-    mm_flop = 2.0 * size**3
-    n, c, hw = 8, 256, 56  # a ResNet/ParNet stage-2 conv: 256 -> 256 channels, 56x56, batch 8
-    conv_flop = 2.0 * n * c * c * 9 * hw * hw
-    for precision in precisions:
-        if precision == "int8":
-            a = torch.randint(-128, 127, (size, size), generator=g, dtype=torch.int8)
-            b = torch.randint(-128, 127, (size, size), generator=g, dtype=torch.int8)
-            out["int8"] = {"matmul": best_rate(lambda a=a, b=b: torch._int_mm(a, b), mm_flop)}
-            continue
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        a = torch.randn(size, size, generator=g).to(dtype)
-        x = torch.randn(n, c, hw, hw, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
-        w = torch.randn(c, c, 3, 3, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
-        out[precision] = {
-            "matmul": best_rate(lambda a=a: torch.mm(a, a), mm_flop),
-            "conv3x3": best_rate(lambda x=x, w=w: F.conv2d(x, w, padding=1), conv_flop),
-        }
-    return out
-
-
-def _is_parnet(name: str) -> bool:
+def is_parnet_model(name: str) -> bool:
     return name.startswith("parnet")
 
 
@@ -254,7 +129,7 @@ def build_entries(
     """The plain model (eval, the reference) and one callable per mode label (``[precision:]mode``)."""
     from timm.utils import reparameterize_model
 
-    from .deploy import compile_cpu, deploy, freeze_cpu, pack_convs
+    from ..deploy import compile_cpu, deploy, freeze_cpu, pack_convs
 
     model = create_model(name, **(kwargs or {})).eval().to(device)
     randomize_statistics(model)
@@ -264,7 +139,7 @@ def build_entries(
     entries: dict[str, Callable] = {}
     for label in modes:
         precision, mode = split_mode(label)
-        if _is_parnet(name):
+        if is_parnet_model(name):
             if label == "train":
                 entries[label] = model
             else:
@@ -291,7 +166,7 @@ def build_entries(
             compiled = compile_cpu(cl) if device.type == "cpu" else torch.compile(cl)
             entries[label] = _channels_last(compiled)
         elif mode == "cuda_graph":
-            from .deploy import CudaGraphModule
+            from ..deploy import CudaGraphModule
 
             entries[label] = CudaGraphModule(fused.to(memory_format=torch.channels_last))
         else:
@@ -304,9 +179,9 @@ def _baseline_low_precision(
     threads: int,
 ) -> Callable[[torch.Tensor], torch.Tensor]:  # fmt: skip
     """A baseline in ParNet's bf16/int8/engine modes, in their generic form (the same tools, any model)."""
-    from .deploy import CudaGraphModule, compile_cpu
-    from .deploy.quantize import Bf16Module, check_precision, pt2e_int8
-    from .deployed import build
+    from ..deploy import CudaGraphModule, compile_cpu
+    from ..deploy.quantize import Bf16Module, check_precision, pt2e_int8
+    from ..deployed import build
 
     check_precision(precision, device)
     if mode in ENGINES:
@@ -429,7 +304,7 @@ def _run_bench(
 ) -> list[Record]:
     from timm.utils import reparameterize_model
 
-    from .deploy import fold
+    from ..deploy import fold
 
     records: list[Record] = []
     for dev_name in devices:
@@ -447,7 +322,7 @@ def _run_bench(
         log(f"[{device}] peak GFLOP/s: {json.dumps(peak)}")
         peaks[str(device)] = peak
         for name in list(models) + list(baselines):
-            is_parnet = _is_parnet(name)
+            is_parnet = is_parnet_model(name)
             log(f"[{device}] building {name}: {', '.join(pm if is_parnet else bm)}")
             ref, ents = build_entries(
                 name, pm if is_parnet else bm, device, threads, model_kwargs if is_parnet else None, resolution
@@ -521,7 +396,7 @@ def bench_files(
 
     There is no plain model to compare with, so ``max_abs_diff`` is NaN: ``parnet quantize`` scored them.
     """
-    from .deployed import load_deployed
+    from ..deployed import load_deployed
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -553,148 +428,3 @@ def bench_files(
 def _bind(fn: Callable, x: torch.Tensor) -> Callable:
     """``fn`` on a fixed input (models with other input channels get their own)."""
     return lambda _x: fn(x)
-
-
-def best(
-    records: Sequence[Record], model: str, batch: int, device: str, precision: str | None = "fp32"
-) -> Record | None:
-    """The fastest mode of ``model`` at ``batch`` on ``device`` in ``precision`` (``None``: any), lowest median."""
-    rows = [
-        r for r in records
-        if r.model == model and r.batch == batch and r.device == device and precision in (None, r.precision)
-    ]  # fmt: skip
-    return min(rows, key=lambda r: r.median_ms) if rows else None
-
-
-def check_targets(records: Sequence[Record], parnet: str, large_batch: int) -> list[dict]:
-    """Issue 4's CPU targets for ``parnet``'s best mode; empty when a needed baseline is missing."""
-    out = []
-    for device in sorted({r.device for r in records}):
-        p1, r34 = best(records, parnet, 1, device), best(records, "resnet34", 1, device)
-        if p1 and r34:
-            ratio = p1.median_ms / r34.median_ms
-            out.append(
-                dict(
-                    device=device,
-                    target=f"{parnet} batch-1 latency <= {LATENCY_TARGET} x resnet34 (best modes)",
-                    parnet_mode=p1.mode,
-                    baseline_mode=r34.mode,
-                    ratio=ratio,
-                    met=ratio <= LATENCY_TARGET,
-                )
-            )
-        pb, r50 = best(records, parnet, large_batch, device), best(records, "resnet50", large_batch, device)
-        if pb and r50 and large_batch != 1:
-            ratio = pb.throughput_img_s / r50.throughput_img_s
-            out.append(
-                dict(
-                    device=device,
-                    target=f"{parnet} batch-{large_batch} throughput >= {THROUGHPUT_TARGET} x resnet50 (best modes)",
-                    parnet_mode=pb.mode,
-                    baseline_mode=r50.mode,
-                    ratio=ratio,
-                    met=ratio >= THROUGHPUT_TARGET,
-                )
-            )
-    return out
-
-
-def format_markdown(records: Sequence[Record], targets: Sequence[dict] = ()) -> str:
-    """Markdown: every (model, mode) with latency and throughput side by side, then the best modes."""
-    batches = sorted({r.batch for r in records})
-    lines = []
-    for device in sorted({r.device for r in records}):
-        head = "| model | mode | depth | paper top-1 | params (M) |"
-        sep = "| --- | --- | ---: | ---: | ---: |"
-        for b in batches:
-            head += f" batch {b}: median ms [p25-p75] | batch {b}: img/s |"
-            sep += " ---: | ---: |"
-        lines += [
-            f"**{device}**",
-            "",
-            head + " max abs diff (relative) | GFLOP/s, batch " + str(batches[-1]) + " (fraction of peak) |",
-            sep + " ---: | ---: |",
-        ]
-        keys = list(dict.fromkeys((r.model, r.mode) for r in records if r.device == device))
-        for model, mode in keys:
-            rows = {r.batch: r for r in records if r.device == device and r.model == model and r.mode == mode}
-            any_row = next(iter(rows.values()))
-            cells = [
-                model,
-                mode,
-                str(any_row.depth or ""),
-                f"{any_row.paper_top1:.2f}" if any_row.paper_top1 else "",
-                f"{any_row.params_m:.1f}" if any_row.params_m is not None else "",
-            ]
-            for b in batches:
-                r = rows.get(b)
-                cells += (
-                    [f"{r.median_ms:.1f} [{r.p25_ms:.1f}-{r.p75_ms:.1f}]", f"{r.throughput_img_s:.1f}"]
-                    if r
-                    else ["", ""]
-                )
-            diff = max(r.max_abs_diff for r in rows.values())
-            cells.append(f"{diff:.1e} ({max(r.max_rel_diff for r in rows.values()):.0e})")
-            last = rows.get(batches[-1])
-            rate = last.achieved_gflops if last else None
-            frac = f" ({last.peak_fraction:.0%})" if last and last.peak_fraction is not None else ""
-            cells.append(f"{rate:.0f}{frac}" if rate is not None else "")
-            lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", f"Best mode per model and precision ({device}):", ""]
-        lines += ["| model | precision | " + " | ".join(f"batch {b}: best mode, median ms, img/s" for b in batches)]
-        lines[-1] += " |"
-        lines += ["| --- | --- |" + " --- |" * len(batches)]
-        precisions = [p for p in ("fp32", "bf16", "int8") if any(r.precision == p for r in records)]
-        for model in dict.fromkeys(r.model for r in records if r.device == device):
-            for precision in precisions:
-                cells = [model, precision]
-                for b in batches:
-                    r = best(records, model, b, device, precision)
-                    cells.append(f"{r.mode}, {r.median_ms:.1f}, {r.throughput_img_s:.1f}" if r else "")
-                if any(cells[2:]):
-                    lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-    for t in targets:
-        verdict = "MET" if t["met"] else "MISSED"
-        lines.append(
-            f"- target ({t['device']}) {t['target']}: {verdict} (ratio {t['ratio']:.3f}; "
-            f"ParNet {t['parnet_mode']}, baseline {t['baseline_mode']})"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def plot_results(records: Sequence[Record], path: str | os.PathLike, device: str = "cpu") -> Path | None:
-    """Batch-1 latency (best mode) against depth, and paper top-1 against it; PNG, written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = []
-    for model in dict.fromkeys(r.model for r in records if r.device == device):
-        r = best(records, model, 1, device)
-        if r is not None:
-            points.append((model, r))
-    if not points:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for model, r in points:
-        color = "tab:red" if _is_parnet(model) else "tab:blue"
-        if r.depth is not None:
-            axes[0].scatter(r.depth, r.median_ms, color=color)
-            axes[0].annotate(f"{model}\n({r.mode})", (r.depth, r.median_ms), fontsize=7)
-        if r.paper_top1 is not None:
-            axes[1].scatter(r.median_ms, r.paper_top1, color=color)
-            axes[1].annotate(model, (r.median_ms, r.paper_top1), fontsize=7)
-    axes[0].set(xlabel="depth (layers)", ylabel="batch-1 latency, best mode (ms)", title="latency vs depth")
-    axes[1].set(
-        xlabel="batch-1 latency, best mode (ms)", ylabel="ImageNet top-1 (paper, %)", title="accuracy vs latency"
-    )
-    res, thr = points[0][1].resolution, points[0][1].threads
-    fig.suptitle(f"{device}, {thr} threads, {res}x{res}; red: ParNet, blue: deep baselines", fontsize=9)
-    fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-    return Path(path)
-

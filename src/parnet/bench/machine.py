@@ -1,0 +1,117 @@
+"""The machine a benchmark runs on: CPU, flags, engine versions, and its practical peak per precision."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..deploy.kernels import cpu_flags
+
+SIMD_FLAGS = {
+    "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
+    "amx_bf16",
+}  # fmt: skip
+
+
+def machine_info(threads: int) -> dict:
+    """What the results were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    import timm
+
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "interop_threads": torch.get_num_interop_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "cpu_flags": sorted(cpu_flags() & SIMD_FLAGS),
+        "engines": engine_versions(),
+        "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available()
+        else [],
+    }
+    return info
+
+
+def engine_versions() -> dict[str, str | None]:
+    """Versions of the libraries that run the modes (``None``: not installed)."""
+    import importlib.metadata
+
+    out: dict[str, str | None] = {"onednn": str(torch.backends.mkldnn.is_available())}
+    for name in ("onnxruntime", "openvino", "nncf", "torchao", "onnx"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+@torch.no_grad()
+def model_gflop(model: nn.Module, in_chans: int, resolution: int) -> float:
+    """GFLOP (2 x multiply-adds) of one image through ``model`` (torch's flop counter, on the CPU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, in_chans, resolution, resolution, device=next(model.parameters()).device)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() / 1e9
+
+
+PEAK_SIZE = 4096  # the square matrix product that measures the machine's peak
+
+
+@torch.inference_mode()
+def machine_peak(precisions: Sequence[str], reps: int = 3, size: int = PEAK_SIZE) -> dict[str, dict[str, float]]:
+    """The CPU's practical peak per precision, GFLOP/s: the best of a large matrix product and a large 3x3 conv.
+
+    fp32/bf16: ``torch.mm`` (BLAS, which on AMD may run at half oneDNN's rate) and ``F.conv2d`` in
+    channels_last (oneDNN); int8: ``torch._int_mm`` (a private op: the only int8 x int8 -> int32
+    product torch exposes; VNNI) and ONNX Runtime's int8 ``ConvInteger`` is not used, so int8's conv
+    peak is not measured. Each kernel is timed ``reps`` times after a warm-up; its best time counts.
+    """
+    import torch.nn.functional as F
+
+    def best_rate(fn: Callable[[], object], flop: float) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return flop / min(times) / 1e9
+
+    g = torch.Generator().manual_seed(0)
+    out: dict[str, dict[str, float]] = {}
+    mm_flop = 2.0 * size**3
+    n, c, hw = 8, 256, 56  # a ResNet/ParNet stage-2 conv: 256 -> 256 channels, 56x56, batch 8
+    conv_flop = 2.0 * n * c * c * 9 * hw * hw
+    for precision in precisions:
+        if precision == "int8":
+            a = torch.randint(-128, 127, (size, size), generator=g, dtype=torch.int8)
+            b = torch.randint(-128, 127, (size, size), generator=g, dtype=torch.int8)
+            out["int8"] = {"matmul": best_rate(lambda a=a, b=b: torch._int_mm(a, b), mm_flop)}
+            continue
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        a = torch.randn(size, size, generator=g).to(dtype)
+        x = torch.randn(n, c, hw, hw, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(c, c, 3, 3, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+        out[precision] = {
+            "matmul": best_rate(lambda a=a: torch.mm(a, a), mm_flop),
+            "conv3x3": best_rate(lambda x=x, w=w: F.conv2d(x, w, padding=1), conv_flop),
+        }
+    return out
