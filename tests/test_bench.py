@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from parnet import cli
 from parnet.bench import Record, check_targets, format_markdown
@@ -114,3 +116,14 @@ def test_machine_peak_and_gflop_count() -> None:
     assert all(rate > 0 for rates in peak.values() for rate in rates.values())
     conv = torch.nn.Conv2d(3, 8, 3, padding=1)  # 2 x 3 x 8 x 9 x 16 x 16 flop
     assert model_gflop(conv, 3, 16) == pytest.approx(2 * 3 * 8 * 9 * 16 * 16 / 1e9)
+
+
+def test_interleaved_timing_pauses_before_each_call_untimed() -> None:
+    from parnet.bench import time_interleaved
+
+    calls: list[float] = []
+    entries = {"a": lambda x: calls.append(time.perf_counter()), "b": lambda x: calls.append(time.perf_counter())}
+    times = time_interleaved(entries, torch.zeros(1), reps=3, warmup=1, device=torch.device("cpu"), settle_s=0.02)
+    timed_calls = calls[2:]  # after one warm-up call each
+    assert len(timed_calls) == 6 and all(b - a >= 0.02 for a, b in zip(timed_calls, timed_calls[1:]))
+    assert all(t < 20 for ts in times.values() for t in ts)  # the pause is not in the times (ms)

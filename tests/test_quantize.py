@@ -53,6 +53,34 @@ def test_fp32_engine_modes_equal_the_model_at_every_batch(engine: str) -> None:
     assert len(net._sessions) == 2
 
 
+@ORT
+def test_exported_graph_lets_engines_fuse_the_gated_skip_into_the_conv() -> None:
+    """Each skip block's gated skip reaches the graph as one Add onto its Conv's output (the sum post-op
+    that engines fuse, with the activation, into an int8 conv), and the border fix is no slice update."""
+    import onnx
+
+    from parnet.deploy import fold
+    from parnet.deploy.engines import onnx_model_bytes
+
+    graph = onnx.load_from_string(onnx_model_bytes(fold(make(2)), torch.randn(1, 3, 32, 32))).graph
+    reached = {graph.input[0].name}  # what depends on the input: the border map must not
+    for n in graph.node:  # (nodes are in topological order)
+        if reached & set(n.input):
+            reached.update(n.output)
+            assert n.op_type not in ("ScatterND", "ScatterElements"), "a border fix updates the conv output"
+    made_by = {out: n for n in graph.node for out in n.output}
+
+    def from_conv(name: str) -> bool:
+        return name in made_by and made_by[name].op_type == "Conv"
+
+    adds_on_conv = [n for n in graph.node if n.op_type == "Add" and any(from_conv(i) for i in n.input)]
+    skip_blocks = sum(1 for s in make(2).streams for b in s if b.skip is not None)
+    assert skip_blocks > 0 and len(adds_on_conv) >= skip_blocks
+    for add in adds_on_conv:  # conv output + a constant (border map), or + the skip term computed from x alone
+        other = next(i for i in add.input if not from_conv(i))
+        assert other not in reached or made_by[other].op_type in ("Add", "Mul")
+
+
 @BF16
 @pytest.mark.parametrize(
     "mode", ["channels_last", "packed", pytest.param("openvino", marks=OPENVINO)]

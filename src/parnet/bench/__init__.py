@@ -25,6 +25,7 @@ from .run import (
     PAPER,
     PARNET_CPU_MODES,
     PARNET_CUDA_MODES,
+    SETTLE_S,
     Record,
     bench_files,
     build_entries,
@@ -38,7 +39,7 @@ from .run import (
 
 __all__ = [
     "BASELINE_CPU_MODES", "BASELINE_CUDA_MODES", "BASELINE_SKIPS", "CPU_EXTRA_MODES", "CUDA_EXTRA_MODES",
-    "LATENCY_TARGET", "PAPER", "PARNET_CPU_MODES", "PARNET_CUDA_MODES", "PEAK_SIZE", "SIMD_FLAGS",
+    "LATENCY_TARGET", "PAPER", "PARNET_CPU_MODES", "PARNET_CUDA_MODES", "PEAK_SIZE", "SETTLE_S", "SIMD_FLAGS",
     "THROUGHPUT_TARGET", "Record", "bench_files", "best", "build_entries", "calibration_noise",
     "check_targets", "default_modes", "engine_versions", "format_markdown", "machine_info", "machine_peak",
     "model_gflop", "plot_results", "randomize_statistics", "run_bench", "split_mode", "time_interleaved",

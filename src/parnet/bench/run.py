@@ -224,11 +224,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Untimed pause before each timed CPU call. Engines' thread pools keep spinning after a call returns and
+# steal the cores from the next entry: measured here, OpenVINO's ParNet-S batch-1 latency went from
+# 57 to 84 ms when timed right after ONNX Runtime's, and back to 53 with a 0.1 s pause (RESULTS.md).
+SETTLE_S = 0.1
+
+
 @torch.inference_mode()
 def time_interleaved(
-    entries: dict[str, Callable], x: torch.Tensor, reps: int, warmup: int, device: torch.device
-) -> dict[str, list[float]]:
-    """Milliseconds per call of each entry; every repetition calls all entries, rotating the order."""
+    entries: dict[str, Callable], x: torch.Tensor, reps: int, warmup: int, device: torch.device,
+    settle_s: float = 0.0,
+) -> dict[str, list[float]]:  # fmt: skip
+    """Milliseconds per call of each entry; every repetition calls all entries, rotating the order.
+
+    ``settle_s``: an untimed pause before each timed call, so that no entry is timed while the previous
+    one's threads still spin (see :data:`SETTLE_S`).
+    """
     keys = list(entries)
     for key in keys:
         for _ in range(warmup):
@@ -238,6 +249,8 @@ def time_interleaved(
     for r in range(reps):
         for i in range(len(keys)):
             key = keys[(i + r) % len(keys)]
+            if settle_s:
+                time.sleep(settle_s)
             _sync(device)
             start = time.perf_counter()
             entries[key](x)
@@ -269,18 +282,20 @@ def run_bench(
     log: Callable[[str], None] = print,
     peaks: dict | None = None,
     peak_size: int = PEAK_SIZE,
+    settle_s: float = SETTLE_S,
 ) -> list[Record]:
     """Time every model in every mode at every batch size on every device (see module docstring).
 
     ``peaks``, if given, receives each device's measured peak GFLOP/s per precision (:func:`machine_peak`,
-    with a ``peak_size`` matrix product; 0: no peak, no fractions).
+    with a ``peak_size`` matrix product; 0: no peak, no fractions). ``settle_s``: the untimed pause before
+    each timed CPU call (:func:`time_interleaved`).
     """
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         return _run_bench(
             models, baselines, devices, batches, reps, resolution, threads, warmup,
-            parnet_modes, baseline_modes, model_kwargs, log, {} if peaks is None else peaks, peak_size,
+            parnet_modes, baseline_modes, model_kwargs, log, {} if peaks is None else peaks, peak_size, settle_s,
         )  # fmt: skip
     finally:
         torch.set_num_threads(previous_threads)
@@ -301,6 +316,7 @@ def _run_bench(
     log: Callable[[str], None],
     peaks: dict,
     peak_size: int,
+    settle_s: float,
 ) -> list[Record]:
     from timm.utils import reparameterize_model
 
@@ -350,7 +366,8 @@ def _run_bench(
             log(f"[{device}] batch {batch}: {len(entries)} entries x {nrep} interleaved repetitions")
 
             timed = {key: _bind(fn, xs[in_chans[key[0]]]) for key, fn in entries.items()}
-            times = time_interleaved(timed, xs[3] if 3 in xs else next(iter(xs.values())), nrep, warmup, device)
+            x0 = xs[3] if 3 in xs else next(iter(xs.values()))
+            times = time_interleaved(timed, x0, nrep, warmup, device, settle_s if device.type == "cpu" else 0.0)
             for (name, mode), ts in times.items():
                 med = statistics.median(ts)
                 depth, top1 = PAPER.get(name.split(".")[0], (None, None))
@@ -390,7 +407,7 @@ def _run_bench(
 
 def bench_files(
     paths: Sequence[str], batches: Sequence[int], reps: Sequence[int], warmup: int, threads: int,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, settle_s: float = SETTLE_S,
 ) -> list[Record]:  # fmt: skip
     """Time files written by ``parnet quantize`` (CPU, at the resolution each was built for), interleaved.
 
@@ -409,7 +426,7 @@ def bench_files(
             for name, net in nets.items():
                 x = torch.randn(batch, net.in_chans, net.height, net.width, generator=torch.Generator().manual_seed(0))
                 timed[name] = _bind(net, x)
-            times = time_interleaved(timed, torch.empty(0), nrep, warmup, torch.device("cpu"))
+            times = time_interleaved(timed, torch.empty(0), nrep, warmup, torch.device("cpu"), settle_s)
             for name, ts in times.items():
                 med, net = statistics.median(ts), nets[name]
                 records.append(

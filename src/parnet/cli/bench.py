@@ -18,6 +18,7 @@ from ..bench import (
     PARNET_CPU_MODES,
     PARNET_CUDA_MODES,
     PEAK_SIZE,
+    SETTLE_S,
     bench_files,
     check_targets,
     format_markdown,
@@ -70,13 +71,16 @@ def _bench(args: argparse.Namespace) -> int:
             log=log,
             peaks=peaks,
             peak_size=args.peak_size,
+            settle_s=args.settle_ms / 1e3,
         )
     machine["peak_gflops"] = peaks
     machine["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     if args.deployed:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            records += bench_files(_split(args.deployed), batches, reps, args.warmup, args.threads, log)
+            records += bench_files(
+                _split(args.deployed), batches, reps, args.warmup, args.threads, log, args.settle_ms / 1e3
+            )
     targets = check_targets(records, _split(args.models)[0], args.batch)
     table = format_markdown(records, targets)
     print(table)
@@ -130,6 +134,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--peak-size", type=int, default=PEAK_SIZE, help=f"matrix size of the peak measurement (0: none) [{PEAK_SIZE}]"
     )
+    p.add_argument(
+        "--settle-ms", type=float, default=SETTLE_S * 1e3,
+        help=f"untimed pause before each timed CPU call, so no engine is timed while another's threads spin "
+        f"[{SETTLE_S * 1e3:g}]",
+    )  # fmt: skip
     p.add_argument("--deployed", help="also time these `parnet quantize` files (comma-separated; CPU)")
     p.add_argument("--json", help="write every record (and the machine) to this JSON file")
     p.add_argument("--markdown", help="also write the table to this file")

@@ -43,8 +43,15 @@ class FoldedBlock(nn.Module):
     """A fused ParNet block with its skip BN folded into the gate and the gated skip into one FMA.
 
     ``forward``: ``y = conv(x)`` (+ border correction for a folded input shift); then
-    ``y += x * (a g) + b g`` (skip block) or ``y *= 2 g`` (other blocks), ``g`` the gate; then
+    ``y + (x * (a g) + b g)`` (skip block) or ``y * 2 g`` (other blocks), ``g`` the gate; then
     the activation. No channel shuffle: consumers read unshuffled channels.
+
+    Two forms of the steps after the conv: the packed CPU path updates the conv's output in place
+    (eager, fewest passes over memory); every other path is out of place, written for graph
+    compilers (inductor, PT2E, ONNX Runtime, OpenVINO): the gated skip is computed from ``x`` alone
+    and added to the conv output in one ``add``, which they fuse into the conv as a sum post-op
+    followed by the activation (and, in int8, the requantization), as in a ResNet block; the
+    border correction is a constant map for the input size, added once, not slice updates.
     """
 
     def __init__(
@@ -80,6 +87,14 @@ class FoldedBlock(nn.Module):
         self.register_buffer("border_right", t[:, :, 2].sum(1))
         self.packed: PackedConv2d | None = None  # see pack()
 
+    def _border_map(self, y: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """The border correction of an output like ``y`` (input ``h`` x ``w``) as one (1, C, Ho, Wo) map.
+
+        Built from plain ints, so that an exporter tracing at a fixed resolution folds it to a constant.
+        """
+        ho, wo = int(y.shape[2]), int(y.shape[3])
+        return self._fix_border(torch.zeros(1, self.border_taps.shape[0], ho, wo, dtype=y.dtype, device=y.device), h, w)
+
     def _fix_border(self, y: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Remove the folded shift's contribution from the taps that fell on the zero padding."""
         t = self.border_taps
@@ -113,9 +128,7 @@ class FoldedBlock(nn.Module):
         if not self.has_gate and not self.has_border:  # conv, bias and activation in one call
             return packed(x, "relu" if self.relu else "swish")
         # The gated skip is not fused as a binary post-op: measured slower at batch 32, no faster at 1.
-        return self._after_conv(x, packed(x))
-
-    def _after_conv(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y = packed(x)
         if self.has_border:
             y = self._fix_border(y, x.shape[-2], x.shape[-1])
         if self.has_gate:
@@ -124,9 +137,19 @@ class FoldedBlock(nn.Module):
                 y = y.addcmul_(x, (g * self.skip_scale)[:, :, None, None]).add_((g * self.skip_shift)[:, :, None, None])
             else:
                 y = y.mul_((2.0 * g)[:, :, None, None])
-        if self.relu:
-            return y.relu_()
-        return F.silu(y, inplace=True)
+        return y.relu_() if self.relu else F.silu(y, inplace=True)
+
+    def _after_conv(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The steps after the conv, out of place (see the class docstring)."""
+        if self.has_border:
+            y = y + self._border_map(y, x.shape[-2], x.shape[-1])
+        if self.has_gate:
+            g = self._gate(x)
+            if self.has_skip:
+                y = y + (x * (g * self.skip_scale)[:, :, None, None] + (g * self.skip_shift)[:, :, None, None])
+            else:
+                y = y * (2.0 * g)[:, :, None, None]
+        return F.relu(y) if self.relu else F.silu(y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
