@@ -68,7 +68,9 @@ def test_plot_and_markdown_written(bench_run) -> None:
 
 
 def _rec(model: str, mode: str, batch: int, ms: float) -> Record:
-    return Record(model, mode, batch, "cpu", 224, 2, 5, ms, ms, ms, ms, ms, 0.0, batch / ms * 1e3, 0.0)
+    precision = mode.split(":")[0] if ":" in mode else "fp32"
+    thr = batch / ms * 1e3
+    return Record(model, mode, batch, "cpu", 224, 2, 5, ms, ms, ms, ms, ms, 0.0, thr, 0.0, precision=precision)
 
 
 def test_targets_use_best_modes_and_can_fail() -> None:
@@ -81,11 +83,29 @@ def test_targets_use_best_modes_and_can_fail() -> None:
         _rec("resnet50", "compiled", 32, 1100.0),
     ]
     lat, thr = check_targets(recs, "parnet_s", 32)
-    assert lat["parnet_mode"] == "compiled" and lat["baseline_mode"] == "compiled"
-    assert lat["ratio"] == pytest.approx(0.9) and lat["met"]
-    assert thr["ratio"] == pytest.approx(1.1) and not thr["met"]  # 1.1x < 1.2x
+    assert lat["faster_mode"] == "parnet_s compiled" and lat["slower_mode"] == "resnet34 compiled"
+    assert lat["speedup"] == pytest.approx(100 / 90) and lat["met"]  # 0.9x the latency <= 0.95x
+    assert thr["speedup"] == pytest.approx(1.1) and not thr["met"]  # 1.1x < 1.2x
     text = format_markdown(recs, [lat, thr])
-    assert "MET (ratio 0.900" in text and "MISSED (ratio 1.100" in text
+    assert "MET (speedup 1.11x, needed 1.05x" in text and "MISSED (speedup 1.10x, needed 1.20x" in text
+
+
+def test_low_precision_targets_compare_each_model_with_its_own_fp32() -> None:
+    recs = [
+        _rec("parnet_s", "packed", 1, 60.0),
+        _rec("parnet_s", "openvino", 1, 50.0),
+        _rec("parnet_s", "int8:openvino", 1, 20.0),
+        _rec("resnet34", "openvino", 1, 40.0),
+        _rec("resnet34", "int8:compiled", 1, 10.0),
+    ]
+    targets = {t["target"]: t for t in check_targets(recs, "parnet_s", 1)}
+    lat = targets["parnet_s int8 batch-1 latency <= 0.5 x its best fp32"]
+    assert lat["speedup"] == pytest.approx(2.5) and lat["met"]  # against the best fp32 (openvino), not packed
+    gain = targets["parnet_s int8 gain at batch 1 >= resnet34's int8 gain"]
+    assert gain["speedup"] == pytest.approx(2.5) and gain["needed"] == pytest.approx(4.0) and not gain["met"]
+    own = targets["parnet_s fp32 batch-1: own modes >= 1.2 x faster than every engine"]
+    assert own["faster_mode"] == "parnet_s packed" and own["speedup"] == pytest.approx(50 / 60) and not own["met"]
+    assert not any("batch-32" in t for t in targets)  # no large batch measured
 
 
 @pytest.mark.parametrize(

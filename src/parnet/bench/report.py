@@ -12,50 +12,84 @@ from .run import Record, is_parnet_model
 # Issue 4's targets: the best CPU mode of ParNet-S against the baselines' best modes.
 LATENCY_TARGET = 0.95  # ParNet-S batch-1 latency at most this times ResNet-34's
 THROUGHPUT_TARGET = 1.2  # ParNet-S large-batch throughput at least this times ResNet-50's
+# Issue 14's low-precision targets for ParNet-S, each against its own best fp32 mode.
+INT8_LATENCY_TARGET = 0.5  # int8 batch-1 latency at most this times fp32's
+INT8_THROUGHPUT_TARGET = 2.5  # int8 large-batch throughput at least this times fp32's
+OWN_FP32_TARGET = 1.2  # ParNet's own fp32 modes at least this much faster than every engine at batch 1
+ENGINE_MODES = ("onnxruntime", "openvino")
 
 
 def best(
-    records: Sequence[Record], model: str, batch: int, device: str, precision: str | None = "fp32"
-) -> Record | None:
-    """The fastest mode of ``model`` at ``batch`` on ``device`` in ``precision`` (``None``: any), lowest median."""
+    records: Sequence[Record], model: str, batch: int, device: str, precision: str | None = "fp32",
+    engines: bool | None = None,
+) -> Record | None:  # fmt: skip
+    """The fastest mode of ``model`` at ``batch`` on ``device`` in ``precision`` (``None``: any), lowest median.
+
+    ``engines``: ``True`` only ONNX Runtime / OpenVINO modes, ``False`` only the others, ``None`` both.
+    """
     rows = [
         r for r in records
         if r.model == model and r.batch == batch and r.device == device and precision in (None, r.precision)
+        and engines in (None, r.mode.split(":")[-1] in ENGINE_MODES)
     ]  # fmt: skip
     return min(rows, key=lambda r: r.median_ms) if rows else None
 
 
+def _speedup(slow: Record | None, fast: Record | None) -> float | None:
+    return slow.median_ms / fast.median_ms if slow and fast else None
+
+
 def check_targets(records: Sequence[Record], parnet: str, large_batch: int) -> list[dict]:
-    """Issue 4's CPU targets for ``parnet``'s best mode; empty when a needed baseline is missing."""
+    """Issue 4's and issue 14's targets for ``parnet``'s best modes; a target whose records are missing is left out.
+
+    Each is a speedup (the slower record's median over the faster one's) against a bound it must reach.
+    """
     out = []
     for device in sorted({r.device for r in records}):
-        p1, r34 = best(records, parnet, 1, device), best(records, "resnet34", 1, device)
-        if p1 and r34:
-            ratio = p1.median_ms / r34.median_ms
+        for target, slow, fast, needed in _target_checks(records, device, parnet, large_batch):
+            speedup = _speedup(slow, fast)
+            if speedup is None or needed is None:
+                continue
             out.append(
                 dict(
                     device=device,
-                    target=f"{parnet} batch-1 latency <= {LATENCY_TARGET} x resnet34 (best modes)",
-                    parnet_mode=p1.mode,
-                    baseline_mode=r34.mode,
-                    ratio=ratio,
-                    met=ratio <= LATENCY_TARGET,
-                )
-            )
-        pb, r50 = best(records, parnet, large_batch, device), best(records, "resnet50", large_batch, device)
-        if pb and r50 and large_batch != 1:
-            ratio = pb.throughput_img_s / r50.throughput_img_s
-            out.append(
-                dict(
-                    device=device,
-                    target=f"{parnet} batch-{large_batch} throughput >= {THROUGHPUT_TARGET} x resnet50 (best modes)",
-                    parnet_mode=pb.mode,
-                    baseline_mode=r50.mode,
-                    ratio=ratio,
-                    met=ratio >= THROUGHPUT_TARGET,
-                )
+                    target=target,
+                    slower_mode=f"{slow.model} {slow.mode}",
+                    faster_mode=f"{fast.model} {fast.mode}",
+                    speedup=speedup,
+                    needed=needed,
+                    met=speedup >= needed,
+                )  # fmt: skip
             )
     return out
+
+
+def _target_checks(records: Sequence[Record], device: str, parnet: str, large_batch: int) -> list[tuple]:
+    """(target, slower record, faster record, the speedup it needs) of every target on ``device``."""
+
+    def top(model: str, batch: int, precision: str = "fp32", engines: bool | None = None) -> Record | None:
+        return best(records, model, batch, device, precision, engines)
+
+    def int8_gain(model: str, batch: int) -> tuple[Record | None, Record | None]:
+        return top(model, batch), top(model, batch, "int8")
+
+    large = [large_batch] if large_batch != 1 else []
+    return [
+        (f"{parnet} batch-1 latency <= {LATENCY_TARGET} x resnet34 (best modes)",
+         top("resnet34", 1), top(parnet, 1), 1 / LATENCY_TARGET),
+        *((f"{parnet} batch-{b} throughput >= {THROUGHPUT_TARGET} x resnet50 (best modes)",
+           top("resnet50", b), top(parnet, b), THROUGHPUT_TARGET) for b in large),
+        (f"{parnet} int8 batch-1 latency <= {INT8_LATENCY_TARGET} x its best fp32",
+         *int8_gain(parnet, 1), 1 / INT8_LATENCY_TARGET),
+        *((f"{parnet} int8 batch-{b} throughput >= {INT8_THROUGHPUT_TARGET} x its best fp32",
+           *int8_gain(parnet, b), INT8_THROUGHPUT_TARGET) for b in large),
+        *((f"{parnet} int8 gain at batch {b} >= resnet34's int8 gain", *int8_gain(parnet, b),
+           _speedup(*int8_gain("resnet34", b))) for b in [1, *large]),
+        (f"{parnet} fp32 batch-1: own modes >= {OWN_FP32_TARGET} x faster than every engine",
+         top(parnet, 1, engines=True), top(parnet, 1, engines=False), OWN_FP32_TARGET),
+        *((f"{parnet} fp32 batch-{b}: own modes ahead of every engine",
+           top(parnet, b, engines=True), top(parnet, b, engines=False), 1.0) for b in large),
+    ]  # fmt: skip
 
 
 def format_markdown(records: Sequence[Record], targets: Sequence[dict] = ()) -> str:
@@ -116,8 +150,8 @@ def format_markdown(records: Sequence[Record], targets: Sequence[dict] = ()) -> 
     for t in targets:
         verdict = "MET" if t["met"] else "MISSED"
         lines.append(
-            f"- target ({t['device']}) {t['target']}: {verdict} (ratio {t['ratio']:.3f}; "
-            f"ParNet {t['parnet_mode']}, baseline {t['baseline_mode']})"
+            f"- target ({t['device']}) {t['target']}: {verdict} (speedup {t['speedup']:.2f}x, needed "
+            f"{t['needed']:.2f}x; {t['faster_mode']} against {t['slower_mode']})"
         )
     return "\n".join(lines) + "\n"
 
