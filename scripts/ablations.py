@@ -2,15 +2,17 @@
 
 Every run of the issue is a :class:`Run` built from the tables below (``FULL_CONFIGS`` and
 ``ABLATION_CONFIGS``, each queue with its one :class:`Budget`; ``COMPARISONS`` groups them). The
-runner trains them one at a time with ``parnet train`` (any python and PYTHONPATH, e.g. a frozen
-copy of the code), each into ``ROOT/<config>-seed<k>/``, and is resumable:
+runner trains them with ``parnet train`` (any python and PYTHONPATH, e.g. a frozen copy of the code),
+``--jobs`` runs at a time (one per core), each into ``ROOT/<config>-seed<k>/``, and is resumable:
 
 * a run with ``results.json`` is finished and skipped;
 * a run with a checkpoint (``last_state.pt``) continues with ``--resume``;
 * every invocation trains at most one piece of epochs (``--stop-after``); after each piece the
   table and the plot are written again (every epoch also checkpoints, so a stop loses at most the
   epoch in progress);
-* a folder left without a checkpoint (killed in its first epoch) is moved aside (``*.stale-<time>``).
+* a folder left without a checkpoint (killed in its first epoch) is moved aside (``*.stale-<time>``);
+* a folder that another process is training into (its ``parnet train`` command line names it) is
+  left alone, so that a run started by hand is neither trained twice nor moved.
 
 Usage (with the venv python; ``parnet`` must import, for the parameter counts)::
 
@@ -37,7 +39,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = REPO / "results" / "ablations"
@@ -235,6 +237,32 @@ def run_state(run_dir: Path, epochs: int) -> str:
     return "new"
 
 
+def trained_elsewhere(run_dir: Path, own: set[int] = frozenset()) -> bool:
+    """Whether a process (not one of ``own``) is running ``parnet train`` with ``--output run_dir``.
+
+    Read from ``/proc`` (Linux), because the frozen training code the runs use predates the run
+    folder's lock file.
+    """
+    target = str(run_dir.resolve())
+    for proc in Path("/proc").glob("[0-9]*"):
+        if int(proc.name) in own:
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if "train" in args and "--output" in args[:-1]:
+            out = args[args.index("--output") + 1]
+            cwd = proc / "cwd"
+            try:
+                path = Path(out) if Path(out).is_absolute() else Path(os.readlink(cwd)) / out
+            except OSError:
+                continue
+            if str(path.resolve()) == target:
+                return True
+    return False
+
+
 # -- the runner ----------------------------------------------------------------------------------
 
 
@@ -249,15 +277,26 @@ class Settings:
     deadline: float | None = None  # time.time() after which no new piece starts
 
 
-class Runner:
-    """Trains the runs of a queue piece by piece; :meth:`step` decides and does one piece."""
+@dataclass
+class Piece:
+    """One ``parnet train`` invocation in progress."""
 
-    def __init__(self, settings: Settings, log=print):
+    run: Run
+    process: subprocess.Popen
+    done_before: int  # epochs finished before it started
+    logfile: IO[str]
+
+
+class Runner:
+    """Trains the runs of a queue piece by piece, ``jobs`` pieces at a time (:meth:`run`)."""
+
+    def __init__(self, settings: Settings, log=print, jobs: int = 1):
         self.s = settings
         self.log = log
+        self.jobs = jobs
         self.failed: set[str] = set()
-        self.child: subprocess.Popen | None = None
-        self.stopping = False  # set by stop(): the current piece ends, no new one starts
+        self.pieces: dict[str, Piece] = {}  # by run name: what this runner is training now
+        self.stopping = False  # set by stop(): the current pieces end, no new one starts
 
     def command(self, *args: str) -> list[str]:
         prefix = ["nice", "-n", str(self.s.nice)] if self.s.nice else []
@@ -271,14 +310,17 @@ class Runner:
 
     def next_action(self, runs: list[Run]) -> tuple[Run, list[str]] | None:
         """The next run to train and its ``parnet train`` arguments, or ``None`` when nothing is left."""
+        own = {os.getpid(), *(p.process.pid for p in self.pieces.values())}
         for run in runs:
-            if run.name in self.failed:
+            if run.name in self.failed or run.name in self.pieces:
                 continue
             out = self.s.root / run.name
             state = run_state(out, run.budget.epochs)
             if state in ("done", "no-results"):
                 continue
-            if state == "no-checkpoint":  # this runner holds the queue: nothing else trains it
+            if out.is_dir() and trained_elsewhere(out, own):
+                continue
+            if state == "no-checkpoint":  # nothing trains it: killed in its first epoch
                 aside = out.with_name(f"{out.name}.stale-{time.strftime('%Y%m%dT%H%M%S')}")
                 self.log(f"{out} holds files but no checkpoint: moved to {aside}")
                 out.rename(aside)
@@ -287,8 +329,8 @@ class Runner:
             return run, args
         return None
 
-    def step(self, runs: list[Run]) -> bool:
-        """Train one piece of the first unfinished run; ``False`` when nothing is left to do."""
+    def start(self, runs: list[Run]) -> bool:
+        """Start one piece of the first run that is neither finished nor being trained; ``False`` if none."""
         action = self.next_action(runs)
         if action is None:
             return False
@@ -297,45 +339,59 @@ class Runner:
         out.mkdir(parents=True, exist_ok=True)
         done_before = len(read_rows(out))
         self.log(f"{time.strftime('%H:%M:%S')} {run.name}: epochs {done_before + 1}.. of {run.budget.epochs}")
-        with open(out / "train.log", "a") as logfile:
-            logfile.write(f"$ {' '.join(self.command(*args))}\n")
-            logfile.flush()
-            self.child = subprocess.Popen(self.command(*args), env=self.env(), stdout=logfile, stderr=subprocess.STDOUT)
-            rc = self.child.wait()
-            self.child = None
+        logfile = open(out / "train.log", "a")  # closed in finish()
+        logfile.write(f"$ {' '.join(self.command(*args))}\n")
+        logfile.flush()
+        process = subprocess.Popen(self.command(*args), env=self.env(), stdout=logfile, stderr=subprocess.STDOUT)
+        self.pieces[run.name] = Piece(run, process, done_before, logfile)
+        return True
+
+    def finish(self, piece: Piece, rc: int) -> None:
+        """What a piece's end means: finished, failed (skipped until the next start), or continue."""
+        piece.logfile.close()
+        del self.pieces[piece.run.name]
+        run, out = piece.run, self.s.root / piece.run.name
         if self.stopping:
             self.log(f"{run.name}: stopped (exit status {rc}); continue by running the queue again")
-            return False
-        if rc != 0:
+        elif rc != 0:
             self.failed.add(run.name)
             self.log(f"{run.name}: parnet train exited with {rc}; skipped until the next start (see {out}/train.log)")
         elif (out / "results.json").is_file():
             subprocess.run(self.command("plot", str(out)), env=self.env(), capture_output=True)
             self.log(f"{run.name}: finished")
-        elif len(read_rows(out)) <= done_before:
+        elif len(read_rows(out)) <= piece.done_before:
             self.failed.add(run.name)
             self.log(f"{run.name}: no new epoch and no results.json; skipped (see {out}/train.log)")
-        return True
 
-    def run(self, runs: list[Run], report=None) -> None:
-        while not self.stopping:
-            if self.s.deadline and time.time() > self.s.deadline:
-                self.log("deadline reached: no new piece started")
+    def run(self, runs: list[Run], report=None, poll_s: float = 2.0) -> None:
+        """Keep ``jobs`` pieces running until nothing is left, the deadline passes or :meth:`stop` is called."""
+        while True:
+            late = bool(self.s.deadline and time.time() > self.s.deadline)
+            while not self.stopping and not late and len(self.pieces) < self.jobs and self.start(runs):
+                pass
+            if not self.pieces:
+                if late:
+                    self.log("deadline reached: no new piece started")
+                elif not self.stopping:
+                    failed = f" (failed: {sorted(self.failed)})" if self.failed else ""
+                    self.log(f"nothing left to run in this queue{failed}")
                 return
-            if not self.step(runs):
-                if self.stopping:
-                    return
-                failed = f" (failed: {sorted(self.failed)})" if self.failed else ""
-                self.log(f"nothing left to run in this queue{failed}")
-                return
+            ended = [(p, p.process.poll()) for p in list(self.pieces.values())]
+            ended = [(p, rc) for p, rc in ended if rc is not None]
+            if not ended:
+                time.sleep(poll_s)
+                continue
+            for piece, rc in ended:
+                self.finish(piece, rc)
             if report:
                 report()
 
     def stop(self, *_: Any) -> None:
-        """On SIGTERM/SIGINT: pass SIGINT to the training child (it keeps its last checkpoint); no new piece."""
+        """On SIGTERM/SIGINT: pass SIGINT to the training children (they keep their last checkpoint); no new piece."""
         self.stopping = True
-        if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signal.SIGINT)
+        for piece in self.pieces.values():
+            if piece.process.poll() is None:
+                piece.process.send_signal(signal.SIGINT)
 
 
 # -- the table and the plots ---------------------------------------------------------------------
@@ -545,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     # One thread per run: under load, 2 threads trained 8x slower (RESULTS.md); two queues fill both cores.
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (one per free core)")
     p.add_argument("--nice", type=int, default=19)
     p.add_argument("--hours", type=float, default=0, help="start no new piece after this many hours (0: no limit)")
     p.add_argument("--no-depth", action="store_true", help="skip measuring depths (faster plan)")
@@ -581,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         if pid and Path(f"/proc/{pid}").exists():
             raise SystemExit(f"queue {args.queue} is already being run by process {pid} ({lock})")
     lock.write_text(str(os.getpid()))
-    runner = Runner(settings, log=lambda m: print(m, flush=True))
+    runner = Runner(settings, log=lambda m: print(m, flush=True), jobs=max(1, args.jobs))
     signal.signal(signal.SIGTERM, runner.stop)
     signal.signal(signal.SIGINT, runner.stop)
     try:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -149,3 +151,42 @@ def test_report_from_fake_metrics(ab, tmp_path):
     assert out.read_bytes()[:4] == b"\x89PNG"
     ab.write_report(tmp_path, measured, runs)
     assert (tmp_path / "TABLE.md").is_file() and (tmp_path / "ablations.png").is_file()
+
+
+def test_runner_trains_two_runs_at_once(ab, tmp_path):
+    """--jobs 2: both runs progress side by side and finish; the second starts before the first ends."""
+    fake = tmp_path / "fake.py"
+    fake.write_text("import time\ntime.sleep(0.3)\n" + FAKE_PARNET)
+    root = tmp_path / "runs"
+    budget = ab.Budget(epochs=2, amp="off", warmup_epochs=0, seeds=(0,), piece=1)
+    runs = [ab.Run("q", ab.Config(name, "m"), 0, budget) for name in ("a", "b")]
+    logs: list[str] = []
+    runner = ab.Runner(ab.Settings(root=root, nice=0), log=logs.append, jobs=2)
+    runner.command = lambda *a: [sys.executable, str(fake), "-m", "parnet", *a]
+    runner.run(runs, poll_s=0.05)
+    assert all((root / f"{n}-seed0" / "results.json").is_file() for n in ("a", "b"))
+    starts = [i for i, line in enumerate(logs) if "epochs 1.." in line]
+    first_finish = next(i for i, line in enumerate(logs) if "finished" in line)
+    assert len(starts) == 2 and starts[1] < first_finish and not runner.pieces
+
+
+def test_a_run_trained_by_another_process_is_left_alone(ab, tmp_path):
+    """A folder named by another process's `train ... --output DIR` is neither trained nor moved aside."""
+    out = tmp_path / "base-seed1"
+    out.mkdir()
+    (out / "train.log").write_text("first epoch in progress\n")  # files, no checkpoint yet
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "train", "--output", str(out)], cwd=tmp_path
+    )
+    try:
+        time.sleep(0.2)
+        assert ab.trained_elsewhere(out) and not ab.trained_elsewhere(tmp_path / "other-seed1")
+        budget = ab.Budget(epochs=2, amp="off", warmup_epochs=0, seeds=(1,), piece=1)
+        runs = [ab.Run("q", ab.Config(name, "m"), 1, budget) for name in ("base", "other")]
+        runner = ab.Runner(ab.Settings(root=tmp_path), log=lambda m: None)
+        run, _ = runner.next_action(runs)
+        assert run.name == "other-seed1" and (out / "train.log").is_file()
+    finally:
+        other.kill()
+        other.wait()
+    assert not ab.trained_elsewhere(out)
