@@ -393,3 +393,18 @@ def test_cuda_bf16_modes_are_close() -> None:
             out = deploy(model, "cuda", mode, "bf16")(x)
             assert out.dtype == torch.float32
             assert (out - ref).abs().max().item() < 0.05 * ref.abs().max().item(), mode
+
+
+def test_auto_timing_picks_the_lowest_median_and_settles_between_calls() -> None:
+    import time
+
+    from parnet.deploy.timing import SETTLE_S, fastest
+
+    calls: list[float] = []
+
+    def entry(seconds: float):
+        return lambda x: (calls.append(time.perf_counter()), time.sleep(seconds))
+
+    assert fastest({"slow": entry(0.02), "fast": entry(0.002)}, torch.zeros(1), reps=3) == "fast"
+    timed = calls[2:]  # after one warm-up call each
+    assert len(timed) == 6 and all(b - a >= SETTLE_S for a, b in zip(timed, timed[1:]))

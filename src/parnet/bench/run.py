@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from ..deploy.engines import ENGINES
+from ..deploy.timing import SETTLE_S, time_interleaved
 from ..factory import create_model
 from .machine import PEAK_SIZE, machine_peak, model_gflop
 
@@ -217,46 +217,6 @@ def randomize_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
             m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
             m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
     return model
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# Untimed pause before each timed CPU call. Engines' thread pools keep spinning after a call returns and
-# steal the cores from the next entry: measured here, OpenVINO's ParNet-S batch-1 latency went from
-# 57 to 84 ms when timed right after ONNX Runtime's, and back to 53 with a 0.1 s pause (RESULTS.md).
-SETTLE_S = 0.1
-
-
-@torch.inference_mode()
-def time_interleaved(
-    entries: dict[str, Callable], x: torch.Tensor, reps: int, warmup: int, device: torch.device,
-    settle_s: float = 0.0,
-) -> dict[str, list[float]]:  # fmt: skip
-    """Milliseconds per call of each entry; every repetition calls all entries, rotating the order.
-
-    ``settle_s``: an untimed pause before each timed call, so that no entry is timed while the previous
-    one's threads still spin (see :data:`SETTLE_S`).
-    """
-    keys = list(entries)
-    for key in keys:
-        for _ in range(warmup):
-            entries[key](x)
-    _sync(device)
-    times: dict[str, list[float]] = {k: [] for k in keys}
-    for r in range(reps):
-        for i in range(len(keys)):
-            key = keys[(i + r) % len(keys)]
-            if settle_s:
-                time.sleep(settle_s)
-            _sync(device)
-            start = time.perf_counter()
-            entries[key](x)
-            _sync(device)
-            times[key].append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def _quantile(values: list[float], q: float) -> float:

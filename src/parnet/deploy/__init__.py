@@ -70,6 +70,7 @@ from .kernels import (
 )
 from .parallel import StreamParallelParNet
 from .quantize import PRECISIONS, Bf16Module, calibration_batches, check_precision, pt2e_int8
+from .timing import fastest
 
 __all__ = [
     "MODES",
@@ -153,28 +154,6 @@ def auto_mode(device: str | torch.device, precision: str = "fp32") -> str:
     # CPU: packed had the lowest batch-1 latency and needs no compilation; winograd is faster at
     # batch 32 but times its convolutions on the first call with each input shape.
     return "packed" if torch.backends.mkldnn.is_available() else "channels_last"
-
-
-@torch.inference_mode()
-def fastest(candidates: dict[str, nn.Module], example: torch.Tensor, reps: int = 5) -> str:
-    """Name of the candidate with the lowest median time on ``example`` (interleaved, after warm-up)."""
-    import statistics
-    import time
-
-    device = example.device
-    # the example's device: torch.cuda.synchronize() alone waits only for the current one
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    for net in candidates.values():
-        net(example)  # warm-up (and compilation)
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(reps):
-        for name, net in candidates.items():
-            sync()
-            start = time.perf_counter()
-            net(example)
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return min(times, key=lambda name: statistics.median(times[name]))
 
 
 def deploy(
