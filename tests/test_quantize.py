@@ -243,3 +243,11 @@ def test_bench_times_a_quantized_file(tmp_path: Path, capsys: pytest.CaptureFixt
 
     rows = [r for r in json.loads((tmp_path / "b.json").read_text())["records"] if r["model"] == "m.onnx"]
     assert [(r["mode"], r["batch"]) for r in rows] == [("int8:onnxruntime", 1), ("int8:onnxruntime", 2)]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_openvino_int8_float_layers_in_bf16_only_where_native(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    monkeypatch.setattr(engines_module, "has_native_bf16", lambda: native)
+    hint = engines_module.openvino_float_precision
+    assert hint("fp32") == "f32" and hint("bf16") == "bf16"  # fp32 is never silently bf16
+    assert hint("int8") == ("bf16" if native else "f32")
