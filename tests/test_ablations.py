@@ -1,9 +1,10 @@
-"""scripts/ablations.py: the grid's parameter matching and depths, the runner's skip/resume decisions, the report."""
+"""scripts/ablations.py and its package scripts/ablation: the grid's parameter matching and depths, the
+runner's skip/resume decisions, the report."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -11,40 +12,35 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "ablations.py"
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))  # the scripts' own package, as `python scripts/ablations.py` sees it
+from ablation import grid  # noqa: E402
+from ablation import report as report_mod  # noqa: E402
+from ablation import runner as runner_mod  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def ab():
-    spec = importlib.util.spec_from_file_location("ablations", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ablations"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_matched_comparisons_match_within_5_percent(ab):
-    params = {c.name: ab.measure(c, depth=False)["params"] for c in ab.ABLATION_CONFIGS}
-    params.update({c.name: 1 for c in ab.FULL_CONFIGS})  # "full" is not a matched comparison
-    assert ab.check_matching(params) == []
+def test_matched_comparisons_match_within_5_percent():
+    params = {c.name: grid.measure(c, depth=False)["params"] for c in grid.ABLATION_CONFIGS}
+    params.update({c.name: 1 for c in grid.FULL_CONFIGS})  # "full" is not a matched comparison
+    assert grid.check_matching(params) == []
     # and the check does catch a mismatch
-    assert ab.check_matching({**params, "streams1": int(params["base"] * 1.2)})[0].startswith("streams:")
+    assert grid.check_matching({**params, "streams1": int(params["base"] * 1.2)})[0].startswith("streams:")
 
 
 @pytest.mark.slow
-def test_designed_depths_are_measured(ab):
-    for c in ab.ABLATION_CONFIGS:
-        assert ab.measure(c)["depth"] == c.depth, c.name
+def test_designed_depths_are_measured():
+    for c in grid.ABLATION_CONFIGS:
+        assert grid.measure(c)["depth"] == c.depth, c.name
 
 
-def test_queue_order_first_seeds_first(ab):
-    runs = ab.queue_runs("ablations")
+def test_queue_order_first_seeds_first():
+    runs = grid.queue_runs("ablations")
     names = [r.name for r in runs]
-    n = len(ab.ABLATION_CONFIGS)
-    assert names[:n] == [f"{c.name}-seed0" for c in ab.ABLATION_CONFIGS]
-    assert names[n:] == [f"{c.name}-seed1" for c in ab.ABLATION_CONFIGS]
-    assert {r.budget.epochs for r in runs} == {ab.ABLATION_BUDGET.epochs}  # one budget for all
-    assert {r.budget.amp for r in runs} == {ab.ABLATION_BUDGET.amp}  # one precision for all
+    n = len(grid.ABLATION_CONFIGS)
+    assert names[:n] == [f"{c.name}-seed0" for c in grid.ABLATION_CONFIGS]
+    assert names[n:] == [f"{c.name}-seed1" for c in grid.ABLATION_CONFIGS]
+    assert {r.budget.epochs for r in runs} == {grid.ABLATION_BUDGET.epochs}  # one budget for all
+    assert {r.budget.amp for r in runs} == {grid.ABLATION_BUDGET.amp}  # one precision for all
 
 
 def _fake_run(run_dir: Path, epochs_done: int, finished: bool = False, state: bool = True, top1=(80.0,)) -> None:
@@ -61,20 +57,20 @@ def _fake_run(run_dir: Path, epochs_done: int, finished: bool = False, state: bo
         (run_dir / "results.json").write_text(json.dumps(res))
 
 
-def test_next_action_skips_finished_resumes_unfinished_moves_stale(ab, tmp_path):
-    runs = ab.queue_runs("ablations")
-    epochs = ab.ABLATION_BUDGET.epochs
-    runner = ab.Runner(ab.Settings(root=tmp_path), log=lambda m: None)
+def test_next_action_skips_finished_resumes_unfinished_moves_stale(tmp_path):
+    runs = grid.queue_runs("ablations")
+    epochs = grid.ABLATION_BUDGET.epochs
+    runner = runner_mod.Runner(runner_mod.Settings(root=tmp_path), log=lambda m: None)
     _fake_run(tmp_path / runs[0].name, epochs, finished=True)  # done: skipped
     _fake_run(tmp_path / runs[1].name, epochs)  # trained, but no results.json: skipped, not looped on
     _fake_run(tmp_path / runs[2].name, 3)  # unfinished: resumed
     run, args = runner.next_action(runs)
     assert run is runs[2]
     assert args[:1] == ["train"] and "--resume" in args
-    assert args[args.index("--stop-after") + 1] == str(ab.ABLATION_BUDGET.piece)
+    assert args[args.index("--stop-after") + 1] == str(grid.ABLATION_BUDGET.piece)
     assert args[args.index("--output") + 1] == str(tmp_path / runs[2].name)
-    assert args[args.index("--amp") + 1] == ab.ABLATION_BUDGET.amp
-    assert [ab.run_state(tmp_path / r.name, epochs) for r in runs[:4]] == ["done", "no-results", "resume", "new"]
+    assert args[args.index("--amp") + 1] == grid.ABLATION_BUDGET.amp
+    assert [grid.run_state(tmp_path / r.name, epochs) for r in runs[:4]] == ["done", "no-results", "resume", "new"]
 
     runner.failed.add(runs[2].name)  # a failed run waits for the next start; a stale folder is moved aside
     _fake_run(tmp_path / runs[3].name, 1, state=False)
@@ -107,39 +103,40 @@ if len(rows) == epochs:
 """
 
 
-def test_runner_trains_in_pieces_and_resumes(ab, tmp_path):
+def test_runner_trains_in_pieces_and_resumes(tmp_path):
     """The whole loop against a stand-in for `python -m parnet` that writes what parnet train writes."""
     fake = tmp_path / "fake.py"
     fake.write_text(FAKE_PARNET)
     root = tmp_path / "runs"
-    budget = ab.Budget(epochs=3, amp="off", warmup_epochs=0, seeds=(0,), piece=2)
-    configs = (ab.Config("a", "m"), ab.Config("fail", "m"))
-    runs = [ab.Run("q", c, 0, budget) for c in configs]
+    budget = grid.Budget(epochs=3, amp="off", warmup_epochs=0, seeds=(0,), piece=2)
+    configs = (grid.Config("a", "m"), grid.Config("fail", "m"))
+    runs = [grid.Run("q", c, 0, budget) for c in configs]
     logs: list[str] = []
-    runner = ab.Runner(ab.Settings(root=root, python=f"{sys.executable} {fake}", nice=0), log=logs.append)
+    settings = runner_mod.Settings(root=root, python=f"{sys.executable} {fake}", nice=0)
+    runner = runner_mod.Runner(settings, log=logs.append)
     runner.command = lambda *a: [sys.executable, str(fake), "-m", "parnet", *a]
     reports = []
     runner.run(runs, report=lambda: reports.append(1))
     assert json.loads((root / "a-seed0" / "results.json").read_text())["epochs_done"] == 3
-    assert len(ab.read_rows(root / "a-seed0")) == 3
+    assert len(grid.read_rows(root / "a-seed0")) == 3
     assert runner.failed == {"fail-seed0"}  # its second piece failed: not retried in this invocation
-    assert len(ab.read_rows(root / "fail-seed0")) == 2
+    assert len(grid.read_rows(root / "fail-seed0")) == 2
     assert len(reports) == 4  # a: 2 pieces, fail: 2 pieces
     assert (root / "a-seed0" / "train.log").read_text().count("--resume") == 1
     # A new runner continues the failed one and skips the finished one.
-    runner2 = ab.Runner(ab.Settings(root=root, nice=0), log=logs.append)
+    runner2 = runner_mod.Runner(runner_mod.Settings(root=root, nice=0), log=logs.append)
     run, args = runner2.next_action(runs)
     assert run.name == "fail-seed0" and "--resume" in args
 
 
-def test_report_from_fake_metrics(ab, tmp_path):
-    runs = ab.queue_runs("ablations")
+def test_report_from_fake_metrics(tmp_path):
+    runs = grid.queue_runs("ablations")
     by_name = {r.name: r for r in runs}
     _fake_run(tmp_path / "base-seed0", 10, finished=True, top1=(80.0, 90.0))
     _fake_run(tmp_path / "base-seed1", 10, finished=True, top1=(80.0, 91.0))
     _fake_run(tmp_path / "relu-seed0", 4, top1=(70.0, 85.5))
     measured = {"base": {"params": 148626, "mmacs": 12.5, "depth": 12}}
-    text = ab.table(tmp_path, measured, runs)
+    text = report_mod.table(tmp_path, measured, runs)
     assert "**90.50** ± 0.50 (n=2)" in text  # mean, half the spread
     assert "_85.50 at epoch 4/10, unfinished_" in text  # unfinished run marked
     assert "0: 90.00, 1: 91.00" in text
@@ -147,21 +144,22 @@ def test_report_from_fake_metrics(ab, tmp_path):
     assert "0.149 M" in text and "fp32" in text
     assert "ResNet34" in text  # the paper's figure beside the depth comparison
     assert "| base-seed1 | done | 10/10 |" in text and "| relu-seed0 | resume | 4/10 |" in text
-    out = ab.plot(tmp_path, [by_name["base-seed0"], by_name["base-seed1"], by_name["relu-seed0"]], tmp_path / "p.png")
+    shown = [by_name["base-seed0"], by_name["base-seed1"], by_name["relu-seed0"]]
+    out = report_mod.plot(tmp_path, shown, tmp_path / "p.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
-    ab.write_report(tmp_path, measured, runs)
+    report_mod.write_report(tmp_path, measured, runs)
     assert (tmp_path / "TABLE.md").is_file() and (tmp_path / "ablations.png").is_file()
 
 
-def test_runner_trains_two_runs_at_once(ab, tmp_path):
+def test_runner_trains_two_runs_at_once(tmp_path):
     """--jobs 2: both runs progress side by side and finish; the second starts before the first ends."""
     fake = tmp_path / "fake.py"
     fake.write_text("import time\ntime.sleep(0.3)\n" + FAKE_PARNET)
     root = tmp_path / "runs"
-    budget = ab.Budget(epochs=2, amp="off", warmup_epochs=0, seeds=(0,), piece=1)
-    runs = [ab.Run("q", ab.Config(name, "m"), 0, budget) for name in ("a", "b")]
+    budget = grid.Budget(epochs=2, amp="off", warmup_epochs=0, seeds=(0,), piece=1)
+    runs = [grid.Run("q", grid.Config(name, "m"), 0, budget) for name in ("a", "b")]
     logs: list[str] = []
-    runner = ab.Runner(ab.Settings(root=root, nice=0), log=logs.append, jobs=2)
+    runner = runner_mod.Runner(runner_mod.Settings(root=root, nice=0), log=logs.append, jobs=2)
     runner.command = lambda *a: [sys.executable, str(fake), "-m", "parnet", *a]
     runner.run(runs, poll_s=0.05)
     assert all((root / f"{n}-seed0" / "results.json").is_file() for n in ("a", "b"))
@@ -170,7 +168,7 @@ def test_runner_trains_two_runs_at_once(ab, tmp_path):
     assert len(starts) == 2 and starts[1] < first_finish and not runner.pieces
 
 
-def test_a_run_trained_by_another_process_is_left_alone(ab, tmp_path):
+def test_a_run_trained_by_another_process_is_left_alone(tmp_path):
     """A folder named by another process's `train ... --output DIR` is neither trained nor moved aside."""
     out = tmp_path / "base-seed1"
     out.mkdir()
@@ -180,13 +178,25 @@ def test_a_run_trained_by_another_process_is_left_alone(ab, tmp_path):
     )
     try:
         time.sleep(0.2)
-        assert ab.trained_elsewhere(out) and not ab.trained_elsewhere(tmp_path / "other-seed1")
-        budget = ab.Budget(epochs=2, amp="off", warmup_epochs=0, seeds=(1,), piece=1)
-        runs = [ab.Run("q", ab.Config(name, "m"), 1, budget) for name in ("base", "other")]
-        runner = ab.Runner(ab.Settings(root=tmp_path), log=lambda m: None)
+        assert runner_mod.trained_elsewhere(out) and not runner_mod.trained_elsewhere(tmp_path / "other-seed1")
+        budget = grid.Budget(epochs=2, amp="off", warmup_epochs=0, seeds=(1,), piece=1)
+        runs = [grid.Run("q", grid.Config(name, "m"), 1, budget) for name in ("base", "other")]
+        runner = runner_mod.Runner(runner_mod.Settings(root=tmp_path), log=lambda m: None)
         run, _ = runner.next_action(runs)
         assert run.name == "other-seed1" and (out / "train.log").is_file()
     finally:
         other.kill()
         other.wait()
-    assert not ab.trained_elsewhere(out)
+    assert not runner_mod.trained_elsewhere(out)
+
+
+def test_command_line_plan_lists_every_run_with_its_state(tmp_path):
+    _fake_run(tmp_path / "base-seed0", grid.ABLATION_BUDGET.epochs, finished=True)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    out = subprocess.run(
+        [sys.executable, str(SCRIPTS / "ablations.py"), "plan", "--no-depth", "--root", str(tmp_path)],
+        capture_output=True, text=True, env=env, check=True,
+    ).stdout  # fmt: skip
+    states = dict(line.split()[1:3] for line in out.splitlines() if line.startswith(("ablations ", "full ")))
+    assert len(states) == len(grid.queue_runs("ablations")) + len(grid.queue_runs("full"))
+    assert states["base-seed0"] == "done" and states["relu-seed1"] == "new"
