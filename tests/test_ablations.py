@@ -192,7 +192,8 @@ def test_a_run_trained_by_another_process_is_left_alone(tmp_path):
 
 def test_command_line_plan_lists_every_run_with_its_state(tmp_path):
     _fake_run(tmp_path / "base-seed0", grid.ABLATION_BUDGET.epochs, finished=True)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    src = str(Path(__file__).parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
     out = subprocess.run(
         [sys.executable, str(SCRIPTS / "ablations.py"), "plan", "--no-depth", "--root", str(tmp_path)],
         capture_output=True, text=True, env=env, check=True,

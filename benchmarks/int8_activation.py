@@ -1,0 +1,84 @@
+"""What the activation costs int8: ParNet-S with SiLU and with ReLU, and ResNet-34, fp32 and int8, timed interleaved.
+
+An int8 convolution does its multiply-adds about 4x faster than an fp32 one, but its activation post-op
+(SiLU's exponential, per output element) costs the same in both; a SiLU network therefore gains less from
+int8 than a ReLU one. This benchmark measures how much of ParNet's smaller int8 gain (issue 14, point 3)
+that explains: every (model, mode) pair at batch 1 and a large batch, interleaved in one process with
+the settle pause of ``parnet bench``, random BN statistics, int8 calibrated on random batches (timing
+does not depend on the values; accuracy: ``scripts/quant_accuracy.py``).
+
+    PYTHONPATH=src python benchmarks/int8_activation.py --out benchmarks/results/int8_activation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from parnet.bench.machine import engine_versions, machine_info
+from parnet.bench.run import build_entries
+from parnet.deploy.timing import SETTLE_S, time_interleaved
+
+MODELS = {  # label: (timm name, kwargs)
+    "ParNet-S, SiLU (the paper's)": ("parnet_s", {}),
+    "ParNet-S, ReLU": ("parnet_s", {"act": "relu"}),
+    "ResNet-34": ("resnet34", {}),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--fp32-mode", default="openvino", help="the fp32 mode every model is compared in [openvino]")
+    p.add_argument("--int8-mode", default="int8:openvino")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--reps", type=int, default=20, help="timed repetitions at batch 1 [20]")
+    p.add_argument("--reps-large", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    modes = (args.fp32_mode, args.int8_mode)
+    entries = {}
+    for label, (name, kwargs) in MODELS.items():
+        _, built = build_entries(name, modes, torch.device("cpu"), args.threads, kwargs)
+        entries.update({(label, mode): fn for mode, fn in built.items()})
+    medians: dict[int, dict[tuple[str, str], float]] = {}
+    for batch, reps in ((1, args.reps), (args.batch, args.reps_large)):
+        x = torch.randn(batch, 3, 224, 224)
+        named = {f"{label} | {mode}": fn for (label, mode), fn in entries.items()}
+        times = time_interleaved(named, x, reps, warmup=2, device=x.device, settle_s=SETTLE_S)
+        medians[batch] = {key: statistics.median(times[f"{key[0]} | {key[1]}"]) for key in entries}
+        print(f"batch {batch}: " + ", ".join(f"{k}: {statistics.median(t):.1f} ms" for k, t in times.items()))
+    rows = []
+    for label in MODELS:
+        row = {"model": label}
+        for batch in medians:
+            fp32, int8 = medians[batch][(label, modes[0])], medians[batch][(label, modes[1])]
+            row[f"b{batch}"] = {"fp32_ms": fp32, "int8_ms": int8, "gain": fp32 / int8}
+        rows.append(row)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"machine": machine_info(args.threads), "engines": engine_versions(), "modes": modes, "rows": rows}
+    big = args.batch
+    lines = [
+        f"| model | fp32 {modes[0]} b1 | {modes[1]} b1 | gain b1 | fp32 b{big} | int8 b{big} | gain b{big} |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        a, b = row["b1"], row[f"b{big}"]
+        lines.append(
+            f"| {row['model']} | {a['fp32_ms']:.1f} | {a['int8_ms']:.1f} | {a['gain']:.2f}x | "
+            f"{b['fp32_ms']:.0f} | {b['int8_ms']:.0f} | {b['gain']:.2f}x |"
+        )
+    for suffix, text in ((".json", json.dumps(record, indent=1)), (".md", "\n".join(lines) + "\n")):
+        tmp = args.out.with_suffix(suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(args.out.with_suffix(suffix))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
