@@ -144,7 +144,11 @@ def test_report_from_fake_metrics(tmp_path):
     assert "0.149 M" in text and "fp32" in text
     assert "ResNet34" in text  # the paper's figure beside the depth comparison
     assert "| base-seed1 | done | 10/10 |" in text and "| relu-seed0 | resume | 4/10 |" in text
-    shown = [by_name["base-seed0"], by_name["base-seed1"], by_name["relu-seed0"]]
+    full = grid.queue_runs("full")[0]
+    _fake_run(tmp_path / full.name, 3, top1=(70.0, 80.0, 85.0))
+    outcome = report_mod.read_outcome(full, tmp_path)
+    assert outcome.curve == [70.0, 80.0, 85.0] and outcome.ema_curve == [1.0, 1.0, 1.0]
+    shown = [by_name["base-seed0"], by_name["base-seed1"], by_name["relu-seed0"], full]
     out = report_mod.plot(tmp_path, shown, tmp_path / "p.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
     report_mod.write_report(tmp_path, measured, runs)

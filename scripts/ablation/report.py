@@ -27,6 +27,7 @@ class Outcome:
     train_seconds: float | None = None
     images_per_s: float | None = None
     curve: list[float] = field(default_factory=list)
+    ema_curve: list[float] = field(default_factory=list)
 
 
 def read_outcome(run: Run, root: Path) -> Outcome | None:
@@ -40,16 +41,18 @@ def read_outcome(run: Run, root: Path) -> Outcome | None:
 
         amp = (yaml.safe_load((out / "config.yaml").read_text()) or {}).get("amp")
     curve = [r["test_top1"] for r in rows]
+    ema_curve = [r["ema_top1"] for r in rows if r.get("ema_top1") is not None]
     if (out / "results.json").is_file():
         res = json.loads((out / "results.json").read_text())
         return Outcome(
             run, True, res["epochs_done"], res.get("test_top1"), res.get("ema_top1"), res.get("params"),
-            res.get("depth"), amp, res.get("train_seconds"), res.get("train_images_per_s"), curve,
+            res.get("depth"), amp, res.get("train_seconds"), res.get("train_images_per_s"), curve, ema_curve,
         )  # fmt: skip
     last = rows[-1]
     seconds = sum(r.get("epoch_seconds", 0.0) for r in rows)
     return Outcome(run, False, len(rows), last.get("test_top1"), last.get("ema_top1"), amp=amp,
-                   train_seconds=seconds, images_per_s=last.get("images_per_s"), curve=curve)  # fmt: skip
+                   train_seconds=seconds, images_per_s=last.get("images_per_s"), curve=curve,
+                   ema_curve=ema_curve)  # fmt: skip
 
 
 def summarize(values: list[float]) -> tuple[float, float] | None:
@@ -122,15 +125,45 @@ def table(root: Path, measured: dict[str, dict[str, Any]], runs: list[Run]) -> s
     return "\n".join(lines)
 
 
+def _plot_ablation_curves(ax: Any, outcomes: list[Outcome]) -> None:
+    """Test top-1 per epoch of the short-budget runs: one colour per config, one line style per seed."""
+    configs = list(dict.fromkeys(o.run.config.name for o in outcomes))
+    styles = ("-", "--", ":", "-.")
+    for o in outcomes:
+        label = o.run.name + ("" if o.finished else " (unfinished)")
+        color = f"C{configs.index(o.run.config.name) % 10}"
+        ax.plot(range(1, len(o.curve) + 1), o.curve, styles[o.run.seed % len(styles)], color=color, label=label)
+    ax.set(title="ablations: test top-1 per epoch", xlabel="epoch")
+    ax.grid(alpha=0.3)
+    if outcomes:
+        ax.legend(fontsize=5, ncol=2)
+        finals = [v for o in outcomes for v in o.curve[-1:]]
+        ax.set_ylim(min(finals) - 5, max(finals) + 1)
+
+
+def _plot_full_curves(ax: Any, outcomes: list[Outcome]) -> None:
+    """Test top-1 per epoch of the full-schedule runs, raw weights solid and EMA weights dashed."""
+    for i, o in enumerate(outcomes):
+        state = "" if o.finished else f" (training, {o.epochs_done}/{o.run.budget.epochs})"
+        ax.plot(range(1, len(o.curve) + 1), o.curve, "-", color=f"C{i}", label=o.run.config.name + state)
+        ax.plot(range(1, len(o.ema_curve) + 1), o.ema_curve, "--", color=f"C{i}")
+    ax.set(title="full schedule: test top-1 per epoch (dashed: EMA)", xlabel="epoch")
+    ax.grid(alpha=0.3)
+    if outcomes:
+        ax.legend(fontsize=6)
+        values = [v for o in outcomes for v in (*o.curve, *o.ema_curve)]
+        ax.set_ylim(max(min(values), max(values) - 15) - 0.5, max(values) + 0.5)
+
+
 def plot(root: Path, runs: list[Run], output: Path) -> Path:
-    """Bars (mean over finished seeds, each seed a dot; unfinished runs hollow) per comparison, and curves."""
+    """Bars (mean over finished seeds, each seed a dot; unfinished runs hollow) per comparison, and the curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     outcomes = [o for o in (read_outcome(r, root) for r in runs) if o is not None]
-    cols = math.ceil((len(COMPARISONS) + 1) / 2)
+    cols = math.ceil((len(COMPARISONS) + 2) / 2)
     fig, grid = plt.subplots(2, cols, figsize=(4.5 * cols, 8.5))
     axes = grid.flatten()
     for ax, comp in zip(axes, COMPARISONS):
@@ -148,18 +181,10 @@ def plot(root: Path, runs: list[Run], output: Path) -> Path:
         if tops:
             ax.set_ylim(min(tops) - 1.5, max(tops) + 1.0)
         ax.grid(alpha=0.3, axis="y")
-    for ax in axes[len(COMPARISONS) + 1 :]:
+    for ax in axes[len(COMPARISONS) + 2 :]:
         ax.axis("off")
-    ax = axes[len(COMPARISONS)]
-    for o in outcomes:
-        style = "-" if o.finished else ":"
-        ax.plot(range(1, len(o.curve) + 1), o.curve, style, label=o.run.name)
-    ax.set(title="test top-1 per epoch (dotted: unfinished)", xlabel="epoch")
-    ax.grid(alpha=0.3)
-    if outcomes:
-        ax.legend(fontsize=6)
-        finals = [v for o in outcomes for v in o.curve[-1:]]
-        ax.set_ylim(min(finals) - 5, max(finals) + 1)
+    _plot_ablation_curves(axes[len(COMPARISONS)], [o for o in outcomes if o.run.queue != "full"])
+    _plot_full_curves(axes[len(COMPARISONS) + 1], [o for o in outcomes if o.run.queue == "full"])
     fig.suptitle(
         "Fashion-MNIST test top-1. Bars: mean of finished seeds; filled dots: finished seeds; hollow: unfinished"
     )
