@@ -314,6 +314,7 @@ def test_cuda_graph_bookkeeping(monkeypatch: pytest.MonkeyPatch) -> None:
     def capture(self: CudaGraphModule, static_x: torch.Tensor) -> tuple:
         with torch.inference_mode():
             static_y = self.module(static_x)
+
         def replay() -> None:  # the captured forward again, static input to static output; like a real
             with torch.inference_mode():  # replay, it runs outside autograd whatever the caller's mode
                 static_y.copy_(self.module(static_x))

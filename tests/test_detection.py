@@ -225,9 +225,7 @@ def test_predict_maps_labels_to_categories_and_boxes_to_xywh() -> None:
     # two images whose outputs share one boxes tensor: converting to xywh must not do it twice
     loader = [([torch.zeros(3, 8, 8)] * 2, [{"image_id": torch.tensor(7)}, {"image_id": torch.tensor(8)}])]
     results = det.predict(Fixed(), loader, {1: 5, 2: 9})  # label 0 is background: no category, left out
-    assert results == [
-        {"image_id": i, "category_id": 9, "bbox": [1.0, 2.0, 10.0, 20.0], "score": 0.9} for i in (7, 8)
-    ]
+    assert results == [{"image_id": i, "category_id": 9, "bbox": [1.0, 2.0, 10.0, 20.0], "score": 0.9} for i in (7, 8)]
 
 
 # -- COCO evaluation ----------------------------------------------------------------------------

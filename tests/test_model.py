@@ -223,7 +223,9 @@ def test_group_matcher_orders_blocks_from_input_to_head():
     """timm's layer-wise LR decay groups parameters with group_matcher; the head must come last."""
     model = timm.create_model("parnet_s", **TINY)
     groups = timm.models.group_parameters(model, model.group_matcher())
-    prefixes = [sorted({".".join(n.split(".")[:1 if n.startswith("stem") else 2]) for n in v}) for v in groups.values()]
+    prefixes = [
+        sorted({".".join(n.split(".")[: 1 if n.startswith("stem") else 2]) for n in v}) for v in groups.values()
+    ]
     assert [p[0] for p in prefixes] == [
         "stem",
         "streams.0",
