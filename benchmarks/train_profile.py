@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import parnet.baselines  # noqa: F401 - registers the CIFAR ResNets with timm
-from parnet.bench.machine import machine_info
+from parnet.bench.machine import machine_info, model_gflop
 from parnet.io import atomic_write
 
 MODELS = ("parnet_cifar_s", "resnet56_cifar", "resnet20_cifar")
@@ -56,19 +56,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     optimizer.step()
 
 
-def forward_macs(model: nn.Module, shape: tuple[int, ...]) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.zeros(shape))
-    return counter.get_total_flops() // 2
-
-
 def profile_model(name: str, batch: int, steps: int) -> dict:
     torch.manual_seed(0)
     model = timm.create_model(name, in_chans=1, num_classes=10)
-    macs = forward_macs(model.eval(), (1, 1, 32, 32))
+    macs = round(model_gflop(model.eval(), 1, 32) * 1e9 / 2)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     x, y = torch.randn(batch, 1, 32, 32), torch.randint(0, 10, (batch,))

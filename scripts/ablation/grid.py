@@ -153,18 +153,16 @@ def measure(config: Config, depth: bool = True) -> dict[str, Any]:
     """Parameters (training form), MMACs per 32x32 image and the measured depth of a config."""
     import timm
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     import parnet.baselines  # noqa: F401 - registers resnet20_cifar/resnet56_cifar with timm
     from parnet import network_depth
+    from parnet.bench.machine import model_gflop
 
     model = timm.create_model(config.model, num_classes=NUM_CLASSES, in_chans=IN_CHANS, **config.kwargs).eval()
-    x = torch.randn(1, IN_CHANS, IMG_SIZE, IMG_SIZE)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    out = {"params": sum(p.numel() for p in model.parameters()), "mmacs": counter.get_total_flops() / 2e6}
+    mmacs = model_gflop(model, IN_CHANS, IMG_SIZE) * 1e3 / 2  # GFLOP counts 2 per multiply-add
+    out = {"params": sum(p.numel() for p in model.parameters()), "mmacs": mmacs}
     if depth:
-        out["depth"] = network_depth(model, x)
+        out["depth"] = network_depth(model, torch.randn(1, IN_CHANS, IMG_SIZE, IMG_SIZE))
     return out
 
 
