@@ -56,12 +56,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     optimizer.step()
 
 
-def profile_model(name: str, batch: int, steps: int) -> dict:
+def profile_model(name: str, batch: int, steps: int, compile: bool = False) -> dict:
     torch.manual_seed(0)
     model = timm.create_model(name, in_chans=1, num_classes=10)
     macs = round(model_gflop(model.eval(), 1, 32) * 1e9 / 2)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    if compile:  # as `parnet train --compile`: the model (forward and backward), not the optimizer
+        model = torch.compile(model)
     x, y = torch.randn(batch, 1, 32, 32), torch.randint(0, 10, (batch,))
     for _ in range(3):  # warm-up: oneDNN primitives and the allocator settle
         train_step(model, optimizer, x, y)
@@ -78,7 +80,7 @@ def profile_model(name: str, batch: int, steps: int) -> dict:
         by_kind[kind_of(event.key)] += event.self_cpu_time_total / 1e3 / steps  # ms per step
     step_s = statistics.median(times)
     return {
-        "model": name,
+        "model": name + (" (compiled)" if compile else ""),
         "params": sum(p.numel() for p in model.parameters()),
         "macs_per_image": macs,
         "conv_gmacs_per_s": 3 * macs * batch / (by_kind["conv"] / 1e3) / 1e9,
@@ -94,10 +96,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=5, help="timed steps, then as many profiled [5]")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--compile", action="store_true", help="also each model through torch.compile (inductor)")
     p.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [profile_model(name, args.batch, args.steps) for name in args.models]
+    rows = [
+        profile_model(name, args.batch, args.steps, compiled)
+        for name in args.models
+        for compiled in ((False, True) if args.compile else (False,))
+    ]
     kinds = [k for k, _ in KINDS] + ["other"]
     lines = [
         "| model | params | MMACs | step (ms) | images/s | conv GMAC/s | " + " | ".join(kinds) + " |",
