@@ -147,3 +147,15 @@ def test_interleaved_timing_pauses_before_each_call_untimed() -> None:
     timed_calls = calls[2:]  # after one warm-up call each
     assert len(timed_calls) == 6 and all(b - a >= 0.02 for a, b in zip(timed_calls, timed_calls[1:]))
     assert all(t < 20 for ts in times.values() for t in ts)  # the pause is not in the times (ms)
+
+
+def test_entries_of_a_one_channel_baseline_take_one_channel() -> None:
+    """A baseline built with in_chans=1 (timm's ResNets keep no ``in_chans``) is calibrated and run on 1 channel."""
+    from parnet.bench.run import build_entries
+
+    kwargs = {"in_chans": 1, "num_classes": 10, "widths": [4, 8, 16]}
+    model, entries = build_entries("resnet20_cifar", ["eager", "onnxruntime"], torch.device("cpu"), 1, kwargs, 32)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        for run in entries.values():
+            torch.testing.assert_close(run(x), model(x), atol=1e-4, rtol=1e-4)

@@ -133,7 +133,7 @@ def build_entries(
 
     model = create_model(name, **(kwargs or {})).eval().to(device)
     randomize_statistics(model)
-    in_chans = getattr(model, "in_chans", 3)
+    in_chans = (kwargs or {}).get("in_chans") or getattr(model, "in_chans", 3)  # timm's ResNets keep no in_chans
     calibration = calibration_noise(in_chans, resolution)
     example = calibration[0][:1].to(device)
     entries: dict[str, Callable] = {}
