@@ -13,13 +13,13 @@ does not depend on the values; accuracy: ``scripts/quant_accuracy.py``).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
 import torch
 
 from parnet.bench.machine import machine_info
+from parnet.bench.report import write_json_and_markdown
 from parnet.bench.run import build_entries
 from parnet.deploy.timing import SETTLE_S, time_interleaved
 
@@ -60,7 +60,6 @@ def main() -> None:
             fp32, int8 = medians[batch][(label, modes[0])], medians[batch][(label, modes[1])]
             row[f"b{batch}"] = {"fp32_ms": fp32, "int8_ms": int8, "gain": fp32 / int8}
         rows.append(row)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {"machine": machine_info(args.threads), "modes": modes, "rows": rows}  # machine holds engine versions
     big = args.batch
     lines = [
@@ -73,10 +72,7 @@ def main() -> None:
             f"| {row['model']} | {a['fp32_ms']:.1f} | {a['int8_ms']:.1f} | {a['gain']:.2f}x | "
             f"{b['fp32_ms']:.0f} | {b['int8_ms']:.0f} | {b['gain']:.2f}x |"
         )
-    for suffix, text in ((".json", json.dumps(record, indent=1)), (".md", "\n".join(lines) + "\n")):
-        tmp = args.out.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out.with_suffix(suffix))
+    write_json_and_markdown(args.out, record, "\n".join(lines))
     print("\n".join(lines))
 
 

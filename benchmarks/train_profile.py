@@ -14,7 +14,6 @@ random: the time does not depend on the values.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections import defaultdict
@@ -26,7 +25,7 @@ from torch import nn
 
 import parnet.baselines  # noqa: F401 - registers the CIFAR ResNets with timm
 from parnet.bench.machine import machine_info, model_gflop
-from parnet.io import atomic_write
+from parnet.bench.report import write_json_and_markdown
 
 MODELS = ("parnet_cifar_s", "resnet56_cifar", "resnet20_cifar")
 # Operator name fragments -> kind, first match wins (names are aten's, e.g. aten::convolution_backward).
@@ -120,10 +119,7 @@ def main() -> None:
             + " |"
         )
     record = {"machine": machine_info(args.threads), "batch": args.batch, "steps": args.steps, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(record, indent=1)), (".md", "\n".join(lines) + "\n")):
-        with atomic_write(args.out.with_suffix(suffix)) as tmp:
-            tmp.write_text(text)
+    write_json_and_markdown(args.out, record, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -159,3 +159,12 @@ def test_entries_of_a_one_channel_baseline_take_one_channel() -> None:
     with torch.no_grad():
         for run in entries.values():
             torch.testing.assert_close(run(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_benchmark_scripts_write_json_and_markdown_side_by_side(tmp_path) -> None:
+    from parnet.bench.report import write_json_and_markdown
+
+    write_json_and_markdown(tmp_path / "sub" / "run1", {"rows": [1, 2]}, "| a |\n| --- |")
+    assert json.loads((tmp_path / "sub" / "run1.json").read_text()) == {"rows": [1, 2]}
+    assert (tmp_path / "sub" / "run1.md").read_text() == "| a |\n| --- |\n"
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["run1.json", "run1.md"]  # no temporaries left

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ..io import atomic_write
 from .run import Record, is_parnet_model
@@ -190,3 +192,11 @@ def plot_results(records: Sequence[Record], path: str | os.PathLike, device: str
         fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
     return Path(path)
+
+
+def write_json_and_markdown(out: str | os.PathLike, record: dict[str, Any], markdown: str) -> None:
+    """A benchmark script's results, written atomically: ``OUT.json`` (the record) and ``OUT.md`` (its table)."""
+    out = Path(out)
+    for suffix, text in ((".json", json.dumps(record, indent=1)), (".md", markdown.rstrip("\n") + "\n")):
+        with atomic_write(out.with_suffix(suffix)) as tmp:
+            tmp.write_text(text)
