@@ -1,14 +1,18 @@
-"""benchmarks/train_profile.py: operators sorted into the right kinds, and one profiled step of a small model."""
+"""The benchmark scripts behind RESULTS.md run and write what they say (their figures are not checked here)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_profile.py"
-spec = importlib.util.spec_from_file_location("train_profile", SCRIPT)
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+spec = importlib.util.spec_from_file_location("train_profile", BENCHMARKS / "train_profile.py")
 train_profile = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(train_profile)
 
@@ -40,3 +44,14 @@ def test_profile_of_one_step():
     assert all(by_kind[k] > 0 for k in ("conv", "batch norm", "activation"))  # ResNet's forward and backward ops
     assert "pooling, gates" not in by_kind or by_kind["pooling, gates"] < by_kind["conv"]
     assert row["images_per_s"] > 0 and row["conv_gmacs_per_s"] > 0
+
+
+def test_ablation_latency_times_every_config(tmp_path):
+    out = tmp_path / "latency"
+    cmd = [sys.executable, str(BENCHMARKS / "ablation_latency.py"), "--modes", "packed", "--batch", "2", "--reps", "1"]
+    cmd += ["--reps-large", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["config"] for r in rows] == ["base", "no_sse", "relu", "deep24", "streams2", "streams1", "resnet20n"]
+    assert all(r["packed"]["b1_ms"] > 0 and r["packed"]["b2_images_per_s"] > 0 for r in rows)
+    assert len(out.with_suffix(".md").read_text().splitlines()) == 2 + len(rows)
