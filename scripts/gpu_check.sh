@@ -21,7 +21,9 @@
 #      ResNet-34/50 and RepVGG-B1g4, batch 1 and 32, then the compiled modes separately;
 #   4b. `parnet bench --device cuda` in bf16 (ParNet-S and ResNet-34/50: channels_last, streams and
 #      CUDA graph in bf16 beside their fp32 CUDA graph); TensorRT is reported by step 1 only: neither
-#      tensorrt nor torch_tensorrt nor ORT's TensorRT provider is on the GPU machine's image (2026-11-30);
+#      tensorrt nor torch_tensorrt nor ORT's TensorRT provider is on the GPU machine's image (2026-11-30),
+#      and none can travel in .whl/: `pip download tensorrt-cu12` finds no distribution from this
+#      machine's package index (2026-12-01);
 #   5. the whole suite with CUDA visible (tests that behave differently when a GPU is present), last
 #      so that the timings above run on a quiet machine.
 # STEPS="machine bench_bf16" runs only the named steps (all by default).
