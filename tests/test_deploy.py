@@ -375,6 +375,31 @@ def test_folded_is_a_plain_module() -> None:
     assert isinstance(fold(make(12)), FoldedParNet)
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_shifted_activations_are_non_negative_and_exact(variant: str) -> None:
+    """`shift_activations` makes every block's output but the last non-negative (the int8 engines' input
+    form) and compensates in the consumers exactly: conv bias and zero-padded border, gate, skip term."""
+    model = make(16, **VARIANTS[variant])
+    shifted = fold(model).shift_activations()
+    outputs = []
+    hooks = [
+        b.register_forward_hook(lambda m, i, o: outputs.append(o))
+        for b in shifted.modules()
+        if isinstance(b, FoldedBlock)
+    ]
+    x = torch.randn(2, 3, 48, 32)  # not square; every stride-2 border case
+    with torch.inference_mode():
+        ref = model(x)
+        assert (shifted(x) - ref).abs().max().item() < TOL
+        for h in hooks:
+            h.remove()
+        assert (shifted.pack()(x) - ref).abs().max().item() < TOL  # the in-place packed form too
+    if model.cfg.act == "relu":
+        return
+    assert all(o.min() >= 0 for o in outputs[:-1]) and outputs[-1].min() < 0  # the last block's output: as it was
+    assert sum(1 for b in shifted.modules() if isinstance(b, FoldedBlock) and b.out_shift > 0) == len(outputs) - 1
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Single-threaded: the machine is shared, and 2-thread OpenMP barriers stall under load."""

@@ -251,3 +251,33 @@ def test_openvino_int8_float_layers_in_bf16_only_where_native(monkeypatch: pytes
     hint = engines_module.openvino_float_precision
     assert hint("fp32") == "f32" and hint("bf16") == "bf16"  # fp32 is never silently bf16
     assert hint("int8") == ("bf16" if native else "f32")
+
+
+@OPENVINO
+def test_openvino_int8_convolutions_read_unsigned_activations() -> None:
+    """Every int8 convolution but the first reads a non-negative (unsigned int8) activation: SiLU's
+    outputs are shifted by the fold (`FoldedParNet.shift_activations`), its consumers compensate."""
+    model = make(3)
+    net = deploy(
+        model, "cpu", "openvino", "int8", calibration=[torch.randn(4, 3, 32, 32)], example=torch.randn(1, 3, 32, 32)
+    )
+
+    def quantizers(node):  # the FakeQuantize nodes a convolution's input comes from (a fusion: a Concat of slices)
+        if node.get_type_name() == "FakeQuantize":
+            return [node]
+        assert node.get_type_name() in ("Concat", "Slice", "StridedSlice", "VariadicSplit"), node.get_type_name()
+        return [fq for i in range(1 if "Slice" in node.get_type_name() else node.get_input_size())
+                for fq in quantizers(node.input_value(i).get_node())]  # fmt: skip
+
+    lows = {}  # each convolution input's lowest quantization level, and whether it is the image
+    for op in net.model.get_ordered_ops():
+        if op.get_type_name() in ("Convolution", "GroupConvolution"):
+            for i, fq in enumerate(quantizers(op.input_value(0).get_node())):
+                image = fq.input_value(0).get_node().get_type_name() == "Parameter"
+                lows[op.get_friendly_name(), i] = (float(fq.input_value(1).get_node().get_data().min()), image)
+    assert len(lows) > 10 and sum(image for _, image in lows.values()) == 1
+    assert all(low >= 0 for low, image in lows.values() if not image), lows
+    with torch.inference_mode():  # and the outputs still those of the model, to int8 precision
+        x = torch.randn(8, 3, 32, 32)
+        ref = model(x)
+        assert (net(x) - ref).abs().max().item() < 0.1 * ref.abs().max().item()

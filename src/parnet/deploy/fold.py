@@ -39,6 +39,10 @@ def _dense_gate(block: ParNetBlock) -> torch.Tensor:
     return dense
 
 
+# Each activation's smallest value, rounded down: ``act(y) + NONNEGATIVE_SHIFT[act]`` is never negative.
+NONNEGATIVE_SHIFT = {"silu": 0.2785, "relu": 0.0}  # SiLU's minimum: -0.27846 at y = -1.2785
+
+
 class FoldedBlock(nn.Module):
     """A fused ParNet block with its skip BN folded into the gate and the gated skip into one FMA.
 
@@ -52,6 +56,9 @@ class FoldedBlock(nn.Module):
     and added to the conv output in one ``add``, which they fuse into the conv as a sum post-op
     followed by the activation (and, in int8, the requantization), as in a ResNet block; the
     border correction is a constant map for the input size, added once, not slice updates.
+
+    ``out_shift`` (0 unless set by :meth:`FoldedParNet.shift_activations`) is added after the
+    activation; the consumers' :meth:`take_shifted_input` compensates it exactly.
     """
 
     def __init__(
@@ -68,6 +75,7 @@ class FoldedBlock(nn.Module):
         self.conv = conv
         self.stride = int(conv.stride[0])
         self.relu = act == "relu"
+        self.out_shift = 0.0
         self.has_gate = gate_w is not None
         self.has_skip = skip_scale is not None
         self.has_border = border is not None
@@ -114,6 +122,28 @@ class FoldedBlock(nn.Module):
             y[:, :, ho - 1, wo - 1] += t[:, 2, 2]
         return y
 
+    @torch.no_grad()
+    def take_shifted_input(self, shift: float) -> None:
+        """Compute the same output from an input that arrives as ``x + shift`` (every channel), exactly.
+
+        The conv's bias loses what the shift adds through its taps; where a tap falls on the zero
+        padding the shift was not there to add, which the border correction restores. The gate
+        (a linear map of the input's mean) and the skip term (``x * (a g) + b g``) lose it likewise.
+        """
+        taps = -shift * self.conv.weight.sum(1)  # (out, 3, 3): what the shift adds through each tap
+        self.conv.bias += taps.sum((1, 2))
+        self.border_taps += taps
+        t = self.border_taps
+        self.border_top.copy_(t[:, 0, :].sum(1))
+        self.border_bottom.copy_(t[:, 2, :].sum(1))
+        self.border_left.copy_(t[:, :, 0].sum(1))
+        self.border_right.copy_(t[:, :, 2].sum(1))
+        self.has_border = True
+        if self.has_gate:
+            self.gate_b -= shift * self.gate_w.sum(1)
+        if self.has_skip:
+            self.skip_shift -= shift * self.skip_scale
+
     def pack(self, winograd: bool = False) -> None:
         """CPU: run the conv as a :class:`PackedConv2d` (weights pre-packed; NNPACK with ``winograd``)."""
         self.packed = PackedConv2d(self.conv, winograd)
@@ -126,7 +156,8 @@ class FoldedBlock(nn.Module):
         # x in the layout the conv reads, so that the gated skip adds tensors of one layout
         x = x.contiguous() if packed.nnpack_wins(x) else x.contiguous(memory_format=torch.channels_last)
         if not self.has_gate and not self.has_border:  # conv, bias and activation in one call
-            return packed(x, "relu" if self.relu else "swish")
+            y = packed(x, "relu" if self.relu else "swish")
+            return y.add_(self.out_shift) if self.out_shift != 0.0 else y
         # The gated skip is not fused as a binary post-op: measured slower at batch 32, no faster at 1.
         y = packed(x)
         if self.has_border:
@@ -137,19 +168,22 @@ class FoldedBlock(nn.Module):
                 y = y.addcmul_(x, (g * self.skip_scale)[:, :, None, None]).add_((g * self.skip_shift)[:, :, None, None])
             else:
                 y = y.mul_((2.0 * g)[:, :, None, None])
-        return y.relu_() if self.relu else F.silu(y, inplace=True)
+        y = y.relu_() if self.relu else F.silu(y, inplace=True)
+        return y.add_(self.out_shift) if self.out_shift != 0.0 else y
 
     def _after_conv(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The steps after the conv, out of place (see the class docstring)."""
-        if self.has_border:
-            y = y + self._border_map(y, x.shape[-2], x.shape[-1])
-        if self.has_gate:
+        if self.has_skip:  # one Add onto the conv output, the border map inside it (a sum post-op)
             g = self._gate(x)
-            if self.has_skip:
-                y = y + (x * (g * self.skip_scale)[:, :, None, None] + (g * self.skip_shift)[:, :, None, None])
-            else:
-                y = y * (2.0 * g)[:, :, None, None]
-        return F.relu(y) if self.relu else F.silu(y)
+            skip = x * (g * self.skip_scale)[:, :, None, None] + (g * self.skip_shift)[:, :, None, None]
+            y = y + (skip + self._border_map(y, x.shape[-2], x.shape[-1]) if self.has_border else skip)
+        else:
+            if self.has_border:
+                y = y + self._border_map(y, x.shape[-2], x.shape[-1])
+            if self.has_gate:
+                y = y * (2.0 * self._gate(x))[:, :, None, None]
+        y = F.relu(y) if self.relu else F.silu(y)
+        return y + self.out_shift if self.out_shift != 0.0 else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
@@ -309,6 +343,7 @@ class FoldedParNet(nn.Module):
             model = reparameterized(model)
         cfg = model.cfg
         act = cfg.act
+        self.act = act
         self.in_chans = model.in_chans
         self.multiple = cfg.input_multiple
         self.channels_last = False
@@ -328,6 +363,26 @@ class FoldedParNet(nn.Module):
         else:  # another pooling: timm's head as it is
             self.head = copy.deepcopy(head)
         self.eval().requires_grad_(False)
+
+    def shift_activations(self) -> FoldedParNet:
+        """Make every block's output non-negative, the network's output unchanged; returns ``self``.
+
+        Each block but the last adds ``-min(act)`` after its activation (SiLU's outputs reach down to
+        -0.28) and each consumer subtracts it again, exactly (:meth:`FoldedBlock.take_shifted_input`).
+        For int8: a quantizer that sees a non-negative tensor gives it unsigned 8 bits, the form the
+        int8 convolution kernels (u8 x s8) take directly, and all 256 levels for its range (OpenVINO).
+        A no-op for ReLU.
+        """
+        shift = NONNEGATIVE_SHIFT[self.act]
+        if shift == 0.0:
+            return self
+        blocks = [m for m in self.modules() if isinstance(m, FoldedBlock)]
+        for block in blocks:
+            if block is not self.final_block:  # the head reads the last block's output unshifted
+                block.out_shift = shift
+            if block is not self.stem[0]:  # every other block reads another block's output
+                block.take_shifted_input(shift)
+        return self
 
     def pack(self, winograd: bool = False) -> FoldedParNet:
         """Pre-pack every conv weight for oneDNN (CPU; see :meth:`FoldedBlock.pack`); channels_last.
