@@ -1,10 +1,10 @@
 """Issue 13's runs: the full-schedule Fashion-MNIST runs and the paper's ablations (command line).
 
-Every run of the issue is a ``Run`` of the grid (``ablation/grid.py``: ``FULL_CONFIGS`` and
-``ABLATION_CONFIGS``, each queue with its one ``Budget``; ``COMPARISONS`` groups them). The
-runner (``ablation/runner.py``) trains them with ``parnet train`` (any python and PYTHONPATH, e.g.
-a frozen copy of the code), ``--jobs`` runs at a time (one per core), each into
-``ROOT/<config>-seed<k>/``, and is resumable:
+Every run of the issue is a ``Run`` of the grid (``ablation/grid.py``: ``FULL_CONFIGS``,
+``LONG_CONFIGS`` (the same at 60 epochs) and ``ABLATION_CONFIGS``, each queue with its one
+``Budget``; ``COMPARISONS`` groups them). The runner (``ablation/runner.py``) trains them with
+``parnet train`` (any python and PYTHONPATH, e.g. a frozen copy of the code), ``--jobs`` runs at
+a time (one per core), each into ``ROOT/<config>-seed<k>/``, and is resumable:
 
 * a run with ``results.json`` is finished and skipped;
 * a run with a checkpoint (``last_state.pt``) continues with ``--resume``;
@@ -21,7 +21,7 @@ Usage (with the venv python; ``parnet`` must import, for the parameter counts)::
 
     python scripts/ablations.py plan                     # every run: params, depth, MMACs, status
     python scripts/ablations.py run --queue ablations    # train what is not finished, in order
-    python scripts/ablations.py run --queue full
+    python scripts/ablations.py run --queue full         # item 1, 30 epochs (--queue long: 60)
     python scripts/ablations.py report                   # table (TABLE.md) and plots from what finished
 
 Why a script and not a ``parnet`` command: it drives the command line as a subprocess (so the

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .grid import COMPARISONS, CONFIGS, FULL_TRAIN_SET, Budget, Run, read_rows, run_state
+from .grid import COMPARISONS, CONFIGS, FULL_TRAIN_SET, SCHEDULE_QUEUES, Budget, Run, read_rows, run_state
 
 
 @dataclass
@@ -183,8 +183,8 @@ def plot(root: Path, runs: list[Run], output: Path) -> Path:
         ax.grid(alpha=0.3, axis="y")
     for ax in axes[len(COMPARISONS) + 2 :]:
         ax.axis("off")
-    _plot_ablation_curves(axes[len(COMPARISONS)], [o for o in outcomes if o.run.queue != "full"])
-    _plot_full_curves(axes[len(COMPARISONS) + 1], [o for o in outcomes if o.run.queue == "full"])
+    _plot_ablation_curves(axes[len(COMPARISONS)], [o for o in outcomes if o.run.queue not in SCHEDULE_QUEUES])
+    _plot_full_curves(axes[len(COMPARISONS) + 1], [o for o in outcomes if o.run.queue in SCHEDULE_QUEUES])
     fig.suptitle(
         "Fashion-MNIST test top-1. Bars: mean of finished seeds; filled dots: finished seeds; hollow: unfinished"
     )
