@@ -16,11 +16,10 @@ import time
 import warnings
 
 import torch
-from torch import nn
 
 from parnet.data import build_datasets, build_loaders
 from parnet.deploy import deploy, fold
-from parnet.deploy.engines import engine_module
+from parnet.deploy.engines import openvino_module
 from parnet.deploy.quantize import Bf16Module, pt2e_int8
 from parnet.deployed import build, calibration_loader, load_trained
 from parnet.io import atomic_write
@@ -37,9 +36,9 @@ def variants(model, calibration, example):
         for m in ("minmax", "percentile", "entropy")
     ]
     out.append(("int8 openvino (NNCF)", lambda: build(model, "openvino", "int8", batches, example)))
-    if parnet:  # the same without FoldedParNet.shift_activations (a Sequential is not recognised as a ParNet)
-        signed = lambda: engine_module(  # noqa: E731
-            "openvino", nn.Sequential(fold(model)), example, "int8", batches, torch.get_num_threads()
+    if parnet:  # the same without FoldedParNet.shift_activations
+        signed = lambda: openvino_module(  # noqa: E731
+            fold(model), example, "int8", batches, torch.get_num_threads(), unsigned_activations=False
         )
         out.append(("int8 openvino signed", signed))
         out.append(("int8 compiled (PT2E)", lambda: deploy(model, "cpu", "compiled", "int8", batches)))

@@ -12,7 +12,7 @@ import torch
 
 import parnet
 from parnet import cli
-from parnet.deploy import deploy
+from parnet.deploy import deploy, fold
 from parnet.deploy.kernels import has_native_bf16
 from parnet.io import load_model, save_model
 
@@ -253,14 +253,8 @@ def test_openvino_int8_float_layers_in_bf16_only_where_native(monkeypatch: pytes
     assert hint("int8") == ("bf16" if native else "f32")
 
 
-@OPENVINO
-def test_openvino_int8_convolutions_read_unsigned_activations() -> None:
-    """Every int8 convolution but the first reads a non-negative (unsigned int8) activation: SiLU's
-    outputs are shifted by the fold (`FoldedParNet.shift_activations`), its consumers compensate."""
-    model = make(3)
-    net = deploy(
-        model, "cpu", "openvino", "int8", calibration=[torch.randn(4, 3, 32, 32)], example=torch.randn(1, 3, 32, 32)
-    )
+def _conv_input_lows(ov_model) -> list[float]:
+    """The lowest quantization level of every int8 convolution's input but the image's."""
 
     def quantizers(node):  # the FakeQuantize nodes a convolution's input comes from (a fusion: a Concat of slices)
         if node.get_type_name() == "FakeQuantize":
@@ -269,14 +263,24 @@ def test_openvino_int8_convolutions_read_unsigned_activations() -> None:
         return [fq for i in range(1 if "Slice" in node.get_type_name() else node.get_input_size())
                 for fq in quantizers(node.input_value(i).get_node())]  # fmt: skip
 
-    lows = {}  # each convolution input's lowest quantization level, and whether it is the image
-    for op in net.model.get_ordered_ops():
-        if op.get_type_name() in ("Convolution", "GroupConvolution"):
-            for i, fq in enumerate(quantizers(op.input_value(0).get_node())):
-                image = fq.input_value(0).get_node().get_type_name() == "Parameter"
-                lows[op.get_friendly_name(), i] = (float(fq.input_value(1).get_node().get_data().min()), image)
-    assert len(lows) > 10 and sum(image for _, image in lows.values()) == 1
-    assert all(low >= 0 for low, image in lows.values() if not image), lows
+    fqs = [fq for op in ov_model.get_ordered_ops() if op.get_type_name() in ("Convolution", "GroupConvolution")
+           for fq in quantizers(op.input_value(0).get_node())]  # fmt: skip
+    inner = [fq for fq in fqs if fq.input_value(0).get_node().get_type_name() != "Parameter"]
+    assert len(fqs) - len(inner) == 1  # the first convolution reads the image
+    return [float(fq.input_value(1).get_node().get_data().min()) for fq in inner]
+
+
+@OPENVINO
+def test_openvino_int8_convolutions_read_unsigned_activations() -> None:
+    """Every int8 convolution but the first reads a non-negative (unsigned int8) activation: SiLU's
+    outputs are shifted by the fold (`FoldedParNet.shift_activations`), its consumers compensate."""
+    model = make(3)
+    calibration, example = [torch.randn(4, 3, 32, 32)], torch.randn(1, 3, 32, 32)
+    net = deploy(model, "cpu", "openvino", "int8", calibration=calibration, example=example)
+    lows = _conv_input_lows(net.model)
+    assert len(lows) > 10 and min(lows) >= 0, lows
+    signed = engines_module.openvino_module(fold(model), example, "int8", calibration, 1, unsigned_activations=False)
+    assert min(_conv_input_lows(signed.model)) < 0  # without the shift: SiLU's negative outputs, signed int8
     with torch.inference_mode():  # and the outputs still those of the model, to int8 precision
         x = torch.randn(8, 3, 32, 32)
         ref = model(x)

@@ -250,14 +250,23 @@ def openvino_float_precision(precision: str) -> str:
 
 
 def openvino_module(
-    net: nn.Module, example: torch.Tensor, precision: str, calibration: list[torch.Tensor] | None, threads: int
+    net: nn.Module,
+    example: torch.Tensor,
+    precision: str,
+    calibration: list[torch.Tensor] | None,
+    threads: int,
+    unsigned_activations: bool = True,
 ) -> OpenVinoModule:
-    """OpenVINO's form of ``net`` (a folded ParNet); int8: NNCF post-training quantization on ``calibration``."""
+    """OpenVINO's form of ``net`` (a folded ParNet); int8: NNCF post-training quantization on ``calibration``.
+
+    ``unsigned_activations``: int8 of a :class:`FoldedParNet` with its activations shifted to be
+    non-negative (the default; ``False`` only to measure what that gains).
+    """
     require("openvino", precision)
     import openvino as ov
 
     _, c, h, w = example.shape
-    if precision == "int8" and isinstance(net, FoldedParNet):
+    if precision == "int8" and unsigned_activations and isinstance(net, FoldedParNet):
         # non-negative activations: NNCF gives them unsigned int8, which the int8 convolutions take
         # directly (measured faster here; ONNX Runtime's asymmetric uint8 gains nothing: RESULTS.md)
         net = copy.deepcopy(net).shift_activations()
