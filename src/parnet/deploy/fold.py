@@ -89,10 +89,8 @@ class FoldedBlock(nn.Module):
         # border: (out, 3, 3) contribution of each tap of a folded input shift; precomputed sums.
         t = border if border is not None else conv.weight.new_zeros(conv.out_channels, 3, 3)
         self.register_buffer("border_taps", t)
-        self.register_buffer("border_top", t[:, 0, :].sum(1))
-        self.register_buffer("border_bottom", t[:, 2, :].sum(1))
-        self.register_buffer("border_left", t[:, :, 0].sum(1))
-        self.register_buffer("border_right", t[:, :, 2].sum(1))
+        for name, edge in self._border_edges(t).items():
+            self.register_buffer(name, edge)
         self.packed: PackedConv2d | None = None  # see pack()
 
     def _border_map(self, y: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -122,6 +120,16 @@ class FoldedBlock(nn.Module):
             y[:, :, ho - 1, wo - 1] += t[:, 2, 2]
         return y
 
+    @staticmethod
+    def _border_edges(t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each output channel's summed taps along each edge of the 3x3 kernel (precomputed for _fix_border)."""
+        return {
+            "border_top": t[:, 0, :].sum(1),
+            "border_bottom": t[:, 2, :].sum(1),
+            "border_left": t[:, :, 0].sum(1),
+            "border_right": t[:, :, 2].sum(1),
+        }
+
     @torch.no_grad()
     def take_shifted_input(self, shift: float) -> None:
         """Compute the same output from an input that arrives as ``x + shift`` (every channel), exactly.
@@ -133,11 +141,8 @@ class FoldedBlock(nn.Module):
         taps = -shift * self.conv.weight.sum(1)  # (out, 3, 3): what the shift adds through each tap
         self.conv.bias += taps.sum((1, 2))
         self.border_taps += taps
-        t = self.border_taps
-        self.border_top.copy_(t[:, 0, :].sum(1))
-        self.border_bottom.copy_(t[:, 2, :].sum(1))
-        self.border_left.copy_(t[:, :, 0].sum(1))
-        self.border_right.copy_(t[:, :, 2].sum(1))
+        for name, edge in self._border_edges(self.border_taps).items():
+            getattr(self, name).copy_(edge)
         self.has_border = True
         if self.has_gate:
             self.gate_b -= shift * self.gate_w.sum(1)
