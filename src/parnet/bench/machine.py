@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ..deploy.engines import ENGINES, engine_module, installed
 from ..deploy.kernels import cpu_flags
 
 SIMD_FLAGS = {
@@ -73,6 +74,8 @@ def model_gflop(model: nn.Module, in_chans: int, resolution: int) -> float:
 
 
 PEAK_SIZE = 4096  # the square matrix product that measures the machine's peak
+INT8_CONV_STACK = 4  # 3x3 convs (each with its ReLU) in the int8 conv peak probe
+INT8_MATMUL_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}  # where torch._int_mm has a fast kernel
 
 
 @torch.inference_mode()
@@ -80,9 +83,12 @@ def machine_peak(precisions: Sequence[str], reps: int = 3, size: int = PEAK_SIZE
     """The CPU's practical peak per precision, GFLOP/s: the best of a large matrix product and a large 3x3 conv.
 
     fp32/bf16: ``torch.mm`` (BLAS, which on AMD may run at half oneDNN's rate) and ``F.conv2d`` in
-    channels_last (oneDNN); int8: ``torch._int_mm`` (a private op: the only int8 x int8 -> int32
-    product torch exposes; VNNI) and ONNX Runtime's int8 ``ConvInteger`` is not used, so int8's conv
-    peak is not measured. Each kernel is timed ``reps`` times after a warm-up; its best time counts.
+    channels_last (oneDNN). int8: a stack of that 3x3 conv with ReLUs, quantized by each installed engine's int8 path
+    (:func:`parnet.deploy.engines.engine_module`: OpenVINO with NNCF, ONNX Runtime's QDQ), and
+    ``torch._int_mm`` (a private op: the only int8 x int8 -> int32 product torch exposes) on CPUs
+    with VNNI or AMX only: elsewhere it falls back to a reference loop (0.9 GOP/s measured on an
+    AVX2-only EPYC, minutes per call at the default size). Each kernel is timed ``reps`` times after a
+    warm-up; its best time counts.
     """
     import torch.nn.functional as F
 
@@ -102,9 +108,20 @@ def machine_peak(precisions: Sequence[str], reps: int = 3, size: int = PEAK_SIZE
     conv_flop = 2.0 * n * c * c * 9 * hw * hw
     for precision in precisions:
         if precision == "int8":
-            a = torch.randint(-128, 127, (size, size), generator=g, dtype=torch.int8)
-            b = torch.randint(-128, 127, (size, size), generator=g, dtype=torch.int8)
-            out["int8"] = {"matmul": best_rate(lambda a=a, b=b: torch._int_mm(a, b), mm_flop)}
+            out["int8"] = {}
+            if cpu_flags() & INT8_MATMUL_FLAGS:
+                a = torch.randint(-128, 127, (size, size), generator=g, dtype=torch.int8)
+                b = torch.randint(-128, 127, (size, size), generator=g, dtype=torch.int8)
+                out["int8"]["matmul"] = best_rate(lambda a=a, b=b: torch._int_mm(a, b), mm_flop)
+            # a stack of convs, so that the engine's float input and output are a small part of the call
+            x = torch.randn(n, c, hw, hw, generator=g)
+            layers = [m for _ in range(INT8_CONV_STACK) for m in (nn.Conv2d(c, c, 3, padding=1), nn.ReLU())]
+            stack = nn.Sequential(*layers).eval()
+            for engine in ENGINES:
+                if installed(engine):
+                    run = engine_module(engine, stack, x[:1], "int8", [x], threads=torch.get_num_threads())
+                    rate = best_rate(lambda run=run, x=x: run(x), INT8_CONV_STACK * conv_flop)
+                    out["int8"][f"conv3x3_{engine}"] = rate
             continue
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         a = torch.randn(size, size, generator=g).to(dtype)
