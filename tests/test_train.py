@@ -145,7 +145,10 @@ def test_compiled_training_follows_the_eager_run(fmnist, tmp_path):
     assert load_file(compiled_dir / "last.safetensors").keys() == keys  # no "_orig_mod." prefixes
 
 
-def test_resume_refuses_a_different_model_and_an_existing_run(fmnist, tmp_path):
+def test_resume_refuses_a_different_model_and_an_existing_run(fmnist, tmp_path, monkeypatch):
+    from parnet import precision
+
+    monkeypatch.setattr(precision, "has_native_bf16", lambda: True)  # bf16 is refused on a CPU without it
     out = tmp_path / "run"
     # Also the options the default CPU run leaves off: bf16 autocast, channels_last, Mixup/CutMix.
     res = train(
@@ -479,4 +482,12 @@ def test_auto_amp_is_settled_once_per_run(monkeypatch):
     monkeypatch.setattr(precision, "auto_amp", lambda device, model, example: None)
     assert _settle_amp("auto", None, d, model, info) == "off"
     recorded = {"extra": {"amp": "bf16"}}  # the checkpoint of a run that started in bf16
+    monkeypatch.setattr(precision, "has_native_bf16", lambda: True)
     assert _settle_amp("auto", recorded, d, model, info) == "bf16"
+    # bf16 where the CPU would emulate it: refused, for a new run and for a resumed one
+    monkeypatch.setattr(precision, "has_native_bf16", lambda: False)
+    with pytest.raises(ValueError, match=r"no native bf16 .* use --amp off"):
+        _settle_amp("bf16", None, d, model, info)
+    with pytest.raises(ValueError, match="checkpoint says so.*resume it on a CPU with native bf16"):
+        _settle_amp("off", recorded, d, model, info)
+    assert _settle_amp("off", None, d, model, info) == "off"

@@ -390,12 +390,20 @@ def _settle_amp(amp: str, state: dict[str, Any] | None, d: Any, model: Any, info
     """
     import torch
 
-    if state is not None and state["extra"].get("amp"):
-        return state["extra"]["amp"]
+    from .precision import auto_amp, has_native_bf16
+
+    recorded = state["extra"].get("amp") if state is not None else None
+    if (recorded or amp) == "bf16" and d.device.type == "cpu" and not has_native_bf16():
+        where = "this run trains in bf16 (its checkpoint says so)" if recorded else "--amp bf16 was asked for"
+        raise ValueError(
+            f"{where}, but this CPU has no native bf16 (AVX512-BF16 or AMX): torch would emulate it, measured "
+            "12x slower than fp32 on an AVX2-only EPYC; "
+            + ("resume it on a CPU with native bf16" if recorded else "use --amp off (or auto)")
+        )
+    if recorded:
+        return recorded
     if amp != "auto":
         return amp
-    from .precision import auto_amp
-
     with torch.random.fork_rng(devices=[]):  # the probe's draws (input, dropout) leave the run's RNG as it was
         probe = torch.randn(8, info.in_chans, info.img_size, info.img_size, device=d.device)
         dtype = auto_amp(d.device, model, probe)
