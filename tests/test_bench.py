@@ -130,16 +130,13 @@ def test_machine_peak_and_gflop_count() -> None:
     import torch
 
     from parnet.bench import machine_peak, model_gflop
-    from parnet.bench.machine import INT8_MATMUL_FLAGS
     from parnet.deploy.engines import ENGINES, installed
-    from parnet.deploy.kernels import cpu_flags
+    from parnet.deploy.kernels import has_int8_dot_product
 
     peak = machine_peak(["fp32", "int8"], reps=1, size=64)
     assert set(peak) == {"fp32", "int8"} and set(peak["fp32"]) == {"matmul", "conv3x3"}
     # int8: a conv through every installed engine; torch._int_mm only where it has a fast kernel
-    int8_kernels = {f"conv3x3_{e}" for e in ENGINES if installed(e)} | (
-        {"matmul"} if cpu_flags() & INT8_MATMUL_FLAGS else set()
-    )
+    int8_kernels = {f"conv3x3_{e}" for e in ENGINES if installed(e)} | ({"matmul"} if has_int8_dot_product() else set())
     assert set(peak["int8"]) == int8_kernels
     assert all(rate > 0 for rates in peak.values() for rate in rates.values())
     conv = torch.nn.Conv2d(3, 8, 3, padding=1)  # 2 x 3 x 8 x 9 x 16 x 16 flop

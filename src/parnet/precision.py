@@ -34,6 +34,14 @@ def has_native_bf16() -> bool:
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
+def has_int8_dot_product() -> bool:
+    """Whether the CPU has an 8-bit dot-product instruction (AVX512-VNNI, AVX-VNNI or AMX-INT8).
+
+    Without one, x86 int8 kernels multiply u8 by s8 with ``vpmaddubsw``, whose 16-bit pair sums can
+    saturate; ONNX Runtime's quantizer then needs 7-bit weights (``reduce_range``)."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
 def _step_seconds(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None, reps: int) -> float:
     best = float("inf")
     for _ in range(reps + 1):  # the first call warms up (oneDNN primitives) and is not counted

@@ -386,7 +386,7 @@ def _settle_amp(amp: str, state: dict[str, Any] | None, d: Any, model: Any, info
 
     On a CPU ``auto`` times a training step (:func:`parnet.precision.auto_amp`), which can come out
     differently on another start: so a resumed run takes the precision its checkpoint recorded, and
-    every rank takes rank 0's.
+    every rank takes rank 0's. bf16 on a CPU without native bf16 is refused: torch would emulate it.
     """
     import torch
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..deploy.engines import ENGINES, engine_module, installed
-from ..deploy.kernels import cpu_flags
+from ..deploy.kernels import cpu_flags, has_int8_dot_product
 
 SIMD_FLAGS = {
     "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
@@ -75,7 +75,6 @@ def model_gflop(model: nn.Module, in_chans: int, resolution: int) -> float:
 
 PEAK_SIZE = 4096  # the square matrix product that measures the machine's peak
 INT8_CONV_STACK = 4  # 3x3 convs (each with its ReLU) in the int8 conv peak probe
-INT8_MATMUL_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}  # where torch._int_mm has a fast kernel
 
 
 @torch.inference_mode()
@@ -83,12 +82,12 @@ def machine_peak(precisions: Sequence[str], reps: int = 3, size: int = PEAK_SIZE
     """The CPU's practical peak per precision, GFLOP/s: the best of a large matrix product and a large 3x3 conv.
 
     fp32/bf16: ``torch.mm`` (BLAS, which on AMD may run at half oneDNN's rate) and ``F.conv2d`` in
-    channels_last (oneDNN). int8: a stack of that 3x3 conv with ReLUs, quantized by each installed engine's int8 path
-    (:func:`parnet.deploy.engines.engine_module`: OpenVINO with NNCF, ONNX Runtime's QDQ), and
-    ``torch._int_mm`` (a private op: the only int8 x int8 -> int32 product torch exposes) on CPUs
-    with VNNI or AMX only: elsewhere it falls back to a reference loop (0.9 GOP/s measured on an
-    AVX2-only EPYC, minutes per call at the default size). Each kernel is timed ``reps`` times after a
-    warm-up; its best time counts.
+    channels_last (oneDNN). int8: a stack of that 3x3 conv with ReLUs, quantized by each installed
+    engine's int8 path (:func:`parnet.deploy.engines.engine_module`: OpenVINO with NNCF, ONNX
+    Runtime's QDQ), and ``torch._int_mm`` (a private op: the only int8 x int8 -> int32 product torch
+    exposes) on CPUs with VNNI or AMX only: elsewhere it falls back to a reference loop (0.9 GOP/s
+    measured on an AVX2-only EPYC, minutes per call at the default size). Each kernel is timed
+    ``reps`` times after a warm-up; its best time counts.
     """
     import torch.nn.functional as F
 
@@ -109,7 +108,7 @@ def machine_peak(precisions: Sequence[str], reps: int = 3, size: int = PEAK_SIZE
     for precision in precisions:
         if precision == "int8":
             out["int8"] = {}
-            if cpu_flags() & INT8_MATMUL_FLAGS:
+            if has_int8_dot_product():  # torch._int_mm's only fast kernel
                 a = torch.randint(-128, 127, (size, size), generator=g, dtype=torch.int8)
                 b = torch.randint(-128, 127, (size, size), generator=g, dtype=torch.int8)
                 out["int8"]["matmul"] = best_rate(lambda a=a, b=b: torch._int_mm(a, b), mm_flop)
