@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .deploy.engines import EngineModule, OnnxRuntimeModule, OpenVinoModule, engine_module, require
+from .deploy.engines import (
+    EngineModule,
+    OnnxRuntimeModule,
+    OpenVinoModule,
+    engine_module,
+    ort_max_weight_level,
+    require,
+)
+from .deploy.kernels import has_int8_dot_product
 from .io import atomic_write
 
 SUFFIX = {"onnxruntime": ".onnx", "openvino": ".xml"}
@@ -147,7 +156,15 @@ def load_deployed(path: str | os.PathLike, threads: int | None = None) -> Engine
     threads = threads or torch.get_num_threads()
     shape = (info.in_chans, info.height, info.width)
     if info.engine == "onnxruntime":
-        module: EngineModule = OnnxRuntimeModule(Path(path).read_bytes(), *shape, info.precision, threads)
+        model_bytes = Path(path).read_bytes()
+        if info.precision == "int8" and not has_int8_dot_product() and ort_max_weight_level(model_bytes) > 64:
+            warnings.warn(
+                f"{path} holds 8-bit int8 weights, quantized on a CPU with VNNI or AMX; this CPU has neither, and "
+                "ONNX Runtime's int8 kernels here can saturate on them and lose accuracy: quantize the model again "
+                "on this CPU (`parnet quantize`), which gives 7-bit weights",
+                stacklevel=2,
+            )
+        module: EngineModule = OnnxRuntimeModule(model_bytes, *shape, info.precision, threads)
     else:
         import openvino as ov
 

@@ -219,6 +219,16 @@ def ort_quantize(
         return out.read_bytes()
 
 
+def ort_max_weight_level(model_bytes: bytes) -> int:
+    """The largest absolute int8 level among a quantized ONNX model's weights (127: 8-bit, 64: 7-bit)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load_from_string(model_bytes).graph
+    weights = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    return max((int(abs(w.astype("int16")).max()) for w in weights if w.ndim >= 2), default=0)  # not zero points
+
+
 # -- OpenVINO -------------------------------------------------------------------------------------
 
 
