@@ -294,7 +294,7 @@ def test_onnxruntime_int8_weights_are_7_bit_where_the_cpu_has_no_int8_dot_produc
 ) -> None:
     """ONNX Runtime's u8 x s8 kernels without VNNI/AMX sum pairs in 16 bits, which 8-bit weights can saturate:
     quantized there, the weights are 7-bit; a file with 8-bit weights loaded there gets a warning."""
-    monkeypatch.setattr(engines_module, "has_int8_dot_product", lambda: dot_product)
+    monkeypatch.setattr(engines_module, "int8_pairs_saturate", lambda: not dot_product)
     model = make(4)
     fp32_bytes = engines_module.onnx_model_bytes(fold(model), torch.randn(1, 3, 32, 32))
     onnx_bytes = engines_module.ort_quantize(fp32_bytes, [torch.randn(4, 3, 32, 32)])
@@ -307,7 +307,7 @@ def test_onnxruntime_int8_weights_are_7_bit_where_the_cpu_has_no_int8_dot_produc
     info = deployed.DeployedInfo("onnxruntime", "int8", "cifar10", 3, 32, 32, 10, "test")
     module = engines_module.OnnxRuntimeModule(onnx_bytes, 3, 32, 32, "int8", 1)
     path = deployed.save_deployed(module, tmp_path / "m.onnx", info)
-    monkeypatch.setattr(deployed, "has_int8_dot_product", lambda: False)  # run on a CPU without VNNI or AMX
+    monkeypatch.setattr(deployed, "int8_pairs_saturate", lambda: True)  # run on an x86 CPU without VNNI or AMX
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         deployed.load_deployed(path)

@@ -29,7 +29,7 @@ from .deploy.engines import (
     ort_max_weight_level,
     require,
 )
-from .deploy.kernels import has_int8_dot_product
+from .deploy.kernels import int8_pairs_saturate
 from .io import atomic_write
 
 SUFFIX = {"onnxruntime": ".onnx", "openvino": ".xml"}
@@ -157,11 +157,11 @@ def load_deployed(path: str | os.PathLike, threads: int | None = None) -> Engine
     shape = (info.in_chans, info.height, info.width)
     if info.engine == "onnxruntime":
         model_bytes = Path(path).read_bytes()
-        if info.precision == "int8" and not has_int8_dot_product() and ort_max_weight_level(model_bytes) > 64:
+        if info.precision == "int8" and int8_pairs_saturate() and ort_max_weight_level(model_bytes) > 64:
             warnings.warn(
-                f"{path} holds 8-bit int8 weights, quantized on a CPU with VNNI or AMX; this CPU has neither, and "
-                "ONNX Runtime's int8 kernels here can saturate on them and lose accuracy: quantize the model again "
-                "on this CPU (`parnet quantize`), which gives 7-bit weights",
+                f"{path} holds 8-bit int8 weights; on this CPU (x86 without VNNI or AMX) ONNX Runtime's int8 "
+                "kernels can saturate on them and lose accuracy: quantize the model again on this CPU "
+                "(`parnet quantize`), which gives 7-bit weights",
                 stacklevel=2,
             )
         module: EngineModule = OnnxRuntimeModule(model_bytes, *shape, info.precision, threads)

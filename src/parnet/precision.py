@@ -8,6 +8,7 @@ Emulated bf16 (AVX-512 without BF16, AVX2) is several times slower than fp32.
 
 from __future__ import annotations
 
+import platform
 import time
 from typing import Any
 
@@ -35,11 +36,15 @@ def has_native_bf16() -> bool:
 
 
 def has_int8_dot_product() -> bool:
-    """Whether the CPU has an 8-bit dot-product instruction (AVX512-VNNI, AVX-VNNI or AMX-INT8).
-
-    Without one, x86 int8 kernels multiply u8 by s8 with ``vpmaddubsw``, whose 16-bit pair sums can
-    saturate; ONNX Runtime's quantizer then needs 7-bit weights (``reduce_range``)."""
+    """Whether the CPU has an x86 8-bit dot-product instruction (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
     return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def int8_pairs_saturate() -> bool:
+    """Whether this is an x86 CPU without an 8-bit dot product, whose int8 kernels multiply u8 by s8
+    with ``vpmaddubsw``: its 16-bit pair sums can saturate on 8-bit weights, so ONNX Runtime's
+    quantizer needs 7-bit ones there (``reduce_range``)."""
+    return platform.machine().lower() in {"x86_64", "amd64", "i386", "i686"} and not has_int8_dot_product()
 
 
 def _step_seconds(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None, reps: int) -> float:

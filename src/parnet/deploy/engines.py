@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .fold import FoldedParNet
-from .kernels import has_int8_dot_product, has_native_bf16, recall, remember
+from .kernels import has_native_bf16, int8_pairs_saturate, recall, remember
 
 ENGINES = ("onnxruntime", "openvino")
 ORT_CALIBRATION = ("minmax", "percentile", "entropy")
@@ -177,7 +177,7 @@ def ort_quantize(
 
     ``reduce_range``: 7-bit weights, as ONNX Runtime advises for its u8 x s8 kernels on x86 CPUs
     without an 8-bit dot product (AVX2, AVX-512 without VNNI), whose 16-bit pair sums saturate
-    otherwise; ``None``: where this CPU has no such instruction.
+    otherwise; ``None``: on such a CPU (:func:`parnet.precision.int8_pairs_saturate`).
     """
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -214,7 +214,7 @@ def ort_quantize(
                 str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method],
                 extra_options={"CalibMovingAverage": False},
-                reduce_range=not has_int8_dot_product() if reduce_range is None else reduce_range,
+                reduce_range=int8_pairs_saturate() if reduce_range is None else reduce_range,
             )  # fmt: skip
         return out.read_bytes()
 
