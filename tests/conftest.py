@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,14 @@ import parnet  # noqa: F401  (registers the variants with timm)
 from parnet.bench import randomize_statistics
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Under pytest-xdist (scripts/test.sh runs one worker per core) each worker gets one core's worth of
+    # threads: torch's default of every core per process would oversubscribe them. Tests that need a
+    # thread count set it themselves.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,15 @@
 """A kill at any instant of a run, then --resume: the same files as an uninterrupted run, bit for bit.
 
-Deterministic, not timing-based: ``PARNET_TEST_KILL_AT_WRITE=N`` (parnet.io) ends the training
-process at its N-th write boundary (each file written has two: its temporary file complete, and
-renamed into place) with ``os._exit``, which like a SIGKILL skips every clean-up.
+Deterministic, not timing-based: ``parnet.io``'s test hook (``_kill_at = N``, or the environment
+variable ``PARNET_TEST_KILL_AT_WRITE=N``) ends the training process at its N-th write boundary (each
+file written has two: its temporary file complete, and renamed into place) with ``os._exit``, which
+like a SIGKILL skips every clean-up.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
+import multiprocessing
 import sys
 from pathlib import Path
 
@@ -21,7 +21,6 @@ from parnet.cli import main
 from .test_data import make_fashion_mnist
 from .test_detection import fake_fashion_mnist  # noqa: F401 - a fixture
 
-ROOT = Path(__file__).resolve().parents[1]
 # Timings differ from run to run; everything else must not.
 TIMING = ("epoch_seconds", "images_per_s", "train_seconds", "train_images_per_s", "wall_seconds", "epoch_time_s",
           "eval_time_s")  # fmt: skip
@@ -69,17 +68,37 @@ def _assert_same_run(ref: Path, out: Path) -> None:
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")], "temporary files left behind"
 
 
+def _train_until_killed(args: list[str], at: int) -> None:
+    """The body of a killed run's process: the command line, ended by ``parnet.io`` at write boundary ``at``."""
+    import torch
+
+    torch.set_num_threads(1)  # as the reference run: the same sums in the same order
+    io._kill_at = at
+    sys.exit(main(args))
+
+
+def _run_killed(args: list[str], at: int) -> None:
+    """Run ``parnet <args>`` in its own process until its ``at``-th write boundary ends it, as a kill would.
+
+    The processes are forked from a server that imported parnet once (multiprocessing's forkserver,
+    which has run no torch op, so no thread pool is copied): a fresh interpreter for each of the 30
+    kills spent more time importing torch and timm than training."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["parnet.cli"])
+    proc = ctx.Process(target=_train_until_killed, args=(args, at))
+    proc.start()
+    proc.join()
+    assert proc.exitcode == io.KILL_EXIT_CODE, f"killed at write boundary {at}: exit code {proc.exitcode}"
+
+
 def _kill_then_resume(data: Path, tmp_path: Path, at: int) -> Path:
     out = tmp_path / f"killed_at_{at}"
-    env = {**os.environ, "PARNET_TEST_KILL_AT_WRITE": str(at), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "parnet", *_flags(data, out)], env=env, capture_output=True, text=True)
-    assert proc.returncode == io.KILL_EXIT_CODE, proc.stderr[-2000:]
+    _run_killed(_flags(data, out), at)
     assert main([*_flags(data, out), "--resume"]) == 0
     return out
 
 
-# Representative instants (test_every_write_boundary, marked slow, takes all 30: 6 minutes on 2 cores):
+# Representative instants (test_every_write_boundary, marked slow, takes all 30):
 # the first checkpoint's state written but not renamed; the second epoch's state in place, but not its
 # weights nor metrics; results.json in place before the state says the run is finished.
 FAST = {"first_state_unrenamed": 2, "state_before_weights": 13, "results_before_finished": 27}
@@ -123,7 +142,7 @@ def test_train_det_killed_then_resumed_gives_the_same_run(tmp_path, fake_fashion
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the killed processes (OMP_NUM_THREADS=1): the same sums in the same order
+    torch.set_num_threads(1)  # as the killed processes: the same sums in the same order
     try:
         assert main(flags(tmp_path / "ref")) == 0
         _kill_det_runs(tmp_path, flags)
@@ -132,13 +151,9 @@ def test_train_det_killed_then_resumed_gives_the_same_run(tmp_path, fake_fashion
 
 
 def _kill_det_runs(tmp_path: Path, flags) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     for at in (3, 11):  # writes: best, state, last, metrics.jsonl, metrics.csv, eval.json, predictions.png, state
         out = tmp_path / f"killed_at_{at}"
-        proc = subprocess.run([sys.executable, "-m", "parnet", *flags(out)], capture_output=True, text=True,
-                              env={**env, "PARNET_TEST_KILL_AT_WRITE": str(at)})  # fmt: skip
-        assert proc.returncode == io.KILL_EXIT_CODE, proc.stderr[-2000:]
+        _run_killed(flags(out), at)
         assert main([*flags(out), "--resume"]) == 0
         for name in ("last.safetensors", "best.safetensors", "eval.json"):
             assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), (at, name)

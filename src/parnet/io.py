@@ -6,9 +6,10 @@ killed at any moment leaves either the old file or the new one, never a torn one
 leave the temporary file; :func:`remove_temporaries` removes those of a folder (a resumed run
 does). Reading weights is strict and bounded (:mod:`parnet.weights`).
 
-For tests, the environment variable ``PARNET_TEST_KILL_AT_WRITE=N`` ends the process (exit code
-86, no clean-up, as a kill would) at the N-th write boundary (0-based), counting two per file:
-once the temporary file is written, and once it has replaced the target.
+For tests, the environment variable ``PARNET_TEST_KILL_AT_WRITE=N`` (read at import; in a process
+that has imported this module, set ``_kill_at`` instead) ends the process (exit code 86, no
+clean-up, as a kill would) at the N-th write boundary (0-based), counting two per file: once the
+temporary file is written, and once it has replaced the target.
 """
 
 from __future__ import annotations
