@@ -41,7 +41,7 @@ from pathlib import Path
 
 from ablation.grid import CONFIGS, DEFAULT_ROOT, QUEUES, Budget, measure_all, queue_runs, run_state
 from ablation.report import write_report
-from ablation.runner import Runner, Settings
+from ablation.runner import Runner, Settings, lower_session_priority
 
 
 def _budget(args: argparse.Namespace, queue: str) -> Budget:
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"queue {args.queue} is already being run by process {pid} ({lock})")
     lock.write_text(str(os.getpid()))
     runner = Runner(settings, log=lambda m: print(m, flush=True), jobs=max(1, args.jobs))
+    runner.log(lower_session_priority(args.nice))
     signal.signal(signal.SIGTERM, runner.stop)
     signal.signal(signal.SIGINT, runner.stop)
     try:

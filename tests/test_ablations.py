@@ -205,3 +205,17 @@ def test_command_line_plan_lists_every_run_with_its_state(tmp_path):
     states = dict(line.split()[1:3] for line in out.splitlines() if line.startswith(("ablations ", "full ")))
     assert len(states) == len(grid.queue_runs("ablations")) + len(grid.queue_runs("full"))
     assert states["base-seed0"] == "done" and states["relu-seed1"] == "new"
+
+
+def test_runner_lowers_its_own_session_only(tmp_path, monkeypatch):
+    """Under autogroup scheduling nice ranks only within a session: a session leader lowers its group."""
+    group = tmp_path / "autogroup"
+    group.write_text("/autogroup-7 nice 0\n")
+    monkeypatch.setattr(os, "getsid", lambda pid: 1234)
+    monkeypatch.setattr(os, "getpid", lambda: 99)  # started from a shell: its session is the shell's
+    assert "setsid" in runner_mod.lower_session_priority(19, group)
+    assert group.read_text() == "/autogroup-7 nice 0\n"
+    monkeypatch.setattr(os, "getpid", lambda: 1234)  # started under setsid: its own session
+    assert runner_mod.lower_session_priority(19, group) == "session autogroup at nice 19"
+    assert group.read_text() == "19"
+    assert runner_mod.lower_session_priority(19, tmp_path / "none") == "no autogroup to lower"

@@ -81,7 +81,7 @@ def _bench(args: argparse.Namespace) -> int:
             records += bench_files(
                 _split(args.deployed), batches, reps, args.warmup, args.threads, log, args.settle_ms / 1e3
             )
-    targets = check_targets(records, _split(args.models)[0], args.batch)
+    targets = check_targets(records, _split(args.models)[0], args.batch, peaks)
     table = format_markdown(records, targets)
     print(table)
     if args.markdown:
