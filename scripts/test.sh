@@ -6,4 +6,5 @@ bash scripts/setup.sh
 .venv/bin/ruff check .
 # One worker per core (pytest-xdist; tests/conftest.py gives each one thread): the suite is mostly
 # single-threaded work: on 2 cores 5.5 minutes against 10.4 in one process (-n 0), 2026-12-01.
-.venv/bin/python -m pytest -q -n auto "$@"
+# At most 4: each worker holds its own torch, OpenVINO and compiled kernels in memory.
+.venv/bin/python -m pytest -q -n auto --maxprocesses 4 "$@"
