@@ -74,7 +74,7 @@ def model_gflop(model: nn.Module, in_chans: int, resolution: int) -> float:
 
 
 PEAK_SIZE = 4096  # the square matrix product that measures the machine's peak
-INT8_CONV_STACK = 4  # 3x3 convs (each with its ReLU) in the int8 conv peak probe
+CONV_STACK = 4  # 3x3 convs (each with its ReLU) in the engines' peak probe
 
 
 @torch.inference_mode()
@@ -82,12 +82,13 @@ def machine_peak(precisions: Sequence[str], reps: int = 3, size: int = PEAK_SIZE
     """The CPU's practical peak per precision, GFLOP/s: the best of a large matrix product and a large 3x3 conv.
 
     fp32/bf16: ``torch.mm`` (BLAS, which on AMD may run at half oneDNN's rate) and ``F.conv2d`` in
-    channels_last (oneDNN). int8: a stack of that 3x3 conv with ReLUs, quantized by each installed
-    engine's int8 path (:func:`parnet.deploy.engines.engine_module`: OpenVINO with NNCF, ONNX
-    Runtime's QDQ), and ``torch._int_mm`` (a private op: the only int8 x int8 -> int32 product torch
-    exposes) on CPUs with VNNI or AMX only: elsewhere it falls back to a reference loop (0.9 GOP/s
-    measured on an AVX2-only EPYC, minutes per call at the default size). Each kernel is timed
-    ``reps`` times after a warm-up; its best time counts.
+    channels_last (oneDNN). fp32 and int8: a stack of that 3x3 conv with ReLUs through each installed
+    engine (:func:`parnet.deploy.engines.engine_module`: OpenVINO, with NNCF for int8; ONNX Runtime,
+    QDQ for int8), so that the int8 peak over the fp32 peak compares the same kernels' precisions.
+    int8 also: ``torch._int_mm`` (a private op: the only int8 x int8 -> int32 product torch exposes)
+    on CPUs with VNNI or AMX only: elsewhere it falls back to a reference loop (0.9 GOP/s measured on
+    an AVX2-only EPYC, minutes per call at the default size). Each kernel is timed ``reps`` times
+    after a warm-up; its best time counts.
     """
     import torch.nn.functional as F
 
@@ -105,29 +106,28 @@ def machine_peak(precisions: Sequence[str], reps: int = 3, size: int = PEAK_SIZE
     mm_flop = 2.0 * size**3
     n, c, hw = 8, 256, 56  # a ResNet/ParNet stage-2 conv: 256 -> 256 channels, 56x56, batch 8
     conv_flop = 2.0 * n * c * c * 9 * hw * hw
+    # a stack of convs, so that the engine's float input and output are a small part of the call
+    stack_input = torch.randn(n, c, hw, hw, generator=g)
+    stack = nn.Sequential(*[m for _ in range(CONV_STACK) for m in (nn.Conv2d(c, c, 3, padding=1), nn.ReLU())])
+    stack.eval()
     for precision in precisions:
-        if precision == "int8":
-            out["int8"] = {}
-            if has_int8_dot_product():  # torch._int_mm's only fast kernel
-                a = torch.randint(-128, 127, (size, size), generator=g, dtype=torch.int8)
-                b = torch.randint(-128, 127, (size, size), generator=g, dtype=torch.int8)
-                out["int8"]["matmul"] = best_rate(lambda a=a, b=b: torch._int_mm(a, b), mm_flop)
-            # a stack of convs, so that the engine's float input and output are a small part of the call
-            x = torch.randn(n, c, hw, hw, generator=g)
-            layers = [m for _ in range(INT8_CONV_STACK) for m in (nn.Conv2d(c, c, 3, padding=1), nn.ReLU())]
-            stack = nn.Sequential(*layers).eval()
+        out[precision] = {}
+        if precision in ("fp32", "bf16"):
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            a = torch.randn(size, size, generator=g).to(dtype)
+            x = torch.randn(n, c, hw, hw, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+            w = torch.randn(c, c, 3, 3, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+            out[precision]["matmul"] = best_rate(lambda a=a: torch.mm(a, a), mm_flop)
+            out[precision]["conv3x3"] = best_rate(lambda x=x, w=w: F.conv2d(x, w, padding=1), conv_flop)
+        if precision == "int8" and has_int8_dot_product():  # torch._int_mm's only fast kernel
+            a = torch.randint(-128, 127, (size, size), generator=g, dtype=torch.int8)
+            b = torch.randint(-128, 127, (size, size), generator=g, dtype=torch.int8)
+            out["int8"]["matmul"] = best_rate(lambda a=a, b=b: torch._int_mm(a, b), mm_flop)
+        if precision in ("fp32", "int8"):
             for engine in ENGINES:
                 if installed(engine):
-                    run = engine_module(engine, stack, x[:1], "int8", [x], threads=torch.get_num_threads())
-                    rate = best_rate(lambda run=run, x=x: run(x), INT8_CONV_STACK * conv_flop)
-                    out["int8"][f"conv3x3_{engine}"] = rate
-            continue
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        a = torch.randn(size, size, generator=g).to(dtype)
-        x = torch.randn(n, c, hw, hw, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
-        w = torch.randn(c, c, 3, 3, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
-        out[precision] = {
-            "matmul": best_rate(lambda a=a: torch.mm(a, a), mm_flop),
-            "conv3x3": best_rate(lambda x=x, w=w: F.conv2d(x, w, padding=1), conv_flop),
-        }
+                    calibration = [stack_input] if precision == "int8" else None
+                    run = engine_module(engine, stack, stack_input[:1], precision, calibration, torch.get_num_threads())
+                    rate = best_rate(lambda run=run: run(stack_input), CONV_STACK * conv_flop)
+                    out[precision][f"conv3x3_{engine}"] = rate
     return out
