@@ -88,7 +88,8 @@ def machine_peak(precisions: Sequence[str], reps: int = 3, size: int = PEAK_SIZE
     int8 also: ``torch._int_mm`` (a private op: the only int8 x int8 -> int32 product torch exposes)
     on CPUs with VNNI or AMX only: elsewhere it falls back to a reference loop (0.9 GOP/s measured on
     an AVX2-only EPYC, minutes per call at the default size). Each kernel is timed ``reps`` times
-    after a warm-up; its best time counts.
+    after a warm-up; its best time counts. ``size``: the matrix product's side; the conv has size / 16
+    channels.
     """
     import torch.nn.functional as F
 
@@ -104,7 +105,9 @@ def machine_peak(precisions: Sequence[str], reps: int = 3, size: int = PEAK_SIZE
     g = torch.Generator().manual_seed(0)
     out: dict[str, dict[str, float]] = {}
     mm_flop = 2.0 * size**3
-    n, c, hw = 8, 256, 56  # a ResNet/ParNet stage-2 conv: 256 -> 256 channels, 56x56, batch 8
+    # At the default size a ResNet/ParNet stage-2 conv: 256 -> 256 channels, 56x56, batch 8; its
+    # channels scale with ``size`` (size / 16), so that a small size makes a quick probe (tests).
+    n, c, hw = 8, max(8, size // 16), 56
     conv_flop = 2.0 * n * c * c * 9 * hw * hw
     # a stack of convs, so that the engine's float input and output are a small part of the call
     stack_input = torch.randn(n, c, hw, hw, generator=g)

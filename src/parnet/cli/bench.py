@@ -132,7 +132,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (compilation included) [3]")
     add_kwargs_option(p, "--model-kwargs", "timm.create_model arguments of the ParNet models, e.g. widths=[8,16,32]")
     p.add_argument(
-        "--peak-size", type=int, default=PEAK_SIZE, help=f"matrix size of the peak measurement (0: none) [{PEAK_SIZE}]"
+        "--peak-size",
+        type=int,
+        default=PEAK_SIZE,
+        help=f"matrix size of the peak measurement, the conv's channels / 16 (0: none) [{PEAK_SIZE}]",
     )
     p.add_argument(
         "--settle-ms", type=float, default=SETTLE_S * 1e3,
