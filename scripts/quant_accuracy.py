@@ -65,11 +65,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     doc = {"calibration_images": args.calibration_images, "rows": []}
     for run in args.runs:
-        model, dataset, data_dir = load_trained(run)
-        dataset = dataset or "fashion_mnist"  # a weights file names no dataset; this script's is Fashion-MNIST
-        _, test_set, _ = build_datasets(dataset, data_dir)
+        model, trained = load_trained(run)
+        dataset = trained.dataset or "fashion_mnist"  # an older weights file names none; this script's is Fashion-MNIST
+        data_dir, size = trained.data_dir, trained.img_size
+        _, test_set, _ = build_datasets(dataset, data_dir, img_size=size)
         _, loader, _ = build_loaders(test_set, test_set, 1, 0, eval_batch_size=250)
-        calibration = list(calibration_loader(dataset, data_dir, args.calibration_images))
+        calibration = list(calibration_loader(dataset, data_dir, args.calibration_images, img_size=size))
         example = next(iter(loader))[0][:1]
         ref = evaluate_model(model, loader)
         print(run, "fp32", ref["top1"], flush=True)

@@ -183,6 +183,50 @@ def test_resume_refuses_a_different_model_and_an_existing_run(fmnist, tmp_path, 
         train(tiny_config(fmnist, tmp_path / "none", resume=True))
 
 
+def test_img_size_defaults_to_the_datasets_or_the_models_own(tmp_path):
+    """timm's way: an image folder trains at the model's default input size; the 32x32 datasets at 32."""
+    assert make_config({"dataset": "fashion_mnist", "model": "parnet_s"}).img_size == 32
+    assert make_config({"dataset": "imagefolder"}).img_size == 224  # parnet_s, the folders' default model
+    assert make_config({"dataset": "imagefolder", "model": "parnet_cifar_s"}).img_size == 32
+    assert make_config({"dataset": "imagefolder", "model": "resnet20_cifar", "img_size": 64}).img_size == 64
+    # A run saved before the setting existed resumes at the size it trained at (folders: 224), not the model's.
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.yaml").write_text("dataset: imagefolder\nmodel: parnet_cifar_s\n")
+    assert make_config({"output": str(old), "resume": True}).img_size == 224
+
+
+def test_a_run_at_another_size_is_evaluated_and_quantized_at_it(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from parnet import data
+    from parnet.deployed import quantize_checkpoint, read_info
+    from parnet.evaluate import trained_on
+    from parnet.predict import load_predictor
+
+    folder = make_image_folder(tmp_path / "imgs", classes=2, per_class=4)
+    out = tmp_path / "run"
+    kw = dict(dataset="imagefolder", batch_size=4, epochs=1, img_size=48)
+    with pytest.raises(ValueError, match="--img-size 36 does not suit parnet_cifar_s.*multiples of 8"):
+        train(tiny_config(folder, tmp_path / "bad", **{**kw, "img_size": 36}))
+    res = train(tiny_config(folder, out, **kw))
+    assert res["img_size"] == 48 and yaml.safe_load((out / "config.yaml").read_text())["img_size"] == 48
+    assert trained_on(out).img_size == trained_on(out / "fused.safetensors").img_size == 48
+    with pytest.raises(ValueError, match="img_size was 48, now 64"):
+        train(tiny_config(folder, out, resume=True, **{**kw, "img_size": 64}))
+    sizes = []
+    build = data.build_datasets
+    monkeypatch.setattr(data, "build_datasets", lambda *a, **k: sizes.append(k.get("img_size")) or build(*a, **k))
+    assert evaluate(out, workers=0)["raw"]["n"] == 8
+    assert evaluate(out / "fused.safetensors", data_dir=str(folder), workers=0)["raw"]["n"] == 8
+    written = quantize_checkpoint(out, tmp_path / "q.onnx", "fp32", "onnxruntime", workers=0)
+    assert written["prediction_changes"] == 0 and read_info(tmp_path / "q.onnx").height == 48
+    assert sizes == [48, 48, 48]
+    for source in ({"run": out}, {"checkpoint": out / "fused.safetensors"}):
+        predictor = load_predictor(**source)
+        assert predictor.transform(Image.new("RGB", (40, 30))).shape == (3, 48, 48)
+
+
 def test_a_finished_run_without_its_checkpoint_is_not_overwritten(fmnist, tmp_path):
     """Deleting last_state.pt (the biggest file) to save space must not let a new run replace the results."""
     out = tmp_path / "run"
@@ -287,7 +331,8 @@ def test_eval_accepts_the_authors_checkpoints(tmp_path):
         (["--re-prob", "1.5"], "--re-prob"),
         (["--ema-decay", "1"], "--ema-decay"),
         (["--model-kwargs", "widths"], "KEY=VALUE"),
-        (["--sched", "plateau"], "--sched"),  # timm's plateau steps per epoch on a metric; the loop per update
+        (["--sched", "plateau"], "--sched"),
+        (["--img-size", "4"], "at least 8 pixels"),  # timm's plateau steps per epoch on a metric; the loop per update
         (["--model-kwargs", "in_chans=3"], "in_chans is not accepted here: set by the dataset's images"),
         (["--threads", "100000"], "--threads: Input should be less than or equal to 1024"),
         (["--lr", "nan"], "--lr: Input should be a finite number"),
@@ -357,7 +402,7 @@ def test_every_dataset_has_its_defaults_written_out_and_the_recipe_gives_the_rec
     assert {_config_file_name(d) for d in DATASET_DEFAULTS} == set(CONFIGS) - RECIPES
     recorded = yaml.safe_load((ROOT / "results" / "fmnist-parnet-e8" / "config.yaml").read_text())
     cfg = make_config({}, str(ROOT / "configs" / "fashion_mnist_results.yaml")).model_dump()
-    assert {**cfg, "output": recorded["output"]} == recorded
+    assert {**cfg, "output": recorded["output"]} == {"img_size": 32, **recorded}  # recorded before img_size existed
 
 
 def test_imagenet_config_leaves_bf16_and_channels_last_to_cuda():

@@ -12,7 +12,11 @@ Formats read:
   28x28 grayscale images are padded to 32x32 for the small-input ParNet.
 * ``cifar10`` / ``cifar100``: torchvision's python-pickle folders (``cifar-10-batches-py``,
   ``cifar-100-python``), in ``data_dir`` or ``data_dir`` itself; ``download=True`` fetches them.
-* ``imagefolder``: ``data_dir/train/<class>/*.jpg`` and ``data_dir/val/<class>/*.jpg`` at 224.
+* ``imagefolder``: ``data_dir/train/<class>/*.jpg`` and ``data_dir/val/<class>/*.jpg``, at any
+  resolution (timm's transforms; 224 unless told).
+
+``img_size`` sets the resolution the model sees (the paper scales ParNet by resolution too): the
+small datasets are augmented at their own 32x32 and then resized to it.
 
 Missing data raises :class:`DatasetNotFoundError` saying where to get it; a truncated or corrupt
 file raises :class:`CorruptDatasetError` naming the file.
@@ -24,7 +28,7 @@ import gzip
 import os
 import pickle
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +50,7 @@ __all__ = [
 ]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+MIN_IMG_SIZE = 8  # pixels: below this no network here has a feature map left
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 
@@ -76,7 +81,10 @@ class CorruptDatasetError(ValueError):
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a model needs to know about a dataset: input size and channels, classes, normalisation."""
+    """What a model needs to know about a dataset: input size and channels, classes, normalisation.
+
+    ``img_size`` is the side of the images the model sees (in :data:`DATASETS`: the dataset's own).
+    """
 
     name: str
     num_classes: int
@@ -303,11 +311,16 @@ class AugmentCfg:
 
 
 def build_transforms(info: DatasetInfo, train: bool, aug: AugmentCfg | None = None) -> Any:
-    """The transform of one split: for 32x32 data pad-and-crop, flip, RandAugment, erasing; for 224 timm's."""
+    """The transform of one split, to ``info.img_size`` pixels.
+
+    Image folders: timm's (random resized crop, flip, RandAugment, erasing; resize and center crop
+    to test). The 32x32 datasets: pad-and-crop, flip, RandAugment at their own size, then a resize
+    if ``info.img_size`` differs, then erasing.
+    """
     from torchvision import transforms as T
 
     aug = aug or AugmentCfg()
-    if info.img_size >= 64:
+    if info.name == "imagefolder":
         from timm.data import create_transform
 
         return create_transform(
@@ -323,18 +336,20 @@ def build_transforms(info: DatasetInfo, train: bool, aug: AugmentCfg | None = No
     from timm.data.auto_augment import rand_augment_transform
     from timm.data.random_erasing import RandomErasing
 
+    native = DATASETS[info.name].img_size
     pad = [T.Pad(2)] if info.name == "fashion_mnist" else []  # 28x28 -> 32x32
-    tail = [T.ToTensor(), T.Normalize(info.mean, info.std)]
+    resize = []
+    if info.img_size != native:
+        resize = [T.Resize((info.img_size, info.img_size), interpolation=T.InterpolationMode.BICUBIC, antialias=True)]
+    tail = resize + [T.ToTensor(), T.Normalize(info.mean, info.std)]
     if not train:
         return T.Compose(pad + tail)
-    ops: list[Any] = pad + [T.RandomCrop(info.img_size, padding=4)]
+    ops: list[Any] = pad + [T.RandomCrop(native, padding=4)]
     if aug.hflip > 0:
         ops.append(T.RandomHorizontalFlip(aug.hflip))
     if aug.auto_augment:
         fill = tuple(round(255 * m) for m in info.mean)
-        ops.append(
-            rand_augment_transform(aug.auto_augment, dict(translate_const=int(info.img_size * 0.45), img_mean=fill))
-        )
+        ops.append(rand_augment_transform(aug.auto_augment, dict(translate_const=int(native * 0.45), img_mean=fill)))
     ops += tail
     if aug.re_prob > 0:
         ops.append(RandomErasing(aug.re_prob, mode="pixel", device="cpu"))
@@ -349,6 +364,7 @@ def build_datasets(
     train_subset: int = 0,
     test_subset: int = 0,
     test_only: bool = False,
+    img_size: int = 0,
 ) -> tuple[Dataset, Dataset, DatasetInfo]:
     """Train and test datasets of ``name`` with their transforms, and the dataset's info.
 
@@ -359,10 +375,13 @@ def build_datasets(
         download: CIFAR only: fetch the files with torchvision if missing.
         train_subset / test_subset: if > 0, use only the first N images of a split (tests, demos).
         test_only: read the test split only (evaluation): the first result is then the test set too.
+        img_size: the side of the images the model sees, pixels (0: the dataset's own, 224 for folders).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-    info = DATASETS[name]
+    if img_size < 0 or 0 < img_size < MIN_IMG_SIZE:
+        raise ValueError(f"img_size must be at least {MIN_IMG_SIZE} pixels (or 0 for the dataset's), got {img_size}")
+    info = replace(DATASETS[name], img_size=img_size or DATASETS[name].img_size)
     root = Path(data_dir or info.default_dir).expanduser()
     train_tf, test_tf = build_transforms(info, True, aug), build_transforms(info, False, aug)
     if name == "fashion_mnist":
@@ -378,7 +397,7 @@ def build_datasets(
         train = test if test_only else _imagefolder(root, True, train_tf)
         if train.classes != test.classes:
             raise CorruptDatasetError(f"{root}/train and {root}/val have different class folders")
-        info = DatasetInfo(info.name, len(train.classes), info.in_chans, info.img_size, info.mean, info.std, str(root))
+        info = replace(info, num_classes=len(train.classes), default_dir=str(root))
     if train_subset > 0:
         train = torch.utils.data.Subset(train, range(min(train_subset, len(train))))
     if test_subset > 0:

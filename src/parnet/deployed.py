@@ -16,7 +16,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from .deploy.engines import (
 )
 from .deploy.kernels import int8_pairs_saturate
 from .io import atomic_write
+
+if TYPE_CHECKING:
+    from .evaluate import TrainedOn
 
 SUFFIX = {"onnxruntime": ".onnx", "openvino": ".xml"}
 META_KEY = "parnet_deployed"
@@ -55,13 +58,13 @@ def is_deployed_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in SUFFIX.values()
 
 
-def calibration_loader(dataset: str, data_dir: str | None, images: int, batch_size: int = 32) -> Any:
-    """The first ``images`` training images, test transforms, in batches (for calibration)."""
+def calibration_loader(dataset: str, data_dir: str | None, images: int, batch_size: int = 32, img_size: int = 0) -> Any:
+    """The first ``images`` training images, test transforms, in batches (for calibration), at ``img_size``."""
     from .data import build_datasets, build_transforms
 
     if images < 1:
         raise ValueError(f"--calibration-images must be at least 1, got {images}")
-    train, _, info = build_datasets(dataset, data_dir, train_subset=images)
+    train, _, info = build_datasets(dataset, data_dir, train_subset=images, img_size=img_size)
     base = train.dataset if isinstance(train, torch.utils.data.Subset) else train
     base.transform = build_transforms(info, False)  # no augmentation: the images as the model will see them
     return torch.utils.data.DataLoader(train, batch_size=min(batch_size, images), shuffle=False)
@@ -174,24 +177,18 @@ def load_deployed(path: str | os.PathLike, threads: int | None = None) -> Engine
     return module.eval()
 
 
-def load_trained(checkpoint: str | os.PathLike) -> tuple[nn.Module, str | None, str | None]:
-    """The model of a run folder (its EMA weights when kept) or a checkpoint file; the run's dataset and data folder."""
-    from .evaluate import load_weights
+def load_trained(checkpoint: str | os.PathLike) -> tuple[nn.Module, TrainedOn]:
+    """The model of a run folder (its EMA weights when kept) or a checkpoint file, and the data it was trained on."""
+    from .evaluate import load_weights, trained_on
 
     path = Path(checkpoint)
     if not path.is_dir():
-        return load_weights(path), None, None
+        return load_weights(path), trained_on(path)
     weights = path / "last_ema.safetensors"
     weights = weights if weights.is_file() else path / "last.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{path} holds no last.safetensors: is it a training run folder?")
-    dataset = data_dir = None
-    if (path / "config.yaml").is_file():
-        import yaml
-
-        cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
-        dataset, data_dir = cfg.get("dataset"), cfg.get("data_dir")
-    return load_weights(weights), dataset, data_dir
+    return load_weights(weights), trained_on(path)
 
 
 def quantize_checkpoint(
@@ -216,12 +213,14 @@ def quantize_checkpoint(
 
     if Path(out).suffix.lower() != SUFFIX.get(engine):
         raise ValueError(f"an {engine} model is written to a {SUFFIX.get(engine)} file, got {Path(out).name}")
-    model, run_dataset, run_data_dir = load_trained(checkpoint)
-    dataset = dataset or run_dataset or "fashion_mnist"
-    data_dir = data_dir or run_data_dir
-    _, test_set, info = build_datasets(dataset, data_dir, test_subset=test_subset)
+    model, trained = load_trained(checkpoint)
+    dataset = dataset or trained.dataset or "fashion_mnist"
+    data_dir = data_dir or trained.data_dir
+    _, test_set, info = build_datasets(dataset, data_dir, test_subset=test_subset, img_size=trained.img_size)
     _, test_loader, _ = build_loaders(test_set, test_set, 1, workers, eval_batch_size=batch_size)
-    calibration = calibration_loader(dataset, data_dir, calibration_images) if precision == "int8" else None
+    calibration = None
+    if precision == "int8":
+        calibration = calibration_loader(dataset, data_dir, calibration_images, img_size=trained.img_size)
     example = next(iter(test_loader))[0][:1]
     deployed = build(model, engine, precision, calibration, example, method=method)
     c, h, w = example.shape[1:]

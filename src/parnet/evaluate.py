@@ -14,10 +14,46 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["evaluate", "evaluate_model", "load_weights", "plot"]
+__all__ = ["TrainedOn", "evaluate", "evaluate_model", "load_weights", "plot", "trained_on"]
+
+
+@dataclass(frozen=True)
+class TrainedOn:
+    """The data a ``parnet train`` run folder or weights file says it was trained on (``None`` where unsaid).
+
+    ``img_size`` 0: the dataset's default size (files written before the size was a setting).
+    """
+
+    dataset: str | None = None
+    data_dir: str | None = None
+    img_size: int = 0
+
+
+def trained_on(path: str | os.PathLike) -> TrainedOn:
+    """What ``path`` (a run folder: its ``config.yaml``; a weights file: its header) says of its training data."""
+    from .weights import bounded_int
+
+    path = Path(path)
+    if path.is_dir() and (path / "config.yaml").is_file():
+        from .settings import read_yaml
+
+        cfg = read_yaml(path / "config.yaml")
+        return TrainedOn(cfg.get("dataset"), cfg.get("data_dir"), cfg.get("img_size") or 0)
+    if path.is_file() and path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # noqa: BLE001 - not readable as safetensors: the loader says why
+            return TrainedOn()
+        size = bounded_int(meta["img_size"], "img_size", 8, 4096, str(path)) if "img_size" in meta else 0
+        return TrainedOn(meta.get("dataset"), None, size)
+    return TrainedOn()
 
 
 # -- evaluation ---------------------------------------------------------------------------------
@@ -127,12 +163,14 @@ def evaluate(
     device: str | None = None,
     official: bool | None = None,
     progress: bool = False,
+    img_size: int = 0,
 ) -> dict[str, dict[str, float]]:
     """Top-1/top-5 of a checkpoint on a dataset's test split, and of its re-parameterized form.
 
     ``checkpoint`` is a run folder (its raw and EMA weights are both scored), a ``.safetensors``
     file of this project, or an authors' ``.pth.tar`` (``load_official``, EMA weights when present).
-    ``dataset`` defaults to the run's. Returns ``{"raw": {...}, "raw_fused": {...}, "ema": ...}``.
+    ``dataset`` defaults to the run's, ``img_size`` (0) to the size it trained at (the dataset's
+    default where that is not recorded). Returns ``{"raw": {...}, "raw_fused": {...}, "ema": ...}``.
     """
     import torch
 
@@ -140,23 +178,22 @@ def evaluate(
     from .data import DATASETS, build_datasets, build_loaders
     from .deployed import is_deployed_file, load_deployed
     from .io import is_torch_checkpoint
-    from .settings import read_yaml
 
     path = Path(checkpoint)
     nets: dict[str, Any] = {}
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    run_dataset = None  # the dataset a run folder was trained on, from its config.yaml
+    run_dataset = None  # the dataset the weights were trained on (their run's config.yaml, or their header)
+    trained = trained_on(path)
+    img_size = img_size or trained.img_size
     if path.is_dir():
         if not (path / "last.safetensors").is_file():
             raise FileNotFoundError(f"{path} holds no last.safetensors: is it a training run folder?")
         nets["raw"] = load_weights(path / "last.safetensors", str(dev))
         if (path / "last_ema.safetensors").is_file():
             nets["ema"] = load_weights(path / "last_ema.safetensors", str(dev))
-        if (path / "config.yaml").is_file():
-            run_cfg = read_yaml(path / "config.yaml")
-            run_dataset = run_cfg.get("dataset")
-            if dataset is None:
-                dataset, data_dir = run_dataset, data_dir or run_cfg.get("data_dir")
+        run_dataset = trained.dataset
+        if dataset is None:
+            dataset, data_dir = run_dataset, data_dir or trained.data_dir
     elif official or (official is None and path.is_file() and is_torch_checkpoint(path)):  # by content
         from .official import load_official, read_checkpoint
 
@@ -170,8 +207,11 @@ def evaluate(
         nets["raw"] = load_deployed(path)
         run_dataset = nets["raw"].dataset
         dataset, dev = dataset or run_dataset, torch.device("cpu")
+        img_size = img_size or nets["raw"].height  # the one size the engine model was built for
     else:
         nets["raw"] = load_weights(path, str(dev), official=False)
+        run_dataset = trained.dataset  # from the weights file's header
+        dataset = dataset or run_dataset
     dataset = dataset or "fashion_mnist"
     first = next(iter(nets.values()))
     # The model's input channels (ParNet's in_chans, else its first convolution's), checked before
@@ -180,13 +220,13 @@ def evaluate(
     model_chans = getattr(first, "in_chans", conv.in_channels if conv is not None else None)
     chans = getattr(DATASETS.get(dataset), "in_chans", None)
     if chans and model_chans and model_chans != chans:
-        trained_on = f"{model_chans}-channel data" + (f" ({run_dataset})" if run_dataset else "")
+        trained_with = f"{model_chans}-channel data" + (f" ({run_dataset})" if run_dataset else "")
         raise ValueError(
-            f"{path} was trained on {trained_on}, {dataset} has {chans}-channel images: "
+            f"{path} was trained on {trained_with}, {dataset} has {chans}-channel images: "
             f"evaluate it on {run_dataset or f'a {model_chans}-channel dataset'}"
             + (f" (leave out --dataset, or pass --dataset {run_dataset})" if run_dataset else "")
         )
-    _, test_set, info = build_datasets(dataset, data_dir, test_subset=test_subset, test_only=True)
+    _, test_set, info = build_datasets(dataset, data_dir, test_subset=test_subset, test_only=True, img_size=img_size)
     _, loader, _ = build_loaders(test_set, test_set, 1, workers, eval_batch_size=batch_size)
     if getattr(first, "num_classes", info.num_classes) != info.num_classes:
         raise ValueError(f"{path} has {first.num_classes} classes, {dataset} has {info.num_classes}")

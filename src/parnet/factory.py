@@ -12,7 +12,7 @@ import difflib
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["check_model_name", "create_classifier", "create_model", "refuse_reserved"]
+__all__ = ["check_model_name", "create_classifier", "create_model", "default_input_size", "refuse_reserved"]
 
 
 def check_model_name(text: Any) -> str:
@@ -45,6 +45,16 @@ def create_model(name: str, **kwargs: Any) -> Any:
         if "unexpected keyword argument" not in str(e):  # not a typo of the user's: keep the traceback
             raise
         raise ValueError(f"cannot create {name} with {kwargs}: {e}") from None
+
+
+def default_input_size(name: str) -> int | None:
+    """The image side timm's pretrained config of model ``name`` (``name.tag`` too) gives it, if it has one."""
+    import timm
+
+    from . import baselines  # noqa: F401 - registers the baselines
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else None
 
 
 def refuse_reserved(kwargs: Mapping[str, Any], reserved: Mapping[str, str]) -> None:

@@ -98,42 +98,44 @@ def load_predictor(
         raise ValueError("give a run folder or a checkpoint file, not both")
     if run is None and checkpoint is None and not model_name:
         raise ValueError("give the weights: a run folder, a checkpoint file, or a model name with released weights")
-    dataset = data_dir = None
+    from .evaluate import TrainedOn, trained_on
+
+    trained = TrainedOn()
     if run is not None:
-        model, source, dataset, data_dir = _load_run(Path(run), use_ema, device)
+        model, source = _load_run(Path(run), use_ema, device)
+        trained = trained_on(run)
     elif checkpoint is not None:
-        model, source, dataset = _load_checkpoint(Path(checkpoint), use_ema, device)
+        model, source = _load_checkpoint(Path(checkpoint), use_ema, device)
+        trained = trained_on(checkpoint)
     else:
         model, source = _load_pretrained(str(model_name), device)
     model.eval()
     num_classes = model.num_classes
-    names = _class_names(dataset, data_dir, num_classes)
+    dataset = trained.dataset
+    names = _class_names(dataset, trained.data_dir, num_classes)
     if dataset is not None and dataset != "imagefolder":
-        transform, mode = _dataset_transform(dataset)
+        transform, mode = _dataset_transform(dataset, trained.img_size)
     else:
-        transform, mode = _timm_transform(model, model_name)
+        transform, mode = _timm_transform(model, model_name, trained.img_size)
     return Predictor(model, transform, names, mode, source)
 
 
 # -- weights -------------------------------------------------------------------------------------
 
 
-def _load_run(run: Path, use_ema: bool, device: str) -> tuple[nn.Module, str, str | None, str | None]:
-    import yaml
-
+def _load_run(run: Path, use_ema: bool, device: str) -> tuple[nn.Module, str]:
     from .evaluate import load_weights
 
     files = [run / f for f in RUN_WEIGHTS if (run / f).is_file()]
     if not files:
         raise FileNotFoundError(f"{run} holds no {' or '.join(RUN_WEIGHTS)}: is it a `parnet train` run folder?")
     path = files[0] if use_ema else files[-1]
-    config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
-    return load_weights(path, device), str(path), (config or {}).get("dataset"), (config or {}).get("data_dir")
+    return load_weights(path, device), str(path)
 
 
-def _load_checkpoint(path: Path, use_ema: bool, device: str) -> tuple[nn.Module, str, str | None]:
+def _load_checkpoint(path: Path, use_ema: bool, device: str) -> tuple[nn.Module, str]:
     from .evaluate import load_weights
-    from .io import is_torch_checkpoint, read_safetensors
+    from .io import is_torch_checkpoint
     from .official import load_official, read_checkpoint
 
     if not path.is_file():
@@ -141,9 +143,8 @@ def _load_checkpoint(path: Path, use_ema: bool, device: str) -> tuple[nn.Module,
     if is_torch_checkpoint(path):  # an authors' file (load_official refuses anything else clearly)
         ckpt = read_checkpoint(path)
         ema = use_ema and "state_dict_ema" in ckpt
-        return load_official(ckpt, use_ema=ema).to(device), f"{path} ({'EMA' if ema else 'raw'} weights)", None
-    _, meta = read_safetensors(path, None)
-    return load_weights(path, device), str(path), meta.get("dataset")
+        return load_official(ckpt, use_ema=ema).to(device), f"{path} ({'EMA' if ema else 'raw'} weights)"
+    return load_weights(path, device), str(path)
 
 
 def _load_pretrained(name: str, device: str) -> tuple[nn.Module, str]:
@@ -182,8 +183,11 @@ def _class_names(dataset: str | None, data_dir: str | None, num_classes: int) ->
     return names
 
 
-def _dataset_transform(dataset: str) -> tuple[Callable[[Image.Image], torch.Tensor], str]:
-    """The dataset's evaluation transform, after resizing to the size its images have on disk."""
+def _dataset_transform(dataset: str, img_size: int = 0) -> tuple[Callable[[Image.Image], torch.Tensor], str]:
+    """The dataset's evaluation transform to ``img_size`` (0: its own size), after resizing an image to the
+    size the dataset's images have on disk."""
+    from dataclasses import replace
+
     from torchvision import transforms as T
 
     from .data import DATASETS, build_transforms
@@ -193,11 +197,15 @@ def _dataset_transform(dataset: str) -> tuple[Callable[[Image.Image], torch.Tens
     info = DATASETS[dataset]
     size = NATIVE_SIZE.get(dataset, info.img_size)
     resize = T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR, antialias=True)
+    info = replace(info, img_size=img_size or info.img_size)
     return T.Compose([resize, build_transforms(info, train=False)]), "L" if info.in_chans == 1 else "RGB"
 
 
-def _timm_transform(model: nn.Module, model_name: str | None) -> tuple[Callable[[Image.Image], torch.Tensor], str]:
-    """timm's evaluation transform from the pretrained config of ``model_name``, the model or its released variant."""
+def _timm_transform(
+    model: nn.Module, model_name: str | None, img_size: int = 0
+) -> tuple[Callable[[Image.Image], torch.Tensor], str]:
+    """timm's evaluation transform from the pretrained config of ``model_name``, the model or its released variant;
+    at ``img_size`` where the weights say they were trained at it."""
     import timm
     from timm.data import create_transform, resolve_data_config
 
@@ -209,7 +217,7 @@ def _timm_transform(model: nn.Module, model_name: str | None) -> tuple[Callable[
         pretrained_cfg = getattr(model, "pretrained_cfg", None) or _variant_cfg(model)
     config = resolve_data_config(pretrained_cfg=pretrained_cfg)
     in_chans = getattr(model, "in_chans", 3)
-    config["input_size"] = (in_chans, *config["input_size"][1:])
+    config["input_size"] = (in_chans, *((img_size, img_size) if img_size else config["input_size"][1:]))
     if len(config["mean"]) != in_chans:  # a grey model under an RGB config: the channels' average
         config["mean"] = (sum(config["mean"]) / len(config["mean"]),) * in_chans
         config["std"] = (sum(config["std"]) / len(config["std"]),) * in_chans

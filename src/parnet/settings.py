@@ -16,7 +16,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-__all__ = ["DATASET_DEFAULTS", "RESERVED_MODEL_KWARGS", "TrainConfig", "check_config", "make_config", "read_yaml"]
+__all__ = [
+    "DATASET_DEFAULTS", "RESERVED_MODEL_KWARGS", "TrainConfig", "check_config", "default_img_size", "make_config",
+    "read_yaml",
+]  # fmt: skip
 
 # model_kwargs keys the run sets itself, and why (checked on the command line and in files).
 RESERVED_MODEL_KWARGS = {
@@ -46,6 +49,13 @@ class TrainConfig(Settings):
     model: str = Field("parnet_cifar_s", description="any timm model name (ParNet variants, resnet20_cifar, ...)")
     model_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="architecture arguments of timm.create_model (widths, head_width, ...)"
+    )
+    img_size: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="image side the model trains and is tested at, pixels (0 = 32 for Fashion-MNIST and CIFAR, "
+        "the model's default input size for an image folder)",
     )
     epochs: int = Field(30, ge=1, description="training epochs")
     batch_size: int = Field(128, ge=1, description="images per step per process")
@@ -106,6 +116,15 @@ class TrainConfig(Settings):
 
         if value not in DATASETS:
             raise ValueError(f"unknown dataset {value!r}; choose one of {', '.join(DATASETS)}")
+        return value
+
+    @field_validator("img_size")
+    @classmethod
+    def _image_size(cls, value: int) -> int:
+        from .data import MIN_IMG_SIZE
+
+        if 0 < value < MIN_IMG_SIZE:
+            raise ValueError(f"must be 0 (the default size) or at least {MIN_IMG_SIZE} pixels, got {value}")
         return value
 
     @field_validator("model")
@@ -244,6 +263,24 @@ def _run_settings(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
+def _dataset_img_size(settings: dict[str, Any]) -> int:
+    """The size a run trained at before ``img_size`` was a setting: its dataset's own (224 for folders)."""
+    from .data import DATASETS
+
+    return DATASETS[settings.get("dataset", TrainConfig.model_fields["dataset"].default)].img_size
+
+
+def default_img_size(dataset: str, model: str) -> int:
+    """``img_size`` 0's meaning: 32 for the small datasets; for an image folder the model's default
+    input size (timm's pretrained config: 32 for the small-input ParNets, 224 for ParNet-S), else 224."""
+    from .data import DATASETS
+    from .factory import default_input_size
+
+    if dataset != "imagefolder":
+        return DATASETS[dataset].img_size
+    return default_input_size(model) or DATASETS[dataset].img_size
+
+
 def _with_dataset_defaults(settings: dict[str, Any]) -> TrainConfig:
     dataset = settings.get("dataset", TrainConfig.model_fields["dataset"].default)
     return TrainConfig(**{**DATASET_DEFAULTS.get(dataset, {}), **settings})
@@ -269,7 +306,10 @@ def make_config(overrides: dict[str, Any] | None = None, config_file: str | None
         cfg = _with_dataset_defaults(given)
         if cfg.resume and (saved := _run_settings(cfg.run_dir())):
             saved = {k: v for k, v in saved.items() if k not in _PER_INVOCATION}
+            saved.setdefault("img_size", _dataset_img_size(saved))  # saved before the setting existed
             cfg = _with_dataset_defaults({**saved, **given, "output": str(cfg.run_dir())})
+        if cfg.img_size == 0:  # resolved once, so the run's files say the size it trained at
+            cfg.img_size = default_img_size(cfg.dataset, cfg.model)
     except ValidationError as e:
         raise ValueError(validation_message(e, config_file or "arguments")) from None
     # Valid one by one, not together: smoothing 1 leaves no target unless Mixup/CutMix soften the labels.

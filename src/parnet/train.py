@@ -53,6 +53,7 @@ def _weights_metadata(cfg: TrainConfig, num_classes: int, in_chans: int) -> dict
         "num_classes": str(num_classes),
         "in_chans": str(in_chans),
         "dataset": cfg.dataset,
+        "img_size": str(cfg.img_size),
     }
 
 
@@ -61,8 +62,8 @@ _RESULT_FILES = ("results.json", "fused.safetensors", "ema_fused.safetensors")
 
 # Settings a resumed run must keep: the data and model, and those the restored optimizer and schedule
 # state would silently override (a longer --epochs would continue at the finished cosine's min_lr).
-_RESUME_FIXED = ("dataset", "model", "model_kwargs", "batch_size", "seed", "train_subset", "epochs", "lr", "opt",
-                 "momentum", "weight_decay", "sched", "warmup_epochs", "warmup_lr", "min_lr", "ema")  # fmt: skip
+_RESUME_FIXED = ("dataset", "img_size", "model", "model_kwargs", "batch_size", "seed", "train_subset", "epochs", "lr",
+                 "opt", "momentum", "weight_decay", "sched", "warmup_epochs", "warmup_lr", "min_lr", "ema")  # fmt: skip
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -133,7 +134,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     # Data: the train split with the paper's augmentation, sharded over ranks; the full test split.
     aug = AugmentCfg(auto_augment=cfg.auto_augment, re_prob=cfg.re_prob, hflip=cfg.hflip)
     train_set, test_set, info = build_datasets(
-        cfg.dataset, cfg.data_dir, aug, cfg.download, cfg.train_subset, cfg.test_subset
+        cfg.dataset, cfg.data_dir, aug, cfg.download, cfg.train_subset, cfg.test_subset, img_size=cfg.img_size
     )
     train_loader, test_loader, loader_gen = build_loaders(
         train_set,
@@ -150,6 +151,11 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
 
     # Model, EMA, optimizer, schedule, loss.
     model = create_classifier(cfg.model, info.num_classes, info.in_chans, cfg.model_kwargs, cfg.drop_rate)
+    if hasattr(model, "check_input"):  # a ParNet: refuse a size it cannot take before any work
+        try:
+            model.check_input(torch.empty(1, info.in_chans, info.img_size, info.img_size, device="meta"))
+        except ValueError as e:
+            raise ValueError(f"--img-size {info.img_size} does not suit {cfg.model}: {e}") from None
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and d.device.type == "cuda")
     model = model.to(d.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     n_params = sum(p.numel() for p in model.parameters())
@@ -339,6 +345,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
         "model": cfg.model,
         "model_kwargs": cfg.model_kwargs,
         "dataset": cfg.dataset,
+        "img_size": info.img_size,
         "params": n_params,
         "epochs_done": epochs_done,
         "epochs": cfg.epochs,

@@ -44,6 +44,7 @@ def _eval_command(args: argparse.Namespace) -> int:
         args.test_subset,
         args.device,
         official=True if args.official else None,
+        img_size=args.img_size,
     )
     if args.json:
         print(json.dumps(out, indent=2))
@@ -87,6 +88,12 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size")
     p.add_argument("--workers", type=nonneg_int, default=2, help="data loader worker processes")
     p.add_argument("--test-subset", type=nonneg_int, default=0, help="only the first N test images (0 = all)")
+    p.add_argument(
+        "--img-size",
+        type=field_type(TrainConfig, "img_size"),
+        default=0,
+        help="image side, pixels (default: the size the weights trained at, else the dataset's)",
+    )
     p.add_argument(
         "--device", type=field_type(TrainConfig, "device"), default=None, help="cpu or cuda (default: cuda if any)"
     )
