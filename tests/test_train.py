@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -227,6 +228,82 @@ def test_a_run_at_another_size_is_evaluated_and_quantized_at_it(tmp_path, monkey
         assert predictor.transform(Image.new("RGB", (40, 30))).shape == (3, 48, 48)
 
 
+def test_fine_tuning_keeps_the_weights_restarts_the_classifier_and_adapts_the_input(reference_run):
+    """timm's load_pretrained, for --initial-checkpoint: a grey 10-class run into an RGB 2-class model."""
+    from parnet.evaluate import load_weights
+    from parnet.transfer import initialize_from
+
+    out, _ = reference_run
+    src = load_weights(out / "last_ema.safetensors").eval()
+    model = timm.create_model("parnet_cifar_s", num_classes=2, in_chans=3, **TINY)
+    fresh_classifier = model.head.fc.weight.clone()
+    note = initialize_from(model, out)
+    assert "classifier restarted for 2 classes (the weights have 10)" in note
+    assert "input convolutions adapted from 1 to 3 channels" in note and "last_ema.safetensors" in note
+    theirs, ours = src.state_dict(), model.state_dict()
+    assert torch.equal(ours["head.fc.weight"], fresh_classifier)
+    inputs = [f"stem.0.{branch}.conv.weight" for branch in ("dense", "point", "gate")]
+    for key in inputs:
+        assert torch.allclose(ours[key], theirs[key].repeat(1, 3, 1, 1) / 3)
+    rest = [k for k in ours if not k.startswith("head.fc.") and k not in inputs]
+    assert len(rest) > 100 and all(torch.equal(ours[k], theirs[k]) for k in rest)
+    # A grey image given as three equal channels: the same features as the source network's
+    x = torch.randn(2, 1, 32, 32)
+    features = model.eval().forward_head(model.forward_features(x.expand(-1, 3, -1, -1)), pre_logits=True)
+    assert torch.allclose(features, src.forward_head(src.forward_features(x), pre_logits=True), atol=1e-5)
+
+
+def test_fine_tuning_refuses_what_it_cannot_start_from(reference_run, tmp_path):
+    from parnet.transfer import initialize_from
+
+    out, _ = reference_run
+
+    def tiny(**kw):
+        return timm.create_model("parnet_cifar_s", num_classes=10, in_chans=1, **{**TINY, **kw})
+
+    with pytest.raises(ValueError, match="fused .* cannot be trained"):
+        initialize_from(tiny(), out / "ema_fused.safetensors")
+    with pytest.raises(ValueError, match=r"another architecture: act 'silu' \(the model: 'relu'\)"):
+        initialize_from(tiny(act="relu"), out)  # the shapes alone would fit
+    with pytest.raises(ValueError, match="head_width 64 .the model: 32."):
+        initialize_from(tiny(head_width=32), out)
+    with pytest.raises(ValueError, match="does not fit this model: missing"):
+        initialize_from(timm.create_model("resnet20_cifar", in_chans=1), out)
+    with pytest.raises(FileNotFoundError):
+        initialize_from(tiny(), tmp_path / "none.safetensors")
+
+
+def test_fine_tuning_from_the_authors_file_takes_their_ema_weights(official_tiny, tmp_path):
+    from parnet import load_official
+    from parnet.transfer import initialize_from
+
+    raw = official_tiny["state_dict"]
+    ema = {k: v * 0.5 if v.is_floating_point() and k.endswith("conv.weight") else v for k, v in raw.items()}
+    torch.save({"state_dict": raw, "state_dict_ema": ema, "epoch": 3}, tmp_path / "authors.pth.tar")
+    reference = load_official({"state_dict": ema}, activation="relu")
+    model = timm.create_model("parnet_s_official", num_classes=2, **dataclasses.asdict(reference.cfg))
+    assert "classifier restarted for 2 classes" in initialize_from(model, tmp_path / "authors.pth.tar")
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours if not k.startswith("head.fc."))
+
+
+def test_a_fine_tuning_run_starts_from_the_weights_once(reference_run, tmp_path, capsys):
+    """The initial weights are read at the start only: a resumed run continues from its own checkpoint."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("last.safetensors", "last_ema.safetensors"):
+        (source / name).write_bytes((reference_run[0] / name).read_bytes())
+    folder = make_image_folder(tmp_path / "imgs", classes=2, per_class=4)
+    kw = dict(dataset="imagefolder", batch_size=4, epochs=2, initial_checkpoint=str(source))
+    train(tiny_config(folder, tmp_path / "run", stop_after=1, **kw))
+    assert f"initialized from {source / 'last_ema.safetensors'}" in capsys.readouterr().out
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["initial_checkpoint"] == str(source)
+    (source / "last.safetensors").unlink()
+    (source / "last_ema.safetensors").unlink()
+    assert train(tiny_config(folder, tmp_path / "run", resume=True, **kw))["epochs_done"] == 2
+    assert "initialized from" not in capsys.readouterr().out
+
+
 def test_a_finished_run_without_its_checkpoint_is_not_overwritten(fmnist, tmp_path):
     """Deleting last_state.pt (the biggest file) to save space must not let a new run replace the results."""
     out = tmp_path / "run"
@@ -402,7 +479,8 @@ def test_every_dataset_has_its_defaults_written_out_and_the_recipe_gives_the_rec
     assert {_config_file_name(d) for d in DATASET_DEFAULTS} == set(CONFIGS) - RECIPES
     recorded = yaml.safe_load((ROOT / "results" / "fmnist-parnet-e8" / "config.yaml").read_text())
     cfg = make_config({}, str(ROOT / "configs" / "fashion_mnist_results.yaml")).model_dump()
-    assert {**cfg, "output": recorded["output"]} == {"img_size": 32, **recorded}  # recorded before img_size existed
+    added_since = {"img_size": 32, "initial_checkpoint": None}  # settings that came after the recorded run
+    assert {**cfg, "output": recorded["output"]} == {**added_since, **recorded}
 
 
 def test_imagenet_config_leaves_bf16_and_channels_last_to_cuda():

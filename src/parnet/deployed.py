@@ -179,16 +179,10 @@ def load_deployed(path: str | os.PathLike, threads: int | None = None) -> Engine
 
 def load_trained(checkpoint: str | os.PathLike) -> tuple[nn.Module, TrainedOn]:
     """The model of a run folder (its EMA weights when kept) or a checkpoint file, and the data it was trained on."""
-    from .evaluate import load_weights, trained_on
+    from .evaluate import load_weights, run_weights_file, trained_on
 
     path = Path(checkpoint)
-    if not path.is_dir():
-        return load_weights(path), trained_on(path)
-    weights = path / "last_ema.safetensors"
-    weights = weights if weights.is_file() else path / "last.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{path} holds no last.safetensors: is it a training run folder?")
-    return load_weights(weights), trained_on(path)
+    return load_weights(run_weights_file(path) if path.is_dir() else path), trained_on(path)
 
 
 def quantize_checkpoint(

@@ -18,7 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainedOn", "evaluate", "evaluate_model", "load_weights", "plot", "trained_on"]
+__all__ = ["TrainedOn", "evaluate", "evaluate_model", "load_weights", "plot", "run_weights_file", "trained_on"]
+
+RUN_WEIGHTS = ("last_ema.safetensors", "last.safetensors")  # a run folder's weights files, EMA first
+
+
+def run_weights_file(run: str | os.PathLike, use_ema: bool = True) -> Path:
+    """The weights file of run folder ``run``: its EMA weights when kept and ``use_ema``, else its raw ones."""
+    run = Path(run)
+    files = [run / f for f in RUN_WEIGHTS if (run / f).is_file()]
+    if not files:
+        raise FileNotFoundError(f"{run} holds no {' or '.join(RUN_WEIGHTS)}: is it a `parnet train` run folder?")
+    return files[0] if use_ema else files[-1]
 
 
 @dataclass(frozen=True)

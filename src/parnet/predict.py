@@ -29,7 +29,6 @@ from torch import nn
 __all__ = ["Predictor", "load_predictor", "read_image"]
 
 # A run's weight files, preferred first (the EMA weights are the ones its results quote).
-RUN_WEIGHTS = ("last_ema.safetensors", "last.safetensors")
 # Size of a dataset's images before its own transform (Fashion-MNIST's pads 28 to 32).
 NATIVE_SIZE = {"fashion_mnist": 28}
 
@@ -124,12 +123,9 @@ def load_predictor(
 
 
 def _load_run(run: Path, use_ema: bool, device: str) -> tuple[nn.Module, str]:
-    from .evaluate import load_weights
+    from .evaluate import load_weights, run_weights_file
 
-    files = [run / f for f in RUN_WEIGHTS if (run / f).is_file()]
-    if not files:
-        raise FileNotFoundError(f"{run} holds no {' or '.join(RUN_WEIGHTS)}: is it a `parnet train` run folder?")
-    path = files[0] if use_ema else files[-1]
+    path = run_weights_file(run, use_ema)
     return load_weights(path, device), str(path)
 
 

@@ -50,6 +50,12 @@ class TrainConfig(Settings):
     model_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="architecture arguments of timm.create_model (widths, head_width, ...)"
     )
+    initial_checkpoint: str | None = Field(
+        None,
+        description="start from these weights (fine-tuning): a run folder, a .safetensors file of ours or an "
+        "authors' .pth.tar; the classifier restarts for a new class count, the input convolutions adapt to "
+        "the channels",
+    )
     img_size: int = Field(
         0,
         ge=0,

@@ -156,6 +156,10 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
             model.check_input(torch.empty(1, info.in_chans, info.img_size, info.img_size, device="meta"))
         except ValueError as e:
             raise ValueError(f"--img-size {info.img_size} does not suit {cfg.model}: {e}") from None
+    if cfg.initial_checkpoint and not has_checkpoint:  # a resumed run's own weights come from its checkpoint
+        from .transfer import initialize_from
+
+        log(initialize_from(model, cfg.initial_checkpoint))
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and d.device.type == "cuda")
     model = model.to(d.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     n_params = sum(p.numel() for p in model.parameters())

@@ -1,0 +1,104 @@
+"""Starting a training run from trained weights (fine-tuning): ``parnet train --initial-checkpoint``.
+
+The weights come from a run folder (its EMA weights when kept), a ``.safetensors`` file of ours or
+an authors' ``.pth.tar`` (their EMA weights when present), read as everywhere else
+(:func:`parnet.evaluate.load_weights`: strictly, running no code). As timm's ``load_pretrained``
+does, the classifier (the model's ``pretrained_cfg["classifier"]``) keeps its fresh initialization
+when the class count differs, and the convolutions that read the image (``pretrained_cfg["first_conv"]``)
+are adapted to another channel count with timm's ``adapt_input_conv`` (RGB summed for grey, or
+repeated). Everything else must match the model exactly: the same architecture, unfused, and for a
+ParNet the same ``ParNetCfg``, the activation included, which the tensor shapes alone do not show.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .model import ParNet
+
+__all__ = ["initialize_from"]
+
+def _module_names(value: str | tuple[str, ...] | list[str] | None) -> set[str]:
+    if value is None:
+        return set()
+    return {value} if isinstance(value, str) else set(value)
+
+
+def _load(path: Path) -> nn.Module:
+    """The model of a weights file: ours (strictly), or an authors' (their EMA weights when present)."""
+    from .evaluate import load_weights
+    from .io import is_torch_checkpoint
+    from .official import load_official, read_checkpoint
+
+    if path.is_file() and is_torch_checkpoint(path):
+        checkpoint = read_checkpoint(path)
+        return load_official(checkpoint, use_ema="state_dict_ema" in checkpoint)
+    return load_weights(path)
+
+
+def _check_same_parnet(src: nn.Module, model: nn.Module, source: Path) -> None:
+    if not (isinstance(src, ParNet) and isinstance(model, ParNet)):
+        return
+    differ = [
+        f"{f.name} {getattr(src.cfg, f.name)!r} (the model: {getattr(model.cfg, f.name)!r})"
+        for f in dataclasses.fields(src.cfg)
+        if getattr(src.cfg, f.name) != getattr(model.cfg, f.name)
+    ]
+    if differ:
+        raise ValueError(
+            f"{source} holds a ParNet of another architecture: {'; '.join(differ)}. Train the same "
+            "architecture (--model, --model-kwargs): e.g. the authors' files are parnet_*_official (ReLU)"
+        )
+
+
+def initialize_from(model: nn.Module, source: str | os.PathLike) -> str:
+    """Copy the weights of ``source`` into ``model`` (a freshly created training model); say what was done.
+
+    ``ValueError`` for fused weights, another architecture, or a tensor that neither fits nor is the
+    classifier or an input convolution; ``FileNotFoundError`` for a missing file.
+    """
+    from timm.models import adapt_input_conv
+
+    from .evaluate import run_weights_file
+
+    path = Path(source)
+    path = run_weights_file(path) if path.is_dir() else path
+    src = _load(path)
+    if any(getattr(m, "reparam_conv", None) is not None for m in src.modules()):
+        raise ValueError(
+            f"{path} holds fused (re-parameterized) weights, which cannot be trained: start from the run's "
+            "last_ema.safetensors or last.safetensors (or the run folder)"
+        )
+    _check_same_parnet(src, model, path)
+    theirs, ours = src.state_dict(), model.state_dict()
+    if set(theirs) != set(ours):
+        missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+        raise ValueError(
+            f"{path} does not fit this model: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}: train the same architecture"
+        )
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    classifier, first_conv = _module_names(cfg.get("classifier")), _module_names(cfg.get("first_conv"))
+    state: dict[str, torch.Tensor] = {}
+    notes: set[str] = set()
+    for key, own in ours.items():
+        weight, module = theirs[key], key.rsplit(".", 1)[0]
+        if weight.shape != own.shape and module in classifier:
+            weight = own  # timm's way: a new class count starts a new classifier
+            notes.add(f"classifier restarted for {own.shape[0]} classes (the weights have {theirs[key].shape[0]})")
+        elif weight.shape != own.shape and module in first_conv and weight.dim() == 4:
+            weight = adapt_input_conv(own.shape[1], weight, base_chans=weight.shape[1])
+            notes.add(f"input convolutions adapted from {theirs[key].shape[1]} to {own.shape[1]} channels")
+        if weight.shape != own.shape:
+            raise ValueError(
+                f"{path}: {key} has shape {list(theirs[key].shape)}, this model {list(own.shape)}: train the same "
+                "architecture (--model, --model-kwargs)"
+            )
+        state[key] = weight.to(own.dtype)
+    model.load_state_dict(state)
+    return f"initialized from {path}" + "".join(f"; {n}" for n in sorted(notes))
