@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 
+import parnet
 from parnet import cli, io
 from parnet import export as export_module
 from parnet.deploy import fold
@@ -123,6 +124,15 @@ def test_export_checks_the_resolution_first(tmp_path: Path, capsys) -> None:
                      input_size=(3, 100, 100))  # fmt: skip
     # the tuple form of --model-kwargs builds the model
     assert cli.main([*args, "--resolution", "16", "--format", "torchscript"]) == 0
+
+
+def test_export_defaults_to_the_models_own_input_size() -> None:
+    from parnet.cli.export import default_resolution
+
+    assert default_resolution(timm.create_model("parnet_cifar_s", widths=(8, 16, 32), head_width=64), None) == 32
+    assert default_resolution(timm.create_model("parnet_s", widths=(8, 16, 32), head_width=64), None) == 224
+    small = parnet.ParNet(parnet.ParNetCfg(widths=(8, 16, 32), head_width=64, small_input=True))  # no timm config
+    assert default_resolution(small, None) == 32
 
 
 def test_export_points_a_torch_checkpoint_to_convert(official_tiny: dict, tmp_path: Path, capsys) -> None:

@@ -226,6 +226,14 @@ def test_a_run_at_another_size_is_evaluated_and_quantized_at_it(tmp_path, monkey
     for source in ({"run": out}, {"checkpoint": out / "fused.safetensors"}):
         predictor = load_predictor(**source)
         assert predictor.transform(Image.new("RGB", (40, 30))).shape == (3, 48, 48)
+    # parnet export: the size the weights trained at, unless told
+    import onnx
+
+    for extra, size in (([], 48), (["--resolution", "64"], 64)):
+        args = ["export", "--checkpoint", str(out / "last_ema.safetensors"), "--format", "onnx", "--no-check"]
+        assert main([*args, "--out", str(tmp_path / f"onnx{size}"), *extra]) == 0
+        graph_input = onnx.load(str(tmp_path / f"onnx{size}" / "last_ema.onnx")).graph.input[0]
+        assert [d.dim_value for d in graph_input.type.tensor_type.shape.dim][1:] == [3, size, size]
 
 
 def test_fine_tuning_keeps_the_weights_restarts_the_classifier_and_adapts_the_input(reference_run):

@@ -35,10 +35,23 @@ def _build(args: argparse.Namespace) -> nn.Module:
     return create_model(args.model, **kwargs).eval()
 
 
+def default_resolution(model: nn.Module, checkpoint: str | None) -> int:
+    """The size the checkpoint trained at, where it says; else the model's default input size (timm's
+    pretrained config), else its form's (32 for the small-input ParNets, 224 otherwise)."""
+    from ..evaluate import trained_on
+
+    if checkpoint and (size := trained_on(checkpoint).img_size):
+        return size
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "input_size" in cfg:
+        return int(cfg["input_size"][-1])
+    return 32 if getattr(model, "small_input", False) else 224
+
+
 def _export(args: argparse.Namespace) -> int:
     model = _build(args)
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
-    res = args.resolution
+    res = args.resolution or default_resolution(model, args.checkpoint)
     name = args.name or (Path(args.checkpoint).stem if args.checkpoint else args.model)
     results = export_model(
         model, args.out, name, formats, (model.in_chans, res, res), fused_only=args.fused_only, check=not args.no_check
@@ -60,7 +73,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="exports", help="output folder [exports]")
     p.add_argument("--name", help="file stem (default: model or checkpoint name)")
     p.add_argument("--format", default=",".join(FORMATS), help=f"comma-separated of {', '.join(FORMATS)} [all]")
-    p.add_argument("--resolution", type=positive_int, default=224, help="example input height and width [224]")
+    p.add_argument(
+        "--resolution",
+        type=positive_int,
+        help="input height and width (default: the size the checkpoint trained at, else the model's: 224 for "
+        "parnet_s, 32 for the small-input variants)",
+    )
     p.add_argument("--num-classes", type=int, help="classifier outputs (timm models only)")
     add_kwargs_option(p, "--model-kwargs", "timm.create_model arguments, e.g. widths=[8,16,32] head_width=64")
     p.add_argument("--fused-only", action="store_true", help="export the re-parameterized model without folding")
