@@ -230,9 +230,9 @@ def test_a_run_at_another_size_is_evaluated_and_quantized_at_it(tmp_path, monkey
     import onnx
 
     for extra, size in (([], 48), (["--resolution", "64"], 64)):
-        args = ["export", "--checkpoint", str(out / "last_ema.safetensors"), "--format", "onnx", "--no-check"]
+        args = ["export", "--checkpoint", str(out), "--name", "run", "--format", "onnx", "--no-check"]  # a run folder
         assert main([*args, "--out", str(tmp_path / f"onnx{size}"), *extra]) == 0
-        graph_input = onnx.load(str(tmp_path / f"onnx{size}" / "last_ema.onnx")).graph.input[0]
+        graph_input = onnx.load(str(tmp_path / f"onnx{size}" / "run.onnx")).graph.input[0]
         assert [d.dim_value for d in graph_input.type.tensor_type.shape.dim][1:] == [3, size, size]
 
 

@@ -24,11 +24,12 @@ def parnet_model_name(text: str) -> str:
 
 
 def _build(args: argparse.Namespace) -> nn.Module:
-
     from .. import io
+    from ..evaluate import run_weights_file
 
     if args.checkpoint:
-        return io.load_model(args.checkpoint)
+        path = Path(args.checkpoint)
+        return io.load_model(run_weights_file(path) if path.is_dir() else path)
     kwargs = dict(args.model_kwargs)
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
@@ -69,7 +70,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "model", nargs="?", default="parnet_s", type=parnet_model_name,
         help="ParNet variant, parnet_* (random weights; `parnet summary` lists them) [parnet_s]",
     )  # fmt: skip
-    p.add_argument("--checkpoint", help="a .safetensors file written by parnet (overrides MODEL)")
+    p.add_argument(
+        "--checkpoint", help="a .safetensors file written by parnet, or a run folder (its EMA weights; overrides MODEL)"
+    )
     p.add_argument("--out", default="exports", help="output folder [exports]")
     p.add_argument("--name", help="file stem (default: model or checkpoint name)")
     p.add_argument("--format", default=",".join(FORMATS), help=f"comma-separated of {', '.join(FORMATS)} [all]")
