@@ -46,6 +46,7 @@ class TrainedOn:
 
 def trained_on(path: str | os.PathLike) -> TrainedOn:
     """What ``path`` (a run folder: its ``config.yaml``; a weights file: its header) says of its training data."""
+    from .data import MIN_IMG_SIZE
     from .weights import bounded_int
 
     path = Path(path)
@@ -62,7 +63,7 @@ def trained_on(path: str | os.PathLike) -> TrainedOn:
                 meta = f.metadata() or {}
         except Exception:  # noqa: BLE001 - not readable as safetensors: the loader says why
             return TrainedOn()
-        size = bounded_int(meta["img_size"], "img_size", 8, 4096, str(path)) if "img_size" in meta else 0
+        size = bounded_int(meta["img_size"], "img_size", MIN_IMG_SIZE, 4096, str(path)) if "img_size" in meta else 0
         return TrainedOn(meta.get("dataset"), None, size)
     return TrainedOn()
 
