@@ -135,12 +135,22 @@ def test_export_defaults_to_the_models_own_input_size() -> None:
     assert default_resolution(small, None) == 32
 
 
-def test_export_points_a_torch_checkpoint_to_convert(official_tiny: dict, tmp_path: Path, capsys) -> None:
-    for name in ("authors.pth.tar", "renamed.safetensors"):
-        out = name.split(".")[0] + "_converted.safetensors"
-        torch.save({"state_dict": official_tiny["state_dict"]}, tmp_path / name)
-        assert cli.main(["export", "--checkpoint", str(tmp_path / name), "--out", str(tmp_path / "out")]) == 2
-        err = capsys.readouterr().err
-        assert "is a PyTorch checkpoint" in err and f"convert it first: `parnet convert {tmp_path / name} " in err
-        assert f" {tmp_path / out}`" in err
-    assert not (tmp_path / "out").exists()
+def test_export_takes_an_authors_checkpoint(official_tiny: dict, tmp_path: Path, capsys) -> None:
+    """An authors' file (by content, whatever its name) exports with its EMA weights, as eval and predict read it."""
+    raw = official_tiny["state_dict"]
+    ema = {k: v * 1.01 if v.is_floating_point() else v for k, v in raw.items()}  # outputs differ, same scale
+    torch.save({"state_dict": raw, "state_dict_ema": ema}, tmp_path / "model_best.pth.tar")
+    torch.save({"state_dict": raw}, tmp_path / "renamed.safetensors")
+    x = official_tiny["input"]
+    for name, weights in (("model_best.pth.tar", ema), ("renamed.safetensors", raw)):
+        args = ["export", "--checkpoint", str(tmp_path / name), "--out", str(tmp_path / "out"), "--format", "onnx"]
+        assert cli.main([*args, "--resolution", "64"]) == 0, capsys.readouterr().err
+        stem = name.split(".")[0]
+        assert f"{tmp_path / 'out' / stem}.onnx" in capsys.readouterr().out
+        with torch.no_grad():
+            expected = parnet.load_official(weights).eval()(x)
+        assert (load_runner("onnx", tmp_path / "out" / f"{stem}.onnx")(x) - expected).abs().max().item() < TOL
+    # a timm baseline's weights file is not a ParNet: refused, nothing written
+    torch.save({"state_dict": timm.create_model("resnet18", num_classes=3).state_dict()}, tmp_path / "resnet.pth.tar")
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "resnet.pth.tar"), "--out", str(tmp_path / "r")]) == 2
+    assert "resnet.pth.tar" in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -178,11 +178,10 @@ def load_deployed(path: str | os.PathLike, threads: int | None = None) -> Engine
 
 
 def load_trained(checkpoint: str | os.PathLike) -> tuple[nn.Module, TrainedOn]:
-    """The model of a run folder (its EMA weights when kept) or a checkpoint file, and the data it was trained on."""
-    from .evaluate import load_weights, run_weights_file, trained_on
+    """The model of a run folder or a checkpoint file (EMA weights where kept), and the data it was trained on."""
+    from .evaluate import load_trained_model, trained_on
 
-    path = Path(checkpoint)
-    return load_weights(run_weights_file(path) if path.is_dir() else path), trained_on(path)
+    return load_trained_model(checkpoint)[0], trained_on(checkpoint)
 
 
 def quantize_checkpoint(

@@ -18,7 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainedOn", "evaluate", "evaluate_model", "load_weights", "plot", "run_weights_file", "trained_on"]
+__all__ = [
+    "TrainedOn",
+    "evaluate",
+    "evaluate_model",
+    "load_trained_model",
+    "load_weights",
+    "plot",
+    "run_weights_file",
+    "trained_on",
+]
 
 RUN_WEIGHTS = ("last_ema.safetensors", "last.safetensors")  # a run folder's weights files, EMA first
 
@@ -143,6 +152,32 @@ def load_weights(path: str | os.PathLike, device: str = "cpu", official: bool | 
 
         return load_model(path, device)
     return _build_from_header(meta, state, str(path)).to(torch.device(device)).eval()
+
+
+def load_trained_model(path: str | os.PathLike, device: str = "cpu", use_ema: bool = True) -> tuple[Any, str]:
+    """The model of a run folder, a weights file of ours or an authors' checkpoint, and where its weights came from.
+
+    ``use_ema``: the run's EMA weights (``last_ema.safetensors``) or the authors' ``state_dict_ema``
+    when they are there; a file of ours holds one set of weights and is read as it is.
+    """
+    from .io import is_torch_checkpoint
+    from .official import load_official, read_checkpoint
+
+    path = Path(path)
+    if path.is_dir():
+        path = run_weights_file(path, use_ema)
+        return load_weights(path, device), str(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if is_torch_checkpoint(path):  # an authors' file (load_official refuses anything else clearly)
+        checkpoint = read_checkpoint(path)
+        ema = use_ema and "state_dict_ema" in checkpoint
+        try:
+            model = load_official(checkpoint, use_ema=ema).to(device).eval()
+        except ValueError as e:  # the message names the key, this the file
+            raise ValueError(f"{path}: {e}") from None
+        return model, f"{path} ({'EMA' if ema else 'raw'} weights)"
+    return load_weights(path, device), str(path)
 
 
 def _build_from_header(meta: dict[str, str], state: dict[str, Any], source: str) -> Any:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["check_model_name", "create_classifier", "create_model", "default_input_size", "refuse_reserved"]
 
@@ -47,14 +50,19 @@ def create_model(name: str, **kwargs: Any) -> Any:
         raise ValueError(f"cannot create {name} with {kwargs}: {e}") from None
 
 
-def default_input_size(name: str) -> int | None:
-    """The image side timm's pretrained config of model ``name`` (``name.tag`` too) gives it, if it has one."""
+def default_input_size(model: str | nn.Module) -> int | None:
+    """The image side timm's pretrained config gives ``model``, if it has one: a registered name (``name.tag``
+    too) or a built model (its ``pretrained_cfg``; a model rebuilt from a weights file has none)."""
     import timm
 
     from . import baselines  # noqa: F401 - registers the baselines
 
-    cfg = timm.models.get_pretrained_cfg(name)
-    return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else None
+    if isinstance(model, str):
+        cfg = timm.models.get_pretrained_cfg(model)
+        size = cfg.input_size if cfg is not None else None
+    else:
+        size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    return int(size[-1]) if size else None
 
 
 def refuse_reserved(kwargs: Mapping[str, Any], reserved: Mapping[str, str]) -> None:

@@ -97,15 +97,13 @@ def load_predictor(
         raise ValueError("give a run folder or a checkpoint file, not both")
     if run is None and checkpoint is None and not model_name:
         raise ValueError("give the weights: a run folder, a checkpoint file, or a model name with released weights")
-    from .evaluate import TrainedOn, trained_on
+    from .evaluate import TrainedOn, load_trained_model, trained_on
 
     trained = TrainedOn()
-    if run is not None:
-        model, source = _load_run(Path(run), use_ema, device)
-        trained = trained_on(run)
-    elif checkpoint is not None:
-        model, source = _load_checkpoint(Path(checkpoint), use_ema, device)
-        trained = trained_on(checkpoint)
+    if run is not None or checkpoint is not None:
+        weights = run if run is not None else checkpoint
+        model, source = load_trained_model(weights, device, use_ema)
+        trained = trained_on(weights)
     else:
         model, source = _load_pretrained(str(model_name), device)
     model.eval()
@@ -120,27 +118,6 @@ def load_predictor(
 
 
 # -- weights -------------------------------------------------------------------------------------
-
-
-def _load_run(run: Path, use_ema: bool, device: str) -> tuple[nn.Module, str]:
-    from .evaluate import load_weights, run_weights_file
-
-    path = run_weights_file(run, use_ema)
-    return load_weights(path, device), str(path)
-
-
-def _load_checkpoint(path: Path, use_ema: bool, device: str) -> tuple[nn.Module, str]:
-    from .evaluate import load_weights
-    from .io import is_torch_checkpoint
-    from .official import load_official, read_checkpoint
-
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    if is_torch_checkpoint(path):  # an authors' file (load_official refuses anything else clearly)
-        ckpt = read_checkpoint(path)
-        ema = use_ema and "state_dict_ema" in ckpt
-        return load_official(ckpt, use_ema=ema).to(device), f"{path} ({'EMA' if ema else 'raw'} weights)"
-    return load_weights(path, device), str(path)
 
 
 def _load_pretrained(name: str, device: str) -> tuple[nn.Module, str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,25 +22,14 @@ from .model import ParNet
 
 __all__ = ["initialize_from"]
 
+
 def _module_names(value: str | tuple[str, ...] | list[str] | None) -> set[str]:
     if value is None:
         return set()
     return {value} if isinstance(value, str) else set(value)
 
 
-def _load(path: Path) -> nn.Module:
-    """The model of a weights file: ours (strictly), or an authors' (their EMA weights when present)."""
-    from .evaluate import load_weights
-    from .io import is_torch_checkpoint
-    from .official import load_official, read_checkpoint
-
-    if path.is_file() and is_torch_checkpoint(path):
-        checkpoint = read_checkpoint(path)
-        return load_official(checkpoint, use_ema="state_dict_ema" in checkpoint)
-    return load_weights(path)
-
-
-def _check_same_parnet(src: nn.Module, model: nn.Module, source: Path) -> None:
+def _check_same_parnet(src: nn.Module, model: nn.Module, source: str) -> None:
     if not (isinstance(src, ParNet) and isinstance(model, ParNet)):
         return
     differ = [
@@ -64,11 +52,9 @@ def initialize_from(model: nn.Module, source: str | os.PathLike) -> str:
     """
     from timm.models import adapt_input_conv
 
-    from .evaluate import run_weights_file
+    from .evaluate import load_trained_model
 
-    path = Path(source)
-    path = run_weights_file(path) if path.is_dir() else path
-    src = _load(path)
+    src, path = load_trained_model(source)
     if any(getattr(m, "reparam_conv", None) is not None for m in src.modules()):
         raise ValueError(
             f"{path} holds fused (re-parameterized) weights, which cannot be trained: start from the run's "

@@ -24,12 +24,14 @@ def parnet_model_name(text: str) -> str:
 
 
 def _build(args: argparse.Namespace) -> nn.Module:
-    from .. import io
-    from ..evaluate import run_weights_file
+    from ..evaluate import load_trained_model
+    from ..model import ParNet
 
     if args.checkpoint:
-        path = Path(args.checkpoint)
-        return io.load_model(run_weights_file(path) if path.is_dir() else path)
+        model, source = load_trained_model(args.checkpoint)
+        if not isinstance(model, ParNet):
+            raise ValueError(f"{source} holds a {type(model).__name__}, not a ParNet: export takes ParNet weights")
+        return model
     kwargs = dict(args.model_kwargs)
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
@@ -40,20 +42,26 @@ def default_resolution(model: nn.Module, checkpoint: str | None) -> int:
     """The size the checkpoint trained at, where it says; else the model's default input size (timm's
     pretrained config), else its form's (32 for the small-input ParNets, 224 otherwise)."""
     from ..evaluate import trained_on
+    from ..factory import default_input_size
 
     if checkpoint and (size := trained_on(checkpoint).img_size):
         return size
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if "input_size" in cfg:
-        return int(cfg["input_size"][-1])
-    return 32 if getattr(model, "small_input", False) else 224
+    return default_input_size(model) or (32 if getattr(model, "small_input", False) else 224)
+
+
+def _file_stem(path: str) -> str:
+    """``run`` for ``run/``, ``last`` for ``last.safetensors``, ``model_best`` for ``model_best.pth.tar``."""
+    name = Path(path).name
+    for suffix in (".tar", ".pth", ".pt", ".safetensors"):
+        name = name.removesuffix(suffix)
+    return name
 
 
 def _export(args: argparse.Namespace) -> int:
     model = _build(args)
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     res = args.resolution or default_resolution(model, args.checkpoint)
-    name = args.name or (Path(args.checkpoint).stem if args.checkpoint else args.model)
+    name = args.name or (_file_stem(args.checkpoint) if args.checkpoint else args.model)
     results = export_model(
         model, args.out, name, formats, (model.in_chans, res, res), fused_only=args.fused_only, check=not args.no_check
     )
@@ -71,7 +79,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="ParNet variant, parnet_* (random weights; `parnet summary` lists them) [parnet_s]",
     )  # fmt: skip
     p.add_argument(
-        "--checkpoint", help="a .safetensors file written by parnet, or a run folder (its EMA weights; overrides MODEL)"
+        "--checkpoint",
+        help="a .safetensors file written by parnet, a run folder or an authors' .pth.tar (EMA weights where kept; "
+        "overrides MODEL)",
     )
     p.add_argument("--out", default="exports", help="output folder [exports]")
     p.add_argument("--name", help="file stem (default: model or checkpoint name)")
