@@ -348,9 +348,9 @@ def test_dataset_files_and_empty_images(tmp_path: Path) -> None:
     model = tiny_detector("fcos").train()
     images, targets = collate_detection([ds[1], ds[1]])  # a batch of empty images still trains
     assert torch.isfinite(sum(model(images, targets).values()))
-    gt["images"][0]["width"] = 32
+    gt["images"][0]["width"] = 32  # the box, 10 to 40 wide, now leaves the image: clipped, and said
     (tmp_path / "ann.json").write_text(json.dumps(gt))
-    with pytest.raises(ValueError, match="annotations say 32x64"):
+    with pytest.warns(UserWarning, match="1 boxes clipped"), pytest.raises(ValueError, match="annotations say 32x64"):
         CocoDetectionDataset(tmp_path, tmp_path / "ann.json")[0]
     (tmp_path / "ann.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):

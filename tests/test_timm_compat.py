@@ -24,6 +24,10 @@ from parnet.official import OFFICIAL_DROP_RATES, load_official, official_drop_ra
 
 from .conftest import FIXTURES, randomize_bn
 
+# timm models are expected to script (timm's own tests script them), so these tests use TorchScript on
+# purpose: torch's deprecation of it is not news to these tests.
+pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning")
+
 VARIANTS = sorted(parnet.model_cfgs)
 TINY = dict(widths=(8, 16, 32), head_width=64, blocks=(1, 2, 2))
 SRC = Path(parnet.__file__).parent
