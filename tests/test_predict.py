@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -134,6 +135,30 @@ def test_bad_input_is_a_clear_error_without_traceback(run, images, tmp_path, cap
     assert main(["predict", *(a.format(**values) for a in args)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_image_folder_run_is_prepared_as_it_was_evaluated(images, tmp_path):
+    """An image-folder run: the folder's evaluation transform (ImageNet statistics, resize and center crop at
+    the trained size), not the model's own pretrained config (CIFAR statistics for parnet_cifar_s)."""
+    from dataclasses import replace
+
+    from parnet.checkpoint import write_run_weights
+    from parnet.data import build_transforms
+
+    for name in ("b", "a"):
+        (tmp_path / "folder" / "train" / name).mkdir(parents=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    model = timm.create_model("parnet_cifar_s", num_classes=2, **TINY)
+    meta = {"timm_model": "parnet_cifar_s", "model_kwargs": json.dumps(TINY), "num_classes": "2", "in_chans": "3",
+            "dataset": "imagefolder", "img_size": "48"}  # fmt: skip
+    write_run_weights(run, 1, model, metadata=meta)
+    (run / "config.yaml").write_text(f"dataset: imagefolder\ndata_dir: {tmp_path / 'folder'}\nimg_size: 48\n")
+    result = load_predictor(run=run).predict([images["rgb"]])[0]
+    expected = build_transforms(replace(DATASETS["imagefolder"], img_size=48), train=False)
+    x = expected(Image.open(images["rgb"]).convert("RGB"))
+    assert x.shape == (3, 48, 48)
+    _assert_top(result, _probabilities(load_weights(run / "last.safetensors"), x), ["a", "b"], k=2)
 
 
 def test_class_names_of_each_dataset(tmp_path):

@@ -6,8 +6,10 @@ timm's pretrained download of a model name. Preprocessing and class names follow
 were trained on:
 
 * a run, or a file written by one (its metadata names the dataset): the dataset's own evaluation
-  transform after the image is brought to the dataset's size and colour mode (Fashion-MNIST images are
-  28x28 grey, padded to 32 as in training), and the dataset's class names;
+  transform at the size the run trained at, as ``parnet eval`` scores it (for Fashion-MNIST and CIFAR
+  after the image is brought to the dataset's size and colour mode: Fashion-MNIST images are 28x28
+  grey, padded to 32 as in training; an image folder's is timm's resize and center crop with the
+  folder's ImageNet statistics), and the dataset's class names;
 * anything else: timm's ``resolve_data_config`` / ``create_transform`` with the pretrained config of the
   model (``model_name``, the model's own, or that of the released variant with its architecture), and
   ImageNet's class names (``timm.data.ImageNetInfo``) for a 1000-class model.
@@ -110,7 +112,7 @@ def load_predictor(
     num_classes = model.num_classes
     dataset = trained.dataset
     names = _class_names(dataset, trained.data_dir, num_classes)
-    if dataset is not None and dataset != "imagefolder":
+    if dataset is not None:
         transform, mode = _dataset_transform(dataset, trained.img_size)
     else:
         transform, mode = _timm_transform(model, model_name, trained.img_size)
@@ -157,8 +159,8 @@ def _class_names(dataset: str | None, data_dir: str | None, num_classes: int) ->
 
 
 def _dataset_transform(dataset: str, img_size: int = 0) -> tuple[Callable[[Image.Image], torch.Tensor], str]:
-    """The dataset's evaluation transform to ``img_size`` (0: its own size), after resizing an image to the
-    size the dataset's images have on disk."""
+    """The dataset's evaluation transform to ``img_size`` (0: its own size), as ``parnet eval`` scores it;
+    for the fixed-size datasets, after resizing an image to the size their images have on disk."""
     from dataclasses import replace
 
     from torchvision import transforms as T
@@ -168,10 +170,13 @@ def _dataset_transform(dataset: str, img_size: int = 0) -> tuple[Callable[[Image
     if dataset not in DATASETS:
         raise ValueError(f"the weights were trained on {dataset!r}, which this version does not know")
     info = DATASETS[dataset]
+    mode = "L" if info.in_chans == 1 else "RGB"
+    transform = build_transforms(replace(info, img_size=img_size or info.img_size), train=False)
+    if dataset == "imagefolder":  # images of any size: resized and center-cropped by the transform itself
+        return transform, mode
     size = NATIVE_SIZE.get(dataset, info.img_size)
     resize = T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR, antialias=True)
-    info = replace(info, img_size=img_size or info.img_size)
-    return T.Compose([resize, build_transforms(info, train=False)]), "L" if info.in_chans == 1 else "RGB"
+    return T.Compose([resize, transform]), mode
 
 
 def _timm_transform(
