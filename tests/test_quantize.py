@@ -197,6 +197,22 @@ def test_quantize_refuses_a_wrong_suffix_and_writes_nothing(tmp_path: Path, caps
     assert not (tmp_path / "m.xml").exists()
 
 
+@ORT
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(in_chans=3), "trained on 3-channel data, fashion_mnist has 1-channel images"),
+     (dict(in_chans=1, num_classes=3), "has 3 classes, fashion_mnist has 10")],
+)  # fmt: skip
+def test_quantize_refuses_a_model_that_does_not_fit_the_data(tmp_path: Path, capsys, kwargs, message) -> None:
+    data = make_fashion_mnist(tmp_path / "fm", n_train=32, n_test=16)
+    model = parnet.create_model("parnet_cifar_s", widths=(8, 16, 32), head_width=64, **kwargs).eval()
+    checkpoint = save_model(model, tmp_path / "m.safetensors")
+    args = ["quantize", str(checkpoint), "--calibration-images", "16", "--out", str(tmp_path / "m.onnx")]
+    assert cli.main(args + ["--dataset", "fashion_mnist", "--data-dir", str(data), "--workers", "0"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_amp_auto_picks_bf16_only_where_native_and_measured_faster(monkeypatch: pytest.MonkeyPatch) -> None:
     import parnet.precision as precision
 

@@ -382,7 +382,7 @@ def test_eval_on_data_with_other_channels_names_the_runs_dataset(reference_run, 
     assert main(["eval", str(out), "--dataset", "cifar10", "--data-dir", str(tmp_path), "--workers", "0"]) == 2
     err = capsys.readouterr().err
     assert "trained on 1-channel data (fashion_mnist), cifar10 has 3-channel images" in err
-    assert "evaluate it on fashion_mnist" in err and "in_chans" not in err
+    assert "use it on fashion_mnist" in err and "in_chans" not in err
 
 
 def test_eval_fused_safetensors_alone(reference_run, fmnist):

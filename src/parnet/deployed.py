@@ -202,15 +202,17 @@ def quantize_checkpoint(
     Returns the file, and the fp32 model's and the written model's top-1 (percent) on the same images.
     """
     from .data import build_datasets, build_loaders
-    from .evaluate import evaluate_model
+    from .evaluate import check_fits_dataset, evaluate_model
 
     if Path(out).suffix.lower() != SUFFIX.get(engine):
         raise ValueError(f"an {engine} model is written to a {SUFFIX.get(engine)} file, got {Path(out).name}")
     model, trained = load_trained(checkpoint)
     dataset = dataset or trained.dataset or "fashion_mnist"
     data_dir = data_dir or trained.data_dir
+    check_fits_dataset(model, checkpoint, dataset, trained.dataset)
     _, test_set, info = build_datasets(dataset, data_dir, test_subset=test_subset, img_size=trained.img_size)
     _, test_loader, _ = build_loaders(test_set, test_set, 1, workers, eval_batch_size=batch_size)
+    check_fits_dataset(model, checkpoint, dataset, trained.dataset, info.num_classes)
     calibration = None
     if precision == "int8":
         calibration = calibration_loader(dataset, data_dir, calibration_images, img_size=trained.img_size)

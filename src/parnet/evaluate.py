@@ -20,6 +20,7 @@ from typing import Any
 
 __all__ = [
     "TrainedOn",
+    "check_fits_dataset",
     "evaluate",
     "evaluate_model",
     "load_trained_model",
@@ -200,6 +201,35 @@ def _build_from_header(meta: dict[str, str], state: dict[str, Any], source: str)
     return build_checked(build, state, source)
 
 
+def check_fits_dataset(
+    model: Any, source: Any, dataset: str, run_dataset: str | None = None, num_classes: int | None = None
+) -> None:
+    """``ValueError`` unless ``model`` reads ``dataset``'s images (its input channels: ParNet's ``in_chans``, else
+    its first convolution's) and, given ``num_classes`` (the dataset's), predicts as many classes.
+
+    ``run_dataset``: the dataset the weights say they were trained on, named in the message.
+    """
+    import torch
+
+    from .data import DATASETS
+
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    model_chans = getattr(model, "in_chans", conv.in_channels if conv is not None else None)
+    chans = getattr(DATASETS.get(dataset), "in_chans", None)
+    if chans and model_chans and model_chans != chans:
+        trained_with = f"{model_chans}-channel data" + (f" ({run_dataset})" if run_dataset else "")
+        raise ValueError(
+            f"{source} was trained on {trained_with}, {dataset} has {chans}-channel images: "
+            f"use it on {run_dataset or f'a {model_chans}-channel dataset'}"
+            + (f" (leave out --dataset, or pass --dataset {run_dataset})" if run_dataset else "")
+        )
+    if num_classes is not None and getattr(model, "num_classes", num_classes) != num_classes:
+        raise ValueError(
+            f"{source} has {model.num_classes} classes, {dataset} has {num_classes}: use it on the data it was "
+            f"trained on" + (f" ({run_dataset}: leave out --dataset)" if run_dataset else "")
+        )
+
+
 def evaluate(
     checkpoint: str | os.PathLike,
     dataset: str | None = None,
@@ -222,7 +252,7 @@ def evaluate(
     import torch
 
     from . import reparameterize
-    from .data import DATASETS, build_datasets, build_loaders
+    from .data import build_datasets, build_loaders
     from .deployed import is_deployed_file, load_deployed
     from .io import is_torch_checkpoint
 
@@ -261,22 +291,10 @@ def evaluate(
         dataset = dataset or run_dataset
     dataset = dataset or "fashion_mnist"
     first = next(iter(nets.values()))
-    # The model's input channels (ParNet's in_chans, else its first convolution's), checked before
-    # looking for the data, which may not be there.
-    conv = next((m for m in first.modules() if isinstance(m, torch.nn.Conv2d)), None)
-    model_chans = getattr(first, "in_chans", conv.in_channels if conv is not None else None)
-    chans = getattr(DATASETS.get(dataset), "in_chans", None)
-    if chans and model_chans and model_chans != chans:
-        trained_with = f"{model_chans}-channel data" + (f" ({run_dataset})" if run_dataset else "")
-        raise ValueError(
-            f"{path} was trained on {trained_with}, {dataset} has {chans}-channel images: "
-            f"evaluate it on {run_dataset or f'a {model_chans}-channel dataset'}"
-            + (f" (leave out --dataset, or pass --dataset {run_dataset})" if run_dataset else "")
-        )
+    check_fits_dataset(first, path, dataset, run_dataset)  # before looking for the data, which may not be there
     _, test_set, info = build_datasets(dataset, data_dir, test_subset=test_subset, test_only=True, img_size=img_size)
     _, loader, _ = build_loaders(test_set, test_set, 1, workers, eval_batch_size=batch_size)
-    if getattr(first, "num_classes", info.num_classes) != info.num_classes:
-        raise ValueError(f"{path} has {first.num_classes} classes, {dataset} has {info.num_classes}")
+    check_fits_dataset(first, path, dataset, run_dataset, info.num_classes)
     out: dict[str, dict[str, float]] = {}
     for name, net in nets.items():
         res = evaluate_model(net, loader, dev)
