@@ -328,3 +328,35 @@ def test_onnxruntime_int8_weights_are_7_bit_where_the_cpu_has_no_int8_dot_produc
         warnings.simplefilter("always")
         deployed.load_deployed(path)
     assert any("quantize the model again" in str(w.message) for w in caught) == dot_product
+
+
+@ORT
+@OPENVINO
+def test_engine_files_that_cannot_be_read_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A damaged or foreign file, or metadata of another form: `parnet eval` says which file and why."""
+    import onnx
+
+    deployed = importlib.import_module("parnet.deployed")
+    (tmp_path / "cut.onnx").write_bytes(b"\x08\x07\x12\xff not protobuf")
+    (tmp_path / "page.xml").write_text("<html>a web page</html>")
+    model = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
+    model.metadata_props.add(key=deployed.META_KEY, value='{"engine": "onnxruntime"}')  # keys missing
+    (tmp_path / "old.onnx").write_bytes(model.SerializeToString())
+    for name, message in (("cut.onnx", "is not an ONNX model that can be read"),
+                          ("page.xml", "is not an OpenVINO model that can be read"),
+                          ("old.onnx", "metadata is not what `parnet quantize` writes")):  # fmt: skip
+        assert cli.main(["eval", str(tmp_path / name), "--workers", "0"]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / name}" in err and message in err and "Traceback" not in err
+
+
+@OPENVINO
+def test_openvino_file_written_into_a_new_folder(tmp_path: Path) -> None:
+    from parnet.deployed import DeployedInfo, build, load_deployed, save_deployed
+
+    model, x = make(7), torch.randn(2, 3, 32, 32)
+    net = build(model, "openvino", "fp32", None, x[:1])
+    path = save_deployed(net, tmp_path / "new" / "m.xml", DeployedInfo("openvino", "fp32", "x", 3, 32, 32, 10, "m"))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["m.bin", "m.xml"]  # no staging folder left
+    with torch.inference_mode():
+        assert (load_deployed(path)(x) - model(x)).abs().max().item() < 1e-3

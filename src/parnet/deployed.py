@@ -120,6 +120,7 @@ def save_deployed(module: EngineModule, path: str | os.PathLike, info: DeployedI
 
     ov_model = module.model.clone()
     ov_model.set_rt_info(meta, [META_KEY])
+    path.parent.mkdir(parents=True, exist_ok=True)  # the staging folder goes beside the file
     with tempfile.TemporaryDirectory(dir=path.parent) as folder:
         staged = Path(folder) / "model.xml"
         ov.save_model(ov_model, str(staged), compress_to_fp16=False)
@@ -135,22 +136,28 @@ def read_info(path: str | os.PathLike) -> DeployedInfo:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no file at {path}")
-    if path.suffix.lower() == ".onnx":
-        require("onnxruntime")
-        import onnx
+    onnx_file = path.suffix.lower() == ".onnx"
+    require("onnxruntime" if onnx_file else "openvino")
+    try:
+        if onnx_file:
+            import onnx
 
-        model = onnx.load(str(path), load_external_data=False)
-        props = {p.key: p.value for p in model.metadata_props}
-        text = props.get(META_KEY)
-    else:
-        require("openvino")
-        import openvino as ov
+            model = onnx.load(str(path), load_external_data=False)
+            text = {p.key: p.value for p in model.metadata_props}.get(META_KEY)
+        else:
+            import openvino as ov
 
-        ov_model = ov.Core().read_model(str(path))
-        text = ov_model.get_rt_info([META_KEY]).astype(str) if ov_model.has_rt_info([META_KEY]) else None
+            ov_model = ov.Core().read_model(str(path))
+            text = ov_model.get_rt_info([META_KEY]).astype(str) if ov_model.has_rt_info([META_KEY]) else None
+    except Exception as e:  # noqa: BLE001 - the parsers' own errors (protobuf's, OpenVINO's) name no file
+        kind = "an ONNX" if onnx_file else "an OpenVINO"
+        raise ValueError(f"{path} is not {kind} model that can be read ({type(e).__name__}: {e})") from None
     if text is None:
         raise ValueError(f"{path} was not written by `parnet quantize` (no {META_KEY} metadata)")
-    return DeployedInfo(**json.loads(text))
+    try:
+        return DeployedInfo(**json.loads(text))
+    except (TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: its {META_KEY} metadata is not what `parnet quantize` writes ({e})") from None
 
 
 def load_deployed(path: str | os.PathLike, threads: int | None = None) -> EngineModule:
