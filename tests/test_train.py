@@ -202,7 +202,7 @@ def test_a_run_at_another_size_is_evaluated_and_quantized_at_it(tmp_path, monkey
 
     from parnet import data
     from parnet.deployed import quantize_checkpoint, read_info
-    from parnet.evaluate import trained_on
+    from parnet.evaluate import TrainedOn, trained_on
     from parnet.predict import load_predictor
 
     folder = make_image_folder(tmp_path / "imgs", classes=2, per_class=4)
@@ -213,6 +213,12 @@ def test_a_run_at_another_size_is_evaluated_and_quantized_at_it(tmp_path, monkey
     res = train(tiny_config(folder, out, **kw))
     assert res["img_size"] == 48 and yaml.safe_load((out / "config.yaml").read_text())["img_size"] == 48
     assert trained_on(out).img_size == trained_on(out / "fused.safetensors").img_size == 48
+    config = (out / "config.yaml").read_text()  # a copy for people to read: the weights say what they are
+    (out / "config.yaml").write_text(config.replace("img_size: 48", "img_size: 96").replace("imagefolder", "cifar10"))
+    assert (trained_on(out).dataset, trained_on(out).img_size) == ("imagefolder", 48)
+    (out / "config.yaml").unlink()
+    assert trained_on(out) == trained_on(out / "last.safetensors") == TrainedOn("imagefolder", None, 48)
+    (out / "config.yaml").write_text(config)  # the data folder is the config's alone
     with pytest.raises(ValueError, match="img_size was 48, now 64"):
         train(tiny_config(folder, out, resume=True, **{**kw, "img_size": 64}))
     sizes = []

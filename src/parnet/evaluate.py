@@ -55,16 +55,20 @@ class TrainedOn:
 
 
 def trained_on(path: str | os.PathLike) -> TrainedOn:
-    """What ``path`` (a run folder: its ``config.yaml``; a weights file: its header) says of its training data."""
+    """What ``path`` (a weights file: its header; a run folder: its weights files' header, and its
+    ``config.yaml`` for the data folder and for runs whose header predates a field) says of its training data."""
     from .data import MIN_IMG_SIZE
     from .weights import bounded_int
 
     path = Path(path)
-    if path.is_dir() and (path / "config.yaml").is_file():
+    if path.is_dir():
         from .settings import read_yaml
 
-        cfg = read_yaml(path / "config.yaml")
-        return TrainedOn(cfg.get("dataset"), cfg.get("data_dir"), cfg.get("img_size") or 0)
+        weights = next((path / f for f in RUN_WEIGHTS if (path / f).is_file()), None)
+        header = trained_on(weights) if weights is not None else TrainedOn()
+        cfg = read_yaml(path / "config.yaml") if (path / "config.yaml").is_file() else {}
+        dataset, img_size = header.dataset or cfg.get("dataset"), header.img_size or cfg.get("img_size") or 0
+        return TrainedOn(dataset, cfg.get("data_dir"), img_size)
     if path.is_file() and path.suffix == ".safetensors":
         from safetensors import safe_open
 
