@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from parnet.cli import main
 
 
@@ -55,8 +57,19 @@ def test_kwargs_reserved_keys_are_refused_with_the_reason(capsys):
     assert "num_classes is not accepted here: set by the dataset" in capsys.readouterr().err
 
 
-def test_a_keyword_the_model_does_not_take_is_a_clear_error(tmp_path, capsys):
-    """A --model-kwargs typo: the command says which keyword, in every command that builds a model."""
-    assert main(["export", "parnet_cifar_s", "--model-kwargs", "num_streams=4", "--out", str(tmp_path)]) == 2
-    assert "cannot create parnet_cifar_s with {'num_streams': 4}" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "kwarg, message",
+    [("num_streams=4", "unknown model keyword 'num_streams'; allowed: widths, head_width"),
+     ("widths=8", "widths must be a list of 1 to 4 integers, got 8"),
+     ("pretrained=true", "'pretrained' is refused: model keywords describe the architecture only")],
+)  # fmt: skip
+@pytest.mark.parametrize("command", ["export", "bench"])
+def test_a_keyword_the_model_does_not_take_is_a_clear_error(tmp_path, capsys, command, kwarg, message):
+    """A --model-kwargs typo, a wrong value, a keyword that would load weights: a usage error naming it, before
+    any work, in each command that passes them to timm.create_model."""
+    args = [command, "--model-kwargs", kwarg, "head_width=64"]
+    args += ["--out", str(tmp_path)] if command == "export" else ["--json", str(tmp_path / "b.json")]
+    with pytest.raises(SystemExit):
+        main(args)
+    assert f"argument --model-kwargs: {message}" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

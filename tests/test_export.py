@@ -154,3 +154,13 @@ def test_export_takes_an_authors_checkpoint(official_tiny: dict, tmp_path: Path,
     torch.save({"state_dict": timm.create_model("resnet18", num_classes=3).state_dict()}, tmp_path / "resnet.pth.tar")
     assert cli.main(["export", "--checkpoint", str(tmp_path / "resnet.pth.tar"), "--out", str(tmp_path / "r")]) == 2
     assert "resnet.pth.tar" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_exported_files_are_named_after_the_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from parnet.cli.export import _file_stem
+
+    (tmp_path / "my_run").mkdir()
+    monkeypatch.chdir(tmp_path / "my_run")
+    for given, stem in ((".", "my_run"), ("../my_run/", "my_run"), ("last.safetensors", "last"),
+                        ("model_best.pth.tar", "model_best"), ("a.b.safetensors", "a.b")):  # fmt: skip
+        assert _file_stem(given) == stem

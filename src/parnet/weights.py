@@ -19,6 +19,7 @@ from torch import nn
 __all__ = [
     "ARCHITECTURE_KEYS",
     "FEATURE_KEYS",
+    "IO_KEYS",
     "MAX_PARAMS",
     "architecture_kwargs",
     "bounded_int",
@@ -90,6 +91,11 @@ ARCHITECTURE_KEYS: dict[str, Callable[[Any, str, str], Any]] = {
     "stem_width": _int_in(1, MAX_WIDTH, optional=True),
     "depth_per_stage": _int_in(1, 256),
     "channels": _int_list(1, MAX_WIDTH, max_len=8),
+}
+# A model's input channels and class count, for the commands that let them be given with the architecture.
+IO_KEYS: dict[str, Callable[[Any, str, str], Any]] = {
+    "in_chans": _int_in(1, MAX_IN_CHANS),
+    "num_classes": _int_in(1, MAX_CLASSES),
 }
 # Keys refused with their own reason: they would load weights or read files named by the settings.
 _LOADING_KEYS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "pretrained_strict",

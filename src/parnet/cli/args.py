@@ -59,34 +59,50 @@ def model_name(text: Any) -> str:
 class MergeKwargs(argparse.Action):
     """Collects ``KEY=VALUE`` arguments (parsed by :func:`key_value`) into one dict; repeats merge.
 
-    ``reserved`` maps the keys the command sets itself to why they are not accepted.
+    ``reserved`` maps the keys the command sets itself to why they are not accepted; ``architecture``:
+    the keys and values must be architecture keywords, input channels or class count
+    (:func:`parnet.weights.architecture_kwargs`), for commands that pass them to ``timm.create_model`` as
+    they are.
     """
 
-    def __init__(self, *args: Any, reserved: dict[str, str] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, reserved: dict[str, str] | None = None, architecture: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.reserved = dict(reserved or {})
+        self.architecture = architecture
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from ..weights import IO_KEYS, architecture_kwargs
+
         try:
             refuse_reserved(dict(values), self.reserved)
+            merged = dict(getattr(namespace, self.dest, None) or {})
+            merged.update(values)
+            if self.architecture:
+                merged = architecture_kwargs(merged, "", IO_KEYS)
         except ValueError as e:
             raise argparse.ArgumentError(self, str(e)) from None
-        merged = dict(getattr(namespace, self.dest, None) or {})
-        merged.update(values)
         setattr(namespace, self.dest, merged)
 
 
 def add_kwargs_option(
-    parser: argparse.ArgumentParser, flag: str, help: str, default: Any = None, reserved: dict[str, str] | None = None
+    parser: argparse.ArgumentParser,
+    flag: str,
+    help: str,
+    default: Any = None,
+    reserved: dict[str, str] | None = None,
+    architecture: bool = False,
 ) -> None:
     """The one way this CLI takes keyword arguments for ``timm.create_model``: ``KEY=VALUE ...``.
 
     ``reserved`` maps keys the command sets itself to why they are not accepted (e.g.
-    ``{"num_classes": "set by the dataset"}``); giving one is a usage error that says so.
+    ``{"num_classes": "set by the dataset"}``); giving one is a usage error that says so. ``architecture``:
+    checked as ParNet architecture keywords as they are parsed (a settings field checks its own instead).
     """
     parser.add_argument(
         flag, nargs="+", type=key_value, action=MergeKwargs, metavar="KEY=VALUE",
-        default={} if default is None else default, help=help, reserved=reserved,
+        default={} if default is None else default, help=help, reserved=reserved, architecture=architecture,
     )  # fmt: skip
 
 

@@ -130,7 +130,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reps", type=int, default=30, help="timed repetitions at batch 1 [30]")
     p.add_argument("--reps-large", type=int, help="timed repetitions at the large batch [reps/3, at least 3]")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (compilation included) [3]")
-    add_kwargs_option(p, "--model-kwargs", "timm.create_model arguments of the ParNet models, e.g. widths=[8,16,32]")
+    add_kwargs_option(
+        p, "--model-kwargs", "timm.create_model arguments of the ParNet models, e.g. widths=[8,16,32]",
+        architecture=True,
+    )  # fmt: skip
     p.add_argument(
         "--peak-size",
         type=int,

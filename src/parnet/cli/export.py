@@ -51,7 +51,7 @@ def default_resolution(model: nn.Module, checkpoint: str | None) -> int:
 
 def _file_stem(path: str) -> str:
     """``run`` for ``run/``, ``last`` for ``last.safetensors``, ``model_best`` for ``model_best.pth.tar``."""
-    name = Path(path).name
+    name = Path(path).resolve().name  # "." is the folder's name
     for suffix in (".tar", ".pth", ".pt", ".safetensors"):
         name = name.removesuffix(suffix)
     return name
@@ -93,7 +93,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "parnet_s, 32 for the small-input variants)",
     )
     p.add_argument("--num-classes", type=int, help="classifier outputs (timm models only)")
-    add_kwargs_option(p, "--model-kwargs", "timm.create_model arguments, e.g. widths=[8,16,32] head_width=64")
+    add_kwargs_option(
+        p, "--model-kwargs", "timm.create_model arguments, e.g. widths=[8,16,32] head_width=64", architecture=True
+    )
     p.add_argument("--fused-only", action="store_true", help="export the re-parameterized model without folding")
     p.add_argument("--no-check", action="store_true", help="skip the round-trip check against PyTorch")
     p.set_defaults(func=_export)
