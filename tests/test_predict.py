@@ -128,6 +128,8 @@ def test_our_safetensors_without_a_dataset(images, tmp_path):
         (["{rgb}", "{run}", "--checkpoint", "{rgb}"], "not both"),
         (["{rgb}", "--checkpoint", "{missing}"], "no checkpoint"),
         (["{rgb}", "--checkpoint", "{text}"], "cannot read"),
+        (["{rgb}", "{run}", "--device", "gpu"], "unsupported device 'gpu' (use cpu or cuda[:i])"),
+        (["{rgb}", "{run}", "--device", "cuda:99"], "device cuda:99 requested but"),
     ],
 )
 def test_bad_input_is_a_clear_error_without_traceback(run, images, tmp_path, capsys, args, message):

@@ -382,6 +382,25 @@ def test_eval_and_plot_of_a_run(reference_run, capsys):
     assert main(["plot", str(out)]) == 0
 
 
+def test_eval_of_a_pruned_run_folder_and_of_a_device_not_there(reference_run, tmp_path, capsys):
+    """A run folder kept with its EMA weights only (as results/ keeps them) is scored on those; a device this
+    machine lacks is a clear error before any work."""
+    import shutil
+
+    out, res = reference_run
+    pruned = tmp_path / "pruned"
+    shutil.copytree(out, pruned)
+    (pruned / "last.safetensors").unlink()
+    scores = evaluate(pruned, workers=0)
+    assert set(scores) == {"ema", "ema_fused"} and scores["ema"]["top1"] == pytest.approx(res["ema_top1"])
+    (pruned / "last_ema.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="holds no last_ema.safetensors or last.safetensors"):
+        evaluate(pruned, workers=0)
+    for device, message in (("gpu", "unsupported device 'gpu'"), ("cuda:99", "device cuda:99 requested but")):
+        with pytest.raises(ValueError, match=message):
+            evaluate(out, workers=0, device=device)
+
+
 def test_eval_on_data_with_other_channels_names_the_runs_dataset(reference_run, tmp_path, capsys):
     """A 1-channel Fashion-MNIST run scored on 3-channel CIFAR: said before looking for the data."""
     out, _ = reference_run

@@ -257,21 +257,21 @@ def evaluate(
 
     from . import reparameterize
     from .data import build_datasets, build_loaders
+    from .deploy.cuda import check_device
     from .deployed import is_deployed_file, load_deployed
     from .io import is_torch_checkpoint
 
     path = Path(checkpoint)
     nets: dict[str, Any] = {}
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run_dataset = None  # the dataset the weights were trained on (their run's config.yaml, or their header)
     trained = trained_on(path)
     img_size = img_size or trained.img_size
     if path.is_dir():
-        if not (path / "last.safetensors").is_file():
-            raise FileNotFoundError(f"{path} holds no last.safetensors: is it a training run folder?")
-        nets["raw"] = load_weights(path / "last.safetensors", str(dev))
-        if (path / "last_ema.safetensors").is_file():
-            nets["ema"] = load_weights(path / "last_ema.safetensors", str(dev))
+        files = {"raw": path / "last.safetensors", "ema": path / "last_ema.safetensors"}  # either may be pruned
+        nets = {name: load_weights(f, str(dev)) for name, f in files.items() if f.is_file()}
+        if not nets:
+            raise FileNotFoundError(f"{path} holds no {' or '.join(RUN_WEIGHTS)}: is it a training run folder?")
         run_dataset = trained.dataset
         if dataset is None:
             dataset, data_dir = run_dataset, data_dir or trained.data_dir

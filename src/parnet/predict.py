@@ -99,8 +99,10 @@ def load_predictor(
         raise ValueError("give a run folder or a checkpoint file, not both")
     if run is None and checkpoint is None and not model_name:
         raise ValueError("give the weights: a run folder, a checkpoint file, or a model name with released weights")
+    from .deploy.cuda import check_device
     from .evaluate import TrainedOn, load_trained_model, trained_on
 
+    device = str(check_device(device))
     trained = TrainedOn()
     if run is not None or checkpoint is not None:
         weights = run if run is not None else checkpoint

@@ -191,8 +191,7 @@ def deploy(
     ``torch.inference_mode()``. Raises ``ValueError`` for a mode, precision or engine the device
     cannot run, and for int8 without calibration data.
     """
-    device = torch.device(device)
-    check_device(device)
+    device = check_device(device)
     check_precision(precision, device)
     allowed = PRECISION_MODES[precision] if device.type == "cpu" else MODES
     if mode == "onnxruntime" and precision == "bf16":

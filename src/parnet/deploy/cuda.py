@@ -126,11 +126,9 @@ class MultiDeviceParNet(nn.Module):
     def __init__(self, folded: FoldedParNet, devices: Sequence[str | torch.device]):
         super().__init__()
         n = len(folded.streams)
-        devs = [torch.device(d) for d in devices]
-        if len(devs) != n:
-            raise ValueError(f"give one device per stream: {n} streams, {len(devs)} devices")
-        for d in devs:
-            check_device(d)
+        if len(devices) != n:
+            raise ValueError(f"give one device per stream: {n} streams, {len(devices)} devices")
+        devs = [check_device(d) for d in devices]
         self.devices = devs
         # not folded.check_input: that bound method would keep the whole folded copy alive
         self.in_chans, self.multiple = folded.in_chans, folded.multiple
@@ -172,7 +170,13 @@ def _send(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=device.type == "cuda")
 
 
-def check_device(device: torch.device) -> None:
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` this machine has; ``ValueError`` for a name torch does not know, CUDA where
+    there is none, or a CUDA index beyond the devices present."""
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unsupported device {str(device)!r} (use cpu or cuda[:i])") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device} requested but CUDA is not available on this machine")
@@ -181,3 +185,4 @@ def check_device(device: torch.device) -> None:
             raise ValueError(f"device {device} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     elif device.type != "cpu":
         raise ValueError(f"unsupported device {device} (use cpu or cuda[:i])")
+    return device
