@@ -128,12 +128,15 @@ def test_our_safetensors_without_a_dataset(images, tmp_path):
         (["{rgb}", "{run}", "--checkpoint", "{rgb}"], "not both"),
         (["{rgb}", "--checkpoint", "{missing}"], "no checkpoint"),
         (["{rgb}", "--checkpoint", "{text}"], "cannot read"),
+        (["{rgb}", "--checkpoint", "{onnx}"], "is an engine model (ONNX or OpenVINO), not trained weights"),
         (["{rgb}", "{run}", "--device", "gpu"], "unsupported device 'gpu' (use cpu or cuda[:i])"),
         (["{rgb}", "{run}", "--device", "cuda:99"], "device cuda:99 requested but"),
     ],
 )
 def test_bad_input_is_a_clear_error_without_traceback(run, images, tmp_path, capsys, args, message):
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x07")  # what `parnet quantize` writes is not trained weights
     values = {k: str(v) for k, v in images.items()} | {"run": str(run), "missing": str(tmp_path / "nothing.png")}
+    values["onnx"] = str(tmp_path / "m.onnx")
     assert main(["predict", *(a.format(**values) for a in args)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

@@ -281,9 +281,12 @@ def evaluate(
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint at {path}")
         ckpt = read_checkpoint(path)
-        nets["raw"] = load_official(ckpt, use_ema=False).to(dev)
-        if "state_dict_ema" in ckpt:
-            nets["ema"] = load_official(ckpt, use_ema=True).to(dev)
+        try:
+            nets["raw"] = load_official(ckpt, use_ema=False).to(dev)
+            if "state_dict_ema" in ckpt:
+                nets["ema"] = load_official(ckpt, use_ema=True).to(dev)
+        except ValueError as e:  # the message names the key, this the file
+            raise ValueError(f"{path}: {e}") from None
     elif is_deployed_file(path):  # written by `parnet quantize`: runs on its engine, on the CPU
         nets["raw"] = load_deployed(path)
         run_dataset = nets["raw"].dataset
@@ -355,7 +358,9 @@ def plot(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) ->
     fig.suptitle(str(run_dir))
     fig.tight_layout()
     out = Path(output or run_dir / "curves.png")
-    with atomic_write(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_write(out) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:  # a failed write must not leave the figure open in a library user's process
+        plt.close(fig)
     return out

@@ -206,6 +206,11 @@ def read_safetensors(
                 f"{path} is a PyTorch checkpoint (such as the authors' .pth.tar), not safetensors; convert it "
                 f"first: `parnet convert {path} {out}` (a `parnet train` run's weights are its last.safetensors)"
             ) from None
+        if path.suffix.lower() in (".onnx", ".xml", ".bin"):
+            raise ValueError(
+                f"{path} is an engine model (ONNX or OpenVINO), not trained weights: `parnet eval` and `parnet bench "
+                "--deployed` run it; here give the run folder or its .safetensors weights"
+            ) from None
         raise ValueError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
     if expected_format is not None and meta.get("format") != expected_format:
         raise ValueError(f"{path} is not a {expected_format!r} file (its metadata says {meta.get('format')!r})")

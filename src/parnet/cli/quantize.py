@@ -33,7 +33,9 @@ def _quantize(args: argparse.Namespace) -> int:
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """``parnet quantize``."""
     p = subparsers.add_parser("quantize", help="write a deployable int8/bf16/fp32 engine model and score it")
-    p.add_argument("checkpoint", help="a training run folder (its EMA weights when kept) or a .safetensors file")
+    p.add_argument(
+        "checkpoint", help="a training run folder, a .safetensors file or an authors' .pth.tar (EMA weights where kept)"
+    )
     p.add_argument("--precision", choices=PRECISIONS, default="int8", help="[int8]")
     p.add_argument("--engine", choices=ENGINES, default="onnxruntime", help="[onnxruntime]")
     p.add_argument(
