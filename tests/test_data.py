@@ -168,6 +168,20 @@ def test_cifar_pickles(tmp_path, name, classes, n_train):
     # The pickle folder itself is accepted too.
     folder = next(p for p in root.iterdir() if p.is_dir())
     assert len(build_datasets(name, folder)[1]) == 8
+    # loader workers started by spawn (macOS; Linux from Python 3.14) receive the dataset pickled
+    copy = pickle.loads(pickle.dumps(test))
+    assert torch.equal(copy[0][0], test[0][0]) and copy[0][1] == test[0][1]
+
+
+def test_download_is_asked_for_by_the_first_split_read(tmp_path, monkeypatch):
+    """--download fetches CIFAR when training too (the test split is read first, and must ask for it)."""
+    from parnet import data
+
+    asked = []
+    monkeypatch.setattr(data, "_cifar", lambda name, root, train, tf, download: asked.append((train, download)) or [0])
+    build_datasets("cifar10", tmp_path, download=True)
+    build_datasets("cifar10", tmp_path, download=True, test_only=True)
+    assert asked == [(False, True), (True, True), (False, True)]
 
 
 def test_missing_cifar_gives_url_and_download_hint(tmp_path):

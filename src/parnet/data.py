@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.datasets import CIFAR10, CIFAR100
 
 __all__ = [
     "DATASETS",
@@ -185,29 +186,43 @@ class FashionMNIST(Dataset):
 # -- CIFAR (python pickles) ---------------------------------------------------------------------
 
 
-def _cifar(name: str, root: Path, train: bool, transform: Any, download: bool) -> Dataset:
-    from torchvision.datasets import CIFAR10, CIFAR100
+class _CheckedCifar:
+    """torchvision's CIFAR, with clear errors instead of a bare md5 failure or pickle error. At module level:
+    loader workers started by spawn (the default on macOS, and on Linux from Python 3.14) unpickle it."""
 
+    root: str
+    base_folder: str
+    train_list: list
+    test_list: list
+    meta: dict
+
+    def _check_integrity(self) -> bool:
+        return all((Path(self.root) / self.base_folder / f).is_file() for f, _ in self.train_list + self.test_list)
+
+    def _load_meta(self) -> None:
+        path = Path(self.root) / self.base_folder / self.meta["filename"]
+        try:
+            with open(path, "rb") as fh:
+                self.classes = pickle.load(fh, encoding="latin1")[self.meta["key"]]
+        except Exception as e:  # noqa: BLE001 - EOFError, UnpicklingError, KeyError...
+            raise CorruptDatasetError(f"{path} is truncated or corrupt: {type(e).__name__}: {e}") from None
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+
+class _CheckedCIFAR10(_CheckedCifar, CIFAR10):
+    pass
+
+
+class _CheckedCIFAR100(_CheckedCifar, CIFAR100):
+    pass
+
+
+def _cifar(name: str, root: Path, train: bool, transform: Any, download: bool) -> Dataset:
     base_cls = CIFAR10 if name == "cifar10" else CIFAR100
     folder = base_cls.base_folder
     # Accept both the parent folder and the pickle folder itself.
     if root.name == folder and not (root / folder).exists():
         root = root.parent
-
-    class _Checked(base_cls):  # type: ignore[misc, valid-type]
-        """torchvision's CIFAR, with clear errors instead of a bare md5 failure or pickle error."""
-
-        def _check_integrity(self) -> bool:
-            return all((Path(self.root) / self.base_folder / f).is_file() for f, _ in self.train_list + self.test_list)
-
-        def _load_meta(self) -> None:
-            path = Path(self.root) / self.base_folder / self.meta["filename"]
-            try:
-                with open(path, "rb") as fh:
-                    self.classes = pickle.load(fh, encoding="latin1")[self.meta["key"]]
-            except Exception as e:  # noqa: BLE001 - EOFError, UnpicklingError, KeyError...
-                raise CorruptDatasetError(f"{path} is truncated or corrupt: {type(e).__name__}: {e}") from None
-            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
     if download:
         try:
@@ -236,7 +251,8 @@ def _cifar(name: str, root: Path, train: bool, transform: Any, download: bool) -
                 raise ValueError(f"labels outside 0..{classes - 1}")
         except Exception as e:  # noqa: BLE001 - EOFError, UnpicklingError, KeyError...
             raise CorruptDatasetError(f"{path} is truncated or corrupt: {type(e).__name__}: {e}") from None
-    return _Checked(str(root), train=train, transform=transform, download=False)
+    checked = _CheckedCIFAR10 if name == "cifar10" else _CheckedCIFAR100
+    return checked(str(root), train=train, transform=transform, download=False)
 
 
 # -- image folders ------------------------------------------------------------------------------
@@ -388,7 +404,7 @@ def build_datasets(
         test = FashionMNIST(root, False, test_tf)
         train = test if test_only else FashionMNIST(root, True, train_tf)
     elif name in ("cifar10", "cifar100"):
-        test = _cifar(name, root, False, test_tf, download and test_only)
+        test = _cifar(name, root, False, test_tf, download)  # the first split read fetches both
         train = test if test_only else _cifar(name, root, True, train_tf, download)
     else:
         if download:
