@@ -199,10 +199,14 @@ def test_detector_pads_to_parnet_multiple_and_bad_args() -> None:
 
 
 def test_save_load_detector_round_trip(tmp_path: Path) -> None:
-    model = tiny_detector("retinanet", freeze_bn=True).eval()
+    model = tiny_detector("retinanet", freeze_bn=True, score_thresh=0.2, detections_per_img=50).eval()
     path = det.save_detector(model, tmp_path / "det.safetensors", {"names": {"1": "a"}})
-    again, extra = det.load_detector(path)
-    assert extra == {"names": {"1": "a"}}
+    again, extra = det.load_detector(path)  # the post-processing keywords come back with it
+    assert extra == {"names": {"1": "a"}} and (again.score_thresh, again.detections_per_img) == (0.2, 50)
+    with pytest.raises(ValueError, match="unknown detector keyword 'score_threshold'; allowed: score_thresh"):
+        tiny_detector("fcos", score_threshold=0.2)
+    with pytest.raises(ValueError, match=r"nms_thresh must be a number in \[0.0, 1.0\], got 2"):
+        tiny_detector("fcos", nms_thresh=2)
     images, _ = tiny_batch()
     with torch.no_grad():
         a, b = model(images), again(images)
@@ -324,6 +328,11 @@ def test_bad_annotations_refused_clearly() -> None:
     del gt["images"][0]["width"]
     with pytest.raises(ValueError, match="width"):
         check_coco(gt)
+    for key, message in (("image_id", "refer to image ids that are not in"), ("category_id", "category")):
+        gt = coco_gt([[[1, 1, 2, 2]]])
+        gt["annotations"][0][key] = [1]  # not hashable: a lookup would be a TypeError
+        with pytest.raises(ValueError, match=message):
+            check_coco(gt)
     for key, bad in (("id", "a.jpg"), ("id", 1.0), ("file_name", 3)):  # ids end up in tensors, names in paths
         gt = coco_gt([[]])
         gt["images"][0][key] = bad
@@ -412,6 +421,9 @@ def test_eval_det_refuses_other_categories(tmp_path: Path, capsys: pytest.Captur
     assert main(args) == 2
     assert "trained on category ids [1, 2, 3], the data has [5, 6, 7]" in capsys.readouterr().err
     assert not (tmp_path / "ev").exists()
+    if not torch.cuda.is_available():  # a device the machine lacks: said, no traceback
+        assert main([*args, "--device", "cuda"]) == 2
+        assert "device cuda requested but CUDA is not available" in capsys.readouterr().err
 
 
 def test_draw_examples_nothing_to_draw(tmp_path: Path) -> None:

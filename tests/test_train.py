@@ -481,6 +481,8 @@ def test_yaml_config_and_precedence(tmp_path, capsys):
     with pytest.raises(ValueError, match="label_smoothing must be below 1"):
         make_config({"label_smoothing": 1})
     assert make_config({"label_smoothing": 1, "mixup": 0.8}).label_smoothing == 1
+    with pytest.raises(ValueError, match="need an even --batch-size, got 33"):  # timm's Mixup pairs images
+        make_config({"cutmix": 1.0, "batch_size": 33})
     cfg_file.write_text("epochz: 3\n")
     assert main(["train", "--config", str(cfg_file)]) == 2
     assert "unknown setting 'epochz'" in capsys.readouterr().err

@@ -178,10 +178,10 @@ def check_coco(source: str | os.PathLike | Mapping[str, Any], strict: bool = Tru
         if ann["id"] in ann_ids:
             raise ValueError(f"{name}: duplicate annotation id {ann['id']}")
         ann_ids.add(ann["id"])
-        if ann.get("image_id") not in images:
+        if not isinstance(ann.get("image_id"), int) or ann["image_id"] not in images:  # a list is not hashable
             orphans.append(ann["id"])
             continue
-        if ann.get("category_id") not in known_cats:
+        if not isinstance(ann.get("category_id"), int) or ann["category_id"] not in known_cats:
             unknown.append((ann["id"], ann.get("category_id")))
             continue
         box = ann.get("bbox")

@@ -349,9 +349,11 @@ def eval_det(
     Writes ``eval.json``, ``detections.json`` and ``predictions.png`` to ``output`` (default: beside the
     weights, ``eval_<split>``); returns the stats and that folder.
     """
+    from .deploy.cuda import check_device
     from .det_data import CocoDetectionDataset
     from .io import atomic_write
 
+    device = str(check_device(device))
     weights = Path(weights)
     if weights.is_dir():
         weights = weights / "last.safetensors"

@@ -37,6 +37,7 @@ from .factory import create_model
 
 __all__ = [
     "DETECTORS",
+    "DETECTOR_KWARGS",
     "FPNBackbone",
     "build_backbone",
     "coco_evaluate",
@@ -52,6 +53,18 @@ __all__ = [
 ]
 
 DETECTORS = ("fcos", "retinanet", "fasterrcnn")
+# The torchvision detectors' post-processing keywords create_detector passes on (and a saved detector keeps):
+# name -> bounds; integer bounds make an integer keyword. FCOS and RetinaNet take the first four, Faster R-CNN
+# the box_ ones.
+DETECTOR_KWARGS: dict[str, tuple[float, float]] = {
+    "score_thresh": (0.0, 1.0),
+    "nms_thresh": (0.0, 1.0),
+    "detections_per_img": (1, 10_000),
+    "topk_candidates": (1, 100_000),
+    "box_score_thresh": (0.0, 1.0),
+    "box_nms_thresh": (0.0, 1.0),
+    "box_detections_per_img": (1, 10_000),
+}
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
@@ -222,6 +235,20 @@ def build_backbone(
 # -- detectors ----------------------------------------------------------------------------------
 
 
+def _detector_kwarg(value: Any, key: str, source: str) -> float | int:
+    """One of :data:`DETECTOR_KWARGS`, checked against its bounds; ``ValueError`` naming ``source`` and the key."""
+    from .weights import bounded_int
+
+    if key not in DETECTOR_KWARGS:
+        raise ValueError(f"{source}: unknown detector keyword {key!r}; allowed: {', '.join(DETECTOR_KWARGS)}")
+    low, high = DETECTOR_KWARGS[key]
+    if isinstance(high, int):
+        return bounded_int(value, key, int(low), high, source)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{source}: {key} must be a number in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
 def create_detector(
     kind: str = "fcos",
     backbone: str = "parnet_s",
@@ -252,7 +279,8 @@ def create_detector(
         min_size, max_size: torchvision's resize of the input images (shorter side to ``min_size``
             unless the longer one passes ``max_size``); set both to the image size to keep it.
         backbone_kwargs: passed to ``timm.create_model`` (e.g. ``{"widths": (16, 32, 64)}``).
-        detector_kwargs: passed to the torchvision detector (``score_thresh``, ``nms_thresh``, ...).
+        detector_kwargs: passed to the torchvision detector: its post-processing, :data:`DETECTOR_KWARGS`
+            (``score_thresh``, ``nms_thresh``, ...).
 
     The returned model carries ``detector_config``, the arguments that rebuild it (see
     :func:`save_detector`).
@@ -263,6 +291,7 @@ def create_detector(
 
     if kind not in DETECTORS:
         raise ValueError(f"unknown detector {kind!r}; choose one of {DETECTORS}")
+    detector_kwargs = {k: _detector_kwarg(v, k, "create_detector") for k, v in detector_kwargs.items()}
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background too (categories + 1), got {num_classes}")
     if kind == "fcos" and (fpn_channels % 32 or fpn_channels < 64):
@@ -389,6 +418,7 @@ def detector_config(config: Any, source: str) -> dict[str, Any]:
         "min_size": lambda v, k: bounded_int(v, k, 1, 8192, source),
         "max_size": lambda v, k: bounded_int(v, k, 1, 8192, source),
         "backbone_kwargs": lambda v, k: architecture_kwargs(v, f"{source}: {k}", FEATURE_KEYS),
+        **{key: lambda v, k: _detector_kwarg(v, k, source) for key in DETECTOR_KWARGS},
     }
     if not isinstance(config, dict):
         raise ValueError(f"{source} must be a mapping, got {type(config).__name__}")

@@ -321,4 +321,6 @@ def make_config(overrides: dict[str, Any] | None = None, config_file: str | None
     # Valid one by one, not together: smoothing 1 leaves no target unless Mixup/CutMix soften the labels.
     if cfg.mixup == 0 and cfg.cutmix == 0 and cfg.label_smoothing >= 1:
         raise ValueError("label_smoothing must be below 1 (without --mixup or --cutmix)")
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:  # timm's Mixup mixes each batch with its reverse
+        raise ValueError(f"--mixup and --cutmix need an even --batch-size, got {cfg.batch_size}")
     return cfg
