@@ -145,6 +145,14 @@ def test_model_names_checked_one_by_one(args: list[str], message: str, capsys) -
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value", [("--resolution", "-32"), ("--reps-large", "0"), ("--threads", "0"),
+                                         ("--warmup", "-1"), ("--settle-ms", "nan")])  # fmt: skip
+def test_counts_and_sizes_checked_as_parsed(flag: str, value: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["bench", flag, value])
+    assert f"argument {flag}: " in capsys.readouterr().err
+
+
 def test_no_models_is_a_clear_error(capsys) -> None:
     assert cli.main(["bench", "--models", " ", "--baselines", ""]) == 2
     assert "--models is empty" in capsys.readouterr().err

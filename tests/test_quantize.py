@@ -259,6 +259,16 @@ def test_bench_times_a_quantized_file(tmp_path: Path, capsys: pytest.CaptureFixt
 
     rows = [r for r in json.loads((tmp_path / "b.json").read_text())["records"] if r["model"] == "m.onnx"]
     assert [(r["mode"], r["batch"]) for r in rows] == [("int8:onnxruntime", 1), ("int8:onnxruntime", 2)]
+    # two files of one name are both timed, under their paths; one file twice is refused
+    (tmp_path / "b").mkdir()
+    other = tmp_path / "b" / "m.onnx"
+    other.write_bytes(path.read_bytes())
+    at = args.index("--deployed") + 1
+    assert cli.main([*args[:at], f"{path},{other}", *args[at + 1 :], "--quiet", "--modes", "folded"]) == 0
+    models = {r["model"] for r in json.loads((tmp_path / "b.json").read_text())["records"]}
+    assert {str(path), str(other)} <= models
+    assert cli.main([*args[:at], f"{path},{path}", *args[at + 1 :], "--quiet"]) == 2
+    assert "a deployed file is given twice" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("native", [True, False])

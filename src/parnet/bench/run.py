@@ -378,7 +378,11 @@ def bench_files(
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        nets = {Path(p).name: load_deployed(p, threads) for p in paths}
+        names = [Path(p).name for p in paths]  # short names in the table, unless two files share one
+        if len(set(map(str, paths))) < len(paths):
+            raise ValueError(f"a deployed file is given twice: {', '.join(map(str, paths))}")
+        keys = names if len(set(names)) == len(names) else [str(p) for p in paths]
+        nets = {key: load_deployed(p, threads) for key, p in zip(keys, paths)}
         records = []
         for batch, nrep in zip(batches, reps):
             log(f"[cpu] deployed files, batch {batch}: {len(nets)} x {nrep} interleaved repetitions")

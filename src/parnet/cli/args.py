@@ -48,6 +48,14 @@ def nonneg_int(text: Any) -> int:
     return value
 
 
+def nonneg_float(text: Any) -> float:
+    """A finite number >= 0, as an argparse type."""
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def model_name(text: Any) -> str:
     """A timm model name, as an argparse type (:func:`parnet.factory.check_model_name`)."""
     try:

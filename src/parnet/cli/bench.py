@@ -27,7 +27,7 @@ from ..bench import (
     run_bench,
 )
 from ..io import atomic_write
-from .args import add_kwargs_option, model_name
+from .args import add_kwargs_option, model_name, nonneg_float, nonneg_int, positive_int
 
 
 def _split(text: str) -> list[str]:
@@ -44,8 +44,6 @@ def _bench(args: argparse.Namespace) -> int:
     if args.device == "all" and not torch.cuda.is_available():
         devices = ["cpu"]
     kwargs = args.model_kwargs or None
-    if args.threads < 1 or args.batch < 1 or args.reps < 1:
-        raise ValueError("--threads, --batch and --reps must be positive")
     if not _split(args.models):
         raise ValueError("--models is empty: give at least one ParNet variant, e.g. --models parnet_s")
     machine = machine_info(args.threads)
@@ -124,24 +122,26 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--device", default="cpu", choices=("cpu", "cuda", "all"), help="[cpu]; all: CPU and CUDA if present"
     )
-    p.add_argument("--threads", type=int, default=2, help="intra-op threads [2]")
-    p.add_argument("--batch", type=int, default=32, help="large batch for throughput (batch 1 is always timed) [32]")
-    p.add_argument("--resolution", type=int, default=224, help="input height and width [224]")
-    p.add_argument("--reps", type=int, default=30, help="timed repetitions at batch 1 [30]")
-    p.add_argument("--reps-large", type=int, help="timed repetitions at the large batch [reps/3, at least 3]")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (compilation included) [3]")
+    p.add_argument("--threads", type=positive_int, default=2, help="intra-op threads [2]")
+    p.add_argument(
+        "--batch", type=positive_int, default=32, help="large batch for throughput (batch 1 is always timed) [32]"
+    )
+    p.add_argument("--resolution", type=positive_int, default=224, help="input height and width [224]")
+    p.add_argument("--reps", type=positive_int, default=30, help="timed repetitions at batch 1 [30]")
+    p.add_argument("--reps-large", type=positive_int, help="timed repetitions at the large batch [reps/3, at least 3]")
+    p.add_argument("--warmup", type=nonneg_int, default=3, help="untimed calls first (compilation included) [3]")
     add_kwargs_option(
         p, "--model-kwargs", "timm.create_model arguments of the ParNet models, e.g. widths=[8,16,32]",
         architecture=True,
     )  # fmt: skip
     p.add_argument(
         "--peak-size",
-        type=int,
+        type=nonneg_int,
         default=PEAK_SIZE,
         help=f"matrix size of the peak measurement, the conv's channels / 16 (0: none) [{PEAK_SIZE}]",
     )
     p.add_argument(
-        "--settle-ms", type=float, default=SETTLE_S * 1e3,
+        "--settle-ms", type=nonneg_float, default=SETTLE_S * 1e3,
         help=f"untimed pause before each timed CPU call, so no engine is timed while another's threads spin "
         f"[{SETTLE_S * 1e3:g}]",
     )  # fmt: skip
