@@ -589,7 +589,9 @@ def test_cli_train_resume_eval(tmp_path: Path, fake_fashion_mnist: Path) -> None
     train = ["train-det", "--data", str(data), "--output", str(run), "--backbone", "parnet_s",
              "--backbone-kwargs", "widths=[8,16,32]", "head_width=64", "stem_width=8", "--fpn-channels", "64",
              "--batch-size", "3", "--warmup-steps", "1", "--no-progress", "--draw", "2", "--device", "cpu"]  # fmt: skip
-    assert main(train + ["--epochs", "1"]) == 0
+    assert main(train + ["--epochs", "2", "--stop-after", "1"]) == 0  # a time-limited piece, then the rest
+    assert not (run / "eval.json").exists()
+    assert main(train + ["--epochs", "3", "--resume"]) == 2  # the schedule runs over the epochs: fixed
     assert main(train + ["--epochs", "2", "--resume"]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1] and "val_AP" in rows[1]
@@ -599,6 +601,33 @@ def test_cli_train_resume_eval(tmp_path: Path, fake_fashion_mnist: Path) -> None
     again = json.loads((tmp_path / "ev" / "eval.json").read_text())["stats"]
     assert again == pytest.approx(trained)
     assert main(["eval-det", str(tmp_path / "none"), "--data", str(data)]) == 2  # a clear error, exit code 2
+
+
+def test_train_det_with_loader_workers_resumes_as_if_never_stopped(tmp_path: Path, fake_fashion_mnist: Path) -> None:
+    """The workers' random flips are seeded from the saved generator each epoch: stopped after one epoch and
+    resumed, the run ends with the weights of one that never stopped."""
+    from parnet.cli import main
+
+    data = tmp_path / "data"
+    assert main(["make-det-dataset", str(data), "--train", "4", "--val", "2", "--canvas", "64",
+                 "--min-size", "16", "--max-size", "40", "--source", str(fake_fashion_mnist)]) == 0  # fmt: skip
+
+    def train(out: Path, *extra: str) -> int:
+        return main(["train-det", "--data", str(data), "--output", str(out), "--backbone", "parnet_s",
+                     "--backbone-kwargs", "widths=[8,16,32]", "head_width=64", "stem_width=8", "--fpn-channels",
+                     "64", "--batch-size", "2", "--warmup-steps", "1", "--no-progress", "--draw", "0", "--device",
+                     "cpu", "--epochs", "2", "--workers", "1", *extra])  # fmt: skip
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same sums in the same order in both runs
+    try:
+        assert train(tmp_path / "whole") == 0
+        assert train(tmp_path / "parts", "--stop-after", "1") == 0
+        assert train(tmp_path / "parts", "--resume") == 0
+    finally:
+        torch.set_num_threads(threads)
+    whole, parts = ((tmp_path / d / "last.safetensors").read_bytes() for d in ("whole", "parts"))
+    assert whole == parts
 
 
 def test_nan_in_train_det_exits_3_without_a_traceback(tmp_path: Path, fake_fashion_mnist: Path, capsys) -> None:

@@ -87,6 +87,9 @@ class DetTrainConfig(Settings):
     max_steps: int = Field(0, ge=0, description="steps per epoch at most (0: the whole set); for quick runs")
     eval_every: int = Field(0, ge=0, description="evaluate every N epochs (always after the last)")
     resume: bool = Field(False, description="continue the run in --output from its last checkpoint")
+    stop_after: int = Field(
+        0, ge=0, description="end after this many epochs of this invocation (time-limited jobs); 0 = no limit"
+    )
     seed: int = Field(0, ge=0, description="seed of everything")
     device: Literal["cpu", "cuda"] | None = Field(None, description="cpu or cuda (default: cuda when available)")
 
@@ -107,8 +110,10 @@ class DetTrainConfig(Settings):
 
 # Settings a resumed run must keep: what the restored model and optimizer depend on (more --epochs
 # continue the cosine over the longer schedule).
-_RESUME_FIXED = ("detector", "backbone", "backbone_kwargs", "fpn_channels", "image_size", "batch_size", "lr",
-                 "weight_decay", "warmup_steps", "max_steps", "seed", "freeze_bn")  # fmt: skip
+# Settings a resumed run must keep: the model, the data's size, and what the restored optimizer and schedule
+# depend on (the cosine runs over epochs x steps: more epochs after a finished run would restart nothing).
+_RESUME_FIXED = ("detector", "backbone", "backbone_kwargs", "fpn_channels", "image_size", "epochs", "batch_size",
+                 "lr", "weight_decay", "warmup_steps", "max_steps", "seed", "freeze_bn")  # fmt: skip
 _FINAL_FILES = ("eval.json",)
 
 
@@ -225,7 +230,7 @@ def _train_det(cfg: DetTrainConfig, dist_info: Any, run_dir: Path) -> dict[str, 
         )
     else:
         sampler = torch.utils.data.RandomSampler(train_ds, generator=generator)
-    loader = _loader(train_ds, cfg.batch_size, cfg.workers, sampler=sampler)
+    loader = _loader(train_ds, cfg.batch_size, cfg.workers, sampler=sampler, generator=generator)
     steps = len(loader) if not cfg.max_steps else min(len(loader), cfg.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, steps * cfg.epochs))
 
@@ -261,6 +266,11 @@ def _train_det(cfg: DetTrainConfig, dist_info: Any, run_dir: Path) -> dict[str, 
     best = extra.get("best_ap", -1.0)
     stats: dict[str, float] = dict(extra.get("stats") or {})
     for epoch in range(start_epoch, cfg.epochs):
+        if cfg.stop_after and epoch - start_epoch >= cfg.stop_after:
+            if main:
+                print(f"stopping after {cfg.stop_after} epoch(s) (--stop-after); continue with --resume", flush=True)
+            logger.close()
+            return stats
         if dist_info.distributed:
             sampler.set_epoch(epoch)
         train_model.train()

@@ -566,7 +566,9 @@ def _loader(
         generator=generator,
         num_workers=workers,
         collate_fn=collate_detection,
-        persistent_workers=workers > 0,
+        # Workers start each epoch, seeded from ``generator``: a resumed run's augmentation is that of one
+        # that never stopped (persistent workers would carry their random state across epochs, unsaved).
+        persistent_workers=False,
     )
 
 
