@@ -177,7 +177,7 @@ def test_resume_refuses_a_different_model_and_an_existing_run(fmnist, tmp_path, 
         with pytest.raises(ValueError, match=message):
             train(tiny_config(fmnist, out, train_subset=32, resume=True, **{"epochs": 1, **change}))
     # Same settings (a tuple where the file has a list): nothing to do, the run is finished.
-    again = train(tiny_config(fmnist, out, epochs=1, train_subset=32, resume=True,
+    again = train(tiny_config(fmnist, out, epochs=1, train_subset=32, resume=True, amp="bf16",
                               model_kwargs={**TINY, "widths": (8, 16, 32)}))  # fmt: skip
     assert again["epochs_done"] == 1
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
@@ -642,6 +642,9 @@ def test_auto_amp_is_settled_once_per_run(monkeypatch):
     recorded = {"extra": {"amp": "bf16"}}  # the checkpoint of a run that started in bf16
     monkeypatch.setattr(precision, "has_native_bf16", lambda: True)
     assert _settle_amp("auto", recorded, d, model, info) == "bf16"
+    assert _settle_amp("bf16", recorded, d, model, info) == "bf16"
+    with pytest.raises(ValueError, match="trains with --amp bf16 .* --amp off would change its precision midway"):
+        _settle_amp("off", recorded, d, model, info)
     # bf16 where the CPU would emulate it: refused, for a new run and for a resumed one
     monkeypatch.setattr(precision, "has_native_bf16", lambda: False)
     with pytest.raises(ValueError, match=r"no native bf16 .* use --amp off"):

@@ -176,6 +176,8 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
         updates_per_epoch=steps_per_epoch,
     )
     state = engine.read_state(run_dir) if has_checkpoint else None
+    if state is not None:
+        _check_resume_settings(cfg, state["extra"].get("config"), run_dir)
     amp = _settle_amp(cfg.amp, state, d, model, info)
     amp_dtype = _amp_dtype(amp, d.device)
     scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype == torch.float16)
@@ -199,7 +201,6 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     generators = {"loader": loader_gen}
     start_epoch, global_step, extra, stage = 0, 0, {}, "epochs"
     if state is not None:
-        _check_resume_settings(cfg, state["extra"].get("config"), run_dir)
         start_epoch, extra = engine.load_checkpoint(
             run_dir, model, ema, optimizer, scheduler, scaler, generators, restore_rng=False, state=state
         )
@@ -396,8 +397,9 @@ def _settle_amp(amp: str, state: dict[str, Any] | None, d: Any, model: Any, info
     """The run's autocast precision, ``bf16``, ``fp16`` or ``off``: ``auto`` is settled once per run.
 
     On a CPU ``auto`` times a training step (:func:`parnet.precision.auto_amp`), which can come out
-    differently on another start: so a resumed run takes the precision its checkpoint recorded, and
-    every rank takes rank 0's. bf16 on a CPU without native bf16 is refused: torch would emulate it.
+    differently on another start: so a resumed run takes the precision its checkpoint recorded (another one
+    asked for is refused), and every rank takes rank 0's. bf16 on a CPU without native bf16 is refused:
+    torch would emulate it.
     """
     import torch
 
@@ -410,6 +412,11 @@ def _settle_amp(amp: str, state: dict[str, Any] | None, d: Any, model: Any, info
             f"{where}, but this CPU has no native bf16 (AVX512-BF16 or AMX): torch would emulate it, measured "
             "12x slower than fp32 on an AVX2-only EPYC; "
             + ("resume it on a CPU with native bf16" if recorded else "use --amp off (or auto)")
+        )
+    if recorded and amp not in ("auto", recorded):  # a flag given with --resume must not go unheard
+        raise ValueError(
+            f"this run trains with --amp {recorded} (its checkpoint says so); --amp {amp} would change its precision "
+            "midway: resume without --amp, or start a new run"
         )
     if recorded:
         return recorded
