@@ -36,3 +36,21 @@ def test_check_finite_does_not_blame_a_finite_loss(monkeypatch):
         engine.check_finite(torch.tensor(float("nan")), 4, ddp)
     monkeypatch.setattr(engine, "all_reduce_sum", lambda t: t)  # every rank finite
     engine.check_finite(torch.tensor(2.5), 4, ddp)
+
+
+def test_tensorboard_gets_back_the_epoch_a_kill_kept_from_it(tmp_path) -> None:
+    """Killed after epoch 1's checkpoint but before its TensorBoard write: the resumed run writes it again."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from parnet.checkpoint import MetricLogger
+
+    first = MetricLogger(tmp_path)
+    first.log(0, {"loss": 2.0})
+    rows = [first.row(0, {"loss": 2.0}), first.row(1, {"loss": 1.5})]  # epoch 1: in the checkpoint only
+    first.close()
+    resumed = MetricLogger(tmp_path, start_epoch=2, rows=rows)
+    resumed.log(2, {"loss": 1.0})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(0, 2.0), (1, 1.5), (2, 1.0)]

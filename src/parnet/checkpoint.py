@@ -358,10 +358,14 @@ class MetricLogger:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_epoch)
             except ImportError:
-                self._tb = None
+                return
+            # A kill between an epoch's checkpoint and its TensorBoard write loses that epoch's scalars: the
+            # last checkpointed row is purged and written again (the checkpoint's rows are the authority).
+            replay = [r for r in self.rows if start_epoch is not None and r["epoch"] == start_epoch - 1]
+            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_epoch - 1 if replay else start_epoch)
+            for r in replay:
+                self._add_scalars(r)
 
     def row(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
         """The row :meth:`log` records for ``metrics`` of ``epoch`` (plain numbers and strings)."""
@@ -375,10 +379,13 @@ class MetricLogger:
         self.rows = [r for r in self.rows if r["epoch"] != epoch] + [row]
         self._write_files()
         if self._tb is not None:
-            for k, v in row.items():
-                if k != "epoch" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, epoch)
-            self._tb.flush()
+            self._add_scalars(row)
+
+    def _add_scalars(self, row: dict[str, Any]) -> None:
+        for k, v in row.items():
+            if k != "epoch" and isinstance(v, (int, float)):
+                self._tb.add_scalar(k, v, row["epoch"])
+        self._tb.flush()
 
     def _write_files(self) -> None:
         with atomic_write(self.run_dir / METRICS_FILE) as tmp:
