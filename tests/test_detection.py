@@ -13,13 +13,13 @@ import torch
 from torch import nn
 
 import parnet
+from parnet import det_data as det_data_module
 from parnet import detection as det
 from parnet.det_data import (
     CocoDetectionDataset,
     check_coco,
     collate_detection,
     make_fashion_mnist_detection,
-    read_idx,
 )
 from parnet.det_train import _draw_examples
 
@@ -544,14 +544,13 @@ def test_generator_boxes_and_categories(tmp_path: Path, fake_fashion_mnist: Path
 
 @pytest.mark.skipif(not REAL_FASHION_MNIST.is_dir(), reason="Fashion-MNIST IDX files not on this machine")
 def test_generator_on_real_fashion_mnist(tmp_path: Path) -> None:
-    assert read_idx(REAL_FASHION_MNIST / "t10k-labels-idx1-ubyte.gz").shape == (10000,)
     make_fashion_mnist_detection(tmp_path, num_train=3, num_val=3, canvas=96, seed=0)
     ds = CocoDetectionDataset(tmp_path / "val", tmp_path / "annotations" / "instances_val.json")
     assert len(ds) == 3 and ds.names[10] == "Ankle boot"
     assert all(len(ds[i][1]["boxes"]) >= 1 for i in range(3))
 
 
-def test_generator_keeps_existing_data(tmp_path: Path, fake_fashion_mnist: Path) -> None:
+def test_generator_keeps_existing_data(tmp_path: Path, fake_fashion_mnist: Path, monkeypatch) -> None:
     out = tmp_path / "out"
     before = generated(out, fake_fashion_mnist, seed=3)
     with pytest.raises(ValueError, match="already holds a dataset"):
@@ -561,26 +560,29 @@ def test_generator_keeps_existing_data(tmp_path: Path, fake_fashion_mnist: Path)
     make_fashion_mnist_detection(out, num_train=2, num_val=1, canvas=64, object_size=(16, 40), seed=4,
                                  source=fake_fashion_mnist, overwrite=True)  # fmt: skip
     assert len(json.loads((out / "annotations" / "instances_val.json").read_text())["images"]) == 1
+    # an overwrite cut short: the old annotations are gone before any new image is written
+    monkeypatch.setattr(det_data_module, "_render_canvas", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        make_fashion_mnist_detection(out, num_train=2, num_val=1, canvas=64, object_size=(16, 40), seed=5,
+                                     source=fake_fashion_mnist, overwrite=True)  # fmt: skip
+    assert not list((out / "annotations").iterdir())
+    monkeypatch.undo()
+    # plain (not gzipped) IDX files are read too, as training reads them
+    for f in fake_fashion_mnist.iterdir():
+        f.with_suffix("").write_bytes(gzip.decompress(f.read_bytes()))
+        f.unlink()
+    assert generated(tmp_path / "plain", fake_fashion_mnist, seed=3) == before
     # a missing split in the source: nothing is written, not half a dataset
-    (fake_fashion_mnist / "t10k-labels-idx1-ubyte.gz").unlink()
+    (fake_fashion_mnist / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(FileNotFoundError, match="t10k-labels"):
         make_fashion_mnist_detection(tmp_path / "half", num_train=2, num_val=1, source=fake_fashion_mnist)
     assert not (tmp_path / "half").exists()
 
 
-def test_read_idx_bad_files(tmp_path: Path) -> None:
-    (tmp_path / "x.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x05ab"))
-    with pytest.raises(ValueError, match="holds 2 bytes"):
-        read_idx(tmp_path / "x.gz")
-    (tmp_path / "y.gz").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="cannot read"):
-        read_idx(tmp_path / "y.gz")
-
-
 # -- the commands, end to end -------------------------------------------------------------------
 
 
-def test_cli_train_resume_eval(tmp_path: Path, fake_fashion_mnist: Path) -> None:
+def test_cli_train_resume_eval(tmp_path: Path, fake_fashion_mnist: Path, capsys) -> None:
     from parnet.cli import main
 
     data, run = tmp_path / "data", tmp_path / "run"
@@ -600,6 +602,12 @@ def test_cli_train_resume_eval(tmp_path: Path, fake_fashion_mnist: Path) -> None
     assert main(["eval-det", str(run), "--data", str(data), "--output", str(tmp_path / "ev"), "--no-progress"]) == 0
     again = json.loads((tmp_path / "ev" / "eval.json").read_text())["stats"]
     assert again == pytest.approx(trained)
+    assert f"{tmp_path / 'ev' / 'predictions.png'}" in capsys.readouterr().out
+    # --draw 0: the picture left by the first evaluation is not claimed as written
+    assert main(["eval-det", str(run), "--data", str(data), "--output", str(tmp_path / "ev"), "--no-progress",
+                 "--draw", "0"]) == 0  # fmt: skip
+    wrote = capsys.readouterr().out.splitlines()[-1]
+    assert "eval.json" in wrote and "predictions.png" not in wrote
     assert main(["eval-det", str(tmp_path / "none"), "--data", str(data)]) == 2  # a clear error, exit code 2
 
 

@@ -20,13 +20,11 @@ items pasted at random positions and sizes onto larger canvases, written as PNG 
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
-import struct
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,31 +33,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR
 from .io import atomic_write
 
 __all__ = [
-    "FASHION_MNIST_CLASSES",
     "CocoDetectionDataset",
     "CocoCheck",
     "check_coco",
     "collate_detection",
     "make_fashion_mnist_detection",
-    "read_idx",
 ]
 
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-DEFAULT_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_FASHION_MNIST = Path(FASHION_MNIST_DIR)
 
 
 # -- checking COCO annotations ------------------------------------------------------------------
@@ -336,41 +321,15 @@ def collate_detection(batch: Sequence[tuple[Any, Any]]) -> tuple[list[Any], list
     return list(images), list(targets)
 
 
-# -- Fashion-MNIST IDX files --------------------------------------------------------------------
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (gzipped or not) of unsigned bytes: images (N, H, W) or labels (N,)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"IDX file not found: {path}")
-    opener: Callable[..., Any] = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
-        raise ValueError(f"cannot read {path} (truncated or not gzip?): {e}") from None
-    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes (magic {raw[:4].hex()})")
-    ndim = raw[3]
-    if len(raw) < 4 + 4 * ndim:
-        raise ValueError(f"{path}: truncated IDX header")
-    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    body = raw[4 + 4 * ndim :]
-    if len(body) != math.prod(shape):
-        raise ValueError(f"{path}: header says shape {shape} ({math.prod(shape)} bytes) but holds {len(body)} bytes")
-    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+# -- Fashion-MNIST items ------------------------------------------------------------------------
 
 
 def _load_fashion_mnist(source: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    prefix = "train" if split == "train" else "t10k"
-    images = read_idx(source / f"{prefix}-images-idx3-ubyte.gz")
-    labels = read_idx(source / f"{prefix}-labels-idx1-ubyte.gz")
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"{source}: {prefix} images {images.shape} and labels {labels.shape} do not match")
-    if labels.max() >= len(FASHION_MNIST_CLASSES):
-        raise ValueError(f"{source}: labels go up to {labels.max()}, Fashion-MNIST has 10 classes")
-    return images, labels
+    """The images (N, 28, 28) and labels of a split, read and checked as training reads them."""
+    from .data import FashionMNIST
+
+    items = FashionMNIST(source, train=split == "train")
+    return items.images, items.targets
 
 
 def _iou(box: Sequence[float], boxes: Sequence[Sequence[float]]) -> float:
@@ -446,8 +405,9 @@ def make_fashion_mnist_detection(
 
     Output: ``out_dir/{train,val}/*.png`` and ``out_dir/annotations/instances_{train,val}.json``.
     The same arguments give the same files, byte for byte. Returns the two JSON paths.
-    An existing dataset there (either JSON) is refused unless ``overwrite``; both Fashion-MNIST
-    splits are read before anything is written.
+    An existing dataset there (either JSON) is refused unless ``overwrite``, which removes its JSON files
+    first (a run cut short leaves no annotations beside new images); both Fashion-MNIST splits are read
+    before anything is written.
     """
     from PIL import Image
 
@@ -465,6 +425,8 @@ def make_fashion_mnist_detection(
             "choose another folder or pass overwrite=True (--overwrite) to replace it"
         )
     sources = {split: _load_fashion_mnist(source, split) for split in ("train", "val")}
+    for path in existing:  # the old annotations go first: a run cut short leaves no JSON over new images
+        path.unlink()
     categories = [{"id": i + 1, "name": n, "supercategory": "fashion"} for i, n in enumerate(FASHION_MNIST_CLASSES)]
     written = {}
     for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):

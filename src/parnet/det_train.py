@@ -353,11 +353,11 @@ def eval_det(
     draw: int = 8,
     score_thresh: float = 0.3,
     progress: bool = True,
-) -> tuple[dict[str, float], Path]:
+) -> tuple[dict[str, float], list[Path]]:
     """pycocotools metrics and a picture of predictions for a trained detector (a run folder or a file).
 
-    Writes ``eval.json``, ``detections.json`` and ``predictions.png`` to ``output`` (default: beside the
-    weights, ``eval_<split>``); returns the stats and that folder.
+    Writes ``eval.json``, ``detections.json`` and ``predictions.png`` (unless nothing is drawn) to ``output``
+    (default: beside the weights, ``eval_<split>``); returns the stats and the files written.
     """
     from .deploy.cuda import check_device
     from .det_data import CocoDetectionDataset
@@ -386,5 +386,5 @@ def eval_det(
         tmp.write_text(json.dumps({"weights": str(weights), "split": split, "stats": stats}, indent=2))
     with atomic_write(out / "detections.json") as tmp:
         tmp.write_text(json.dumps(results))
-    _draw_examples(model, dataset, out / "predictions.png", draw, score_thresh, dev)
-    return stats, out
+    png = _draw_examples(model, dataset, out / "predictions.png", draw, score_thresh, dev)
+    return stats, [out / "eval.json", out / "detections.json"] + ([png] if png is not None else [])

@@ -53,12 +53,11 @@ def _eval_det(args: argparse.Namespace) -> int:
     images, ann = data_paths(
         args.data, getattr(args, f"{args.split}_images"), getattr(args, f"{args.split}_ann"), args.split
     )
-    stats, out = eval_det(
+    stats, written = eval_det(
         args.weights, images, ann, args.split, args.output, args.batch_size, args.workers, args.device,
         args.lenient, args.draw, args.score_thresh, not args.no_progress,
     )  # fmt: skip
     print("\n".join(f"{k:6s} {v:.4f}" for k, v in stats.items()))
-    written = [out / name for name in ("eval.json", "detections.json", "predictions.png") if (out / name).is_file()]
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
@@ -78,7 +77,9 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--max-size", type=positive_int, default=64, help="largest item side in pixels")
     p.add_argument("--max-iou", type=float, default=0.2, help="largest IoU between two items' boxes")
     p.add_argument("--seed", type=nonneg_int, default=0)
-    p.add_argument("--source", default=str(DEFAULT_FASHION_MNIST), help="folder of the Fashion-MNIST IDX .gz files")
+    p.add_argument(
+        "--source", default=str(DEFAULT_FASHION_MNIST), help="folder of the Fashion-MNIST IDX files (.gz or not)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in the output folder")
     p.set_defaults(func=_make_det_dataset)
 
