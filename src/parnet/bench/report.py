@@ -204,9 +204,11 @@ def plot_results(records: Sequence[Record], path: str | os.PathLike, device: str
     res, thr = points[0][1].resolution, points[0][1].threads
     fig.suptitle(f"{device}, {thr} threads, {res}x{res}; red: ParNet, blue: deep baselines", fontsize=9)
     fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    try:
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=90)
+    finally:  # a failed write must not leave the figure open in the caller's process
+        plt.close(fig)
     return Path(path)
 
 
