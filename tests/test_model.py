@@ -294,8 +294,10 @@ def test_bad_configs_and_names():
         ParNetCfg(widths=(8, 16, 32), head_width=8, act="gelu")
     with pytest.raises(ValueError, match="stem_width must be positive"):
         ParNetCfg(widths=(8, 16, 32), head_width=8, stem_width=0)  # was silently min(64, widths[0])
-    with pytest.raises(ValueError, match=r"need even widths: \(33,\)"):
+    with pytest.raises(ValueError, match=r"need even widths: \(16, 33\)"):
         timm.create_model("parnet_s", widths=(8, 16, 33), head_width=8)  # was a Conv2d groups error
+    with pytest.raises(ValueError, match=r"need even widths: \(15, 32\)"):
+        ParNetCfg(widths=(8, 15, 32), head_width=8)  # trained, then an IndexError when folded
     with pytest.raises(ValueError, match=r"need even widths: \(15,\)"):
         ParNetCfg(widths=(8, 15), head_width=8, blocks=(1, 1))
     assert ParNetCfg(widths=(7, 16, 32), head_width=9).widths[0] == 7  # the first stream is never fused

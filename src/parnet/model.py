@@ -76,8 +76,9 @@ class ParNetCfg:
             raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}")
         if self.stem_width is not None and self.stem_width < 1:
             raise ValueError(f"stem_width must be positive (or None for min(64, widths[0])), got {self.stem_width}")
-        # Fusion blocks have groups=2 and shuffle their output in two halves: their widths must be even.
-        fused = self.widths[2:] if self.num_streams > 2 else self.widths[1:]  # 1 stream: none
+        # Fusion blocks read streams 2..n and write widths[2:] with groups=2, each group half of each input
+        # and half of the output (the shuffle, and the folding in deploy, split them so): even widths.
+        fused = self.widths[1:]  # 1 stream: none
         if any(w % 2 for w in fused):
             raise ValueError(f"fusion blocks (groups=2) need even widths: {fused} of widths {self.widths}")
 
