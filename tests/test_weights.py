@@ -138,8 +138,11 @@ def test_detector_header_is_checked(tmp_path: Path) -> None:
     bad = _rewrite(path, tmp_path / "p.safetensors", change_meta=config({"backbone_kwargs": {"pretrained": True}}))
     with pytest.raises(ValueError, match="'pretrained' is refused"):
         det.load_detector(bad)
-    bad = _rewrite(path, tmp_path / "k.safetensors", change_meta=config({"score_thresh": 0.0}))
-    with pytest.raises(ValueError, match="unknown key 'score_thresh'"):
+    bad = _rewrite(path, tmp_path / "k.safetensors", change_meta=config({"score_threshold": 0.0}))
+    with pytest.raises(ValueError, match="unknown key 'score_threshold'"):
+        det.load_detector(bad)
+    bad = _rewrite(path, tmp_path / "t.safetensors", change_meta=config({"score_thresh": 2.0}))
+    with pytest.raises(ValueError, match=r"score_thresh must be a number in \[0.0, 1.0\], got 2.0"):
         det.load_detector(bad)
     bad = _rewrite(path, tmp_path / "s.safetensors", change_meta=config({"min_size": 10**9}))
     with pytest.raises(ValueError, match="min_size must be an integer from 1 to 8192"):
@@ -164,6 +167,13 @@ def test_hostile_pickle_message_does_not_advise_running_it(tmp_path: Path) -> No
         parnet.load_official(path)
     assert "could run code" in str(info.value) and "posix.system" in str(info.value)
     assert "weights_only" not in str(info.value)
+    # a damaged or foreign file is said to be one, not called dangerous, and is no traceback
+    (tmp_path / "notes.pth").write_text("hello, these are notes\n")
+    (tmp_path / "cut.pth").write_bytes(path.read_bytes()[:2] + bytes(range(200, 256)) * 20)
+    for name in ("notes.pth", "cut.pth"):
+        with pytest.raises(ValueError, match="cannot read .* as a PyTorch checkpoint") as info:
+            parnet.load_official(tmp_path / name)
+        assert "could run code" not in str(info.value)
 
 
 def test_architecture_keywords_on_the_command_line(tmp_path: Path, capsys) -> None:

@@ -84,16 +84,19 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             checkpoint = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message ends with advice to load with weights_only=False, i.e. to run the file's code: not passed on.
+        # torch says "Weights only load failed" for any unpickling error: only a global it would not import
+        # is an object that could run code; anything else (an unknown opcode) is a damaged file.
         found = re.search(r"unsupported global:? (?:GLOBAL )?([\w.]+)", str(e), re.IGNORECASE)
-        if found is None and "Weights only load failed" not in str(e):
+        if found is None:
             raise ValueError(f"cannot read {path} as a PyTorch checkpoint (truncated or corrupt?)") from None
-        what = f" ({found.group(1)})" if found else ""
         raise ValueError(
-            f"refused to load {path}: it holds an object other than tensors and argparse.Namespace{what}, "
-            "which could run code when unpickled; nothing in it was executed"
+            f"refused to load {path}: it holds an object other than tensors and argparse.Namespace "
+            f"({found.group(1)}), which could run code when unpickled; nothing in it was executed"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"cannot read {path} as a PyTorch checkpoint (truncated or corrupt?): {e}") from None
+    except Exception as e:  # noqa: BLE001 - torch.load of a file that is no checkpoint: KeyError, EOFError, ...
+        raise ValueError(
+            f"cannot read {path} as a PyTorch checkpoint (truncated or corrupt?): {type(e).__name__}: {e}"
+        ) from None
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return dict(checkpoint)
