@@ -36,6 +36,7 @@ from .conftest import randomize_bn
 
 TOL = 1e-4
 deploy_module = importlib.import_module("parnet.deploy")  # the name parnet.deploy is the function
+engines_module = importlib.import_module("parnet.deploy.engines")
 kernels = importlib.import_module("parnet.deploy.kernels")
 TINY = dict(widths=(8, 16, 32), head_width=64)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
@@ -256,9 +257,24 @@ def test_auto_times_compiled_only_where_inductor_can_build(monkeypatch: pytest.M
     monkeypatch.setattr(triton_check, "has_triton", lambda: True)
     assert deploy_module.auto_candidates(torch.device("cuda"))[-1] == "compiled"
     monkeypatch.setattr(deploy_module, "has_cpp_compiler", lambda: False)  # a CPU machine without C++
-    engines = tuple(e for e in ("onnxruntime", "openvino") if deploy_module.installed(e))  # every installed engine
+    engines = tuple(e for e in ("onnxruntime", "openvino") if engines_module.installed(e))  # every installed engine
     cpu_modes = ("channels_last", "packed", "winograd", "parallel")
     assert deploy_module.auto_candidates(torch.device("cpu")) == cpu_modes + engines
+    # only what can run here: OpenVINO's int8 needs NNCF, winograd NNPACK
+    real_require = engines_module.require
+
+    def without_nncf(engine: str, precision: str = "fp32") -> None:
+        if engine == "openvino" and precision == "int8":
+            raise ValueError("int8 with OpenVINO needs NNCF, which is not installed: pip install nncf")
+        real_require(engine, precision)
+
+    monkeypatch.setattr(engines_module, "require", without_nncf)
+    assert "openvino" not in deploy_module.auto_candidates(torch.device("cpu"), "int8")
+    fp32_engines = deploy_module.auto_candidates(torch.device("cpu"), "fp32")
+    assert "openvino" in fp32_engines or not engines_module.installed("openvino")
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.backends.nnpack, "is_available", lambda: False)
+    assert "winograd" not in deploy_module.auto_candidates(torch.device("cpu"))
 
 
 @pytest.mark.slow

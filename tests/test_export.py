@@ -74,10 +74,18 @@ def test_check_export_fails_on_a_different_model(exported) -> None:
         check_export("onnx", out / "tiny.onnx", other, [torch.randn(2, 3, 32, 32)])
 
 
-def test_export_refuses_unknown_format(tmp_path: Path) -> None:
+def test_export_refuses_unknown_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     args = ["export", "parnet_cifar_s", "--model-kwargs", "widths=[8,16,32]", "head_width=64"]
-    args += ["--format", "tflite", "--out", str(tmp_path)]
-    assert cli.main([*args, "--resolution", "32"]) == 2
+    args += ["--out", str(tmp_path), "--resolution", "32"]
+    assert cli.main([*args, "--format", "torchscript,tflite"]) == 2  # refused before anything is written
+    assert "unknown export format 'tflite'" in capsys.readouterr().err and not any(tmp_path.iterdir())
+    real_find_spec = export_module.importlib.util.find_spec
+    monkeypatch.setattr(
+        export_module.importlib.util, "find_spec", lambda n, *a: None if n == "onnxruntime" else real_find_spec(n, *a)
+    )
+    assert cli.main([*args, "--format", "onnx"]) == 2  # the check needs onnxruntime: said, no traceback
+    assert "ONNX export needs onnxruntime, not installed here: pip install onnxruntime" in capsys.readouterr().err
+    assert cli.main([*args, "--format", "onnx", "--no-check"]) == 0  # writing alone needs only onnx
 
 
 def _tiny(seed: int) -> torch.nn.Module:
@@ -150,6 +158,10 @@ def test_export_takes_an_authors_checkpoint(official_tiny: dict, tmp_path: Path,
         with torch.no_grad():
             expected = parnet.load_official(weights).eval()(x)
         assert (load_runner("onnx", tmp_path / "out" / f"{stem}.onnx")(x) - expected).abs().max().item() < TOL
+    # a checkpoint brings its architecture: flags that would build another are refused, not ignored
+    args = ["export", "--checkpoint", str(tmp_path / "model_best.pth.tar"), "--out", str(tmp_path / "n")]
+    assert cli.main([*args, "--num-classes", "5"]) == 2
+    assert "a --checkpoint brings its own architecture" in capsys.readouterr().err and not (tmp_path / "n").exists()
     # a timm baseline's weights file is not a ParNet: refused, nothing written
     torch.save({"state_dict": timm.create_model("resnet18", num_classes=3).state_dict()}, tmp_path / "resnet.pth.tar")
     assert cli.main(["export", "--checkpoint", str(tmp_path / "resnet.pth.tar"), "--out", str(tmp_path / "r")]) == 2

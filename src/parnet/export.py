@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 import os
 import warnings
 from collections.abc import Callable
@@ -144,7 +145,17 @@ def export_model(
     mode) on a batch of 3, so it also checks that the batch dimension is dynamic. A file that fails
     the check is not written (an existing one is left as it was). ``model`` itself is not changed.
     """
-    try:  # before any work: the model's own check says which sizes it takes
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:  # before any work: no file is written for a request that cannot be met in full
+        raise ValueError(f"unknown export format {unknown[0]!r}; choose from {FORMATS}")
+    needed = ("onnx", "onnxruntime") if check else ("onnx",)  # onnxruntime runs the round-trip check
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if "onnx" in formats and missing:
+        raise ValueError(
+            f"ONNX export needs {' and '.join(missing)}, not installed here: pip install {' '.join(missing)} "
+            "(or leave onnx out of the formats)"
+        )
+    try:  # the model's own check says which sizes it takes
         model.check_input(torch.empty(1, *input_size, device="meta"))
     except ValueError as e:
         raise ValueError(f"cannot export at input size {tuple(input_size)}: {e}") from None
@@ -159,8 +170,6 @@ def export_model(
     }
     results = {}
     for fmt in formats:
-        if fmt not in writers:
-            raise ValueError(f"unknown export format {fmt!r}; choose from {FORMATS}")
         path = Path(out_dir) / f"{name}{SUFFIX[fmt]}"
         with atomic_write(path) as tmp:  # replaced only once the file has passed the check
             writers[fmt](net, tmp, example)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ..deploy.engines import ENGINES, engine_module, installed
+from ..deploy.engines import ENGINES, engine_module, usable
 from ..deploy.kernels import cpu_flags, has_int8_dot_product
 
 SIMD_FLAGS = {
@@ -128,7 +128,7 @@ def machine_peak(precisions: Sequence[str], reps: int = 3, size: int = PEAK_SIZE
             out["int8"]["matmul"] = best_rate(lambda a=a, b=b: torch._int_mm(a, b), mm_flop)
         if precision in ("fp32", "int8"):
             for engine in ENGINES:
-                if installed(engine):
+                if usable(engine, precision):
                     calibration = [stack_input] if precision == "int8" else None
                     run = engine_module(engine, stack, stack_input[:1], precision, calibration, torch.get_num_threads())
                     rate = best_rate(lambda run=run: run(stack_input), CONV_STACK * conv_flop)

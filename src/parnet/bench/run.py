@@ -80,7 +80,7 @@ class Record:
 
 def default_modes(device: torch.device, parnet: bool) -> list[str]:
     """Every mode of ``device`` for a ParNet or a baseline, precisions and engines the machine can run included."""
-    from ..deploy.engines import ENGINES, installed
+    from ..deploy.engines import ENGINES, usable
     from ..deploy.kernels import has_native_bf16
 
     if device.type == "cuda":
@@ -90,7 +90,7 @@ def default_modes(device: torch.device, parnet: bool) -> list[str]:
     extra = [m for m in CPU_EXTRA_MODES if parnet or m not in BASELINE_SKIPS]
     for label in list(extra):
         precision, mode = split_mode(label)
-        if (mode in ENGINES and not installed(mode)) or (precision == "bf16" and not has_native_bf16()):
+        if (mode in ENGINES and not usable(mode, precision)) or (precision == "bf16" and not has_native_bf16()):
             extra.remove(label)
         elif label == "int8:compiled" and importlib.util.find_spec("torchao") is None:
             extra.remove(label)

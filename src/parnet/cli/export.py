@@ -28,6 +28,8 @@ def _build(args: argparse.Namespace) -> nn.Module:
     from ..model import ParNet
 
     if args.checkpoint:
+        if args.num_classes is not None or args.model_kwargs:
+            raise ValueError("--num-classes and --model-kwargs build MODEL; a --checkpoint brings its own architecture")
         model, source = load_trained_model(args.checkpoint)
         if not isinstance(model, ParNet):
             raise ValueError(f"{source} holds a {type(model).__name__}, not a ParNet: export takes ParNet weights")
@@ -92,7 +94,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="input height and width (default: the size the checkpoint trained at, else the model's: 224 for "
         "parnet_s, 32 for the small-input variants)",
     )
-    p.add_argument("--num-classes", type=int, help="classifier outputs (timm models only)")
+    p.add_argument("--num-classes", type=positive_int, help="classifier outputs of MODEL (a checkpoint keeps its own)")
     add_kwargs_option(
         p, "--model-kwargs", "timm.create_model arguments, e.g. widths=[8,16,32] head_width=64", architecture=True
     )

@@ -57,11 +57,12 @@ from torch import nn
 
 from ..model import ParNet
 from .cuda import CudaGraphModule, CudaStreamParNet, MultiDeviceParNet, check_device
-from .engines import BF16_ORT, ENGINES, engine_module, installed
+from .engines import BF16_ORT, ENGINES, engine_module, usable
 from .fold import FoldedBlock, FoldedFusion, FoldedParNet, fold, reparameterized, shuffle_perm
 from .kernels import (
     PACKED_SHAPES,
     PackedConv2d,
+    check_packing,
     compile_cpu,
     freeze_cpu,
     has_cpp_compiler,
@@ -124,18 +125,32 @@ def can_compile(device: torch.device) -> bool:
     return has_cpp_compiler()
 
 
+def _packing_modes() -> tuple[str, ...]:
+    """``packed`` and ``winograd`` where this torch can run them (oneDNN; NNPACK on this CPU)."""
+    modes = []
+    for mode in ("packed", "winograd"):
+        try:
+            check_packing(mode == "winograd")
+        except ValueError:
+            break
+        modes.append(mode)
+    return tuple(modes)
+
+
 def auto_candidates(device: torch.device, precision: str = "fp32") -> tuple[str, ...]:
     """The modes ``auto`` times when given an example: every mode of the device and precision but ``fused``,
     every installed engine included."""
     if device.type == "cuda":
         names: tuple[str, ...] = ("channels_last", "parallel", "cuda_graph")
     elif precision == "fp32":
-        names = ("channels_last", "packed", "winograd", "parallel")
+        names = ("channels_last", *_packing_modes(), "parallel")
     elif precision == "bf16":
-        names = ("channels_last", "packed")
+        names = ("channels_last", *_packing_modes()[:1])
     else:
         names = ()
-    names += tuple(e for e in ENGINES if device.type == "cpu" and precision in ENGINE_PRECISIONS[e] and installed(e))
+    names += tuple(
+        e for e in ENGINES if device.type == "cpu" and precision in ENGINE_PRECISIONS[e] and usable(e, precision)
+    )
     if precision == "int8" and importlib.util.find_spec("torchao") is None:
         return names
     return names + (("compiled",) if can_compile(device) else ())
@@ -181,7 +196,7 @@ def deploy(
         example: an input batch. With ``mode="auto"`` the candidate modes (``candidates``, default
             :func:`auto_candidates`) are built, timed on it and the fastest returned; without it
             ``auto`` follows :func:`auto_mode`. The engine modes are built for its resolution
-            (int8: the calibration's).
+            (int8: the calibration's, which must be the same when both are given).
         devices: for ``multi_device``: one device per stream.
         threads: for ``parallel`` on CPU: intra-op threads to split between the streams; for the
             engines, their threads (default: ``torch.get_num_threads()``).
@@ -260,6 +275,12 @@ def _deploy_cpu_precision(
 ) -> nn.Module:
     """The CPU modes of bf16 and int8, and the engines in every precision."""
     if mode in ENGINES:
+        if example is not None and batches and example.shape[1:] != batches[0].shape[1:]:
+            raise ValueError(
+                f"example= is {tuple(example.shape[1:])} per image, the calibration images "
+                f"{tuple(batches[0].shape[1:])}: an engine's int8 model is calibrated at the one size it runs: "
+                "give both at that size"
+            )
         shape_from = example if example is not None else (batches[0] if batches else None)
         if shape_from is None:
             raise ValueError(f"mode {mode!r} needs example= (an input batch: its size fixes the engine's input size)")

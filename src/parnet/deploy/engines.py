@@ -58,6 +58,15 @@ def require(engine: str, precision: str = "fp32") -> None:
         raise ValueError("int8 with OpenVINO needs NNCF, which is not installed: pip install nncf")
 
 
+def usable(engine: str, precision: str = "fp32") -> bool:
+    """Whether ``engine`` can run ``precision`` here: installed, with NNCF for OpenVINO's int8."""
+    try:
+        require(engine, precision)
+    except ValueError:
+        return False
+    return True
+
+
 def onnx_model_bytes(net: nn.Module, example: torch.Tensor, dynamic_batch: bool = True, opset: int = 17) -> bytes:
     """``net`` as an ONNX model (input ``input``, output ``logits``; the batch dynamic), serialized.
 
