@@ -450,3 +450,17 @@ def test_auto_timing_picks_the_lowest_median_and_settles_between_calls() -> None
     assert fastest({"slow": entry(0.02), "fast": entry(0.002)}, torch.zeros(1), reps=3) == "fast"
     timed = calls[2:]  # after one warm-up call each
     assert len(timed) == 6 and all(b - a >= SETTLE_S for a, b in zip(timed, timed[1:]))
+
+
+def test_packed_conv_drops_its_packed_weights_when_moved() -> None:
+    """`.to(...)` (a dtype, a device, or weights loaded and moved) makes the packed copies stale: they go."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+    packed, x = PackedConv2d(conv), torch.randn(1, 8, 16, 16)
+    torch.testing.assert_close(packed(x), conv(x))
+    assert packed.packed_weights
+    with torch.no_grad():
+        conv.weight.mul_(2.0)
+    packed.to(torch.float32)
+    assert not packed.packed_weights
+    torch.testing.assert_close(packed(x), conv(x))

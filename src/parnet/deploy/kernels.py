@@ -106,6 +106,9 @@ class PackedConv2d(nn.Module):
     and kept (PACKED_SHAPES shapes at most). ``forward(x, activation)`` fuses the bias and an
     optional activation (``"relu"``, ``"swish"``) into the oneDNN call; its output is channels_last.
 
+    The packed copy is of the weight at the first call: a weight changed in place afterwards is not seen
+    (deploy again); moving the module (``.to``) drops the copies.
+
     ``winograd``: a stride-1, ungrouped conv also tries NNPACK's convolution on the first call with
     each input shape and runs it for that shape where it is faster (:func:`nnpack_is_faster`); its
     output is then NCHW, which the next layer takes as it is. NNPACK's thread pool is sized by
@@ -121,6 +124,13 @@ class PackedConv2d(nn.Module):
         self.packed_weights: dict[tuple[int, ...], torch.Tensor] = {}
         stride_1 = conv.stride == (1, 1) and conv.groups == 1 and conv.dilation == (1, 1)
         self.use_nnpack: dict[tuple[int, ...], bool] | None = {} if winograd and stride_1 else None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> PackedConv2d:
+        # .to(dtype), .cuda(), ...: the packed copies (and NNPACK's timings) were of the old weights
+        self.packed_weights.clear()
+        if self.use_nnpack is not None:
+            self.use_nnpack.clear()
+        return super()._apply(fn, recurse)
 
     @staticmethod
     def takes(module: nn.Module) -> bool:
