@@ -139,18 +139,18 @@ def _fusable(model: Any) -> bool:
     return any(hasattr(m, "reparameterize") for m in model.modules())
 
 
-def load_weights(path: str | os.PathLike, device: str = "cpu", official: bool | None = None, use_ema: bool = False):
-    """A model from a run folder's ``last.safetensors``-style file, any file of ours, or an authors' checkpoint."""
+def load_weights(path: str | os.PathLike, device: str = "cpu"):
+    """The model of a ``.safetensors`` file of ours: a run's ``last.safetensors`` or what ``save_model`` wrote.
+
+    Authors' checkpoints, and the choice between a run's raw and EMA weights: :func:`load_trained_model`.
+    """
     import torch
 
-    from .io import is_torch_checkpoint, read_safetensors
-    from .official import load_official
+    from .io import read_safetensors
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    if official or (official is None and is_torch_checkpoint(path)):  # by content, not only by name
-        return load_official(path, use_ema=use_ema).to(device).eval()
     state, meta = read_safetensors(path, None, device)
     if "timm_model" not in meta:
         from .io import load_model
@@ -166,7 +166,7 @@ def load_trained_model(path: str | os.PathLike, device: str = "cpu", use_ema: bo
     when they are there; a file of ours holds one set of weights and is read as it is.
     """
     from .io import is_torch_checkpoint
-    from .official import load_official, read_checkpoint
+    from .official import read_checkpoint
 
     path = Path(path)
     if path.is_dir():
@@ -177,12 +177,18 @@ def load_trained_model(path: str | os.PathLike, device: str = "cpu", use_ema: bo
     if is_torch_checkpoint(path):  # an authors' file (load_official refuses anything else clearly)
         checkpoint = read_checkpoint(path)
         ema = use_ema and "state_dict_ema" in checkpoint
-        try:
-            model = load_official(checkpoint, use_ema=ema).to(device).eval()
-        except ValueError as e:  # the message names the key, this the file
-            raise ValueError(f"{path}: {e}") from None
-        return model, f"{path} ({'EMA' if ema else 'raw'} weights)"
+        return _authors_model(path, checkpoint, device, ema), f"{path} ({'EMA' if ema else 'raw'} weights)"
     return load_weights(path, device), str(path)
+
+
+def _authors_model(path: Path, checkpoint: dict[str, Any], device: Any, ema: bool) -> Any:
+    """The network of an authors' checkpoint read from ``path``: its EMA weights or its raw ones."""
+    from .official import load_official
+
+    try:
+        return load_official(checkpoint, use_ema=ema).to(device).eval()
+    except ValueError as e:  # the message names the key, this the file
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _build_from_header(meta: dict[str, str], state: dict[str, Any], source: str) -> Any:
@@ -276,24 +282,21 @@ def evaluate(
         if dataset is None:
             dataset, data_dir = run_dataset, data_dir or trained.data_dir
     elif official or (official is None and path.is_file() and is_torch_checkpoint(path)):  # by content
-        from .official import load_official, read_checkpoint
+        from .official import read_checkpoint
 
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint at {path}")
         ckpt = read_checkpoint(path)
-        try:
-            nets["raw"] = load_official(ckpt, use_ema=False).to(dev)
-            if "state_dict_ema" in ckpt:
-                nets["ema"] = load_official(ckpt, use_ema=True).to(dev)
-        except ValueError as e:  # the message names the key, this the file
-            raise ValueError(f"{path}: {e}") from None
+        nets["raw"] = _authors_model(path, ckpt, dev, ema=False)
+        if "state_dict_ema" in ckpt:
+            nets["ema"] = _authors_model(path, ckpt, dev, ema=True)
     elif is_deployed_file(path):  # written by `parnet quantize`: runs on its engine, on the CPU
         nets["raw"] = load_deployed(path)
         run_dataset = nets["raw"].dataset
         dataset, dev = dataset or run_dataset, torch.device("cpu")
         img_size = img_size or nets["raw"].height  # the one size the engine model was built for
     else:
-        nets["raw"] = load_weights(path, str(dev), official=False)
+        nets["raw"] = load_weights(path, str(dev))
         run_dataset = trained.dataset  # from the weights file's header
         dataset = dataset or run_dataset
     dataset = dataset or "fashion_mnist"
