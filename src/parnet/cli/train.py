@@ -84,7 +84,9 @@ def add_commands(subparsers: Any) -> None:
         default=None,
         help="dataset (default: the run's, else fashion_mnist)",
     )
-    p.add_argument("--data-dir", default=None, help="where the dataset is (default: its usual place)")
+    p.add_argument(
+        "--data-dir", default=None, help="where the dataset is (default: a run folder's, else its usual place)"
+    )
     p.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size")
     p.add_argument("--workers", type=nonneg_int, default=2, help="data loader worker processes")
     p.add_argument("--test-subset", type=nonneg_int, default=0, help="only the first N test images (0 = all)")
