@@ -8,12 +8,14 @@ like a SIGKILL skips every clean-up.
 
 from __future__ import annotations
 
+import csv
 import json
 import multiprocessing
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from parnet import engine, io
 from parnet.cli import main
@@ -61,7 +63,13 @@ def _assert_same_run(ref: Path, out: Path) -> None:
     for name in WEIGHT_FILES:
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
     assert _without_timing(engine.read_metrics(out)) == _without_timing(engine.read_metrics(ref))
-    assert (out / "metrics.csv").read_text().splitlines()[0] == (ref / "metrics.csv").read_text().splitlines()[0]
+    csv_rows = [_without_timing(list(csv.DictReader((d / "metrics.csv").open()))) for d in (ref, out)]
+    assert csv_rows[1] == csv_rows[0] and len(csv_rows[0]) == len(engine.read_metrics(ref))
+    where = ("output", "resume")  # how each was invoked: the settings of the run are the same
+    configs = [yaml.safe_load((d / "config.yaml").read_text()) for d in (ref, out)]
+    assert [{k: v for k, v in c.items() if k not in where} for c in configs[1:]] == [
+        {k: v for k, v in c.items() if k not in where} for c in configs[:1]
+    ]
     results = [json.loads((d / "results.json").read_text()) for d in (ref, out)]
     assert _without_timing(results[1:]) == _without_timing(results[:1])
     assert engine.read_state(out)["stage"] == engine.FINISHED
@@ -100,8 +108,9 @@ def _kill_then_resume(data: Path, tmp_path: Path, at: int) -> Path:
 
 # Representative instants (test_every_write_boundary, marked slow, takes all 30):
 # the first checkpoint's state written but not renamed; the second epoch's state in place, but not its
-# weights nor metrics; results.json in place before the state says the run is finished.
-FAST = {"first_state_unrenamed": 2, "state_before_weights": 13, "results_before_finished": 27}
+# weights nor metrics; its metrics.jsonl in place but not metrics.csv (which the resumed run rewrites
+# from the checkpoint's rows); results.json in place before the state says the run is finished.
+FAST = {"first_state_unrenamed": 2, "state_before_weights": 13, "csv_behind_jsonl": 19, "results_before_finished": 27}
 
 
 @pytest.mark.parametrize("at", FAST.values(), ids=FAST.keys())

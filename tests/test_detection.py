@@ -207,10 +207,15 @@ def test_save_load_detector_round_trip(tmp_path: Path) -> None:
         tiny_detector("fcos", score_threshold=0.2)
     with pytest.raises(ValueError, match=r"nms_thresh must be a number in \[0.0, 1.0\], got 2"):
         tiny_detector("fcos", nms_thresh=2)
+    for key, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
     images, _ = tiny_batch()
+    for net in (model, again):  # an untrained detector keeps nothing above 0.2: compare every candidate
+        net.score_thresh = 0.0
     with torch.no_grad():
         a, b = model(images), again(images)
     for x, y in zip(a, b):
+        assert len(x["boxes"]) == 50
         torch.testing.assert_close(x["boxes"], y["boxes"])
         torch.testing.assert_close(x["scores"], y["scores"])
     (tmp_path / "bad.safetensors").write_bytes(b"not a file")
@@ -537,9 +542,24 @@ def test_generator_boxes_and_categories(tmp_path: Path, fake_fashion_mnist: Path
             per_image[a["image_id"]] += 1
             image = np.asarray(Image.open(tmp_path / split / f"{a['image_id'] - 1:06d}.png"))
             inside = image[int(y) : int(y + h), int(x) : int(x + w)]
-            assert inside.max() > 40  # the box is the extent of the item's pixels above 40
+            assert inside.max() > 40  # the box holds its item (its tightness: the test below)
         assert all(0 < k <= 4 for k in per_image.values())
         assert check_coco(data).summary() == ""  # nothing to repair
+
+
+def test_generator_box_is_the_extent_of_the_items_bright_pixels() -> None:
+    """A bright rectangle inside a 28x28 item, pasted at its own size: its box is exactly the rectangle,
+    wherever the canvas puts it (the background, under 48 plus noise, never reaches 100)."""
+    item = np.zeros((1, 28, 28), np.uint8)
+    item[0, 5:21, 8:16] = 200  # rows 5..20, columns 8..15
+    for seed in range(5):
+        image, objects = det_data_module._render_canvas(
+            np.random.default_rng(seed), item, np.array([3]), 64, (1, 1), (28, 28), 0.2
+        )
+        ((box, label),) = objects
+        ys, xs = np.nonzero(image >= 100)
+        assert label == 3 and box == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        assert (box[2] - box[0], box[3] - box[1]) == (8, 16)
 
 
 @pytest.mark.skipif(not REAL_FASHION_MNIST.is_dir(), reason="Fashion-MNIST IDX files not on this machine")
@@ -602,6 +622,20 @@ def test_cli_train_resume_eval(tmp_path: Path, fake_fashion_mnist: Path, capsys)
     assert main(["eval-det", str(run), "--data", str(data), "--output", str(tmp_path / "ev"), "--no-progress"]) == 0
     again = json.loads((tmp_path / "ev" / "eval.json").read_text())["stats"]
     assert again == pytest.approx(trained)
+    # Two epochs on six images score zero and detect nothing above the detector's threshold either way. With
+    # every candidate kept, eval-det's detections show that the run's own weights were scored.
+    model, extra = det.load_detector(run / "last.safetensors")
+    model.detector_config = {**model.detector_config, "score_thresh": 0.0}
+    det.save_detector(model, run / "last.safetensors", extra)
+    model, _ = det.load_detector(run / "last.safetensors")
+    assert main(["eval-det", str(run), "--data", str(data), "--output", str(tmp_path / "ev0"), "--no-progress"]) == 0
+    written = json.loads((tmp_path / "ev0" / "detections.json").read_text())
+    dataset = CocoDetectionDataset(data / "val", data / "annotations" / "instances_val.json", train=False)
+    _, expected = det.evaluate_dataset(model, dataset, 4, 0, torch.device("cpu"), progress=False)
+    assert len(written) == len(expected) > 0
+    for w, e in zip(written, expected):
+        assert (w["image_id"], w["category_id"]) == (e["image_id"], e["category_id"])
+        assert w["bbox"] == pytest.approx(e["bbox"], abs=1e-3) and w["score"] == pytest.approx(e["score"], abs=1e-5)
     assert f"{tmp_path / 'ev' / 'predictions.png'}" in capsys.readouterr().out
     # --draw 0: the picture left by the first evaluation is not claimed as written
     assert main(["eval-det", str(run), "--data", str(data), "--output", str(tmp_path / "ev"), "--no-progress",

@@ -14,6 +14,7 @@ import parnet
 from parnet import cli
 from parnet.deploy import deploy, fold
 from parnet.deploy.kernels import has_native_bf16
+from parnet.evaluate import evaluate
 from parnet.io import load_model, save_model
 
 from .conftest import randomize_bn
@@ -81,11 +82,13 @@ def test_exported_graph_lets_engines_fuse_the_gated_skip_into_the_conv() -> None
         assert other not in reached or made_by[other].op_type in ("Add", "Mul")
 
 
-@BF16
 @pytest.mark.parametrize(
-    "mode", ["channels_last", "packed", pytest.param("openvino", marks=OPENVINO)]
+    "mode", ["channels_last", pytest.param("packed", marks=BF16), pytest.param("openvino", marks=[BF16, OPENVINO])]
 )  # compiled: slow, covered by the bench
-def test_bf16_modes_are_close_to_fp32(mode: str) -> None:
+def test_bf16_modes_are_close_to_fp32(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """channels_last runs everywhere: torch emulates bf16 on a CPU without it (slowly, which is why deploy
+    refuses it there), so the refusal is lifted to check its numbers on every machine."""
+    monkeypatch.setattr(quantize_module, "has_native_bf16", lambda: True)
     model = make(2)
     x = torch.randn(8, 3, 32, 32)
     net = deploy(model, "cpu", mode, "bf16", example=x[:1])
@@ -164,10 +167,11 @@ def test_engine_refuses_an_input_size_it_was_not_built_for() -> None:
 
 @ORT
 def test_quantize_command_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A trained model (a random one gives nearly the same logits for every image, so its int8 form flips
+    them all on a 0.05 margin and its top-1 means nothing): int8 keeps its predictions, eval reads the file."""
     data = make_fashion_mnist(tmp_path / "fm", n_train=64, n_test=48)
-    torch.manual_seed(0)
-    model = randomize_bn(parnet.create_model("parnet_cifar_s", widths=(8, 16, 32), head_width=64, in_chans=1), 0)
-    checkpoint = save_model(model.eval(), tmp_path / "m.safetensors")
+    checkpoint = tmp_path / "m.safetensors"
+    checkpoint.write_bytes(TRAINED.read_bytes())
     out = tmp_path / "m_int8.onnx"
     args = ["quantize", str(checkpoint), "--calibration-images", "32", "--out", str(out)]
     args += ["--dataset", "fashion_mnist", "--data-dir", str(data), "--workers", "0", "--json"]
@@ -176,12 +180,15 @@ def test_quantize_command_round_trip(tmp_path: Path, capsys: pytest.CaptureFixtu
 
     result = json.loads(capsys.readouterr().out)
     assert result["file"] == str(out) and out.is_file() and result["images"] == 48
-    assert 0 <= result["top1"] <= 100 and 0 <= result["fp32_top1"] <= 100
+    assert result["prediction_changes"] <= 6  # of 48 (2 here); the fp32 model predicts two classes, 15 and 33
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically: no temporary left
+    fp32 = evaluate(checkpoint, "fashion_mnist", str(data), workers=0)["raw"]
+    assert result["fp32_top1"] == pytest.approx(fp32["top1"])
     # parnet eval reads the file back and scores it the same way, on the dataset its metadata names
     assert cli.main(["eval", str(out), "--data-dir", str(data), "--workers", "0", "--json"]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert scored["raw"]["top1"] == pytest.approx(result["top1"])
+    assert scored["raw"]["loss"] == pytest.approx(fp32["loss"], rel=0.05)  # the model's logits, not just its classes
     assert cli.main(["eval", str(checkpoint).replace(".safetensors", ".onnx"), "--workers", "0"]) == 2  # no file
     assert "no file at" in capsys.readouterr().err
 
