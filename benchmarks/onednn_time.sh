@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=$1 mode=$2 batch=${3:-1} threads=${4:-2}
-ONEDNN_VERBOSE=1 .venv/bin/python - "$model" "$mode" "$batch" "$threads" <<'PY' 2>/dev/null |
+ONEDNN_VERBOSE=1 .venv/bin/python - "$model" "$mode" "$batch" "$threads" <<'PY' |
 import sys
 
 import timm

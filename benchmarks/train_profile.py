@@ -33,9 +33,10 @@ KINDS = (
     ("conv", ("convolution", "conv2d", "mkldnn_conv")),
     ("batch norm", ("batch_norm",)),
     ("activation", ("silu", "relu", "sigmoid", "threshold")),
+    # branch sums, residuals, gradient accumulation and the SGD update (per-parameter add_ and the momentum
+    # buffer's mul_ on CPU, not separable); before the gates, whose multiplies are out of place (aten::mul)
+    ("adds, sums", ("aten::add", "aten::sum", "aten::div", "_foreach", "aten::mul_")),
     ("pooling, gates", ("pool", "aten::mean", "aten::mul")),
-    # branch sums, residuals, gradient accumulation and the SGD update (per-parameter add_, not separable)
-    ("adds, sums", ("aten::add", "aten::sum", "aten::div", "_foreach")),
     ("copies, casts", ("copy_", "_to_copy", "aten::cat", "clone", "contiguous", "empty_strided")),
 )
 

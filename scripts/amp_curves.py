@@ -32,13 +32,19 @@ def read_metrics(run: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
 
+def shared_columns(rows: list[list[dict[str, float]]]) -> list[tuple[str, str]]:
+    """The columns both runs have at every epoch (a run trained with --no-ema has no EMA column)."""
+    return [(key, name) for key, name in COLUMNS if all(key in row for metrics in rows for row in metrics)]
+
+
 def table(labels: list[str], rows: list[list[dict[str, float]]]) -> str:
     (a, b), (ra, rb) = labels, rows
-    head = "| epoch | " + " | ".join(f"{name} {a} | {name} {b} | diff" for _, name in COLUMNS) + " |"
-    lines = [head, "|" + "---:|" * (1 + 3 * len(COLUMNS))]
+    columns = shared_columns(rows)
+    head = "| epoch | " + " | ".join(f"{name} {a} | {name} {b} | diff" for _, name in columns) + " |"
+    lines = [head, "|" + "---:|" * (1 + 3 * len(columns))]
     for x, y in zip(ra, rb):
         cells = [str(int(x["epoch"]) + 1)]
-        for key, _ in COLUMNS:
+        for key, _ in columns:
             cells += [f"{x[key]:.4g}", f"{y[key]:.4g}", f"{x[key] - y[key]:+.3g}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -56,8 +62,12 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"give LABEL=RUN_DIR, got {item!r}")
         labels.append(label)
         rows.append(read_metrics(Path(run)))
-    fig, axes = plt.subplots(1, len(COLUMNS), figsize=(4.2 * len(COLUMNS), 3.4))
-    for ax, (key, name) in zip(axes, COLUMNS):
+    columns = shared_columns(rows)
+    if not columns:
+        raise SystemExit(f"the two runs share none of the columns {', '.join(k for k, _ in COLUMNS)}")
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.4), squeeze=False)
+    axes = axes[0]
+    for ax, (key, name) in zip(axes, columns):
         for label, metrics, style in zip(labels, rows, ("-o", "--s")):
             ax.plot([m["epoch"] + 1 for m in metrics], [m[key] for m in metrics], style, label=label, markersize=3)
         ax.set_xlabel("epoch")

@@ -62,8 +62,11 @@ def test_next_action_skips_finished_resumes_unfinished_moves_stale(tmp_path):
     epochs = grid.ABLATION_BUDGET.epochs
     runner = runner_mod.Runner(runner_mod.Settings(root=tmp_path), log=lambda m: None)
     _fake_run(tmp_path / runs[0].name, epochs, finished=True)  # done: skipped
-    _fake_run(tmp_path / runs[1].name, epochs)  # trained, but no results.json: skipped, not looped on
+    _fake_run(tmp_path / runs[1].name, epochs)  # trained, no results.json (killed in the final evaluation)
     _fake_run(tmp_path / runs[2].name, 3)  # unfinished: resumed
+    run, args = runner.next_action(runs)
+    assert run is runs[1] and "--resume" in args  # resumed: parnet train writes the final files
+    runner.failed.add(runs[1].name)  # had it ended without them, it waits for the next start: no loop
     run, args = runner.next_action(runs)
     assert run is runs[2]
     assert args[:1] == ["train"] and "--resume" in args
@@ -172,16 +175,43 @@ def test_runner_trains_two_runs_at_once(tmp_path):
     assert len(starts) == 2 and starts[1] < first_finish and not runner.pieces
 
 
-def test_a_run_trained_by_another_process_is_left_alone(tmp_path):
-    """A folder named by another process's `train ... --output DIR` is neither trained nor moved aside."""
+def test_a_broken_report_does_not_stop_the_queue(tmp_path):
+    """The table is written after each piece; an error there is logged and the runs still finish."""
+    fake = tmp_path / "fake.py"
+    fake.write_text(FAKE_PARNET)
+    budget = grid.Budget(epochs=2, amp="off", warmup_epochs=0, seeds=(0,), piece=1)
+    runs = [grid.Run("q", grid.Config("a", "m"), 0, budget)]
+    logs: list[str] = []
+    runner = runner_mod.Runner(runner_mod.Settings(root=tmp_path / "runs", nice=0), log=logs.append)
+    runner.command = lambda *a: [sys.executable, str(fake), "-m", "parnet", *a]
+
+    def report() -> None:
+        raise OSError("disk full")
+
+    runner.run(runs, report=report, poll_s=0.05)
+    assert (tmp_path / "runs" / "a-seed0" / "results.json").is_file(), logs
+    assert sum("report failed (OSError: disk full)" in line for line in logs) == 2
+
+
+@pytest.mark.parametrize("output", [["--output", "ABS"], ["--output=ABS"], ["--out", "base-seed1"], "lock"])
+def test_a_run_trained_by_another_process_is_left_alone(tmp_path, output):
+    """A folder that another process trains into (its `parnet train` names it, however spelled, relative to
+    its working folder; or it holds the folder's lock) is neither trained nor moved aside."""
     out = tmp_path / "base-seed1"
     out.mkdir()
     (out / "train.log").write_text("first epoch in progress\n")  # files, no checkpoint yet
-    other = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(60)", "train", "--output", str(out)], cwd=tmp_path
-    )
+    if output == "lock":
+        lock = str(out / ".lock")
+        code = f"import fcntl, time; f = open({lock!r}, 'w'); fcntl.flock(f, fcntl.LOCK_EX); time.sleep(60)"
+        argv = [sys.executable, "-c", code]
+    else:
+        argv = [sys.executable, "-c", "import time; time.sleep(60)", "parnet", "train"]
+        argv += [a.replace("ABS", str(out)) for a in output]
+    other = subprocess.Popen(argv, cwd=tmp_path)
     try:
-        time.sleep(0.2)
+        deadline = time.time() + 10  # the lock is taken once the child's interpreter has started
+        while not runner_mod.trained_elsewhere(out) and time.time() < deadline:
+            time.sleep(0.05)
         assert runner_mod.trained_elsewhere(out) and not runner_mod.trained_elsewhere(tmp_path / "other-seed1")
         budget = grid.Budget(epochs=2, amp="off", warmup_epochs=0, seeds=(1,), piece=1)
         runs = [grid.Run("q", grid.Config(name, "m"), 1, budget) for name in ("base", "other")]

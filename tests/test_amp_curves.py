@@ -17,10 +17,10 @@ def load():
     return module
 
 
-def write_run(folder: Path, top1: list[float]) -> Path:
+def write_run(folder: Path, top1: list[float], ema: bool = True) -> Path:
     folder.mkdir()
-    lines = ["epoch,lr,train_loss,test_top1,ema_top1"]
-    lines += [f"{e},0.1,{1.0 - 0.1 * e},{t},{t + 1}" for e, t in enumerate(top1)]
+    lines = ["epoch,lr,train_loss,test_top1" + (",ema_top1" if ema else "")]
+    lines += [f"{e},0.1,{1.0 - 0.1 * e},{t}" + (f",{t + 1}" if ema else "") for e, t in enumerate(top1)]
     (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
     return folder
 
@@ -39,3 +39,11 @@ def test_plots_both_runs_and_tabulates_the_differences(tmp_path: Path, capsys: p
 def test_a_folder_without_metrics_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="no metrics.csv"):
         load().main([f"a={tmp_path}", f"b={tmp_path}", "--out", str(tmp_path / "x.png")])
+
+
+def test_a_run_without_ema_is_compared_on_the_columns_both_have(tmp_path: Path, capsys) -> None:
+    a = write_run(tmp_path / "a", [70.0, 80.0])
+    b = write_run(tmp_path / "b", [71.0, 79.5], ema=False)  # trained with --no-ema
+    assert load().main([f"bf16={a}", f"fp32={b}", "--out", str(tmp_path / "c.png")]) == 0
+    head = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| epoch"))
+    assert "test top-1" in head and "EMA" not in head

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from parnet.io import atomic_write
+
 from .grid import COMPARISONS, CONFIGS, FULL_TRAIN_SET, SCHEDULE_QUEUES, Budget, Run, read_rows, run_state
 
 
@@ -189,17 +191,15 @@ def plot(root: Path, runs: list[Run], output: Path) -> Path:
         "Fashion-MNIST test top-1. Bars: mean of finished seeds; filled dots: finished seeds; hollow: unfinished"
     )
     fig.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-    tmp.replace(output)
+    try:
+        with atomic_write(output) as tmp:  # a unique temporary: two reports at once cannot mix their files
+            fig.savefig(tmp, format="png", dpi=90)
+    finally:
+        plt.close(fig)
     return output
 
 
 def write_report(root: Path, measured: dict[str, dict[str, Any]], runs: list[Run]) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / "TABLE.md.tmp"
-    tmp.write_text(table(root, measured, runs) + "\n")
-    tmp.replace(root / "TABLE.md")
+    with atomic_write(root / "TABLE.md") as tmp:
+        tmp.write_text(table(root, measured, runs) + "\n")
     plot(root, runs, root / "ablations.png")

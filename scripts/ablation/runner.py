@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import io
 import os
 import signal
 import subprocess
@@ -11,32 +14,63 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from parnet.checkpoint import LOCK_FILE
+
 from .grid import DEFAULT_ROOT, Run, read_rows, run_state
 
 
 def trained_elsewhere(run_dir: Path, own: set[int] = frozenset()) -> bool:
-    """Whether a process (not one of ``own``) is running ``parnet train`` with ``--output run_dir``.
+    """Whether another process (not one of ``own``) is training into ``run_dir``.
 
-    Read from ``/proc`` (Linux), because the frozen training code the runs use predates the run
-    folder's lock file.
+    Either it holds the run folder's lock (``parnet train`` since the lock file came), or its command
+    line, read from ``/proc`` (Linux) and parsed as ``parnet`` parses it (so ``--output=DIR`` and
+    ``--out DIR`` count), names ``run_dir`` as its output: the frozen training code the runs use
+    predates the lock. A folder given only through ``--config`` or left to the default is not seen.
     """
+    if _locked(run_dir / LOCK_FILE):
+        return True
     target = str(run_dir.resolve())
     for proc in Path("/proc").glob("[0-9]*"):
         if int(proc.name) in own:
             continue
         try:
             args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            cwd = Path(os.readlink(proc / "cwd"))
         except OSError:  # gone meanwhile, or not ours to read
             continue
-        if "train" in args and "--output" in args[:-1]:
-            out = args[args.index("--output") + 1]
-            cwd = proc / "cwd"
-            try:
-                path = Path(out) if Path(out).is_absolute() else Path(os.readlink(cwd)) / out
-            except OSError:
-                continue
-            if str(path.resolve()) == target:
-                return True
+        out = _train_output(args)
+        if out is not None and str((cwd / out).resolve()) == target:  # an absolute out replaces cwd
+            return True
+    return False
+
+
+def _train_output(args: list[str]) -> str | None:
+    """The ``--output`` of a ``parnet train`` command line (``python -m parnet train ...`` or ``parnet train``)."""
+    from parnet.cli import build_parser
+
+    starts = [i for i, a in enumerate(args[:-1]) if (a == "parnet" or a.endswith("/parnet")) and args[i + 1] == "train"]
+    if not starts:
+        return None
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # another program's odd flags are no error of ours
+            known, _ = build_parser().parse_known_args(args[starts[0] + 1 :])
+    except SystemExit:
+        return None
+    return getattr(known, "output", None)
+
+
+def _locked(lock: Path) -> bool:
+    """Whether another process holds an ``fcntl.flock`` on ``lock`` (a missing file: no)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock taken here
     return False
 
 
@@ -111,7 +145,7 @@ class Runner:
                 continue
             out = self.s.root / run.name
             state = run_state(out, run.budget.epochs)
-            if state in ("done", "no-results"):
+            if state == "done":
                 continue
             if out.is_dir() and trained_elsewhere(out, own):
                 continue
@@ -120,7 +154,9 @@ class Runner:
                 self.log(f"{out} holds files but no checkpoint: moved to {aside}")
                 out.rename(aside)
             args = ["train", *run.train_args(out, self.s.threads, self.s.workers)]
-            args += ["--stop-after", str(run.budget.piece)] + (["--resume"] if state == "resume" else [])
+            # no-results (killed in the final evaluation): --resume writes the fused files and results.json
+            resume = ["--resume"] if state in ("resume", "no-results") else []
+            args += ["--stop-after", str(run.budget.piece), *resume]
             return run, args
         return None
 
@@ -179,7 +215,10 @@ class Runner:
             for piece, rc in ended:
                 self.finish(piece, rc)
             if report:
-                report()
+                try:
+                    report()
+                except Exception as err:  # noqa: BLE001 - a failed table must not orphan the trainings
+                    self.log(f"report failed ({type(err).__name__}: {err}); the queue goes on")
 
     def stop(self, *_: Any) -> None:
         """On SIGTERM/SIGINT: pass SIGINT to the training children (they keep their last checkpoint); no new piece."""
