@@ -1,12 +1,13 @@
 """A run folder that survives a kill at any instant: the training state, weights, metrics, a lock.
 
-Every file goes through :func:`parnet.io.atomic_write`. The training state (``last_state.pt``) is
-the authority: it holds the weights, EMA, optimizer, schedule, scaler, every RNG state, the run's
-settings and metric rows (in ``extra``), and the ``stage`` the run reached: ``"epochs"`` while it
-trains, ``"finished"`` once every final file is written. The other files are derived from it and
-written after it, so a kill between two writes loses nothing: a resumed run rewrites them from the
-state (:func:`write_run_weights`, ``MetricLogger(rows=...)``), and stale temporary files are
-removed (:func:`parnet.io.remove_temporaries`, under the folder's lock).
+Every file but the ``.lock`` and TensorBoard's events goes through :func:`parnet.io.atomic_write`.
+The training state (``last_state.pt``) is the authority: it holds the weights, EMA, optimizer,
+schedule, scaler, every RNG state, the run's settings and metric rows (in ``extra``), and the
+``stage`` the run reached: ``"epochs"`` while it trains, ``"finished"`` once every final file is
+written. The other files are derived from it and written after it, so a kill between two writes
+loses nothing: a resumed run rewrites them from the state (:func:`write_run_weights`,
+``MetricLogger(rows=...)``), and stale temporary files are removed
+(:func:`parnet.io.remove_temporaries`, under the folder's lock).
 
 ``check_run_folder(run_dir, resume, results) -> bool``
     Refuses a new run over an old one, ``--output`` that is a file, and ``--resume`` of a folder

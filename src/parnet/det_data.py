@@ -9,8 +9,9 @@ the way the training and evaluation code needs it and says what is wrong with it
   are not four finite numbers (the last two are dropped instead with ``strict=False``);
 * repaired, with a warning that counts them: boxes reaching outside the image are clipped to it,
   as torchvision's COCO reference does; boxes with no area left (zero or negative width or height,
-  or entirely outside the image) are dropped; a missing ``area`` becomes the box area and a
-  missing ``iscrowd`` becomes 0;
+  or entirely outside the image) are dropped;
+* filled in without a warning (counted in ``CocoCheck.filled``): a missing annotation id, a missing
+  ``area`` (the box area) and a missing ``iscrowd`` (0);
 * kept: images without annotations (their target has zero boxes), crowd boxes (left out of the
   training targets, kept for pycocotools, which ignores detections on them).
 

@@ -108,8 +108,6 @@ class DetTrainConfig(Settings):
         return setting_kwargs(value, RESERVED_BACKBONE_KWARGS, FEATURE_KEYS)
 
 
-# Settings a resumed run must keep: what the restored model and optimizer depend on (more --epochs
-# continue the cosine over the longer schedule).
 # Settings a resumed run must keep: the model, the data's size, and what the restored optimizer and schedule
 # depend on (the cosine runs over epochs x steps: more epochs after a finished run would restart nothing).
 _RESUME_FIXED = ("detector", "backbone", "backbone_kwargs", "fpn_channels", "image_size", "epochs", "batch_size",

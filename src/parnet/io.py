@@ -1,6 +1,7 @@
 """Files that never end up half-written, and ParNet weights as safetensors.
 
-Every file this project writes goes through :func:`atomic_write`: the data goes to a temporary
+Every file this project writes goes through :func:`atomic_write` (but a run's ``.lock``, which holds
+only a process id, and TensorBoard's event files, written by TensorBoard): the data goes to a temporary
 file in the same folder, is flushed to disk, and only then renamed over the target, so a process
 killed at any moment leaves either the old file or the new one, never a torn one. A kill can
 leave the temporary file; :func:`remove_temporaries` removes those of a folder (a resumed run

@@ -149,9 +149,9 @@ class ParNetBlock(nn.Module):
 
 
 class Fusion(nn.Module):
-    """Fuse a new (lower-resolution) stream ``a`` into the running tensor ``b``.
+    """Fuse a new (lower-resolution) stream's output ``stream`` into the running tensor ``fused``.
 
-    Each input gets its own BN, their channels are interleaved (``a0, b0, a1, b1, ...``), and a
+    Each input gets its own BN, their channels are interleaved (``stream0, fused0, stream1, fused1, ...``), and a
     ``groups=2`` :class:`ParNetBlock` maps the ``2 * chs`` channels to ``out_chs``.
     """
 

@@ -30,7 +30,6 @@ from torch import nn
 
 __all__ = ["Predictor", "load_predictor", "read_image"]
 
-# A run's weight files, preferred first (the EMA weights are the ones its results quote).
 # Size of a dataset's images before its own transform (Fashion-MNIST's pads 28 to 32).
 NATIVE_SIZE = {"fashion_mnist": 28}
 

@@ -5,8 +5,8 @@ kept in each checkpoint.
 Types, ranges and choices are declared once, on the fields of :class:`TrainConfig`; a wrong value
 is a ``ValueError`` naming the file (or "arguments"), the key and what is allowed. Settings come
 from, in increasing priority: the defaults, the dataset's (``DATASET_DEFAULTS``;
-``configs/<dataset>.yaml`` writes them out), with ``resume`` the run's own (from its checkpoint), a
-YAML file (``--config``), the command line: :func:`make_config`.
+``configs/<dataset>.yaml`` writes them out, ``imagenet.yaml`` for ``imagefolder``), with ``resume``
+the run's own (from its checkpoint), a YAML file (``--config``), the command line: :func:`make_config`.
 """
 
 from __future__ import annotations
@@ -171,8 +171,8 @@ class TrainConfig(Settings):
 
 
 # Defaults per dataset, applied over TrainConfig's and under a YAML file and the command line. This is
-# the one source of them: configs/<dataset>.yaml only writes them out (a test holds the two equal),
-# because configs/ is not part of the installed package.
+# the one source of them: configs/<dataset>.yaml (imagenet.yaml for imagefolder) only writes them out (a
+# test holds the two equal), because configs/ is not part of the installed package.
 # The model is parnet_cifar_s on every small-image dataset: the paper reports S, M and L on both
 # CIFARs alike, so the dataset alone is no reason for a 12x bigger network (--model parnet_cifar_m).
 # The EMA decay follows the run's length in steps, as timm's 0.9998 does for ImageNet: its horizon

@@ -8,8 +8,9 @@ The command ``parnet train`` (:mod:`parnet.cli.train`), and the same as a Python
     evaluate("runs/demo")     # raw, EMA and re-parameterized top-1/top-5
 
 The recipe is the paper's: SGD with momentum, cosine schedule with linear warm-up, label smoothing
-0.1, RandAugment ``rand-m9-mstd0.5``, random erasing and an EMA of the weights; bf16 autocast and
-channels_last on CUDA (off on CPU, where they were measured to be slower here); ``--compile``.
+0.1, RandAugment ``rand-m9-mstd0.5``, random erasing and an EMA of the weights; bf16 autocast on CUDA,
+and on a CPU with native bf16 where a timed step is faster (:mod:`parnet.precision`); channels_last on
+CUDA only; ``--compile``.
 The settings are :class:`parnet.settings.TrainConfig` (validated; see :func:`parnet.settings.make_config`
 for where they come from).
 

@@ -7,7 +7,7 @@ Each pair's output is checked against its plain model's eval output (max absolut
 recorded) before it is timed.
 
 ParNet variants run in training form (``train``: unfused, eval), ``fused`` and every deploy mode
-of the device; the baselines (timm's ResNet-34, ResNet-50, RepVGG-B1g4/B2g4, RepVGG
+of the device; the baselines (by default timm's ResNet-34, ResNet-50 and RepVGG-B1g4; B2g4 on request; RepVGG
 re-parameterized) run ``eager``, ``channels_last``, ``packed`` and ``winograd`` (ParNet's modes in
 their generic form, ``pack_convs`` of :mod:`parnet.deploy`, BNs folded first), ``frozen`` (TorchScript
 frozen and optimized for inference: PyTorch's generic oneDNN path) and ``compiled``

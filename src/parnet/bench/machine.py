@@ -79,7 +79,8 @@ CONV_STACK = 4  # 3x3 convs (each with its ReLU) in the engines' peak probe
 
 @torch.inference_mode()
 def machine_peak(precisions: Sequence[str], reps: int = 3, size: int = PEAK_SIZE) -> dict[str, dict[str, float]]:
-    """The CPU's practical peak per precision, GFLOP/s: the best of a large matrix product and a large 3x3 conv.
+    """Each kernel's rate per precision, GFLOP/s (``{precision: {"matmul", "conv3x3", "conv3x3_<engine>"}}``);
+    the CPU's practical peak for a precision is the best of them (the callers take it).
 
     fp32/bf16: ``torch.mm`` (BLAS, which on AMD may run at half oneDNN's rate) and ``F.conv2d`` in
     channels_last (oneDNN). fp32 and int8: a stack of that 3x3 conv with ReLUs through each installed

@@ -138,8 +138,9 @@ def _packing_modes() -> tuple[str, ...]:
 
 
 def auto_candidates(device: torch.device, precision: str = "fp32") -> tuple[str, ...]:
-    """The modes ``auto`` times when given an example: every mode of the device and precision but ``fused``,
-    every installed engine included."""
+    """The modes ``auto`` times when given an example: on CUDA channels_last, parallel and cuda_graph; on the
+    CPU channels_last, packed and winograd (where NNPACK is), parallel (fp32) and every usable engine; and
+    compiled where it can build (int8: with torchao)."""
     if device.type == "cuda":
         names: tuple[str, ...] = ("channels_last", "parallel", "cuda_graph")
     elif precision == "fp32":
@@ -187,10 +188,10 @@ def deploy(
     Args:
         model: a ParNet in training form or fused (it is not modified).
         device: where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
-        mode: one of :data:`MODES` (for bf16 and int8, one of :data:`PRECISION_MODES`);
-            ``"auto"`` picks the fastest for the device and precision.
-        precision: ``"fp32"`` (every mode equals the plain model to about 1e-5), ``"bf16"`` (CPUs with
-            native bf16 only) or ``"int8"`` (static post-training quantization, CPU).
+        mode: one of :data:`MODES` (for bf16 and int8 on the CPU, one of :data:`PRECISION_MODES`; for
+            bf16 on CUDA, one of ``CUDA_BF16_MODES``); ``"auto"`` picks the fastest for the device and precision.
+        precision: ``"fp32"`` (every mode equals the plain model to about 1e-5), ``"bf16"`` (CUDA, and CPUs
+            with native bf16) or ``"int8"`` (static post-training quantization, CPU).
         calibration: for int8: an iterable of input batches (or ``(images, labels)`` pairs, as a
             ``DataLoader`` yields), a few hundred real images; required.
         example: an input batch. With ``mode="auto"`` the candidate modes (``candidates``, default

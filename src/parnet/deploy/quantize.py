@@ -2,10 +2,11 @@
 
 int8 (:func:`pt2e_int8`): the folded network is captured with ``torch.export`` (dynamic batch),
 quantized with torchao's PT2E flow and the ``X86InductorQuantizer`` (per-channel symmetric int8
-weights, uint8 activations, calibrated on the caller's batches with min-max observers), then
-compiled by inductor with freezing, which lowers each quantized conv to oneDNN's int8 convolution
-with its bias, add and activation fused as post-ops. PT2E moved from ``torch.ao`` to torchao;
-torch 2.14 ships neither the quantizer nor the flow, so this mode needs ``pip install torchao``.
+weights, uint8 activations, calibrated on the caller's batches: a histogram observer for
+activations, per-channel min-max for weights), then compiled by inductor with freezing, which lowers
+each quantized conv to oneDNN's int8 convolution with its bias, add and activation fused as
+post-ops. PT2E moved from ``torch.ao`` to torchao; torch 2.14 ships neither the quantizer nor the flow,
+so this mode needs ``pip install torchao``.
 
 bf16 (:class:`Bf16Module`): the folded network's weights in bf16, the input cast on entry and the
 output returned in float32; oneDNN runs bf16 convolutions natively on AVX512-BF16 / AMX CPUs.
