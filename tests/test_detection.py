@@ -643,6 +643,13 @@ def test_cli_train_resume_eval(tmp_path: Path, fake_fashion_mnist: Path, capsys)
     wrote = capsys.readouterr().out.splitlines()[-1]
     assert "eval.json" in wrote and "predictions.png" not in wrote
     assert main(["eval-det", str(tmp_path / "none"), "--data", str(data)]) == 2  # a clear error, exit code 2
+    # A new run never replaces files of the user's that it would write: nothing is touched.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "predictions.png").write_bytes(b"the user's picture")
+    assert main([*train[:4], str(mine), *train[5:], "--epochs", "1"]) == 2
+    assert "holds predictions.png, which a new run would replace" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["predictions.png"]
 
 
 def test_train_det_with_loader_workers_resumes_as_if_never_stopped(tmp_path: Path, fake_fashion_mnist: Path) -> None:

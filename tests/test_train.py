@@ -331,10 +331,19 @@ def test_a_finished_run_without_its_checkpoint_is_not_overwritten(fmnist, tmp_pa
     with pytest.raises(ValueError, match=r"already holds a run \(last.safetensors, metrics.jsonl, results.json"):
         train(tiny_config(fmnist, out, epochs=1, train_subset=32, test_subset=16, ema=False))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == kept
-    # A folder holding only the config.yaml of a run killed in its first epoch may be reused.
+    # A folder holding only the config.yaml and lock file of a run killed in its first epoch may be reused;
+    # a config.yaml or metrics.csv of the user's is never replaced.
     (tmp_path / "killed").mkdir()
     (tmp_path / "killed" / "config.yaml").write_text("epochs: 1\n")
+    (tmp_path / "killed" / ".lock").write_text("")
     train(tiny_config(fmnist, tmp_path / "killed", epochs=1, train_subset=32, test_subset=16, ema=False))
+    for name in ("config.yaml", "metrics.csv"):
+        mine = tmp_path / f"mine-{name}"
+        mine.mkdir()
+        (mine / name).write_text("the user's own\n")
+        with pytest.raises(ValueError, match=f"holds {name}, which a new run would replace"):
+            train(tiny_config(fmnist, mine, epochs=1, train_subset=32, test_subset=16, ema=False))
+        assert [p.name for p in mine.iterdir()] == [name] and (mine / name).read_text() == "the user's own\n"
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(fmnist, tmp_path, capsys, monkeypatch):

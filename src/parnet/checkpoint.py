@@ -9,7 +9,7 @@ loses nothing: a resumed run rewrites them from the state (:func:`write_run_weig
 ``MetricLogger(rows=...)``), and stale temporary files are removed
 (:func:`parnet.io.remove_temporaries`, under the folder's lock).
 
-``check_run_folder(run_dir, resume, results) -> bool``
+``check_run_folder(run_dir, resume, results, derived) -> bool``
     Refuses a new run over an old one, ``--output`` that is a file, and ``--resume`` of a folder
     whose checkpoint is gone; returns whether there is a checkpoint to resume from.
 ``RunLock(run_dir)``
@@ -74,6 +74,8 @@ METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"
 # The files that make a folder a run (config.yaml alone is left by a run killed in its first epoch).
 RUN_FILES = (STATE_FILE, WEIGHTS_FILE, EMA_WEIGHTS_FILE, METRICS_FILE)
+# Written from the state, so a new run would replace them: a folder holding one is not taken for a new run.
+DERIVED_FILES = ("metrics.csv", "config.yaml")
 FINISHED = "finished"
 
 
@@ -87,11 +89,16 @@ def _check_folder_path(run_dir: Path) -> None:
             raise ValueError(f"--output {run_dir} {where}: give a folder")
 
 
-def check_run_folder(run_dir: str | os.PathLike, resume: bool, results: Sequence[str] = ()) -> bool:
+def check_run_folder(
+    run_dir: str | os.PathLike, resume: bool, results: Sequence[str] = (), derived: Sequence[str] = ()
+) -> bool:
     """Refuse to start a new run over an old one, or to resume one without its checkpoint.
 
     Any file of a run counts (``RUN_FILES`` and the task's ``results``), not only its checkpoint,
-    which a user may delete to save space. ``--resume`` of a folder a run was started in (its
+    which a user may delete to save space; a new run also refuses a folder holding a file it would
+    replace (``DERIVED_FILES`` and the task's ``derived``: a ``config.yaml`` or ``metrics.csv`` of the user's is never
+    overwritten; the ``config.yaml`` beside the lock file of a run killed in its first epoch may be).
+    ``--resume`` of a folder a run was started in (its
     ``config.yaml`` or lock file is there) but that holds no checkpoint yet (killed in its first
     epoch) starts from the beginning. Returns whether there is a checkpoint to resume from.
     """
@@ -113,6 +120,14 @@ def check_run_folder(run_dir: str | os.PathLike, resume: bool, results: Sequence
         raise ValueError(
             f"{run_dir} already holds a run ({', '.join(held)}); pass --resume to continue it, "
             "or choose another --output (or remove the folder)"
+        )
+    replaced = [name for name in (*DERIVED_FILES, *derived) if (run_dir / name).exists()]
+    if (run_dir / LOCK_FILE).is_file() and replaced == ["config.yaml"]:
+        return False  # the config.yaml of a run killed in its first epoch (its lock file is there): reused
+    if replaced:
+        raise ValueError(
+            f"{run_dir} holds {', '.join(replaced)}, which a new run would replace: --resume restarts a run "
+            "killed there before its first checkpoint; otherwise choose another --output (or move the files)"
         )
     return False
 

@@ -113,6 +113,7 @@ class DetTrainConfig(Settings):
 _RESUME_FIXED = ("detector", "backbone", "backbone_kwargs", "fpn_channels", "image_size", "epochs", "batch_size",
                  "lr", "weight_decay", "warmup_steps", "max_steps", "seed", "freeze_bn")  # fmt: skip
 _FINAL_FILES = ("eval.json",)
+_DERIVED = ("best.safetensors", "predictions.png")  # written by a run: a new run refuses to replace them
 
 
 def data_paths(data: str | None, images: str | None, ann: str | None, split: str) -> tuple[Path, Path]:
@@ -164,7 +165,7 @@ def train_det(cfg: DetTrainConfig) -> dict[str, float]:
     from . import engine
 
     run_dir = Path(cfg.output)
-    engine.check_run_folder(run_dir, cfg.resume, _FINAL_FILES)  # before any work: nothing written yet
+    engine.check_run_folder(run_dir, cfg.resume, _FINAL_FILES, _DERIVED)  # before any work: nothing written yet
     dist_info = engine.init_distributed(cfg.device)
     try:
         with contextlib.ExitStack() as held:
@@ -182,7 +183,7 @@ def _train_det(cfg: DetTrainConfig, dist_info: Any, run_dir: Path) -> dict[str, 
     from .det_data import CocoDetectionDataset
     from .io import atomic_write, remove_temporaries
 
-    has_checkpoint = engine.check_run_folder(run_dir, cfg.resume, _FINAL_FILES)
+    has_checkpoint = engine.check_run_folder(run_dir, cfg.resume, _FINAL_FILES, _DERIVED)
     device, main = dist_info.device, dist_info.is_main
     if main:
         remove_temporaries(run_dir)  # left by a killed run
