@@ -577,6 +577,17 @@ def test_generator_keeps_existing_data(tmp_path: Path, fake_fashion_mnist: Path,
         generated(out, fake_fashion_mnist, seed=4)
     after = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     assert after == before  # nothing was touched by the refused call
+    photos = tmp_path / "photos"  # a folder of the user's images, no annotations: not written over either
+    (photos / "train").mkdir(parents=True)
+    (photos / "train" / "000000.png").write_bytes(b"the user's photo")
+    with pytest.raises(ValueError, match="already holds a dataset or images"):
+        generated(photos, fake_fashion_mnist, seed=3)
+    assert (photos / "train" / "000000.png").read_bytes() == b"the user's photo"
+    assert not (photos / "annotations").exists() and not (photos / "val").exists()
+    for iou in (-1.0, float("nan"), 1.5):  # no item could find a place: a dataset without boxes
+        with pytest.raises(ValueError, match="max_iou must be a number from 0 to 1"):
+            make_fashion_mnist_detection(tmp_path / "iou", 1, 1, max_iou=iou, source=fake_fashion_mnist)
+    assert not (tmp_path / "iou").exists()
     make_fashion_mnist_detection(out, num_train=2, num_val=1, canvas=64, object_size=(16, 40), seed=4,
                                  source=fake_fashion_mnist, overwrite=True)  # fmt: skip
     assert len(json.loads((out / "annotations" / "instances_val.json").read_text())["images"]) == 1

@@ -406,9 +406,9 @@ def make_fashion_mnist_detection(
 
     Output: ``out_dir/{train,val}/*.png`` and ``out_dir/annotations/instances_{train,val}.json``.
     The same arguments give the same files, byte for byte. Returns the two JSON paths.
-    An existing dataset there (either JSON) is refused unless ``overwrite``, which removes its JSON files
-    first (a run cut short leaves no annotations beside new images); both Fashion-MNIST splits are read
-    before anything is written.
+    An existing dataset there (either JSON, or files in ``train/`` or ``val/``) is refused unless
+    ``overwrite``, which removes its JSON files first (a run cut short leaves no annotations beside new
+    images); both Fashion-MNIST splits are read before anything is written.
     """
     from PIL import Image
 
@@ -418,12 +418,15 @@ def make_fashion_mnist_detection(
         raise ValueError(f"num_objects must be a range (lo, hi) with 0 <= lo <= hi, got {num_objects}")
     if not 1 <= object_size[0] <= object_size[1] <= canvas:
         raise ValueError(f"object_size must be a range within 1..{canvas}, got {object_size}")
+    if not 0 <= max_iou <= 1:  # NaN too: no item would ever find a place, and the dataset would have no boxes
+        raise ValueError(f"max_iou must be a number from 0 to 1, got {max_iou}")
     source, out = Path(source), Path(out_dir)
     existing = [p for split in ("train", "val") if (p := out / "annotations" / f"instances_{split}.json").exists()]
-    if existing and not overwrite:
+    occupied = [d for split in ("train", "val") if (d := out / split).is_dir() and any(d.iterdir())]
+    if (existing or occupied) and not overwrite:  # images of the same names would be written over
         raise ValueError(
-            f"{out} already holds a dataset ({', '.join(map(str, existing))}); "
-            "choose another folder or pass overwrite=True (--overwrite) to replace it"
+            f"{out} already holds a dataset or images ({', '.join(map(str, existing + occupied))}); "
+            "choose another folder or pass overwrite=True (--overwrite) to replace them"
         )
     sources = {split: _load_fashion_mnist(source, split) for split in ("train", "val")}
     for path in existing:  # the old annotations go first: a run cut short leaves no JSON over new images

@@ -56,6 +56,14 @@ def nonneg_float(text: Any) -> float:
     return value
 
 
+def unit_float(text: Any) -> float:
+    """A number from 0 to 1 (a threshold, an IoU), as an argparse type."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text}")
+    return value
+
+
 def model_name(text: Any) -> str:
     """A timm model name, as an argparse type (:func:`parnet.factory.check_model_name`)."""
     try:

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from ..det_train import RESERVED_BACKBONE_KWARGS, DetTrainConfig
-from .args import add_settings_flags, nonneg_int, positive_int, settings_given
+from .args import add_settings_flags, nonneg_int, positive_int, settings_given, unit_float
 
 
 def _make_det_dataset(args: argparse.Namespace) -> int:
@@ -75,7 +75,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--max-objects", type=nonneg_int, default=4)
     p.add_argument("--min-size", type=positive_int, default=24, help="smallest item side in pixels")
     p.add_argument("--max-size", type=positive_int, default=64, help="largest item side in pixels")
-    p.add_argument("--max-iou", type=float, default=0.2, help="largest IoU between two items' boxes")
+    p.add_argument("--max-iou", type=unit_float, default=0.2, help="largest IoU between two items' boxes")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument(
         "--source", default=str(DEFAULT_FASHION_MNIST), help="folder of the Fashion-MNIST IDX files (.gz or not)"
@@ -99,7 +99,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--lenient", action="store_true", help="drop annotations with unknown categories or malformed boxes")
     p.add_argument("--workers", type=nonneg_int, default=0, help="data loader processes")
     p.add_argument("--draw", type=nonneg_int, default=8, help="images in predictions.png (0: none)")
-    p.add_argument("--score-thresh", type=float, default=0.3, help="lowest score drawn in predictions.png")
+    p.add_argument("--score-thresh", type=unit_float, default=0.3, help="lowest score drawn in predictions.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument(
