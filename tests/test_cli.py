@@ -73,3 +73,36 @@ def test_a_keyword_the_model_does_not_take_is_a_clear_error(tmp_path, capsys, co
         main(args)
     assert f"argument --model-kwargs: {message}" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """A folder where a file goes (or a file where a folder goes) is said at once, naming the flag, not after
+    a benchmark, a calibration or an evaluation; nothing is written."""
+    import parnet.cli.bench
+
+    folder, afile = tmp_path / "dir.json", tmp_path / "file"
+    folder.mkdir()
+    afile.write_text("mine")
+    monkeypatch.setattr(parnet.cli.bench, "run_bench", lambda *a, **k: pytest.fail("benchmarked first"))
+    cases = [
+        (["bench", "--models", "parnet_cifar_s", "--json", str(folder)], f"--json {folder} is a folder"),
+        (["bench", "--models", "parnet_cifar_s", "--markdown", str(afile / "t.md")], f"lies under {afile}"),
+        (["quantize", str(tmp_path / "no_run"), "--out", str(folder)], f"--out {folder} is a folder"),
+        (["plot", str(tmp_path / "no_run"), "--output", str(folder)], f"--output {folder} is a folder"),
+        (["export", "parnet_cifar_s", "--out", str(afile)], f"--out {afile} is a file: give a folder"),
+        (["export", "parnet_cifar_s", "--format", ",", "--out", str(tmp_path / "e")], "no export format given"),
+        (["eval-det", str(tmp_path / "no_run"), "--data", str(tmp_path), "--output", str(afile)],
+         f"--output {afile} is a file"),
+        (["convert", str(tmp_path), str(tmp_path / "w.safetensors")], "is a folder: give the checkpoint file"),
+        (["convert", str(afile), str(tmp_path / "w.safetensors")], "is not a PyTorch checkpoint (empty, or"),
+        (["train", "--config", str(tmp_path)], "is a folder: give the YAML file"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.json", "file"] and not any(folder.iterdir())
+    assert afile.read_text() == "mine"
+    (tmp_path / "bad.yaml").write_text("epochs: [1\nlr: 2\n")
+    assert main(["train", "--config", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not valid YAML" in err and "(line 2, column" in err

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .io import atomic_write, write_safetensors
+from .io import atomic_write, check_output_path, write_safetensors
 
 __all__ = [
     "FINISHED",
@@ -82,13 +82,6 @@ FINISHED = "finished"
 # -- the run folder -----------------------------------------------------------------------------
 
 
-def _check_folder_path(run_dir: Path) -> None:
-    for path in (run_dir, *run_dir.parents):
-        if path.exists() and not path.is_dir():
-            where = "is a file" if path == run_dir else f"lies under {path}, which is a file"
-            raise ValueError(f"--output {run_dir} {where}: give a folder")
-
-
 def check_run_folder(
     run_dir: str | os.PathLike, resume: bool, results: Sequence[str] = (), derived: Sequence[str] = ()
 ) -> bool:
@@ -103,7 +96,7 @@ def check_run_folder(
     epoch) starts from the beginning. Returns whether there is a checkpoint to resume from.
     """
     run_dir = Path(run_dir)
-    _check_folder_path(run_dir)
+    check_output_path(run_dir, folder=True, what="--output")
     held = [name for name in (*RUN_FILES, *results) if (run_dir / name).is_file()]
     if resume:
         if (run_dir / STATE_FILE).is_file():
@@ -144,7 +137,7 @@ class RunLock:
         import fcntl
 
         self.path = Path(run_dir) / LOCK_FILE
-        _check_folder_path(self.path.parent)
+        check_output_path(self.path.parent, folder=True, what="--output")
         self._made_folder = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)

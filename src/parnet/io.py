@@ -33,6 +33,7 @@ from .weights import MAX_CLASSES, MAX_IN_CHANS, architecture_kwargs, bounded_int
 
 __all__ = [
     "atomic_write",
+    "check_output_path",
     "load_model",
     "model_metadata",
     "read_safetensors",
@@ -56,6 +57,24 @@ def _write_boundary() -> None:
     _boundaries_passed += 1
 
 
+def check_output_path(path: str | os.PathLike, folder: bool = False, what: str = "") -> Path:
+    """``path`` as an output the command can write, checked before any work: a file that is not an existing
+    folder (``folder``: a folder that is not an existing file), under no existing file. ``what`` names it
+    in the message (a flag, e.g. ``--output``)."""
+    path = Path(path)
+    name = f"{what} {path}" if what else str(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{name} is a file: give a folder")
+    if not folder and path.is_dir():
+        raise ValueError(f"{name} is a folder: give a file path")
+    for parent in path.parents:
+        if parent.is_dir():
+            break
+        if parent.exists():
+            raise ValueError(f"{name} lies under {parent}, which is a file: give a {'folder' if folder else 'file'}")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path`` atomically.
@@ -63,7 +82,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     On an exception the temporary file is removed and ``path`` is left as it was. The new file has
     the permissions a plain ``open`` would give it.
     """
-    path = Path(path)
+    path = check_output_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = _new_temporary(path)
     try:

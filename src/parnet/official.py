@@ -70,9 +70,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     from .io import is_torch_checkpoint
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: give the checkpoint file (.pth.tar)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if not is_torch_checkpoint(path):  # a safetensors file, by content: nothing to convert, nothing unsafe
+    if not is_torch_checkpoint(path):
+        with open(path, "rb") as f:
+            head = f.read(9)
+        if head[8:9] != b"{":  # not safetensors either (which starts with its header's length, then "{")
+            raise ValueError(f"{path} is not a PyTorch checkpoint (empty, or a file of another kind)")
         raise ValueError(
             f"{path} is a safetensors file, not a PyTorch checkpoint: it needs no conversion. Use it as it is "
             "(`parnet eval FILE` without --official, `parnet export --checkpoint FILE`, "

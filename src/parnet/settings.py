@@ -249,7 +249,9 @@ def read_yaml(path: Path, model: type[Settings] = TrainConfig) -> dict[str, Any]
     try:
         loaded = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"{path} is not valid YAML: {e}") from None
+        where = getattr(e, "problem_mark", None)  # one line: the problem and where, not the parser's excerpt
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        raise ValueError(f"{path} is not valid YAML: {getattr(e, 'problem', None) or e}{at}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read {path}: {e}") from None
     if not isinstance(loaded, dict):
@@ -306,6 +308,8 @@ def make_config(overrides: dict[str, Any] | None = None, config_file: str | None
     from_file: dict[str, Any] = {}
     if config_file:
         path = Path(config_file)
+        if path.is_dir():
+            raise ValueError(f"config file {path} is a folder: give the YAML file")
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         from_file = read_yaml(path)

@@ -26,7 +26,7 @@ from ..bench import (
     plot_results,
     run_bench,
 )
-from ..io import atomic_write
+from ..io import atomic_write, check_output_path
 from .args import add_kwargs_option, model_name, nonneg_float, nonneg_int, positive_int
 
 
@@ -46,6 +46,9 @@ def _bench(args: argparse.Namespace) -> int:
     kwargs = args.model_kwargs or None
     if not _split(args.models):
         raise ValueError("--models is empty: give at least one ParNet variant, e.g. --models parnet_s")
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
+        if path:  # before the benchmark, not after it
+            check_output_path(path, what=flag)
     machine = machine_info(args.threads)
     peaks: dict = {}
     batches = (1, args.batch) if args.batch != 1 else (1,)

@@ -49,10 +49,13 @@ def _train_det(args: argparse.Namespace) -> int:
 
 def _eval_det(args: argparse.Namespace) -> int:
     from ..det_train import data_paths, eval_det
+    from ..io import check_output_path
 
     images, ann = data_paths(
         args.data, getattr(args, f"{args.split}_images"), getattr(args, f"{args.split}_ann"), args.split
     )
+    if args.output:  # before the evaluation, not after
+        check_output_path(args.output, folder=True, what="--output")
     stats, written = eval_det(
         args.weights, images, ann, args.split, args.output, args.batch_size, args.workers, args.device,
         args.lenient, args.draw, args.score_thresh, not args.no_progress,

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..export import FORMATS, export_model
 from ..factory import create_model
+from ..io import check_output_path
 from .args import add_kwargs_option, model_name, positive_int
 
 
@@ -60,8 +61,9 @@ def _file_stem(path: str) -> str:
 
 
 def _export(args: argparse.Namespace) -> int:
-    model = _build(args)
+    check_output_path(args.out, folder=True, what="--out")
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    model = _build(args)
     res = args.resolution or default_resolution(model, args.checkpoint)
     name = args.name or (_file_stem(args.checkpoint) if args.checkpoint else args.model)
     results = export_model(

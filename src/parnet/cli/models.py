@@ -17,9 +17,10 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from ..io import save_model
+    from ..io import check_output_path, save_model
     from ..official import load_official
 
+    check_output_path(args.output)
     model = load_official(args.input, use_ema=args.ema, activation=args.activation)
     out = save_model(model, args.output, metadata={"source": Path(args.input).name})
     print(

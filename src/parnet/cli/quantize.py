@@ -12,8 +12,10 @@ from .args import nonneg_int, positive_int
 
 def _quantize(args: argparse.Namespace) -> int:
     from ..deployed import SUFFIX, quantize_checkpoint
+    from ..io import check_output_path
 
     out = args.out or f"{str(args.checkpoint).rstrip('/')}_{args.precision}{SUFFIX[args.engine]}"
+    check_output_path(out, what="--out")  # before calibrating and scoring, not after
     result = quantize_checkpoint(
         args.checkpoint, out, args.precision, args.engine, args.calibration_images, args.dataset, args.data_dir,
         args.calibration_method, args.batch_size, args.test_subset, args.workers,

@@ -57,7 +57,10 @@ def _eval_command(args: argparse.Namespace) -> int:
 
 def _plot_command(args: argparse.Namespace) -> int:
     from ..evaluate import plot
+    from ..io import check_output_path
 
+    if args.output:
+        check_output_path(args.output, what="--output")
     print(f"wrote {plot(args.run_dir, args.output)}")
     return 0
 
