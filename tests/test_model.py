@@ -302,6 +302,39 @@ def test_bad_configs_and_names():
         ParNetCfg(widths=(8, 15), head_width=8, blocks=(1, 1))
     assert ParNetCfg(widths=(7, 16, 32), head_width=9).widths[0] == 7  # the first stream is never fused
     assert parnet.create_model("parnet_cifar_s", **TINY).cfg.widths == (8, 16, 32)
+    assert ParNetCfg(widths=[8, 16, 32], head_width=8).widths == (8, 16, 32)  # a list, as YAML gives it
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [  # each was built as another network than the one asked for, or failed deep in torch or timm
+        ({"widths": (8.7, 16.2, 32.9)}, TypeError, "widths must be a list or tuple of integers"),
+        ({"blocks": (1.5, 1, 1)}, TypeError, "blocks must be a list or tuple of integers"),
+        ({"widths": "81632"}, TypeError, "widths must be a list or tuple of integers"),
+        ({"head_width": 32.5}, TypeError, "head_width must be an integer"),
+        ({"stem_width": "8"}, TypeError, "stem_width must be an integer"),
+        ({"use_gate": "false"}, TypeError, "use_gate must be True or False"),
+        ({"small_input": "False"}, TypeError, "small_input must be True or False"),
+        ({"num_classes": -1}, ValueError, "num_classes must be an integer >= 0"),
+        ({"num_classes": 10.0}, ValueError, "num_classes must be an integer >= 0"),
+        ({"in_chans": 0}, ValueError, "in_chans must be a positive integer"),
+    ],
+)
+def test_wrong_types_are_refused_not_coerced(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        parnet.create_model("parnet_cifar_s", **{**TINY, **kwargs})
+
+
+def test_inputs_that_are_not_float_image_batches_are_clear_errors():
+    model = parnet.create_model("parnet_cifar_s", **TINY).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="expects floating-point images, got torch.uint8"):
+        model((x * 255).to(torch.uint8))
+    with pytest.raises(TypeError, match="expects a torch.Tensor batch"):
+        model(x.numpy())
+    folded = parnet.deploy(model, "cpu", "folded")
+    with pytest.raises(ValueError, match="expected floating-point images, got torch.uint8"):
+        folded((x * 255).to(torch.uint8))
 
 
 def test_cifar_baselines_are_timm_feature_extractors_and_refuse_unknown_knobs():

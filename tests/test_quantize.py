@@ -137,6 +137,19 @@ def test_bad_requests_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         deploy(model, "cpu", "onnxruntime", "int8")
     with pytest.raises(ValueError, match="calibration is empty"):
         deploy(model, "cpu", "onnxruntime", "int8", calibration=[])
+    with pytest.raises(ValueError, match="must be prepared images .* got torch.uint8"):
+        deploy(model, "cpu", "onnxruntime", "int8", calibration=[(x * 255).to(torch.uint8)])
+    # arguments the mode or precision would ignore: a forgotten precision="int8" is not an fp32 model
+    with pytest.raises(ValueError, match="calibration= is for precision 'int8'; this deploy is fp32"):
+        deploy(model, "cpu", "folded", calibration=[x])
+    with pytest.raises(ValueError, match="devices= is for mode 'multi_device'"):
+        deploy(model, "cpu", "channels_last", devices=["cpu"])
+    with pytest.raises(ValueError, match="candidates= is for mode 'auto' with an example="):
+        deploy(model, "cpu", "auto", candidates=["packed"])
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        deploy(model, "cpu", "parallel", threads=-3)
+    # one batch given as it is, not iterated image by image
+    assert [b.shape for b in quantize_module.calibration_batches(x, 3)] == [x.shape]
     with pytest.raises(ValueError, match=r"calibration batches must be tensors \(N, 3, H, W\)"):
         deploy(model, "cpu", "onnxruntime", "int8", calibration=[torch.randn(2, 1, 32, 32)])
     with pytest.raises(ValueError, match="unknown precision 'fp16'"):

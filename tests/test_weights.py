@@ -191,3 +191,11 @@ def test_safetensors_files_follow_the_umask(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_model_the_file_cannot_describe_is_not_saved(tmp_path: Path) -> None:
+    """The header records average pooling: a max-pooling model would come back pooling by average."""
+    model = parnet.create_model("parnet_cifar_s", **TINY, global_pool="max")
+    with pytest.raises(ValueError, match="this one pools with 'max'"):
+        save_model(model, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()

@@ -144,6 +144,9 @@ def _sync_folder(folder: Path) -> None:
 
 def model_metadata(model: ParNet) -> dict[str, str]:
     """What it takes to rebuild ``model``: its cfg, class count and input channels, as strings."""
+    pool = getattr(getattr(model.head, "global_pool", None), "pool_type", "avg")
+    if pool != "avg":  # the files record ParNet's average pooling only: another would come back as avg
+        raise ValueError(f"the weights files hold ParNets with average pooling; this one pools with {pool!r}")
     return {
         "format": "parnet",
         "cfg": json.dumps(dataclasses.asdict(model.cfg)),

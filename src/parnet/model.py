@@ -19,6 +19,7 @@ into the code of a traced graph, and TorchScript cannot read a string annotation
 """
 
 import dataclasses
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,17 @@ __all__ = ["ParNet", "ParNetCfg", "model_cfgs"]
 ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU}
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _int_tuple(values: Any, name: str) -> tuple[int, ...]:
+    """``values`` (a list or tuple of integers) as a tuple of ints; ``TypeError`` naming ``name`` otherwise."""
+    if not isinstance(values, (list, tuple)) or not all(_is_int(v) for v in values):
+        raise TypeError(f"{name} must be a list or tuple of integers, one per stream, got {values!r}")
+    return tuple(int(v) for v in values)
 
 
 @dataclass(frozen=True)
@@ -64,8 +76,16 @@ class ParNetCfg:
     stem_width: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
-        object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
+        # Types first: int() would turn 8.7 into 8 and "false" is true, each a network other than the one asked for.
+        object.__setattr__(self, "widths", _int_tuple(self.widths, "widths"))
+        object.__setattr__(self, "blocks", _int_tuple(self.blocks, "blocks"))
+        for name in ("head_width", "stem_width"):
+            value = getattr(self, name)
+            if not (value is None and name == "stem_width") and not _is_int(value):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
+        for name in ("small_input", "use_gate"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not 1 <= len(self.widths) <= 4:
             raise ValueError(f"ParNet takes 1 to 4 streams, got widths {self.widths}")
         if len(self.blocks) != len(self.widths):
@@ -162,8 +182,14 @@ def check_parnet_input(x: torch.Tensor, in_chans: int, multiple: int, small_inpu
     ``torch.compile`` and ``torch.export`` see only shape tests: with height and width declared as
     multiples of ``multiple`` they never fail.
     """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"ParNet expects a torch.Tensor batch (N, C, H, W), got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"ParNet expects a 4-D batch (N, C, H, W), got a tensor of shape {list(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(
+            f"ParNet expects floating-point images, got {x.dtype}: convert them (e.g. x.float() / 255, then normalize)"
+        )
     if x.shape[1] != in_chans:
         raise ValueError(
             f"ParNet was built for {in_chans} input channels, got {x.shape[1]} (shape {list(x.shape)}); "
@@ -200,6 +226,10 @@ class ParNet(nn.Module):
         global_pool: str = "avg",
     ):
         super().__init__()
+        if not _is_int(num_classes) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0 (0: features from forward), got {num_classes!r}")
+        if not _is_int(in_chans) or in_chans < 1:
+            raise ValueError(f"in_chans must be a positive integer, got {in_chans!r}")
         self.cfg = cfg
         self.num_classes = num_classes
         self.in_chans = in_chans

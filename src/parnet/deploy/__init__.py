@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -216,11 +217,21 @@ def deploy(
         raise ValueError(f"unknown deploy mode {mode!r} for precision {precision}; choose one of {allowed}")
     if not isinstance(model, ParNet):
         raise ValueError(f"deploy takes a ParNet, got {type(model).__name__}")
+    _check_arguments_apply(mode, precision, calibration, example, devices, threads, candidates)
     batches = calibration_batches(calibration, model.in_chans) if precision == "int8" else None
     if mode == "auto" and example is not None:
         names = candidates or auto_candidates(device, precision)
         built = {
-            name: deploy(model, device, name, precision, batches, example, devices=devices, threads=threads)
+            name: deploy(
+                model,
+                device,
+                name,
+                precision,
+                batches,
+                example,
+                devices=devices if name == "multi_device" else None,
+                threads=threads,
+            )  # fmt: skip
             for name in names
         }
         return built[fastest(built, example.to(device))]
@@ -253,6 +264,23 @@ def deploy(
         parallel = CudaStreamParNet(folded).eval()
         return parallel if mode == "parallel" else CudaGraphModule(parallel).eval()
     return StreamParallelParNet(folded, threads=threads).eval()
+
+
+def _check_arguments_apply(
+    mode: str, precision: str, calibration: Any, example: Any, devices: Any, threads: Any, candidates: Any
+) -> None:
+    """Refuse an argument that the mode and precision would ignore: a forgotten ``precision="int8"`` beside
+    calibration data, say, must not quietly give an fp32 model."""
+    if calibration is not None and precision != "int8":
+        raise ValueError(f"calibration= is for precision 'int8'; this deploy is {precision}: pass precision='int8'")
+    if devices is not None and mode not in ("multi_device", "auto"):
+        raise ValueError(f"devices= is for mode 'multi_device', not {mode!r}")
+    if candidates is not None and (mode != "auto" or example is None):
+        raise ValueError("candidates= is for mode 'auto' with an example= to time them on")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer (or None for torch's), got {threads!r}")
+    if example is not None and not isinstance(example, torch.Tensor):
+        raise ValueError(f"example= must be an input batch (a tensor (N, C, H, W)), got {type(example).__name__}")
 
 
 def _deploy_cuda_bf16(model: ParNet, device: torch.device, mode: str) -> nn.Module:

@@ -405,6 +405,8 @@ class FoldedParNet(nn.Module):
         """Refuse inputs the network cannot take (as ``ParNet.check_input``)."""
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected a batch (N, {self.in_chans}, H, W), got shape {list(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"expected floating-point images, got {x.dtype}: convert them (e.g. x.float() / 255)")
         if x.shape[-2] % self.multiple or x.shape[-1] % self.multiple:
             raise ValueError(f"height and width must be multiples of {self.multiple}, got {x.shape[-2]}x{x.shape[-1]}")
 

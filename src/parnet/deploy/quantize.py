@@ -43,19 +43,26 @@ def check_precision(precision: str, device: torch.device) -> None:
 def calibration_batches(calibration: Iterable[torch.Tensor] | None, in_chans: int) -> list[torch.Tensor]:
     """The calibration batches as float32 CPU tensors, checked: int8 needs real images of the right shape.
 
-    Accepts batches or ``(images, labels)`` pairs, as a ``DataLoader`` yields them.
+    Accepts batches or ``(images, labels)`` pairs, as a ``DataLoader`` yields them, or one batch.
     """
     if calibration is None:
         raise ValueError(
             "int8 needs calibration data: pass calibration= an iterable of input batches (a few hundred "
             "images of the data the model will see, e.g. from its training loader)"
         )
+    if isinstance(calibration, torch.Tensor):  # one batch, not an iterable of images
+        calibration = [calibration]
     batches = []
     for item in calibration:
         batch = item[0] if isinstance(item, (tuple, list)) else item
         if not isinstance(batch, torch.Tensor) or batch.dim() != 4 or batch.shape[1] != in_chans:
             shape = list(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
             raise ValueError(f"calibration batches must be tensors (N, {in_chans}, H, W), got {shape}")
+        if not batch.is_floating_point():  # uint8 pixels would calibrate the ranges 255 times too wide
+            raise ValueError(
+                f"calibration batches must be prepared images (floating point, normalized as the model's "
+                f"input), got {batch.dtype}"
+            )
         batches.append(batch.detach().float().cpu())
     if not batches:
         raise ValueError("calibration is empty: int8 needs at least one batch of real images")
