@@ -98,7 +98,7 @@ def _tiny(seed: int) -> torch.nn.Module:
 
 def test_export_leaves_the_model_and_writes_no_failed_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = _tiny(4).train()
-    export_model(model, tmp_path, "m", formats=("torchscript",), input_size=(3, 32, 32))
+    export_model(model, tmp_path, "m", formats="torchscript", input_size=(3, 32, 32))  # one format, not letters
     assert all(m.training for m in model.modules())  # the caller's model keeps its mode (and device)
     path = tmp_path / "m.torchscript.pt"
     good = path.read_bytes()

@@ -74,6 +74,9 @@ def test_run_folder_uses_its_dataset_transform_names_and_ema_weights(run, images
         probs = _probabilities(model, by_hand(Image.open(images[key]).convert("L")))
         _assert_top(result, probs, list(FASHION_MNIST_CLASSES))
     assert load_predictor(run=run, use_ema=False).source.endswith("/last.safetensors")
+    assert predictor.predict(str(images["grey"])) == results[1:]  # one path, not its characters
+    with pytest.raises(ValueError, match="top_k must be a positive integer, got -1"):
+        predictor.predict([images["grey"]], top_k=-1)
 
 
 def test_predict_command_prints_top5_for_each_image(run, images, capsys):

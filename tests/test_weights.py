@@ -199,3 +199,10 @@ def test_a_model_the_file_cannot_describe_is_not_saved(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="this one pools with 'max'"):
         save_model(model, tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_only_a_parnet_is_saved(tmp_path: Path) -> None:
+    deployed = parnet.deploy(parnet.create_model("parnet_cifar_s", **TINY).eval(), "cpu", "folded")
+    with pytest.raises(ValueError, match="save_model writes a ParNet .* got FoldedParNet"):
+        save_model(deployed, tmp_path / "d.safetensors")
+    assert not list(tmp_path.iterdir())

@@ -145,6 +145,8 @@ def export_model(
     mode) on a batch of 3, so it also checks that the batch dimension is dynamic. A file that fails
     the check is not written (an existing one is left as it was). ``model`` itself is not changed.
     """
+    if isinstance(formats, str):  # one format, not its letters
+        formats = (formats,)
     if not formats:
         raise ValueError(f"no export format given; choose from {FORMATS}")
     unknown = [f for f in formats if f not in FORMATS]

@@ -144,6 +144,11 @@ def _sync_folder(folder: Path) -> None:
 
 def model_metadata(model: ParNet) -> dict[str, str]:
     """What it takes to rebuild ``model``: its cfg, class count and input channels, as strings."""
+    if not isinstance(model, ParNet):
+        raise ValueError(
+            f"save_model writes a ParNet (training form or reparameterized), got {type(model).__name__}; "
+            "a deployed or feature-extraction form cannot be rebuilt from the file: save the ParNet it came from"
+        )
     pool = getattr(getattr(model.head, "global_pool", None), "pool_type", "avg")
     if pool != "avg":  # the files record ParNet's average pooling only: another would come back as avg
         raise ValueError(f"the weights files hold ParNets with average pooling; this one pools with {pool!r}")

@@ -45,11 +45,15 @@ class Predictor:
     source: str  # where the weights came from, for the report
 
     @torch.no_grad()
-    def predict(self, paths: Sequence[str | os.PathLike], top_k: int = 5) -> list[dict[str, Any]]:
+    def predict(self, paths: Sequence[str | os.PathLike] | str | os.PathLike, top_k: int = 5) -> list[dict[str, Any]]:
         """``[{"image": path, "top": [{"index", "label", "probability"}, ...]}, ...]``, best first.
 
         Every image is read before the model runs, so a file that is not an image fails early.
         """
+        if isinstance(paths, (str, os.PathLike)):  # one image, not its characters
+            paths = [paths]
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
         images = [read_image(p, self.image_mode) for p in paths]
         device = next(self.model.parameters()).device
         k = min(top_k, len(self.class_names))
