@@ -196,6 +196,15 @@ def test_detector_pads_to_parnet_multiple_and_bad_args() -> None:
             det.create_detector("fcos", "parnet_s", num_classes=3, fpn_channels=width, backbone_kwargs=TINY)
     with pytest.raises(ValueError, match="background"):
         det.create_detector("fcos", "parnet_s", num_classes=1, backbone_kwargs=TINY)
+    # each built a detector that trained to NaN, resized to nothing, or recorded other levels than it used
+    for kwargs, error, message in (
+        ({"anchor_scale": -1.0}, ValueError, "anchor_scale must be a positive number"),
+        ({"min_size": 0, "max_size": -5}, ValueError, "need 1 <= min_size <= max_size"),
+        ({"levels": [1.9, 2.9, 3.9]}, TypeError, "levels must be integer positions"),
+        ({"num_classes": 3.5}, TypeError, "num_classes must be an integer"),
+    ):
+        with pytest.raises(error, match=message):
+            det.create_detector("retinanet", "parnet_s", **{"num_classes": 3, **kwargs}, backbone_kwargs=TINY)
 
 
 def test_save_load_detector_round_trip(tmp_path: Path) -> None:

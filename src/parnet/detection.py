@@ -94,7 +94,9 @@ class FPNBackbone(nn.Module):
 
         super().__init__()
         channels, reductions = body.feature_info.channels(), body.feature_info.reduction()
-        levels = [int(i) for i in levels]
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in levels):
+            raise TypeError(f"levels must be integer positions in the body's features, got {list(levels)}")
+        levels = list(levels)
         if not levels or any(not 0 <= i < len(channels) for i in levels) or sorted(set(levels)) != levels:
             raise ValueError(
                 f"levels must be increasing positions in the body's {len(channels)} features, got {levels}"
@@ -292,6 +294,12 @@ def create_detector(
     if kind not in DETECTORS:
         raise ValueError(f"unknown detector {kind!r}; choose one of {DETECTORS}")
     detector_kwargs = {k: _detector_kwarg(v, k, "create_detector") for k, v in detector_kwargs.items()}
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise TypeError(f"num_classes must be an integer (categories + 1), got {num_classes!r}")
+    if anchor_scale is not None and not (isinstance(anchor_scale, (int, float)) and 0 < anchor_scale < float("inf")):
+        raise ValueError(f"anchor_scale must be a positive number (anchor size / stride), got {anchor_scale!r}")
+    if min_size < 1 or max_size < min_size:
+        raise ValueError(f"need 1 <= min_size <= max_size (torchvision's resize), got {min_size}, {max_size}")
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background too (categories + 1), got {num_classes}")
     if kind == "fcos" and (fpn_channels % 32 or fpn_channels < 64):
