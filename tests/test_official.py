@@ -258,3 +258,20 @@ def test_torch_checkpoint_named_safetensors_is_read_by_content(official_tiny, tm
     model = parnet.load_official(path, activation="silu")
     assert torch.equal(model.head.fc.weight, official_tiny["state_dict"]["head.fc.weight"])
     assert not is_torch_checkpoint(save_model(model, tmp_path / "ours.pth"))
+
+
+def test_torch_hub_pretrained_reads_the_release_file(parnet_s_checkpoint, tmp_path):
+    """``torch.hub.load(..., "parnet_s_official", pretrained=True)`` gives the authors' EMA weights
+    from torch.hub's cache, like ``timm.create_model`` does."""
+    cache = tmp_path / "hub"
+    (cache / "checkpoints").mkdir(parents=True)
+    (cache / "checkpoints" / parnet_s_checkpoint.name).symlink_to(parnet_s_checkpoint)
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(cache))
+    try:
+        model = torch.hub.load(str(Path(__file__).parents[1]), "parnet_s_official", source="local", pretrained=True)
+    finally:
+        torch.hub.set_dir(old)
+    reference = parnet.load_official(parnet_s_checkpoint, use_ema=True)
+    assert torch.equal(model.head.fc.weight, reference.head.fc.weight)
+    assert torch.equal(model.stem[0].gate.conv.weight, reference.stem[0].gate.conv.weight)

@@ -8,6 +8,7 @@ meta device (shapes only) or in tests marked slow.
 """
 
 import ast
+import importlib.util
 import io
 import math
 from pathlib import Path
@@ -363,3 +364,25 @@ def test_model_core_has_no_import_cycle():
 
     cycles = [name for name in CORE if reaches(name, name, set())]
     assert not cycles, f"import cycles through {cycles}: {graph}"
+
+
+# -- torch.hub -----------------------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_torch_hub_lists_every_registered_variant_and_builds_it():
+    """``hubconf.py`` offers exactly timm's registered ParNet names: a new variant without an entry
+    point, or a stray public callable in hubconf (an imported class), fails here."""
+    # torch.hub.list and help read GitHub only; this is their rule on the imported hubconf.
+    spec = importlib.util.spec_from_file_location("hubconf", REPO_ROOT / "hubconf.py")
+    hubconf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hubconf)
+    entries = [name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_")]
+    assert entries == timm.list_models("parnet*")
+    assert "released ParNet-S weights" in hubconf.parnet_s_official.__doc__
+
+    model = torch.hub.load(str(REPO_ROOT), "parnet_cifar_s", source="local", num_classes=7, **TINY)
+    expected = tiny("parnet_cifar_s", num_classes=7)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in expected.state_dict().items()}
+    assert model.pretrained_cfg == expected.pretrained_cfg and model.cfg == expected.cfg
