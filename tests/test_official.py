@@ -185,18 +185,21 @@ def test_infer_cfg_reads_shapes(official_tiny):
     assert (cfg.widths, cfg.head_width, cfg.blocks, num_classes, in_chans) == ((16, 32, 64), 128, (4, 5, 5), 1000, 3)
 
 
-def test_timm_pretrained_url_path_reads_the_release_file(parnet_s_checkpoint, tmp_path):
-    """``pretrained=True`` goes through torch.hub's cache: with the release file already cached
-    under its released name, no network is needed and the pickle's Namespace is accepted."""
+@pytest.fixture
+def release_in_hub_cache(parnet_s_checkpoint, tmp_path):
+    """torch.hub's cache holding the release file under its released name, so no network is needed."""
     cache = tmp_path / "hub"
     (cache / "checkpoints").mkdir(parents=True)
     (cache / "checkpoints" / parnet_s_checkpoint.name).symlink_to(parnet_s_checkpoint)
     old = torch.hub.get_dir()
     torch.hub.set_dir(str(cache))
-    try:
-        model = timm.create_model("parnet_s_official.in1k", pretrained=True)
-    finally:
-        torch.hub.set_dir(old)
+    yield parnet_s_checkpoint
+    torch.hub.set_dir(old)
+
+
+def test_timm_pretrained_url_path_reads_the_release_file(release_in_hub_cache, parnet_s_checkpoint):
+    """``pretrained=True`` goes through torch.hub's cache; the pickle's Namespace is accepted."""
+    model = timm.create_model("parnet_s_official.in1k", pretrained=True)
     reference = parnet.load_official(parnet_s_checkpoint, use_ema=True)
     assert torch.equal(model.head.fc.weight, reference.head.fc.weight)
     assert torch.equal(model.stem[0].gate.conv.weight, reference.stem[0].gate.conv.weight)
@@ -260,18 +263,9 @@ def test_torch_checkpoint_named_safetensors_is_read_by_content(official_tiny, tm
     assert not is_torch_checkpoint(save_model(model, tmp_path / "ours.pth"))
 
 
-def test_torch_hub_pretrained_reads_the_release_file(parnet_s_checkpoint, tmp_path):
-    """``torch.hub.load(..., "parnet_s_official", pretrained=True)`` gives the authors' EMA weights
-    from torch.hub's cache, like ``timm.create_model`` does."""
-    cache = tmp_path / "hub"
-    (cache / "checkpoints").mkdir(parents=True)
-    (cache / "checkpoints" / parnet_s_checkpoint.name).symlink_to(parnet_s_checkpoint)
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(cache))
-    try:
-        model = torch.hub.load(str(Path(__file__).parents[1]), "parnet_s_official", source="local", pretrained=True)
-    finally:
-        torch.hub.set_dir(old)
+def test_torch_hub_pretrained_reads_the_release_file(release_in_hub_cache, parnet_s_checkpoint):
+    """``torch.hub.load(..., "parnet_s_official", pretrained=True)`` gives the authors' EMA weights, as timm does."""
+    model = torch.hub.load(str(Path(__file__).parents[1]), "parnet_s_official", source="local", pretrained=True)
     reference = parnet.load_official(parnet_s_checkpoint, use_ema=True)
     assert torch.equal(model.head.fc.weight, reference.head.fc.weight)
     assert torch.equal(model.stem[0].gate.conv.weight, reference.stem[0].gate.conv.weight)
