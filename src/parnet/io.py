@@ -202,14 +202,20 @@ def save_model(model: ParNet, path: str | os.PathLike, metadata: dict[str, str] 
 TORCH_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".ckpt")
 
 
-def is_torch_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds a ``torch.save`` file (zip or pickle), or is named like one, rather than safetensors.
-
-    A safetensors file starts with the 8-byte length of its JSON header, then ``{``.
-    """
-    path = Path(path)
+def _file_head(path: Path) -> bytes:
     with open(path, "rb") as f:
-        head = f.read(9)
+        return f.read(9)
+
+
+def is_safetensors(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts like a safetensors file: the 8-byte length of its JSON header, then ``{``."""
+    return _file_head(Path(path))[8:9] == b"{"
+
+
+def is_torch_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a ``torch.save`` file (zip or pickle), or is named like one, rather than safetensors."""
+    path = Path(path)
+    head = _file_head(path)
     if head[8:9] == b"{":
         return False
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or path.suffix.lower() in TORCH_SUFFIXES

@@ -67,7 +67,7 @@ def reading_official_checkpoints() -> Iterator[None]:
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint without running code: tensors, containers and ``argparse.Namespace`` only."""
-    from .io import is_torch_checkpoint
+    from .io import is_safetensors, is_torch_checkpoint
 
     path = Path(path)
     if path.is_dir():
@@ -75,9 +75,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if not is_torch_checkpoint(path):
-        with open(path, "rb") as f:
-            head = f.read(9)
-        if head[8:9] != b"{":  # not safetensors either (which starts with its header's length, then "{")
+        if not is_safetensors(path):
             raise ValueError(f"{path} is not a PyTorch checkpoint (empty, or a file of another kind)")
         raise ValueError(
             f"{path} is a safetensors file, not a PyTorch checkpoint: it needs no conversion. Use it as it is "
