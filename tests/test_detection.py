@@ -13,15 +13,15 @@ import torch
 from torch import nn
 
 import parnet
-from parnet import det_data as det_data_module
 from parnet import detection as det
-from parnet.det_data import (
+from parnet.detection import data as det_data_module
+from parnet.detection.data import (
     CocoDetectionDataset,
     check_coco,
     collate_detection,
     make_fashion_mnist_detection,
 )
-from parnet.det_train import _draw_examples
+from parnet.detection.train import _draw_examples
 
 from .conftest import randomize_bn
 

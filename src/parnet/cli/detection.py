@@ -1,5 +1,5 @@
-"""``parnet make-det-dataset``, ``train-det`` and ``eval-det``: flags over :mod:`parnet.det_data` and
-:mod:`parnet.det_train`. The flags of ``train-det`` are generated from :class:`parnet.det_train.DetTrainConfig`."""
+"""``parnet make-det-dataset``, ``train-det`` and ``eval-det``: flags over :mod:`parnet.detection.data` and
+:mod:`parnet.detection.train`; the flags of ``train-det`` are generated from its :class:`DetTrainConfig`."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import json
 import sys
 from typing import Any
 
-from ..det_train import RESERVED_BACKBONE_KWARGS, DetTrainConfig
+from ..detection.train import RESERVED_BACKBONE_KWARGS, DetTrainConfig
 from .args import add_settings_flags, nonneg_int, positive_int, settings_given, unit_float
 
 
 def _make_det_dataset(args: argparse.Namespace) -> int:
-    from ..det_data import make_fashion_mnist_detection
+    from ..detection.data import make_fashion_mnist_detection
 
     paths = make_fashion_mnist_detection(
         args.output,
@@ -34,7 +34,7 @@ def _make_det_dataset(args: argparse.Namespace) -> int:
 
 
 def _train_det(args: argparse.Namespace) -> int:
-    from ..det_train import train_det
+    from ..detection.train import train_det
     from ..engine import NonFiniteLossError
     from ..settings import check_config
 
@@ -48,7 +48,7 @@ def _train_det(args: argparse.Namespace) -> int:
 
 
 def _eval_det(args: argparse.Namespace) -> int:
-    from ..det_train import data_paths, eval_det
+    from ..detection.train import data_paths, eval_det
     from ..io import check_output_path
 
     images, ann = data_paths(
@@ -67,7 +67,7 @@ def _eval_det(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: Any) -> None:
     """Add ``make-det-dataset``, ``train-det`` and ``eval-det`` to the ``parnet`` command line."""
-    from ..det_data import DEFAULT_FASHION_MNIST
+    from ..detection.data import DEFAULT_FASHION_MNIST
 
     p = subparsers.add_parser("make-det-dataset", help="synthetic COCO-format detection set from Fashion-MNIST items")
     p.add_argument("output", help="folder to write (train/, val/, annotations/)")

@@ -2,7 +2,7 @@
 
 ::
 
-    from parnet.det_train import DetTrainConfig, train_det
+    from parnet.detection import DetTrainConfig, train_det
     stats = train_det(DetTrainConfig(data="data/fmnist_det", output="runs/det", backbone="parnet_s",
                                      backbone_kwargs={"widths": [16, 32, 64], "head_width": 128}, epochs=2))
 
@@ -25,16 +25,9 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from .detection import (
-    _loader,
-    create_detector,
-    draw_predictions,
-    evaluate_dataset,
-    load_detector,
-    save_detector,
-    save_png,
-)
-from .settings import Settings
+from ..settings import Settings
+from .detectors import create_detector, load_detector, save_detector
+from .evaluation import detection_loader, draw_predictions, evaluate_dataset, save_png
 
 __all__ = ["DetTrainConfig", "data_paths", "eval_det", "train_det"]
 
@@ -96,14 +89,14 @@ class DetTrainConfig(Settings):
     @field_validator("backbone")
     @classmethod
     def _known_model(cls, value: str) -> str:
-        from .factory import check_model_name
+        from ..factory import check_model_name
 
         return check_model_name(value)
 
     @field_validator("backbone_kwargs", mode="before")
     @classmethod
     def _architecture_only(cls, value: Any) -> Any:
-        from .weights import FEATURE_KEYS, setting_kwargs
+        from ..weights import FEATURE_KEYS, setting_kwargs
 
         return setting_kwargs(value, RESERVED_BACKBONE_KWARGS, FEATURE_KEYS)
 
@@ -162,7 +155,7 @@ def train_det(cfg: DetTrainConfig) -> dict[str, float]:
     Raises :class:`parnet.engine.NonFiniteLossError` on a NaN/inf loss, ``ValueError`` /
     ``FileNotFoundError`` for bad settings, data or run folders (also while another training holds it).
     """
-    from . import engine
+    from .. import engine
 
     run_dir = Path(cfg.output)
     engine.check_run_folder(run_dir, cfg.resume, _FINAL_FILES, _DERIVED)  # before any work: nothing written yet
@@ -179,9 +172,9 @@ def train_det(cfg: DetTrainConfig) -> dict[str, float]:
 def _train_det(cfg: DetTrainConfig, dist_info: Any, run_dir: Path) -> dict[str, float]:
     from torch.nn.parallel import DistributedDataParallel
 
-    from . import engine
-    from .det_data import CocoDetectionDataset
-    from .io import atomic_write, remove_temporaries
+    from .. import engine
+    from ..io import atomic_write, remove_temporaries
+    from .data import CocoDetectionDataset
 
     has_checkpoint = engine.check_run_folder(run_dir, cfg.resume, _FINAL_FILES, _DERIVED)
     device, main = dist_info.device, dist_info.is_main
@@ -229,7 +222,7 @@ def _train_det(cfg: DetTrainConfig, dist_info: Any, run_dir: Path) -> dict[str, 
         )
     else:
         sampler = torch.utils.data.RandomSampler(train_ds, generator=generator)
-    loader = _loader(train_ds, cfg.batch_size, cfg.workers, sampler=sampler, generator=generator)
+    loader = detection_loader(train_ds, cfg.batch_size, cfg.workers, sampler=sampler, generator=generator)
     steps = len(loader) if not cfg.max_steps else min(len(loader), cfg.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, steps * cfg.epochs))
 
@@ -358,9 +351,9 @@ def eval_det(
     Writes ``eval.json``, ``detections.json`` and ``predictions.png`` (unless nothing is drawn) to ``output``
     (default: beside the weights, ``eval_<split>``); returns the stats and the files written.
     """
-    from .deploy.cuda import check_device
-    from .det_data import CocoDetectionDataset
-    from .io import atomic_write
+    from ..deploy.cuda import check_device
+    from ..io import atomic_write
+    from .data import CocoDetectionDataset
 
     device = str(check_device(device))
     weights = Path(weights)

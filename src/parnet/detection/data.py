@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR
-from .io import atomic_write
+from ..data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR
+from ..io import atomic_write
 
 __all__ = [
     "CocoDetectionDataset",
@@ -282,7 +282,7 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
             with Image.open(path) as img:
                 image = pil_to_tensor(img.convert("RGB"))
         except (OSError, ValueError) as e:  # PIL's errors for unreadable and truncated files
-            from .data import CorruptDatasetError
+            from ..data import CorruptDatasetError
 
             raise CorruptDatasetError(f"cannot decode image {path}: {e}") from None
         if tuple(image.shape[1:]) != (info["height"], info["width"]):
@@ -327,7 +327,7 @@ def collate_detection(batch: Sequence[tuple[Any, Any]]) -> tuple[list[Any], list
 
 def _load_fashion_mnist(source: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """The images (N, 28, 28) and labels of a split, read and checked as training reads them."""
-    from .data import FashionMNIST
+    from ..data import FashionMNIST
 
     items = FashionMNIST(source, train=split == "train")
     return items.images, items.targets

@@ -1,0 +1,180 @@
+"""The detection backbone: a timm ``features_only`` body (ParNet or a baseline) with torchvision's FPN on it,
+its classification weights, and frozen batch norm."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..factory import create_model
+
+__all__ = ["FPNBackbone", "build_backbone", "freeze_batchnorm", "load_backbone_weights"]
+
+
+class FPNBackbone(nn.Module):
+    """A timm ``features_only`` body and torchvision's FPN: ``OrderedDict`` of pyramid levels.
+
+    The interface of torchvision's ``BackboneWithFPN``: ``out_channels`` and a forward returning
+    ``{"0": finest, ..., "pool" | "p6", "p7": extra levels}``.
+
+    Args:
+        body: a timm features model (``features_only=True``) returning a list of feature maps.
+        levels: which of the body's features feed the FPN (positions in its feature list).
+        out_channels: FPN width.
+        extra: ``"p6p7"`` (two stride-2 convs on P5, as in RetinaNet and FCOS), ``"pool"``
+            (max-pool of the coarsest level, as in Faster R-CNN) or ``None``.
+    """
+
+    def __init__(self, body: nn.Module, levels: Sequence[int], out_channels: int = 256, extra: str | None = "p6p7"):
+        from torchvision.ops.feature_pyramid_network import (
+            FeaturePyramidNetwork,
+            LastLevelMaxPool,
+            LastLevelP6P7,
+        )
+
+        super().__init__()
+        channels, reductions = body.feature_info.channels(), body.feature_info.reduction()
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in levels):
+            raise TypeError(f"levels must be integer positions in the body's features, got {list(levels)}")
+        levels = list(levels)
+        if not levels or any(not 0 <= i < len(channels) for i in levels) or sorted(set(levels)) != levels:
+            raise ValueError(
+                f"levels must be increasing positions in the body's {len(channels)} features, got {levels}"
+            )
+        if extra not in ("p6p7", "pool", None):
+            raise ValueError(f"extra must be 'p6p7', 'pool' or None, got {extra!r}")
+        self.body = body
+        self.levels = levels
+        self.in_channels_list = [channels[i] for i in levels]
+        self.out_channels = out_channels
+        blocks = {"p6p7": LastLevelP6P7(out_channels, out_channels), "pool": LastLevelMaxPool(), None: None}[extra]
+        self.fpn = FeaturePyramidNetwork(self.in_channels_list, out_channels, extra_blocks=blocks)
+        base = [reductions[i] for i in levels]
+        self.strides = base + [base[-1] * 2 ** (k + 1) for k in range({"p6p7": 2, "pool": 1, None: 0}[extra])]
+        self.names = [str(k) for k in range(len(levels))] + {"p6p7": ["p6", "p7"], "pool": ["pool"], None: []}[extra]
+        cfg = getattr(getattr(body, "model", None), "cfg", None)
+        self.input_multiple = int(getattr(cfg, "input_multiple", max(reductions)))
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        feats = self.body(x)
+        return self.fpn(OrderedDict((str(k), feats[i]) for k, i in enumerate(self.levels)))
+
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every ``BatchNorm2d`` by torchvision's ``FrozenBatchNorm2d`` with its statistics.
+
+    Frozen BN normalises with the stored statistics and affine parameters and never updates them
+    (they are buffers, not parameters), as torchvision's detection backbones do. In place.
+    """
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            with torch.no_grad():
+                if child.affine:
+                    frozen.weight.copy_(child.weight)
+                    frozen.bias.copy_(child.bias)
+                if child.track_running_stats and child.running_mean is not None:
+                    frozen.running_mean.copy_(child.running_mean)
+                    frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            freeze_batchnorm(child)
+    return module
+
+
+def _read_weights(source: str | os.PathLike | Mapping[str, Any], use_ema: bool) -> tuple[dict[str, torch.Tensor], str]:
+    """A classification state dict from: our safetensors (``parnet.io.save_model`` or a plain
+    safetensors state dict), the authors' ``.pth.tar`` (converted), or a torch checkpoint; told apart by content."""
+    from ..io import is_torch_checkpoint
+    from ..official import is_official_layout, load_official, read_checkpoint, select_state_dict
+
+    if isinstance(source, Mapping):
+        checkpoint, name = dict(source), "the given state dict"
+    else:
+        path, name = Path(source), str(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"backbone weights not found: {path}")
+        if not is_torch_checkpoint(path):  # by content: a torch.save file named .safetensors is read as one
+            from ..io import read_safetensors
+
+            return read_safetensors(path, None)[0], name
+        checkpoint = read_checkpoint(path)
+    if isinstance(checkpoint.get("model"), Mapping):  # a full training checkpoint
+        checkpoint = dict(checkpoint["model"])
+    state = select_state_dict(checkpoint, use_ema=use_ema)
+    if is_official_layout(state):
+        return load_official(state).state_dict(), name
+    return state, name
+
+
+def load_backbone_weights(
+    body: nn.Module, source: str | os.PathLike | Mapping[str, Any], use_ema: bool = False
+) -> list[str]:
+    """Load a classification checkpoint into a features body; returns the keys it did not use.
+
+    Keys of the classifier (``head.*``, ``fc.*``) are not needed; every weight of the body must
+    be present with the right shape, or ``ValueError`` says which are missing or mismatched.
+    """
+    from ..weights import check_state_dict
+
+    state, name = _read_weights(source, use_ema)
+    target = body.model if hasattr(body, "model") and isinstance(body.model, nn.Module) else body
+    state = {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
+    own = target.state_dict()
+    try:  # the classifier's weights may be extra; every weight of the body must fit by name, shape and dtype
+        check_state_dict(own, state, name, allow_unexpected=True, optional=lambda k: k.endswith("num_batches_tracked"))
+    except ValueError as e:
+        raise ValueError(
+            f"{str(e).replace('does not fit the model', f'does not fit the backbone ({type(target).__name__})')}; "
+            "build the backbone with the checkpoint's architecture (widths, head_width, ...)"
+        ) from None
+    target.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return sorted(k for k in state if k not in own)
+
+
+def build_backbone(
+    name: str = "parnet_s",
+    levels: Sequence[int] | None = None,
+    out_channels: int = 256,
+    extra: str | None = "p6p7",
+    weights: str | os.PathLike | Mapping[str, Any] | None = None,
+    use_ema: bool = False,
+    freeze_bn: bool = False,
+    **model_kwargs: Any,
+) -> FPNBackbone:
+    """A timm model's multi-scale features with an FPN on them.
+
+    Args:
+        name: a timm model: ``parnet_*`` (its default features: one per stride, 4/8/16/32 for the
+            ImageNet form, 1/2/4/8 for the small-input form) or e.g. ``resnet18`` (strides 4..32).
+        levels: positions of the features fed to the FPN; default the three coarsest with
+            ``extra="p6p7"`` (C3-C5 for stride-32 backbones) and all four otherwise.
+        out_channels: FPN width.
+        extra: extra pyramid levels, see :class:`FPNBackbone`.
+        weights: a classification checkpoint for the body (see :func:`load_backbone_weights`).
+        use_ema: take the EMA weights of a checkpoint that has them.
+        freeze_bn: replace BN by ``FrozenBatchNorm2d`` (after loading weights).
+        model_kwargs: passed to ``timm.create_model`` (e.g. ``widths=(16, 32, 64)``).
+    """
+    if name.startswith("parnet"):
+        body = create_model(name, features_only=True, **model_kwargs)
+    else:
+        body = create_model(
+            name, features_only=True, out_indices=model_kwargs.pop("out_indices", (1, 2, 3, 4)), **model_kwargs
+        )
+    if weights is not None:
+        load_backbone_weights(body, weights, use_ema=use_ema)
+    if freeze_bn:
+        freeze_batchnorm(body)
+    n = len(body.feature_info.channels())
+    if levels is None:
+        levels = list(range(max(0, n - 3), n)) if extra == "p6p7" else list(range(n))
+    return FPNBackbone(body, levels, out_channels, extra)

@@ -1,0 +1,231 @@
+"""torchvision's FCOS, RetinaNet and Faster R-CNN on a :mod:`~parnet.detection.backbone`, and their files:
+:func:`create_detector`, :func:`save_detector`, :func:`load_detector`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backbone import build_backbone
+
+__all__ = ["DETECTORS", "DETECTOR_KWARGS", "create_detector", "detector_config", "load_detector", "save_detector"]
+
+DETECTORS = ("fcos", "retinanet", "fasterrcnn")
+# The torchvision detectors' post-processing keywords create_detector passes on (and a saved detector keeps):
+# name -> bounds; integer bounds make an integer keyword. FCOS and RetinaNet take the first four, Faster R-CNN
+# the box_ ones.
+DETECTOR_KWARGS: dict[str, tuple[float, float]] = {
+    "score_thresh": (0.0, 1.0),
+    "nms_thresh": (0.0, 1.0),
+    "detections_per_img": (1, 10_000),
+    "topk_candidates": (1, 100_000),
+    "box_score_thresh": (0.0, 1.0),
+    "box_nms_thresh": (0.0, 1.0),
+    "box_detections_per_img": (1, 10_000),
+}
+
+
+def _detector_kwarg(value: Any, key: str, source: str) -> float | int:
+    """One of :data:`DETECTOR_KWARGS`, checked against its bounds; ``ValueError`` naming ``source`` and the key."""
+    from ..weights import bounded_int
+
+    if key not in DETECTOR_KWARGS:
+        raise ValueError(f"{source}: unknown detector keyword {key!r}; allowed: {', '.join(DETECTOR_KWARGS)}")
+    low, high = DETECTOR_KWARGS[key]
+    if isinstance(high, int):
+        return bounded_int(value, key, int(low), high, source)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{source}: {key} must be a number in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def create_detector(
+    kind: str = "fcos",
+    backbone: str = "parnet_s",
+    num_classes: int = 91,
+    fpn_channels: int = 256,
+    levels: Sequence[int] | None = None,
+    anchor_scale: float | None = None,
+    backbone_weights: str | os.PathLike | Mapping[str, Any] | None = None,
+    use_ema: bool = False,
+    freeze_bn: bool = False,
+    min_size: int = 800,
+    max_size: int = 1333,
+    backbone_kwargs: Mapping[str, Any] | None = None,
+    **detector_kwargs: Any,
+) -> nn.Module:
+    """A torchvision detector (``"fcos"``, ``"retinanet"``, ``"fasterrcnn"``) on a timm backbone + FPN.
+
+    Args:
+        kind: the detector.
+        backbone: timm model name, ``parnet_*`` or a baseline such as ``resnet18``.
+        num_classes: categories + 1 (label 0 is background, as in torchvision).
+        fpn_channels: FPN and head width (for FCOS, whose head uses GroupNorm(32), a multiple of 32, >= 64).
+        levels: backbone features fed to the FPN (see :func:`build_backbone`).
+        anchor_scale: anchor size / stride at each level: FCOS 1 (its anchors are the locations),
+            RetinaNet 4 (times 2^0, 2^1/3, 2^2/3, three aspect ratios), Faster R-CNN 8. These are
+            torchvision's defaults written per stride, so they follow the backbone's strides.
+        backbone_weights, use_ema, freeze_bn: see :func:`build_backbone`.
+        min_size, max_size: torchvision's resize of the input images (shorter side to ``min_size``
+            unless the longer one passes ``max_size``); set both to the image size to keep it.
+        backbone_kwargs: passed to ``timm.create_model`` (e.g. ``{"widths": (16, 32, 64)}``).
+        detector_kwargs: passed to the torchvision detector: its post-processing, :data:`DETECTOR_KWARGS`
+            (``score_thresh``, ``nms_thresh``, ...).
+
+    The returned model carries ``detector_config``, the arguments that rebuild it (see
+    :func:`save_detector`).
+    """
+    from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import MultiScaleRoIAlign
+
+    if kind not in DETECTORS:
+        raise ValueError(f"unknown detector {kind!r}; choose one of {DETECTORS}")
+    detector_kwargs = {k: _detector_kwarg(v, k, "create_detector") for k, v in detector_kwargs.items()}
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise TypeError(f"num_classes must be an integer (categories + 1), got {num_classes!r}")
+    if anchor_scale is not None and not (isinstance(anchor_scale, (int, float)) and 0 < anchor_scale < float("inf")):
+        raise ValueError(f"anchor_scale must be a positive number (anchor size / stride), got {anchor_scale!r}")
+    if min_size < 1 or max_size < min_size:
+        raise ValueError(f"need 1 <= min_size <= max_size (torchvision's resize), got {min_size}, {max_size}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes counts the background too (categories + 1), got {num_classes}")
+    if kind == "fcos" and (fpn_channels % 32 or fpn_channels < 64):
+        raise ValueError(
+            "FCOS's head uses GroupNorm with 32 groups, which needs 2+ values per group on 1x1 levels: "
+            f"fpn_channels must be a multiple of 32 and at least 64, got {fpn_channels}"
+        )
+    config = dict(
+        kind=kind,
+        backbone=backbone,
+        num_classes=num_classes,
+        fpn_channels=fpn_channels,
+        levels=list(levels) if levels is not None else None,
+        anchor_scale=anchor_scale,
+        freeze_bn=freeze_bn,
+        min_size=min_size,
+        max_size=max_size,
+        backbone_kwargs=dict(backbone_kwargs or {}),
+        **detector_kwargs,
+    )
+    extra = "pool" if kind == "fasterrcnn" else "p6p7"
+    body = build_backbone(
+        backbone,
+        levels=levels,
+        out_channels=fpn_channels,
+        extra=extra,
+        weights=backbone_weights,
+        use_ema=use_ema,
+        freeze_bn=freeze_bn,
+        **dict(backbone_kwargs or {}),
+    )
+    pre = getattr(body.body, "pretrained_cfg", None) or {}
+    mean = list(pre.get("mean", (0.485, 0.456, 0.406)))
+    std = list(pre.get("std", (0.229, 0.224, 0.225)))
+    common = dict(min_size=min_size, max_size=max_size, image_mean=mean, image_std=std)
+    strides = body.strides
+    if kind == "fcos":
+        scale = 1.0 if anchor_scale is None else anchor_scale
+        anchors = AnchorGenerator(tuple((scale * s,) for s in strides), ((1.0,),) * len(strides))
+        model = FCOS(body, num_classes, anchor_generator=anchors, **common, **detector_kwargs)
+    elif kind == "retinanet":
+        scale = 4.0 if anchor_scale is None else anchor_scale
+        sizes = tuple(tuple(scale * s * 2 ** (k / 3) for k in range(3)) for s in strides)
+        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(strides))
+        model = RetinaNet(body, num_classes, anchor_generator=anchors, **common, **detector_kwargs)
+    else:
+        scale = 8.0 if anchor_scale is None else anchor_scale
+        anchors = AnchorGenerator(tuple((scale * s,) for s in strides), ((0.5, 1.0, 2.0),) * len(strides))
+        roi_pool = MultiScaleRoIAlign(featmap_names=body.names[: len(body.levels)], output_size=7, sampling_ratio=2)
+        model = FasterRCNN(
+            body, num_classes, rpn_anchor_generator=anchors, box_roi_pool=roi_pool, **common, **detector_kwargs
+        )
+    # torchvision pads batches to multiples of 32; ParNet needs multiples of its input_multiple: both hold.
+    model.transform.size_divisible = math.lcm(model.transform.size_divisible, body.input_multiple)
+    model.detector_config = config
+    return model
+
+
+def save_detector(model: nn.Module, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write a detector from :func:`create_detector` to safetensors with what rebuilds it, atomically."""
+    from ..io import write_safetensors
+
+    model = getattr(model, "module", model)
+    if not hasattr(model, "detector_config"):
+        raise ValueError("save_detector needs a model made by create_detector (it has no detector_config)")
+    meta = {
+        "format": "parnet-detector",
+        "config": json.dumps(model.detector_config),
+        "extra": json.dumps(dict(extra or {})),
+    }
+    return write_safetensors(path, model, meta)
+
+
+def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a detector written by :func:`save_detector`, in eval mode; returns it and its ``extra``."""
+    from ..io import header_json, read_safetensors
+    from ..weights import build_checked
+
+    state, meta = read_safetensors(path, "parnet-detector")
+    config = detector_config(header_json(meta, "config", str(path)), f"{path}: config")
+    extra = header_json(meta, "extra", str(path)) if "extra" in meta else {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"{path}: metadata 'extra' must be a mapping")
+    return build_checked(lambda: create_detector(**config), state, str(path)).to(device).eval(), extra
+
+
+def detector_config(config: Any, source: str) -> dict[str, Any]:
+    """A ``detector_config`` read from a file, checked: only the keys :func:`create_detector` writes,
+    with their types and bounds (:mod:`parnet.weights`); ``ValueError`` names the key."""
+    from ..factory import check_model_name
+    from ..weights import FEATURE_KEYS, MAX_CLASSES, architecture_kwargs, bounded_int
+
+    def optional(check: Any) -> Any:
+        return lambda v, k: None if v is None else check(v, k)
+
+    def scale(v: Any, k: str) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1000:
+            raise ValueError(f"{source}: {k} must be a number in (0, 1000], got {v!r}")
+        return float(v)
+
+    def flag(v: Any, k: str) -> bool:
+        if not isinstance(v, bool):
+            raise ValueError(f"{source}: {k} must be true or false, got {v!r}")
+        return v
+
+    def levels(v: Any, k: str) -> list[int]:
+        if not isinstance(v, list) or not 1 <= len(v) <= 8:
+            raise ValueError(f"{source}: {k} must be a list of 1 to 8 feature positions, got {v!r}")
+        return [bounded_int(i, k, 0, 16, source) for i in v]
+
+    def kind(v: Any, k: str) -> str:
+        if v not in DETECTORS:
+            raise ValueError(f"{source}: {k} must be one of {', '.join(DETECTORS)}, got {v!r}")
+        return v
+
+    checks: dict[str, Any] = {
+        "kind": kind,
+        "backbone": lambda v, k: check_model_name(v),
+        "num_classes": lambda v, k: bounded_int(v, k, 2, MAX_CLASSES, source),
+        "fpn_channels": lambda v, k: bounded_int(v, k, 1, 4096, source),
+        "levels": optional(levels),
+        "anchor_scale": optional(scale),
+        "freeze_bn": flag,
+        "min_size": lambda v, k: bounded_int(v, k, 1, 8192, source),
+        "max_size": lambda v, k: bounded_int(v, k, 1, 8192, source),
+        "backbone_kwargs": lambda v, k: architecture_kwargs(v, f"{source}: {k}", FEATURE_KEYS),
+        **{key: lambda v, k: _detector_kwarg(v, k, source) for key in DETECTOR_KWARGS},
+    }
+    if not isinstance(config, dict):
+        raise ValueError(f"{source} must be a mapping, got {type(config).__name__}")
+    unknown = [k for k in config if k not in checks]
+    if unknown:
+        raise ValueError(f"{source}: unknown key {unknown[0]!r}; allowed: {', '.join(checks)}")
+    return {k: checks[k](v, k) for k, v in config.items()}

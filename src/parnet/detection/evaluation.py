@@ -1,0 +1,171 @@
+"""Detections of a model over a dataset, their COCO scores (pycocotools' ``COCOeval``) and pictures of them."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["STAT_NAMES", "coco_evaluate", "draw_predictions", "evaluate_dataset", "predict", "save_png"]
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    loader: Iterable[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]],
+    label_to_cat: Mapping[int, int],
+    device: str | torch.device = "cpu",
+    progress: Any = None,
+) -> list[dict[str, Any]]:
+    """Run ``model`` (eval mode) over a loader; COCO results ``{image_id, category_id, bbox (xywh), score}``."""
+    model.eval()
+    results = []
+    for images, targets in progress(loader) if progress else loader:
+        outputs = model([im.to(device) for im in images])
+        for target, out in zip(targets, outputs):
+            xyxy = out["boxes"].detach().cpu()
+            boxes = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], 1)  # not in place: outputs may share tensors
+            for box, score, label in zip(boxes.tolist(), out["scores"].tolist(), out["labels"].tolist()):
+                if int(label) not in label_to_cat:  # label 0 (background) of a sigmoid head: not a category
+                    continue
+                results.append(
+                    {
+                        "image_id": int(target["image_id"]),
+                        "category_id": int(label_to_cat[int(label)]),
+                        "bbox": [round(v, 2) for v in box],
+                        "score": round(float(score), 5),
+                    }
+                )
+    return results
+
+
+def coco_evaluate(
+    gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]], verbose: bool = False
+) -> dict[str, float]:
+    """pycocotools bbox evaluation: ``{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", ...}``.
+
+    ``gt`` is a COCO dataset dict, checked by :func:`parnet.detection.data.check_coco` first (e.g.
+    :attr:`parnet.detection.data.CocoDetectionDataset.coco_dict`); ``results`` are COCO detections.
+    Values are pycocotools' own: -1 where there is no ground truth to score (e.g. no large
+    objects). No detections at all score 0 (pycocotools' ``loadRes`` refuses an empty list).
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from .data import check_coco
+
+    gt = check_coco(gt).data  # clear errors for malformed ground truth; fills area and iscrowd
+    image_ids = {im["id"] for im in gt["images"]}
+    cat_ids = {c["id"] for c in gt["categories"]}
+    for r in results:
+        if r["image_id"] not in image_ids or r["category_id"] not in cat_ids:
+            raise ValueError(f"detection {dict(r)} names an image or category not in the ground truth")
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        coco_gt = COCO()
+        coco_gt.dataset = {k: gt[k] for k in ("images", "annotations", "categories")}
+        coco_gt.createIndex()
+        coco_dt = COCO()
+        coco_dt.dataset = {
+            "images": gt["images"],
+            "categories": gt["categories"],
+            "annotations": [
+                {**r, "id": i + 1, "area": float(r["bbox"][2] * r["bbox"][3]), "iscrowd": 0}
+                for i, r in enumerate(results)
+            ],
+        }
+        coco_dt.createIndex()
+        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
+
+
+# -- drawing ------------------------------------------------------------------------------------
+
+
+def draw_predictions(
+    images: Sequence[torch.Tensor],
+    predictions: Sequence[Mapping[str, torch.Tensor]],
+    names: Mapping[int, str],
+    targets: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    score_thresh: float = 0.3,
+    nrow: int = 4,
+) -> torch.Tensor:
+    """A grid (uint8, 3 x H x W) of images with predicted boxes (red, ``name score``) and, if
+    given, the ground truth (green), drawn by ``torchvision.utils.draw_bounding_boxes``."""
+    from torchvision.utils import draw_bounding_boxes, make_grid
+
+    tiles = []
+    for i, (image, pred) in enumerate(zip(images, predictions)):
+        tile = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+        if tile.shape[0] == 1:
+            tile = tile.expand(3, -1, -1)
+        if targets is not None and len(targets[i]["boxes"]):
+            tile = draw_bounding_boxes(tile, targets[i]["boxes"].cpu(), colors="lime", width=1)
+        keep = pred["scores"].cpu() >= score_thresh
+        if keep.any():
+            labels = [
+                f"{names.get(int(lb), lb)} {s:.2f}"
+                for lb, s in zip(pred["labels"][keep].tolist(), pred["scores"][keep].tolist())
+            ]
+            tile = draw_bounding_boxes(tile, pred["boxes"].cpu()[keep], labels=labels, colors="red", width=1)
+        tiles.append(tile)
+    if not tiles:
+        raise ValueError("draw_predictions needs at least one image")
+    return make_grid(tiles, nrow=nrow, padding=2, pad_value=255)
+
+
+def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Write a uint8 (C, H, W) tensor (1 or 3 channels) as PNG, atomically."""
+    from torchvision.transforms.functional import to_pil_image
+
+    from ..io import atomic_write
+
+    with atomic_write(path) as tmp:
+        to_pil_image(image.cpu()).save(tmp, format="PNG")
+    return Path(path)
+
+
+# -- data loading and evaluation over a dataset ----------------------------------------------
+
+
+def detection_loader(
+    dataset: Any, batch_size: int, workers: int, sampler: Any = None, shuffle: bool = False, generator: Any = None
+) -> Any:
+    """A ``DataLoader`` of ``(images, targets)`` lists, the input torchvision's detectors take."""
+    from .data import collate_detection
+
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=shuffle if sampler is None else False,
+        generator=generator,
+        num_workers=workers,
+        collate_fn=collate_detection,
+        # Workers start each epoch, seeded from ``generator``: a resumed run's augmentation is that of one
+        # that never stopped (persistent workers would carry their random state across epochs, unsaved).
+        persistent_workers=False,
+    )
+
+
+def evaluate_dataset(
+    model: nn.Module, dataset: Any, batch_size: int, workers: int, device: torch.device, progress: bool = True
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """COCO metrics of ``model`` on a :class:`~parnet.detection.data.CocoDetectionDataset`, and its detections."""
+    from tqdm.auto import tqdm
+
+    loader = detection_loader(dataset, batch_size, workers)
+    bar = (lambda it: tqdm(it, desc="eval", total=len(loader), dynamic_ncols=True)) if progress else None
+    results = predict(model, loader, dataset.label_to_cat, device, bar)
+    return coco_evaluate(dataset.coco_dict, results), results
