@@ -386,3 +386,17 @@ def test_torch_hub_lists_every_registered_variant_and_builds_it():
     expected = tiny("parnet_cifar_s", num_classes=7)
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in expected.state_dict().items()}
     assert model.pretrained_cfg == expected.pretrained_cfg and model.cfg == expected.cfg
+
+
+def test_detection_modules_import_only_those_above_them():
+    """``parnet.detection``'s modules import each other one way (its docstring's order), and the model
+    core imports none of them."""
+    order = ["data", "backbone", "detectors", "evaluation", "train"]
+    for position, name in enumerate(order):
+        siblings = {
+            node.module.split(".")[0]
+            for node in ast.walk(ast.parse((SRC / "detection" / f"{name}.py").read_text()))
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module
+        }
+        assert siblings <= set(order[:position]), f"detection.{name} imports {siblings - set(order[:position])}"
+    assert not any("detection" in _package_imports(SRC / f"{name}.py") for name in CORE)
