@@ -346,7 +346,7 @@ def _package_imports(path: Path) -> set[str]:
     return found
 
 
-CORE = ("layers", "model", "official", "depth", "io", "weights", "factory")
+CORE = ("layers", "model", "official", "depth", "io", "weights", "factory", "devices")
 
 
 def test_model_core_has_no_import_cycle():

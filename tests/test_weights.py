@@ -85,6 +85,16 @@ def test_wrong_shapes_missing_and_extra_keys_are_named(saved: Path, tmp_path: Pa
         check_state_dict({"a": torch.zeros(2)}, {"b": torch.zeros(2)}, "x")
 
 
+def test_a_device_that_is_not_there_is_named_not_the_file(saved: Path, monkeypatch) -> None:
+    """safetensors said "cannot read FILE as safetensors (truncated or corrupt?)" for device "gpu"."""
+    with pytest.raises(ValueError, match=r"unsupported device 'gpu' \(use cpu or cuda\[:i\]\)"):
+        load_model(saved, device="gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device cuda:0 requested but CUDA is not available on this machine"):
+        load_model(saved, device="cuda:0")
+    assert load_model(saved, device=torch.device("cpu")).head.fc.weight.device.type == "cpu"
+
+
 def test_header_may_not_load_pretrained_weights_or_files(tmp_path: Path) -> None:
     hostile = {"pretrained": True, "pretrained_cfg_overlay": {"file": "/etc/passwd"}}
     path = _run_file(tmp_path, "p.safetensors", model_kwargs={**TINY, **hostile})

@@ -263,8 +263,8 @@ def evaluate(
 
     from . import reparameterize
     from .data import build_datasets, build_loaders
-    from .deploy.cuda import check_device
     from .deployed import is_deployed_file, load_deployed
+    from .devices import check_device
     from .io import is_torch_checkpoint
 
     path = Path(checkpoint)

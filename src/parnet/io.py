@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from .devices import check_device
 from .model import CFG_FIELDS, ParNet, ParNetCfg
 from .weights import MAX_CLASSES, MAX_IN_CHANS, architecture_kwargs, bounded_int, build_checked
 
@@ -229,6 +230,7 @@ def read_safetensors(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no file at {path}")
+    device = check_device(device)  # a bad name would read as a damaged file
     try:
         state = load_file(str(path), device=str(device))
         with safe_open(str(path), "pt") as f:

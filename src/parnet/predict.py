@@ -102,7 +102,7 @@ def load_predictor(
         raise ValueError("give a run folder or a checkpoint file, not both")
     if run is None and checkpoint is None and not model_name:
         raise ValueError("give the weights: a run folder, a checkpoint file, or a model name with released weights")
-    from .deploy.cuda import check_device
+    from .devices import check_device
     from .evaluate import TrainedOn, load_trained_model, trained_on
 
     device = str(check_device(device))

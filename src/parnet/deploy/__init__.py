@@ -56,8 +56,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..devices import check_device
 from ..model import ParNet
-from .cuda import CudaGraphModule, CudaStreamParNet, MultiDeviceParNet, check_device
+from .cuda import CudaGraphModule, CudaStreamParNet, MultiDeviceParNet
 from .engines import BF16_ORT, ENGINES, engine_module, usable
 from .fold import FoldedBlock, FoldedFusion, FoldedParNet, fold, reparameterized, shuffle_perm
 from .kernels import (

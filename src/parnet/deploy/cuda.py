@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ..devices import check_device
 from .fold import FoldedParNet, merge_after_entry
 from .kernels import recall, remember
 
@@ -168,21 +169,3 @@ def _send(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     before the data has arrived, and the CPU would read it too early: that one blocks.
     """
     return t.to(device, non_blocking=device.type == "cuda")
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """``device`` as a ``torch.device`` this machine has; ``ValueError`` for a name torch does not know, CUDA where
-    there is none, or a CUDA index beyond the devices present."""
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unsupported device {str(device)!r} (use cpu or cuda[:i])") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device} requested but CUDA is not available on this machine")
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"device {device} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif device.type != "cpu":
-        raise ValueError(f"unsupported device {device} (use cpu or cuda[:i])")
-    return device

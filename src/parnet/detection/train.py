@@ -351,7 +351,7 @@ def eval_det(
     Writes ``eval.json``, ``detections.json`` and ``predictions.png`` (unless nothing is drawn) to ``output``
     (default: beside the weights, ``eval_<split>``); returns the stats and the files written.
     """
-    from ..deploy.cuda import check_device
+    from ..devices import check_device
     from ..io import atomic_write
     from .data import CocoDetectionDataset
 
