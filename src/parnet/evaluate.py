@@ -127,15 +127,8 @@ def evaluate_model(
     }
 
 
-def _amp_dtype(amp: str, device: Any) -> Any:
-    import torch
-
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "off"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-
-
-def _fusable(model: Any) -> bool:
+def has_fusable_blocks(model: Any) -> bool:
+    """Whether ``model`` has blocks with a ``reparameterize()`` (a ParNet in training form; not a ResNet)."""
     return any(hasattr(m, "reparameterize") for m in model.modules())
 
 
@@ -309,7 +302,7 @@ def evaluate(
     for name, net in nets.items():
         res = evaluate_model(net, loader, dev)
         out[name] = {k: v for k, v in res.items() if k != "preds"}
-        if _fusable(net):
+        if has_fusable_blocks(net):
             fused = reparameterize(net)
             res_f = evaluate_model(fused, loader, dev)
             out[f"{name}_fused"] = {k: v for k, v in res_f.items() if k != "preds"}

@@ -78,6 +78,14 @@ def bf16_step_is_faster(model: nn.Module, example: torch.Tensor, reps: int = 3) 
     return fp32 > MIN_SPEEDUP * bf16
 
 
+def autocast_dtype(amp: str) -> torch.dtype | None:
+    """The autocast dtype of a settled ``--amp`` (``bf16``, ``fp16``; ``off``: ``None``, fp32)."""
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+    if amp not in dtypes:
+        raise ValueError(f"amp must be one of {', '.join(dtypes)} once settled, got {amp!r}")
+    return dtypes[amp]
+
+
 def auto_amp(device: torch.device, model: nn.Module | None = None, example: torch.Tensor | None = None) -> Any:
     """The autocast dtype of ``--amp auto`` (``None``: fp32): bf16 on CUDA; on a CPU, see the module docstring."""
     if device.type == "cuda":

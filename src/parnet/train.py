@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .evaluate import _amp_dtype, _fusable, evaluate, evaluate_model, load_weights, plot
+from .evaluate import evaluate, evaluate_model, has_fusable_blocks, load_weights, plot
 from .factory import create_classifier
 from .settings import DATASET_DEFAULTS, TrainConfig, make_config
 
@@ -118,6 +118,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     from . import engine
     from .data import AugmentCfg, build_datasets, build_loaders
     from .io import atomic_write, remove_temporaries
+    from .precision import autocast_dtype
 
     t_start = time.perf_counter()
     run_dir = cfg.run_dir()
@@ -180,7 +181,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     if state is not None:
         _check_resume_settings(cfg, state["extra"].get("config"), run_dir)
     amp = _settle_amp(cfg.amp, state, d, model, info)
-    amp_dtype = _amp_dtype(amp, d.device)
+    amp_dtype = autocast_dtype(amp)
     scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype == torch.float16)
     mixup_fn = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
@@ -462,7 +463,7 @@ def _final_eval(
     except Exception as e:  # noqa: BLE001 - depth needs torch.export; report, don't fail the run
         out["depth"] = None
         out["depth_error"] = str(e)[:200]
-    if not _fusable(model):
+    if not has_fusable_blocks(model):
         return out
     for name, net in [("", model)] + ([("ema_", ema.module)] if ema is not None else []):
         fused = reparameterize(net)
