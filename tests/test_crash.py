@@ -106,7 +106,7 @@ def _kill_then_resume(data: Path, tmp_path: Path, at: int) -> Path:
     return out
 
 
-# Representative instants (test_every_write_boundary, marked slow, takes all 30):
+# Representative instants (test_every_other_write_boundary, marked slow, takes the other 26):
 # the first checkpoint's state written but not renamed; the second epoch's state in place, but not its
 # weights nor metrics; its metrics.jsonl in place but not metrics.csv (which the resumed run rewrites
 # from the checkpoint's rows); results.json in place before the state says the run is finished.
@@ -121,10 +121,12 @@ def test_a_kill_at_a_write_boundary_then_resume_gives_the_same_run(data, referen
 
 
 @pytest.mark.slow
-def test_every_write_boundary(data, reference, tmp_path):
+@pytest.mark.parametrize("at", [at for at in range(30) if at not in FAST.values()])
+def test_every_other_write_boundary(data, reference, tmp_path, at):
+    """The 26 boundaries the fast test leaves out, one case each, so that pytest-xdist spreads them."""
     ref, boundaries = reference
-    for at in range(boundaries):
-        _assert_same_run(ref, _kill_then_resume(data, tmp_path, at))
+    assert at < boundaries
+    _assert_same_run(ref, _kill_then_resume(data, tmp_path, at))
 
 
 def test_a_finished_run_resumed_again_changes_nothing(data, reference, tmp_path, capsys):
