@@ -22,6 +22,12 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The slow tests first (a stable sort keeps every other order): under xdist a 2-minute test collected
+    # last (the inductor compiles in test_train.py) would run alone on one worker while the others idle.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def official_tiny() -> dict:
     """Inputs and outputs of the authors' own implementation (see fixtures/README.md)."""
