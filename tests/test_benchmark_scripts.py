@@ -55,3 +55,19 @@ def test_ablation_latency_times_every_config(tmp_path):
     assert [r["config"] for r in rows] == ["base", "no_sse", "relu", "deep24", "streams2", "streams1", "resnet20n"]
     assert all(r["packed"]["b1_ms"] > 0 and r["packed"]["b2_images_per_s"] > 0 for r in rows)
     assert len(out.with_suffix(".md").read_text().splitlines()) == 2 + len(rows)
+
+
+def test_openvino_layers_groups_the_layer_counters_by_kind(tmp_path):
+    out = tmp_path / "layers"
+    cmd = [sys.executable, str(BENCHMARKS / "openvino_layers.py"), "--models", "parnet_cifar_s", "--precisions", "fp32"]
+    cmd += ["--batches", "2", "--reps", "1", "--resolution", "32", "--threads", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    (profile,) = json.loads(out.with_suffix(".json").read_text())["profiles"]
+    assert (profile["model"], profile["mode"], profile["batch"]) == ("parnet_cifar_s", "openvino", 2)
+    kinds = profile["kinds"]
+    # every stream block, downsampling and fusion is one convolution; the gates' means stay separate
+    assert sum(k["layers"] for kind, k in kinds.items() if kind.startswith(("Convolution", "GroupConvolution"))) >= 20
+    assert any(kind.startswith("ReduceMean") for kind in kinds)
+    assert profile["counted_ms"] == pytest.approx(sum(k["ms"] for k in kinds.values()))
+    assert profile["wall_ms"] > 0 and sum(n["kind"].startswith("ReduceMean") for n in profile["nodes"].values()) >= 10
+    assert "| layer kind" in out.with_suffix(".md").read_text()
