@@ -46,14 +46,14 @@ def test_queue_order_first_seeds_first():
 def _fake_run(run_dir: Path, epochs_done: int, finished: bool = False, state: bool = True, top1=(80.0,)) -> None:
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text("amp: 'off'\n")
-    rows = [{"epoch": e, "test_top1": top1[min(e, len(top1) - 1)], "ema_top1": 1.0, "epoch_seconds": 10.0,
+    rows = [{"epoch": e, "test_top1": top1[min(e, len(top1) - 1)], "ema_top1": 1.0, "epoch_seconds": 360.0,
              "images_per_s": 100.0} for e in range(epochs_done)]  # fmt: skip
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if state:
         (run_dir / "last_state.pt").write_bytes(b"x")
     if finished:
         res = {"epochs_done": epochs_done, "test_top1": top1[-1], "ema_top1": top1[-1] - 0.1, "params": 1000,
-               "depth": 12, "train_seconds": 10.0 * epochs_done, "train_images_per_s": 100.0}  # fmt: skip
+               "depth": 12, "train_seconds": 360.0 * epochs_done, "train_images_per_s": 100.0}  # fmt: skip
         (run_dir / "results.json").write_text(json.dumps(res))
 
 
@@ -146,7 +146,9 @@ def test_report_from_fake_metrics(tmp_path):
     assert "0: 85.50*" in text
     assert "0.149 M" in text and "fp32" in text
     assert "ResNet34" in text  # the paper's figure beside the depth comparison
-    assert "| base-seed1 | done | 10/10 |" in text and "| relu-seed0 | resume | 4/10 |" in text
+    assert "| base-seed1 | done | 10/10 | 1.0 h | 100 |" in text  # from results.json
+    assert "| relu-seed0 | resume | 4/10 | 0.4 h | 100 |" in text  # from the epochs' rows
+    assert "| streams1-seed0 | new | 0/10 | - | - |" in text
     full = grid.queue_runs("full")[0]
     _fake_run(tmp_path / full.name, 3, top1=(70.0, 80.0, 85.0))
     outcome = report_mod.read_outcome(full, tmp_path)

@@ -52,8 +52,9 @@ def read_outcome(run: Run, root: Path) -> Outcome | None:
         )  # fmt: skip
     last = rows[-1]
     seconds = sum(r.get("epoch_seconds", 0.0) for r in rows)
+    images = sum(r.get("images_per_s", 0.0) * r.get("epoch_seconds", 0.0) for r in rows)
     return Outcome(run, False, len(rows), last.get("test_top1"), last.get("ema_top1"), amp=amp,
-                   train_seconds=seconds, images_per_s=last.get("images_per_s"), curve=curve,
+                   train_seconds=seconds, images_per_s=images / seconds if seconds else None, curve=curve,
                    ema_curve=ema_curve)  # fmt: skip
 
 
@@ -120,10 +121,24 @@ def table(root: Path, measured: dict[str, dict[str, Any]], runs: list[Run]) -> s
                 f"{config_cell(outs, 'top1')} | {config_cell(outs, 'ema_top1')} | {seeds} |"
             )
         lines.append("")
-    lines += ["### Runs", "", "| run | state | epochs done |", "|---|---|---|"]
+    lines += [
+        "### Runs",
+        "",
+        "Training time: the epochs done, added up over every resumed piece (an epoch cut off when a piece "
+        "is stopped is trained again and counted once), on whatever machine and load each piece had; images/s: "
+        "their training images over that time.",
+        "",
+        "| run | state | epochs done | training time | images/s |",
+        "|---|---|---|---|---|",
+    ]
     for run in runs:
         state = run_state(root / run.name, run.budget.epochs)
-        lines.append(f"| {run.name} | {state} | {len(read_rows(root / run.name))}/{run.budget.epochs} |")
+        o = read_outcome(run, root)
+        hours = f"{o.train_seconds / 3600:.1f} h" if o and o.train_seconds else "-"
+        lines.append(
+            f"| {run.name} | {state} | {len(read_rows(root / run.name))}/{run.budget.epochs} | {hours} | "
+            f"{_fmt(o.images_per_s if o else None, 0)} |"
+        )
     return "\n".join(lines)
 
 
