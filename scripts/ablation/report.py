@@ -124,9 +124,10 @@ def table(root: Path, measured: dict[str, dict[str, Any]], runs: list[Run]) -> s
     lines += [
         "### Runs",
         "",
-        "Training time: the epochs done, added up over every resumed piece (an epoch cut off when a piece "
-        "is stopped is trained again and counted once), on whatever machine and load each piece had; images/s: "
-        "their training images over that time.",
+        "Training time: the wall time of the epochs done, added up over every resumed piece (an epoch cut "
+        "off when a piece is stopped is trained again and counted once), on whatever machine and load each "
+        "piece had, and including any time a run was paused (SIGSTOP) for a benchmark; images/s: their "
+        "training images over that time.",
         "",
         "| run | state | epochs done | training time | images/s |",
         "|---|---|---|---|---|",
