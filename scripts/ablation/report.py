@@ -91,10 +91,10 @@ def _budget_cell(budget: Budget | None) -> str:
 
 def table(root: Path, measured: dict[str, dict[str, Any]], runs: list[Run]) -> str:
     """The markdown table of every comparison from what the run folders hold."""
+    outcomes = {run.name: read_outcome(run, root) for run in runs}  # each run folder read once
     by_config: dict[str, list[Outcome]] = {}
     for run in runs:
-        o = read_outcome(run, root)
-        if o is not None:
+        if (o := outcomes[run.name]) is not None:
             by_config.setdefault(run.config.name, []).append(o)
     lines = [
         "Top-1 in percent on the Fashion-MNIST test set: **mean** ± half the spread between seeds (max - min) / 2, "
@@ -134,7 +134,7 @@ def table(root: Path, measured: dict[str, dict[str, Any]], runs: list[Run]) -> s
     ]
     for run in runs:
         state = run_state(root / run.name, run.budget.epochs)
-        o = read_outcome(run, root)
+        o = outcomes[run.name]
         hours = f"{o.train_seconds / 3600:.1f} h" if o and o.train_seconds else "-"
         lines.append(
             f"| {run.name} | {state} | {len(read_rows(root / run.name))}/{run.budget.epochs} | {hours} | "
