@@ -261,6 +261,38 @@ def test_forward_intermediates_follows_timm_indexing():
         timm.create_model("parnet_s", features_only=True, out_indices=(1, 6), **TINY)
 
 
+def test_early_features_run_and_hold_only_the_blocks_they_need():
+    """features_only with the early features prunes the later blocks, as timm's backbones do."""
+    torch.manual_seed(0)
+    full = timm.create_model("parnet_s", **TINY).eval()
+    randomize_bn(full)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = full.forward_intermediates(x, [0, 1, 3], intermediates_only=True)  # streams 0, 1, fusions.0
+        last, early = full.forward_intermediates(x, [0, 1, 3], stop_early=True)
+    for got, ref in zip(early, want):
+        torch.testing.assert_close(got, ref)
+    assert last.shape[1] == 32  # stop_early: the last block it ran is fusions.0, not the final block
+
+    backbone = timm.create_model("parnet_s", features_only=True, out_indices=(0, 1, 3), **TINY)
+    assert not backbone.model.load_state_dict(full.state_dict(), strict=False).missing_keys
+    names = {n.split(".")[1] for n, _ in backbone.named_parameters()}
+    assert names == {"stem", "downsample", "streams", "fuse_entry", "fusions"}  # no final block, no head
+    assert isinstance(backbone.model.streams[2], torch.nn.Identity)  # fusions.0 needs no stream 2
+    assert len(backbone.model.downsample) == len(backbone.model.fusions) == 1
+    backbone.eval()
+    with torch.no_grad():
+        for got, ref in zip(backbone(x), want):
+            torch.testing.assert_close(got, ref)
+    backbone.train()
+    sum(f.sum() for f in backbone(x)).backward()
+    assert all(p.grad is not None for p in backbone.parameters())  # what DistributedDataParallel needs
+    with pytest.raises(ValueError, match="prune_intermediate_layers removed"):
+        backbone.model.forward_intermediates(x, [5])
+    last, _ = backbone.model.forward_intermediates(x, [0, 1, 3])  # no final block left: the deepest one
+    assert last.shape[1] == 32
+
+
 @pytest.mark.parametrize(
     ("shape", "message"),
     [
@@ -367,3 +399,23 @@ def test_fused_block_keeps_the_convolutions_dtype_under_fp32_batchnorm(stride):
         block.reparameterize()
         assert block.reparam_conv.weight.dtype == torch.bfloat16
         torch.testing.assert_close(block(x), expected, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("widths", [(16,), (8, 16), (8, 16, 32)])
+def test_every_single_feature_prunes_to_the_same_tensor(widths):
+    full = ParNet(ParNetCfg(widths=widths, blocks=(1,) * len(widths), head_width=32)).eval()
+    randomize_bn(full)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = full.forward_intermediates(x, intermediates_only=False)[1]
+    for index, ref in enumerate(want):
+        backbone = ParNet(ParNetCfg(widths=widths, blocks=(1,) * len(widths), head_width=32))
+        backbone.load_state_dict(full.state_dict())
+        backbone.prune_intermediate_layers([index])
+        backbone.eval()
+        with torch.no_grad():
+            (got,) = backbone.forward_intermediates(x, [index], intermediates_only=True)
+        torch.testing.assert_close(got, ref)
+        backbone.train()
+        backbone.forward_intermediates(x, [index], intermediates_only=True)[0].sum().backward()
+        assert all(p.grad is not None for p in backbone.parameters()), (widths, index)

@@ -138,7 +138,8 @@ model_cfgs: dict[str, ParNetCfg] = {
 }
 
 
-def _features_in_computing_order(cfg: ParNetCfg) -> list[dict[str, Any]]:
+def _features_by_module(cfg: ParNetCfg) -> list[dict[str, Any]]:
+    """Every feature ParNet computes: stream outputs, fusion outputs, the final block's."""
     s, widths, n = cfg.stem_stride, cfg.widths, cfg.num_streams
     info = [dict(num_chs=w, reduction=s * 2**i, module=f"streams.{i}") for i, w in enumerate(widths)]
     for i in range(1, n):  # fusion of stream i; all but the last halve the resolution
@@ -154,16 +155,9 @@ def _features_in_computing_order(cfg: ParNetCfg) -> list[dict[str, Any]]:
     return info
 
 
-def _feature_order(cfg: ParNetCfg) -> list[int]:
-    """Positions of the computed features sorted by stride (stable), as timm's feature API expects."""
-    info = _features_in_computing_order(cfg)
-    return sorted(range(len(info)), key=lambda i: info[i]["reduction"])
-
-
 def feature_info(cfg: ParNetCfg) -> list[dict[str, Any]]:
     """timm ``feature_info``: stream outputs, fusion outputs and the final block, by stride."""
-    info = _features_in_computing_order(cfg)
-    return [info[i] for i in _feature_order(cfg)]
+    return sorted(_features_by_module(cfg), key=lambda f: f["reduction"])  # stable: streams first
 
 
 def default_out_indices(cfg: ParNetCfg) -> tuple[int, ...]:
@@ -262,7 +256,9 @@ class ParNet(nn.Module):
         self.head = ClassifierHead(cfg.head_width, num_classes, pool_type=global_pool, drop_rate=drop_rate)
 
         self.feature_info = feature_info(cfg)
-        self._feature_order = _feature_order(cfg)
+        self.num_streams = n
+        self.all_streams = [True] * n
+        self.available = {f["module"] for f in self.feature_info}  # fewer after prune_intermediate_layers
 
     # -- structure -------------------------------------------------------------------------------
 
@@ -306,64 +302,114 @@ class ParNet(nn.Module):
         """timm's feature API: the features of ``feature_info`` selected by ``indices``.
 
         ``indices`` is a list of positions in ``feature_info`` (negative ones count from the end),
-        or an int ``k`` for the last k. ``norm`` and ``stop_early`` have no effect: there is no
-        final norm, and every stream feeds the last feature.
+        or an int ``k`` for the last k. With ``stop_early`` (or ``intermediates_only``) only the
+        blocks the selected features need are run, and the first tensor returned is the deepest
+        selected feature rather than the final block's output. ``norm`` has no effect: there is no
+        final norm.
         """
         if output_fmt != "NCHW":
             raise ValueError("ParNet gives NCHW features only")
         take, _ = feature_take_indices(len(self.feature_info), indices)
-        feats = self._features(x)
-        intermediates = [feats[i] for i in take]
+        names = [self.feature_info[i]["module"] for i in take]
+        if not set(names) <= self.available:
+            raise ValueError(
+                f"feature indices {take} need blocks that prune_intermediate_layers removed; "
+                "create the model again to take them"
+            )
+        early = stop_early or intermediates_only or "final_block" not in self.available
+        last = names[take.index(max(take))] if early else "final_block"
+        feats = self._run_blocks(x, *self._blocks_for([*names, last]))
+        intermediates = [feats[name] for name in names]
         if intermediates_only:
             return intermediates
-        return feats[-1], intermediates
+        return feats[last], intermediates
 
     def prune_intermediate_layers(
         self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
-        """Drop the classifier (timm's API); all blocks stay because the streams feed the last one."""
+        """Remove the blocks the features ``indices`` do not need, and the classifier (timm's API).
+
+        A backbone of some features then neither runs nor holds the other blocks, so it has no
+        parameters that get no gradient (which DistributedDataParallel refuses). Removed streams
+        become ``nn.Identity`` so that the kept ones keep their names in the state dict. A pruned
+        model gives its features through :meth:`forward_intermediates` only.
+        """
         take, _ = feature_take_indices(len(self.feature_info), indices)
+        names = [self.feature_info[i]["module"] for i in take]
+        streams, fusions, final = self._blocks_for(names)
+        for i, wanted in enumerate(streams):
+            if not wanted:
+                self.streams[i] = nn.Identity()
+        self.downsample = self.downsample[: max(i for i, wanted in enumerate(streams) if wanted)]
+        self.fusions = self.fusions[:fusions]
+        if fusions == 0:
+            self.fuse_entry = None
+        if not final:
+            self.final_block = None
+        self.available = set(names)
         if prune_head:
             self.reset_classifier(0, "")
         return take
 
-    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every entry of ``feature_info``, in its order: stream outputs, fusion outputs, final block.
+    def _blocks_for(self, names: list[str]) -> tuple[list[bool], int, bool]:
+        """What computes the features ``names``: which streams, how many fusions, the final block or not."""
+        final = "final_block" in names
+        fusions = [int(name.split(".")[1]) + 1 for name in names if name.startswith("fusions.")]
+        num_fusions = self.num_streams - 1 if final else max(fusions, default=0)
+        # Fusion k takes stream k + 1 in (the entry block takes stream 0); the final block takes them all.
+        streams = [
+            final or (num_fusions > 0 and i <= num_fusions) or f"streams.{i}" in names for i in range(self.num_streams)
+        ]
+        return streams, num_fusions, final
 
-        Each stage is one gradient checkpoint when checkpointing is on; ``torch.jit.is_scripting()``
+    def _run_blocks(self, x: torch.Tensor, streams: list[bool], fusions: int, final: bool) -> dict[str, torch.Tensor]:
+        """The outputs of the streams marked in ``streams``, of the first ``fusions`` fusions and, if
+        ``final``, of the final block, by module name; only the blocks they need are run.
+
+        Each block is one gradient checkpoint when checkpointing is on; ``torch.jit.is_scripting()``
         stands first in each test so that TorchScript never compiles ``checkpoint``.
         """
         x = check_parnet_input(x, self.in_chans, self.input_multiple, self.small_input)
-        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+        ckpt = not torch.jit.is_scripting() and self.grad_checkpointing and torch.is_grad_enabled()
         x = checkpoint(self.stem, x) if not torch.jit.is_scripting() and ckpt else self.stem(x)
+        deepest = 0
+        for i, wanted in enumerate(streams):
+            if wanted:
+                deepest = i
         stream_inputs = [x]
-        for down in self.downsample:
-            x = checkpoint(down, x) if not torch.jit.is_scripting() and ckpt else down(x)
-            stream_inputs.append(x)
-        outs: list[torch.Tensor] = []
+        for i, down in enumerate(self.downsample):
+            if i < deepest:  # the input of stream i + 1
+                x = checkpoint(down, x) if not torch.jit.is_scripting() and ckpt else down(x)
+                stream_inputs.append(x)
+        feats: dict[str, torch.Tensor] = {}
         for i, stream in enumerate(self.streams):
-            xi = stream_inputs[i]
-            outs.append(checkpoint(stream, xi) if not torch.jit.is_scripting() and ckpt else stream(xi))
-        fused = outs[0]
-        if self.fuse_entry is not None:
-            fused = (
-                checkpoint(self.fuse_entry, fused) if not torch.jit.is_scripting() and ckpt else self.fuse_entry(fused)
-            )
-        feats = outs.copy()
+            if streams[i]:
+                xi = stream_inputs[i]
+                feats["streams." + str(i)] = (
+                    checkpoint(stream, xi) if not torch.jit.is_scripting() and ckpt else stream(xi)
+                )
+        fused = x  # typed for TorchScript; the fusions start from stream 0
+        if fusions > 0 or final:
+            fused = feats["streams.0"]
+        if fusions > 0 and self.fuse_entry is not None:
+            entry = self.fuse_entry
+            fused = checkpoint(entry, fused) if not torch.jit.is_scripting() and ckpt else entry(fused)
         for i, fusion in enumerate(self.fusions):
-            stream_out = outs[i + 1]
-            fused = (
-                checkpoint(fusion, stream_out, fused)
-                if not torch.jit.is_scripting() and ckpt
-                else fusion(stream_out, fused)
-            )
-            feats.append(fused)
-        final = self.final_block
-        feats.append(checkpoint(final, fused) if not torch.jit.is_scripting() and ckpt else final(fused))
-        return [feats[i] for i in self._feature_order]
+            if i < fusions:
+                stream_out = feats["streams." + str(i + 1)]
+                fused = (
+                    checkpoint(fusion, stream_out, fused)
+                    if not torch.jit.is_scripting() and ckpt
+                    else fusion(stream_out, fused)
+                )
+                feats["fusions." + str(i)] = fused
+        if final and self.final_block is not None:
+            block = self.final_block
+            feats["final_block"] = checkpoint(block, fused) if not torch.jit.is_scripting() and ckpt else block(fused)
+        return feats
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._features(x)[-1]
+        return self._run_blocks(x, self.all_streams, self.num_streams - 1, True)["final_block"]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
