@@ -291,6 +291,8 @@ def test_early_features_run_and_hold_only_the_blocks_they_need():
         backbone.model.forward_intermediates(x, [5])
     last, _ = backbone.model.forward_intermediates(x, [0, 1, 3])  # no final block left: the deepest one
     assert last.shape[1] == 32
+    with pytest.raises(ValueError, match="pruned"):
+        parnet.deploy(backbone.model, "cpu", "folded")
 
 
 @pytest.mark.parametrize(

@@ -259,6 +259,7 @@ class ParNet(nn.Module):
         self.num_streams = n
         self.all_streams = [True] * n
         self.available = {f["module"] for f in self.feature_info}  # fewer after prune_intermediate_layers
+        self.pruned = False
 
     # -- structure -------------------------------------------------------------------------------
 
@@ -347,6 +348,7 @@ class ParNet(nn.Module):
         if not final:
             self.final_block = None
         self.available = set(names)
+        self.pruned = True
         if prune_head:
             self.reset_classifier(0, "")
         return take

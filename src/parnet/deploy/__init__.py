@@ -218,6 +218,11 @@ def deploy(
         raise ValueError(f"unknown deploy mode {mode!r} for precision {precision}; choose one of {allowed}")
     if not isinstance(model, ParNet):
         raise ValueError(f"deploy takes a ParNet, got {type(model).__name__}")
+    if model.pruned:
+        raise ValueError(
+            "deploy takes a whole ParNet; this one was pruned to some of its features (prune_intermediate_layers, "
+            "as features_only does): deploy the classifier, or run the backbone as it is"
+        )
     _check_arguments_apply(mode, precision, calibration, example, devices, threads, candidates)
     batches = calibration_batches(calibration, model.in_chans) if precision == "int8" else None
     if mode == "auto" and example is not None:
