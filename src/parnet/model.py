@@ -259,7 +259,6 @@ class ParNet(nn.Module):
         self.num_streams = n
         self.all_streams = [True] * n
         self.available = {f["module"] for f in self.feature_info}  # fewer after prune_intermediate_layers
-        self.pruned = False
 
     # -- structure -------------------------------------------------------------------------------
 
@@ -348,10 +347,15 @@ class ParNet(nn.Module):
         if not final:
             self.final_block = None
         self.available = set(names)
-        self.pruned = True
         if prune_head:
             self.reset_classifier(0, "")
         return take
+
+    @property
+    @torch.jit.unused
+    def pruned(self) -> bool:
+        """Whether :meth:`prune_intermediate_layers` removed blocks: a features backbone, no classifier."""
+        return len(self.available) < len(self.feature_info)
 
     def _blocks_for(self, names: list[str]) -> tuple[list[bool], int, bool]:
         """What computes the features ``names``: which streams, how many fusions, the final block or not."""
