@@ -317,7 +317,7 @@ class ParNet(nn.Module):
                 "create the model again to take them"
             )
         early = stop_early or intermediates_only or "final_block" not in self.available
-        last = names[take.index(max(take))] if early else "final_block"
+        last = self.feature_info[max(take)]["module"] if early else "final_block"
         feats = self._run_blocks(x, *self._blocks_for([*names, last]))
         intermediates = [feats[name] for name in names]
         if intermediates_only:
@@ -376,7 +376,7 @@ class ParNet(nn.Module):
         stands first in each test so that TorchScript never compiles ``checkpoint``.
         """
         x = check_parnet_input(x, self.in_chans, self.input_multiple, self.small_input)
-        ckpt = not torch.jit.is_scripting() and self.grad_checkpointing and torch.is_grad_enabled()
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         x = checkpoint(self.stem, x) if not torch.jit.is_scripting() and ckpt else self.stem(x)
         deepest = 0
         for i, wanted in enumerate(streams):
