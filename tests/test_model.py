@@ -421,3 +421,30 @@ def test_every_single_feature_prunes_to_the_same_tensor(widths):
         backbone.train()
         backbone.forward_intermediates(x, [index], intermediates_only=True)[0].sum().backward()
         assert all(p.grad is not None for p in backbone.parameters()), (widths, index)
+
+
+def _train_early_backbone(rank: int, init_file: str) -> None:
+    """One rank of test_ddp_trains_a_backbone_of_early_features: two steps of DDP's default form."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same weights on both ranks
+        backbone = DistributedDataParallel(
+            timm.create_model("parnet_s", features_only=True, out_indices=(0, 1), **TINY)
+        )
+        optimizer = torch.optim.SGD(backbone.parameters(), lr=0.1)
+        torch.manual_seed(1 + rank)  # each rank its own batch
+        for _ in range(2):  # DDP finds a parameter without gradient at the second step
+            optimizer.zero_grad()
+            sum(f.square().mean() for f in backbone(torch.randn(2, 3, 64, 64))).backward()
+            optimizer.step()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_trains_a_backbone_of_early_features(tmp_path):
+    """DistributedDataParallel as it is by default (find_unused_parameters=False) takes a features_only ParNet."""
+    torch.multiprocessing.spawn(_train_early_backbone, args=(str(tmp_path / "init"),), nprocs=2)
