@@ -13,6 +13,10 @@ from parnet.bench import randomize_statistics
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
+# The small ParNet most tests build (narrow streams: milliseconds a call), and one with a narrow stem too.
+TINY = dict(widths=(8, 16, 32), head_width=64)
+TINY_STEM = {**TINY, "stem_width": 8}
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # Under pytest-xdist (scripts/test.sh runs one worker per core) each worker gets one core's worth of

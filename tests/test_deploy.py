@@ -32,13 +32,12 @@ from parnet.deploy import (
 )
 from parnet.layers import channel_shuffle
 
-from .conftest import randomize_bn
+from .conftest import TINY, randomize_bn
 
 TOL = 1e-4
 deploy_module = importlib.import_module("parnet.deploy")  # the name parnet.deploy is the function
 engines_module = importlib.import_module("parnet.deploy.engines")
 kernels = importlib.import_module("parnet.deploy.kernels")
-TINY = dict(widths=(8, 16, 32), head_width=64)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
 
 

@@ -23,14 +23,13 @@ from parnet.detection.data import (
 )
 from parnet.detection.train import _draw_examples
 
-from .conftest import randomize_bn
+from .conftest import TINY_STEM, randomize_bn
 
-TINY = dict(widths=(8, 16, 32), head_width=64, stem_width=8)
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def tiny_detector(kind: str = "fcos", backbone: str = "parnet_s", size: int = 64, **kw) -> nn.Module:
-    kwargs = TINY if backbone.startswith("parnet") else dict(channels=(8, 16, 32, 64), stem_width=8)
+    kwargs = TINY_STEM if backbone.startswith("parnet") else dict(channels=(8, 16, 32, 64), stem_width=8)
     return det.create_detector(
         kind, backbone, num_classes=4, fpn_channels=64, backbone_kwargs=kwargs, min_size=size, max_size=size, **kw
     )
@@ -60,7 +59,7 @@ def tiny_batch(n: int = 2, size: int = 64) -> tuple[list[torch.Tensor], list[dic
     ],
 )
 def test_backbone_shapes_and_strides(name: str, extra: str, strides: list[int], in_channels: list[int]) -> None:
-    bb = det.build_backbone(name, out_channels=24, extra=extra, **TINY).eval()
+    bb = det.build_backbone(name, out_channels=24, extra=extra, **TINY_STEM).eval()
     assert bb.strides == strides and bb.in_channels_list == in_channels and bb.out_channels == 24
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
@@ -78,15 +77,15 @@ def test_resnet18_baseline_backbone() -> None:
 
 def test_backbone_bad_levels() -> None:
     with pytest.raises(ValueError, match="levels"):
-        det.build_backbone("parnet_s", levels=[2, 1], **TINY)
+        det.build_backbone("parnet_s", levels=[2, 1], **TINY_STEM)
     with pytest.raises(ValueError, match="levels"):
-        det.build_backbone("parnet_s", levels=[5], **TINY)
+        det.build_backbone("parnet_s", levels=[5], **TINY_STEM)
 
 
 def test_freeze_batchnorm_keeps_eval_outputs() -> None:
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    bb = det.build_backbone("parnet_s", **TINY)
+    bb = det.build_backbone("parnet_s", **TINY_STEM)
     randomize_bn(bb.body)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -103,10 +102,10 @@ def test_freeze_batchnorm_keeps_eval_outputs() -> None:
 def test_backbone_weights_from_our_safetensors(tmp_path: Path) -> None:
     from parnet.io import save_model
 
-    clf = parnet.create_model("parnet_s", num_classes=7, **TINY)
+    clf = parnet.create_model("parnet_s", num_classes=7, **TINY_STEM)
     randomize_bn(clf, seed=3)
     path = save_model(clf, tmp_path / "clf.safetensors")
-    bb = det.build_backbone("parnet_s", weights=path, freeze_bn=True, **TINY).eval()
+    bb = det.build_backbone("parnet_s", weights=path, freeze_bn=True, **TINY_STEM).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(bb.body(x)[-1], clf.eval().forward_features(x), rtol=1e-4, atol=1e-5)
@@ -115,13 +114,13 @@ def test_backbone_weights_from_our_safetensors(tmp_path: Path) -> None:
 
     save_checkpoint(tmp_path / "run", 0, clf)
     for weights in (tmp_path / "run" / "last.safetensors", tmp_path / "run" / "last_state.pt"):
-        again = det.build_backbone("parnet_s", weights=weights, **TINY).eval()
+        again = det.build_backbone("parnet_s", weights=weights, **TINY_STEM).eval()
         with torch.no_grad():
             torch.testing.assert_close(again.body(x)[-1], bb.body(x)[-1], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="does not fit the backbone"):
         det.build_backbone("parnet_s", weights=path, widths=(8, 16, 48), head_width=64)
     with pytest.raises(FileNotFoundError):
-        det.build_backbone("parnet_s", weights=tmp_path / "nope.safetensors", **TINY)
+        det.build_backbone("parnet_s", weights=tmp_path / "nope.safetensors", **TINY_STEM)
 
 
 def test_backbone_weights_read_by_content(official_tiny: dict, tmp_path: Path) -> None:
@@ -193,9 +192,9 @@ def test_detector_pads_to_parnet_multiple_and_bad_args() -> None:
         det.create_detector("yolo", "parnet_s", num_classes=3)
     for width in (48, 32):
         with pytest.raises(ValueError, match="multiple of 32 and at least 64"):
-            det.create_detector("fcos", "parnet_s", num_classes=3, fpn_channels=width, backbone_kwargs=TINY)
+            det.create_detector("fcos", "parnet_s", num_classes=3, fpn_channels=width, backbone_kwargs=TINY_STEM)
     with pytest.raises(ValueError, match="background"):
-        det.create_detector("fcos", "parnet_s", num_classes=1, backbone_kwargs=TINY)
+        det.create_detector("fcos", "parnet_s", num_classes=1, backbone_kwargs=TINY_STEM)
     # each built a detector that trained to NaN, resized to nothing, or recorded other levels than it used
     for kwargs, error, message in (
         ({"anchor_scale": -1.0}, ValueError, "anchor_scale must be a positive number"),
@@ -204,7 +203,7 @@ def test_detector_pads_to_parnet_multiple_and_bad_args() -> None:
         ({"num_classes": 3.5}, TypeError, "num_classes must be an integer"),
     ):
         with pytest.raises(error, match=message):
-            det.create_detector("retinanet", "parnet_s", **{"num_classes": 3, **kwargs}, backbone_kwargs=TINY)
+            det.create_detector("retinanet", "parnet_s", **{"num_classes": 3, **kwargs}, backbone_kwargs=TINY_STEM)
 
 
 def test_save_load_detector_round_trip(tmp_path: Path) -> None:

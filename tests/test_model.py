@@ -12,9 +12,7 @@ import parnet
 from parnet import ParNet, ParNetCfg
 from parnet.summary import variant_summary
 
-from .conftest import randomize_bn
-
-TINY = dict(widths=(8, 16, 32), head_width=64)
+from .conftest import TINY, randomize_bn
 
 # The specification's table: (params fused M, params training M, GFLOPs at 224).
 PAPER_TABLE = {

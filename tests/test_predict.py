@@ -21,9 +21,8 @@ from parnet.io import save_model
 from parnet.predict import load_predictor
 from parnet.train import load_weights, make_config, train
 
+from .conftest import TINY_STEM
 from .test_data import make_fashion_mnist
-
-TINY = dict(widths=[8, 16, 32], head_width=64, stem_width=8)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +41,7 @@ def run(tmp_path_factory) -> Path:
     """A Fashion-MNIST run of one tiny epoch, written by `parnet train` itself."""
     root = tmp_path_factory.mktemp("predict_run")
     data = make_fashion_mnist(root / "fm", n_train=32, n_test=16)
-    settings = dict(dataset="fashion_mnist", data_dir=str(data), model="parnet_cifar_s", model_kwargs=TINY,
+    settings = dict(dataset="fashion_mnist", data_dir=str(data), model="parnet_cifar_s", model_kwargs=TINY_STEM,
                     epochs=1, batch_size=16, workers=0, threads=1, progress=False, depth=False,
                     output=str(root / "run"))  # fmt: skip
     train(make_config(settings))
@@ -107,7 +106,7 @@ def test_authors_checkpoint_gets_imagenet_names_and_the_released_preprocessing(o
 def test_our_safetensors_without_a_dataset(images, tmp_path):
     """A 1000-class file gets ImageNet's names, another class count numbers; timm's ImageNet preprocessing."""
     for classes in (1000, 7):
-        model = timm.create_model("parnet_s", **TINY, num_classes=classes).eval()
+        model = timm.create_model("parnet_s", **TINY_STEM, num_classes=classes).eval()
         path = save_model(model, tmp_path / f"model{classes}.safetensors")
         predictor = load_predictor(checkpoint=path)
         [result] = predictor.predict([images["rgb"]], top_k=9)
@@ -157,8 +156,8 @@ def test_image_folder_run_is_prepared_as_it_was_evaluated(images, tmp_path):
         (tmp_path / "folder" / "train" / name).mkdir(parents=True)
     run = tmp_path / "run"
     run.mkdir()
-    model = timm.create_model("parnet_cifar_s", num_classes=2, **TINY)
-    meta = {"timm_model": "parnet_cifar_s", "model_kwargs": json.dumps(TINY), "num_classes": "2", "in_chans": "3",
+    model = timm.create_model("parnet_cifar_s", num_classes=2, **TINY_STEM)
+    meta = {"timm_model": "parnet_cifar_s", "model_kwargs": json.dumps(TINY_STEM), "num_classes": "2", "in_chans": "3",
             "dataset": "imagefolder", "img_size": "48"}  # fmt: skip
     write_run_weights(run, 1, model, metadata=meta)
     (run / "config.yaml").write_text(f"dataset: imagefolder\ndata_dir: {tmp_path / 'folder'}\nimg_size: 48\n")

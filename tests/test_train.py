@@ -25,10 +25,10 @@ from parnet.evaluate import evaluate, load_weights, plot
 from parnet.settings import DATASET_DEFAULTS, TrainConfig, check_config, make_config
 from parnet.train import train
 
+from .conftest import TINY_STEM
 from .test_data import make_fashion_mnist, make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(widths=[8, 16, 32], head_width=64, stem_width=8)
 
 
 def tiny_config(data: Path, out: Path, **kw) -> TrainConfig:
@@ -36,7 +36,7 @@ def tiny_config(data: Path, out: Path, **kw) -> TrainConfig:
         dataset="fashion_mnist",
         data_dir=str(data),
         model="parnet_cifar_s",
-        model_kwargs=TINY,
+        model_kwargs=TINY_STEM,
         epochs=2,
         batch_size=32,
         lr=0.05,
@@ -101,7 +101,7 @@ def test_schedule_warmup_cosine_and_weight_decay_exclusions(reference_run):
     groups, buffers = state["optimizer"]["param_groups"], state["optimizer"]["state"]
     decay = [i for g in groups if g["weight_decay"] == 5e-4 for i in g["params"]]
     no_decay = [i for g in groups if g["weight_decay"] == 0 for i in g["params"]]
-    n_params = len(list(timm.create_model("parnet_cifar_s", num_classes=10, in_chans=1, **TINY).parameters()))
+    n_params = len(list(timm.create_model("parnet_cifar_s", num_classes=10, in_chans=1, **TINY_STEM).parameters()))
     assert sorted(decay + no_decay) == list(range(n_params))
     # A parameter's momentum buffer has its shape: only vectors (biases, BN weights) go undecayed.
     assert all(buffers[i]["momentum_buffer"].ndim > 1 for i in decay)
@@ -140,7 +140,7 @@ def test_resume_ends_bit_identical(fmnist, tmp_path, reference_run, capsys):
 @pytest.mark.slow
 def test_compiled_training_follows_the_eager_run(fmnist, tmp_path):
     """``--compile`` trains the same model: same losses to float rounding, plain checkpoint keys."""
-    short = dict(model_kwargs={**TINY, "blocks": [1, 1, 1]}, epochs=1)  # fewer kernels to compile
+    short = dict(model_kwargs={**TINY_STEM, "blocks": [1, 1, 1]}, epochs=1)  # fewer kernels to compile
     eager_dir, compiled_dir = tmp_path / "eager", tmp_path / "compiled"
     train(tiny_config(fmnist, eager_dir, **short))
     assert train(tiny_config(fmnist, compiled_dir, compile=True, **short))["epochs_done"] == 1
@@ -174,7 +174,11 @@ def test_resume_refuses_a_different_model_and_an_existing_run(fmnist, tmp_path, 
     with pytest.raises(ValueError, match="already holds a run"):
         train(tiny_config(fmnist, out, epochs=1, train_subset=32))
     with pytest.raises(ValueError, match="model_kwargs"):
-        train(tiny_config(fmnist, out, epochs=2, train_subset=32, resume=True, model_kwargs={**TINY, "head_width": 32}))
+        train(
+            tiny_config(
+                fmnist, out, epochs=2, train_subset=32, resume=True, model_kwargs={**TINY_STEM, "head_width": 32}
+            )
+        )
     # Settings the restored optimizer and schedule would silently override: a longer --epochs would go on
     # at the finished cosine's min_lr, a new --lr or --weight-decay would be ignored.
     for change, message in [({"epochs": 2}, "epochs was 1, now 2"), ({"lr": 0.1}, "lr was 0.05, now 0.1"),
@@ -183,7 +187,7 @@ def test_resume_refuses_a_different_model_and_an_existing_run(fmnist, tmp_path, 
             train(tiny_config(fmnist, out, train_subset=32, resume=True, **{"epochs": 1, **change}))
     # Same settings (a tuple where the file has a list): nothing to do, the run is finished.
     again = train(tiny_config(fmnist, out, epochs=1, train_subset=32, resume=True, amp="bf16",
-                              model_kwargs={**TINY, "widths": (8, 16, 32)}))  # fmt: skip
+                              model_kwargs={**TINY_STEM, "widths": (8, 16, 32)}))  # fmt: skip
     assert again["epochs_done"] == 1
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(tiny_config(fmnist, tmp_path / "none", resume=True))
@@ -253,7 +257,7 @@ def test_fine_tuning_keeps_the_weights_restarts_the_classifier_and_adapts_the_in
 
     out, _ = reference_run
     src = load_weights(out / "last_ema.safetensors").eval()
-    model = timm.create_model("parnet_cifar_s", num_classes=2, in_chans=3, **TINY)
+    model = timm.create_model("parnet_cifar_s", num_classes=2, in_chans=3, **TINY_STEM)
     fresh_classifier = model.head.fc.weight.clone()
     note = initialize_from(model, out)
     assert "classifier restarted for 2 classes (the weights have 10)" in note
@@ -277,7 +281,7 @@ def test_fine_tuning_refuses_what_it_cannot_start_from(reference_run, tmp_path):
     out, _ = reference_run
 
     def tiny(**kw):
-        return timm.create_model("parnet_cifar_s", num_classes=10, in_chans=1, **{**TINY, **kw})
+        return timm.create_model("parnet_cifar_s", num_classes=10, in_chans=1, **{**TINY_STEM, **kw})
 
     with pytest.raises(ValueError, match="fused .* cannot be trained"):
         initialize_from(tiny(), out / "ema_fused.safetensors")
@@ -650,7 +654,7 @@ def test_auto_amp_is_settled_once_per_run(monkeypatch):
 
     d = SimpleNamespace(device=torch.device("cpu"), distributed=False)
     info = SimpleNamespace(in_chans=1, img_size=32)
-    model = timm.create_model("parnet_cifar_s", in_chans=1, **TINY)
+    model = timm.create_model("parnet_cifar_s", in_chans=1, **TINY_STEM)
     monkeypatch.setattr(precision, "auto_amp", lambda device, model, example: torch.bfloat16)
     assert _settle_amp("auto", None, d, model, info) == "bf16"
     assert _settle_amp("off", None, d, model, info) == "off"

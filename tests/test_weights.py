@@ -18,12 +18,12 @@ from parnet.evaluate import load_weights
 from parnet.io import load_model, save_model
 from parnet.weights import MAX_PARAMS, architecture_kwargs, check_state_dict
 
-TINY = dict(widths=(8, 16, 32), head_width=64, stem_width=8)
+from .conftest import TINY_STEM
 
 
 @pytest.fixture()
 def saved(tmp_path: Path) -> Path:
-    return save_model(parnet.create_model("parnet_cifar_s", num_classes=10, **TINY), tmp_path / "ours.safetensors")
+    return save_model(parnet.create_model("parnet_cifar_s", num_classes=10, **TINY_STEM), tmp_path / "ours.safetensors")
 
 
 def _rewrite(path: Path, out: Path, change_tensors=None, change_meta=None) -> Path:
@@ -42,8 +42,8 @@ def _rewrite(path: Path, out: Path, change_tensors=None, change_meta=None) -> Pa
 
 def _run_file(tmp_path: Path, name: str, **kw: object) -> Path:
     """A file as `parnet train` writes its weights (timm_model + model_kwargs in the header)."""
-    model = parnet.create_model("parnet_cifar_s", num_classes=10, in_chans=1, **TINY)
-    meta = {"timm_model": "parnet_cifar_s", "model_kwargs": json.dumps(TINY), "num_classes": "10", "in_chans": "1"}
+    model = parnet.create_model("parnet_cifar_s", num_classes=10, in_chans=1, **TINY_STEM)
+    meta = {"timm_model": "parnet_cifar_s", "model_kwargs": json.dumps(TINY_STEM), "num_classes": "10", "in_chans": "1"}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in kw.items()})
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, tmp_path / name, metadata=meta)
@@ -61,7 +61,7 @@ def test_int32_weights_are_refused_by_every_reader(saved: Path, tmp_path: Path, 
     assert main(["export", "--checkpoint", str(ints), "--out", str(tmp_path / "x"), "--resolution", "32"]) == 2
     assert "torch.int32" in capsys.readouterr().err and not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="does not fit the backbone.*torch.int32"):
-        det.build_backbone("parnet_cifar_s", weights=ints, **TINY)
+        det.build_backbone("parnet_cifar_s", weights=ints, **TINY_STEM)
     run_ints = _rewrite(_run_file(tmp_path, "run.safetensors"), tmp_path / "run_ints.safetensors",
                         lambda s: {k: v.to(torch.int32) for k, v in s.items()})  # fmt: skip
     with pytest.raises(ValueError, match="torch.int32"):
@@ -97,10 +97,10 @@ def test_a_device_that_is_not_there_is_named_not_the_file(saved: Path, monkeypat
 
 def test_header_may_not_load_pretrained_weights_or_files(tmp_path: Path) -> None:
     hostile = {"pretrained": True, "pretrained_cfg_overlay": {"file": "/etc/passwd"}}
-    path = _run_file(tmp_path, "p.safetensors", model_kwargs={**TINY, **hostile})
+    path = _run_file(tmp_path, "p.safetensors", model_kwargs={**TINY_STEM, **hostile})
     with pytest.raises(ValueError, match="'pretrained' is refused: model keywords describe the architecture only"):
         load_weights(path)
-    path = _run_file(tmp_path, "u.safetensors", model_kwargs={**TINY, "drop_path_rate": 0.1})
+    path = _run_file(tmp_path, "u.safetensors", model_kwargs={**TINY_STEM, "drop_path_rate": 0.1})
     with pytest.raises(ValueError, match="unknown model keyword 'drop_path_rate'; allowed: widths, head_width"):
         load_weights(path)
     path = _run_file(tmp_path, "n.safetensors", timm_model="no_such_model")
@@ -113,7 +113,7 @@ def test_header_may_not_load_pretrained_weights_or_files(tmp_path: Path) -> None
 
 def test_header_sizes_are_bounded_before_anything_is_allocated(saved: Path, tmp_path: Path, monkeypatch) -> None:
     # One width past the per-key bound: refused from the header alone.
-    path = _run_file(tmp_path, "w.safetensors", model_kwargs={**TINY, "widths": [8, 16, 10**9]})
+    path = _run_file(tmp_path, "w.safetensors", model_kwargs={**TINY_STEM, "widths": [8, 16, 10**9]})
     with pytest.raises(ValueError, match="widths must be an integer from 1 to 16384, got 1000000000"):
         load_weights(path)
     # Every width within bounds, but terabytes in all: counted on the meta device, never allocated.
@@ -197,7 +197,7 @@ def test_architecture_keywords_on_the_command_line(tmp_path: Path, capsys) -> No
 def test_safetensors_files_follow_the_umask(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
-        path = save_model(parnet.create_model("parnet_cifar_s", **TINY), tmp_path / "m.safetensors")
+        path = save_model(parnet.create_model("parnet_cifar_s", **TINY_STEM), tmp_path / "m.safetensors")
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
@@ -205,14 +205,14 @@ def test_safetensors_files_follow_the_umask(tmp_path: Path) -> None:
 
 def test_a_model_the_file_cannot_describe_is_not_saved(tmp_path: Path) -> None:
     """The header records average pooling: a max-pooling model would come back pooling by average."""
-    model = parnet.create_model("parnet_cifar_s", **TINY, global_pool="max")
+    model = parnet.create_model("parnet_cifar_s", **TINY_STEM, global_pool="max")
     with pytest.raises(ValueError, match="this one pools with 'max'"):
         save_model(model, tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_only_a_parnet_is_saved(tmp_path: Path) -> None:
-    deployed = parnet.deploy(parnet.create_model("parnet_cifar_s", **TINY).eval(), "cpu", "folded")
+    deployed = parnet.deploy(parnet.create_model("parnet_cifar_s", **TINY_STEM).eval(), "cpu", "folded")
     with pytest.raises(ValueError, match="save_model writes a ParNet .* got FoldedParNet"):
         save_model(deployed, tmp_path / "d.safetensors")
     assert not list(tmp_path.iterdir())
