@@ -226,9 +226,7 @@ class PooledHead(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def _fold_block(
-    block: ParNetBlock, act: str, in_perm: torch.Tensor | None = None, bias_only: bool = False
-) -> FoldedBlock:
+def _fold_block(block: ParNetBlock, act: str, in_perm: torch.Tensor | None = None) -> FoldedBlock:
     """:class:`FoldedBlock` of a fused, ungrouped block; ``in_perm``: input arrives unshuffled."""
     if block.reparam_conv is None:
         raise ValueError("fold a re-parameterized model (parnet.reparameterize first)")
