@@ -12,9 +12,16 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-spec = importlib.util.spec_from_file_location("train_profile", BENCHMARKS / "train_profile.py")
-train_profile = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_profile)
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_profile = _load("train_profile")
 
 
 @pytest.mark.parametrize(
@@ -71,3 +78,42 @@ def test_openvino_layers_groups_the_layer_counters_by_kind(tmp_path):
     assert profile["counted_ms"] == pytest.approx(sum(k["ms"] for k in kinds.values()))
     assert profile["wall_ms"] > 0 and sum(n["kind"].startswith("ReduceMean") for n in profile["nodes"].values()) >= 10
     assert "| layer kind" in out.with_suffix(".md").read_text()
+
+
+def _profile(model: str, mode: str, convs: dict[str, float], wall: float) -> dict:
+    nodes = {
+        f"__module.{name}/aten::_convolution/Convolution": {"kind": "Convolution x", "ms": ms}
+        for name, ms in convs.items()
+    }
+    nodes["__module.stem.0/aten::silu/Swish"] = {"kind": "Subgraph x", "ms": 1.0}  # not a conv: left out
+    return {"model": model, "mode": mode, "batch": 2, "wall_ms": wall, "nodes": nodes}
+
+
+def test_openvino_conv_gains_joins_each_convs_time_with_its_flops(tmp_path):
+    flops = _load("openvino_conv_gains").conv_flops("parnet_cifar_s", 32)
+    assert len(flops) >= 20 and "stem.0.conv" in flops and "final_block.conv" in flops  # the folded model's convs
+    fp32 = {name: 4.0 for name in flops}
+    int8 = {name: (2.0 if name == "stem.0.conv" else 1.0) for name in flops}
+    record = {
+        "profiles": [
+            _profile("parnet_cifar_s", "openvino", fp32, 100.0),
+            _profile("parnet_cifar_s", "int8:openvino", int8, 40.0),
+        ]
+    }
+    (tmp_path / "layers.json").write_text(json.dumps(record))
+    out = tmp_path / "gains"
+    cmd = [sys.executable, str(BENCHMARKS / "openvino_conv_gains.py"), str(tmp_path / "layers.json")]
+    cmd += ["--resolution", "32", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
+    (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert row["total"]["gflop"] == pytest.approx(2 * sum(flops.values()) / 1e9)  # batch 2
+    assert row["total"]["fp32_ms"] == 4.0 * len(flops) and row["total"]["int8_ms"] == len(flops) + 1.0
+    stem = next(c for c in row["convs"] if c["conv"] == "stem.0.conv")
+    assert (stem["fp32_ms"], stem["int8_ms"]) == (4.0, 2.0)
+    assert "| `stem.0.conv` |" in out.with_suffix(".md").read_text() and "2.00x" in out.with_suffix(".md").read_text()
+    # a convolution without a counter (fused away, or a different model) is refused, not summed short
+    del record["profiles"][1]["nodes"]["__module.stem.0.conv/aten::_convolution/Convolution"]
+    (tmp_path / "layers.json").write_text(json.dumps(record))
+    failed = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert failed.returncode != 0 and "convolutions" in failed.stderr
