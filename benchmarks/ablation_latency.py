@@ -25,7 +25,7 @@ from ablation.grid import ABLATION_CONFIGS, IMG_SIZE, IN_CHANS, NUM_CLASSES, mea
 from parnet.bench.machine import machine_info  # noqa: E402
 from parnet.bench.report import write_json_and_markdown  # noqa: E402
 from parnet.bench.run import build_entries  # noqa: E402
-from parnet.deploy.timing import SETTLE_S, time_interleaved  # noqa: E402
+from parnet.deployment.timing import SETTLE_S, time_interleaved  # noqa: E402
 
 
 def main() -> None:

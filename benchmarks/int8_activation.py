@@ -23,9 +23,9 @@ import torch
 from parnet.bench.machine import machine_info
 from parnet.bench.report import write_json_and_markdown
 from parnet.bench.run import build_entries, calibration_noise
-from parnet.deploy import fold
-from parnet.deploy.engines import openvino_module
-from parnet.deploy.timing import SETTLE_S, time_interleaved
+from parnet.deployment import fold
+from parnet.deployment.engines import openvino_module
+from parnet.deployment.timing import SETTLE_S, time_interleaved
 
 MODELS = {  # label: (timm name, kwargs)
     "ParNet-S, SiLU (the paper's)": ("parnet_s", {}),

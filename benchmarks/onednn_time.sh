@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import parnet
-from parnet.deploy import deploy, freeze_cpu
+from parnet.deployment import deploy, freeze_cpu
 
 name, mode, batch, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 CALLS = 5

@@ -23,7 +23,7 @@ from torch import nn
 
 import parnet  # noqa: F401  (registers the ParNet models with timm)
 from parnet.bench.report import write_json_and_markdown
-from parnet.deploy.fold import fold
+from parnet.deployment.folding import fold
 from parnet.model import ParNet
 
 

@@ -33,8 +33,8 @@ import torch
 from parnet.bench.machine import machine_info
 from parnet.bench.report import write_json_and_markdown
 from parnet.bench.run import build_entries
-from parnet.deploy.engines import OpenVinoModule, openvino_float_precision
-from parnet.deploy.timing import SETTLE_S
+from parnet.deployment.engines import OpenVinoModule, openvino_float_precision
+from parnet.deployment.timing import SETTLE_S
 
 
 def profiled_request(module: OpenVinoModule, shape: tuple[int, ...], threads: int) -> Any:

@@ -18,10 +18,10 @@ import warnings
 import torch
 
 from parnet.data import build_datasets, build_loaders
-from parnet.deploy import deploy, fold
-from parnet.deploy.engines import openvino_module
-from parnet.deploy.quantize import Bf16Module, pt2e_int8
 from parnet.deployed import build, calibration_loader, load_trained
+from parnet.deployment import deploy, fold
+from parnet.deployment.engines import openvino_module
+from parnet.deployment.quantize import Bf16Module, pt2e_int8
 from parnet.io import atomic_write
 from parnet.model import ParNet
 from parnet.train import evaluate_model

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import importlib
 import weakref
 from types import SimpleNamespace
 
@@ -14,7 +13,8 @@ import torch
 from torch import nn
 
 import parnet
-from parnet.deploy import (
+import parnet.deployment as deploy_module
+from parnet.deployment import (
     CPU_MODES,
     PACKED_SHAPES,
     CudaGraphModule,
@@ -26,18 +26,17 @@ from parnet.deploy import (
     auto_mode,
     deploy,
     fold,
+    kernels,
     nnpack_is_faster,
     pack_convs,
     shuffle_perm,
 )
+from parnet.deployment import engines as engines_module
 from parnet.layers import channel_shuffle
 
 from .conftest import TINY, randomize_bn
 
 TOL = 1e-4
-deploy_module = importlib.import_module("parnet.deploy")  # the name parnet.deploy is the function
-engines_module = importlib.import_module("parnet.deploy.engines")
-kernels = importlib.import_module("parnet.deploy.kernels")
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
 
 
@@ -439,7 +438,7 @@ def test_cuda_bf16_modes_are_close() -> None:
 def test_auto_timing_picks_the_lowest_median_and_settles_between_calls() -> None:
     import time
 
-    from parnet.deploy.timing import SETTLE_S, fastest
+    from parnet.deployment.timing import SETTLE_S, fastest
 
     calls: list[float] = []
 

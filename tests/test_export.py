@@ -12,7 +12,7 @@ import torch
 import parnet
 from parnet import cli, io
 from parnet import export as export_module
-from parnet.deploy import fold
+from parnet.deployment import fold
 from parnet.export import check_export, export_model, load_runner
 
 from .conftest import randomize_bn

@@ -11,8 +11,10 @@ import torch
 
 import parnet
 from parnet import cli
-from parnet.deploy import deploy, fold
-from parnet.deploy.kernels import has_native_bf16
+from parnet.deployment import deploy, fold
+from parnet.deployment import engines as engines_module
+from parnet.deployment import quantize as quantize_module
+from parnet.deployment.kernels import has_native_bf16
 from parnet.evaluate import evaluate
 from parnet.io import load_model, save_model
 
@@ -28,8 +30,6 @@ OPENVINO = pytest.mark.skipif(
     reason="openvino/nncf not installed",
 )
 BF16 = pytest.mark.skipif(not has_native_bf16(), reason="this CPU has no native bf16")
-engines_module = importlib.import_module("parnet.deploy.engines")
-quantize_module = importlib.import_module("parnet.deploy.quantize")
 
 
 @pytest.mark.parametrize("engine", [pytest.param("onnxruntime", marks=ORT), pytest.param("openvino", marks=OPENVINO)])
@@ -51,8 +51,8 @@ def test_exported_graph_lets_engines_fuse_the_gated_skip_into_the_conv() -> None
     that engines fuse, with the activation, into an int8 conv), and the border fix is no slice update."""
     import onnx
 
-    from parnet.deploy import fold
-    from parnet.deploy.engines import onnx_model_bytes
+    from parnet.deployment import fold
+    from parnet.deployment.engines import onnx_model_bytes
 
     graph = onnx.load_from_string(onnx_model_bytes(fold(make(2)), torch.randn(1, 3, 32, 32))).graph
     reached = {graph.input[0].name}  # what depends on the input: the border map must not
@@ -246,8 +246,8 @@ def test_amp_auto_picks_bf16_only_where_native_and_measured_faster(monkeypatch: 
 
 @ORT
 def test_bench_times_a_quantized_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from parnet.deploy.quantize import calibration_batches
     from parnet.deployed import DeployedInfo, build, save_deployed
+    from parnet.deployment.quantize import calibration_batches
 
     model = make(6)
     example = torch.randn(1, 3, 32, 32)

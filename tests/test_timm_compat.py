@@ -366,6 +366,20 @@ def test_model_core_has_no_import_cycle():
     assert not cycles, f"import cycles through {cycles}: {graph}"
 
 
+def test_every_module_is_reachable_by_its_dotted_name():
+    """``import parnet.deployment.engines as e`` and ``mock.patch("parnet.x.y.z")`` walk attributes: a function
+    that shares its name with a module of its package (``deploy`` once did) would hide that module."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.walk_packages([str(SRC)], prefix="parnet."):
+        if info.name.endswith("__main__"):  # runs the command line when imported
+            continue
+        module = importlib.import_module(info.name)
+        parent, _, name = info.name.rpartition(".")
+        assert getattr(importlib.import_module(parent), name) is module, f"{parent}.{name} is not the module"
+
+
 # -- torch.hub -----------------------------------------------------------------------------------
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

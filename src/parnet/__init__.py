@@ -9,7 +9,7 @@ import timm
 from timm.utils import reparameterize_model
 from torch import nn
 
-from .deploy import deploy
+from .deployment import deploy
 from .depth import network_depth
 from .layers import Fusion, ParNetBlock
 from .model import ParNet, ParNetCfg, model_cfgs

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .deploy.engines import (
+from .deployment.engines import (
     EngineModule,
     OnnxRuntimeModule,
     OpenVinoModule,
@@ -29,7 +29,7 @@ from .deploy.engines import (
     ort_max_weight_level,
     require,
 )
-from .deploy.kernels import int8_pairs_saturate
+from .deployment.kernels import int8_pairs_saturate
 from .io import atomic_write
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ def fold_for_engine(model: nn.Module) -> nn.Module:
     """The network an engine converts: ParNet folded; another model re-parameterized (BNs folded by the exporters)."""
     from timm.utils import reparameterize_model
 
-    from .deploy import fold
+    from .deployment import fold
     from .model import ParNet
 
     return fold(model).cpu() if isinstance(model, ParNet) else reparameterize_model(model).cpu().eval()
@@ -90,7 +90,7 @@ def build(
     method: str = "minmax",
 ) -> EngineModule:
     """``model`` (any image classifier; ParNet is folded first) for ``engine`` in ``precision``."""
-    from .deploy.quantize import calibration_batches, check_precision
+    from .deployment.quantize import calibration_batches, check_precision
 
     check_precision(precision, torch.device("cpu"))
     batches = calibration_batches(calibration, example.shape[1]) if precision == "int8" else None

@@ -2,7 +2,7 @@
 
 Every file is written atomically (:func:`parnet.io.atomic_write`) and, unless told otherwise,
 read back and run against the PyTorch model (ONNX through onnxruntime) to 1e-4 before the
-command reports success. The exported network is :class:`parnet.deploy.FoldedParNet` (fused,
+command reports success. The exported network is :class:`parnet.deployment.FoldedParNet` (fused,
 BNs/interleave/shuffle folded, NCHW), or with ``fused_only`` the plain re-parameterized ParNet.
 """
 
@@ -37,7 +37,7 @@ TOLERANCE = 1e-4
 def inference_model(model: nn.Module, fused_only: bool = False) -> nn.Module:
     """The network to export: folded (default) or only re-parameterized; eval, on CPU (``model`` is left as it is)."""
     from . import reparameterize
-    from .deploy import fold
+    from .deployment import fold
 
     net = reparameterize(model) if fused_only else fold(model)  # both copy: model.cpu() would move the caller's
     return net.cpu().eval()
@@ -49,8 +49,8 @@ def inference_model(model: nn.Module, fused_only: bool = False) -> nn.Module:
 
 def _write_onnx(model: nn.Module, path: Path, example: torch.Tensor, opset: int = 17) -> None:
     """ONNX with a dynamic batch dimension (input ``input``, output ``logits``): see
-    :func:`parnet.deploy.engines.onnx_model_bytes`."""
-    from .deploy.engines import onnx_model_bytes
+    :func:`parnet.deployment.engines.onnx_model_bytes`."""
+    from .deployment.engines import onnx_model_bytes
 
     path.write_bytes(onnx_model_bytes(model, example, opset=opset))
 

@@ -9,7 +9,7 @@ recorded) before it is timed.
 ParNet variants run in training form (``train``: unfused, eval), ``fused`` and every deploy mode
 of the device; the baselines (by default timm's ResNet-34, ResNet-50 and RepVGG-B1g4; B2g4 on request; RepVGG
 re-parameterized) run ``eager``, ``channels_last``, ``packed`` and ``winograd`` (ParNet's modes in
-their generic form, ``pack_convs`` of :mod:`parnet.deploy`, BNs folded first), ``frozen`` (TorchScript
+their generic form, ``pack_convs`` of :mod:`parnet.deployment`, BNs folded first), ``frozen`` (TorchScript
 frozen and optimized for inference: PyTorch's generic oneDNN path) and ``compiled``
 (channels_last + torch.compile): the same modes ParNet gets; on CUDA also ``cuda_graph``.
 """

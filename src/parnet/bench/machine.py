@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ..deploy.engines import ENGINES, engine_module, usable
-from ..deploy.kernels import cpu_flags, has_int8_dot_product
+from ..deployment.engines import ENGINES, engine_module, usable
+from ..deployment.kernels import cpu_flags, has_int8_dot_product
 
 SIMD_FLAGS = {
     "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
@@ -84,7 +84,7 @@ def machine_peak(precisions: Sequence[str], reps: int = 3, size: int = PEAK_SIZE
 
     fp32/bf16: ``torch.mm`` (BLAS, which on AMD may run at half oneDNN's rate) and ``F.conv2d`` in
     channels_last (oneDNN). fp32 and int8: a stack of that 3x3 conv with ReLUs through each installed
-    engine (:func:`parnet.deploy.engines.engine_module`: OpenVINO, with NNCF for int8; ONNX Runtime,
+    engine (:func:`parnet.deployment.engines.engine_module`: OpenVINO, with NNCF for int8; ONNX Runtime,
     QDQ for int8), so that the int8 peak over the fp32 peak compares the same kernels' precisions.
     int8 also: ``torch._int_mm`` (a private op: the only int8 x int8 -> int32 product torch exposes)
     on CPUs with VNNI or AMX only: elsewhere it falls back to a reference loop (0.9 GOP/s measured on

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..deploy.engines import ENGINES
-from ..deploy.timing import SETTLE_S, time_interleaved
+from ..deployment.engines import ENGINES
+from ..deployment.timing import SETTLE_S, time_interleaved
 from ..factory import create_model
 from .machine import PEAK_SIZE, machine_peak, model_gflop
 
@@ -80,8 +80,8 @@ class Record:
 
 def default_modes(device: torch.device, parnet: bool) -> list[str]:
     """Every mode of ``device`` for a ParNet or a baseline, precisions and engines the machine can run included."""
-    from ..deploy.engines import ENGINES, usable
-    from ..deploy.kernels import has_native_bf16
+    from ..deployment.engines import ENGINES, usable
+    from ..deployment.kernels import has_native_bf16
 
     if device.type == "cuda":
         base = PARNET_CUDA_MODES if parnet else BASELINE_CUDA_MODES
@@ -129,7 +129,7 @@ def build_entries(
     """The plain model (eval, the reference) and one callable per mode label (``[precision:]mode``)."""
     from timm.utils import reparameterize_model
 
-    from ..deploy import compile_cpu, deploy, freeze_cpu, pack_convs
+    from ..deployment import compile_cpu, deploy, freeze_cpu, pack_convs
 
     model = create_model(name, **(kwargs or {})).eval().to(device)
     randomize_statistics(model)
@@ -166,7 +166,7 @@ def build_entries(
             compiled = compile_cpu(cl) if device.type == "cpu" else torch.compile(cl)
             entries[label] = _channels_last(compiled)
         elif mode == "cuda_graph":
-            from ..deploy import CudaGraphModule
+            from ..deployment import CudaGraphModule
 
             entries[label] = CudaGraphModule(fused.to(memory_format=torch.channels_last))
         else:
@@ -179,9 +179,9 @@ def _baseline_low_precision(
     threads: int,
 ) -> Callable[[torch.Tensor], torch.Tensor]:  # fmt: skip
     """A baseline in ParNet's bf16/int8/engine modes, in their generic form (the same tools, any model)."""
-    from ..deploy import CudaGraphModule, compile_cpu
-    from ..deploy.quantize import Bf16Module, check_precision, pt2e_int8
     from ..deployed import build
+    from ..deployment import CudaGraphModule, compile_cpu
+    from ..deployment.quantize import Bf16Module, check_precision, pt2e_int8
 
     check_precision(precision, device)
     if mode in ENGINES:
@@ -280,7 +280,7 @@ def _run_bench(
 ) -> list[Record]:
     from timm.utils import reparameterize_model
 
-    from ..deploy import fold
+    from ..deployment import fold
 
     records: list[Record] = []
     for dev_name in devices:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..deploy.engines import ENGINES, ORT_CALIBRATION
-from ..deploy.quantize import PRECISIONS
+from ..deployment.engines import ENGINES, ORT_CALIBRATION
+from ..deployment.quantize import PRECISIONS
 from .args import nonneg_int, positive_int
 
 

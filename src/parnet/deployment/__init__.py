@@ -5,6 +5,8 @@ model for a device and precision. In fp32 every mode computes the plain model's 
 (float32, to about 1e-5). ``precision="bf16"`` (native bf16 CPUs, and CUDA) and ``"int8"`` (static
 post-training quantization calibrated on ``calibration``, CPU) change the arithmetic, never the
 interface: inputs and outputs stay float32 tensors (``engines`` and ``quantize`` modules).
+``parnet.deploy`` is this function; the package is ``parnet.deployment``, so that each of its
+modules keeps its dotted name (``import parnet.deployment.engines``).
 
 Folding (:class:`FoldedParNet`, the base of every mode) goes beyond re-parameterization:
 
@@ -60,7 +62,7 @@ from ..devices import check_device
 from ..model import ParNet
 from .cuda import CudaGraphModule, CudaStreamParNet, MultiDeviceParNet
 from .engines import BF16_ORT, ENGINES, engine_module, usable
-from .fold import FoldedBlock, FoldedFusion, FoldedParNet, fold, reparameterized, shuffle_perm
+from .folding import FoldedBlock, FoldedFusion, FoldedParNet, fold, reparameterized, shuffle_perm
 from .kernels import (
     PACKED_SHAPES,
     PackedConv2d,

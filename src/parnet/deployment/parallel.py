@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch import nn
 
-from .fold import FoldedParNet, merge_after_entry
+from .folding import FoldedParNet, merge_after_entry
 
 
 class _StreamTask(nn.Module):

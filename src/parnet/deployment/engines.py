@@ -1,10 +1,10 @@
 """Other inference engines as deploy modes: ONNX Runtime and OpenVINO (with NNCF for int8).
 
-Each engine runs the folded network (:class:`~parnet.deploy.fold.FoldedParNet`, NCHW) converted
+Each engine runs the folded network (:class:`~parnet.deployment.folding.FoldedParNet`, NCHW) converted
 once at a fixed input resolution with a dynamic batch; a session (ONNX Runtime) or compiled model
 (OpenVINO) is then built for each input shape on its first call, with every dimension fixed (a
 dynamic-batch ONNX Runtime session ran ParNet-S 2x slower at batch 1 than a fixed-shape one), and
-the last :data:`~parnet.deploy.kernels.PACKED_SHAPES` are kept. Inputs and outputs are float32
+the last :data:`~parnet.deployment.kernels.PACKED_SHAPES` are kept. Inputs and outputs are float32
 torch tensors on the CPU; an input of another resolution or channel count is refused (deploy again
 with an example of that size).
 
@@ -12,7 +12,7 @@ int8 is static post-training quantization calibrated on the caller's batches wit
 own tool: ONNX Runtime's ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations,
 min-max or percentile/entropy calibration) and NNCF's ``quantize`` (per-channel weights, symmetric
 activations; a ParNet's block outputs are first made non-negative, exactly, by
-:meth:`~parnet.deploy.fold.FoldedParNet.shift_activations`, so that they quantize to unsigned 8
+:meth:`~parnet.deployment.folding.FoldedParNet.shift_activations`, so that they quantize to unsigned 8
 bits, the form the int8 convolutions read fastest). bf16
 runs through OpenVINO's CPU plugin where the CPU has native bf16; ONNX Runtime's CPU provider has
 no bf16 convolution, so it is refused there.
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fold import FoldedParNet
+from .folding import FoldedParNet
 from .kernels import has_native_bf16, int8_pairs_saturate, recall, remember
 
 ENGINES = ("onnxruntime", "openvino")

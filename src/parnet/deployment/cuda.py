@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..devices import check_device
-from .fold import FoldedParNet, merge_after_entry
+from .folding import FoldedParNet, merge_after_entry
 from .kernels import recall, remember
 
 
