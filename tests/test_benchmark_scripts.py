@@ -10,6 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from parnet.deployment import fold
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -92,6 +97,10 @@ def _profile(model: str, mode: str, convs: dict[str, float], wall: float) -> dic
 def test_openvino_conv_gains_joins_each_convs_time_with_its_flops(tmp_path):
     flops = _load("openvino_conv_gains").conv_flops("parnet_cifar_s", 32)
     assert len(flops) >= 20 and "stem.0.conv" in flops and "final_block.conv" in flops  # the folded model's convs
+    counter = FlopCounterMode(display=False)  # torch's own count of the same network's convolutions
+    with counter, torch.no_grad():
+        fold(timm.create_model("parnet_cifar_s").eval())(torch.zeros(1, 3, 32, 32))
+    assert sum(flops.values()) == counter.get_flop_counts()["Global"][torch.ops.aten.convolution]
     fp32 = {name: 4.0 for name in flops}
     int8 = {name: (2.0 if name == "stem.0.conv" else 1.0) for name in flops}
     record = {
