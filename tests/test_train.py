@@ -655,24 +655,32 @@ def test_auto_amp_is_settled_once_per_run(monkeypatch):
     d = SimpleNamespace(device=torch.device("cpu"), distributed=False)
     info = SimpleNamespace(in_chans=1, img_size=32)
     model = timm.create_model("parnet_cifar_s", in_chans=1, **TINY_STEM)
-    monkeypatch.setattr(precision, "auto_amp", lambda device, model, example: torch.bfloat16)
-    assert _settle_amp("auto", None, d, model, info) == "bf16"
-    assert _settle_amp("off", None, d, model, info) == "off"
+    probed = []  # the probe's batch: the run's, at most PROBE_BATCH (8 images hid bf16's gain)
+
+    def bf16_wins(device, model, example):
+        probed.append(len(example))
+        return torch.bfloat16
+
+    monkeypatch.setattr(precision, "auto_amp", bf16_wins)
+    assert _settle_amp("auto", None, d, model, info, 128) == "bf16"
+    assert _settle_amp("auto", None, d, model, info, 4) == "bf16"
+    assert probed == [precision.PROBE_BATCH, 4] and precision.PROBE_BATCH >= 32
+    assert _settle_amp("off", None, d, model, info, 128) == "off"
     assert [precision.autocast_dtype(a) for a in ("bf16", "fp16", "off")] == [torch.bfloat16, torch.float16, None]
     with pytest.raises(ValueError, match="once settled, got 'auto'"):
         precision.autocast_dtype("auto")
     monkeypatch.setattr(precision, "auto_amp", lambda device, model, example: None)
-    assert _settle_amp("auto", None, d, model, info) == "off"
+    assert _settle_amp("auto", None, d, model, info, 128) == "off"
     recorded = {"extra": {"amp": "bf16"}}  # the checkpoint of a run that started in bf16
     monkeypatch.setattr(precision, "has_native_bf16", lambda: True)
-    assert _settle_amp("auto", recorded, d, model, info) == "bf16"
-    assert _settle_amp("bf16", recorded, d, model, info) == "bf16"
+    assert _settle_amp("auto", recorded, d, model, info, 128) == "bf16"
+    assert _settle_amp("bf16", recorded, d, model, info, 128) == "bf16"
     with pytest.raises(ValueError, match="trains with --amp bf16 .* --amp off would change its precision midway"):
-        _settle_amp("off", recorded, d, model, info)
+        _settle_amp("off", recorded, d, model, info, 128)
     # bf16 where the CPU would emulate it: refused, for a new run and for a resumed one
     monkeypatch.setattr(precision, "has_native_bf16", lambda: False)
     with pytest.raises(ValueError, match=r"no native bf16 .* use --amp off"):
-        _settle_amp("bf16", None, d, model, info)
+        _settle_amp("bf16", None, d, model, info, 128)
     with pytest.raises(ValueError, match="checkpoint says so.*resume it on a CPU with native bf16"):
-        _settle_amp("off", recorded, d, model, info)
-    assert _settle_amp("off", None, d, model, info) == "off"
+        _settle_amp("off", recorded, d, model, info, 128)
+    assert _settle_amp("off", None, d, model, info, 128) == "off"

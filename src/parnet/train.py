@@ -180,7 +180,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     state = engine.read_state(run_dir) if has_checkpoint else None
     if state is not None:
         _check_resume_settings(cfg, state["extra"].get("config"), run_dir)
-    amp = _settle_amp(cfg.amp, state, d, model, info)
+    amp = _settle_amp(cfg.amp, state, d, model, info, cfg.batch_size)
     amp_dtype = autocast_dtype(amp)
     scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype == torch.float16)
     mixup_fn = None
@@ -395,7 +395,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     return results
 
 
-def _settle_amp(amp: str, state: dict[str, Any] | None, d: Any, model: Any, info: Any) -> str:
+def _settle_amp(amp: str, state: dict[str, Any] | None, d: Any, model: Any, info: Any, batch_size: int) -> str:
     """The run's autocast precision, ``bf16``, ``fp16`` or ``off``: ``auto`` is settled once per run.
 
     On a CPU ``auto`` times a training step (:func:`parnet.precision.auto_amp`), which can come out
@@ -405,7 +405,7 @@ def _settle_amp(amp: str, state: dict[str, Any] | None, d: Any, model: Any, info
     """
     import torch
 
-    from .precision import auto_amp, has_native_bf16
+    from .precision import PROBE_BATCH, auto_amp, has_native_bf16
 
     recorded = state["extra"].get("amp") if state is not None else None
     if (recorded or amp) == "bf16" and d.device.type == "cpu" and not has_native_bf16():
@@ -425,7 +425,8 @@ def _settle_amp(amp: str, state: dict[str, Any] | None, d: Any, model: Any, info
     if amp != "auto":
         return amp
     with torch.random.fork_rng(devices=[]):  # the probe's draws (input, dropout) leave the run's RNG as it was
-        probe = torch.randn(8, info.in_chans, info.img_size, info.img_size, device=d.device)
+        size = min(batch_size, PROBE_BATCH)
+        probe = torch.randn(size, info.in_chans, info.img_size, info.img_size, device=d.device)
         dtype = auto_amp(d.device, model, probe)
     settled = [{torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off")]
     if d.distributed:
