@@ -163,7 +163,7 @@ def test_machine_peak_and_gflop_count() -> None:
 
     from parnet.bench import machine_peak, model_gflop
     from parnet.deployment.engines import ENGINES, installed
-    from parnet.deployment.kernels import has_int8_dot_product
+    from parnet.precision import has_int8_dot_product
 
     peak = machine_peak(["fp32", "int8"], reps=1, size=64)
     # fp32 and int8: a conv stack through every installed engine; torch._int_mm only where it has a fast kernel

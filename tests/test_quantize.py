@@ -14,9 +14,9 @@ from parnet import cli
 from parnet.deployment import deploy, fold
 from parnet.deployment import engines as engines_module
 from parnet.deployment import quantize as quantize_module
-from parnet.deployment.kernels import has_native_bf16
 from parnet.evaluate import evaluate
 from parnet.io import load_model, save_model
+from parnet.precision import has_native_bf16
 
 from .test_data import make_fashion_mnist
 from .test_deploy import make

@@ -29,8 +29,8 @@ from .deployment.engines import (
     ort_max_weight_level,
     require,
 )
-from .deployment.kernels import int8_pairs_saturate
 from .io import atomic_write
+from .precision import int8_pairs_saturate
 
 if TYPE_CHECKING:
     from .evaluate import TrainedOn

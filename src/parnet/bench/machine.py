@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..deployment.engines import ENGINES, engine_module, usable
-from ..deployment.kernels import cpu_flags, has_int8_dot_product
+from ..precision import cpu_flags, has_int8_dot_product
 
 SIMD_FLAGS = {
     "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",

@@ -81,7 +81,7 @@ class Record:
 def default_modes(device: torch.device, parnet: bool) -> list[str]:
     """Every mode of ``device`` for a ParNet or a baseline, precisions and engines the machine can run included."""
     from ..deployment.engines import ENGINES, usable
-    from ..deployment.kernels import has_native_bf16
+    from ..precision import has_native_bf16
 
     if device.type == "cuda":
         base = PARNET_CUDA_MODES if parnet else BASELINE_CUDA_MODES

@@ -32,8 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..precision import has_native_bf16, int8_pairs_saturate
 from .folding import FoldedParNet
-from .kernels import has_native_bf16, int8_pairs_saturate, recall, remember
+from .kernels import recall, remember
 
 ENGINES = ("onnxruntime", "openvino")
 ORT_CALIBRATION = ("minmax", "percentile", "entropy")

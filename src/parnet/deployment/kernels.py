@@ -14,13 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..precision import (  # noqa: F401 - part of the kernels' interface
-    cpu_flags,
-    has_int8_dot_product,
-    has_native_bf16,
-    int8_pairs_saturate,
-)
-
 PACKED_SHAPES = 4  # input shapes whose packed weights (and NNPACK choices) a block keeps
 NNPACK_TIMING_REPS = 3  # calls of each convolution timed to choose between oneDNN and NNPACK
 NNPACK_RTOL = 1e-4  # largest NNPACK error accepted, relative to the largest output of the conv

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .kernels import cpu_flags, has_native_bf16
+from ..precision import cpu_flags, has_native_bf16
 
 PRECISIONS = ("fp32", "bf16", "int8")
 
