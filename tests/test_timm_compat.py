@@ -163,6 +163,27 @@ def test_timm_fx_features_and_torchvision_feature_extractor(name, fast_torchscri
         fx(x[:, :1])
 
 
+@pytest.mark.parametrize("out_indices", [None, (1, 2)])
+def test_features_only_backbone_scripts_with_eager_outputs(out_indices, fast_torchscript):
+    """timm's default ``features_only`` wrapper (the getter) scripts, whole and pruned, as ConvNeXt's does."""
+    kwargs = {} if out_indices is None else {"out_indices": out_indices}
+    backbone = tiny("parnet_cifar_s", features_only=True, **kwargs).eval()
+    scripted = torch.jit.script(backbone)
+    x = batch(backbone.model)
+    with torch.no_grad():
+        expected, out = backbone(x), scripted(x)
+    assert len(out) == len(expected) == (len(out_indices) if out_indices else 4)
+    for a, b in zip(out, expected):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(torch.jit.Error, match="multiples of"):
+        scripted(x[..., 1:])
+    if out_indices is not None:  # a feature whose blocks were pruned away is refused, not computed from nothing
+        with pytest.raises(ValueError, match="prune_intermediate_layers removed"):
+            backbone.model.forward_intermediates(x, indices=[0])
+        with pytest.raises(torch.jit.Error, match="prune_intermediate_layers removed"):
+            scripted.model.forward_intermediates(x, indices=[0])
+
+
 def test_eager_mode_keeps_its_clear_value_errors():
     model = tiny("parnet_s")
     for bad, message in ((torch.randn(3, 64, 64), "4-D batch"), (torch.randn(1, 3, 48, 64), "e.g. to 64x64")):

@@ -258,7 +258,9 @@ class ParNet(nn.Module):
         self.feature_info = feature_info(cfg)
         self.num_streams = n
         self.all_streams = [True] * n
-        self.available = {f["module"] for f in self.feature_info}  # fewer after prune_intermediate_layers
+        # Plain lists of names: TorchScript can read neither feature_info's dicts nor sets.
+        self.feature_modules = [f["module"] for f in self.feature_info]
+        self.available = list(self.feature_modules)  # fewer after prune_intermediate_layers
 
     # -- structure -------------------------------------------------------------------------------
 
@@ -293,7 +295,7 @@ class ParNet(nn.Module):
     def forward_intermediates(
         self,
         x: torch.Tensor,
-        indices: int | list[int] | tuple[int, ...] | None = None,
+        indices: int | list[int] | None = None,
         norm: bool = False,
         stop_early: bool = False,
         output_fmt: str = "NCHW",
@@ -309,16 +311,18 @@ class ParNet(nn.Module):
         """
         if output_fmt != "NCHW":
             raise ValueError("ParNet gives NCHW features only")
-        take, _ = feature_take_indices(len(self.feature_info), indices)
-        names = [self.feature_info[i]["module"] for i in take]
-        if not set(names) <= self.available:
-            raise ValueError(
-                f"feature indices {take} need blocks that prune_intermediate_layers removed; "
-                "create the model again to take them"
-            )
+        take, _ = feature_take_indices(len(self.feature_modules), indices)
+        names = [self.feature_modules[i] for i in take]
+        for name in names:
+            if name not in self.available:
+                raise ValueError(
+                    "feature indices " + str(take) + " need blocks that prune_intermediate_layers removed; "
+                    "create the model again to take them"
+                )
         early = stop_early or intermediates_only or "final_block" not in self.available
-        last = self.feature_info[max(take)]["module"] if early else "final_block"
-        feats = self._run_blocks(x, *self._blocks_for([*names, last]))
+        last = self.feature_modules[max(take)] if early else "final_block"
+        streams, fusions, final = self._blocks_for(names + [last])
+        feats = self._run_blocks(x, streams, fusions, final)
         intermediates = [feats[name] for name in names]
         if intermediates_only:
             return intermediates
@@ -334,8 +338,8 @@ class ParNet(nn.Module):
         become ``nn.Identity`` so that the kept ones keep their names in the state dict. A pruned
         model gives its features through :meth:`forward_intermediates` only.
         """
-        take, _ = feature_take_indices(len(self.feature_info), indices)
-        names = [self.feature_info[i]["module"] for i in take]
+        take, _ = feature_take_indices(len(self.feature_modules), indices)
+        names = [self.feature_modules[i] for i in take]
         streams, fusions, final = self._blocks_for(names)
         for i, wanted in enumerate(streams):
             if not wanted:
@@ -346,7 +350,7 @@ class ParNet(nn.Module):
             self.fuse_entry = None
         if not final:
             self.final_block = None
-        self.available = set(names)
+        self.available = names
         if prune_head:
             self.reset_classifier(0, "")
         return take
@@ -360,12 +364,14 @@ class ParNet(nn.Module):
     def _blocks_for(self, names: list[str]) -> tuple[list[bool], int, bool]:
         """What computes the features ``names``: which streams, how many fusions, the final block or not."""
         final = "final_block" in names
-        fusions = [int(name.split(".")[1]) + 1 for name in names if name.startswith("fusions.")]
-        num_fusions = self.num_streams - 1 if final else max(fusions, default=0)
+        num_fusions = self.num_streams - 1 if final else 0
+        for name in names:
+            if name.startswith("fusions."):
+                num_fusions = max(num_fusions, int(name.split(".")[1]) + 1)
         # Fusion k takes stream k + 1 in (the entry block takes stream 0); the final block takes them all.
-        streams = [
-            final or (num_fusions > 0 and i <= num_fusions) or f"streams.{i}" in names for i in range(self.num_streams)
-        ]
+        streams: list[bool] = []
+        for i in range(self.num_streams):
+            streams.append(final or (num_fusions > 0 and i <= num_fusions) or "streams." + str(i) in names)
         return streams, num_fusions, final
 
     def _run_blocks(self, x: torch.Tensor, streams: list[bool], fusions: int, final: bool) -> dict[str, torch.Tensor]:
