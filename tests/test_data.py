@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from parnet.data import (
+    AugmentCfg,
     CorruptDatasetError,
     DatasetNotFoundError,
     ShardSampler,
@@ -237,6 +238,16 @@ def test_small_datasets_are_augmented_at_32_then_resized(tmp_path):
     assert (up - test[0][0]).abs().mean() < 0.15 < (up - test[1][0]).abs().mean()
     with pytest.raises(ValueError, match="at least 8 pixels"):
         build_datasets("cifar10", root, img_size=4)
+
+
+@pytest.mark.parametrize("spec", ["rand-m9-mstd0.5", "augmix-m5-w4-d2", "original-mstd0.5", "v0"])
+def test_every_kind_of_timm_auto_augment_runs_on_the_small_datasets(tmp_path, spec):
+    """RandAugment, AugMix and AutoAugment policies, chosen by the spec as timm's create_transform does."""
+    root = make_cifar(tmp_path / "c10")
+    train, _, _ = build_datasets("cifar10", root, aug=AugmentCfg(auto_augment=spec))
+    kinds = {"rand": "RandAugment", "augmix": "AugMixAugment", "original": "AutoAugment", "v0": "AutoAugment"}
+    assert kinds[spec.split("-")[0]] in [type(t).__name__ for t in train.transform.transforms]
+    assert train[0][0].shape == (3, 32, 32)
 
 
 def test_image_folder_missing_split_and_corrupt_image(tmp_path):

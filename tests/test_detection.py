@@ -633,7 +633,8 @@ def test_cli_train_resume_eval(tmp_path: Path, fake_fashion_mnist: Path, capsys)
     assert main(train + ["--epochs", "2", "--stop-after", "1"]) == 0  # a time-limited piece, then the rest
     assert not (run / "eval.json").exists()
     assert main(train + ["--epochs", "3", "--resume"]) == 2  # the schedule runs over the epochs: fixed
-    assert main(train + ["--epochs", "2", "--resume"]) == 0
+    # Resumed with nothing but its folder: the run's own settings (not parnet_s's defaults, 12 epochs, FPN 256).
+    assert main(["train-det", "--output", str(run), "--resume", "--no-progress"]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1] and "val_AP" in rows[1]
     assert (run / "predictions.png").read_bytes()[:4] == b"\x89PNG"

@@ -469,6 +469,8 @@ def test_eval_accepts_the_authors_checkpoints(tmp_path):
         (["--threads", "100000"], "--threads: Input should be less than or equal to 1024"),
         (["--lr", "nan"], "--lr: Input should be a finite number"),
         (["--amp", "bf32"], "--amp: Input should be 'auto', 'bf16', 'fp16' or 'off'"),
+        (["--auto-augment", "trivialaugment"], "not a timm auto-augment spec (Unknown AA policy"),
+        (["--auto-augment", "rand-m9-bogus"], "sections timm would ignore (bogus)"),
     ],
 )
 def test_parser_refuses_impossible_settings(flags, message, capsys, tmp_path):
@@ -484,6 +486,9 @@ def test_yaml_config_and_precedence(tmp_path, capsys):
     cfg = make_config({"lr": 0.02}, str(cfg_file))
     assert (cfg.dataset, cfg.epochs, cfg.lr, cfg.warmup_epochs) == ("cifar10", 7, 0.02, 5)  # warm-up: cifar default
     assert cfg.model_kwargs == {"widths": [8, 16, 32]}
+    # a flag's architecture keyword joins the file's rather than dropping them
+    merged = make_config({"model_kwargs": {"head_width": 64, "widths": [4, 8, 16]}, "epochs": 2}, str(cfg_file))
+    assert merged.model_kwargs == {"widths": [4, 8, 16], "head_width": 64} and merged.epochs == 2
     assert make_config({}).epochs == 30  # fashion_mnist default
     cfg_file.write_text("model_kwargs: {num_classes: 5}\n")
     with pytest.raises(ValueError, match="num_classes is not accepted here: set by the dataset"):

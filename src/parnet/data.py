@@ -27,6 +27,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import re
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -316,7 +317,8 @@ class AugmentCfg:
     """Training augmentation.
 
     Attributes:
-        auto_augment: timm RandAugment spec (the paper: ``rand-m9-mstd0.5``); ``""`` for none.
+        auto_augment: timm auto-augment spec (the paper's RandAugment: ``rand-m9-mstd0.5``; also AugMix
+            ``augmix-...`` and AutoAugment policies such as ``original``); ``""`` for none.
         re_prob: probability of random erasing per image (0 for none).
         hflip: probability of a horizontal flip.
     """
@@ -324,6 +326,40 @@ class AugmentCfg:
     auto_augment: str = "rand-m9-mstd0.5"
     re_prob: float = 0.25
     hflip: float = 0.5
+
+
+AUTO_AUGMENT_EXAMPLES = "rand-m9-mstd0.5 (RandAugment), augmix-m5-w4-d2 (AugMix), original or v0 (AutoAugment)"
+
+
+def auto_augment_transform(spec: str, hparams: dict[str, Any] | None = None) -> Any:
+    """timm's transform for an auto-augment ``spec``, chosen by its first section as timm's
+    ``create_transform`` chooses (``rand``, ``augmix``, else an AutoAugment policy).
+
+    timm asserts on a bad spec and skips sections without a number (``rand-m9-bogus`` is ``rand-m9``);
+    here both are a ``ValueError`` that says what a spec looks like.
+    """
+    from timm.data import auto_augment as aa
+
+    kind = spec.split("-")[0]
+    ignored = [part for part in spec.split("-")[1:] if not (kind == "rand" and part.startswith("t"))]
+    ignored = [part for part in ignored if len(re.split(r"(\d.*)", part)) < 2]
+    if ignored:
+        raise ValueError(
+            f"auto-augment spec {spec!r} has sections timm would ignore ({', '.join(ignored)}): "
+            f"each section after the first is a key and a number; e.g. {AUTO_AUGMENT_EXAMPLES}, or '' for none"
+        )
+    build = {"rand": aa.rand_augment_transform, "augmix": aa.augment_and_mix_transform}.get(
+        kind, aa.auto_augment_transform
+    )
+    hparams = dict(hparams or {})
+    if kind == "augmix":
+        hparams.setdefault("translate_pct", 0.3)  # as timm's create_transform
+    try:
+        return build(spec, hparams)
+    except (AssertionError, KeyError, ValueError) as e:
+        raise ValueError(
+            f"{spec!r} is not a timm auto-augment spec ({e}); e.g. {AUTO_AUGMENT_EXAMPLES}, or '' for none"
+        ) from None
 
 
 def build_transforms(info: DatasetInfo, train: bool, aug: AugmentCfg | None = None) -> Any:
@@ -349,7 +385,6 @@ def build_transforms(info: DatasetInfo, train: bool, aug: AugmentCfg | None = No
             mean=info.mean,
             std=info.std,
         )
-    from timm.data.auto_augment import rand_augment_transform
     from timm.data.random_erasing import RandomErasing
 
     native = DATASETS[info.name].img_size
@@ -365,7 +400,7 @@ def build_transforms(info: DatasetInfo, train: bool, aug: AugmentCfg | None = No
         ops.append(T.RandomHorizontalFlip(aug.hflip))
     if aug.auto_augment:
         fill = tuple(round(255 * m) for m in info.mean)
-        ops.append(rand_augment_transform(aug.auto_augment, dict(translate_const=int(native * 0.45), img_mean=fill)))
+        ops.append(auto_augment_transform(aug.auto_augment, dict(translate_const=int(native * 0.45), img_mean=fill)))
     ops += tail
     if aug.re_prob > 0:
         ops.append(RandomErasing(aug.re_prob, mode="pixel", device="cpu"))

@@ -82,7 +82,10 @@ class TrainConfig(Settings):
     warmup_lr: float = Field(1e-4, ge=0, description="learning rate at the start of warm-up")
     min_lr: float = Field(0.0, ge=0, description="learning rate at the end of the cosine")
     label_smoothing: float = Field(0.1, ge=0, le=1, description="label smoothing of the cross-entropy")
-    auto_augment: str = Field("rand-m9-mstd0.5", description='timm RandAugment spec ("" for none)')
+    auto_augment: str = Field(
+        "rand-m9-mstd0.5",
+        description='timm auto-augment spec: rand-... (RandAugment), augmix-..., or an AutoAugment policy ("" = none)',
+    )
     re_prob: float = Field(0.25, ge=0, le=1, description="random erasing probability")
     hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")
     mixup: float = Field(0.0, ge=0, description="Mixup alpha (0 = off)")
@@ -124,6 +127,15 @@ class TrainConfig(Settings):
 
         if value not in DATASETS:
             raise ValueError(f"unknown dataset {value!r}; choose one of {', '.join(DATASETS)}")
+        return value
+
+    @field_validator("auto_augment")
+    @classmethod
+    def _auto_augment(cls, value: str) -> str:
+        from .data import auto_augment_transform
+
+        if value:
+            auto_augment_transform(value)  # a ValueError that shows an example of each kind
         return value
 
     @field_validator("img_size")
@@ -296,6 +308,15 @@ def _with_dataset_defaults(settings: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{**DATASET_DEFAULTS.get(dataset, {}), **settings})
 
 
+def _layered(lower: dict[str, Any], upper: dict[str, Any]) -> dict[str, Any]:
+    """``upper``'s settings over ``lower``'s; ``model_kwargs`` merged key by key, so that a flag
+    changing one architecture keyword keeps the file's others."""
+    merged = {**lower, **upper}
+    if isinstance(lower.get("model_kwargs"), dict) and isinstance(upper.get("model_kwargs"), dict):
+        merged["model_kwargs"] = {**lower["model_kwargs"], **upper["model_kwargs"]}
+    return merged
+
+
 def make_config(overrides: dict[str, Any] | None = None, config_file: str | None = None) -> TrainConfig:
     """A checked :class:`TrainConfig`: defaults, then the dataset's, then ``config_file`` (YAML), then ``overrides``.
 
@@ -313,13 +334,13 @@ def make_config(overrides: dict[str, Any] | None = None, config_file: str | None
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         from_file = read_yaml(path)
-    given = {**from_file, **overrides}
+    given = _layered(from_file, overrides)
     try:
         cfg = _with_dataset_defaults(given)
         if cfg.resume and (saved := _run_settings(cfg.run_dir())):
             saved = {k: v for k, v in saved.items() if k not in _PER_INVOCATION}
             saved.setdefault("img_size", _dataset_img_size(saved))  # saved before the setting existed
-            cfg = _with_dataset_defaults({**saved, **given, "output": str(cfg.run_dir())})
+            cfg = _with_dataset_defaults({**_layered(saved, given), "output": str(cfg.run_dir())})
         if cfg.img_size == 0:  # resolved once, so the run's files say the size it trained at
             cfg.img_size = default_img_size(cfg.dataset, cfg.model)
     except ValidationError as e:

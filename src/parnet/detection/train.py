@@ -105,6 +105,7 @@ class DetTrainConfig(Settings):
 # depend on (the cosine runs over epochs x steps: more epochs after a finished run would restart nothing).
 _RESUME_FIXED = ("detector", "backbone", "backbone_kwargs", "fpn_channels", "image_size", "epochs", "batch_size",
                  "lr", "weight_decay", "warmup_steps", "max_steps", "seed", "freeze_bn")  # fmt: skip
+_PER_INVOCATION = ("output", "resume", "stop_after")  # never taken from the run's saved settings
 _FINAL_FILES = ("eval.json",)
 _DERIVED = ("best.safetensors", "predictions.png")  # written by a run: a new run refuses to replace them
 
@@ -140,6 +141,20 @@ def _draw_examples(
     return save_png(grid, path)
 
 
+def _with_saved_settings(cfg: DetTrainConfig, run_dir: Path) -> DetTrainConfig:
+    """On resume, the run's own settings wherever ``cfg`` does not set one (``model_fields_set``), as
+    ``parnet train --resume`` takes them: a resumed run needs no flag but ``--output``."""
+    from ..checkpoint import STATE_FILE, read_state
+    from ..settings import check_config
+
+    saved = read_state(run_dir)["extra"].get("settings")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{run_dir / STATE_FILE} holds no settings: it was not written by `parnet train-det`")
+    saved = {k: v for k, v in saved.items() if k not in _PER_INVOCATION}
+    saved = check_config(saved, f"the settings in {run_dir / STATE_FILE}", DetTrainConfig)
+    return DetTrainConfig(**{**saved, **cfg.model_dump(include=cfg.model_fields_set)})
+
+
 def _lr_lambda(warmup: int, total: int) -> Any:
     def f(step: int) -> float:
         if step < warmup:
@@ -158,7 +173,9 @@ def train_det(cfg: DetTrainConfig) -> dict[str, float]:
     from .. import engine
 
     run_dir = Path(cfg.output)
-    engine.check_run_folder(run_dir, cfg.resume, _FINAL_FILES, _DERIVED)  # before any work: nothing written yet
+    # Before any work: nothing written yet.
+    if engine.check_run_folder(run_dir, cfg.resume, _FINAL_FILES, _DERIVED):
+        cfg = _with_saved_settings(cfg, run_dir)
     dist_info = engine.init_distributed(cfg.device)
     try:
         with contextlib.ExitStack() as held:
