@@ -123,6 +123,23 @@ def test_backbone_weights_from_our_safetensors(tmp_path: Path) -> None:
         det.build_backbone("parnet_s", weights=tmp_path / "nope.safetensors", **TINY_STEM)
 
 
+def test_backbone_weights_from_a_grey_run_folder(tmp_path: Path) -> None:
+    """A Fashion-MNIST run (1 channel) as an RGB detector's backbone: its folder is given, and the
+    convolutions that read the image take its grey filters (timm's adapt_input_conv), so a grey image
+    given as RGB has the classifier's own features."""
+    from parnet.engine import save_checkpoint
+
+    clf = parnet.create_model("parnet_s", num_classes=10, in_chans=1, **TINY_STEM)
+    randomize_bn(clf, seed=4)
+    save_checkpoint(tmp_path / "run", 0, clf)
+    bb = det.build_backbone("parnet_s", weights=tmp_path / "run", **TINY_STEM).eval()
+    grey = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(bb.body(grey.repeat(1, 3, 1, 1))[-1], clf.eval().forward_features(grey))
+    with pytest.raises(FileNotFoundError, match="is it a `parnet train` run folder"):
+        det.build_backbone("parnet_s", weights=tmp_path, **TINY_STEM)
+
+
 def test_backbone_weights_read_by_content(official_tiny: dict, tmp_path: Path) -> None:
     """A torch checkpoint named .safetensors, and plain safetensors state dicts (no or another format)."""
     from safetensors.torch import save_file

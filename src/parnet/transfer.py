@@ -44,14 +44,31 @@ def _check_same_parnet(src: nn.Module, model: nn.Module, source: str) -> None:
         )
 
 
+def adapt_input_convs(
+    theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], first_conv: str | tuple[str, ...] | list[str] | None
+) -> tuple[dict[str, torch.Tensor], str | None]:
+    """``theirs`` with the weights of the convolutions that read the image (``first_conv``, as in timm's
+    ``pretrained_cfg``) adapted to ``ours``' input channels by timm's ``adapt_input_conv``, and a note
+    saying so (``None`` when none needed it); every other tensor is left as it is."""
+    from timm.models import adapt_input_conv
+
+    modules, adapted, note = _module_names(first_conv), dict(theirs), None
+    for key, weight in theirs.items():
+        own = ours.get(key)
+        if own is None or own.shape == weight.shape or weight.dim() != 4 or key.rsplit(".", 1)[0] not in modules:
+            continue
+        if own.shape[0] == weight.shape[0] and own.shape[2:] == weight.shape[2:]:
+            adapted[key] = adapt_input_conv(own.shape[1], weight, base_chans=weight.shape[1])
+            note = f"input convolutions adapted from {weight.shape[1]} to {own.shape[1]} channels"
+    return adapted, note
+
+
 def initialize_from(model: nn.Module, source: str | os.PathLike) -> str:
     """Copy the weights of ``source`` into ``model`` (a freshly created training model); say what was done.
 
     ``ValueError`` for fused weights, another architecture, or a tensor that neither fits nor is the
     classifier or an input convolution; ``FileNotFoundError`` for a missing file.
     """
-    from timm.models import adapt_input_conv
-
     from .evaluate import load_trained_model
 
     src, path = load_trained_model(source)
@@ -69,17 +86,15 @@ def initialize_from(model: nn.Module, source: str | os.PathLike) -> str:
             f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}: train the same architecture"
         )
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    classifier, first_conv = _module_names(cfg.get("classifier")), _module_names(cfg.get("first_conv"))
+    classifier = _module_names(cfg.get("classifier"))
+    adapted, note = adapt_input_convs(theirs, ours, cfg.get("first_conv"))
     state: dict[str, torch.Tensor] = {}
-    notes: set[str] = set()
+    notes = {note} if note else set()
     for key, own in ours.items():
-        weight, module = theirs[key], key.rsplit(".", 1)[0]
-        if weight.shape != own.shape and module in classifier:
+        weight = adapted[key]
+        if weight.shape != own.shape and key.rsplit(".", 1)[0] in classifier:
             weight = own  # timm's way: a new class count starts a new classifier
             notes.add(f"classifier restarted for {own.shape[0]} classes (the weights have {theirs[key].shape[0]})")
-        elif weight.shape != own.shape and module in first_conv and weight.dim() == 4:
-            weight = adapt_input_conv(own.shape[1], weight, base_chans=weight.shape[1])
-            notes.add(f"input convolutions adapted from {theirs[key].shape[1]} to {own.shape[1]} channels")
         if weight.shape != own.shape:
             raise ValueError(
                 f"{path}: {key} has shape {list(theirs[key].shape)}, this model {list(own.shape)}: train the same "

@@ -99,7 +99,12 @@ def _read_weights(source: str | os.PathLike | Mapping[str, Any], use_ema: bool) 
     if isinstance(source, Mapping):
         checkpoint, name = dict(source), "the given state dict"
     else:
-        path, name = Path(source), str(source)
+        path = Path(source)
+        if path.is_dir():  # a `parnet train` run folder: its EMA or its raw weights
+            from ..evaluate import run_weights_file
+
+            path = run_weights_file(path, use_ema)
+        name = str(path)
         if not path.is_file():
             raise FileNotFoundError(f"backbone weights not found: {path}")
         if not is_torch_checkpoint(path):  # by content: a torch.save file named .safetensors is read as one
@@ -120,15 +125,20 @@ def load_backbone_weights(
 ) -> list[str]:
     """Load a classification checkpoint into a features body; returns the keys it did not use.
 
-    Keys of the classifier (``head.*``, ``fc.*``) are not needed; every weight of the body must
-    be present with the right shape, or ``ValueError`` says which are missing or mismatched.
+    ``source``: a run folder of ``parnet train``, our safetensors, the authors' ``.pth.tar`` or a state dict.
+    Keys of the classifier (``head.*``, ``fc.*``) are not needed; the convolutions that read the image
+    are adapted to the body's channels (timm's ``adapt_input_conv``: a Fashion-MNIST ParNet's grey
+    filters repeated for RGB); every other weight of the body must be present with the right shape, or
+    ``ValueError`` says which are missing or mismatched.
     """
+    from ..transfer import adapt_input_convs
     from ..weights import check_state_dict
 
     state, name = _read_weights(source, use_ema)
     target = body.model if hasattr(body, "model") and isinstance(body.model, nn.Module) else body
     state = {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
     own = target.state_dict()
+    state, _ = adapt_input_convs(state, own, (getattr(body, "pretrained_cfg", None) or {}).get("first_conv"))
     try:  # the classifier's weights may be extra; every weight of the body must fit by name, shape and dtype
         check_state_dict(own, state, name, allow_unexpected=True, optional=lambda k: k.endswith("num_batches_tracked"))
     except ValueError as e:

@@ -63,9 +63,11 @@ class DetTrainConfig(Settings):
         default_factory=dict, description="timm.create_model arguments, e.g. widths=[16,32,64] head_width=128"
     )
     backbone_weights: str | None = Field(
-        None, description="classification checkpoint: ours (.safetensors) or the authors' (.pth.tar)"
+        None,
+        description="classification weights: a `parnet train` run folder, ours (.safetensors) or the authors' "
+        "(.pth.tar); the input convolutions adapt to RGB",
     )
-    ema: bool = Field(False, description="take the EMA weights of --backbone-weights")
+    ema: bool = Field(False, description="take the EMA weights of --backbone-weights (a run folder's last_ema)")
     freeze_bn: bool = Field(False, description="FrozenBatchNorm2d in the backbone (for pretrained weights)")
     fpn_channels: int = Field(256, ge=1, le=4096, description="FPN and head width")
     image_size: int | None = Field(
