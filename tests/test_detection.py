@@ -613,6 +613,8 @@ def test_generator_keeps_existing_data(tmp_path: Path, fake_fashion_mnist: Path,
         with pytest.raises(ValueError, match="max_iou must be a number from 0 to 1"):
             make_fashion_mnist_detection(tmp_path / "iou", 1, 1, max_iou=iou, source=fake_fashion_mnist)
     assert not (tmp_path / "iou").exists()
+    with pytest.raises(ValueError, match=r"object_size \(--min-size, --max-size\) .* canvas side 20 \(--canvas\)"):
+        make_fashion_mnist_detection(tmp_path / "big", 1, 1, canvas=20, object_size=(8, 28), source=fake_fashion_mnist)
     make_fashion_mnist_detection(out, num_train=2, num_val=1, canvas=64, object_size=(16, 40), seed=4,
                                  source=fake_fashion_mnist, overwrite=True)  # fmt: skip
     assert len(json.loads((out / "annotations" / "instances_val.json").read_text())["images"]) == 1

@@ -197,6 +197,8 @@ def test_quantize_command_round_trip(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert scored["raw"]["loss"] == pytest.approx(fp32["loss"], rel=0.05)  # the model's logits, not just its classes
     assert cli.main(["eval", str(checkpoint).replace(".safetensors", ".onnx"), "--workers", "0"]) == 2  # no file
     assert "no file at" in capsys.readouterr().err
+    assert cli.main(["eval", str(out), "--data-dir", str(data), "--workers", "0", "--img-size", "64"]) == 2
+    assert "was built for 32x32 images, not 64: leave out the image size" in capsys.readouterr().err
 
 
 @ORT

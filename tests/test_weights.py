@@ -168,6 +168,11 @@ def test_our_safetensors_given_as_an_authors_checkpoint_is_not_called_unsafe(sav
         err = capsys.readouterr().err
         assert "is a safetensors file, not a PyTorch checkpoint: it needs no conversion" in err
         assert "could run code" not in err and "weights_only" not in err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.safetensors").write_bytes(saved.read_bytes())
+    assert main(["eval", str(run), "--official"]) == 2  # not ignored: a run folder holds no authors' file
+    assert "--official reads an authors' .pth.tar file" in capsys.readouterr().err
 
 
 def test_hostile_pickle_message_does_not_advise_running_it(tmp_path: Path) -> None:

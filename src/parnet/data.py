@@ -142,7 +142,8 @@ def _find_idx(root: Path, stem: str) -> Path:
     raise DatasetNotFoundError(
         f"Fashion-MNIST file {stem}[.gz] not found in {root}. Install the dataset with "
         "`sudo apt-get install dataset-fashion-mnist` (it goes to /usr/share/datasets/fashion-mnist), "
-        "or download the four IDX files from https://github.com/zalandoresearch/fashion-mnist and pass --data-dir."
+        "or download the four IDX files from https://github.com/zalandoresearch/fashion-mnist and give their folder "
+        "(--data-dir; for make-det-dataset, --source)."
     )
 
 

@@ -265,8 +265,10 @@ def evaluate(
     dev = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run_dataset = None  # the dataset the weights were trained on (their run's config.yaml, or their header)
     trained = trained_on(path)
-    img_size = img_size or trained.img_size
+    asked_size, img_size = img_size, img_size or trained.img_size
     if path.is_dir():
+        if official:
+            raise ValueError(f"--official reads an authors' .pth.tar file; {path} is a run folder (leave it out)")
         files = {"raw": path / "last.safetensors", "ema": path / "last_ema.safetensors"}  # either may be pruned
         nets = {name: load_weights(f, str(dev)) for name, f in files.items() if f.is_file()}
         if not nets:
@@ -287,7 +289,13 @@ def evaluate(
         nets["raw"] = load_deployed(path)
         run_dataset = nets["raw"].dataset
         dataset, dev = dataset or run_dataset, torch.device("cpu")
-        img_size = img_size or nets["raw"].height  # the one size the engine model was built for
+        built = nets["raw"].height  # the one size the engine model was built for
+        if asked_size and asked_size != built:
+            raise ValueError(
+                f"{path} was built for {built}x{nets['raw'].width} images, not {asked_size}: leave out the image "
+                f"size, or quantize again from a model trained at {asked_size}"
+            )
+        img_size = built
     else:
         nets["raw"] = load_weights(path, str(dev))
         run_dataset = trained.dataset  # from the weights file's header

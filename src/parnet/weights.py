@@ -118,7 +118,8 @@ def architecture_kwargs(
         if key in _LOADING_KEYS:
             raise ValueError(
                 f"{_at(source)}{key!r} is refused: model keywords describe the architecture only, they never load "
-                "weights or files (start from weights with parnet convert / --backbone-weights instead)"
+                "weights or files (start from trained weights with `parnet train --initial-checkpoint`, "
+                "`parnet export --checkpoint` or `parnet train-det --backbone-weights` instead)"
             )
         if key not in allowed:
             raise ValueError(f"{_at(source)}unknown model keyword {key!r}; allowed: {', '.join(allowed)}")

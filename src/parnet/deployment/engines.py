@@ -38,7 +38,10 @@ from .kernels import recall, remember
 
 ENGINES = ("onnxruntime", "openvino")
 ORT_CALIBRATION = ("minmax", "percentile", "entropy")
-BF16_ORT = "ONNX Runtime's CPU provider has no bf16 convolution: for bf16 use mode 'openvino' or a torch mode"
+BF16_ORT = (
+    "ONNX Runtime's CPU provider has no bf16 convolution: for bf16 use OpenVINO (mode 'openvino'; "
+    "`parnet quantize --engine openvino`) or a torch mode"
+)
 
 
 def installed(engine: str) -> bool:
@@ -120,7 +123,8 @@ class EngineModule(nn.Module):
         if x.dim() != 4 or tuple(x.shape[1:]) != want:
             raise ValueError(
                 f"this {self.engine} {self.precision} model was built for inputs (N, {want[0]}, {want[1]}, {want[2]}), "
-                f"got {list(x.shape)}: deploy again with an example of that size"
+                f"got {list(x.shape)}: deploy again with an example of that size (`parnet quantize`: from a model "
+                "trained at that size)"
             )
         if x.device.type != "cpu":
             raise ValueError(f"the {self.engine} modes run on the CPU; got an input on {x.device}")

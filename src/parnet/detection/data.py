@@ -415,9 +415,14 @@ def make_fashion_mnist_detection(
     if canvas < 8 or num_train < 0 or num_val < 0:
         raise ValueError(f"need canvas >= 8 and non-negative image counts, got {canvas}, {num_train}, {num_val}")
     if not 0 <= num_objects[0] <= num_objects[1]:
-        raise ValueError(f"num_objects must be a range (lo, hi) with 0 <= lo <= hi, got {num_objects}")
+        raise ValueError(
+            f"num_objects (--min-objects, --max-objects) must be a range (lo, hi) with 0 <= lo <= hi, got {num_objects}"
+        )
     if not 1 <= object_size[0] <= object_size[1] <= canvas:
-        raise ValueError(f"object_size must be a range within 1..{canvas}, got {object_size}")
+        raise ValueError(
+            f"object_size (--min-size, --max-size) must be a range (lo, hi) with 1 <= lo <= hi <= the canvas side "
+            f"{canvas} (--canvas), got {object_size}"
+        )
     if not 0 <= max_iou <= 1:  # NaN too: no item would ever find a place, and the dataset would have no boxes
         raise ValueError(f"max_iou must be a number from 0 to 1, got {max_iou}")
     source, out = Path(source), Path(out_dir)
