@@ -106,3 +106,15 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, ca
     assert main(["train", "--config", str(tmp_path / "bad.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is not valid YAML" in err and "(line 2, column" in err
+
+
+@pytest.mark.parametrize("command", ["train", "train-det"])
+def test_settings_flags_state_each_default_once(command):
+    """Flags generated from the settings: a description that says its own default gets no second one."""
+    from parnet.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.choices and command in a.choices).choices[command]
+    helps = {a.dest: a.help for a in sub._actions if a.help}
+    assert all(h.count("(default") <= 1 for h in helps.values()), [h for h in helps.values() if h.count("(default") > 1]
+    assert all("(default" in h or "required" in h for d, h in helps.items() if d not in ("help", "config"))

@@ -134,7 +134,9 @@ def test_a_finished_run_resumed_again_changes_nothing(data, reference, tmp_path,
     out = _kill_then_resume(data, tmp_path, 29)  # killed after its very last write: finished
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
     assert main([*_flags(data, out), "--resume"]) == 0
-    assert "has already finished its 2 epochs" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "has already finished its 2 epochs" in out_text and "after its 2 epochs" in out_text
+    assert "at epoch 3/2" not in out_text
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
 
 

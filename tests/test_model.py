@@ -350,6 +350,7 @@ def test_bad_configs_and_names():
         ({"num_classes": -1}, ValueError, "num_classes must be an integer >= 0"),
         ({"num_classes": 10.0}, ValueError, "num_classes must be an integer >= 0"),
         ({"in_chans": 0}, ValueError, "in_chans must be a positive integer"),
+        ({"drop_path_rate": 0.1}, ValueError, "no identity branch for stochastic depth"),  # not a TypeError
     ],
 )
 def test_wrong_types_are_refused_not_coerced(kwargs, error, message):

@@ -209,6 +209,8 @@ class ParNet(nn.Module):
         in_chans: input image channels.
         drop_rate: dropout before the classifier.
         global_pool: timm pooling type of the head (``"avg"`` in the paper).
+        drop_path_rate: timm's stochastic depth; only 0 is accepted: ParNet's blocks have no identity
+            branch for it to fall back on (the paper uses none).
     """
 
     def __init__(
@@ -218,8 +220,14 @@ class ParNet(nn.Module):
         in_chans: int = 3,
         drop_rate: float = 0.0,
         global_pool: str = "avg",
+        drop_path_rate: float = 0.0,
     ):
         super().__init__()
+        if drop_path_rate:
+            raise ValueError(
+                f"drop_path_rate={drop_path_rate!r}: ParNet's blocks have no identity branch for stochastic depth "
+                "to fall back on; regularize with drop_rate (dropout before the classifier) instead"
+            )
         if not _is_int(num_classes) or num_classes < 0:
             raise ValueError(f"num_classes must be an integer >= 0 (0: features from forward), got {num_classes!r}")
         if not _is_int(in_chans) or in_chans < 1:

@@ -214,7 +214,8 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
         global_step = int(extra["global_step"])
         if d.is_main:
             engine.write_run_weights(run_dir, start_epoch - 1, model, ema, weights_meta)
-        log(f"resuming {run_dir} at epoch {start_epoch + 1}/{cfg.epochs}")
+        at = f"at epoch {start_epoch + 1}/{cfg.epochs}"
+        log(f"resuming {run_dir} " + (at if start_epoch < cfg.epochs else f"after its {cfg.epochs} epochs"))
     elif cfg.resume:
         log(f"{run_dir} holds no checkpoint yet: starting from the first epoch")
 

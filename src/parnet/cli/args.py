@@ -138,8 +138,13 @@ def add_settings_flags(
         if name in skip:
             continue
         flag = "--" + name.replace("_", "-")
+        described, extra = field.description or "", (note or {}).get(name, "")
         default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
-        text = f"{field.description or ''} ({default}{(note or {}).get(name, '')})".replace("%", "%%")
+        if "(default" in described:  # the description says what its default means: not twice
+            text = described if not extra else f"{described} ({extra.removeprefix(', ')})"
+        else:
+            text = f"{described} ({default}{extra})"
+        text = text.replace("%", "%%")
         kind = field.annotation
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)

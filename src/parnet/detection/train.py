@@ -269,7 +269,8 @@ def _train_det(cfg: DetTrainConfig, dist_info: Any, run_dir: Path) -> dict[str, 
         del state
         if main:
             engine.write_run_weights(run_dir, start_epoch - 1, model, metadata=meta)
-            print(f"resumed from {run_dir} at epoch {start_epoch + 1}", flush=True)
+            where = f"at epoch {start_epoch + 1}" if start_epoch < cfg.epochs else f"after its {cfg.epochs} epochs"
+            print(f"resumed from {run_dir} {where}", flush=True)
     train_model = DistributedDataParallel(model) if dist_info.distributed else model
     logger = engine.MetricLogger(
         run_dir, enabled=main, start_epoch=start_epoch if has_checkpoint else None, rows=extra.get("metrics")
