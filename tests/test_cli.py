@@ -95,6 +95,7 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, ca
          f"--output {afile} is a file"),
         (["convert", str(tmp_path), str(tmp_path / "w.safetensors")], "is a folder: give the checkpoint file"),
         (["convert", str(afile), str(tmp_path / "w.safetensors")], "is not a PyTorch checkpoint (empty, or"),
+        (["convert", str(afile), str(tmp_path / "w.pt")], "convert writes safetensors; name the file w.safetensors"),
         (["train", "--config", str(tmp_path)], "is a folder: give the YAML file"),
     ]  # fmt: skip
     for argv, message in cases:

@@ -126,6 +126,8 @@ def test_our_safetensors_without_a_dataset(images, tmp_path):
         (["{rgb}", "{run}", "{run}"], "one run folder"),
         (["{run}"], "at least one image"),
         (["{rgb}"], "give the weights"),
+        (["{rgb}", "{missing}"], "no image file or run folder at"),  # a mistyped run folder: not "give the weights"
+        (["{rgb}", "--model", "parnet_s_official.fake"], "no pretrained tag 'fake' (its tags: in1k)"),
         (["{rgb}", "--model", "parnet_s"], "no released weights"),
         (["{rgb}", "{run}", "--checkpoint", "{rgb}"], "not both"),
         (["{rgb}", "--checkpoint", "{missing}"], "no checkpoint"),
@@ -139,7 +141,11 @@ def test_bad_input_is_a_clear_error_without_traceback(run, images, tmp_path, cap
     (tmp_path / "m.onnx").write_bytes(b"\x08\x07")  # what `parnet quantize` writes is not trained weights
     values = {k: str(v) for k, v in images.items()} | {"run": str(run), "missing": str(tmp_path / "nothing.png")}
     values["onnx"] = str(tmp_path / "m.onnx")
-    assert main(["predict", *(a.format(**values) for a in args)]) == 2
+    try:
+        code = main(["predict", *(a.format(**values) for a in args)])
+    except SystemExit as e:  # argparse's own refusal of a flag's value
+        code = e.code
+    assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 

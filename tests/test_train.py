@@ -350,6 +350,19 @@ def test_a_finished_run_without_its_checkpoint_is_not_overwritten(fmnist, tmp_pa
         assert [p.name for p in mine.iterdir()] == [name] and (mine / name).read_text() == "the user's own\n"
 
 
+def test_more_threads_than_cpus_is_warned(fmnist, tmp_path, capsys, monkeypatch):
+    """Oversubscribed threads make training many times slower (175 s for two steps once): said at the start."""
+    import parnet.data
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(parnet.data, "available_cpus", lambda: 1)
+    try:
+        train(tiny_config(fmnist, tmp_path / "t", epochs=1, train_subset=32, test_subset=16, ema=False, threads=2))
+    finally:
+        torch.set_num_threads(threads)
+    assert "--threads 2 is more than the CPUs this process may use (1): slower" in capsys.readouterr().out
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(fmnist, tmp_path, capsys, monkeypatch):
     out = tmp_path / "nan"
     args = ["train", "--data-dir", str(fmnist), "--output", str(out), "--model-kwargs", "widths=[8,16,32]",

@@ -32,6 +32,12 @@ def check_model_name(text: Any) -> str:
         close += [m for m in timm.list_models(f"*{name.split('_')[0]}*")[:8] if m not in close]
         hint = f"; similar: {', '.join(close[:8])}" if close else "; `timm.list_models()` lists them"
         raise ValueError(f"unknown model {name!r}{hint}")
+    base, _, tag = name.partition(".")
+    if tag:  # timm itself would take an unknown tag as a default config and go looking for no weights
+        tagged = [m for m in timm.list_models(base, include_tags=True) if "." in m]
+        if name not in tagged:
+            known = f"its tags: {', '.join(m.partition('.')[2] for m in tagged)}" if tagged else "it has none"
+            raise ValueError(f"{base} has no pretrained tag {tag!r} ({known}); give {base} alone or a tag it has")
     return name
 
 

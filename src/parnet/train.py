@@ -116,7 +116,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     from timm.utils import ModelEmaV3, distribute_bn
 
     from . import engine
-    from .data import AugmentCfg, build_datasets, build_loaders
+    from .data import AugmentCfg, available_cpus, build_datasets, build_loaders
     from .io import atomic_write, remove_temporaries
     from .precision import autocast_dtype
 
@@ -125,6 +125,8 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     log = print if d.is_main else (lambda *a, **k: None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+        if cfg.threads > (cpus := available_cpus()):  # oversubscribed threads spin on each other: many times slower
+            log(f"warning: --threads {cfg.threads} is more than the CPUs this process may use ({cpus}): slower")
     engine.check_run_folder(run_dir, cfg.resume, _RESULT_FILES)  # before any work: nothing written yet
     if d.is_main:  # one training writes into a folder at a time; then look again, under the lock
         held.enter_context(engine.RunLock(run_dir))

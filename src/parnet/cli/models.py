@@ -20,7 +20,9 @@ def _convert(args: argparse.Namespace) -> int:
     from ..io import check_output_path, save_model
     from ..official import load_official
 
-    check_output_path(args.output)
+    out = check_output_path(args.output)
+    if out.suffix != ".safetensors":  # read by content everywhere, but a .pt name would promise a pickle
+        raise ValueError(f"{out}: convert writes safetensors; name the file {out.with_suffix('.safetensors').name}")
     model = load_official(args.input, use_ema=args.ema, activation=args.activation)
     out = save_model(model, args.output, metadata={"source": Path(args.input).name})
     print(

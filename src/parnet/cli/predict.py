@@ -18,6 +18,9 @@ def _predict(args: argparse.Namespace) -> int:
         raise ValueError(f"give one run folder, got {len(runs)}: {', '.join(runs)}")
     if not images:
         raise ValueError("give at least one image file")
+    missing = [p for p in images if not Path(p).exists()]
+    if missing:  # said before any weights are read, and not taken for a missing run folder's weights
+        raise FileNotFoundError(f"no image file or run folder at {', '.join(missing)}")
     predictor = load_predictor(
         run=runs[0] if runs else None,
         checkpoint=args.checkpoint,
