@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from io import StringIO
 from pathlib import Path
 
 import pytest
@@ -38,22 +40,27 @@ def exported(tmp_path_factory: pytest.TempPathFactory, one_thread) -> tuple[torc
         model.head.fc.weight.normal_(0, 1.0)
     root = tmp_path_factory.mktemp("export")
     ckpt = io.save_model(model, root / "tiny.safetensors")
-    with warnings.catch_warnings():
+    printed = StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
         warnings.simplefilter("ignore")
         code = cli.main(["export", "--checkpoint", str(ckpt), "--resolution", "32", "--out", str(root / "out")])
     assert code == 0  # the command itself checked every file against the model to 1e-4
+    said = printed.getvalue()
+    assert "inputs: any batch at 32x32" in said and "inputs: any batch, sides multiples of 8 from 16" in said
     return io.load_model(ckpt), root / "out"
 
 
 @pytest.mark.parametrize("fmt,suffix", [("onnx", ".onnx"), ("torchscript", ".torchscript.pt"), ("export", ".pt2")])
 def test_round_trip_any_batch(exported, fmt: str, suffix: str) -> None:
+    """Any batch; and but for ONNX (fixed size) any size the model takes, as the command says."""
     model, out = exported
     path = out / f"tiny{suffix}"
     assert path.is_file()
     run = load_runner(fmt, path)
+    sizes = [(1, 32), (5, 32)] + ([] if fmt == "onnx" else [(2, 16), (1, 40), (3, 64)])
     with torch.no_grad():
-        for batch in (1, 5):  # export used batches 2 and 3: the batch dimension is dynamic
-            x = torch.randn(batch, 3, 32, 32)
+        for batch, side in sizes:  # export used batches 2 and 3 at 32
+            x = torch.randn(batch, 3, side, side)
             ref = model(x)
             assert ref.abs().max() > 0.1
             assert (run(x) - ref).abs().max().item() < TOL

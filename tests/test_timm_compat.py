@@ -221,12 +221,15 @@ def test_compile_fullgraph_has_no_graph_break(fused, train, fresh_dynamo):
 
 
 @pytest.mark.parametrize("name", ["parnet_s", "parnet_cifar_s"])
-def test_export_of_fused_model_has_dynamic_batch_height_and_width(name, fresh_dynamo):
+@pytest.mark.parametrize("folded", [False, True], ids=["fused", "folded"])
+def test_export_of_fused_model_has_dynamic_batch_height_and_width(name, folded, fresh_dynamo):
+    """The fused model, and the folded one `parnet export` writes (its border corrections once fixed the size)."""
     model = tiny(name).eval()
     randomize_bn(model)
     fused = parnet.reparameterize(model)
     m = fused.input_multiple
-    program = export_program(fused, batch(fused, (3, 2)), m)
+    net = parnet.deploy(model, "cpu", "folded") if folded else fused
+    program = export_program(net, batch(fused, (3, 2)), m)
     run = program.module()
     with torch.no_grad():
         for n, steps in ((1, (2, 2)), (3, (4, 3)), (5, (2, 6))):

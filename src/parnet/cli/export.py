@@ -69,9 +69,15 @@ def _export(args: argparse.Namespace) -> int:
     results = export_model(
         model, args.out, name, formats, (model.in_chans, res, res), fused_only=args.fused_only, check=not args.no_check
     )
+    m = model.input_multiple
+    takes = {  # what each file's input may be (parnet.export.dynamic_shapes for torch.export)
+        "onnx": f"any batch at {res}x{res}",
+        "torchscript": f"any batch, sides multiples of {m}",
+        "export": f"any batch, sides multiples of {m} from {2 * m}" if res >= 2 * m else f"any batch at {res}x{res}",
+    }
     for fmt, r in results.items():
         diff = "not checked" if r["max_abs_diff"] is None else f"max |diff| {r['max_abs_diff']:.2e}"
-        print(f"{fmt:12s} {r['path']}  ({diff})")
+        print(f"{fmt:12s} {r['path']}  ({diff}; inputs: {takes[fmt]})")
     return 0
 
 

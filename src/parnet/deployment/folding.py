@@ -96,9 +96,15 @@ class FoldedBlock(nn.Module):
     def _border_map(self, y: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """The border correction of an output like ``y`` (input ``h`` x ``w``) as one (1, C, Ho, Wo) map.
 
-        Built from plain ints, so that an exporter tracing at a fixed resolution folds it to a constant.
+        Built from plain ints, so that an exporter tracing at a fixed resolution (ONNX) folds it to a
+        constant; under ``torch.export``, whose programs take any size, from the symbolic sizes.
         """
-        ho, wo = int(y.shape[2]), int(y.shape[3])
+        ho, wo = y.shape[2], y.shape[3]
+        exporting = False
+        if not torch.jit.is_scripting():  # TorchScript skips this block; it cannot compile is_exporting
+            exporting = torch.compiler.is_exporting()
+        if not exporting:
+            ho, wo = int(ho), int(wo)
         return self._fix_border(torch.zeros(1, self.border_taps.shape[0], ho, wo, dtype=y.dtype, device=y.device), h, w)
 
     def _fix_border(self, y: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -110,14 +116,15 @@ class FoldedBlock(nn.Module):
         y[:, :, 0, :] -= self.border_top[:, None]
         y[:, :, :, 0] -= self.border_left[:, None]
         y[:, :, 0, 0] += t[:, 0, 0]
+        # The last row and column as -1, not ho - 1: a symbolic index would fix torch.export's program to one size.
         if bottom:
-            y[:, :, ho - 1, :] -= self.border_bottom[:, None]
-            y[:, :, ho - 1, 0] += t[:, 2, 0]
+            y[:, :, -1, :] -= self.border_bottom[:, None]
+            y[:, :, -1, 0] += t[:, 2, 0]
         if right:
-            y[:, :, :, wo - 1] -= self.border_right[:, None]
-            y[:, :, 0, wo - 1] += t[:, 0, 2]
+            y[:, :, :, -1] -= self.border_right[:, None]
+            y[:, :, 0, -1] += t[:, 0, 2]
         if bottom and right:
-            y[:, :, ho - 1, wo - 1] += t[:, 2, 2]
+            y[:, :, -1, -1] += t[:, 2, 2]
         return y
 
     @staticmethod
