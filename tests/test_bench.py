@@ -205,3 +205,16 @@ def test_benchmark_scripts_write_json_and_markdown_side_by_side(tmp_path) -> Non
     assert json.loads((tmp_path / "sub" / "run1.json").read_text()) == {"rows": [1, 2]}
     assert (tmp_path / "sub" / "run1.md").read_text() == "| a |\n| --- |\n"
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["run1.json", "run1.md"]  # no temporaries left
+
+
+def test_a_parnet_changed_by_model_kwargs_gets_none_of_the_papers_figures() -> None:
+    """parnet_s with other widths is not the paper's ParNet-S: no paper top-1 or depth beside its timing."""
+    from parnet.bench import run_bench
+
+    common = dict(devices=["cpu"], batches=[1], reps=[1], resolution=64, threads=1, warmup=0, parnet_modes=["folded"])
+    common |= dict(log=lambda *_: None, peak_size=0, settle_s=0.0)
+    tiny = {"widths": [8, 16, 32], "head_width": 64, "stem_width": 8}
+    (custom,) = run_bench(["parnet_s"], [], model_kwargs=tiny, **common)
+    assert (custom.model, custom.paper_top1, custom.depth) == ("parnet_s", None, None)
+    (stock,) = run_bench(["parnet_s_official"], [], **common)  # the registered network keeps them
+    assert (stock.paper_top1, stock.depth) == (75.19, 12)

@@ -3,6 +3,7 @@ top-1, `parnet quantize` round trip, and every bad request refused with a messag
 
 from __future__ import annotations
 
+import copy
 import importlib
 from pathlib import Path
 
@@ -151,6 +152,15 @@ def test_bad_requests_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         deploy(model, "cpu", "winograd", "int8", calibration=[x])
     with pytest.raises(ValueError, match="needs example="):
         deploy(model, "cpu", "onnxruntime")
+    # checked before any exporter or engine sees it (they failed deep inside with their own tracebacks)
+    with pytest.raises(ValueError, match="built for 3 input channels, got 1"):
+        deploy(model, "cpu", "onnxruntime", example=torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="4-D batch"):
+        deploy(model, "cpu", "auto", example=torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        deploy(model, "cpu", "onnxruntime", "int8", calibration=[torch.full((2, 3, 32, 32), float("nan"))])
+    with pytest.raises(ValueError, match=r"float32 model, got torch.float64 weights: call model.float\(\)"):
+        deploy(copy.deepcopy(model).double(), "cpu", "packed")
     with pytest.raises(ValueError, match="ONNX Runtime's CPU provider has no bf16"):
         monkeypatch.setattr(quantize_module, "has_native_bf16", lambda: True)
         deploy(model, "cpu", "onnxruntime", "bf16", example=x)

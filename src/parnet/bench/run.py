@@ -330,7 +330,8 @@ def _run_bench(
             times = time_interleaved(timed, x0, nrep, warmup, device, settle_s if device.type == "cpu" else 0.0)
             for (name, mode), ts in times.items():
                 med = statistics.median(ts)
-                depth, top1 = PAPER.get(name.split(".")[0], (None, None))
+                custom = bool(model_kwargs) and is_parnet_model(name)  # not the paper's network: none of its figures
+                depth, top1 = (None, None) if custom else PAPER.get(name.split(".")[0], (None, None))
                 precision = split_mode(mode)[0]
                 rate = gflop[name] * batch / med * 1e3
                 best_peak = max(peak.get(precision, {}).values(), default=None)

@@ -201,7 +201,8 @@ def deploy(
         example: an input batch. With ``mode="auto"`` the candidate modes (``candidates``, default
             :func:`auto_candidates`) are built, timed on it and the fastest returned; without it
             ``auto`` follows :func:`auto_mode`. The engine modes are built for its resolution
-            (int8: the calibration's, which must be the same when both are given).
+            (int8: the calibration's, which must be the same when both are given). The other modes
+            take any size; for them it is only checked, as for every mode (the model's ``check_input``).
         devices: for ``multi_device``: one device per stream.
         threads: for ``parallel`` on CPU: intra-op threads to split between the streams; for the
             engines, their threads (default: ``torch.get_num_threads()``).
@@ -225,7 +226,15 @@ def deploy(
             "deploy takes a whole ParNet; this one was pruned to some of its features (prune_intermediate_layers, "
             "as features_only does): deploy the classifier, or run the backbone as it is"
         )
+    dtypes = {p.dtype for p in model.parameters()} - {torch.float32}
+    if dtypes:  # the modes and engines are float32 inside (precision= gives bf16 and int8 from it)
+        raise ValueError(
+            f"deploy takes a float32 model, got {', '.join(map(str, sorted(dtypes, key=str)))} weights: call "
+            "model.float() first (precision='bf16' or 'int8' gives the lower precisions)"
+        )
     _check_arguments_apply(mode, precision, calibration, example, devices, threads, candidates)
+    if example is not None:
+        model.check_input(example)  # a ValueError that says what to pass, not an exporter's traceback
     batches = calibration_batches(calibration, model.in_chans) if precision == "int8" else None
     if mode == "auto" and example is not None:
         names = candidates or auto_candidates(device, precision)

@@ -63,6 +63,8 @@ def calibration_batches(calibration: Iterable[torch.Tensor] | None, in_chans: in
                 f"calibration batches must be prepared images (floating point, normalized as the model's "
                 f"input), got {batch.dtype}"
             )
+        if not torch.isfinite(batch).all():  # NaN or inf would set no range, or an infinite one
+            raise ValueError("calibration batches hold NaN or infinite values: give real, prepared images")
         batches.append(batch.detach().float().cpu())
     if not batches:
         raise ValueError("calibration is empty: int8 needs at least one batch of real images")
