@@ -251,7 +251,7 @@ def check_config(values: dict[str, Any], source: str = "config", model: type[Set
 
 
 # Settings of one invocation, not of the run: a resumed run does not take them from its saved settings.
-_PER_INVOCATION = ("output", "resume", "stop_after")
+PER_INVOCATION = ("output", "resume", "stop_after")  # never taken from a run's saved settings on resume
 
 
 def read_yaml(path: Path, model: type[Settings] = TrainConfig) -> dict[str, Any]:
@@ -338,7 +338,7 @@ def make_config(overrides: dict[str, Any] | None = None, config_file: str | None
     try:
         cfg = _with_dataset_defaults(given)
         if cfg.resume and (saved := _run_settings(cfg.run_dir())):
-            saved = {k: v for k, v in saved.items() if k not in _PER_INVOCATION}
+            saved = {k: v for k, v in saved.items() if k not in PER_INVOCATION}
             saved.setdefault("img_size", _dataset_img_size(saved))  # saved before the setting existed
             cfg = _with_dataset_defaults({**_layered(saved, given), "output": str(cfg.run_dir())})
         if cfg.img_size == 0:  # resolved once, so the run's files say the size it trained at

@@ -107,7 +107,6 @@ class DetTrainConfig(Settings):
 # depend on (the cosine runs over epochs x steps: more epochs after a finished run would restart nothing).
 _RESUME_FIXED = ("detector", "backbone", "backbone_kwargs", "fpn_channels", "image_size", "epochs", "batch_size",
                  "lr", "weight_decay", "warmup_steps", "max_steps", "seed", "freeze_bn")  # fmt: skip
-_PER_INVOCATION = ("output", "resume", "stop_after")  # never taken from the run's saved settings
 _FINAL_FILES = ("eval.json",)
 _DERIVED = ("best.safetensors", "predictions.png")  # written by a run: a new run refuses to replace them
 
@@ -147,12 +146,12 @@ def _with_saved_settings(cfg: DetTrainConfig, run_dir: Path) -> DetTrainConfig:
     """On resume, the run's own settings wherever ``cfg`` does not set one (``model_fields_set``), as
     ``parnet train --resume`` takes them: a resumed run needs no flag but ``--output``."""
     from ..checkpoint import STATE_FILE, read_state
-    from ..settings import check_config
+    from ..settings import PER_INVOCATION, check_config
 
     saved = read_state(run_dir)["extra"].get("settings")
     if not isinstance(saved, dict):
         raise ValueError(f"{run_dir / STATE_FILE} holds no settings: it was not written by `parnet train-det`")
-    saved = {k: v for k, v in saved.items() if k not in _PER_INVOCATION}
+    saved = {k: v for k, v in saved.items() if k not in PER_INVOCATION}
     saved = check_config(saved, f"the settings in {run_dir / STATE_FILE}", DetTrainConfig)
     return DetTrainConfig(**{**saved, **cfg.model_dump(include=cfg.model_fields_set)})
 
