@@ -40,3 +40,11 @@ def official_tiny() -> dict:
 
 # Random BN statistics, so that fusion and folding are checked on more than identity BNs.
 randomize_bn = randomize_statistics
+
+
+@pytest.fixture(scope="module")
+def fast_torchscript():
+    """TorchScript's profiling executor optimizes on the first calls (seconds); timm's tests turn that off too."""
+    old = torch._C._jit_set_profiling_mode(False)
+    yield
+    torch._C._jit_set_profiling_mode(old)

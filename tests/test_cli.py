@@ -27,6 +27,17 @@ def test_summary_table_via_module_entry_point():
     assert "| parnet_cifar_s | small-input | 24,48,96 | 512 | silu | 32x32 | 1.45 M | 1.31 M | 0.21 | 12 |" in out
 
 
+def test_a_reader_that_stops_early_is_no_error():
+    """`parnet predict ... | head`: the pipe closes before the command writes; it stops quietly with 141 (128 +
+    SIGPIPE) as Unix tools do, without a traceback or an error message."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "parnet", "summary", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # before the command has imported torch, let alone written
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 141 and err == b""
+
+
 def test_unknown_variant_is_a_clear_error(capsys):
     assert main(["summary", "parnet_q"]) == 2
     assert "unknown ParNet variant 'parnet_q'" in capsys.readouterr().err

@@ -117,8 +117,16 @@ def test_backbone_weights_from_our_safetensors(tmp_path: Path) -> None:
         again = det.build_backbone("parnet_s", weights=weights, **TINY_STEM).eval()
         with torch.no_grad():
             torch.testing.assert_close(again.body(x)[-1], bb.body(x)[-1], rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="does not fit the backbone"):
+    with pytest.raises(ValueError, match=r"another architecture: widths \(8, 16, 32\) \(the model: \(8, 16, 48\)\)"):
         det.build_backbone("parnet_s", weights=path, widths=(8, 16, 48), head_width=64)
+    with pytest.raises(ValueError, match="does not fit the backbone"):  # a state dict says no architecture
+        det.build_backbone("parnet_s", weights=clf.state_dict(), widths=(8, 16, 48), head_width=64)
+    # Same tensor shapes, another network: the file's architecture is checked, not only its shapes.
+    with pytest.raises(ValueError, match=r"another architecture: act 'silu' \(the model: 'relu'\).*--backbone-kwargs"):
+        det.build_backbone("parnet_s", weights=path, **TINY_STEM, act="relu")
+    small = parnet.create_model("parnet_cifar_s", num_classes=7, **TINY_STEM)
+    with pytest.raises(ValueError, match="small_input True .the model: False."):
+        det.build_backbone("parnet_s", weights=save_model(small, tmp_path / "small.safetensors"), **TINY_STEM)
     with pytest.raises(FileNotFoundError):
         det.build_backbone("parnet_s", weights=tmp_path / "nope.safetensors", **TINY_STEM)
 
@@ -151,10 +159,15 @@ def test_backbone_weights_read_by_content(official_tiny: dict, tmp_path: Path) -
     save_file(state, tmp_path / "plain.safetensors")
     save_file(state, tmp_path / "hub.safetensors", metadata={"format": "pt"})
     x = official_tiny["input"]
-    for name in ("authors.safetensors", "plain.safetensors", "hub.safetensors"):
+    for name in ("plain.safetensors", "hub.safetensors"):
         bb = det.build_backbone("parnet_s", weights=tmp_path / name, **kwargs).eval()
         with torch.no_grad():
             torch.testing.assert_close(bb.body(x)[-1], reference.forward_features(x))
+    # an authors' file is read as the released networks' ReLU (it does not say): a ReLU backbone takes it
+    bb = det.build_backbone("parnet_s", weights=tmp_path / "authors.safetensors", **{**kwargs, "act": "relu"}).eval()
+    relu = parnet.load_official(official_tiny["state_dict"], activation="relu").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(bb.body(x)[-1], relu.forward_features(x))
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "plain.safetensors").read_bytes()[:200])
     with pytest.raises(ValueError, match="cannot read .*cut.safetensors as safetensors"):
         det.build_backbone("parnet_s", weights=tmp_path / "cut.safetensors", **kwargs)
@@ -165,7 +178,11 @@ def test_backbone_weights_from_official_checkpoint(official_tiny: dict) -> None:
         widths=(16, 32, 64), head_width=128, stem_width=16, act="silu"
     )  # the fixture's network (fixtures/README.md)
     reference = parnet.load_official(official_tiny["state_dict"], activation="silu").eval()
-    bb = det.build_backbone("parnet_s", weights={"state_dict": official_tiny["state_dict"]}, **kwargs).eval()
+    # The authors' layout does not say its activation: read as the released networks' ReLU, it does not fit a
+    # SiLU backbone (the features would be wrong), and the message says how to load a SiLU one.
+    with pytest.raises(ValueError, match=r"act 'relu' \(the model: 'silu'\).*--activation silu"):
+        det.build_backbone("parnet_s", weights={"state_dict": official_tiny["state_dict"]}, **kwargs)
+    bb = det.build_backbone("parnet_s", weights=reference.state_dict(), **kwargs).eval()  # converted: as it says
     x = official_tiny["input"]
     with torch.no_grad():
         torch.testing.assert_close(bb.body(x)[-1], reference.forward_features(x))
@@ -232,6 +249,12 @@ def test_save_load_detector_round_trip(tmp_path: Path) -> None:
         tiny_detector("fcos", score_threshold=0.2)
     with pytest.raises(ValueError, match=r"nms_thresh must be a number in \[0.0, 1.0\], got 2"):
         tiny_detector("fcos", nms_thresh=2)
+    # each detector's own keywords: another's would be passed on to torchvision's transform and ignored
+    with pytest.raises(ValueError, match=r"fasterrcnn takes none of \['score_thresh'\].*box_score_thresh"):
+        tiny_detector("fasterrcnn", score_thresh=0.9)
+    with pytest.raises(ValueError, match=r"fcos takes none of \['box_score_thresh'\]"):
+        tiny_detector("fcos", box_score_thresh=0.9)
+    assert tiny_detector("fasterrcnn", box_score_thresh=0.9).roi_heads.score_thresh == 0.9
     for key, value in model.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
     images, _ = tiny_batch()
@@ -246,6 +269,21 @@ def test_save_load_detector_round_trip(tmp_path: Path) -> None:
     (tmp_path / "bad.safetensors").write_bytes(b"not a file")
     with pytest.raises(ValueError, match="cannot read"):
         det.load_detector(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["fcos", "fasterrcnn"])
+def test_detector_with_parnet_backbone_scripts(kind: str, fast_torchscript) -> None:
+    """torchvision's detectors are deployed scripted; one on a ParNet backbone scripts too, with equal outputs."""
+    model = tiny_detector(kind, score_thresh=0.0) if kind == "fcos" else tiny_detector(kind, box_score_thresh=0.0)
+    model.eval()
+    scripted = torch.jit.script(model)
+    images, _ = tiny_batch()
+    with torch.no_grad():
+        eager = model(images)
+        _, scripted_out = scripted(images)  # scripted detectors return (losses, detections)
+    for a, b in zip(eager, scripted_out):
+        torch.testing.assert_close(a["boxes"], b["boxes"])
+        torch.testing.assert_close(a["scores"], b["scores"])
 
 
 def test_predict_maps_labels_to_categories_and_boxes_to_xywh() -> None:
@@ -318,6 +356,19 @@ def test_coco_no_detections_and_bad_results() -> None:
     ] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="not in the ground truth"):
         det.coco_evaluate(gt, [{"image_id": 9, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}])
+    # a detection without a score, or holding tensors: said so, not a KeyError or "not in the ground truth"
+    with pytest.raises(ValueError, match=r"lacks \['score'\]"):
+        det.coco_evaluate(gt, [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}])
+    with pytest.raises(ValueError, match="plain Python numbers: call .tolist"):
+        det.coco_evaluate(gt, [{"image_id": torch.tensor(1), "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}])
+    np_result = {"image_id": np.int64(1), "category_id": 1, "bbox": np.array([0.0, 0, 10, 10]).tolist(), "score": 1}
+    assert det.coco_evaluate(gt, [np_result])["AP"] == pytest.approx(1.0)  # NumPy's integers are numbers
+    # ground truth with an unknown category: refused, or with strict=False (the --lenient of the commands) dropped
+    gt["annotations"].append({"id": 9, "image_id": 1, "category_id": 7, "bbox": [50, 50, 10, 10]})
+    with pytest.raises(ValueError, match="pass strict=False"):
+        det.coco_evaluate(gt, [np_result])
+    with pytest.warns(UserWarning, match="dropped"):
+        assert det.coco_evaluate(gt, [np_result], strict=False)["AP"] == pytest.approx(1.0)
 
 
 # -- bad annotations ----------------------------------------------------------------------------
@@ -358,6 +409,12 @@ def test_bad_annotations_refused_clearly() -> None:
     del gt["images"][0]["width"]
     with pytest.raises(ValueError, match="width"):
         check_coco(gt)
+    gt["images"][0]["width"] = 64.0  # some exporters write whole sizes as floats, pycocotools takes them
+    assert check_coco(gt).data["images"][0]["width"] == 64
+    for bad in (64.5, True, float("nan")):
+        gt["images"][0]["width"] = bad
+        with pytest.raises(ValueError, match="needs a positive integer 'width'"):
+            check_coco(gt)
     for key, message in (("image_id", "refer to image ids that are not in"), ("category_id", "category")):
         gt = coco_gt([[[1, 1, 2, 2]]])
         gt["annotations"][0][key] = [1]  # not hashable: a lookup would be a TypeError
@@ -467,6 +524,16 @@ def test_draw_examples_nothing_to_draw(tmp_path: Path) -> None:
     assert _draw_examples(model, ds, tmp_path / "p.png", 0, 0.3, torch.device("cpu")) is None  # --draw 0
     assert not (tmp_path / "p.png").exists()
     assert _draw_examples(model, ds, tmp_path / "p.png", 4, 0.3, torch.device("cpu")) == tmp_path / "p.png"
+
+
+def test_draw_predictions_of_images_of_different_sizes() -> None:
+    """COCO's images differ in size: the picture pads them to the largest (make_grid alone refuses them)."""
+    images = [torch.rand(3, 80, 54), torch.rand(3, 70, 44), torch.rand(1, 40, 90)]
+    preds = [{"boxes": torch.tensor([[2.0, 2.0, 20.0, 30.0]]), "scores": torch.tensor([0.9]),
+              "labels": torch.tensor([1])} for _ in images]  # fmt: skip
+    grid = det.draw_predictions(images, preds, {1: "a"}, nrow=3)
+    assert grid.dtype == torch.uint8 and grid.shape == (3, 2 + 80 + 2, 2 + 3 * (90 + 2))
+    assert bool((grid[:, 2 + 75, 2 + 92 + 10] == 255).all())  # below the 70-pixel-high image: white padding
 
 
 def test_train_det_refuses_to_overwrite_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -618,6 +685,12 @@ def test_generator_keeps_existing_data(tmp_path: Path, fake_fashion_mnist: Path,
     make_fashion_mnist_detection(out, num_train=2, num_val=1, canvas=64, object_size=(16, 40), seed=4,
                                  source=fake_fashion_mnist, overwrite=True)  # fmt: skip
     assert len(json.loads((out / "annotations" / "instances_val.json").read_text())["images"]) == 1
+    # the old set's images the new one does not write again are gone; a file of the user's there is kept
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["000000.png", "000001.png"]
+    (out / "train" / "notes.txt").write_text("mine")
+    make_fashion_mnist_detection(out, num_train=1, num_val=1, canvas=64, object_size=(16, 40), seed=4,
+                                 source=fake_fashion_mnist, overwrite=True)  # fmt: skip
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["000000.png", "notes.txt"]
     # an overwrite cut short: the old annotations are gone before any new image is written
     monkeypatch.setattr(det_data_module, "_render_canvas", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
@@ -689,6 +762,30 @@ def test_cli_train_resume_eval(tmp_path: Path, fake_fashion_mnist: Path, capsys)
     assert main([*train[:4], str(mine), *train[5:], "--epochs", "1"]) == 2
     assert "holds predictions.png, which a new run would replace" in capsys.readouterr().err
     assert [p.name for p in mine.iterdir()] == ["predictions.png"]
+
+
+def test_train_det_resume_refuses_other_data_and_an_empty_set(tmp_path: Path, fake_fashion_mnist: Path, capsys) -> None:
+    from parnet.cli import main
+
+    def dataset(name: str, count: int) -> Path:
+        assert main(["make-det-dataset", str(tmp_path / name), "--train", str(count), "--val", "2", "--canvas", "64",
+                     "--min-size", "16", "--max-size", "40", "--source", str(fake_fashion_mnist)]) == 0  # fmt: skip
+        return tmp_path / name
+
+    data, other, run = dataset("data", 4), dataset("other", 3), tmp_path / "run"
+    train = ["train-det", "--output", str(run), "--backbone-kwargs", "widths=[8,16,32]", "head_width=32",
+             "stem_width=8", "--fpn-channels", "64", "--batch-size", "2", "--max-steps", "1", "--no-progress",
+             "--draw", "0", "--device", "cpu", "--epochs", "2"]  # fmt: skip
+    assert main([*train, "--data", str(data), "--stop-after", "1"]) == 0
+    capsys.readouterr()
+    assert main(["train-det", "--output", str(run), "--resume", "--data", str(other), "--no-progress"]) == 2
+    assert "trained with other settings or data: data train_images was 4, now 3" in capsys.readouterr().err
+    moved = tmp_path / "moved"  # the same data in another folder is the same data
+    data.rename(moved)
+    assert main(["train-det", "--output", str(run), "--resume", "--data", str(moved), "--no-progress"]) == 0
+    # a set without training images (make-det-dataset --train 0 writes one): said so before any work
+    assert main([*train, "--data", str(dataset("empty", 0)), "--output", str(tmp_path / "run0")]) == 2
+    assert "instances_train.json lists no images: a detector needs training images" in capsys.readouterr().err
 
 
 def test_train_det_with_loader_workers_resumes_as_if_never_stopped(tmp_path: Path, fake_fashion_mnist: Path) -> None:

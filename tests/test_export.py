@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from io import StringIO
 from pathlib import Path
@@ -70,6 +71,31 @@ def test_files_written_atomically(exported) -> None:
     _, out = exported
     names = sorted(p.name for p in out.iterdir())
     assert names == ["tiny.onnx", "tiny.pt2", "tiny.torchscript.pt"]  # no temporary files left
+
+
+def test_exported_files_say_how_to_prepare_their_input(exported) -> None:
+    """Each file carries the preprocessing `parnet predict` applies, its colour mode and class names, where each
+    runtime keeps such things; and a file given where weights are expected is named for what it is."""
+    import onnxruntime as ort
+
+    from parnet.official import read_checkpoint
+
+    _, out = exported
+    found = [ort.InferenceSession(str(out / "tiny.onnx")).get_modelmeta().custom_metadata_map]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        extra = {"preprocessing": "", "image_mode": "", "class_names": ""}
+        torch.jit.load(str(out / "tiny.torchscript.pt"), _extra_files=extra)
+        found.append({k: v.decode() for k, v in extra.items()})
+    extra = {"preprocessing": "", "image_mode": "", "class_names": ""}
+    torch.export.load(out / "tiny.pt2", extra_files=extra)
+    found.append(extra)
+    for meta in found:  # a model of no dataset: timm's transform of its variant (parnet_cifar_s), at 32
+        assert "Resize(size=32" in meta["preprocessing"] and "Normalize(mean=tensor([0.4914" in meta["preprocessing"]
+        assert meta["image_mode"] == "RGB" and len(json.loads(meta["class_names"])) == 10
+    for name, what in (("tiny.pt2", "torch.export program"), ("tiny.torchscript.pt", "TorchScript program")):
+        with pytest.raises(ValueError, match=f"is a {what} .*, which runs as it is, not weights"):
+            read_checkpoint(out / name)
 
 
 def test_check_export_fails_on_a_different_model(exported) -> None:

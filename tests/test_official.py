@@ -165,8 +165,15 @@ def test_missing_and_unexpected_keys_are_clear_errors(official_tiny):
     state["streams.0.0.block.extra.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match="unexpected streams.0.0.extra.weight"):
         parnet.load_official(state, activation="silu")
+    extra = {**official_tiny["state_dict"], "foo.bar": torch.zeros(1)}
     with pytest.raises(ValueError, match="not keys of the authors' ParNet layout"):
-        parnet.load_official({**official_tiny["state_dict"], "foo.bar": torch.zeros(1)}, activation="silu")
+        parnet.load_official(extra, activation="silu")
+    # strict=False loads what fits, a key of no ParNet included, as its docstring says
+    model = parnet.load_official(extra, activation="silu", strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(official_tiny["input"]), official_tiny["output_eval"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"parnet.load_official\(..., strict=False\) loads what matches"):
+        parnet.load_official(state, activation="silu")
     with pytest.raises(ValueError, match="use_ema"):
         parnet.load_official({"state_dict": official_tiny["state_dict"]}, use_ema=True)
 
@@ -250,6 +257,11 @@ def test_training_state_is_pointed_to_the_run_files(tmp_path, capsys):
         parnet.load_official(state)
     assert main(["convert", str(state), str(tmp_path / "out.safetensors")]) == 2
     assert "to `parnet eval` (without --official)" in capsys.readouterr().err
+    # where a safetensors file is read (eval-det's weights, a detector's): the run folder, not `parnet convert`
+    from parnet.io import read_safetensors
+
+    with pytest.raises(ValueError, match="is the training state of a run, not its weights: give the run folder"):
+        read_safetensors(state, None)
 
 
 def test_torch_checkpoint_named_safetensors_is_read_by_content(official_tiny, tmp_path):

@@ -103,6 +103,14 @@ def test_authors_checkpoint_gets_imagenet_names_and_the_released_preprocessing(o
     assert "great grey owl" in names[24]
 
 
+def test_authors_file_of_no_released_architecture_gets_the_releases_preprocessing(official_tiny, tmp_path):
+    """The fixture's network (widths 16/32/64) is none of the released ones: it is still an authors' file,
+    prepared as their validation did (bilinear), not as our variants (bicubic)."""
+    torch.save({"state_dict": official_tiny["state_dict"]}, tmp_path / "tiny.pth.tar")
+    transform = load_predictor(checkpoint=tmp_path / "tiny.pth.tar").transform
+    assert "interpolation=bilinear" in repr(transform) and "bicubic" not in repr(transform)
+
+
 def test_our_safetensors_without_a_dataset(images, tmp_path):
     """A 1000-class file gets ImageNet's names, another class count numbers; timm's ImageNet preprocessing."""
     for classes in (1000, 7):

@@ -44,14 +44,6 @@ def batch(model: torch.nn.Module, steps: tuple[int, int] = (2, 2), n: int = 2) -
     return torch.randn(n, model.in_chans, steps[0] * m, steps[1] * m, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(scope="module")
-def fast_torchscript():
-    """TorchScript's profiling executor optimizes on the first calls (seconds); timm's tests turn that off too."""
-    old = torch._C._jit_set_profiling_mode(False)
-    yield
-    torch._C._jit_set_profiling_mode(old)
-
-
 # -- TorchScript ---------------------------------------------------------------------------------
 
 

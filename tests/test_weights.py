@@ -60,8 +60,8 @@ def test_int32_weights_are_refused_by_every_reader(saved: Path, tmp_path: Path, 
         load_weights(ints)
     assert main(["export", "--checkpoint", str(ints), "--out", str(tmp_path / "x"), "--resolution", "32"]) == 2
     assert "torch.int32" in capsys.readouterr().err and not (tmp_path / "x").exists()
-    with pytest.raises(ValueError, match="does not fit the backbone.*torch.int32"):
-        det.build_backbone("parnet_cifar_s", weights=ints, **TINY_STEM)
+    with pytest.raises(ValueError, match="ints.safetensors does not fit the model: .* is torch.int32"):
+        det.build_backbone("parnet_cifar_s", weights=ints, **TINY_STEM)  # read as the file's own network first
     run_ints = _rewrite(_run_file(tmp_path, "run.safetensors"), tmp_path / "run_ints.safetensors",
                         lambda s: {k: v.to(torch.int32) for k, v in s.items()})  # fmt: skip
     with pytest.raises(ValueError, match="torch.int32"):

@@ -13,7 +13,7 @@ import functools
 import importlib.util
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,23 +47,29 @@ def inference_model(model: nn.Module, fused_only: bool = False) -> nn.Module:
 # then moves it into place (parnet.io.atomic_write).
 
 
-def _write_onnx(model: nn.Module, path: Path, example: torch.Tensor, opset: int = 17) -> None:
+def _write_onnx(
+    model: nn.Module, path: Path, example: torch.Tensor, metadata: Mapping[str, str], opset: int = 17
+) -> None:
     """ONNX with a dynamic batch dimension (input ``input``, output ``logits``): see
-    :func:`parnet.deployment.engines.onnx_model_bytes`."""
+    :func:`parnet.deployment.engines.onnx_model_bytes`; ``metadata`` in the model's ``metadata_props``."""
+    import onnx
+
     from .deployment.engines import onnx_model_bytes
 
-    path.write_bytes(onnx_model_bytes(model, example, opset=opset))
+    proto = onnx.load_from_string(onnx_model_bytes(model, example, opset=opset))
+    onnx.helper.set_model_props(proto, dict(metadata))
+    path.write_bytes(proto.SerializeToString())
 
 
-def _write_torchscript(model: nn.Module, path: Path, example: torch.Tensor) -> None:
-    """TorchScript (scripted, so any batch size and any valid resolution work)."""
+def _write_torchscript(model: nn.Module, path: Path, example: torch.Tensor, metadata: Mapping[str, str]) -> None:
+    """TorchScript (scripted, so any batch size and any valid resolution work); ``metadata`` as extra files."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         try:
             scripted = torch.jit.script(model)
         except Exception:  # noqa: BLE001 - a model that does not script is traced instead
             scripted = torch.jit.trace(model, example, check_trace=False)
-        torch.jit.save(scripted, str(path))
+        torch.jit.save(scripted, str(path), _extra_files=dict(metadata))
 
 
 def dynamic_shapes(example: torch.Tensor, multiple: int) -> dict[str, dict[int, Any]]:
@@ -87,11 +93,14 @@ def export_program(model: nn.Module, example: torch.Tensor, multiple: int) -> to
     return torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes(example, multiple))
 
 
-def _write_program(model: nn.Module, path: Path, example: torch.Tensor, multiple: int = 1) -> None:
-    """A ``torch.export`` program (``.pt2``) with a dynamic batch, height and width (:func:`dynamic_shapes`)."""
+def _write_program(
+    model: nn.Module, path: Path, example: torch.Tensor, metadata: Mapping[str, str], multiple: int = 1
+) -> None:
+    """A ``torch.export`` program (``.pt2``) with a dynamic batch, height and width (:func:`dynamic_shapes`);
+    ``metadata`` as extra files."""
     program = export_program(model, example, multiple)
     with open(path, "wb") as f:  # a file object: given a name not ending in .pt2, torch.export.save warns
-        torch.export.save(program, f)
+        torch.export.save(program, f, extra_files=dict(metadata))
 
 
 def load_runner(fmt: str, path: str | os.PathLike) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -138,8 +147,14 @@ def export_model(
     input_size: tuple[int, int, int] = (3, 224, 224),
     fused_only: bool = False,
     check: bool = True,
+    metadata: Mapping[str, str] | None = None,
 ) -> dict[str, dict]:
     """Export ``model`` in each format to ``out_dir/name.*``; returns path and max difference per format.
+
+    ``metadata`` (names to strings, e.g. :func:`parnet.predict.preprocessing_metadata`) goes into each file:
+    ONNX's ``metadata_props`` (onnxruntime: ``session.get_modelmeta().custom_metadata_map``), and the
+    extra files of TorchScript and ``torch.export`` (``torch.jit.load(path, _extra_files=...)``,
+    ``torch.export.load(path, extra_files=...)``).
 
     Exported with a batch of 2; the check compares each file's outputs with ``model``'s own (eval
     mode) on a batch of 3, so it also checks that the batch dimension is dynamic. A file that fails
@@ -176,7 +191,7 @@ def export_model(
     for fmt in formats:
         path = Path(out_dir) / f"{name}{SUFFIX[fmt]}"
         with atomic_write(path) as tmp:  # replaced only once the file has passed the check
-            writers[fmt](net, tmp, example)
+            writers[fmt](net, tmp, example, metadata or {})
             try:
                 diff = check_export(fmt, tmp, model, checks) if check else None
             except ValueError as e:  # named after the target, not the temporary file

@@ -236,6 +236,11 @@ def read_safetensors(
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as e:
+        if is_torch_checkpoint(path) and path.name == "last_state.pt":  # checkpoint.STATE_FILE
+            raise ValueError(
+                f"{path} is the training state of a run, not its weights: give the run folder ({path.parent}) or "
+                "its last.safetensors"
+            ) from None
         if is_torch_checkpoint(path):
             out = path.with_name(path.name.split(".")[0] + "_converted.safetensors")
             raise ValueError(

@@ -82,6 +82,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             "(`parnet eval FILE` without --official, `parnet export --checkpoint FILE`, "
             "`parnet.io.load_model`, --backbone-weights FILE)"
         )
+    program = _program_kind(path)
+    if program is not None:
+        raise ValueError(
+            f"{path} is a {program}, which runs as it is, not weights: give the weights it was exported from (a run "
+            "folder, a .safetensors or an authors' .pth.tar)"
+        )
     try:
         # A file object, not the path: torch.load reads any path named *.safetensors as safetensors.
         with reading_official_checkpoints(), open(path, "rb") as f:
@@ -104,6 +110,25 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return dict(checkpoint)
+
+
+def _program_kind(path: Path) -> str | None:
+    """What ``parnet export`` writes besides ONNX, told by the archive's entries: torch.export's ``.pt2`` (load it
+    with ``torch.export.load``) or TorchScript (``torch.jit.load``); ``None`` for anything else."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+    if any(n.endswith("/archive_format") for n in names):
+        return "torch.export program (load it with torch.export.load)"
+    if any("/code/__torch__/" in n for n in names):
+        return "TorchScript program (load it with torch.jit.load)"
+    return None
 
 
 def select_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> dict[str, torch.Tensor]:
@@ -133,8 +158,8 @@ def is_official_layout(state_dict: Mapping[str, Any]) -> bool:
     return any(k.startswith(("inits.", "combine.")) for k in state_dict)
 
 
-def convert_official_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename the authors' keys to this project's; unknown keys raise ``ValueError``."""
+def convert_official_state_dict(state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> dict[str, torch.Tensor]:
+    """Rename the authors' keys to this project's; unknown keys raise ``ValueError`` (``strict``) or are left out."""
     converted, unknown = {}, []
     for key, value in state_dict.items():
         key = key.removeprefix("module.")
@@ -148,7 +173,7 @@ def convert_official_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[
         for pattern, repl in _BLOCK_RULES:
             new_key = pattern.sub(repl, new_key, count=1)
         converted[new_key] = value
-    if unknown:
+    if unknown and strict:
         raise ValueError(f"not keys of the authors' ParNet layout: {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
     return converted
 
@@ -195,7 +220,8 @@ def load_official(
         use_ema: take ``state_dict_ema`` (the weights their ImageNet results are for).
         activation: ``"relu"`` by default, because the released networks were trained with ReLU
             (their configs never switched SiLU on); ``"silu"`` for checkpoints that did.
-        strict: refuse missing or unexpected keys.
+        strict: refuse missing, unexpected or mis-shaped keys; ``False`` loads the tensors that fit and leaves
+            the others out (the rest of the network keeps its fresh initialization).
 
     Widths, blocks per stream, class count and input channels come from the tensor shapes; the
     dropout is that of the registered variant of the same architecture (0.1 for L and XL).
@@ -206,14 +232,14 @@ def load_official(
     state = select_state_dict(checkpoint, use_ema)
     cfg, num_classes, in_chans = infer_official_cfg(state, activation)
     model = ParNet(cfg, num_classes=num_classes, in_chans=in_chans, drop_rate=official_drop_rate(cfg))
-    converted = convert_official_state_dict(state)
+    converted = convert_official_state_dict(state, strict)
     if strict:  # names, shapes and dtypes, before anything is copied
         from .weights import check_state_dict
 
         try:
             check_state_dict(model.state_dict(), converted, name)
         except ValueError as e:
-            raise ValueError(f"{e}; pass strict=False to load what matches") from None
+            raise ValueError(f"{e} (in Python, parnet.load_official(..., strict=False) loads what matches)") from None
     else:
         own = model.state_dict()
         converted = {k: v for k, v in converted.items() if k in own and v.shape == own[k].shape}

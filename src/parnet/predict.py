@@ -28,7 +28,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-__all__ = ["Predictor", "load_predictor", "read_image"]
+__all__ = ["Predictor", "input_preparation", "load_predictor", "preprocessing_metadata", "read_image"]
 
 # Size of a dataset's images before its own transform (Fashion-MNIST's pads 28 to 32).
 NATIVE_SIZE = {"fashion_mnist": 28}
@@ -103,25 +103,44 @@ def load_predictor(
     if run is None and checkpoint is None and not model_name:
         raise ValueError("give the weights: a run folder, a checkpoint file, or a model name with released weights")
     from .devices import check_device
-    from .evaluate import TrainedOn, load_trained_model, trained_on
+    from .evaluate import load_trained_model
 
     device = str(check_device(device))
-    trained = TrainedOn()
-    if run is not None or checkpoint is not None:
-        weights = run if run is not None else checkpoint
+    weights = run if run is not None else checkpoint
+    if weights is not None:
         model, source = load_trained_model(weights, device, use_ema)
-        trained = trained_on(weights)
     else:
         model, source = _load_pretrained(str(model_name), device)
     model.eval()
-    num_classes = model.num_classes
-    dataset = trained.dataset
-    names = _class_names(dataset, trained.data_dir, num_classes)
-    if dataset is not None:
-        transform, mode = _dataset_transform(dataset, trained.img_size)
+    return Predictor(model, *input_preparation(model, weights, model_name), source)
+
+
+def input_preparation(
+    model: nn.Module, weights: str | os.PathLike | None = None, model_name: str | None = None, img_size: int = 0
+) -> tuple[Callable[[Image.Image], torch.Tensor], list[str], str]:
+    """(transform, class names, image mode) of ``model``'s inputs, as this module's docstring says: from the
+    data ``weights`` (a run folder or file, or ``None``) were trained on, else from timm's pretrained config;
+    to ``img_size`` (0: the size the weights trained at, where they say)."""
+    from .evaluate import TrainedOn, trained_on
+    from .io import is_torch_checkpoint
+
+    trained = trained_on(weights) if weights is not None else TrainedOn()
+    names = _class_names(trained.dataset, trained.data_dir, model.num_classes)
+    if trained.dataset is not None:
+        transform, mode = _dataset_transform(trained.dataset, img_size or trained.img_size)
     else:
-        transform, mode = _timm_transform(model, model_name, trained.img_size)
-    return Predictor(model, transform, names, mode, source)
+        authors = weights is not None and Path(weights).is_file() and is_torch_checkpoint(Path(weights))
+        transform, mode = _timm_transform(model, model_name, img_size or trained.img_size, authors)
+    return transform, names, mode
+
+
+def preprocessing_metadata(
+    model: nn.Module, weights: str | os.PathLike | None = None, model_name: str | None = None, img_size: int = 0
+) -> dict[str, str]:
+    """What an exported file's input is, for its users (``parnet export`` writes it into each file): the transform
+    ``parnet predict`` applies (torchvision's description of it), the colour mode and the class names."""
+    transform, names, mode = input_preparation(model, weights, model_name, img_size)
+    return {"preprocessing": repr(transform), "image_mode": mode, "class_names": json.dumps(names)}
 
 
 # -- weights -------------------------------------------------------------------------------------
@@ -185,9 +204,10 @@ def _dataset_transform(dataset: str, img_size: int = 0) -> tuple[Callable[[Image
 
 
 def _timm_transform(
-    model: nn.Module, model_name: str | None, img_size: int = 0
+    model: nn.Module, model_name: str | None, img_size: int = 0, authors: bool = False
 ) -> tuple[Callable[[Image.Image], torch.Tensor], str]:
-    """timm's evaluation transform from the pretrained config of ``model_name``, the model or its released variant;
+    """timm's evaluation transform from the pretrained config of ``model_name``, the model or its released variant
+    (``authors``: the weights are from an authors' file, whose architecture may be none of the released ones);
     at ``img_size`` where the weights say they were trained at it."""
     import timm
     from timm.data import create_transform, resolve_data_config
@@ -197,7 +217,7 @@ def _timm_transform(
         pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
         pretrained_cfg = pretrained_cfg.to_dict() if pretrained_cfg is not None else None
     if pretrained_cfg is None:
-        pretrained_cfg = getattr(model, "pretrained_cfg", None) or _variant_cfg(model)
+        pretrained_cfg = getattr(model, "pretrained_cfg", None) or _variant_cfg(model, authors)
     config = resolve_data_config(pretrained_cfg=pretrained_cfg)
     in_chans = getattr(model, "in_chans", 3)
     config["input_size"] = (in_chans, *((img_size, img_size) if img_size else config["input_size"][1:]))
@@ -207,16 +227,16 @@ def _timm_transform(
     return create_transform(**config), "L" if in_chans == 1 else "RGB"
 
 
-def _variant_cfg(model: nn.Module) -> dict[str, Any]:
-    """The pretrained config of the released ParNet variant with ``model``'s architecture, else of its form."""
+def _variant_cfg(model: nn.Module, authors: bool = False) -> dict[str, Any]:
+    """The pretrained config of the released ParNet variant with ``model``'s architecture, else of its form (for
+    an authors' file, of their release: their validation's bilinear resizing)."""
     import timm
 
     from .official import official_variant
 
     cfg = getattr(model, "cfg", None)
-    name = (official_variant(cfg) if cfg is not None else None) or (
-        "parnet_cifar_s" if getattr(model, "small_input", False) else "parnet_s"
-    )
+    form = "parnet_cifar_s" if getattr(model, "small_input", False) else "parnet_s"
+    name = (official_variant(cfg) if cfg is not None else None) or ("parnet_s_official" if authors else form)
     return timm.models.get_pretrained_cfg(name).to_dict()
 
 

@@ -18,9 +18,9 @@ import os
 import torch
 from torch import nn
 
-from .model import ParNet
+from .model import ParNetCfg
 
-__all__ = ["initialize_from"]
+__all__ = ["adapt_input_convs", "check_same_parnet", "initialize_from"]
 
 
 def _module_names(value: str | tuple[str, ...] | list[str] | None) -> set[str]:
@@ -29,18 +29,25 @@ def _module_names(value: str | tuple[str, ...] | list[str] | None) -> set[str]:
     return {value} if isinstance(value, str) else set(value)
 
 
-def _check_same_parnet(src: nn.Module, model: nn.Module, source: str) -> None:
-    if not (isinstance(src, ParNet) and isinstance(model, ParNet)):
+def check_same_parnet(
+    theirs: nn.Module | None, ours: nn.Module, source: str, flags: str = "--model, --model-kwargs"
+) -> None:
+    """``ValueError`` when both are ParNets (or their features) of different ``ParNetCfg``s: the activation, the
+    gates and the input form change what the same tensors compute, which their shapes do not show. ``flags``: the
+    options that choose the architecture, named in the message."""
+    cfgs = [getattr(m, "cfg", None) for m in (theirs, ours)]
+    if not all(isinstance(c, ParNetCfg) for c in cfgs):
         return
+    cfgs = [dataclasses.replace(c, stem_width=c.stem_chs) for c in cfgs]  # None is min(64, widths[0]): the same
     differ = [
-        f"{f.name} {getattr(src.cfg, f.name)!r} (the model: {getattr(model.cfg, f.name)!r})"
-        for f in dataclasses.fields(src.cfg)
-        if getattr(src.cfg, f.name) != getattr(model.cfg, f.name)
+        f"{f.name} {getattr(cfgs[0], f.name)!r} (the model: {getattr(cfgs[1], f.name)!r})"
+        for f in dataclasses.fields(cfgs[0])
+        if getattr(cfgs[0], f.name) != getattr(cfgs[1], f.name)
     ]
     if differ:
         raise ValueError(
-            f"{source} holds a ParNet of another architecture: {'; '.join(differ)}. Train the same "
-            "architecture (--model, --model-kwargs): e.g. the authors' files are parnet_*_official (ReLU)"
+            f"{source} holds a ParNet of another architecture: {'; '.join(differ)}. Build the same architecture "
+            f"({flags}): e.g. the authors' files are parnet_*_official (ReLU)"
         )
 
 
@@ -77,7 +84,7 @@ def initialize_from(model: nn.Module, source: str | os.PathLike) -> str:
             f"{path} holds fused (re-parameterized) weights, which cannot be trained: start from the run's "
             "last_ema.safetensors or last.safetensors (or the run folder)"
         )
-    _check_same_parnet(src, model, path)
+    check_same_parnet(src, model, path)
     theirs, ours = src.state_dict(), model.state_dict()
     if set(theirs) != set(ours):
         missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -67,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"parnet {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader stopped (`parnet predict ... | head`): no error, and none at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as e:  # a full or read-only disk, a folder we may not write: what and where, no traceback
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         print(f"parnet {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)

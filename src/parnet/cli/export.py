@@ -66,8 +66,18 @@ def _export(args: argparse.Namespace) -> int:
     model = _build(args)
     res = args.resolution or default_resolution(model, args.checkpoint)
     name = args.name or (_file_stem(args.checkpoint) if args.checkpoint else args.model)
+    from ..predict import preprocessing_metadata
+
+    metadata = preprocessing_metadata(model, args.checkpoint, None if args.checkpoint else args.model, res)
     results = export_model(
-        model, args.out, name, formats, (model.in_chans, res, res), fused_only=args.fused_only, check=not args.no_check
+        model,
+        args.out,
+        name,
+        formats,
+        (model.in_chans, res, res),
+        fused_only=args.fused_only,
+        check=not args.no_check,
+        metadata=metadata,
     )
     m = model.input_multiple
     takes = {  # what each file's input may be (parnet.export.dynamic_shapes for torch.export)

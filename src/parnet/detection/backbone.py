@@ -4,7 +4,6 @@ its classification weights, and frozen batch norm."""
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,9 +60,14 @@ class FPNBackbone(nn.Module):
         cfg = getattr(getattr(body, "model", None), "cfg", None)
         self.input_multiple = int(getattr(cfg, "input_multiple", max(reductions)))
 
-    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.body(x)
-        return self.fpn(OrderedDict((str(k), feats[i]) for k, i in enumerate(self.levels)))
+        if not isinstance(feats, list):  # timm's feature getters may say a tuple too: TorchScript needs one type
+            raise TypeError("the backbone body must return a list of feature maps")
+        levels: dict[str, torch.Tensor] = {}  # ordered; a loop: TorchScript (torchvision's detectors script)
+        for k, i in enumerate(self.levels):
+            levels[str(k)] = feats[i]
+        return self.fpn(levels)
 
 
 def freeze_batchnorm(module: nn.Module) -> nn.Module:
@@ -90,9 +94,13 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def _read_weights(source: str | os.PathLike | Mapping[str, Any], use_ema: bool) -> tuple[dict[str, torch.Tensor], str]:
-    """A classification state dict from: our safetensors (``parnet.io.save_model`` or a plain
-    safetensors state dict), the authors' ``.pth.tar`` (converted), or a torch checkpoint; told apart by content."""
+def _read_weights(
+    source: str | os.PathLike | Mapping[str, Any], use_ema: bool
+) -> tuple[dict[str, torch.Tensor], str, nn.Module | None, bool]:
+    """A classification state dict from: our safetensors (``parnet.io.save_model``, a run's weights, or a plain
+    safetensors state dict), the authors' ``.pth.tar`` (converted), or a torch checkpoint; told apart by content.
+    Also the network the file describes, when it describes one (ours and the authors' do; a bare state dict
+    does not): its ``cfg`` is checked against the backbone's; and whether it is an authors' checkpoint."""
     from ..io import is_torch_checkpoint
     from ..official import is_official_layout, load_official, read_checkpoint, select_state_dict
 
@@ -108,16 +116,20 @@ def _read_weights(source: str | os.PathLike | Mapping[str, Any], use_ema: bool) 
         if not path.is_file():
             raise FileNotFoundError(f"backbone weights not found: {path}")
         if not is_torch_checkpoint(path):  # by content: a torch.save file named .safetensors is read as one
+            from ..evaluate import load_weights
             from ..io import read_safetensors
 
-            return read_safetensors(path, None)[0], name
+            state, meta = read_safetensors(path, None)
+            described = "timm_model" in meta or meta.get("format") == "parnet"
+            return state, name, load_weights(path) if described else None, False
         checkpoint = read_checkpoint(path)
     if isinstance(checkpoint.get("model"), Mapping):  # a full training checkpoint
         checkpoint = dict(checkpoint["model"])
     state = select_state_dict(checkpoint, use_ema=use_ema)
     if is_official_layout(state):
-        return load_official(state).state_dict(), name
-    return state, name
+        network = load_official(state)  # the released networks' ReLU: their files do not say
+        return network.state_dict(), name, network, True
+    return state, name, None, False
 
 
 def load_backbone_weights(
@@ -131,11 +143,21 @@ def load_backbone_weights(
     filters repeated for RGB); every other weight of the body must be present with the right shape, or
     ``ValueError`` says which are missing or mismatched.
     """
-    from ..transfer import adapt_input_convs
+    from ..transfer import adapt_input_convs, check_same_parnet
     from ..weights import check_state_dict
 
-    state, name = _read_weights(source, use_ema)
+    state, name, network, authors = _read_weights(source, use_ema)
     target = body.model if hasattr(body, "model") and isinstance(body.model, nn.Module) else body
+    try:
+        check_same_parnet(network, target, name, "--backbone, --backbone-kwargs")
+    except ValueError as e:
+        if not authors:
+            raise
+        raise ValueError(
+            f"{e}. An authors' file does not say its activation: read as the released networks' ReLU. For one "
+            "trained with SiLU, convert it first (`parnet convert FILE OUT.safetensors --activation silu`; in "
+            "Python, parnet.load_official(FILE, activation='silu').state_dict())"
+        ) from None
     state = {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
     own = target.state_dict()
     state, _ = adapt_input_convs(state, own, (getattr(body, "pretrained_cfg", None) or {}).get("first_conv"))

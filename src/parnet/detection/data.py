@@ -133,7 +133,10 @@ def check_coco(source: str | os.PathLike | Mapping[str, Any], strict: bool = Tru
         ):
             raise ValueError(f"{name}: images[{i}] needs an integer 'id' and a string 'file_name', got {img!r:.200}")
         for key in ("width", "height"):
-            if not isinstance(img.get(key), int) or img[key] <= 0:
+            value = img.get(key)
+            if isinstance(value, float) and value.is_integer():  # some exporters write 640.0; pycocotools takes it
+                value = img[key] = int(value)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}: image {img['id']} needs a positive integer {key!r}, got {img.get(key)!r}")
         if img["id"] in images:
             raise ValueError(f"{name}: duplicate image id {img['id']}")
@@ -408,7 +411,8 @@ def make_fashion_mnist_detection(
     The same arguments give the same files, byte for byte. Returns the two JSON paths.
     An existing dataset there (either JSON, or files in ``train/`` or ``val/``) is refused unless
     ``overwrite``, which removes its JSON files first (a run cut short leaves no annotations beside new
-    images); both Fashion-MNIST splits are read before anything is written.
+    images) and the images of the old set that the new one does not write again (``NNNNNN.png``; other
+    files are left); both Fashion-MNIST splits are read before anything is written.
     """
     from PIL import Image
 
@@ -461,6 +465,9 @@ def make_fashion_mnist_detection(
                         "iscrowd": 0,
                     }
                 )
+        for stale in (out / split).glob("[0-9]" * 6 + ".png"):  # an overwritten larger set's: not of this one
+            if int(stale.stem) >= count:
+                stale.unlink()
         dataset = {
             "info": {
                 "description": f"Fashion-MNIST items on {canvas}x{canvas} canvases ({split})",

@@ -15,12 +15,19 @@ from torch import nn
 
 from .backbone import build_backbone
 
-__all__ = ["DETECTORS", "DETECTOR_KWARGS", "create_detector", "detector_config", "load_detector", "save_detector"]
+__all__ = [
+    "DETECTORS",
+    "DETECTOR_KWARGS",
+    "KWARGS_OF",
+    "create_detector",
+    "detector_config",
+    "load_detector",
+    "save_detector",
+]
 
 DETECTORS = ("fcos", "retinanet", "fasterrcnn")
 # The torchvision detectors' post-processing keywords create_detector passes on (and a saved detector keeps):
-# name -> bounds; integer bounds make an integer keyword. FCOS and RetinaNet take the first four, Faster R-CNN
-# the box_ ones.
+# name -> bounds; integer bounds make an integer keyword. Each detector takes its own (KWARGS_OF).
 DETECTOR_KWARGS: dict[str, tuple[float, float]] = {
     "score_thresh": (0.0, 1.0),
     "nms_thresh": (0.0, 1.0),
@@ -29,6 +36,13 @@ DETECTOR_KWARGS: dict[str, tuple[float, float]] = {
     "box_score_thresh": (0.0, 1.0),
     "box_nms_thresh": (0.0, 1.0),
     "box_detections_per_img": (1, 10_000),
+}
+_ONE_STAGE = ("score_thresh", "nms_thresh", "detections_per_img", "topk_candidates")
+# torchvision passes a keyword its detector does not take on to its image transform, which ignores it.
+KWARGS_OF = {
+    "fcos": _ONE_STAGE,
+    "retinanet": _ONE_STAGE,
+    "fasterrcnn": tuple(k for k in DETECTOR_KWARGS if k[:4] == "box_"),
 }
 
 
@@ -76,8 +90,8 @@ def create_detector(
         min_size, max_size: torchvision's resize of the input images (shorter side to ``min_size``
             unless the longer one passes ``max_size``); set both to the image size to keep it.
         backbone_kwargs: passed to ``timm.create_model`` (e.g. ``{"widths": (16, 32, 64)}``).
-        detector_kwargs: passed to the torchvision detector: its post-processing, :data:`DETECTOR_KWARGS`
-            (``score_thresh``, ``nms_thresh``, ...).
+        detector_kwargs: passed to the torchvision detector: its post-processing, :data:`KWARGS_OF` the
+            detector (FCOS, RetinaNet: ``score_thresh``, ``nms_thresh``, ...; Faster R-CNN: ``box_score_thresh``, ...).
 
     The returned model carries ``detector_config``, the arguments that rebuild it (see
     :func:`save_detector`).
@@ -89,6 +103,11 @@ def create_detector(
     if kind not in DETECTORS:
         raise ValueError(f"unknown detector {kind!r}; choose one of {DETECTORS}")
     detector_kwargs = {k: _detector_kwarg(v, k, "create_detector") for k, v in detector_kwargs.items()}
+    other = [k for k in detector_kwargs if k not in KWARGS_OF[kind]]
+    if other:
+        raise ValueError(
+            f"{kind} takes none of {other} (it would ignore them); its keywords: {', '.join(KWARGS_OF[kind])}"
+        )
     if isinstance(num_classes, bool) or not isinstance(num_classes, int):
         raise TypeError(f"num_classes must be an integer (categories + 1), got {num_classes!r}")
     if anchor_scale is not None and not (isinstance(anchor_scale, (int, float)) and 0 < anchor_scale < float("inf")):

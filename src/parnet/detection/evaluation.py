@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
+import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["STAT_NAMES", "coco_evaluate", "draw_predictions", "evaluate_dataset", "predict", "save_png"]
@@ -48,7 +51,7 @@ def predict(
 
 
 def coco_evaluate(
-    gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]], verbose: bool = False
+    gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]], verbose: bool = False, strict: bool = True
 ) -> dict[str, float]:
     """pycocotools bbox evaluation: ``{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", ...}``.
 
@@ -56,16 +59,19 @@ def coco_evaluate(
     :attr:`parnet.detection.data.CocoDetectionDataset.coco_dict`); ``results`` are COCO detections.
     Values are pycocotools' own: -1 where there is no ground truth to score (e.g. no large
     objects). No detections at all score 0 (pycocotools' ``loadRes`` refuses an empty list).
+    ``strict``: refuse ground-truth annotations of unknown categories or malformed boxes (``False``: drop them,
+    with a warning).
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     from .data import check_coco
 
-    gt = check_coco(gt).data  # clear errors for malformed ground truth; fills area and iscrowd
+    gt = check_coco(gt, strict=strict).data  # clear errors for malformed ground truth; fills area and iscrowd
     image_ids = {im["id"] for im in gt["images"]}
     cat_ids = {c["id"] for c in gt["categories"]}
     for r in results:
+        _check_detection(r)
         if r["image_id"] not in image_ids or r["category_id"] not in cat_ids:
             raise ValueError(f"detection {dict(r)} names an image or category not in the ground truth")
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
@@ -88,6 +94,30 @@ def coco_evaluate(
         ev.accumulate()
         ev.summarize()
     return {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
+
+
+def _check_detection(result: Any) -> None:
+    """``ValueError`` unless ``result`` is a COCO detection of numbers (Python's or NumPy's, not tensors)."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not isinstance(result, Mapping):
+        raise ValueError(f"a detection must be a dict, got {type(result).__name__}")
+    missing = [k for k in ("image_id", "category_id", "bbox", "score") if k not in result]
+    if missing:
+        raise ValueError(f"detection {dict(result)} lacks {missing}: COCO detections have image_id, category_id, "
+                         "bbox [x, y, w, h] and score")  # fmt: skip
+    box = result["bbox"]
+    ids_ok = all(
+        isinstance(result[k], numbers.Integral) and not isinstance(result[k], bool) for k in ("image_id", "category_id")
+    )
+    box_ok = isinstance(box, (list, tuple)) and len(box) == 4 and all(number(v) for v in box)
+    if not (ids_ok and box_ok and number(result["score"])):
+        raise ValueError(
+            f"detection {dict(result)} must hold integer ids, bbox [x, y, w, h] and a score of finite numbers "
+            "(plain Python numbers: call .tolist() / int() on tensors)"
+        )
 
 
 # -- drawing ------------------------------------------------------------------------------------
@@ -122,6 +152,9 @@ def draw_predictions(
         tiles.append(tile)
     if not tiles:
         raise ValueError("draw_predictions needs at least one image")
+    # make_grid stacks its tiles: pad images of other sizes (COCO's are) to the largest, in white.
+    height, width = max(t.shape[1] for t in tiles), max(t.shape[2] for t in tiles)
+    tiles = [F.pad(t, (0, width - t.shape[2], 0, height - t.shape[1]), value=255) for t in tiles]
     return make_grid(tiles, nrow=nrow, padding=2, pad_value=255)
 
 

@@ -200,13 +200,34 @@ def _train_det(cfg: DetTrainConfig, dist_info: Any, run_dir: Path) -> dict[str, 
         remove_temporaries(run_dir)  # left by a killed run
     engine.seed_everything(cfg.seed, dist_info.rank)
     strict = not cfg.lenient
-    train_ds = CocoDetectionDataset(
-        *data_paths(cfg.data, cfg.train_images, cfg.train_ann, "train"), train=True, strict=strict
-    )
+    train_images, train_ann = data_paths(cfg.data, cfg.train_images, cfg.train_ann, "train")
+    train_ds = CocoDetectionDataset(train_images, train_ann, train=True, strict=strict)
     val_ds = CocoDetectionDataset(*data_paths(cfg.data, cfg.val_images, cfg.val_ann, "val"), train=False, strict=strict)
     if train_ds.check.cat_ids != val_ds.check.cat_ids:
         raise ValueError(f"train and val categories differ: {train_ds.check.cat_ids} vs {val_ds.check.cat_ids}")
+    if not len(train_ds):
+        raise ValueError(f"{train_ann} lists no images: a detector needs training images")
     size = cfg.image_size or max(max(im["width"], im["height"]) for im in train_ds.images)
+    # What the run's weights depend on in its data, kept with the state: a resume on other data is refused.
+    data = {
+        "categories": {str(k): v for k, v in train_ds.label_to_cat.items()},
+        "image_size": size,
+        "train_images": len(train_ds),
+        "val_images": len(val_ds),
+    }
+    # Resume from the checkpoint: the settings it was trained with must hold, and its data (checked before the
+    # model is built, so that other data is said to be so); metrics and stage come from it, and the weights file
+    # a kill may have cut short is written again from it.
+    state = engine.read_state(run_dir) if has_checkpoint else None
+    if state is not None:
+        saved = state["extra"].get("settings") or {}
+        now = json.loads(cfg.model_dump_json())
+        changed = [f"{k} was {saved[k]!r}, now {now[k]!r}" for k in _RESUME_FIXED if k in saved and saved[k] != now[k]]
+        saved_data = state["extra"].get("data") or {}
+        changed += [f"data {k} was {saved_data[k]!r}, now {v!r}" for k, v in data.items()
+                    if k in saved_data and saved_data[k] != v]  # fmt: skip
+        if changed:
+            raise ValueError(f"--resume: {run_dir} was trained with other settings or data: {'; '.join(changed)}")
     model = create_detector(
         cfg.detector,
         backbone=cfg.backbone,
@@ -251,16 +272,8 @@ def _train_det(cfg: DetTrainConfig, dist_info: Any, run_dir: Path) -> dict[str, 
     }
     meta["extra"] = json.dumps(meta_extra)
 
-    # Resume from the checkpoint: the settings it was trained with must hold; metrics and stage come from it,
-    # and the weights file a kill may have cut short is written again from it.
     start_epoch, extra, stage = 0, {}, "epochs"
-    if has_checkpoint:
-        state = engine.read_state(run_dir)
-        saved = state["extra"].get("settings") or {}
-        now = json.loads(cfg.model_dump_json())
-        changed = [f"{k} was {saved[k]!r}, now {now[k]!r}" for k in _RESUME_FIXED if k in saved and saved[k] != now[k]]
-        if changed:
-            raise ValueError(f"--resume: {run_dir} was trained with other settings: {'; '.join(changed)}")
+    if state is not None:
         start_epoch, extra = engine.load_checkpoint(
             run_dir, model, optimizer=optimizer, scheduler=scheduler, generators={"loader": generator}, state=state
         )
@@ -324,6 +337,7 @@ def _train_det(cfg: DetTrainConfig, dist_info: Any, run_dir: Path) -> dict[str, 
                     "best_ap": best,
                     "config": model.detector_config,
                     "settings": json.loads(cfg.model_dump_json()),
+                    "data": data,
                     "stats": stats,
                     "metrics": [r for r in logger.rows if r["epoch"] < epoch] + [logger.row(epoch, row)],
                 },
