@@ -129,6 +129,18 @@ def _tiny(seed: int) -> torch.nn.Module:
     return model
 
 
+def test_a_check_that_proves_little_is_said_to(tmp_path: Path) -> None:
+    """A fresh network answers nearly the same to every input (its BN statistics are the identity's): a file that
+    ignored its input would pass the round-trip check, so the export warns; a network that tells inputs apart
+    does not."""
+    fresh = timm.create_model("parnet_cifar_s", widths=(8, 16, 32), head_width=64)
+    with pytest.warns(UserWarning, match="the check compared little"):
+        export_model(fresh, tmp_path, "fresh", formats="torchscript", input_size=(3, 32, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        export_model(_tiny(4), tmp_path, "tiny", formats="torchscript", input_size=(3, 32, 32))
+
+
 def test_export_leaves_the_model_and_writes_no_failed_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = _tiny(4).train()
     export_model(model, tmp_path, "m", formats="torchscript", input_size=(3, 32, 32))  # one format, not letters

@@ -159,6 +159,8 @@ def export_model(
     Exported with a batch of 2; the check compares each file's outputs with ``model``'s own (eval
     mode) on a batch of 3, so it also checks that the batch dimension is dynamic. A file that fails
     the check is not written (an existing one is left as it was). ``model`` itself is not changed.
+    Where the model's outputs hardly depend on the input (an untrained one), the check proves little:
+    a warning says so.
     """
     if isinstance(formats, str):  # one format, not its letters
         formats = (formats,)
@@ -197,4 +199,14 @@ def export_model(
             except ValueError as e:  # named after the target, not the temporary file
                 raise ValueError(str(e).replace(str(tmp), f"{path} (not written)")) from None
         results[fmt] = {"path": str(path), "max_abs_diff": diff}
+    if check:  # an untrained network with fresh BN statistics answers nearly the same to every input
+        with torch.no_grad():
+            out = model(checks[0])
+        spread = (out - out.mean(0)).abs().max().item()
+        if spread <= 10 * TOLERANCE:
+            warnings.warn(
+                f"the check compared little: the model's outputs differ by at most {spread:.1e} between inputs "
+                "(untrained weights?), so a file that ignored its input would pass it too",
+                stacklevel=2,
+            )
     return results
