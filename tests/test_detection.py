@@ -255,6 +255,7 @@ def test_save_load_detector_round_trip(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"fcos takes none of \['box_score_thresh'\]"):
         tiny_detector("fcos", box_score_thresh=0.9)
     assert tiny_detector("fasterrcnn", box_score_thresh=0.9).roi_heads.score_thresh == 0.9
+    assert set(det.KWARGS_OF["fcos"]) | set(det.KWARGS_OF["fasterrcnn"]) == set(det.DETECTOR_KWARGS)
     for key, value in model.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
     images, _ = tiny_batch()

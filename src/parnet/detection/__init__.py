@@ -25,13 +25,22 @@ One module per concern, imports flowing down this list:
 
 from .backbone import FPNBackbone, build_backbone, freeze_batchnorm, load_backbone_weights
 from .data import CocoCheck, CocoDetectionDataset, check_coco, collate_detection, make_fashion_mnist_detection
-from .detectors import DETECTOR_KWARGS, DETECTORS, create_detector, detector_config, load_detector, save_detector
+from .detectors import (
+    DETECTOR_KWARGS,
+    DETECTORS,
+    KWARGS_OF,
+    create_detector,
+    detector_config,
+    load_detector,
+    save_detector,
+)
 from .evaluation import STAT_NAMES, coco_evaluate, draw_predictions, evaluate_dataset, predict, save_png
 from .train import DetTrainConfig, data_paths, eval_det, train_det
 
 __all__ = [
     "DETECTORS",
     "DETECTOR_KWARGS",
+    "KWARGS_OF",
     "STAT_NAMES",
     "CocoCheck",
     "CocoDetectionDataset",
