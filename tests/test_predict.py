@@ -129,7 +129,8 @@ def test_our_safetensors_without_a_dataset(images, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["{text}", "{run}"], "is not an image"),
+        (["{text}", "{run}"], "not an image Pillow can read"),
+        (["{rgb}", "{onnx}"], "is a model file, not an image"),  # weights where images go
         (["{missing}", "{run}"], "no image file"),
         (["{rgb}", "{run}", "{run}"], "one run folder"),
         (["{run}"], "at least one image"),

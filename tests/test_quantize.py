@@ -198,10 +198,15 @@ def test_quantize_command_round_trip(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert result["file"] == str(out) and out.is_file() and result["images"] == 48
     assert result["prediction_changes"] <= 6  # of 48 (2 here); the fp32 model predicts two classes, 15 and 33
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically: no temporary left
-    fp32 = evaluate(checkpoint, "fashion_mnist", str(data), workers=0)["raw"]
+    fp32 = evaluate(checkpoint, "fashion_mnist", str(data), workers=0)["ema"]  # a run's EMA weights file
     assert result["fp32_top1"] == pytest.approx(fp32["top1"])
-    # parnet eval reads the file back and scores it the same way, on the dataset its metadata names
-    assert cli.main(["eval", str(out), "--data-dir", str(data), "--workers", "0", "--json"]) == 0
+    # parnet eval reads the file back and scores it the same way, on the dataset (and its folder) its metadata names
+    from parnet.data import FASHION_MNIST_CLASSES
+    from parnet.deployed import read_info
+
+    info = read_info(out)
+    assert info.data_dir == str(data) and info.class_names == list(FASHION_MNIST_CLASSES)
+    assert cli.main(["eval", str(out), "--workers", "0", "--json"]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert scored["raw"]["top1"] == pytest.approx(result["top1"])
     assert scored["raw"]["loss"] == pytest.approx(fp32["loss"], rel=0.05)  # the model's logits, not just its classes

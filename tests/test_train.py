@@ -226,8 +226,9 @@ def test_a_run_at_another_size_is_evaluated_and_quantized_at_it(tmp_path, monkey
     (out / "config.yaml").write_text(config.replace("img_size: 48", "img_size: 96").replace("imagefolder", "cifar10"))
     assert (trained_on(out).dataset, trained_on(out).img_size) == ("imagefolder", 48)
     (out / "config.yaml").unlink()
-    assert trained_on(out) == trained_on(out / "last.safetensors") == TrainedOn("imagefolder", None, 48)
-    (out / "config.yaml").write_text(config)  # the data folder is the config's alone
+    names = ("class0", "class1")  # the weights name their classes and data folder too
+    assert trained_on(out) == trained_on(out / "last.safetensors") == TrainedOn("imagefolder", str(folder), 48, names)
+    (out / "config.yaml").write_text(config)
     with pytest.raises(ValueError, match="img_size was 48, now 64"):
         train(tiny_config(folder, out, resume=True, **{**kw, "img_size": 64}))
     sizes = []
@@ -516,7 +517,9 @@ def test_yaml_config_and_precedence(tmp_path, capsys):
     with pytest.raises(ValueError, match="model_kwargs: needs a value"):
         make_config({}, str(cfg_file))
     cfg_file.write_text("data_dir: null\ndevice:\n")
-    assert make_config({}, str(cfg_file)).data_dir is None
+    assert make_config({}, str(cfg_file)).data_dir == "/usr/share/datasets/fashion-mnist"  # the usual place
+    cfg_file.write_text("dataset: cifar10\ndata_dir: null\n")  # saved as an absolute path: found from anywhere
+    assert make_config({}, str(cfg_file)).data_dir == str(Path("data/cifar10").absolute())
     # Checked together, not flag by flag: smoothing 1 is refused alone, accepted with Mixup softening the labels.
     with pytest.raises(ValueError, match="label_smoothing must be below 1"):
         make_config({"label_smoothing": 1})
@@ -555,6 +558,8 @@ def test_every_dataset_has_its_defaults_written_out_and_the_recipe_gives_the_rec
     recorded = yaml.safe_load((ROOT / "results" / "fmnist-parnet-e8" / "config.yaml").read_text())
     cfg = make_config({}, str(ROOT / "configs" / "fashion_mnist_results.yaml")).model_dump()
     added_since = {"img_size": 32, "initial_checkpoint": None}  # settings that came after the recorded run
+    assert recorded["data_dir"] is None  # the usual place, saved since as its absolute path
+    recorded["data_dir"] = "/usr/share/datasets/fashion-mnist"
     assert {**cfg, "output": recorded["output"]} == {**added_since, **recorded}
 
 

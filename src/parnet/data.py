@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 
 __all__ = [
     "DATASETS",
@@ -94,7 +94,8 @@ class DatasetInfo:
     img_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    default_dir: str
+    default_dir: str  # in build_datasets' result: the folder it read
+    classes: tuple[str, ...] = ()  # in label order; filled in by build_datasets
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -259,36 +260,97 @@ def _cifar(name: str, root: Path, train: bool, transform: Any, download: bool) -
 
 # -- image folders ------------------------------------------------------------------------------
 
+VAL_SPLIT_NAMES = ("validation", "valid", "test", "dev")  # other names of a validation folder, for the message
+
 
 def _read_image(path: str) -> Image.Image:
+    from .images import ImageReadError, open_image
+
     try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            return img.convert("RGB")
-    except Exception as e:  # noqa: BLE001 - PIL raises many types
-        raise CorruptDatasetError(f"cannot read image {path} (truncated or corrupt?): {e}") from None
+        return open_image(path, "RGB")
+    except (ImageReadError, OSError) as e:
+        raise CorruptDatasetError(str(e)) from None
+
+
+def _visible_image(split: Path, path: str) -> bool:
+    """An image file of ``split`` that no hidden folder holds (``cat/.ipynb_checkpoints/x.jpg`` is left out)."""
+    from .images import is_hidden, is_image_file
+
+    return is_image_file(path) and not any(is_hidden(part) for part in Path(path).relative_to(split).parts)
+
+
+def _class_folders(split: Path) -> list[str]:
+    """The class folders of an image folder split, sorted as ``ImageFolder`` numbers them; hidden ones left out."""
+    from .images import is_hidden
+
+    return sorted(e.name for e in os.scandir(split) if e.is_dir() and not is_hidden(e.name))
+
+
+class ImageFolderDataset(ImageFolder):
+    """torchvision's ``ImageFolder``, leaving out hidden class folders (``.ipynb_checkpoints``)."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = _class_folders(Path(directory))
+        if not classes:
+            raise FileNotFoundError(f"no class folders: expected {directory}/<class>/*.jpg")
+        return classes, {c: i for i, c in enumerate(classes)}
+
+
+def _check_image_files(split: Path, samples: list[tuple[str, int]]) -> None:
+    """Refuse a split holding files that are no image (empty, not an image Pillow knows), listing them, before
+    training starts: read at random, a bad file would stop a run at whichever epoch first drew it."""
+    bad = []
+    for path, _ in samples:
+        try:
+            with Image.open(path):  # the header only: fast
+                pass
+        except Exception as e:  # noqa: BLE001 - UnidentifiedImageError, OSError...
+            bad.append(f"{path} ({type(e).__name__})")
+    if bad:
+        listed = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CorruptDatasetError(
+            f"{split}: {len(bad)} of {len(samples)} files are not images Pillow can read: {listed}. "
+            "Remove or replace them and run again"
+        )
 
 
 def _imagefolder(root: Path, train: bool, transform: Any) -> Dataset:
-    from torchvision.datasets import ImageFolder
-
     split = root / ("train" if train else "val")
     if not split.is_dir():
+        others = [name for name in VAL_SPLIT_NAMES if (root / name).is_dir()] if not train else []
+        hint = f" ({root} has {others[0]}/: link it as val, e.g. `ln -s {others[0]} {root}/val`)" if others else ""
         raise DatasetNotFoundError(
-            f"image folder dataset not found: {split} does not exist. Expected {root}/train/<class>/*.jpg and "
+            f"image folder dataset not found: {split} does not exist{hint}. Expected {root}/train/<class>/*.jpg and "
             f"{root}/val/<class>/*.jpg (e.g. ImageNet from https://image-net.org, val sorted into class folders)."
         )
+    from functools import partial
+
     try:
-        return ImageFolder(str(split), transform=transform, loader=_read_image)
+        visible = partial(_visible_image, split)
+        dataset = ImageFolderDataset(str(split), transform, loader=_read_image, is_valid_file=visible)
     except FileNotFoundError as e:
         raise DatasetNotFoundError(f"{split}: {e}") from None
+    _check_image_files(split, dataset.samples)
+    return dataset
+
+
+def _check_same_classes(root: Path, train: list[str], test: list[str]) -> None:
+    if train == test:
+        return
+    only_train, only_val = sorted(set(train) - set(test)), sorted(set(test) - set(train))
+    parts = [f"only in train/: {', '.join(only_train)}" if only_train else "",
+             f"only in val/: {', '.join(only_val)}" if only_val else ""]  # fmt: skip
+    raise CorruptDatasetError(
+        f"{root}/train and {root}/val have different class folders ({'; '.join(p for p in parts if p)}): "
+        "the two splits need the same classes, spelt alike (letter case counts)"
+    )
 
 
 def class_names(name: str, data_dir: str | os.PathLike | None = None) -> list[str] | None:
     """The class names of dataset ``name`` in label order, or ``None`` where its files are needed and absent.
 
     Fashion-MNIST and CIFAR-10 names are known; CIFAR-100's come from its ``meta`` file, an image
-    folder's from its ``train`` subfolders (sorted, as ``ImageFolder`` numbers them).
+    folder's from its ``train`` subfolders (sorted, as ``ImageFolder`` numbers them, hidden ones left out).
     """
     if name == "fashion_mnist":
         return list(FASHION_MNIST_CLASSES)
@@ -307,7 +369,7 @@ def class_names(name: str, data_dir: str | os.PathLike | None = None) -> list[st
                     raise CorruptDatasetError(f"{meta} is truncated or corrupt: {type(e).__name__}: {e}") from None
         return None
     train = root / "train"
-    return sorted(d.name for d in os.scandir(train) if d.is_dir()) if train.is_dir() else None
+    return _class_folders(train) if train.is_dir() else None
 
 
 # -- transforms ---------------------------------------------------------------------------------
@@ -425,7 +487,9 @@ def build_datasets(
         data_dir: where the files are (default: the dataset's usual place).
         aug: training augmentation.
         download: CIFAR only: fetch the files with torchvision if missing.
-        train_subset / test_subset: if > 0, use only the first N images of a split (tests, demos).
+        train_subset / test_subset: if > 0, use only N images of a split (tests, demos): the first N of
+            Fashion-MNIST and CIFAR, whose files come shuffled; N spread evenly over an image folder, whose
+            files come class by class, so that every class is in it.
         test_only: read the test split only (evaluation): the first result is then the test set too.
         img_size: the side of the images the model sees, pixels (0: the dataset's own, 224 for folders).
     """
@@ -447,16 +511,27 @@ def build_datasets(
             raise ValueError("--download works for cifar10/cifar100 only")
         test = _imagefolder(root, False, test_tf)
         train = test if test_only else _imagefolder(root, True, train_tf)
-        if train.classes != test.classes:
-            raise CorruptDatasetError(f"{root}/train and {root}/val have different class folders")
-        info = replace(info, num_classes=len(train.classes), default_dir=str(root))
-    if train_subset > 0:
-        train = torch.utils.data.Subset(train, range(min(train_subset, len(train))))
-    if test_subset > 0:
-        test = torch.utils.data.Subset(test, range(min(test_subset, len(test))))
+        _check_same_classes(root, train.classes, test.classes)
+        info = replace(info, num_classes=len(train.classes))
+    # As read: the folder it came from and its class names (what a run saves with its weights).
+    info = replace(info, default_dir=str(root.absolute()), classes=tuple(str(c) for c in getattr(test, "classes", ())))
+    # An image folder lists its files class by class: a subset there is spread over the whole split, so that it
+    # holds every class in proportion; the other datasets' files come shuffled, and a subset is their first N.
+    spread = name == "imagefolder"
+    train = _subset(train, train_subset, spread)
+    test = _subset(test, test_subset, spread)
     if len(train) == 0 or len(test) == 0:
         raise CorruptDatasetError(f"{name} in {root} has an empty split (train {len(train)}, test {len(test)} images)")
     return train, test, info
+
+
+def _subset(dataset: Dataset, size: int, spread: bool) -> Dataset:
+    """``size`` images of ``dataset`` (all if 0 or more than it has): its first ones, or, ``spread``, evenly spaced."""
+    if size <= 0 or size >= len(dataset):
+        return dataset
+    if spread:
+        return torch.utils.data.Subset(dataset, np.linspace(0, len(dataset), size, endpoint=False).astype(int).tolist())
+    return torch.utils.data.Subset(dataset, range(size))
 
 
 # -- loaders ------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ in the file's own metadata. :func:`load_deployed` reads either back as a torch m
 tensors in and out), which ``parnet eval`` and ``parnet bench`` accept.
 
 Calibration images come from the training split with the test transforms (no augmentation), the
-first N in order, so calibration never sees the test images it is scored on.
+training subset of N images (``build_datasets``: the first N, or for an image folder N spread over
+its classes), so calibration never sees the test images it is scored on.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class DeployedInfo:
     width: int
     num_classes: int
     source: str
+    data_dir: str | None = None  # where the data it was scored on is (files written before: None)
+    class_names: list[str] | None = None  # in label order (files written before they were saved: None)
 
 
 def is_deployed_file(path: str | os.PathLike) -> bool:
@@ -59,7 +62,8 @@ def is_deployed_file(path: str | os.PathLike) -> bool:
 
 
 def calibration_loader(dataset: str, data_dir: str | None, images: int, batch_size: int = 32, img_size: int = 0) -> Any:
-    """The first ``images`` training images, test transforms, in batches (for calibration), at ``img_size``."""
+    """``images`` training images (``build_datasets``' training subset), test transforms, in batches (for
+    calibration), at ``img_size``."""
     from .data import build_datasets, build_transforms
 
     if images < 1:
@@ -181,6 +185,8 @@ def load_deployed(path: str | os.PathLike, threads: int | None = None) -> Engine
         module = OpenVinoModule(ov.Core().read_model(str(path)), *shape, info.precision, threads)
     module.num_classes = info.num_classes
     module.dataset = info.dataset
+    module.data_dir = info.data_dir
+    module.class_names = info.class_names
     return module.eval()
 
 
@@ -209,7 +215,7 @@ def quantize_checkpoint(
     Returns the file, and the fp32 model's and the written model's top-1 (percent) on the same images.
     """
     from .data import build_datasets, build_loaders
-    from .evaluate import check_fits_dataset, evaluate_model
+    from .evaluate import check_fits_dataset, check_same_classes, evaluate_model
 
     if Path(out).suffix.lower() != SUFFIX.get(engine):
         raise ValueError(f"an {engine} model is written to a {SUFFIX.get(engine)} file, got {Path(out).name}")
@@ -220,6 +226,7 @@ def quantize_checkpoint(
     _, test_set, info = build_datasets(dataset, data_dir, test_subset=test_subset, img_size=trained.img_size)
     _, test_loader, _ = build_loaders(test_set, test_set, 1, workers, eval_batch_size=batch_size)
     check_fits_dataset(model, checkpoint, dataset, trained.dataset, info.num_classes)
+    check_same_classes(trained.class_names, info, checkpoint)
     calibration = None
     if precision == "int8":
         calibration = calibration_loader(dataset, data_dir, calibration_images, img_size=trained.img_size)
@@ -227,11 +234,28 @@ def quantize_checkpoint(
     deployed = build(model, engine, precision, calibration, example, method=method)
     c, h, w = example.shape[1:]
     source = Path(checkpoint).name
-    path = save_deployed(deployed, out, DeployedInfo(engine, precision, dataset, c, h, w, info.num_classes, source))
+    file_info = DeployedInfo(
+        engine, precision, dataset, c, h, w, info.num_classes, source, info.default_dir, list(info.classes)
+    )
+    path = save_deployed(deployed, out, file_info)
     reference = evaluate_model(model, test_loader)
     written = evaluate_model(load_deployed(path), test_loader)  # the file as written, read back
     changed = int((reference["preds"] != written["preds"]).sum())
     return {
         "file": str(path), "engine": engine, "precision": precision, "dataset": dataset, "images": written["n"],
         "fp32_top1": reference["top1"], "top1": written["top1"], "prediction_changes": changed,
+        "unfinished": unfinished_run(checkpoint),
     }  # fmt: skip
+
+
+def unfinished_run(checkpoint: str | os.PathLike) -> str | None:
+    """For a run folder whose training has not finished: how far it got (``"epoch 1 of 3"``); else ``None``."""
+    from .checkpoint import read_metrics
+    from .settings import read_yaml
+
+    run = Path(checkpoint)
+    if not run.is_dir() or (run / "results.json").is_file() or not (run / "config.yaml").is_file():
+        return None
+    epochs = read_yaml(run / "config.yaml").get("epochs")
+    done = len(read_metrics(run)) if (run / "metrics.jsonl").is_file() else 0
+    return f"epoch {done} of {epochs}"

@@ -52,6 +52,20 @@ class TrainedOn:
     dataset: str | None = None
     data_dir: str | None = None
     img_size: int = 0
+    class_names: tuple[str, ...] | None = None  # in label order (files written before they were saved: None)
+
+
+def _header_class_names(meta: dict[str, str], source: str) -> tuple[str, ...] | None:
+    """The ``class_names`` of a weights file's header: a JSON list of strings, one per class; ``None`` if absent."""
+    if "class_names" not in meta:
+        return None
+    try:
+        names = json.loads(meta["class_names"])
+    except json.JSONDecodeError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{source}: its class_names is not a JSON list of names: {meta['class_names'][:80]!r}")
+    return tuple(names) or None  # a run from before names were known for its dataset saved []
 
 
 def trained_on(path: str | os.PathLike) -> TrainedOn:
@@ -68,7 +82,7 @@ def trained_on(path: str | os.PathLike) -> TrainedOn:
         header = trained_on(weights) if weights is not None else TrainedOn()
         cfg = read_yaml(path / "config.yaml") if (path / "config.yaml").is_file() else {}
         dataset, img_size = header.dataset or cfg.get("dataset"), header.img_size or cfg.get("img_size") or 0
-        return TrainedOn(dataset, cfg.get("data_dir"), img_size)
+        return TrainedOn(dataset, cfg.get("data_dir") or header.data_dir, img_size, header.class_names)
     if path.is_file() and path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -78,7 +92,7 @@ def trained_on(path: str | os.PathLike) -> TrainedOn:
         except Exception:  # noqa: BLE001 - not readable as safetensors: the loader says why
             return TrainedOn()
         size = bounded_int(meta["img_size"], "img_size", MIN_IMG_SIZE, 4096, str(path)) if "img_size" in meta else 0
-        return TrainedOn(meta.get("dataset"), None, size)
+        return TrainedOn(meta.get("dataset"), meta.get("data_dir"), size, _header_class_names(meta, str(path)))
     return TrainedOn()
 
 
@@ -233,6 +247,33 @@ def check_fits_dataset(
         )
 
 
+def _is_ema_file(path: Path) -> bool:
+    """Whether ``path`` is a run's EMA weights file (its header says so), to label its scores."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("ema") == "True"
+    except Exception:  # noqa: BLE001 - not safetensors: load_weights has said why already
+        return False
+
+
+def _names(names: Any) -> tuple[str, ...] | None:
+    return tuple(names) if names else None
+
+
+def check_same_classes(trained: tuple[str, ...] | None, info: Any, source: Any) -> None:
+    """``ValueError`` if the weights name their classes (``trained``) and the data ``info`` describes has others:
+    scores against shifted labels would mean nothing."""
+    if trained and info.classes and tuple(trained) != tuple(info.classes):
+        shown = ", ".join(trained[:10]) + (", ..." if len(trained) > 10 else "")
+        data = ", ".join(info.classes[:10]) + (", ..." if len(info.classes) > 10 else "")
+        raise ValueError(
+            f"{source} was trained on the classes {shown}; the data in {info.default_dir} has {data}: "
+            "give the data it was trained on (--data-dir)"
+        )
+
+
 def evaluate(
     checkpoint: str | os.PathLike,
     dataset: str | None = None,
@@ -288,6 +329,9 @@ def evaluate(
     elif is_deployed_file(path):  # written by `parnet quantize`: runs on its engine, on the CPU
         nets["raw"] = load_deployed(path)
         run_dataset = nets["raw"].dataset
+        if dataset is None:
+            data_dir = data_dir or nets["raw"].data_dir
+        trained = TrainedOn(run_dataset, nets["raw"].data_dir, 0, _names(nets["raw"].class_names))
         dataset, dev = dataset or run_dataset, torch.device("cpu")
         built = nets["raw"].height  # the one size the engine model was built for
         if asked_size and asked_size != built:
@@ -297,15 +341,17 @@ def evaluate(
             )
         img_size = built
     else:
-        nets["raw"] = load_weights(path, str(dev))
+        nets["ema" if _is_ema_file(path) else "raw"] = load_weights(path, str(dev))
         run_dataset = trained.dataset  # from the weights file's header
-        dataset = dataset or run_dataset
+        if dataset is None:
+            dataset, data_dir = run_dataset, data_dir or trained.data_dir
     dataset = dataset or "fashion_mnist"
     first = next(iter(nets.values()))
     check_fits_dataset(first, path, dataset, run_dataset)  # before looking for the data, which may not be there
     _, test_set, info = build_datasets(dataset, data_dir, test_subset=test_subset, test_only=True, img_size=img_size)
     _, loader, _ = build_loaders(test_set, test_set, 1, workers, eval_batch_size=batch_size)
     check_fits_dataset(first, path, dataset, run_dataset, info.num_classes)
+    check_same_classes(trained.class_names, info, path)
     out: dict[str, dict[str, float]] = {}
     for name, net in nets.items():
         res = evaluate_model(net, loader, dev)
@@ -324,16 +370,23 @@ def evaluate(
 
 
 def plot(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
-    """Draw the learning curves of a run (loss, accuracy, learning rate per epoch) to a PNG."""
+    """Draw the learning curves of a run (loss, accuracy, learning rate per epoch) to ``output`` (default: the run's
+    ``curves.png``), in the format its suffix names (``.png``, ``.svg``, ``.pdf``...)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     from .engine import read_metrics
     from .io import atomic_write
 
     run_dir = Path(run_dir)
+    out = Path(output or run_dir / "curves.png")
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    image_format = out.suffix.lstrip(".").lower()
+    if image_format not in formats:
+        raise ValueError(f"cannot draw into {out.name}: give a file ending in one of .{', .'.join(sorted(formats))}")
     rows = read_metrics(run_dir)
     if not rows:
         raise ValueError(f"{run_dir}/metrics.jsonl has no epochs yet")
@@ -361,10 +414,9 @@ def plot(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) ->
         ax.grid(alpha=0.3)
     fig.suptitle(str(run_dir))
     fig.tight_layout()
-    out = Path(output or run_dir / "curves.png")
     try:
         with atomic_write(out) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
+            fig.savefig(tmp, format=image_format, dpi=100)
     finally:  # a failed write must not leave the figure open in a library user's process
         plt.close(fig)
     return out

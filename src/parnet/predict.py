@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
 __all__ = ["Predictor", "input_preparation", "load_predictor", "preprocessing_metadata", "read_image"]
@@ -74,15 +74,11 @@ class Predictor:
 
 
 def read_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
-    """An image file as a PIL image in ``mode``; ``ValueError`` for a file that is not an image."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no image file at {path}")
-    try:
-        with Image.open(path) as img:
-            return img.convert(mode)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL reports truncated files as OSError
-        raise ValueError(f"{path} is not an image PIL can read ({type(e).__name__}: {e})") from None
+    """An image file as a PIL image in ``mode``, read as for training (:func:`parnet.images.open_image`: upright,
+    8-bit, transparency on white); ``ValueError`` for a file that is not an image."""
+    from .images import open_image
+
+    return open_image(path, mode)
 
 
 def load_predictor(
@@ -125,7 +121,7 @@ def input_preparation(
     from .io import is_torch_checkpoint
 
     trained = trained_on(weights) if weights is not None else TrainedOn()
-    names = _class_names(trained.dataset, trained.data_dir, model.num_classes)
+    names = _class_names(trained, model.num_classes)
     if trained.dataset is not None:
         transform, mode = _dataset_transform(trained.dataset, img_size or trained.img_size)
     else:
@@ -168,10 +164,14 @@ def _load_pretrained(name: str, device: str) -> tuple[nn.Module, str]:
 # -- preprocessing and names ---------------------------------------------------------------------
 
 
-def _class_names(dataset: str | None, data_dir: str | None, num_classes: int) -> list[str]:
+def _class_names(trained: Any, num_classes: int) -> list[str]:
+    """The names the weights were saved with, else those of their dataset (read from its files where needed),
+    else ImageNet's for 1000 classes, else ``class i``."""
     from .data import class_names
 
-    names = class_names(dataset, data_dir) if dataset else None
+    names = list(trained.class_names) if trained.class_names else None
+    if names is None and trained.dataset:
+        names = class_names(trained.dataset, trained.data_dir)
     if names is None and num_classes == 1000:
         from timm.data import ImageNetInfo
 
@@ -243,7 +243,7 @@ def _variant_cfg(model: nn.Module, authors: bool = False) -> dict[str, Any]:
 def format_predictions(results: list[dict[str, Any]], as_json: bool = False) -> str:
     """The report ``parnet predict`` prints: per image, its classes with probabilities (or JSON)."""
     if as_json:
-        return json.dumps(results, indent=2)
+        return json.dumps(results, indent=2, ensure_ascii=False)
     lines = []
     for result in results:
         lines.append(result["image"])

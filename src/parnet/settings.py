@@ -228,6 +228,18 @@ def validation_message(error: ValidationError, source: str) -> str:
     return "; ".join(lines)
 
 
+def _check_plain_type(value: Any, annotation: Any, source: str, key: str) -> None:
+    """Refuse what pydantic's lax mode would turn silently into another type: a boolean as a number (YAML reads
+    ``true``, ``yes`` and ``on`` as booleans, pydantic ``true`` as 1), a word as a boolean."""
+    import typing
+
+    allowed = set(typing.get_args(annotation)) or {annotation}
+    if isinstance(value, bool) and bool not in allowed and allowed & {int, float}:
+        raise ValueError(f"{source}: {key}: needs a number, got {value!r}")
+    if allowed == {bool} and not isinstance(value, bool):
+        raise ValueError(f"{source}: {key}: needs true or false, got {value!r}")
+
+
 def check_config(values: dict[str, Any], source: str = "config", model: type[Settings] = TrainConfig) -> dict[str, Any]:
     """Parse and check ``values`` (field -> value, ``-`` or ``_`` in names) with ``model``'s rules.
 
@@ -240,6 +252,7 @@ def check_config(values: dict[str, Any], source: str = "config", model: type[Set
         if key not in fields:
             raise ValueError(f"{source}: unknown setting {key!r}; the settings are: {', '.join(fields)}")
         field = fields[key]
+        _check_plain_type(value, field.annotation, source, key)
         if value is None and field.default is not None:  # only the settings whose default is none may be empty
             example = field.get_default(call_default_factory=True)
             raise ValueError(f"{source}: {key}: needs a value (e.g. {example!r}), got none")
@@ -258,8 +271,20 @@ def read_yaml(path: Path, model: type[Settings] = TrainConfig) -> dict[str, Any]
     """The checked settings of a YAML file; ``ValueError`` naming the file (and the line of a syntax error)."""
     import yaml
 
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """YAML's safe loader, refusing a key given twice (PyYAML keeps the last, silently)."""
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.load(path.read_text(), UniqueKeyLoader) or {}  # noqa: S506 - a safe loader
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)  # one line: the problem and where, not the parser's excerpt
         at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
@@ -303,6 +328,12 @@ def default_img_size(dataset: str, model: str) -> int:
     return default_input_size(model) or DATASETS[dataset].img_size
 
 
+def _default_data_dir(dataset: str) -> str:
+    from .data import DATASETS
+
+    return DATASETS[dataset].default_dir
+
+
 def _with_dataset_defaults(settings: dict[str, Any]) -> TrainConfig:
     dataset = settings.get("dataset", TrainConfig.model_fields["dataset"].default)
     return TrainConfig(**{**DATASET_DEFAULTS.get(dataset, {}), **settings})
@@ -343,6 +374,8 @@ def make_config(overrides: dict[str, Any] | None = None, config_file: str | None
             cfg = _with_dataset_defaults({**_layered(saved, given), "output": str(cfg.run_dir())})
         if cfg.img_size == 0:  # resolved once, so the run's files say the size it trained at
             cfg.img_size = default_img_size(cfg.dataset, cfg.model)
+        # An absolute path, so that the run's files name its data wherever they are used from (eval, --resume).
+        cfg.data_dir = str(Path(cfg.data_dir or _default_data_dir(cfg.dataset)).expanduser().absolute())
     except ValidationError as e:
         raise ValueError(validation_message(e, config_file or "arguments")) from None
     # Valid one by one, not together: smoothing 1 leaves no target unless Mixup/CutMix soften the labels.

@@ -47,14 +47,17 @@ __all__ = [
 ]
 
 
-def _weights_metadata(cfg: TrainConfig, num_classes: int, in_chans: int) -> dict[str, str]:
+def _weights_metadata(cfg: TrainConfig, info: Any) -> dict[str, str]:
+    """The header of a run's weights files: the model to build, and the data it reads, with its class names."""
     return {
         "timm_model": cfg.model,
         "model_kwargs": json.dumps(cfg.model_kwargs),
-        "num_classes": str(num_classes),
-        "in_chans": str(in_chans),
+        "num_classes": str(info.num_classes),
+        "in_chans": str(info.in_chans),
         "dataset": cfg.dataset,
         "img_size": str(cfg.img_size),
+        "class_names": json.dumps(list(info.classes), ensure_ascii=False),
+        "data_dir": info.default_dir,  # where it was read, as an absolute path
     }
 
 
@@ -88,6 +91,21 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             return _train(cfg, dist_info, held)
     finally:
         engine.cleanup_distributed()
+
+
+def _check_resume_classes(saved: list[str] | None, classes: tuple[str, ...], run_dir: Path, data: str) -> None:
+    """Refuse a resumed run whose data now has other classes (a class folder renamed, added or removed would
+    shift or break the labels the weights learnt)."""
+    if saved is None or list(saved) == list(classes):
+        return
+    gone, new = sorted(set(saved) - set(classes)), sorted(set(classes) - set(saved))
+    parts = [f"no longer there: {', '.join(gone)}" if gone else "", f"new: {', '.join(new)}" if new else ""]
+    change = "; ".join(part for part in parts if part)
+    raise ValueError(
+        f"--resume: {run_dir} was trained on the classes {', '.join(saved)}; {data} now has "
+        f"{', '.join(classes)} ({change or 'in another order'}): restore the data's class folders, "
+        "or start a new run (--initial-checkpoint keeps its weights)"
+    )
 
 
 def _check_resume_settings(cfg: TrainConfig, saved: dict[str, Any] | None, run_dir: Path) -> None:
@@ -182,6 +200,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     state = engine.read_state(run_dir) if has_checkpoint else None
     if state is not None:
         _check_resume_settings(cfg, state["extra"].get("config"), run_dir)
+        _check_resume_classes(state["extra"].get("classes"), info.classes, run_dir, cfg.data_dir or cfg.dataset)
     amp = _settle_amp(cfg.amp, state, d, model, info, cfg.batch_size)
     amp_dtype = autocast_dtype(amp)
     scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype == torch.float16)
@@ -198,7 +217,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
         criterion = LabelSmoothingCrossEntropy(cfg.label_smoothing)
     else:
         criterion = torch.nn.CrossEntropyLoss()
-    weights_meta = _weights_metadata(cfg, info.num_classes, info.in_chans)
+    weights_meta = _weights_metadata(cfg, info)
 
     # Resume from the checkpoint, the authority: weights, EMA, optimizer, schedule, scaler, every RNG (each
     # rank its own), metric rows, the stage reached; the weights files a kill may have left behind rewritten.
@@ -238,6 +257,11 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
         f"{cfg.model}: {n_params / 1e6:.3f} M params | {cfg.dataset}: {len(train_set)} train / {len(test_set)} test "
         f"images | {d.world_size} process(es) on {d.device} | {cfg.epochs} epochs of {steps_per_epoch} steps"
     )
+    if cfg.dataset == "imagefolder":  # the classes as read from the folders, for the user to check
+        shown = ", ".join(info.classes[:20]) + (f", ... ({len(info.classes)} in all)" if len(info.classes) > 20 else "")
+        log(f"classes: {shown}")
+        if info.num_classes == 1:
+            log(f"warning: {cfg.data_dir}/train has one class folder: every prediction is that class")
 
     # The epochs.
     train_seconds = float(extra.get("train_seconds", 0.0))
@@ -326,6 +350,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
                 scaler,
                 extra={
                     "config": cfg.model_dump(),
+                    "classes": list(info.classes),
                     "amp": amp,
                     "global_step": global_step,
                     "world_size": d.world_size,
@@ -476,7 +501,7 @@ def _final_eval(
         out[f"{name}fused_top5"] = res["top5"]
         out[f"{name}fused_prediction_changes"] = int((res["preds"] != ref_preds[name]).sum())
         if d.is_main:
-            meta = {**_weights_metadata(cfg, info.num_classes, info.in_chans), "fused": "True"}
+            meta = {**_weights_metadata(cfg, info), "fused": "True"}
             from .model import ParNet
 
             if isinstance(fused, ParNet):

@@ -8,6 +8,9 @@ from typing import Any
 
 from .args import model_name, positive_int
 
+# Files that hold models, never images: named when given where images go.
+WEIGHTS_SUFFIXES = (".safetensors", ".pth", ".pt", ".pt2", ".tar", ".onnx", ".xml", ".bin", ".ckpt")
+
 
 def _predict(args: argparse.Namespace) -> int:
     from ..predict import format_predictions, load_predictor
@@ -16,6 +19,12 @@ def _predict(args: argparse.Namespace) -> int:
     images = [p for p in args.paths if not Path(p).is_dir()]
     if len(runs) > 1:
         raise ValueError(f"give one run folder, got {len(runs)}: {', '.join(runs)}")
+    weights = [p for p in images if Path(p).suffix.lower() in WEIGHTS_SUFFIXES]
+    if weights:
+        raise ValueError(
+            f"{weights[0]} is a model file, not an image: give weights as --checkpoint FILE (a .safetensors or an "
+            "authors' .pth.tar) or as a run folder; `parnet quantize` files (.onnx, .xml) are scored by `parnet eval`"
+        )
     if not images:
         raise ValueError("give at least one image file")
     missing = [p for p in images if not Path(p).exists()]

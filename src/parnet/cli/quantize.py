@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ..deployment.engines import ENGINES, ORT_CALIBRATION
 from ..deployment.quantize import PRECISIONS
@@ -20,6 +21,9 @@ def _quantize(args: argparse.Namespace) -> int:
         args.checkpoint, out, args.precision, args.engine, args.calibration_images, args.dataset, args.data_dir,
         args.calibration_method, args.batch_size, args.test_subset, args.workers,
     )  # fmt: skip
+    if result["unfinished"]:
+        print(f"note: {args.checkpoint} has not finished training ({result['unfinished']}): these are the weights of "
+              "its last epoch", file=sys.stderr)  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -276,18 +276,18 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def load_image(self, index: int) -> torch.Tensor:
-        from PIL import Image
         from torchvision.transforms.functional import pil_to_tensor
+
+        from ..images import open_image
 
         info = self.images[index]
         path = self.image_dir / info["file_name"]
         try:  # PIL: torchvision.io's image decoding is deprecated since torchvision 0.29
-            with Image.open(path) as img:
-                image = pil_to_tensor(img.convert("RGB"))
-        except (OSError, ValueError) as e:  # PIL's errors for unreadable and truncated files
+            image = pil_to_tensor(open_image(path, "RGB", upright=False))  # COCO boxes: the stored pixels' frame
+        except (OSError, ValueError) as e:  # unreadable and truncated files
             from ..data import CorruptDatasetError
 
-            raise CorruptDatasetError(f"cannot decode image {path}: {e}") from None
+            raise CorruptDatasetError(str(e)) from None
         if tuple(image.shape[1:]) != (info["height"], info["width"]):
             raise ValueError(
                 f"{path} is {image.shape[2]}x{image.shape[1]} but the annotations say {info['width']}x{info['height']}"
