@@ -83,17 +83,24 @@ def trained_on(path: str | os.PathLike) -> TrainedOn:
         cfg = read_yaml(path / "config.yaml") if (path / "config.yaml").is_file() else {}
         dataset, img_size = header.dataset or cfg.get("dataset"), header.img_size or cfg.get("img_size") or 0
         return TrainedOn(dataset, cfg.get("data_dir") or header.data_dir, img_size, header.class_names)
-    if path.is_file() and path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-        except Exception:  # noqa: BLE001 - not readable as safetensors: the loader says why
-            return TrainedOn()
+    meta = _weights_header(path)
+    if meta is not None:
         size = bounded_int(meta["img_size"], "img_size", MIN_IMG_SIZE, 4096, str(path)) if "img_size" in meta else 0
         return TrainedOn(meta.get("dataset"), meta.get("data_dir"), size, _header_class_names(meta, str(path)))
     return TrainedOn()
+
+
+def _weights_header(path: Path) -> dict[str, str] | None:
+    """The metadata of a ``.safetensors`` file; ``None`` for anything else, or one unreadable (the loader says why)."""
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except Exception:  # noqa: BLE001 - not readable as safetensors
+        return None
 
 
 # -- evaluation ---------------------------------------------------------------------------------
@@ -247,21 +254,6 @@ def check_fits_dataset(
         )
 
 
-def _is_ema_file(path: Path) -> bool:
-    """Whether ``path`` is a run's EMA weights file (its header says so), to label its scores."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("ema") == "True"
-    except Exception:  # noqa: BLE001 - not safetensors: load_weights has said why already
-        return False
-
-
-def _names(names: Any) -> tuple[str, ...] | None:
-    return tuple(names) if names else None
-
-
 def check_same_classes(trained: tuple[str, ...] | None, info: Any, source: Any) -> None:
     """``ValueError`` if the weights name their classes (``trained``) and the data ``info`` describes has others:
     scores against shifted labels would mean nothing."""
@@ -331,7 +323,7 @@ def evaluate(
         run_dataset = nets["raw"].dataset
         if dataset is None:
             data_dir = data_dir or nets["raw"].data_dir
-        trained = TrainedOn(run_dataset, nets["raw"].data_dir, 0, _names(nets["raw"].class_names))
+        trained = TrainedOn(run_dataset, nets["raw"].data_dir, 0, tuple(nets["raw"].class_names or ()) or None)
         dataset, dev = dataset or run_dataset, torch.device("cpu")
         built = nets["raw"].height  # the one size the engine model was built for
         if asked_size and asked_size != built:
@@ -341,7 +333,8 @@ def evaluate(
             )
         img_size = built
     else:
-        nets["ema" if _is_ema_file(path) else "raw"] = load_weights(path, str(dev))
+        is_ema = (_weights_header(path) or {}).get("ema") == "True"  # a run's EMA weights file: scored as such
+        nets["ema" if is_ema else "raw"] = load_weights(path, str(dev))
         run_dataset = trained.dataset  # from the weights file's header
         if dataset is None:
             dataset, data_dir = run_dataset, data_dir or trained.data_dir
