@@ -175,6 +175,15 @@ def test_machine_peak_and_gflop_count() -> None:
     assert model_gflop(conv, 3, 16) == pytest.approx(2 * 3 * 8 * 9 * 16 * 16 / 1e9)
 
 
+def test_engine_peak_is_the_long_stacks_extra_rate() -> None:
+    """A stack's fixed cost (its float input and output) cancels: 2 convs in 30 ms and 8 in 60 ms is 5 ms a conv."""
+    from parnet.bench.machine import CONV_STACKS, stack_rate
+
+    assert CONV_STACKS == (2, 8)
+    assert stack_rate(1e9, 0.030, 0.060) == pytest.approx(1e9 / 0.005 / 1e9)  # 200 GFLOP/s
+    assert stack_rate(1e9, 0.030, 0.029) == pytest.approx(8 * 1e9 / 0.029 / 1e9)  # noise: the long stack whole
+
+
 def test_interleaved_timing_pauses_before_each_call_untimed() -> None:
     from parnet.bench import time_interleaved
 

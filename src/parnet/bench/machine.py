@@ -81,6 +81,17 @@ PEAK_SIZE = 4096  # the square matrix product that measures the machine's peak
 CONV_STACKS = (2, 8)
 
 
+def stack_rate(conv_flop: float, short_seconds: float, long_seconds: float) -> float:
+    """GFLOP/s of one conv from the best times of the short and the long stack (:data:`CONV_STACKS`):
+    the long stack's extra flop over its extra time; its whole rate where timing noise leaves no
+    extra time (a tiny probe)."""
+    short, long = CONV_STACKS
+    extra = long_seconds - short_seconds
+    if extra > 0:
+        return (long - short) * conv_flop / extra / 1e9
+    return long * conv_flop / long_seconds / 1e9
+
+
 @torch.inference_mode()
 def machine_peak(precisions: Sequence[str], reps: int = 3, size: int = PEAK_SIZE) -> dict[str, dict[str, float]]:
     """Each kernel's rate per precision, GFLOP/s (``{precision: {"matmul", "conv3x3", "conv3x3_<engine>"}}``);
@@ -143,10 +154,5 @@ def machine_peak(precisions: Sequence[str], reps: int = 3, size: int = PEAK_SIZE
                         net = stack[: 2 * depth]
                         run = engine_module(engine, net, stack_input[:1], precision, calibration, threads)
                         seconds.append(best_seconds(lambda run=run: run(stack_input)))
-                    extra = seconds[1] - seconds[0]
-                    if extra > 0:
-                        rate = (CONV_STACKS[1] - CONV_STACKS[0]) * conv_flop / extra / 1e9
-                    else:  # timing noise (a tiny probe): the long stack's own rate
-                        rate = CONV_STACKS[1] * conv_flop / seconds[1] / 1e9
-                    out[precision][f"conv3x3_{engine}"] = rate
+                    out[precision][f"conv3x3_{engine}"] = stack_rate(conv_flop, *seconds)
     return out
