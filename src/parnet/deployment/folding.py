@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import Fusion, ParNetBlock
+from ..layers import Fusion, ParNetBlock, spatial_mean
 from ..model import ParNet
 from .kernels import PackedConv2d, check_packing
 
@@ -161,7 +161,7 @@ class FoldedBlock(nn.Module):
         self.packed = PackedConv2d(self.conv, winograd)
 
     def _gate(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(F.linear(x.mean((2, 3)), self.gate_w, self.gate_b))
+        return torch.sigmoid(F.linear(spatial_mean(x), self.gate_w, self.gate_b))
 
     @torch.jit.unused  # eager CPU only; the TorchScript of the parallel mode never packs
     def _packed_forward(self, packed: PackedConv2d, x: torch.Tensor) -> torch.Tensor:
@@ -230,7 +230,7 @@ class PooledHead(nn.Module):
         self.fc = fc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.mean((2, 3)))
+        return self.fc(spatial_mean(x))
 
 
 def _fold_block(block: ParNetBlock, act: str, in_perm: torch.Tensor | None = None) -> FoldedBlock:
