@@ -216,14 +216,54 @@ def test_benchmark_scripts_write_json_and_markdown_side_by_side(tmp_path) -> Non
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["run1.json", "run1.md"]  # no temporaries left
 
 
-def test_a_parnet_changed_by_model_kwargs_gets_none_of_the_papers_figures() -> None:
-    """parnet_s with other widths is not the paper's ParNet-S: no paper top-1 or depth beside its timing."""
+def test_a_parnet_changed_by_model_kwargs_gets_no_paper_top1_and_a_measured_depth() -> None:
+    """parnet_s with other widths is not the paper's ParNet-S: no paper top-1 beside its timing, its depth measured."""
     from parnet.bench import run_bench
 
     common = dict(devices=["cpu"], batches=[1], reps=[1], resolution=64, threads=1, warmup=0, parnet_modes=["folded"])
     common |= dict(log=lambda *_: None, peak_size=0, settle_s=0.0)
     tiny = {"widths": [8, 16, 32], "head_width": 64, "stem_width": 8}
     (custom,) = run_bench(["parnet_s"], [], model_kwargs=tiny, **common)
-    assert (custom.model, custom.paper_top1, custom.depth) == ("parnet_s", None, None)
+    assert (custom.model, custom.paper_top1, custom.depth) == ("parnet_s", None, 12)
     (stock,) = run_bench(["parnet_s_official"], [], **common)  # the registered network keeps them
     assert (stock.paper_top1, stock.depth) == (75.19, 12)
+
+
+def test_modes_checked_before_any_work(capsys) -> None:
+    """A typo or another device's mode is refused with the device's choices, before the peak or any model is built."""
+    args = ["bench", "--models", "parnet_cifar_s", "--model-kwargs", *TINY, "--resolution", "32", "--peak-size", "0"]
+    for flag, modes, named in (
+        ("--modes", "fusedd", "not a ParNet mode on cpu"),
+        ("--modes", "cuda_graph", "not a ParNet mode on cpu"),  # was dropped without a word
+        ("--baseline-modes", "eagerr", "not a baseline mode on cpu"),
+    ):
+        assert cli.main([*args, "--baselines", "resnet18", flag, modes]) == 2
+        out, err = capsys.readouterr()
+        assert named in err and "packed" in err and "building" not in out and "machine:" not in out
+
+
+def test_every_mode_of_the_gpu_check_is_known() -> None:
+    """scripts/gpu_check.sh runs where no test can: its bench modes must at least be ones bench knows on CUDA."""
+    import re
+
+    from parnet.bench.run import valid_modes
+
+    script = (Path(__file__).parents[1] / "scripts" / "gpu_check.sh").read_text()
+    for flag, parnet in (("--modes", True), ("--baseline-modes", False)):
+        lists = re.findall(rf"{flag} (\S+)", script)
+        assert lists, flag
+        for label in ",".join(lists).split(","):
+            assert label in valid_modes(torch.device("cuda"), parnet), (flag, label)
+
+
+def test_plot_format_by_suffix_and_measured_depth(tmp_path: Path, capsys) -> None:
+    """--plot writes the format its suffix names and refuses one matplotlib cannot write, before timing."""
+    args = ["bench", "--models", "parnet_cifar_s", "--model-kwargs", *TINY, "--modes", "folded", "--resolution", "32"]
+    args += ["--batch", "1", "--reps", "1", "--warmup", "0", "--threads", "1", "--peak-size", "0", "--quiet"]
+    assert cli.main([*args, "--baselines", "", "--plot", str(tmp_path / "p.txt")]) == 2
+    assert "cannot draw into p.txt" in capsys.readouterr().err
+    out = ["--plot", str(tmp_path / "p.svg"), "--json", str(tmp_path / "p.json")]
+    assert cli.main([*args, "--baselines", "", *out]) == 0
+    assert b"<svg" in (tmp_path / "p.svg").read_bytes()[:400]
+    # a network of other widths is still 12 deep: measured (parnet.network_depth), not looked up
+    assert {r["depth"] for r in json.loads((tmp_path / "p.json").read_text())["records"]} == {12}

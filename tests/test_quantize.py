@@ -208,8 +208,10 @@ def test_quantize_command_round_trip(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert info.data_dir == str(data) and info.class_names == list(FASHION_MNIST_CLASSES)
     assert cli.main(["eval", str(out), "--workers", "0", "--json"]) == 0
     scored = json.loads(capsys.readouterr().out)
-    assert scored["raw"]["top1"] == pytest.approx(result["top1"])
-    assert scored["raw"]["loss"] == pytest.approx(fp32["loss"], rel=0.05)  # the model's logits, not just its classes
+    label = f"{result['precision']}:{result['engine']}"  # its rows say what runs
+    assert set(scored) == {label} and label == "int8:onnxruntime"
+    assert scored[label]["top1"] == pytest.approx(result["top1"])
+    assert scored[label]["loss"] == pytest.approx(fp32["loss"], rel=0.05)  # the model's logits, not just its classes
     assert cli.main(["eval", str(checkpoint).replace(".safetensors", ".onnx"), "--workers", "0"]) == 2  # no file
     assert "no file at" in capsys.readouterr().err
     assert cli.main(["eval", str(out), "--data-dir", str(data), "--workers", "0", "--img-size", "64"]) == 2
@@ -299,6 +301,18 @@ def test_bench_times_a_quantized_file(tmp_path: Path, capsys: pytest.CaptureFixt
     assert {str(path), str(other)} <= models
     assert cli.main([*args[:at], f"{path},{path}", *args[at + 1 :], "--quiet"]) == 2
     assert "a deployed file is given twice" in capsys.readouterr().err
+    # strict JSON: a file's output difference (no plain model to compare with) is null, not NaN
+    doc = json.loads((tmp_path / "b.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert all(r["max_abs_diff"] is None for r in doc["records"] if r["model"] != "parnet_cifar_s")
+    assert doc["targets"] == []  # --model-kwargs: not the paper's network, so none of its targets
+    # a file that is not there is refused before anything is timed
+    assert cli.main([*args[:at], str(tmp_path / "typo.onnx"), *args[at + 1 :]]) == 2
+    out, err = capsys.readouterr()
+    assert "no file at" in err and "[cpu]" not in out
+    # files alone: no model needed
+    alone = ["bench", "--models", "", "--deployed", str(path), "--batch", "2", "--reps", "2", "--warmup", "1"]
+    assert cli.main([*alone, "--threads", "1", "--json", str(tmp_path / "c.json"), "--quiet"]) == 0
+    assert {r["model"] for r in json.loads((tmp_path / "c.json").read_text())["records"]} == {"m.onnx"}
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -402,3 +416,15 @@ def test_openvino_file_written_into_a_new_folder(tmp_path: Path) -> None:
     assert sorted(p.name for p in path.parent.iterdir()) == ["m.bin", "m.xml"]  # no staging folder left
     with torch.inference_mode():
         assert (load_deployed(path)(x) - model(x)).abs().max().item() < 1e-3
+
+
+def test_quantize_names_its_file_after_the_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --out: beside the checkpoint, after its name (a run folder's, also given as '.'), no suffix inside."""
+    from parnet.cli.quantize import default_out
+
+    run = tmp_path / "my-run"
+    run.mkdir()
+    assert default_out(str(run) + "/", "int8", ".onnx") == str(tmp_path / "my-run_int8.onnx")
+    assert default_out(str(run / "last_ema.safetensors"), "bf16", ".xml") == str(run / "last_ema_bf16.xml")
+    monkeypatch.chdir(run)
+    assert default_out(".", "int8", ".onnx") == str(tmp_path / "my-run_int8.onnx")  # not a hidden ._int8.onnx

@@ -418,8 +418,8 @@ def test_eval_and_plot_of_a_run(reference_run, capsys):
 
 
 def test_eval_of_a_pruned_run_folder_and_of_a_device_not_there(reference_run, tmp_path, capsys):
-    """A run folder kept with its EMA weights only (as results/ keeps them) is scored on those; a device this
-    machine lacks is a clear error before any work."""
+    """A run folder kept with its EMA weights only (as results/ keeps them) is scored on those, one with its
+    fused weights only on those; a device this machine lacks is a clear error before any work."""
     import shutil
 
     out, res = reference_run
@@ -429,7 +429,15 @@ def test_eval_of_a_pruned_run_folder_and_of_a_device_not_there(reference_run, tm
     scores = evaluate(pruned, workers=0)
     assert set(scores) == {"ema", "ema_fused"} and scores["ema"]["top1"] == pytest.approx(res["ema_top1"])
     (pruned / "last_ema.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="holds no last_ema.safetensors or last.safetensors"):
+    # a finished run's fused weights are what is left: scored as its raw and EMA weights
+    fused = sorted(f.name for f in pruned.glob("*fused.safetensors"))
+    assert fused == ["ema_fused.safetensors", "fused.safetensors"]
+    from_fused = evaluate(pruned, workers=0)
+    assert {"raw", "ema"} <= set(from_fused)
+    assert from_fused["ema"]["top1"] == pytest.approx(scores["ema_fused"]["top1"])
+    for name in fused:
+        (pruned / name).unlink()
+    with pytest.raises(FileNotFoundError, match="holds no last_ema.safetensors, last.safetensors, ema_fused"):
         evaluate(pruned, workers=0)
     for device, message in (("gpu", "unsupported device 'gpu'"), ("cuda:99", "device cuda:99 requested but")):
         with pytest.raises(ValueError, match=message):

@@ -27,18 +27,30 @@ __all__ = [
     "load_weights",
     "plot",
     "run_weights_file",
+    "run_weights_files",
     "trained_on",
 ]
 
 RUN_WEIGHTS = ("last_ema.safetensors", "last.safetensors")  # a run folder's weights files, EMA first
+# A finished run's re-parameterized weights, EMA first: what is left where the others were pruned to save space.
+FUSED_WEIGHTS = ("ema_fused.safetensors", "fused.safetensors")
+
+
+def run_weights_files(run: str | os.PathLike) -> list[Path]:
+    """Run folder ``run``'s weights files, EMA first: ``last*`` where kept, else the fused ones of a finished run."""
+    run = Path(run)
+    for names in (RUN_WEIGHTS, FUSED_WEIGHTS):
+        files = [run / f for f in names if (run / f).is_file()]
+        if files:
+            return files
+    raise FileNotFoundError(
+        f"{run} holds no {', '.join(RUN_WEIGHTS + FUSED_WEIGHTS)}: is it a `parnet train` run folder?"
+    )
 
 
 def run_weights_file(run: str | os.PathLike, use_ema: bool = True) -> Path:
     """The weights file of run folder ``run``: its EMA weights when kept and ``use_ema``, else its raw ones."""
-    run = Path(run)
-    files = [run / f for f in RUN_WEIGHTS if (run / f).is_file()]
-    if not files:
-        raise FileNotFoundError(f"{run} holds no {' or '.join(RUN_WEIGHTS)}: is it a `parnet train` run folder?")
+    files = run_weights_files(run)
     return files[0] if use_ema else files[-1]
 
 
@@ -78,7 +90,7 @@ def trained_on(path: str | os.PathLike) -> TrainedOn:
     if path.is_dir():
         from .settings import read_yaml
 
-        weights = next((path / f for f in RUN_WEIGHTS if (path / f).is_file()), None)
+        weights = next((path / f for f in RUN_WEIGHTS + FUSED_WEIGHTS if (path / f).is_file()), None)
         header = trained_on(weights) if weights is not None else TrainedOn()
         cfg = read_yaml(path / "config.yaml") if (path / "config.yaml").is_file() else {}
         dataset, img_size = header.dataset or cfg.get("dataset"), header.img_size or cfg.get("img_size") or 0
@@ -283,7 +295,8 @@ def evaluate(
     ``checkpoint`` is a run folder (its raw and EMA weights are both scored), a ``.safetensors``
     file of this project, or an authors' ``.pth.tar`` (``load_official``, EMA weights when present).
     ``dataset`` defaults to the run's, ``img_size`` (0) to the size it trained at (the dataset's
-    default where that is not recorded). Returns ``{"raw": {...}, "raw_fused": {...}, "ema": ...}``.
+    default where that is not recorded). Returns ``{"raw": {...}, "raw_fused": {...}, "ema": ...}``; a file
+    written by ``parnet quantize`` scores as its precision and engine (``{"int8:openvino": {...}}``).
     """
     import torch
 
@@ -302,10 +315,9 @@ def evaluate(
     if path.is_dir():
         if official:
             raise ValueError(f"--official reads an authors' .pth.tar file; {path} is a run folder (leave it out)")
-        files = {"raw": path / "last.safetensors", "ema": path / "last_ema.safetensors"}  # either may be pruned
-        nets = {name: load_weights(f, str(dev)) for name, f in files.items() if f.is_file()}
-        if not nets:
-            raise FileNotFoundError(f"{path} holds no {' or '.join(RUN_WEIGHTS)}: is it a training run folder?")
+        files = run_weights_files(path)  # EMA first; either may be pruned
+        labels = ["ema" if "ema" in f.name else "raw" for f in files]
+        nets = {label: load_weights(f, str(dev)) for label, f in reversed(list(zip(labels, files)))}  # raw first
         run_dataset = trained.dataset
         if dataset is None:
             dataset, data_dir = run_dataset, data_dir or trained.data_dir
@@ -319,16 +331,17 @@ def evaluate(
         if "state_dict_ema" in ckpt:
             nets["ema"] = _authors_model(path, ckpt, dev, ema=True)
     elif is_deployed_file(path):  # written by `parnet quantize`: runs on its engine, on the CPU
-        nets["raw"] = load_deployed(path)
-        run_dataset = nets["raw"].dataset
+        engine_net = load_deployed(path)
+        nets[f"{engine_net.precision}:{engine_net.engine}"] = engine_net  # its rows say what runs, e.g. int8:openvino
+        run_dataset = engine_net.dataset
         if dataset is None:
-            data_dir = data_dir or nets["raw"].data_dir
-        trained = TrainedOn(run_dataset, nets["raw"].data_dir, 0, tuple(nets["raw"].class_names or ()) or None)
+            data_dir = data_dir or engine_net.data_dir
+        trained = TrainedOn(run_dataset, engine_net.data_dir, 0, tuple(engine_net.class_names or ()) or None)
         dataset, dev = dataset or run_dataset, torch.device("cpu")
-        built = nets["raw"].height  # the one size the engine model was built for
+        built = engine_net.height  # the one size the engine model was built for
         if asked_size and asked_size != built:
             raise ValueError(
-                f"{path} was built for {built}x{nets['raw'].width} images, not {asked_size}: leave out the image "
+                f"{path} was built for {built}x{engine_net.width} images, not {asked_size}: leave out the image "
                 f"size, or quantize again from a model trained at {asked_size}"
             )
         img_size = built
@@ -369,17 +382,13 @@ def plot(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     from .engine import read_metrics
-    from .io import atomic_write
+    from .io import atomic_write, image_format
 
     run_dir = Path(run_dir)
     out = Path(output or run_dir / "curves.png")
-    formats = FigureCanvasAgg.get_supported_filetypes()
-    image_format = out.suffix.lstrip(".").lower()
-    if image_format not in formats:
-        raise ValueError(f"cannot draw into {out.name}: give a file ending in one of .{', .'.join(sorted(formats))}")
+    figure_format = image_format(out)
     rows = read_metrics(run_dir)
     if not rows:
         raise ValueError(f"{run_dir}/metrics.jsonl has no epochs yet")
@@ -409,7 +418,7 @@ def plot(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) ->
     fig.tight_layout()
     try:
         with atomic_write(out) as tmp:
-            fig.savefig(tmp, format=image_format, dpi=100)
+            fig.savefig(tmp, format=figure_format, dpi=100)
     finally:  # a failed write must not leave the figure open in a library user's process
         plt.close(fig)
     return out

@@ -76,6 +76,19 @@ def check_output_path(path: str | os.PathLike, folder: bool = False, what: str =
     return path
 
 
+def image_format(path: str | os.PathLike) -> str:
+    """The figure format ``path``'s suffix names (``png``, ``svg``, ``pdf``...: what matplotlib's Agg writes),
+    or a ``ValueError`` that lists them."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    suffix = Path(path).suffix.lstrip(".").lower()
+    if suffix not in formats:
+        choices = ", .".join(sorted(formats))
+        raise ValueError(f"cannot draw into {Path(path).name}: give a file ending in one of .{choices}")
+    return suffix
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path`` atomically.

@@ -30,17 +30,20 @@ from .run import (
     bench_files,
     build_entries,
     calibration_noise,
+    check_modes,
     default_modes,
     randomize_statistics,
     run_bench,
     split_mode,
     time_interleaved,
+    valid_modes,
 )
 
 __all__ = [
     "BASELINE_CPU_MODES", "BASELINE_CUDA_MODES", "BASELINE_SKIPS", "CPU_EXTRA_MODES", "CUDA_EXTRA_MODES",
     "LATENCY_TARGET", "PAPER", "PARNET_CPU_MODES", "PARNET_CUDA_MODES", "PEAK_SIZE", "SETTLE_S", "SIMD_FLAGS",
     "THROUGHPUT_TARGET", "Record", "bench_files", "best", "build_entries", "calibration_noise",
-    "check_targets", "default_modes", "engine_versions", "format_markdown", "machine_info", "machine_peak",
-    "model_gflop", "plot_results", "randomize_statistics", "run_bench", "split_mode", "time_interleaved",
+    "check_modes", "check_targets", "default_modes", "engine_versions", "format_markdown", "machine_info",
+    "machine_peak", "model_gflop", "plot_results", "randomize_statistics", "run_bench", "split_mode",
+    "time_interleaved", "valid_modes",
 ]  # fmt: skip

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_write
+from ..io import atomic_write, image_format
 from .run import Record, is_parnet_model
 
 # Issue 4's targets: the best CPU mode of ParNet-S against the baselines' best modes.
@@ -175,7 +175,8 @@ def format_markdown(records: Sequence[Record], targets: Sequence[dict] = ()) -> 
 
 
 def plot_results(records: Sequence[Record], path: str | os.PathLike, device: str = "cpu") -> Path | None:
-    """Batch-1 latency (best mode) against depth, and paper top-1 against it; PNG, written atomically."""
+    """Batch-1 latency (best mode) against depth, and paper top-1 against it, written atomically in the format
+    ``path``'s suffix names; ``None`` (nothing written) where no model has a depth or paper top-1 to place it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,10 +185,11 @@ def plot_results(records: Sequence[Record], path: str | os.PathLike, device: str
     points = []
     for model in dict.fromkeys(r.model for r in records if r.device == device):
         r = best(records, model, 1, device)
-        if r is not None:
+        if r is not None and (r.depth is not None or r.paper_top1 is not None):
             points.append((model, r))
     if not points:
         return None
+    figure_format = image_format(path)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for model, r in points:
         color = "tab:red" if is_parnet_model(model) else "tab:blue"
@@ -206,7 +208,7 @@ def plot_results(records: Sequence[Record], path: str | os.PathLike, device: str
     fig.tight_layout()
     try:
         with atomic_write(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=90)
+            fig.savefig(tmp, format=figure_format, dpi=90)
     finally:  # a failed write must not leave the figure open in the caller's process
         plt.close(fig)
     return Path(path)

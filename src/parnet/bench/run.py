@@ -97,6 +97,33 @@ def default_modes(device: torch.device, parnet: bool) -> list[str]:
     return list(base) + extra
 
 
+def valid_modes(device: torch.device, parnet: bool) -> tuple[str, ...]:
+    """Every mode label ``parnet bench`` knows for a ParNet (``deploy``'s modes, and ``train``) or a baseline on
+    ``device``, installed or not (:func:`default_modes` keeps those the machine runs)."""
+    if not parnet:
+        if device.type == "cuda":
+            return BASELINE_CUDA_MODES + CUDA_EXTRA_MODES
+        return BASELINE_CPU_MODES + tuple(m for m in CPU_EXTRA_MODES if m not in BASELINE_SKIPS)
+    from ..deployment import CPU_ONLY_MODES, CUDA_BF16_MODES, CUDA_ONLY_MODES, MODES, PRECISION_MODES
+
+    if device.type == "cuda":
+        return ("train", *(m for m in MODES if m not in CPU_ONLY_MODES), *(f"bf16:{m}" for m in CUDA_BF16_MODES))
+    fp32 = (m for m in PRECISION_MODES["fp32"] if m not in CUDA_ONLY_MODES)
+    return ("train", *fp32, *(f"{p}:{m}" for p in ("bf16", "int8") for m in PRECISION_MODES[p]))
+
+
+def check_modes(labels: Sequence[str], devices: Sequence[str], parnet: bool) -> None:
+    """Refuse, before any work, a mode label that none of ``devices`` knows (a typo, a CUDA mode on the CPU)."""
+    valid = {label for device in devices for label in valid_modes(torch.device(device), parnet)}
+    unknown = [label for label in labels if label not in valid]
+    if unknown:
+        flag, kind = ("--modes", "a ParNet") if parnet else ("--baseline-modes", "a baseline")
+        raise ValueError(
+            f"{flag}: {', '.join(unknown)} is not {kind} mode on {' or '.join(devices)}; choose from "
+            f"{', '.join(sorted(valid))}"
+        )
+
+
 def is_parnet_model(name: str) -> bool:
     return name.startswith("parnet")
 
@@ -250,6 +277,8 @@ def run_bench(
     with a ``peak_size`` matrix product; 0: no peak, no fractions). ``settle_s``: the untimed pause before
     each timed CPU call (:func:`time_interleaved`).
     """
+    check_modes(parnet_modes or (), devices, parnet=True)
+    check_modes(baseline_modes or (), devices, parnet=False)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -289,10 +318,14 @@ def _run_bench(
             raise ValueError("--device cuda requested but CUDA is not available")
         pm = parnet_modes or default_modes(device, parnet=True)
         bm = baseline_modes or default_modes(device, parnet=False)
-        if device.type == "cpu":
-            pm = [m for m in pm if m != "cuda_graph"]
-            bm = [m for m in bm if m != "cuda_graph"]
-        refs, entries, params, gflop = {}, {}, {}, {}
+        # With two devices a mode of only one of them (packed, cuda_graph) is timed there, said here.
+        skipped = [m for m in pm if m not in valid_modes(device, True)]
+        skipped += [m for m in bm if m not in valid_modes(device, False) and m not in skipped]
+        if skipped:
+            log(f"[{device}] not timed here (modes of the other device): {', '.join(skipped)}")
+        pm = [m for m in pm if m in valid_modes(device, True)]
+        bm = [m for m in bm if m in valid_modes(device, False)]
+        refs, entries, params, gflop, depths = {}, {}, {}, {}, {}
         precisions = sorted({split_mode(m)[0] for m in list(pm) + list(bm)})
         peak = machine_peak(precisions, size=peak_size) if device.type == "cpu" and peak_size > 0 else {}
         log(f"[{device}] peak GFLOP/s: {json.dumps(peak)}")
@@ -304,6 +337,7 @@ def _run_bench(
                 name, pm if is_parnet else bm, device, threads, model_kwargs if is_parnet else None, resolution
             )
             refs[name] = ref
+            depths[name] = _depth(name, ref, resolution, custom=bool(model_kwargs) and is_parnet)
             # the work of the deployed form: ParNet folded (one 3x3 conv per block), baselines re-parameterized
             counted = fold(ref) if is_parnet else reparameterize_model(ref)
             gflop[name] = model_gflop(counted, getattr(ref, "in_chans", 3), resolution)
@@ -331,7 +365,8 @@ def _run_bench(
             for (name, mode), ts in times.items():
                 med = statistics.median(ts)
                 custom = bool(model_kwargs) and is_parnet_model(name)  # not the paper's network: none of its figures
-                depth, top1 = (None, None) if custom else PAPER.get(name.split(".")[0], (None, None))
+                top1 = None if custom else PAPER.get(name.split(".")[0], (None, None))[1]
+                depth = depths[name]
                 precision = split_mode(mode)[0]
                 rate = gflop[name] * batch / med * 1e3
                 best_peak = max(peak.get(precision, {}).values(), default=None)
@@ -366,6 +401,21 @@ def _run_bench(
     return records
 
 
+def _depth(name: str, model: nn.Module, resolution: int, custom: bool) -> int | None:
+    """The paper's depth of a model it lists; else the measured one (:func:`parnet.network_depth`), ``None``
+    where the model cannot be traced."""
+    if not custom and name.split(".")[0] in PAPER:
+        return PAPER[name.split(".")[0]][0]
+    from ..depth import network_depth
+
+    try:
+        device = next(model.parameters()).device
+        x = torch.zeros(1, getattr(model, "in_chans", 3), resolution, resolution, device=device)
+        return network_depth(model, x)
+    except Exception:  # noqa: BLE001 - a figure for the table and plot only; the timing does not need it
+        return None
+
+
 def bench_files(
     paths: Sequence[str], batches: Sequence[int], reps: Sequence[int], warmup: int, threads: int,
     log: Callable[[str], None] = print, settle_s: float = SETTLE_S,
@@ -390,6 +440,7 @@ def bench_files(
             timed = {}
             for name, net in nets.items():
                 x = torch.randn(batch, net.in_chans, net.height, net.width, generator=torch.Generator().manual_seed(0))
+                net(x)  # untimed: builds the engine's session for this shape, as the models' output check does
                 timed[name] = _bind(net, x)
             times = time_interleaved(timed, torch.empty(0), nrep, warmup, torch.device("cpu"), settle_s)
             for name, ts in times.items():

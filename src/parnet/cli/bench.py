@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import warnings
 from dataclasses import asdict
@@ -20,13 +21,15 @@ from ..bench import (
     PEAK_SIZE,
     SETTLE_S,
     bench_files,
+    check_modes,
     check_targets,
     format_markdown,
     machine_info,
     plot_results,
     run_bench,
 )
-from ..io import atomic_write, check_output_path
+from ..deployed import read_info
+from ..io import atomic_write, check_output_path, image_format
 from .args import add_kwargs_option, model_name, nonneg_float, nonneg_int, positive_int
 
 
@@ -44,64 +47,96 @@ def _bench(args: argparse.Namespace) -> int:
     if args.device == "all" and not torch.cuda.is_available():
         devices = ["cpu"]
     kwargs = args.model_kwargs or None
-    if not _split(args.models):
-        raise ValueError("--models is empty: give at least one ParNet variant, e.g. --models parnet_s")
+    models, deployed = _split(args.models), _split(args.deployed or "")
+    if not models and not deployed:
+        raise ValueError("--models is empty: give at least one ParNet variant, e.g. --models parnet_s (or --deployed)")
     for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
         if path:  # before the benchmark, not after it
             check_output_path(path, what=flag)
+    if args.plot:
+        image_format(args.plot)
+    for path in deployed:  # each file readable before minutes of timing, not after
+        read_info(path)
+    check_modes(_split(args.modes or ""), devices, parnet=True)
+    check_modes(_split(args.baseline_modes or ""), devices, parnet=False)
     machine = machine_info(args.threads)
     peaks: dict = {}
     batches = (1, args.batch) if args.batch != 1 else (1,)
     reps = (args.reps, args.reps_large or max(3, args.reps // 3))
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     log(f"machine: {json.dumps(machine)}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        records = run_bench(
-            _split(args.models),
-            _split(args.baselines),
-            devices=devices,
-            batches=batches,
-            reps=reps,
-            resolution=args.resolution,
-            threads=args.threads,
-            warmup=args.warmup,
-            parnet_modes=_split(args.modes) if args.modes else None,
-            baseline_modes=_split(args.baseline_modes) if args.baseline_modes else None,
-            model_kwargs=kwargs,
-            log=log,
-            peaks=peaks,
-            peak_size=args.peak_size,
-            settle_s=args.settle_ms / 1e3,
-        )
-    machine["peak_gflops"] = peaks
-    machine["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    if args.deployed:
+    records = []
+    if models:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            records += bench_files(
-                _split(args.deployed), batches, reps, args.warmup, args.threads, log, args.settle_ms / 1e3
+            records = run_bench(
+                models,
+                _split(args.baselines),
+                devices=devices,
+                batches=batches,
+                reps=reps,
+                resolution=args.resolution,
+                threads=args.threads,
+                warmup=args.warmup,
+                parnet_modes=_split(args.modes) if args.modes else None,
+                baseline_modes=_split(args.baseline_modes) if args.baseline_modes else None,
+                model_kwargs=kwargs,
+                log=log,
+                peaks=peaks,
+                peak_size=args.peak_size,
+                settle_s=args.settle_ms / 1e3,
             )
-    targets = check_targets(records, _split(args.models)[0], args.batch, peaks)
-    table = format_markdown(records, targets)
+    machine["peak_gflops"] = peaks
+    machine["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    notes = []
+    if deployed:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            files = bench_files(deployed, batches, reps, args.warmup, args.threads, log, args.settle_ms / 1e3)
+        other = sorted({f"{r.model} ({r.resolution}x{r.resolution})" for r in files if r.resolution != args.resolution})
+        if models and other:
+            notes.append(f"- note: deployed files timed at the size they were built for, not {args.resolution}x"
+                         f"{args.resolution}: {', '.join(other)}")  # fmt: skip
+        records += files
+    if kwargs:  # the targets are the paper's ParNet-S's; a network of other widths is not it
+        targets = []
+        notes.append("- note: no targets checked: --model-kwargs makes the models other networks than the paper's")
+    else:
+        targets = check_targets(records, models[0], args.batch, peaks) if models else []
+    table = format_markdown(records, targets) + "".join(f"{n}\n" for n in notes)
     print(table)
     if args.markdown:
         with atomic_write(args.markdown) as tmp:
             tmp.write_text(table)
+        log(f"wrote {args.markdown}")
     if args.json:
         doc = {"machine": machine, "args": vars(args) | {"func": None}, "targets": targets}
         doc["records"] = [asdict(r) for r in records]
-        with atomic_write(args.json) as tmp:
-            tmp.write_text(json.dumps(doc, indent=1, default=str))
-        print(f"wrote {args.json}")
+        with atomic_write(args.json) as tmp:  # strict JSON: no NaN (a deployed file's output difference: null)
+            tmp.write_text(json.dumps(_finite(doc), indent=1, default=str, allow_nan=False))
+        log(f"wrote {args.json}")
     if args.plot:
         for device in devices:
             path = Path(args.plot)
             if len(devices) > 1:
                 path = path.with_name(f"{path.stem}_{device}{path.suffix}")
             if plot_results(records, path, device):
-                print(f"wrote {path}")
+                log(f"wrote {path}")
+            else:
+                print(f"no plot for {device}: no model here has a known depth or paper top-1 (the paper's ImageNet "
+                      "models and baselines, without --model-kwargs)")  # fmt: skip
     return 0
+
+
+def _finite(value: object) -> object:
+    """``value`` with every NaN and infinity (in dicts and lists) as ``None``, for strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -148,9 +183,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help=f"untimed pause before each timed CPU call, so no engine is timed while another's threads spin "
         f"[{SETTLE_S * 1e3:g}]",
     )  # fmt: skip
-    p.add_argument("--deployed", help="also time these `parnet quantize` files (comma-separated; CPU)")
+    p.add_argument(
+        "--deployed",
+        help="also time these `parnet quantize` files (comma-separated; CPU; each at the size it was built for); "
+        "with --models '' only these",
+    )
     p.add_argument("--json", help="write every record (and the machine) to this JSON file")
     p.add_argument("--markdown", help="also write the table to this file")
-    p.add_argument("--plot", help="write latency-vs-depth and top-1-vs-latency plots to this PNG")
-    p.add_argument("--quiet", action="store_true", help="only print the table")
+    p.add_argument(
+        "--plot", help="write latency-vs-depth and top-1-vs-latency plots to this file (.png, .svg, .pdf...)"
+    )
+    p.add_argument("--quiet", action="store_true", help="only print the table (and what is refused)")
     p.set_defaults(func=_bench)

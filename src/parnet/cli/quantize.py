@@ -5,17 +5,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ..deployment.engines import ENGINES, ORT_CALIBRATION
 from ..deployment.quantize import PRECISIONS
 from .args import nonneg_int, positive_int
 
 
+def default_out(checkpoint: str, precision: str, suffix: str) -> str:
+    """Beside the checkpoint, named after it: ``run_int8.onnx`` beside run folder ``run`` (``.`` too),
+    ``last_ema_int8.onnx`` beside ``last_ema.safetensors``."""
+    path = Path(checkpoint).resolve()
+    return str(path.parent / f"{path.name if path.is_dir() else path.stem}_{precision}{suffix}")
+
+
 def _quantize(args: argparse.Namespace) -> int:
     from ..deployed import SUFFIX, quantize_checkpoint
     from ..io import check_output_path
 
-    out = args.out or f"{str(args.checkpoint).rstrip('/')}_{args.precision}{SUFFIX[args.engine]}"
+    out = args.out or default_out(args.checkpoint, args.precision, SUFFIX[args.engine])
     check_output_path(out, what="--out")  # before calibrating and scoring, not after
     result = quantize_checkpoint(
         args.checkpoint, out, args.precision, args.engine, args.calibration_images, args.dataset, args.data_dir,
@@ -51,7 +59,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--calibration-method", choices=ORT_CALIBRATION, default="minmax", help="ONNX Runtime's calibration [minmax]"
     )
-    p.add_argument("--out", help="file to write (.onnx for onnxruntime, .xml for openvino) [CHECKPOINT_PRECISION.*]")
+    p.add_argument(
+        "--out",
+        help="file to write (.onnx: onnxruntime, .xml: openvino) [beside the checkpoint, NAME_PRECISION.onnx/.xml]",
+    )
     p.add_argument("--dataset", help="dataset (default: the run's, else fashion_mnist)")
     p.add_argument("--data-dir", help="where the dataset is (default: the run's, else its usual place)")
     p.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size [256]")
