@@ -428,3 +428,15 @@ def test_quantize_names_its_file_after_the_checkpoint(tmp_path: Path, monkeypatc
     assert default_out(str(run / "last_ema.safetensors"), "bf16", ".xml") == str(run / "last_ema_bf16.xml")
     monkeypatch.chdir(run)
     assert default_out(".", "int8", ".onnx") == str(tmp_path / "my-run_int8.onnx")  # not a hidden ._int8.onnx
+
+
+def test_quantize_refuses_options_it_would_ignore(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Calibration settings with a precision or engine that takes none are refused, before any work."""
+    ckpt = str(tmp_path / "run")
+    for extra, named in (
+        (["--precision", "fp32", "--calibration-images", "64"], "--calibration-images is for int8"),
+        (["--engine", "openvino", "--calibration-method", "entropy"], "--calibration-method is ONNX Runtime's"),
+        (["--precision", "bf16", "--engine", "openvino", "--calibration-method", "minmax"], "leave it out for bf16"),
+    ):
+        assert cli.main(["quantize", ckpt, *extra]) == 2
+        assert named in capsys.readouterr().err

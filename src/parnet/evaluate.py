@@ -331,6 +331,8 @@ def evaluate(
         if "state_dict_ema" in ckpt:
             nets["ema"] = _authors_model(path, ckpt, dev, ema=True)
     elif is_deployed_file(path):  # written by `parnet quantize`: runs on its engine, on the CPU
+        if dev.type != "cpu" and device is not None:
+            raise ValueError(f"{path.name} runs on its engine on the CPU, not on {device}: leave out --device")
         engine_net = load_deployed(path)
         nets[f"{engine_net.precision}:{engine_net.engine}"] = engine_net  # its rows say what runs, e.g. int8:openvino
         run_dataset = engine_net.dataset

@@ -23,11 +23,17 @@ def _quantize(args: argparse.Namespace) -> int:
     from ..deployed import SUFFIX, quantize_checkpoint
     from ..io import check_output_path
 
+    # an option that would be ignored is refused, not silently dropped
+    if args.precision != "int8" and args.calibration_images is not None:
+        raise ValueError(f"--calibration-images is for int8; {args.precision} needs no calibration (leave it out)")
+    if args.calibration_method is not None and (args.precision != "int8" or args.engine != "onnxruntime"):
+        raise ValueError("--calibration-method is ONNX Runtime's int8 calibration; leave it out for "
+                         f"{args.precision} in {args.engine}")  # fmt: skip
     out = args.out or default_out(args.checkpoint, args.precision, SUFFIX[args.engine])
     check_output_path(out, what="--out")  # before calibrating and scoring, not after
     result = quantize_checkpoint(
-        args.checkpoint, out, args.precision, args.engine, args.calibration_images, args.dataset, args.data_dir,
-        args.calibration_method, args.batch_size, args.test_subset, args.workers,
+        args.checkpoint, out, args.precision, args.engine, args.calibration_images or 512, args.dataset,
+        args.data_dir, args.calibration_method or "minmax", args.batch_size, args.test_subset, args.workers,
     )  # fmt: skip
     if result["unfinished"]:
         print(f"note: {args.checkpoint} has not finished training ({result['unfinished']}): these are the weights of "
@@ -53,12 +59,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="int8", help="[int8]")
     p.add_argument("--engine", choices=ENGINES, default="onnxruntime", help="[onnxruntime]")
     p.add_argument(
-        "--calibration-images", type=positive_int, default=512,
+        "--calibration-images", type=positive_int,
         help="int8: training images (test transforms) to calibrate on [512]",
     )  # fmt: skip
     p.add_argument(
-        "--calibration-method", choices=ORT_CALIBRATION, default="minmax", help="ONNX Runtime's calibration [minmax]"
-    )
+        "--calibration-method", choices=ORT_CALIBRATION,
+        help="int8 in ONNX Runtime: its calibration [minmax] (NNCF, for OpenVINO, calibrates its own way)",
+    )  # fmt: skip
     p.add_argument(
         "--out",
         help="file to write (.onnx: onnxruntime, .xml: openvino) [beside the checkpoint, NAME_PRECISION.onnx/.xml]",
