@@ -216,6 +216,8 @@ def test_quantize_command_round_trip(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "no file at" in capsys.readouterr().err
     assert cli.main(["eval", str(out), "--data-dir", str(data), "--workers", "0", "--img-size", "64"]) == 2
     assert "was built for 32x32 images, not 64: leave out the image size" in capsys.readouterr().err
+    assert cli.main(["eval", str(out), "--official", "--workers", "0"]) == 2
+    assert "engine file (leave --official out)" in capsys.readouterr().err
 
 
 @ORT

@@ -324,6 +324,10 @@ def evaluate(
     elif official or (official is None and path.is_file() and is_torch_checkpoint(path)):  # by content
         from .official import read_checkpoint
 
+        if is_deployed_file(path):
+            raise ValueError(f"--official reads an authors' .pth.tar file; {path.name} is a `parnet quantize` "
+                             "engine file (leave --official out)")  # fmt: skip
+
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint at {path}")
         ckpt = read_checkpoint(path)
