@@ -418,6 +418,14 @@ def test_openvino_file_written_into_a_new_folder(tmp_path: Path) -> None:
     assert sorted(p.name for p in path.parent.iterdir()) == ["m.bin", "m.xml"]  # no staging folder left
     with torch.inference_mode():
         assert (load_deployed(path)(x) - model(x)).abs().max().item() < 1e-3
+    # a pair replaced in part (a write stopped between .bin and .xml): the old .xml beside another model's .bin
+    other = save_deployed(
+        build(make(8), "openvino", "fp32", None, x[:1]), tmp_path / "o.xml",
+        DeployedInfo("openvino", "fp32", "x", 3, 32, 32, 10, "o"),
+    )  # fmt: skip
+    path.with_suffix(".bin").write_bytes(other.with_suffix(".bin").read_bytes())
+    with pytest.raises(ValueError, match="m.bin is not the weights file m.xml was written with"):
+        load_deployed(path)
 
 
 def test_quantize_names_its_file_after_the_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

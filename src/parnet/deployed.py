@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 SUFFIX = {"onnxruntime": ".onnx", "openvino": ".xml"}
 META_KEY = "parnet_deployed"
+BIN_HASH_KEY = "parnet_bin_sha256"  # an OpenVINO .xml's record of its .bin (see save_deployed)
 
 
 @dataclass
@@ -128,11 +129,34 @@ def save_deployed(module: EngineModule, path: str | os.PathLike, info: DeployedI
     with tempfile.TemporaryDirectory(dir=path.parent) as folder:
         staged = Path(folder) / "model.xml"
         ov.save_model(ov_model, str(staged), compress_to_fp16=False)
+        # The .xml records its .bin's hash (a second save: the weights' bytes do not change), so that a pair
+        # replaced only in part (stopped between the two files) is refused when read, not misread.
+        ov_model.set_rt_info(_sha256(staged.with_suffix(".bin")), [BIN_HASH_KEY])
+        ov.save_model(ov_model, str(staged), compress_to_fp16=False)
+        if _sha256(staged.with_suffix(".bin")) != ov_model.get_rt_info([BIN_HASH_KEY]).astype(str):
+            raise RuntimeError("OpenVINO wrote the same weights differently twice; the file was not written")
         # the weights first, then the graph that names them: a reader never finds an .xml without its .bin
         for src, dst in ((staged.with_suffix(".bin"), path.with_suffix(".bin")), (staged, path)):
             with atomic_write(dst) as tmp:
                 tmp.write_bytes(src.read_bytes())
     return path
+
+
+def _recorded_bin_hash(xml_path: Path) -> str | None:
+    """The .bin hash an OpenVINO .xml of ours records (``None``: none recorded, or not XML)."""
+    import xml.etree.ElementTree as ElementTree
+
+    try:
+        node = ElementTree.parse(xml_path).getroot().find(f"rt_info/{BIN_HASH_KEY}")
+    except ElementTree.ParseError:
+        return None
+    return node.get("value") if node is not None else None
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def read_info(path: str | os.PathLike) -> DeployedInfo:
@@ -142,6 +166,13 @@ def read_info(path: str | os.PathLike) -> DeployedInfo:
         raise FileNotFoundError(f"no file at {path}")
     onnx_file = path.suffix.lower() == ".onnx"
     require("onnxruntime" if onnx_file else "openvino")
+    if not onnx_file:  # before OpenVINO reads the pair: a mismatched .bin can make it fail obscurely
+        recorded, weights = _recorded_bin_hash(path), path.with_suffix(".bin")
+        if recorded is not None and (not weights.is_file() or _sha256(weights) != recorded):
+            raise ValueError(
+                f"{weights.name} is not the weights file {path.name} was written with (was a write stopped "
+                "between the two?): write the model again with `parnet quantize`"
+            )
     try:
         if onnx_file:
             import onnx
