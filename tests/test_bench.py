@@ -267,3 +267,12 @@ def test_plot_format_by_suffix_and_measured_depth(tmp_path: Path, capsys) -> Non
     assert b"<svg" in (tmp_path / "p.svg").read_bytes()[:400]
     # a network of other widths is still 12 deep: measured (parnet.network_depth), not looked up
     assert {r["depth"] for r in json.loads((tmp_path / "p.json").read_text())["records"]} == {12}
+
+
+def test_resolution_defaults_to_the_models_own(capsys) -> None:
+    """Like timm's benchmark: each ParNet's pretrained_cfg input size, 32 for the CIFAR variants (not 224)."""
+    from parnet.cli.bench import _default_resolution
+
+    assert _default_resolution(["parnet_cifar_s"]) == 32 and _default_resolution(["parnet_s", "parnet_m"]) == 224
+    assert cli.main(["bench", "--models", "parnet_s,parnet_cifar_s", "--baselines", ""]) == 2
+    assert "different input sizes (parnet_s 224, parnet_cifar_s 32): give --resolution" in capsys.readouterr().err

@@ -59,6 +59,7 @@ def _bench(args: argparse.Namespace) -> int:
         read_info(path)
     check_modes(_split(args.modes or ""), devices, parnet=True)
     check_modes(_split(args.baseline_modes or ""), devices, parnet=False)
+    resolution = args.resolution or _default_resolution(models)
     machine = machine_info(args.threads)
     peaks: dict = {}
     batches = (1, args.batch) if args.batch != 1 else (1,)
@@ -75,7 +76,7 @@ def _bench(args: argparse.Namespace) -> int:
                 devices=devices,
                 batches=batches,
                 reps=reps,
-                resolution=args.resolution,
+                resolution=resolution,
                 threads=args.threads,
                 warmup=args.warmup,
                 parnet_modes=_split(args.modes) if args.modes else None,
@@ -93,10 +94,10 @@ def _bench(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             files = bench_files(deployed, batches, reps, args.warmup, args.threads, log, args.settle_ms / 1e3)
-        other = sorted({f"{r.model} ({r.resolution}x{r.resolution})" for r in files if r.resolution != args.resolution})
+        other = sorted({f"{r.model} ({r.resolution}x{r.resolution})" for r in files if r.resolution != resolution})
         if models and other:
-            notes.append(f"- note: deployed files timed at the size they were built for, not {args.resolution}x"
-                         f"{args.resolution}: {', '.join(other)}")  # fmt: skip
+            notes.append(f"- note: deployed files timed at the size they were built for, not {resolution}x"
+                         f"{resolution}: {', '.join(other)}")  # fmt: skip
         records += files
     if kwargs:  # the targets are the paper's ParNet-S's; a network of other widths is not it
         targets = []
@@ -126,6 +127,21 @@ def _bench(args: argparse.Namespace) -> int:
                 print(f"no plot for {device}: no model here has a known depth or paper top-1 (the paper's ImageNet "
                       "models and baselines, without --model-kwargs)")  # fmt: skip
     return 0
+
+
+def _default_resolution(models: list[str]) -> int:
+    """The input size the ParNet models were made for (timm's ``pretrained_cfg``), as timm's benchmark takes it:
+    224 for the ImageNet variants, 32 for the CIFAR ones; models of different sizes need ``--resolution``."""
+    from timm.models import get_pretrained_cfg
+
+    sizes = {}
+    for name in models:
+        cfg = get_pretrained_cfg(name.split(".")[0])
+        sizes[name] = cfg.input_size[-1] if cfg is not None and cfg.input_size else 224
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{name} {size}" for name, size in sizes.items())
+        raise ValueError(f"the models are made for different input sizes ({listed}): give --resolution")
+    return next(iter(sizes.values()), 224)
 
 
 def _finite(value: object) -> object:
@@ -164,7 +180,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--batch", type=positive_int, default=32, help="large batch for throughput (batch 1 is always timed) [32]"
     )
-    p.add_argument("--resolution", type=positive_int, default=224, help="input height and width [224]")
+    p.add_argument(
+        "--resolution", type=positive_int,
+        help="input height and width, for every model [the ParNet models' own: 224 for ImageNet's, 32 for CIFAR's]",
+    )  # fmt: skip
     p.add_argument("--reps", type=positive_int, default=30, help="timed repetitions at batch 1 [30]")
     p.add_argument("--reps-large", type=positive_int, help="timed repetitions at the large batch [reps/3, at least 3]")
     p.add_argument("--warmup", type=nonneg_int, default=3, help="untimed calls first (compilation included) [3]")
