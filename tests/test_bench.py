@@ -64,7 +64,7 @@ def test_plot_and_markdown_written(bench_run) -> None:
     _, png, md, _ = bench_run
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = md.read_text()
-    assert "| parnet_cifar_s | parallel |" in text and "Best mode per model" in text
+    assert "| parnet_cifar_s | parallel | 3x32x32 |" in text and "Best mode per model" in text  # the input each got
 
 
 def _rec(model: str, mode: str, batch: int, ms: float) -> Record:

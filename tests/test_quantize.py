@@ -289,6 +289,7 @@ def test_bench_times_a_quantized_file(tmp_path: Path, capsys: pytest.CaptureFixt
         str(tmp_path / "b.json"),
     ]
     assert cli.main(args + ["--quiet"]) == 0
+    assert "| m.onnx | int8:onnxruntime | 3x32x32 |" in capsys.readouterr().out  # the input it was built for
     import json
 
     rows = [r for r in json.loads((tmp_path / "b.json").read_text())["records"] if r["model"] == "m.onnx"]

@@ -113,8 +113,8 @@ def format_markdown(records: Sequence[Record], targets: Sequence[dict] = ()) -> 
     batches = sorted({r.batch for r in records})
     lines = []
     for device in sorted({r.device for r in records}):
-        head = "| model | mode | depth | paper top-1 | params (M) |"
-        sep = "| --- | --- | ---: | ---: | ---: |"
+        head = "| model | mode | input | depth | paper top-1 | params (M) |"
+        sep = "| --- | --- | --- | ---: | ---: | ---: |"
         for b in batches:
             head += f" batch {b}: median ms [p25-p75] | batch {b}: img/s |"
             sep += " ---: | ---: |"
@@ -128,9 +128,11 @@ def format_markdown(records: Sequence[Record], targets: Sequence[dict] = ()) -> 
         for model, mode in keys:
             rows = {r.batch: r for r in records if r.device == device and r.model == model and r.mode == mode}
             any_row = next(iter(rows.values()))
+            size = f"{any_row.resolution}x{any_row.resolution}"
             cells = [
                 model,
                 mode,
+                f"{any_row.in_chans}x{size}" if any_row.in_chans else size,  # files run at the size they were built for
                 str(any_row.depth or ""),
                 f"{any_row.paper_top1:.2f}" if any_row.paper_top1 else "",
                 f"{any_row.params_m:.1f}" if any_row.params_m is not None else "",

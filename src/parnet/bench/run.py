@@ -76,6 +76,7 @@ class Record:
     paper_top1: float | None = None
     params_m: float | None = None
     times_ms: list[float] = field(default_factory=list)
+    in_chans: int | None = None  # with resolution: the input each call got, (in_chans, resolution, resolution)
 
 
 def default_modes(device: torch.device, parnet: bool) -> list[str]:
@@ -377,6 +378,7 @@ def _run_bench(
                         batch=batch,
                         device=str(device),
                         resolution=resolution,
+                        in_chans=in_chans[name],
                         threads=threads,
                         reps=nrep,
                         median_ms=med,
@@ -450,7 +452,7 @@ def bench_files(
                         name, f"{net.precision}:{net.engine}", batch, "cpu", net.height, threads, nrep, med,
                         _quantile(ts, 0.25), _quantile(ts, 0.75), min(ts), max(ts),
                         _quantile(ts, 0.75) - _quantile(ts, 0.25), batch / med * 1e3, float("nan"), float("nan"),
-                        precision=net.precision, times_ms=[round(t, 3) for t in ts],
+                        precision=net.precision, times_ms=[round(t, 3) for t in ts], in_chans=net.in_chans,
                     )
                 )  # fmt: skip
         return records
