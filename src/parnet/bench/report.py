@@ -144,8 +144,11 @@ def format_markdown(records: Sequence[Record], targets: Sequence[dict] = ()) -> 
                     if r
                     else ["", ""]
                 )
-            diff = max(r.max_abs_diff for r in rows.values())
-            cells.append(f"{diff:.1e} ({max(r.max_rel_diff for r in rows.values()):.0e})")
+            if any(r.max_abs_diff is None for r in rows.values()):  # a deployed file: nothing to compare with
+                cells.append("")
+            else:
+                diff = max(r.max_abs_diff for r in rows.values())
+                cells.append(f"{diff:.1e} ({max(r.max_rel_diff for r in rows.values()):.0e})")
             last = rows.get(batches[-1])
             rate = last.achieved_gflops if last else None
             frac = f" ({last.peak_fraction:.0%})" if last and last.peak_fraction is not None else ""

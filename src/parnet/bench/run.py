@@ -66,8 +66,8 @@ class Record:
     max_ms: float
     iqr_ms: float
     throughput_img_s: float
-    max_abs_diff: float
-    max_rel_diff: float = 0.0  # max_abs_diff / max |reference output|: deep baselines' logits can be huge
+    max_abs_diff: float | None  # None: nothing to compare with (a deployed file)
+    max_rel_diff: float | None = 0.0  # max_abs_diff / max |reference output|: deep baselines' logits can be huge
     precision: str = "fp32"
     gflop: float | None = None  # per image, 2 x multiply-adds (torch.utils.flop_counter)
     achieved_gflops: float | None = None  # gflop x images per second
@@ -320,13 +320,12 @@ def _run_bench(
         pm = parnet_modes or default_modes(device, parnet=True)
         bm = baseline_modes or default_modes(device, parnet=False)
         # With two devices a mode of only one of them (packed, cuda_graph) is timed there, said here.
-        skipped = [m for m in pm if m not in valid_modes(device, True)]
-        skipped += [m for m in bm if m not in valid_modes(device, False) and m not in skipped]
+        valid_p, valid_b = valid_modes(device, True), valid_modes(device, False)
+        skipped = dict.fromkeys([m for m in pm if m not in valid_p] + [m for m in bm if m not in valid_b])
         if skipped:
             log(f"[{device}] not timed here (modes of the other device): {', '.join(skipped)}")
-        pm = [m for m in pm if m in valid_modes(device, True)]
-        bm = [m for m in bm if m in valid_modes(device, False)]
-        refs, entries, params, gflop, depths = {}, {}, {}, {}, {}
+        pm, bm = [m for m in pm if m in valid_p], [m for m in bm if m in valid_b]
+        refs, entries, params, gflop, depths, top1s = {}, {}, {}, {}, {}, {}
         precisions = sorted({split_mode(m)[0] for m in list(pm) + list(bm)})
         peak = machine_peak(precisions, size=peak_size) if device.type == "cpu" and peak_size > 0 else {}
         log(f"[{device}] peak GFLOP/s: {json.dumps(peak)}")
@@ -338,7 +337,9 @@ def _run_bench(
                 name, pm if is_parnet else bm, device, threads, model_kwargs if is_parnet else None, resolution
             )
             refs[name] = ref
-            depths[name] = _depth(name, ref, resolution, custom=bool(model_kwargs) and is_parnet)
+            custom = bool(model_kwargs) and is_parnet  # not the paper's network: none of its figures
+            depths[name] = _depth(name, ref, resolution, custom)
+            top1s[name] = None if custom else PAPER.get(name.split(".")[0], (None, None))[1]
             # the work of the deployed form: ParNet folded (one 3x3 conv per block), baselines re-parameterized
             counted = fold(ref) if is_parnet else reparameterize_model(ref)
             gflop[name] = model_gflop(counted, getattr(ref, "in_chans", 3), resolution)
@@ -365,9 +366,6 @@ def _run_bench(
             times = time_interleaved(timed, x0, nrep, warmup, device, settle_s if device.type == "cpu" else 0.0)
             for (name, mode), ts in times.items():
                 med = statistics.median(ts)
-                custom = bool(model_kwargs) and is_parnet_model(name)  # not the paper's network: none of its figures
-                top1 = None if custom else PAPER.get(name.split(".")[0], (None, None))[1]
-                depth = depths[name]
                 precision = split_mode(mode)[0]
                 rate = gflop[name] * batch / med * 1e3
                 best_peak = max(peak.get(precision, {}).values(), default=None)
@@ -390,8 +388,8 @@ def _run_bench(
                         throughput_img_s=batch / med * 1e3,
                         max_abs_diff=diffs[(name, mode)],
                         max_rel_diff=diffs[(name, mode)] / scales[(name, mode)],
-                        depth=depth,
-                        paper_top1=top1,
+                        depth=depths[name],
+                        paper_top1=top1s[name],
                         params_m=round(params[name], 2),
                         times_ms=[round(t, 3) for t in ts],
                         precision=precision,
@@ -424,7 +422,7 @@ def bench_files(
 ) -> list[Record]:  # fmt: skip
     """Time files written by ``parnet quantize`` (CPU, at the resolution each was built for), interleaved.
 
-    There is no plain model to compare with, so ``max_abs_diff`` is NaN: ``parnet quantize`` scored them.
+    There is no plain model to compare with, so ``max_abs_diff`` is ``None``: ``parnet quantize`` scored them.
     """
     from ..deployed import load_deployed
 
@@ -451,7 +449,7 @@ def bench_files(
                     Record(
                         name, f"{net.precision}:{net.engine}", batch, "cpu", net.height, threads, nrep, med,
                         _quantile(ts, 0.25), _quantile(ts, 0.75), min(ts), max(ts),
-                        _quantile(ts, 0.75) - _quantile(ts, 0.25), batch / med * 1e3, float("nan"), float("nan"),
+                        _quantile(ts, 0.75) - _quantile(ts, 0.25), batch / med * 1e3, None, None,
                         precision=net.precision, times_ms=[round(t, 3) for t in ts], in_chans=net.in_chans,
                     )
                 )  # fmt: skip

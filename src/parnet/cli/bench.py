@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import warnings
 from dataclasses import asdict
@@ -113,8 +112,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json:
         doc = {"machine": machine, "args": vars(args) | {"func": None}, "targets": targets}
         doc["records"] = [asdict(r) for r in records]
-        with atomic_write(args.json) as tmp:  # strict JSON: no NaN (a deployed file's output difference: null)
-            tmp.write_text(json.dumps(_finite(doc), indent=1, default=str, allow_nan=False))
+        with atomic_write(args.json) as tmp:  # strict JSON: a NaN would be a bug, not a value to write
+            tmp.write_text(json.dumps(doc, indent=1, default=str, allow_nan=False))
         log(f"wrote {args.json}")
     if args.plot:
         for device in devices:
@@ -142,17 +141,6 @@ def _default_resolution(models: list[str]) -> int:
         listed = ", ".join(f"{name} {size}" for name, size in sizes.items())
         raise ValueError(f"the models are made for different input sizes ({listed}): give --resolution")
     return next(iter(sizes.values()), 224)
-
-
-def _finite(value: object) -> object:
-    """``value`` with every NaN and infinity (in dicts and lists) as ``None``, for strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

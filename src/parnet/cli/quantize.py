@@ -31,9 +31,11 @@ def _quantize(args: argparse.Namespace) -> int:
                          f"{args.precision} in {args.engine}")  # fmt: skip
     out = args.out or default_out(args.checkpoint, args.precision, SUFFIX[args.engine])
     check_output_path(out, what="--out")  # before calibrating and scoring, not after
+    given = {"calibration_images": args.calibration_images, "method": args.calibration_method}
     result = quantize_checkpoint(
-        args.checkpoint, out, args.precision, args.engine, args.calibration_images or 512, args.dataset,
-        args.data_dir, args.calibration_method or "minmax", args.batch_size, args.test_subset, args.workers,
+        args.checkpoint, out, args.precision, args.engine, dataset=args.dataset, data_dir=args.data_dir,
+        batch_size=args.batch_size, test_subset=args.test_subset, workers=args.workers,
+        **{k: v for k, v in given.items() if v is not None},  # the rest: quantize_checkpoint's defaults
     )  # fmt: skip
     if result["unfinished"]:
         print(f"note: {args.checkpoint} has not finished training ({result['unfinished']}): these are the weights of "
