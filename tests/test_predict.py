@@ -141,7 +141,7 @@ def test_our_safetensors_without_a_dataset(images, tmp_path):
         (["{rgb}", "{run}", "--checkpoint", "{rgb}"], "not both"),
         (["{rgb}", "--checkpoint", "{missing}"], "no checkpoint"),
         (["{rgb}", "--checkpoint", "{text}"], "cannot read"),
-        (["{rgb}", "--checkpoint", "{onnx}"], "is an engine model (ONNX or OpenVINO), not trained weights"),
+        (["{rgb}", "--checkpoint", "{onnx}"], "m.onnx was not written by `parnet quantize`"),
         (["{rgb}", "{run}", "--device", "gpu"], "unsupported device 'gpu' (use cpu or cuda[:i])"),
         (["{rgb}", "{run}", "--device", "cuda:99"], "device cuda:99 requested but"),
     ],
@@ -157,6 +157,38 @@ def test_bad_input_is_a_clear_error_without_traceback(run, images, tmp_path, cap
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_engine_file_predicts_as_the_run_it_was_written_from(run, images, tmp_path, capsys, engine):
+    """A `parnet quantize` file (fp32, so the probabilities are the run's) runs on its engine: the run's
+    preprocessing, size and class names come from its metadata."""
+    from parnet.deployed import SUFFIX, quantize_checkpoint
+
+    pytest.importorskip(engine)
+    path = tmp_path / f"model{SUFFIX[engine]}"
+    quantize_checkpoint(run, path, precision="fp32", engine=engine, workers=0)
+    predictor = load_predictor(checkpoint=path)
+    assert predictor.image_mode == "L" and predictor.source == f"{path} (fp32:{engine})"
+    expected = load_predictor(run=run).predict([images["rgb"], images["grey"]])
+    got = predictor.predict([images["rgb"], images["grey"]])
+    for want, have in zip(expected, got):
+        assert [t["label"] for t in have["top"]] == [t["label"] for t in want["top"]]
+        np.testing.assert_allclose(
+            [t["probability"] for t in have["top"]], [t["probability"] for t in want["top"]], atol=1e-5
+        )
+    assert main(["predict", str(images["grey"]), "--checkpoint", str(path), "--top", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"weights: {path} (fp32:{engine})" and len(out) == 4
+    for flags, message in ((["--raw"], "leave out --raw"), (["--model", "parnet_s"], "leave out --model")):
+        assert main(["predict", str(images["grey"]), "--checkpoint", str(path), *flags]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_raw_weights_asked_of_a_file_of_ema_weights_are_refused(run, images, capsys):
+    assert main(["predict", str(images["grey"]), "--checkpoint", str(run / "last_ema.safetensors"), "--raw"]) == 2
+    assert "holds a run's EMA weights only: leave out --raw" in capsys.readouterr().err
+    assert main(["predict", str(images["grey"]), "--checkpoint", str(run / "last.safetensors"), "--raw"]) == 0
 
 
 def test_image_folder_run_is_prepared_as_it_was_evaluated(images, tmp_path):

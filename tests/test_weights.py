@@ -221,3 +221,10 @@ def test_only_a_parnet_is_saved(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="save_model writes a ParNet .* got FoldedParNet"):
         save_model(deployed, tmp_path / "d.safetensors")
     assert not list(tmp_path.iterdir())
+
+
+def test_an_engine_file_given_as_weights_says_which_commands_run_it(tmp_path: Path) -> None:
+    for name in ("model.onnx", "model.xml"):
+        (tmp_path / name).write_bytes(b"\x08\x07")
+        with pytest.raises(ValueError, match="is an engine model .* `parnet eval`, `parnet predict --checkpoint`"):
+            load_model(tmp_path / name)

@@ -102,6 +102,11 @@ def trained_on(path: str | os.PathLike) -> TrainedOn:
     return TrainedOn()
 
 
+def holds_ema_weights(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a weights file a run wrote of its EMA weights (its header says so)."""
+    return (_weights_header(Path(path)) or {}).get("ema") == "True"
+
+
 def _weights_header(path: Path) -> dict[str, str] | None:
     """The metadata of a ``.safetensors`` file; ``None`` for anything else, or one unreadable (the loader says why)."""
     if not (path.is_file() and path.suffix == ".safetensors"):
@@ -352,8 +357,7 @@ def evaluate(
             )
         img_size = built
     else:
-        is_ema = (_weights_header(path) or {}).get("ema") == "True"  # a run's EMA weights file: scored as such
-        nets["ema" if is_ema else "raw"] = load_weights(path, str(dev))
+        nets["ema" if holds_ema_weights(path) else "raw"] = load_weights(path, str(dev))
         run_dataset = trained.dataset  # from the weights file's header
         if dataset is None:
             dataset, data_dir = run_dataset, data_dir or trained.data_dir

@@ -262,8 +262,9 @@ def read_safetensors(
             ) from None
         if path.suffix.lower() in (".onnx", ".xml", ".bin"):
             raise ValueError(
-                f"{path} is an engine model (ONNX or OpenVINO), not trained weights: `parnet eval` and `parnet bench "
-                "--deployed` run it; here give the run folder or its .safetensors weights"
+                f"{path} is an engine model (ONNX or OpenVINO), not trained weights: `parnet eval`, `parnet "
+                "predict --checkpoint` and `parnet bench --deployed` run it; here give the run folder or its "
+                ".safetensors weights"
             ) from None
         raise ValueError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
     if expected_format is not None and meta.get("format") != expected_format:

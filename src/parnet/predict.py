@@ -1,15 +1,16 @@
 """Top-k classes of image files, from a training run, a checkpoint or a timm model's released weights.
 
 The weights come from a run folder (its EMA weights when it has them), a ``.safetensors`` file of this
-project, an authors' ``.pth.tar`` (through :func:`parnet.load_official`, EMA weights when present) or
-timm's pretrained download of a model name. Preprocessing and class names follow the data the weights
-were trained on:
+project, an authors' ``.pth.tar`` (through :func:`parnet.load_official`, EMA weights when present), a
+``parnet quantize`` engine file (``.onnx``, OpenVINO's ``.xml``: run on its engine, on the CPU) or timm's
+pretrained download of a model name. Preprocessing and class names follow the data the weights were
+trained on:
 
 * a run, or a file written by one (its metadata names the dataset): the dataset's own evaluation
-  transform at the size the run trained at, as ``parnet eval`` scores it (for Fashion-MNIST and CIFAR
-  after the image is brought to the dataset's size and colour mode: Fashion-MNIST images are 28x28
-  grey, padded to 32 as in training; an image folder's is timm's resize and center crop with the
-  folder's ImageNet statistics), and the dataset's class names;
+  transform at the size the run trained at (an engine file: the size it was built for), as ``parnet
+  eval`` scores it (for Fashion-MNIST and CIFAR after the image is brought to the dataset's size and
+  colour mode: Fashion-MNIST images are 28x28 grey, padded to 32 as in training; an image folder's is
+  timm's resize and center crop with the folder's ImageNet statistics), and the dataset's class names;
 * anything else: timm's ``resolve_data_config`` / ``create_transform`` with the pretrained config of the
   model (``model_name``, the model's own, or that of the released variant with its architecture), and
   ImageNet's class names (``timm.data.ImageNetInfo``) for a 1000-class model.
@@ -55,7 +56,8 @@ class Predictor:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
         images = [read_image(p, self.image_mode) for p in paths]
-        device = next(self.model.parameters()).device
+        weight = next(self.model.parameters(), None)  # an engine file's module holds none: it runs on the CPU
+        device = weight.device if weight is not None else torch.device("cpu")
         k = min(top_k, len(self.class_names))
         results = []
         for path, image in zip(paths, images):
@@ -92,16 +94,27 @@ def load_predictor(
 
     ``model_name`` with ``checkpoint`` chooses the pretrained config that sets the preprocessing (e.g.
     ``parnet_s_official.in1k`` for an authors' file); alone, timm downloads its pretrained weights.
-    ``use_ema``: a run's (or an authors' file's) EMA weights when it has them.
+    ``use_ema``: a run's (or an authors' file's) EMA weights when it has them; ``False`` is refused for a file
+    that holds EMA weights alone (a run's ``last_ema.safetensors``, an engine file quantized from them).
+    A ``parnet quantize`` file as ``checkpoint`` runs on its engine on the CPU, its images prepared as its
+    metadata says (``model_name`` is refused: the file says how).
     """
     if run is not None and checkpoint is not None:
         raise ValueError("give a run folder or a checkpoint file, not both")
     if run is None and checkpoint is None and not model_name:
         raise ValueError("give the weights: a run folder, a checkpoint file, or a model name with released weights")
+    from .deployed import is_deployed_file
     from .devices import check_device
-    from .evaluate import load_trained_model
+    from .evaluate import holds_ema_weights, load_trained_model
 
     device = str(check_device(device))
+    if checkpoint is not None and is_deployed_file(checkpoint):
+        return _engine_predictor(Path(checkpoint), model_name, use_ema, device)
+    if checkpoint is not None and not use_ema and holds_ema_weights(checkpoint):
+        raise ValueError(
+            f"{checkpoint} holds a run's EMA weights only: leave out --raw, or give the run folder (or its "
+            "last.safetensors) for the raw weights"
+        )
     weights = run if run is not None else checkpoint
     if weights is not None:
         model, source = load_trained_model(weights, device, use_ema)
@@ -109,6 +122,25 @@ def load_predictor(
         model, source = _load_pretrained(str(model_name), device)
     model.eval()
     return Predictor(model, *input_preparation(model, weights, model_name), source)
+
+
+def _engine_predictor(path: Path, model_name: str | None, use_ema: bool, device: str) -> Predictor:
+    """A ``parnet quantize`` file on its engine, its images prepared for the dataset and size it was built for."""
+    from .deployed import load_deployed
+    from .evaluate import TrainedOn
+
+    if model_name:
+        raise ValueError(f"{path.name} says how its images are prepared (its dataset and size): leave out --model")
+    if not use_ema:
+        raise ValueError(f"{path.name} holds the one set of weights it was quantized from: leave out --raw")
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"{path.name} runs on its engine on the CPU, not on {device}: leave out --device")
+    module = load_deployed(path)
+    names = tuple(module.class_names or ()) or None
+    trained = TrainedOn(module.dataset, module.data_dir, module.height, names)
+    transform, mode = _dataset_transform(module.dataset, module.height)
+    source = f"{path} ({module.precision}:{module.engine})"
+    return Predictor(module, transform, _class_names(trained, module.num_classes), mode, source)
 
 
 def input_preparation(

@@ -22,8 +22,8 @@ def _predict(args: argparse.Namespace) -> int:
     weights = [p for p in images if Path(p).suffix.lower() in WEIGHTS_SUFFIXES]
     if weights:
         raise ValueError(
-            f"{weights[0]} is a model file, not an image: give weights as --checkpoint FILE (a .safetensors or an "
-            "authors' .pth.tar) or as a run folder; `parnet quantize` files (.onnx, .xml) are scored by `parnet eval`"
+            f"{weights[0]} is a model file, not an image: give weights as --checkpoint FILE (a .safetensors, an "
+            "authors' .pth.tar or a `parnet quantize` .onnx/.xml) or as a run folder"
         )
     if not images:
         raise ValueError("give at least one image file")
@@ -57,7 +57,8 @@ def add_commands(subparsers: Any) -> None:
     )
     p.add_argument(
         "--checkpoint",
-        help="weights file: a .safetensors of this project (a run's, `parnet convert`'s) or an authors' .pth.tar",
+        help="weights file: a .safetensors of this project (a run's, `parnet convert`'s), an authors' .pth.tar, "
+        "or a `parnet quantize` file (.onnx, OpenVINO .xml; runs on its engine on the CPU)",
     )
     p.add_argument(
         "--model",
