@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import warnings
 from io import StringIO
 from pathlib import Path
@@ -149,7 +150,7 @@ def test_export_leaves_the_model_and_writes_no_failed_file(tmp_path: Path, monke
     good = path.read_bytes()
     other = fold(_tiny(5)).eval()  # an exporter that gets it wrong
     monkeypatch.setattr(export_module, "inference_model", lambda m, fused_only=False: other)
-    with pytest.raises(ValueError, match=r"m.torchscript.pt \(not written\) differs"):
+    with pytest.raises(ValueError, match=r"m.torchscript.pt differs .*; no file was written"):
         export_model(model, tmp_path, "m", formats=("torchscript",), input_size=(3, 32, 32))
     assert path.read_bytes() == good  # the good file was not replaced by the wrong one
     assert [p.name for p in tmp_path.iterdir()] == ["m.torchscript.pt"]  # and no temporary file is left
@@ -214,10 +215,75 @@ def test_export_takes_an_authors_checkpoint(official_tiny: dict, tmp_path: Path,
 
 
 def test_exported_files_are_named_after_the_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from parnet.cli.export import _file_stem
+    from parnet.cli.export import _checkpoint_name, _file_stem
 
     (tmp_path / "my_run").mkdir()
     monkeypatch.chdir(tmp_path / "my_run")
     for given, stem in ((".", "my_run"), ("../my_run/", "my_run"), ("last.safetensors", "last"),
                         ("model_best.pth.tar", "model_best"), ("a.b.safetensors", "a.b")):  # fmt: skip
         assert _file_stem(given) == stem
+    # every run names its weights files alike: theirs are named after the run, a run folder too
+    for given, name in (("last.safetensors", "my_run"), ("last_ema.safetensors", "my_run_ema"),
+                        ("fused.safetensors", "my_run_fused"), ("ema_fused.safetensors", "my_run_ema_fused"),
+                        (".", "my_run"), ("model_best.pth.tar", "model_best")):  # fmt: skip
+        assert _checkpoint_name(given) == name
+    (tmp_path / "my_run" / "config.yaml").write_text("epochs: 1\n")  # a run folder, whatever its files' names
+    assert _checkpoint_name("model_best.pth.tar") == "my_run_model_best"
+    assert _checkpoint_name(str(tmp_path / "my_run" / "last_ema.safetensors")) == "my_run_ema"
+
+
+def test_two_runs_export_to_two_names(tmp_path: Path, capsys) -> None:
+    """Each run's last_ema.safetensors exports under its run's name: the second does not replace the first."""
+    for run, seed in (("run_a", 1), ("run_b", 2)):
+        io.save_model(_tiny(seed), tmp_path / run / "last_ema.safetensors")
+        args = ["export", "--checkpoint", str(tmp_path / run / "last_ema.safetensors"), "--out", str(tmp_path / "ex")]
+        assert cli.main([*args, "--format", "torchscript", "--resolution", "32"]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "ex").iterdir()) == [
+        "run_a_ema.torchscript.pt",
+        "run_b_ema.torchscript.pt",
+    ]
+
+
+@pytest.mark.parametrize("name", ["../escaped", "sub/m", "/tmp/m", "", ".", ".."])
+def test_export_name_is_a_plain_file_stem(name: str, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    args = ["export", "parnet_cifar_s", "--model-kwargs", "widths=[8,16,32]", "head_width=32", "--resolution", "32"]
+    assert cli.main([*args, "--out", str(out), "--name", name, "--format", "torchscript"]) == 2
+    assert "the export name must be a plain file stem such as 'my_model'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written, inside --out or beside it
+    with pytest.raises(ValueError, match="plain file stem"):  # the library refuses it too
+        export_model(_tiny(4), out, name, formats="torchscript", input_size=(3, 32, 32))
+    assert not any(tmp_path.iterdir())
+
+
+def test_export_refuses_a_target_in_the_way_before_writing(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A target that is not a file, or a folder that cannot be written, fails the whole export up front: no new
+    file is left beside the old ones of the other formats."""
+    (tmp_path / "m.pt2").mkdir()
+    os.mkfifo(tmp_path / "f.torchscript.pt")
+    args = ["export", "parnet_cifar_s", "--model-kwargs", "widths=[8,16,32]", "head_width=32", "--resolution", "32"]
+    args += ["--out", str(tmp_path), "--format", "torchscript,export"]
+    for target, kind in (("m.pt2", "a folder"), ("f.torchscript.pt", "not a regular file")):
+        assert cli.main([*args, "--name", target.split(".")[0]]) == 2
+        assert f"{tmp_path / target} is in the way: it is {kind}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.torchscript.pt", "m.pt2"]
+    real_access = os.access  # as root every folder is writable: a read-only one is faked
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != tmp_path and real_access(p, mode, **kw))
+    assert cli.main([*args, "--out", str(tmp_path / "new")]) == 2
+    assert f"cannot write in {tmp_path} (no permission or a read-only disk)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.torchscript.pt", "m.pt2"]
+
+
+def test_a_failed_format_replaces_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where one format fails to convert after another was converted, none replaces the older set."""
+    for suffix in (".torchscript.pt", ".pt2"):
+        (tmp_path / f"m{suffix}").write_bytes(b"an older export")
+
+    def fails(*args, **kwargs) -> None:
+        raise RuntimeError("torch.export cannot convert this")
+
+    monkeypatch.setattr(export_module, "_write_program", fails)
+    with pytest.raises(RuntimeError, match="cannot convert"):  # torchscript first, then torch.export
+        export_model(_tiny(4), tmp_path, "m", formats=("torchscript", "export"), input_size=(3, 32, 32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt2", "m.torchscript.pt"]  # no temporaries either
+    assert all(p.read_bytes() == b"an older export" for p in tmp_path.iterdir())

@@ -471,3 +471,13 @@ def test_spatial_mean_of_a_large_bf16_tensor_is_a_matrix_product_as_exact_as_tor
     torch.testing.assert_close(x.grad.float(), torch.full(x.shape, 1 / 256**2))
     small = x.detach()[:, :, :16, :16]
     assert torch.equal(spatial_mean(small), small.mean((2, 3)))  # below the threshold: torch's own
+
+
+def test_summary_takes_a_variant_by_its_pretrained_name():
+    """`parnet summary parnet_s_official.in1k`: the name predict --model and timm.create_model take."""
+    from parnet.summary import summary
+
+    [row] = summary(["parnet_cifar_s.any_tag"])
+    assert row == variant_summary("parnet_cifar_s")
+    with pytest.raises(ValueError, match="unknown ParNet variant 'resnet50'"):
+        summary(["resnet50.a1_in1k"])

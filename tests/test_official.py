@@ -119,15 +119,22 @@ def test_pretrained_with_one_input_channel_adapts_every_stem_conv(parnet_s_check
 
 def test_convert_command_writes_loadable_safetensors(parnet_s_checkpoint, tmp_path):
     from parnet.cli import main
+    from parnet.evaluate import holds_ema_weights
 
     out = tmp_path / "parnet_s.safetensors"
-    assert main(["convert", str(parnet_s_checkpoint), str(out), "--ema"]) == 0
-    converted = load_model(out)
-    reference = parnet.load_official(parnet_s_checkpoint, use_ema=True)
     x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(converted(x), reference(x))
+    # the EMA weights by default, as eval, predict and export read the file; --raw for the others
+    for flags, ema in (([], True), (["--ema"], True), (["--raw"], False)):
+        assert main(["convert", str(parnet_s_checkpoint), str(out), *flags]) == 0
+        converted = load_model(out)
+        reference = parnet.load_official(parnet_s_checkpoint, use_ema=ema)
+        with torch.no_grad():
+            torch.testing.assert_close(converted(x), reference(x))
+        assert holds_ema_weights(out) == ema
     assert [p.name for p in tmp_path.iterdir()] == ["parnet_s.safetensors"]  # no temporary file left
+    raw_only = tmp_path / "raw_only.pth.tar"
+    torch.save({"state_dict": torch.load(parnet_s_checkpoint, weights_only=False)["state_dict"]}, raw_only)
+    assert main(["convert", str(raw_only), str(out)]) == 0 and not holds_ema_weights(out)
 
 
 class _Exploit:
@@ -256,7 +263,7 @@ def test_training_state_is_pointed_to_the_run_files(tmp_path, capsys):
     with pytest.raises(ValueError, match="training state.*the run folder, or its last.safetensors / last_ema"):
         parnet.load_official(state)
     assert main(["convert", str(state), str(tmp_path / "out.safetensors")]) == 2
-    assert "to `parnet eval` (without --official)" in capsys.readouterr().err
+    assert "give the run folder, or its last.safetensors / last_ema.safetensors, instead" in capsys.readouterr().err
     # where a safetensors file is read (eval-det's weights, a detector's): the run folder, not `parnet convert`
     from parnet.io import read_safetensors
 

@@ -401,9 +401,13 @@ def test_engine_files_that_cannot_be_read_are_clear_errors(tmp_path: Path, capsy
     model = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
     model.metadata_props.add(key=deployed.META_KEY, value='{"engine": "onnxruntime"}')  # keys missing
     (tmp_path / "old.onnx").write_bytes(model.SerializeToString())
+    del model.metadata_props[:]
+    model.metadata_props.add(key="preprocessing", value="Compose(...)")  # as `parnet export` writes
+    (tmp_path / "exported.onnx").write_bytes(model.SerializeToString())
     for name, message in (("cut.onnx", "is not an ONNX model that can be read"),
                           ("page.xml", "is not an OpenVINO model that can be read"),
-                          ("old.onnx", "metadata is not what `parnet quantize` writes")):  # fmt: skip
+                          ("old.onnx", "metadata is not what `parnet quantize` writes"),
+                          ("exported.onnx", "write it with `parnet quantize CHECKPOINT --precision fp32")):  # fmt: skip
         assert cli.main(["eval", str(tmp_path / name), "--workers", "0"]) == 2
         err = capsys.readouterr().err
         assert f"{tmp_path / name}" in err and message in err and "Traceback" not in err

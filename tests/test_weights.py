@@ -226,5 +226,10 @@ def test_only_a_parnet_is_saved(tmp_path: Path) -> None:
 def test_an_engine_file_given_as_weights_says_which_commands_run_it(tmp_path: Path) -> None:
     for name in ("model.onnx", "model.xml"):
         (tmp_path / name).write_bytes(b"\x08\x07")
-        with pytest.raises(ValueError, match="is an engine model .* `parnet eval`, `parnet predict --checkpoint`"):
+        with pytest.raises(ValueError, match="is an engine model .*`parnet eval`, `parnet predict --checkpoint`"):
             load_model(tmp_path / name)
+
+
+def test_a_folder_given_to_load_model_says_what_to_give(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="is a folder, not a weights file: give a run's last.safetensors"):
+        load_model(tmp_path)

@@ -470,6 +470,33 @@ def build_transforms(info: DatasetInfo, train: bool, aug: AugmentCfg | None = No
     return T.Compose(ops)
 
 
+def describe_training_data(model: torch.nn.Module, dataset: str | None, img_size: int = 0) -> None:
+    """Give ``model`` (in place) the ``pretrained_cfg`` of the data it was trained on, at ``img_size`` (0: the
+    dataset's own), so that timm's ``resolve_data_config(model=model)`` / ``create_transform`` prepare images
+    as ``parnet eval`` does: an image folder's exactly (bicubic resize, 0.875 center crop, ImageNet statistics);
+    the 32x32 datasets' with their statistics and size (a resize where an image's size differs; Fashion-MNIST's
+    28x28 images, which ``parnet eval`` pads to 32, timm's transform can only resize). Another dataset: unchanged.
+    """
+    info = DATASETS.get(dataset or "")
+    if info is None:
+        return
+    from timm.data import DEFAULT_CROP_PCT
+
+    size = img_size or info.img_size
+    model.pretrained_cfg = {
+        **(getattr(model, "pretrained_cfg", None) or {}),
+        "input_size": (info.in_chans, size, size),
+        "test_input_size": None,  # a variant's own test size would override input_size in resolve_data_config
+        "mean": info.mean,
+        "std": info.std,
+        "interpolation": "bicubic",
+        "crop_pct": DEFAULT_CROP_PCT if dataset == "imagefolder" else 1.0,
+        "test_crop_pct": None,
+        "crop_mode": "center",
+        "num_classes": getattr(model, "num_classes", info.num_classes),
+    }
+
+
 def build_datasets(
     name: str,
     data_dir: str | os.PathLike | None = None,

@@ -188,7 +188,11 @@ def read_info(path: str | os.PathLike) -> DeployedInfo:
         kind = "an ONNX" if onnx_file else "an OpenVINO"
         raise ValueError(f"{path} is not {kind} model that can be read ({type(e).__name__}: {e})") from None
     if text is None:
-        raise ValueError(f"{path} was not written by `parnet quantize` (no {META_KEY} metadata)")
+        raise ValueError(
+            f"{path} was not written by `parnet quantize` (no {META_KEY} metadata; a `parnet export` file is for "
+            "your own runtime): to run a model here, write it with `parnet quantize CHECKPOINT --precision fp32 "
+            "(or int8) --engine onnxruntime (or openvino)`"
+        )
     try:
         return DeployedInfo(**json.loads(text))
     except (TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
@@ -252,7 +256,8 @@ def quantize_checkpoint(
         raise ValueError(f"an {engine} model is written to a {SUFFIX.get(engine)} file, got {Path(out).name}")
     model, trained = load_trained(checkpoint)
     dataset = dataset or trained.dataset or "fashion_mnist"
-    data_dir = data_dir or trained.data_dir
+    if dataset == trained.dataset:  # another dataset's images are not in the folder of the run's
+        data_dir = data_dir or trained.data_dir
     check_fits_dataset(model, checkpoint, dataset, trained.dataset)
     _, test_set, info = build_datasets(dataset, data_dir, test_subset=test_subset, img_size=trained.img_size)
     _, test_loader, _ = build_loaders(test_set, test_set, 1, workers, eval_batch_size=batch_size)

@@ -83,8 +83,7 @@ def _header_class_names(meta: dict[str, str], source: str) -> tuple[str, ...] | 
 def trained_on(path: str | os.PathLike) -> TrainedOn:
     """What ``path`` (a weights file: its header; a run folder: its weights files' header, and its
     ``config.yaml`` for the data folder and for runs whose header predates a field) says of its training data."""
-    from .data import MIN_IMG_SIZE
-    from .weights import bounded_int
+    from .io import header_img_size
 
     path = Path(path)
     if path.is_dir():
@@ -97,7 +96,7 @@ def trained_on(path: str | os.PathLike) -> TrainedOn:
         return TrainedOn(dataset, cfg.get("data_dir") or header.data_dir, img_size, header.class_names)
     meta = _weights_header(path)
     if meta is not None:
-        size = bounded_int(meta["img_size"], "img_size", MIN_IMG_SIZE, 4096, str(path)) if "img_size" in meta else 0
+        size = header_img_size(meta, str(path))
         return TrainedOn(meta.get("dataset"), meta.get("data_dir"), size, _header_class_names(meta, str(path)))
     return TrainedOn()
 
@@ -105,6 +104,18 @@ def trained_on(path: str | os.PathLike) -> TrainedOn:
 def holds_ema_weights(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a weights file a run wrote of its EMA weights (its header says so)."""
     return (_weights_header(Path(path)) or {}).get("ema") == "True"
+
+
+def weights_label(path: str | os.PathLike) -> str:
+    """The row ``parnet eval`` scores a weights file of ours under: ``raw`` or ``ema``, ``_fused`` when it holds
+    re-parameterized weights. Its header says so; a run folder's own file names too (files written before the
+    fused EMA weights' header said ``ema``)."""
+    path = Path(path)
+    meta = _weights_header(path) or {}
+    in_run = path.name in RUN_WEIGHTS + FUSED_WEIGHTS and (path.parent / "config.yaml").is_file()
+    ema = meta.get("ema") == "True" or (in_run and "ema" in path.name)
+    fused = meta.get("fused") == "True" or (in_run and path.name in FUSED_WEIGHTS)
+    return ("ema" if ema else "raw") + ("_fused" if fused else "")
 
 
 def _weights_header(path: Path) -> dict[str, str] | None:
@@ -166,8 +177,9 @@ def evaluate_model(
 
 
 def has_fusable_blocks(model: Any) -> bool:
-    """Whether ``model`` has blocks with a ``reparameterize()`` (a ParNet in training form; not a ResNet)."""
-    return any(hasattr(m, "reparameterize") for m in model.modules())
+    """Whether ``model`` has blocks still to re-parameterize (a ParNet in training form; not a fused one, not a
+    ResNet): a block with ``reparameterize()`` whose ``reparam_conv`` is not built yet."""
+    return any(hasattr(m, "reparameterize") and getattr(m, "reparam_conv", None) is None for m in model.modules())
 
 
 def load_weights(path: str | os.PathLike, device: str = "cpu"):
@@ -177,6 +189,7 @@ def load_weights(path: str | os.PathLike, device: str = "cpu"):
     """
     import torch
 
+    from .data import describe_training_data
     from .io import read_safetensors
 
     path = Path(path)
@@ -187,7 +200,10 @@ def load_weights(path: str | os.PathLike, device: str = "cpu"):
         from .io import load_model
 
         return load_model(path, device)
-    return _build_from_header(meta, state, str(path)).to(torch.device(device)).eval()
+    model = _build_from_header(meta, state, str(path)).to(torch.device(device)).eval()
+    trained = trained_on(path)
+    describe_training_data(model, trained.dataset, trained.img_size)
+    return model
 
 
 def load_trained_model(path: str | os.PathLike, device: str = "cpu", use_ema: bool = True) -> tuple[Any, str]:
@@ -263,12 +279,21 @@ def check_fits_dataset(
             f"{source} was trained on {trained_with}, {dataset} has {chans}-channel images: "
             f"use it on {run_dataset or f'a {model_chans}-channel dataset'}"
             + (f" (leave out --dataset, or pass --dataset {run_dataset})" if run_dataset else "")
+            + (f" ({_datasets_with(model_chans)})" if not run_dataset and _datasets_with(model_chans) else "")
         )
     if num_classes is not None and getattr(model, "num_classes", num_classes) != num_classes:
         raise ValueError(
             f"{source} has {model.num_classes} classes, {dataset} has {num_classes}: use it on the data it was "
             f"trained on" + (f" ({run_dataset}: leave out --dataset)" if run_dataset else "")
         )
+
+
+def _datasets_with(chans: int) -> str:
+    """The ``--dataset`` choices whose images have ``chans`` channels, as a hint."""
+    from .data import DATASETS
+
+    names = [n + (" --data-dir DIR" if n == "imagefolder" else "") for n, i in DATASETS.items() if i.in_chans == chans]
+    return ", ".join(f"--dataset {n}" for n in names)
 
 
 def check_same_classes(trained: tuple[str, ...] | None, info: Any, source: Any) -> None:
@@ -321,11 +346,8 @@ def evaluate(
         if official:
             raise ValueError(f"--official reads an authors' .pth.tar file; {path} is a run folder (leave it out)")
         files = run_weights_files(path)  # EMA first; either may be pruned
-        labels = ["ema" if "ema" in f.name else "raw" for f in files]
-        nets = {label: load_weights(f, str(dev)) for label, f in reversed(list(zip(labels, files)))}  # raw first
+        nets = {weights_label(f): load_weights(f, str(dev)) for f in reversed(files)}  # raw first
         run_dataset = trained.dataset
-        if dataset is None:
-            dataset, data_dir = run_dataset, data_dir or trained.data_dir
     elif official or (official is None and path.is_file() and is_torch_checkpoint(path)):  # by content
         from .official import read_checkpoint
 
@@ -345,10 +367,8 @@ def evaluate(
         engine_net = load_deployed(path)
         nets[f"{engine_net.precision}:{engine_net.engine}"] = engine_net  # its rows say what runs, e.g. int8:openvino
         run_dataset = engine_net.dataset
-        if dataset is None:
-            data_dir = data_dir or engine_net.data_dir
         trained = TrainedOn(run_dataset, engine_net.data_dir, 0, tuple(engine_net.class_names or ()) or None)
-        dataset, dev = dataset or run_dataset, torch.device("cpu")
+        dev = torch.device("cpu")
         built = engine_net.height  # the one size the engine model was built for
         if asked_size and asked_size != built:
             raise ValueError(
@@ -357,11 +377,11 @@ def evaluate(
             )
         img_size = built
     else:
-        nets["ema" if holds_ema_weights(path) else "raw"] = load_weights(path, str(dev))
+        nets[weights_label(path)] = load_weights(path, str(dev))
         run_dataset = trained.dataset  # from the weights file's header
-        if dataset is None:
-            dataset, data_dir = run_dataset, data_dir or trained.data_dir
-    dataset = dataset or "fashion_mnist"
+    dataset = dataset or run_dataset or "fashion_mnist"
+    if dataset == run_dataset:  # the data the weights were trained on: where it was, unless told otherwise
+        data_dir = data_dir or trained.data_dir
     first = next(iter(nets.values()))
     check_fits_dataset(first, path, dataset, run_dataset)  # before looking for the data, which may not be there
     _, test_set, info = build_datasets(dataset, data_dir, test_subset=test_subset, test_only=True, img_size=img_size)

@@ -2,12 +2,14 @@
 
 Every file is written atomically (:func:`parnet.io.atomic_write`) and, unless told otherwise,
 read back and run against the PyTorch model (ONNX through onnxruntime) to 1e-4 before the
-command reports success. The exported network is :class:`parnet.deployment.FoldedParNet` (fused,
-BNs/interleave/shuffle folded, NCHW), or with ``fused_only`` the plain re-parameterized ParNet.
+command reports success; the files of one export replace the older ones together, or none does.
+The exported network is :class:`parnet.deployment.FoldedParNet` (fused, BNs/interleave/shuffle
+folded, NCHW), or with ``fused_only`` the plain re-parameterized ParNet.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib.util
@@ -20,11 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .io import atomic_write
+from .io import atomic_write, check_output_path
 
 __all__ = [
     "FORMATS",
     "check_export",
+    "check_name",
     "export_model",
     "load_runner",
 ]
@@ -43,8 +46,33 @@ def inference_model(model: nn.Module, fused_only: bool = False) -> nn.Module:
     return net.cpu().eval()
 
 
-# The writers write ``path`` directly: export_model gives them a temporary file, checks it, and only
-# then moves it into place (parnet.io.atomic_write).
+def check_name(name: str) -> str:
+    """``name`` as the stem of the exported files: a plain file name, so that they land in the output folder."""
+    if name in ("", ".", "..") or any(sep and sep in name for sep in ("/", os.sep, os.altsep)):
+        raise ValueError(
+            f"the export name must be a plain file stem such as 'my_model' (no '/', not '.' or '..'), got {name!r}: "
+            "give the folder as --out"
+        )
+    return name
+
+
+def _targets(out_dir: str | os.PathLike, name: str, formats: tuple[str, ...]) -> dict[str, Path]:
+    """The file each format writes, checked before any work: a file that is in the way or a folder that cannot
+    be written would otherwise fail the export after some files were written."""
+    name, out_dir = check_name(name), check_output_path(out_dir, folder=True)
+    targets = {fmt: out_dir / f"{name}{SUFFIX[fmt]}" for fmt in formats}
+    for path in targets.values():
+        if path.exists() and not path.is_file():
+            kind = "a folder" if path.is_dir() else "not a regular file"
+            raise ValueError(f"{path} is in the way: it is {kind}; move it, or export under another name or folder")
+    made_in = next(p for p in (out_dir, *out_dir.parents) if p.exists())  # out_dir, or where it will be made
+    if not os.access(made_in, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write in {made_in} (no permission or a read-only disk): give another --out")
+    return targets
+
+
+# The writers write ``path`` directly: export_model gives them temporary files, checks them, and only
+# then moves them into place (parnet.io.atomic_write).
 
 
 def _write_onnx(
@@ -157,8 +185,11 @@ def export_model(
     ``torch.export.load(path, extra_files=...)``).
 
     Exported with a batch of 2; the check compares each file's outputs with ``model``'s own (eval
-    mode) on a batch of 3, so it also checks that the batch dimension is dynamic. A file that fails
-    the check is not written (an existing one is left as it was). ``model`` itself is not changed.
+    mode) on a batch of 3, so it also checks that the batch dimension is dynamic. The files replace
+    older ones only once every format is converted and checked: where one fails, none is written (the
+    existing ones are left as they were). ``name`` is a plain file stem (:func:`check_name`); a target
+    that is not a file, or a folder that cannot be written, is refused before any work. ``model`` itself
+    is not changed.
     Where the model's outputs hardly depend on the input (an untrained one), the check proves little:
     a warning says so.
     """
@@ -169,6 +200,7 @@ def export_model(
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:  # before any work: no file is written for a request that cannot be met in full
         raise ValueError(f"unknown export format {unknown[0]!r}; choose from {FORMATS}")
+    targets = _targets(out_dir, name, formats)
     needed = ("onnx", "onnxruntime") if check else ("onnx",)  # onnxruntime runs the round-trip check
     missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if "onnx" in formats and missing:
@@ -190,15 +222,17 @@ def export_model(
         "export": functools.partial(_write_program, multiple=model.input_multiple),
     }
     results = {}
-    for fmt in formats:
-        path = Path(out_dir) / f"{name}{SUFFIX[fmt]}"
-        with atomic_write(path) as tmp:  # replaced only once the file has passed the check
+    # Each format goes to a temporary file; all replace their targets at the end of the block, or, on any
+    # failure, none does: a new file beside the older ones of another format would pass for one set.
+    with contextlib.ExitStack() as written:
+        for fmt, path in targets.items():
+            tmp = written.enter_context(atomic_write(path))
             writers[fmt](net, tmp, example, metadata or {})
             try:
                 diff = check_export(fmt, tmp, model, checks) if check else None
             except ValueError as e:  # named after the target, not the temporary file
-                raise ValueError(str(e).replace(str(tmp), f"{path} (not written)")) from None
-        results[fmt] = {"path": str(path), "max_abs_diff": diff}
+                raise ValueError(f"{str(e).replace(str(tmp), str(path))}; no file was written") from None
+            results[fmt] = {"path": str(path), "max_abs_diff": diff}
     if check:  # an untrained network with fresh BN statistics answers nearly the same to every input
         with torch.no_grad():
             out = model(checks[0])

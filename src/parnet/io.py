@@ -241,6 +241,11 @@ def read_safetensors(
     """Tensors and header metadata of a safetensors file whose ``format`` metadata is ``expected_format``
     (``None``: any file, whatever its metadata)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"{path} is a folder, not a weights file: give a run's last.safetensors (last_ema.safetensors for its "
+            "EMA weights), or read a run folder with parnet.evaluate.load_trained_model"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"no file at {path}")
     device = check_device(device)  # a bad name would read as a damaged file
@@ -262,9 +267,9 @@ def read_safetensors(
             ) from None
         if path.suffix.lower() in (".onnx", ".xml", ".bin"):
             raise ValueError(
-                f"{path} is an engine model (ONNX or OpenVINO), not trained weights: `parnet eval`, `parnet "
-                "predict --checkpoint` and `parnet bench --deployed` run it; here give the run folder or its "
-                ".safetensors weights"
+                f"{path} is an engine model (ONNX or OpenVINO), not trained weights (`parnet eval`, `parnet "
+                "predict --checkpoint` and `parnet bench --deployed` run those `parnet quantize` writes): here "
+                "give the run folder or its .safetensors weights"
             ) from None
         raise ValueError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
     if expected_format is not None and meta.get("format") != expected_format:
@@ -290,6 +295,13 @@ def header_flag(meta: Mapping[str, str], key: str, source: str) -> bool:
     return value == "True"
 
 
+def header_img_size(meta: Mapping[str, str], source: str) -> int:
+    """The image side a run's weights file says it trained at, bounded (0: not said, files written before)."""
+    from .data import MIN_IMG_SIZE
+
+    return bounded_int(meta["img_size"], "img_size", MIN_IMG_SIZE, 4096, source) if "img_size" in meta else 0
+
+
 def header_classes_and_chans(meta: Mapping[str, str], source: str) -> tuple[int, int]:
     """``num_classes`` and ``in_chans`` of a safetensors header, bounded."""
     num_classes = bounded_int(meta.get("num_classes"), "num_classes", 0, MAX_CLASSES, source)
@@ -297,7 +309,8 @@ def header_classes_and_chans(meta: Mapping[str, str], source: str) -> tuple[int,
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> ParNet:
-    """Rebuild a model written by :func:`save_model` (fused models come back fused), in eval mode.
+    """Rebuild a model written by :func:`save_model` (fused models come back fused), in eval mode; one a run
+    wrote carries its training data's ``pretrained_cfg`` (:func:`parnet.data.describe_training_data`).
 
     The header's architecture and the tensors are checked before the model is built (:mod:`parnet.weights`).
     """
@@ -320,4 +333,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> P
         model = ParNet(cfg, num_classes=num_classes, in_chans=in_chans)
         return reparameterize(model, inplace=True) if fused else model
 
-    return build_checked(build, state, source).to(device).eval()
+    model = build_checked(build, state, source).to(device).eval()
+    if "dataset" in meta:  # a run wrote it: timm's data config from its data, as for every reader of run weights
+        from .data import describe_training_data
+
+        describe_training_data(model, meta["dataset"], header_img_size(meta, source))
+    return model

@@ -137,8 +137,8 @@ def select_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> d
     if checkpoint.get("format") == "parnet-train-state":  # engine.save_checkpoint marks its files so
         raise ValueError(
             "this is a `parnet train` training state (last_state.pt: model, optimizer, epoch, ...), not an authors' "
-            "checkpoint; pass the run folder, or its last.safetensors / last_ema.safetensors, "
-            "to `parnet eval` (without --official)"
+            "checkpoint; give the run folder, or its last.safetensors / last_ema.safetensors, instead (and no "
+            "--official)"
         )
     if use_ema:
         if "state_dict_ema" not in checkpoint:

@@ -42,6 +42,7 @@ def variant_summary(name: str) -> dict[str, Any]:
 
 def summary(names: list[str] | None = None) -> list[dict[str, Any]]:
     """Rows for ``names`` (default: every registered variant)."""
+    names = [name.split(".")[0] for name in names] if names else None  # timm's pretrained tags name one variant
     unknown = sorted(set(names or ()) - set(model_cfgs))
     if unknown:
         raise ValueError(f"unknown ParNet variant {unknown[0]!r}; choose from {sorted(model_cfgs)}")

@@ -407,7 +407,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
         gathered = [torch.zeros_like(check) for _ in range(d.world_size)]
         tdist.all_gather(gathered, check)
         results["ranks_agree"] = all(torch.equal(g, gathered[0]) for g in gathered)
-    if not last_preds:  # resumed after the last epoch: its predictions again (evaluation is deterministic)
+    if not last_preds and amp_dtype is None:  # resumed after the last epoch: its predictions again (deterministic)
         last_preds = {"": evaluate_model(model, test_loader, d.device, amp_dtype, channels_last)["preds"]}
         if ema is not None:
             last_preds["ema_"] = evaluate_model(ema.module, test_loader, d.device, amp_dtype, channels_last)["preds"]
@@ -477,7 +477,11 @@ def _final_eval(
 ) -> dict[str, Any]:
     """Depth, and the re-parameterized (fused) raw and EMA models' scores; writes the fused weights.
 
-    ``ref_preds`` are the unfused models' predictions (keys ``""`` and ``"ema_"``) to compare with.
+    ``ref_preds`` are the unfused models' predictions (keys ``""`` and ``"ema_"``) to compare with. The fused
+    models are scored in float32, as ``parnet eval`` scores them: under autocast the fused and unfused convs
+    round differently, and the comparison would count rounding as fusion changes. A run trained under autocast
+    (whose epochs are scored in its precision, as timm's are) also gets its unfused models' float32 scores
+    (``fp32_top1``, ``ema_fp32_top1``) to compare with.
     """
     import torch
 
@@ -495,13 +499,17 @@ def _final_eval(
     if not has_fusable_blocks(model):
         return out
     for name, net in [("", model)] + ([("ema_", ema.module)] if ema is not None else []):
+        if amp_dtype is not None:
+            unfused = evaluate_model(net, loader, d.device)
+            out[f"{name}fp32_top1"], out[f"{name}fp32_top5"] = unfused["top1"], unfused["top5"]
+            ref_preds = {**ref_preds, name: unfused["preds"]}
         fused = reparameterize(net)
-        res = evaluate_model(fused, loader, d.device, amp_dtype)
+        res = evaluate_model(fused, loader, d.device)
         out[f"{name}fused_top1"] = res["top1"]
         out[f"{name}fused_top5"] = res["top5"]
         out[f"{name}fused_prediction_changes"] = int((res["preds"] != ref_preds[name]).sum())
         if d.is_main:
-            meta = {**_weights_metadata(cfg, info), "fused": "True"}
+            meta = {**_weights_metadata(cfg, info), "fused": "True", **({"ema": "True"} if name else {})}
             from .model import ParNet
 
             if isinstance(fused, ParNet):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ..export import FORMATS, export_model
+from ..checkpoint import STATE_FILE
+from ..export import FORMATS, check_name, export_model
 from ..factory import create_model
 from ..io import check_output_path
 from .args import add_kwargs_option, model_name, positive_int
@@ -60,12 +61,31 @@ def _file_stem(path: str) -> str:
     return name
 
 
+# The weights files a `parnet train` run writes, by stem, and what each adds to the run's name in an export's.
+_RUN_FILE_SUFFIX = {"last": "", "last_ema": "_ema", "fused": "_fused", "ema_fused": "_ema_fused"}
+
+
+def _checkpoint_name(path: str) -> str:
+    """The default export name of ``--checkpoint path``: its :func:`_file_stem`, but for a run's weights file
+    the run folder's name (``run_ema`` for ``run/last_ema.safetensors``), as every run's files have the same
+    names. A run's file: one in a folder holding ``config.yaml`` or ``last_state.pt``, or named as runs name them."""
+    stem = _file_stem(path)
+    run = Path(path).resolve().parent
+    in_run = any((run / f).is_file() for f in ("config.yaml", STATE_FILE))
+    if Path(path).is_dir() or not run.name or not (in_run or stem in _RUN_FILE_SUFFIX):
+        return stem
+    return run.name + _RUN_FILE_SUFFIX.get(stem, f"_{stem}")
+
+
 def _export(args: argparse.Namespace) -> int:
     check_output_path(args.out, folder=True, what="--out")
+    name = args.name  # checked before loading anything; "" is refused, not taken for the default
+    if name is None:
+        name = _checkpoint_name(args.checkpoint) if args.checkpoint else args.model
+    check_name(name)
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     model = _build(args)
     res = args.resolution or default_resolution(model, args.checkpoint)
-    name = args.name or (_file_stem(args.checkpoint) if args.checkpoint else args.model)
     from ..predict import preprocessing_metadata
 
     metadata = preprocessing_metadata(model, args.checkpoint, None if args.checkpoint else args.model, res)
@@ -104,7 +124,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "overrides MODEL)",
     )
     p.add_argument("--out", default="exports", help="output folder [exports]")
-    p.add_argument("--name", help="file stem (default: model or checkpoint name)")
+    p.add_argument(
+        "--name",
+        help="file stem, no folders (default: MODEL, or the checkpoint's name: a run's folder name for its weights "
+        "files, RUN_ema for RUN/last_ema.safetensors)",
+    )
     p.add_argument("--format", default=",".join(FORMATS), help=f"comma-separated of {', '.join(FORMATS)} [all]")
     p.add_argument(
         "--resolution",

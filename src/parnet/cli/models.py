@@ -18,16 +18,20 @@ def _summary(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from ..io import check_output_path, save_model
-    from ..official import load_official
+    from ..official import load_official, read_checkpoint
 
     out = check_output_path(args.output)
     if out.suffix != ".safetensors":  # read by content everywhere, but a .pt name would promise a pickle
         raise ValueError(f"{out}: convert writes safetensors; name the file {out.with_suffix('.safetensors').name}")
-    model = load_official(args.input, use_ema=args.ema, activation=args.activation)
-    out = save_model(model, args.output, metadata={"source": Path(args.input).name})
+    checkpoint = read_checkpoint(args.input)
+    # EMA weights where the file has them, as eval, predict and export read it (--ema insists, --raw declines)
+    use_ema = args.ema or (not args.raw and "state_dict_ema" in checkpoint)
+    model = load_official(checkpoint, use_ema=use_ema, activation=args.activation)
+    meta = {"source": Path(args.input).name, **({"ema": "True"} if use_ema else {})}
+    out = save_model(model, args.output, metadata=meta)
     print(
-        f"wrote {out} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
-        f"widths {model.cfg.widths}, {model.num_classes} classes, {model.cfg.act})"
+        f"wrote {out} ({'EMA' if use_ema else 'raw'} weights, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} "
+        f"M params, widths {model.cfg.widths}, {model.num_classes} classes, {model.cfg.act})"
     )
     return 0
 
@@ -39,10 +43,15 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     p.set_defaults(func=_summary)
 
-    p = sub.add_parser("convert", help="convert an authors' checkpoint to this project's safetensors layout")
+    p = sub.add_parser(
+        "convert",
+        help="convert an authors' checkpoint to this project's safetensors layout (its EMA weights where it has them)",
+    )
     p.add_argument("input", help="the authors' .pth.tar checkpoint")
     p.add_argument("output", help="the .safetensors file to write")
-    p.add_argument("--ema", action="store_true", help="take the EMA weights (state_dict_ema)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--ema", action="store_true", help="the EMA weights (state_dict_ema), an error if it has none")
+    which.add_argument("--raw", action="store_true", help="the raw weights (state_dict) even where EMA weights are")
     p.add_argument(
         "--activation",
         choices=("relu", "silu"),

@@ -92,7 +92,13 @@ def add_commands(subparsers: Any) -> None:
     )
     p.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size")
     p.add_argument("--workers", type=nonneg_int, default=2, help="data loader worker processes")
-    p.add_argument("--test-subset", type=nonneg_int, default=0, help="only the first N test images (0 = all)")
+    p.add_argument(
+        "--test-subset",
+        type=nonneg_int,
+        default=0,
+        help="only N test images (0 = all): the first N of Fashion-MNIST and CIFAR, "
+        "N spread over an image folder's classes",
+    )
     p.add_argument(
         "--img-size",
         type=field_type(TrainConfig, "img_size"),
