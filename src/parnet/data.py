@@ -296,7 +296,7 @@ class ImageFolderDataset(ImageFolder):
         return classes, {c: i for i, c in enumerate(classes)}
 
 
-def _check_image_files(split: Path, samples: list[tuple[str, int]]) -> None:
+def check_image_files(split: Path, samples: list[tuple[str, int]]) -> None:
     """Refuse a split holding files that are no image (empty, not an image Pillow knows), listing them, before
     training starts: read at random, a bad file would stop a run at whichever epoch first drew it."""
     bad = []
@@ -330,7 +330,7 @@ def _imagefolder(root: Path, train: bool, transform: Any) -> Dataset:
         dataset = ImageFolderDataset(str(split), transform, loader=_read_image, is_valid_file=visible)
     except FileNotFoundError as e:
         raise DatasetNotFoundError(f"{split}: {e}") from None
-    _check_image_files(split, dataset.samples)
+    check_image_files(split, dataset.samples)
     return dataset
 
 

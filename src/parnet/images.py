@@ -81,6 +81,12 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
 
 
+def prepare_image(img: Image.Image, mode: str = "RGB", name: str | os.PathLike = "image") -> Image.Image:
+    """An image already open (or in memory) as :func:`open_image` reads files: upright by its EXIF orientation,
+    8-bit, transparency on white, in ``mode``; ``name`` names it in an error."""
+    return _flatten_alpha(_to_8bit(ImageOps.exif_transpose(img), name)).convert(mode)
+
+
 def open_image(path: str | os.PathLike, mode: str = "RGB", upright: bool = True) -> Image.Image:
     """The image file at ``path`` as an 8-bit PIL image in ``mode``, read as this module's docstring says
     (``upright=False``: in the stored pixels' frame, not turned by the EXIF orientation, as COCO boxes are).
@@ -94,7 +100,7 @@ def open_image(path: str | os.PathLike, mode: str = "RGB", upright: bool = True)
     try:
         with Image.open(path) as img:
             if upright:
-                img = ImageOps.exif_transpose(img)
+                return prepare_image(img, mode, path)
             return _flatten_alpha(_to_8bit(img, path)).convert(mode)
     except Image.DecompressionBombError as e:
         raise ImageReadError(

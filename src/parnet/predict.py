@@ -14,6 +14,11 @@ trained on:
 * anything else: timm's ``resolve_data_config`` / ``create_transform`` with the pretrained config of the
   model (``model_name``, the model's own, or that of the released variant with its architecture), and
   ImageNet's class names (``timm.data.ImageNetInfo``) for a 1000-class model.
+
+``model_name`` with weights that name their dataset is refused (they say how their images are prepared); with
+an authors' file or a bare file of ours it must name their architecture; with any other weights file (timm's
+own ``model.safetensors`` or ``pytorch_model.bin``) timm builds the model from the file, as it loads an offline
+copy of released weights.
 """
 
 from __future__ import annotations
@@ -29,10 +34,21 @@ import torch
 from PIL import Image
 from torch import nn
 
-__all__ = ["Predictor", "input_preparation", "load_predictor", "preprocessing_metadata", "read_image"]
+__all__ = [
+    "Predictor",
+    "image_files",
+    "input_preparation",
+    "is_run_folder",
+    "load_predictor",
+    "preprocessing_metadata",
+    "read_image",
+]
 
 # Size of a dataset's images before its own transform (Fashion-MNIST's pads 28 to 32).
 NATIVE_SIZE = {"fashion_mnist": 28}
+
+# What Predictor.predict takes: an image file, a folder of them, or an image already in memory.
+ImageInput = str | os.PathLike | Image.Image
 
 
 @dataclass
@@ -46,33 +62,46 @@ class Predictor:
     source: str  # where the weights came from, for the report
 
     @torch.no_grad()
-    def predict(self, paths: Sequence[str | os.PathLike] | str | os.PathLike, top_k: int = 5) -> list[dict[str, Any]]:
-        """``[{"image": path, "top": [{"index", "label", "probability"}, ...]}, ...]``, best first.
+    def predict(
+        self, images: Sequence[ImageInput] | ImageInput, top_k: int = 5, batch_size: int = 32
+    ) -> list[dict[str, Any]]:
+        """``[{"image": name, "top": [{"index", "label", "probability"}, ...]}, ...]``, best first, one per image.
 
-        Every image is read before the model runs, so a file that is not an image fails early.
+        ``images``: image files, folders (their image files, :func:`image_files`) and PIL images, or one of these;
+        a file is named by its path, a PIL image ``<image i>`` by its place in ``images``. Every file's header is
+        read before any image is decoded, so a file that is not an image fails early; then images are decoded,
+        prepared and run ``batch_size`` at a time, so only one batch of them is in memory.
         """
-        if isinstance(paths, (str, os.PathLike)):  # one image, not its characters
-            paths = [paths]
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-        images = [read_image(p, self.image_mode) for p in paths]
+        if isinstance(images, (str, os.PathLike, Image.Image)):  # one image, not its characters
+            images = [images]
+        for name, value in (("top_k", top_k), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        items = _image_items(images)
+        _check_image_headers([item for _, item in items if not isinstance(item, Image.Image)])
         weight = next(self.model.parameters(), None)  # an engine file's module holds none: it runs on the CPU
         device = weight.device if weight is not None else torch.device("cpu")
         k = min(top_k, len(self.class_names))
         results = []
-        for path, image in zip(paths, images):
-            probs = self.model(self.transform(image).unsqueeze(0).to(device)).softmax(-1)[0]
-            top = probs.topk(k)
-            results.append(
-                {
-                    "image": str(path),
-                    "top": [
-                        {"index": int(i), "label": self.class_names[int(i)], "probability": float(p)}
-                        for p, i in zip(top.values, top.indices)
-                    ],
-                }
-            )
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            x = torch.stack([self.transform(self._read(name, item)) for name, item in batch])
+            top = self.model(x.to(device)).softmax(-1).topk(k)
+            for (name, _), values, indices in zip(batch, top.values, top.indices):
+                labels = [
+                    {"index": int(i), "label": self.class_names[int(i)], "probability": float(p)}
+                    for p, i in zip(values, indices)
+                ]
+                results.append({"image": name, "top": labels})
         return results
+
+    def _read(self, name: str, item: Path | Image.Image) -> Image.Image:
+        """A file or a PIL image in the transform's mode, read as training reads image files."""
+        if not isinstance(item, Image.Image):
+            return read_image(item, self.image_mode)
+        from .images import prepare_image
+
+        return prepare_image(item, self.image_mode, name)
 
 
 def read_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
@@ -81,6 +110,59 @@ def read_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
     from .images import open_image
 
     return open_image(path, mode)
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files in ``folder`` (not in its subfolders), sorted: those an image-folder dataset reads
+    (:func:`parnet.images.is_image_file`: an extension Pillow opens, not hidden)."""
+    from .images import is_image_file
+
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if is_image_file(p) and p.is_file())
+    if not files:
+        raise ValueError(
+            f"{folder} holds no image files (.jpg, .png, ... not hidden; its subfolders are not searched): "
+            "give image files, or a folder that holds some"
+        )
+    return files
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a ``parnet train`` run folder (its config, checkpoint, metrics or weights), not a
+    folder of images."""
+    from .checkpoint import RUN_FILES
+    from .evaluate import FUSED_WEIGHTS
+
+    path = Path(path)
+    return path.is_dir() and any((path / name).is_file() for name in (*RUN_FILES, *FUSED_WEIGHTS, "config.yaml"))
+
+
+def _image_items(images: Sequence[ImageInput]) -> list[tuple[str, Path | Image.Image]]:
+    """(name in the results, file or PIL image) of each image, folders replaced by their image files."""
+    items: list[tuple[str, Path | Image.Image]] = []
+    for i, image in enumerate(images):
+        if isinstance(image, Image.Image):
+            items.append((f"<image {i}>", image))
+        elif isinstance(image, (str, os.PathLike)) and Path(image).is_dir():
+            items += [(str(f), f) for f in image_files(image)]
+        elif isinstance(image, (str, os.PathLike)):
+            items.append((str(image), Path(image)))
+        else:
+            raise ValueError(f"images are files, folders or PIL images, got a {type(image).__name__}")
+    return items
+
+
+def _check_image_headers(paths: list[Path]) -> None:
+    """Refuse missing files, and files whose header Pillow cannot read (:func:`parnet.data.check_image_files`,
+    which lists them all), before any image is decoded and the model runs."""
+    from .data import check_image_files
+
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"no image file at {', '.join(missing)}")
+    if paths:  # named by the folder that holds them all
+        folder = Path(os.path.commonpath([os.path.abspath(p.parent) for p in paths]))
+        check_image_files(folder, [(str(p), 0) for p in paths])
 
 
 def load_predictor(
@@ -92,8 +174,12 @@ def load_predictor(
 ) -> Predictor:
     """A :class:`Predictor` from a run folder, a checkpoint file, or a timm model name alone (its released weights).
 
-    ``model_name`` with ``checkpoint`` chooses the pretrained config that sets the preprocessing (e.g.
-    ``parnet_s_official.in1k`` for an authors' file); alone, timm downloads its pretrained weights.
+    ``model_name`` alone: timm downloads its pretrained weights. With ``checkpoint`` it is refused where the
+    weights name the dataset they were trained on (a run's files: they say how their images are prepared);
+    with an authors' file or a bare file of ours it must name the weights' architecture, and its pretrained
+    config sets the preprocessing (e.g. ``parnet_s_official.in1k`` for an authors' ParNet-S); any other
+    weights file (timm's ``model.safetensors``, ``pytorch_model.bin``, a timm training checkpoint) is loaded into
+    ``model_name`` as timm loads an offline copy of its pretrained weights, prepared as for ``model_name`` alone.
     ``use_ema``: a run's (or an authors' file's) EMA weights when it has them; ``False`` is refused for a file
     that holds EMA weights alone (a run's ``last_ema.safetensors``, an engine file quantized from them).
     A ``parnet quantize`` file as ``checkpoint`` runs on its engine on the CPU, its images prepared as its
@@ -105,8 +191,10 @@ def load_predictor(
         raise ValueError("give the weights: a run folder, a checkpoint file, or a model name with released weights")
     from .deployed import is_deployed_file
     from .devices import check_device
-    from .evaluate import holds_ema_weights, load_trained_model
+    from .evaluate import holds_ema_weights, load_trained_model, trained_on
+    from .factory import check_model_name
 
+    model_name = check_model_name(model_name) if model_name else None
     device = str(check_device(device))
     if checkpoint is not None and is_deployed_file(checkpoint):
         return _engine_predictor(Path(checkpoint), model_name, use_ema, device)
@@ -116,10 +204,26 @@ def load_predictor(
             "last.safetensors) for the raw weights"
         )
     weights = run if run is not None else checkpoint
-    if weights is not None:
-        model, source = load_trained_model(weights, device, use_ema)
-    else:
+    if weights is None:
         model, source = _load_pretrained(str(model_name), device)
+        return Predictor(model.eval(), *input_preparation(model, None, model_name), source)
+    if model_name:
+        dataset = trained_on(weights).dataset
+        if dataset is not None:  # as for an engine file: a name would only contradict them
+            raise ValueError(
+                f"{weights}: the weights say how their images are prepared (dataset {dataset}): leave out --model"
+            )
+        if checkpoint is not None and _is_timm_weights(Path(checkpoint)):
+            if not use_ema:
+                raise ValueError(
+                    f"{checkpoint} is read as timm reads a pretrained file (a checkpoint's EMA weights where it "
+                    "holds them): leave out --raw"
+                )
+            model, source = _load_timm_file(model_name, Path(checkpoint), device)
+            return Predictor(model.eval(), *input_preparation(model, None, model_name), source)
+    model, source = load_trained_model(weights, device, use_ema)
+    if model_name:
+        _check_architecture(model, model_name, weights)
     model.eval()
     return Predictor(model, *input_preparation(model, weights, model_name), source)
 
@@ -187,10 +291,128 @@ def _load_pretrained(name: str, device: str) -> tuple[nn.Module, str]:
     try:
         model = timm.create_model(name, pretrained=True)
     except (OSError, RuntimeError) as e:  # no network, a refused download
+        where = (
+            f"{cfg.hf_hub_filename or 'model.safetensors'} of https://huggingface.co/{cfg.hf_hub_id}"
+            if cfg.hf_hub_id
+            else cfg.url or cfg.file
+        )
         raise ValueError(
-            f"cannot get the pretrained weights of {name} ({e}); download them and pass --checkpoint"
+            f"cannot get the pretrained weights of {name} ({e}); download them ({where}) and pass the file as "
+            f"--checkpoint FILE with --model {name}"
         ) from None
     return model.to(device), f"timm pretrained {name}"
+
+
+def _is_timm_weights(path: Path) -> bool:
+    """Whether ``path`` holds weights for timm to read rather than this project's loaders: a safetensors or
+    ``torch.save`` file that is neither of ours (its header's ``format`` or ``timm_model``) nor an authors' ParNet
+    checkpoint. Files of neither kind, or unreadable, go to our loaders, which say what they are."""
+    from safetensors import safe_open
+
+    from .io import is_safetensors, is_torch_checkpoint
+    from .official import is_official_layout, read_checkpoint, select_state_dict
+
+    if not path.is_file():
+        return False
+    if is_safetensors(path):
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # noqa: BLE001 - a damaged file: read_safetensors says so
+            return False
+        return meta.get("format") != "parnet" and "timm_model" not in meta  # save_model's, a run's
+    if not is_torch_checkpoint(path):
+        return False
+    checkpoint = read_checkpoint(path)  # tensors only, nothing run; refuses programs and code by name
+    if checkpoint.get("format") == "parnet-train-state":  # a run's last_state.pt: its loader says what to give
+        return False
+    try:
+        state = select_state_dict(checkpoint)
+    except ValueError:  # no tensors at its top or under state_dict: timm also looks under "model"
+        return True
+    return not is_official_layout(state)
+
+
+def _load_timm_file(name: str, path: Path, device: str) -> tuple[nn.Module, str]:
+    """``name`` with the weights of ``path``, loaded as timm loads an offline copy of released weights."""
+    from .factory import create_model
+
+    # timm's load_state_dict reads a .safetensors with safetensors and any other file with torch.load(weights_only=
+    # True) (argparse.Namespace allowed), so no code in the file runs; it takes a checkpoint's EMA weights where it
+    # holds them, drops DDP's "module." and runs the model's own checkpoint filter, then loads strictly.
+    try:
+        model = create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    except Exception as e:  # noqa: BLE001 - a shape or key mismatch (RuntimeError), a file torch cannot read, ...
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        reason = reason if len(reason) <= 400 else reason[:400] + " ..."
+        raise ValueError(
+            f"cannot load {path} as the weights of {name} ({reason}): give the file of {name}'s weights, or the "
+            "model name its weights are for"
+        ) from None
+    return model.to(device), f"{path} (timm {name})"
+
+
+def _check_architecture(model: nn.Module, model_name: str, weights: str | os.PathLike) -> None:
+    """Refuse a ``model_name`` of another architecture than ``model`` (the weights' network): its pretrained
+    config would prepare the images for another network (another size, statistics, classes).
+
+    The named model is built empty (on the meta device) with the weights' class count and input channels,
+    re-parameterized if they are, and compared by its tensors' names and shapes (and ParNet's input form,
+    which has none)."""
+    from . import reparameterize
+    from .factory import create_model
+
+    fused = any(getattr(m, "reparam_conv", None) is not None for m in model.modules())
+    in_chans = getattr(model, "in_chans", 3)
+
+    def build() -> nn.Module:
+        named = create_model(
+            model_name.split(".")[0], pretrained=False, num_classes=model.num_classes, in_chans=in_chans
+        )
+        return reparameterize(named, inplace=True) if fused else named
+
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialization
+            named = build()
+    except (RuntimeError, NotImplementedError):  # a network whose construction or fusion reads tensor values
+        named = build()
+    if _shapes(named) == _shapes(model) and getattr(named, "small_input", None) == getattr(model, "small_input", None):
+        return
+    same = _same_architecture_names(model)
+    hint = f" (registered: {', '.join(same)})" if same else ""
+    raise ValueError(
+        f"--model {model_name} is {_describe(named)}, but {weights} holds {_describe(model)}: leave out --model, "
+        f"or name a model of the weights' architecture{hint}"
+    )
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _describe(model: nn.Module) -> str:
+    """A network in words: a ParNet by its architecture, any other by its class."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not hasattr(cfg, "widths"):
+        return f"a {type(model).__name__}"
+    form = ", small-input form" if cfg.small_input else ""
+    return f"a ParNet of widths {cfg.widths}, head width {cfg.head_width}, blocks {cfg.blocks}{form}"
+
+
+def _same_architecture_names(model: nn.Module) -> list[str]:
+    """The registered ParNet variants with ``model``'s architecture (its tensors: the activation aside)."""
+    from dataclasses import replace
+
+    from .model import model_cfgs
+
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not hasattr(cfg, "widths"):
+        return []
+    return [
+        name
+        for name, c in model_cfgs.items()
+        if replace(c, act=cfg.act, stem_width=c.stem_chs) == replace(cfg, stem_width=cfg.stem_chs)
+    ]
 
 
 # -- preprocessing and names ---------------------------------------------------------------------

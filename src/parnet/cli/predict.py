@@ -13,23 +13,25 @@ WEIGHTS_SUFFIXES = (".safetensors", ".pth", ".pt", ".pt2", ".tar", ".onnx", ".xm
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from ..predict import format_predictions, load_predictor
+    from ..predict import format_predictions, image_files, is_run_folder, load_predictor
 
-    runs = [p for p in args.paths if Path(p).is_dir()]  # an image is never a folder: a folder is the run
-    images = [p for p in args.paths if not Path(p).is_dir()]
+    # A run folder holds the weights; any other folder, the images in it.
+    runs = [p for p in args.paths if is_run_folder(p)]
     if len(runs) > 1:
         raise ValueError(f"give one run folder, got {len(runs)}: {', '.join(runs)}")
-    weights = [p for p in images if Path(p).suffix.lower() in WEIGHTS_SUFFIXES]
+    given = [p for p in args.paths if p not in runs]
+    weights = [p for p in given if Path(p).suffix.lower() in WEIGHTS_SUFFIXES and not Path(p).is_dir()]
     if weights:
         raise ValueError(
             f"{weights[0]} is a model file, not an image: give weights as --checkpoint FILE (a .safetensors, an "
             "authors' .pth.tar or a `parnet quantize` .onnx/.xml) or as a run folder"
         )
-    if not images:
-        raise ValueError("give at least one image file")
-    missing = [p for p in images if not Path(p).exists()]
+    if not given:
+        raise ValueError("give at least one image file or folder of images")
+    missing = [p for p in given if not Path(p).exists()]
     if missing:  # said before any weights are read, and not taken for a missing run folder's weights
         raise FileNotFoundError(f"no image file or run folder at {', '.join(missing)}")
+    images = [str(f) for p in given for f in (image_files(p) if Path(p).is_dir() else [p])]  # an empty one: said now
     predictor = load_predictor(
         run=runs[0] if runs else None,
         checkpoint=args.checkpoint,
@@ -49,22 +51,28 @@ def add_commands(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "predict",
         help="top-5 classes of image files, from a run folder, a checkpoint or a model's released weights",
-        description="parnet predict IMAGE... [--model NAME] [--checkpoint FILE | RUN]: the top classes of each image "
-        "with their probabilities, preprocessed as the weights' training data was.",
+        description="parnet predict IMAGE|FOLDER... [--model NAME] [--checkpoint FILE | RUN]: the top classes of each "
+        "image with their probabilities, preprocessed as the weights' training data was.",
     )
     p.add_argument(
-        "paths", nargs="+", metavar="IMAGE|RUN", help="image files, and at most one `parnet train` run folder"
+        "paths",
+        nargs="+",
+        metavar="IMAGE|FOLDER|RUN",
+        help="image files and folders of images (their image files, sorted), and at most one `parnet train` run folder",
     )
     p.add_argument(
         "--checkpoint",
         help="weights file: a .safetensors of this project (a run's, `parnet convert`'s), an authors' .pth.tar, "
-        "or a `parnet quantize` file (.onnx, OpenVINO .xml; runs on its engine on the CPU)",
+        "a `parnet quantize` file (.onnx, OpenVINO .xml; runs on its engine on the CPU), or timm's own weights "
+        "file of --model NAME (model.safetensors, pytorch_model.bin)",
     )
     p.add_argument(
         "--model",
         type=model_name,
-        help="timm model name whose pretrained config sets the preprocessing (e.g. parnet_s_official.in1k); "
-        "without --checkpoint or a run, its released weights (downloaded by timm)",
+        help="timm model name: with an authors' file or a bare .safetensors of ours, their architecture, whose "
+        "pretrained config sets the preprocessing (e.g. parnet_s_official.in1k); with timm's own weights file as "
+        "--checkpoint (model.safetensors, pytorch_model.bin), the model it holds; alone, its released weights "
+        "(downloaded by timm). Refused for a run or its files: they say how their images are prepared",
     )
     p.add_argument("--top", type=positive_int, default=5, help="classes to show per image (default 5)")
     p.add_argument("--raw", action="store_true", help="the raw weights rather than the EMA weights, where both exist")
