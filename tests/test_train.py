@@ -468,8 +468,12 @@ def test_eval_fused_safetensors_alone(reference_run, fmnist):
     assert scores["raw_fused"]["loss"] == pytest.approx(engine.read_metrics(out)[-1]["test_loss"], rel=1e-5)
 
 
-def test_eval_accepts_the_authors_checkpoints(tmp_path):
-    """A tiny checkpoint in the authors' layout (2 classes), scored on a 224 image folder."""
+def test_eval_accepts_the_authors_checkpoints(tmp_path, monkeypatch):
+    """A tiny checkpoint in the authors' layout (2 classes), scored on a 224 image folder, its images prepared as
+    `parnet predict` prepares them (their release's bilinear resizing, not our image folders' bicubic)."""
+    from parnet import evaluate as evaluate_module
+    from parnet.predict import load_predictor
+
     tiny = torch.load(ROOT / "tests" / "fixtures" / "official_tiny.pt", weights_only=True)
     sd = dict(tiny["state_dict"])
     for k in [k for k in sd if k.endswith(("fc.weight", "fc.bias")) and sd[k].shape[0] == 1000]:
@@ -477,9 +481,18 @@ def test_eval_accepts_the_authors_checkpoints(tmp_path):
     path = tmp_path / "official.pth.tar"
     torch.save({"state_dict": sd, "state_dict_ema": sd, "epoch": 3}, path)
     data = make_image_folder(tmp_path / "imgs", classes=2, per_class=2)
+    transforms = []
+    score = evaluate_module.evaluate_model
+    monkeypatch.setattr(
+        evaluate_module,
+        "evaluate_model",
+        lambda net, loader, *a: transforms.append(loader.dataset.transform) or score(net, loader, *a),
+    )
     scores = evaluate(path, dataset="imagefolder", data_dir=str(data), workers=0, batch_size=4)
     assert set(scores) == {"raw", "raw_fused", "ema", "ema_fused"}
     assert scores["raw"]["n"] == 4 and scores["raw_fused"]["prediction_changes"] == 0
+    predicted = repr(load_predictor(checkpoint=path).transform)
+    assert "interpolation=bilinear" in predicted and {repr(t) for t in transforms} == {predicted}
 
 
 @pytest.mark.parametrize(

@@ -331,7 +331,7 @@ def evaluate(
     import torch
 
     from . import reparameterize
-    from .data import build_datasets, build_loaders
+    from .data import build_datasets, build_loaders, pretrained_transform
     from .deployed import is_deployed_file, load_deployed
     from .devices import check_device
     from .io import is_torch_checkpoint
@@ -385,6 +385,11 @@ def evaluate(
     first = next(iter(nets.values()))
     check_fits_dataset(first, path, dataset, run_dataset)  # before looking for the data, which may not be there
     _, test_set, info = build_datasets(dataset, data_dir, test_subset=test_subset, test_only=True, img_size=img_size)
+    if run_dataset is None and dataset == "imagefolder":  # weights that say nothing of their data (an authors'
+        # file): their images prepared as `parnet predict` prepares them, from their release's pretrained config
+        authors = path.is_file() and is_torch_checkpoint(path)
+        base = test_set.dataset if isinstance(test_set, torch.utils.data.Subset) else test_set
+        base.transform = pretrained_transform(first, None, img_size, authors)[0]
     _, loader, _ = build_loaders(test_set, test_set, 1, workers, eval_batch_size=batch_size)
     check_fits_dataset(first, path, dataset, run_dataset, info.num_classes)
     check_same_classes(trained.class_names, info, path)

@@ -253,6 +253,7 @@ def input_preparation(
     """(transform, class names, image mode) of ``model``'s inputs, as this module's docstring says: from the
     data ``weights`` (a run folder or file, or ``None``) were trained on, else from timm's pretrained config;
     to ``img_size`` (0: the size the weights trained at, where they say)."""
+    from .data import pretrained_transform
     from .evaluate import TrainedOn, trained_on
     from .io import is_torch_checkpoint
 
@@ -262,7 +263,7 @@ def input_preparation(
         transform, mode = _dataset_transform(trained.dataset, img_size or trained.img_size)
     else:
         authors = weights is not None and Path(weights).is_file() and is_torch_checkpoint(Path(weights))
-        transform, mode = _timm_transform(model, model_name, img_size or trained.img_size, authors)
+        transform, mode = pretrained_transform(model, model_name, img_size or trained.img_size, authors)
     return transform, names, mode
 
 
@@ -455,43 +456,6 @@ def _dataset_transform(dataset: str, img_size: int = 0) -> tuple[Callable[[Image
     size = NATIVE_SIZE.get(dataset, info.img_size)
     resize = T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR, antialias=True)
     return T.Compose([resize, transform]), mode
-
-
-def _timm_transform(
-    model: nn.Module, model_name: str | None, img_size: int = 0, authors: bool = False
-) -> tuple[Callable[[Image.Image], torch.Tensor], str]:
-    """timm's evaluation transform from the pretrained config of ``model_name``, the model or its released variant
-    (``authors``: the weights are from an authors' file, whose architecture may be none of the released ones);
-    at ``img_size`` where the weights say they were trained at it."""
-    import timm
-    from timm.data import create_transform, resolve_data_config
-
-    pretrained_cfg = None
-    if model_name:
-        pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
-        pretrained_cfg = pretrained_cfg.to_dict() if pretrained_cfg is not None else None
-    if pretrained_cfg is None:
-        pretrained_cfg = getattr(model, "pretrained_cfg", None) or _variant_cfg(model, authors)
-    config = resolve_data_config(pretrained_cfg=pretrained_cfg)
-    in_chans = getattr(model, "in_chans", 3)
-    config["input_size"] = (in_chans, *((img_size, img_size) if img_size else config["input_size"][1:]))
-    if len(config["mean"]) != in_chans:  # a grey model under an RGB config: the channels' average
-        config["mean"] = (sum(config["mean"]) / len(config["mean"]),) * in_chans
-        config["std"] = (sum(config["std"]) / len(config["std"]),) * in_chans
-    return create_transform(**config), "L" if in_chans == 1 else "RGB"
-
-
-def _variant_cfg(model: nn.Module, authors: bool = False) -> dict[str, Any]:
-    """The pretrained config of the released ParNet variant with ``model``'s architecture, else of its form (for
-    an authors' file, of their release: their validation's bilinear resizing)."""
-    import timm
-
-    from .official import official_variant
-
-    cfg = getattr(model, "cfg", None)
-    form = "parnet_cifar_s" if getattr(model, "small_input", False) else "parnet_s"
-    name = (official_variant(cfg) if cfg is not None else None) or ("parnet_s_official" if authors else form)
-    return timm.models.get_pretrained_cfg(name).to_dict()
 
 
 def format_predictions(results: list[dict[str, Any]], as_json: bool = False) -> str:
