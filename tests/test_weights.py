@@ -233,3 +233,9 @@ def test_an_engine_file_given_as_weights_says_which_commands_run_it(tmp_path: Pa
 def test_a_folder_given_to_load_model_says_what_to_give(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="is a folder, not a weights file: give a run's last.safetensors"):
         load_model(tmp_path)
+
+
+def test_another_librarys_safetensors_says_how_to_read_it(tmp_path: Path) -> None:
+    save_file({"fc.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")  # timm's: no metadata of ours
+    with pytest.raises(ValueError, match="was not written by this project .* `parnet predict --checkpoint FILE"):
+        load_weights(tmp_path / "model.safetensors")

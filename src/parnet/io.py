@@ -273,6 +273,11 @@ def read_safetensors(
             ) from None
         raise ValueError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
     if expected_format is not None and meta.get("format") != expected_format:
+        if meta.get("format") is None:  # no metadata of ours at all: another library's weights
+            raise ValueError(
+                f"{path} was not written by this project (no 'format' in its metadata): for timm's own weights "
+                "of a model, `parnet predict --checkpoint FILE --model NAME` reads them as timm does"
+            )
         raise ValueError(f"{path} is not a {expected_format!r} file (its metadata says {meta.get('format')!r})")
     return state, meta
 
