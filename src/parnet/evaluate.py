@@ -331,7 +331,7 @@ def evaluate(
     import torch
 
     from . import reparameterize
-    from .data import build_datasets, build_loaders, pretrained_transform
+    from .data import build_datasets, build_loaders
     from .deployed import is_deployed_file, load_deployed
     from .devices import check_device
     from .io import is_torch_checkpoint
@@ -389,6 +389,8 @@ def evaluate(
         # file): their images prepared as `parnet predict` prepares them, from their release's pretrained config
         authors = path.is_file() and is_torch_checkpoint(path)
         base = test_set.dataset if isinstance(test_set, torch.utils.data.Subset) else test_set
+        from .preprocessing import pretrained_transform
+
         base.transform = pretrained_transform(first, None, img_size, authors)[0]
     _, loader, _ = build_loaders(test_set, test_set, 1, workers, eval_batch_size=batch_size)
     check_fits_dataset(first, path, dataset, run_dataset, info.num_classes)

@@ -253,9 +253,9 @@ def input_preparation(
     """(transform, class names, image mode) of ``model``'s inputs, as this module's docstring says: from the
     data ``weights`` (a run folder or file, or ``None``) were trained on, else from timm's pretrained config;
     to ``img_size`` (0: the size the weights trained at, where they say)."""
-    from .data import pretrained_transform
     from .evaluate import TrainedOn, trained_on
     from .io import is_torch_checkpoint
+    from .preprocessing import pretrained_transform
 
     trained = trained_on(weights) if weights is not None else TrainedOn()
     names = _class_names(trained, model.num_classes)
