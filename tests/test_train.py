@@ -281,6 +281,31 @@ def test_fine_tuning_keeps_the_weights_restarts_the_classifier_and_adapts_the_in
     assert torch.allclose(features, src.forward_head(src.forward_features(x), pre_logits=True), atol=1e-5)
 
 
+def test_fine_tuning_matches_the_classifier_rows_by_class_name(reference_run):
+    """Data of the same class count but other names (renamed, reordered): each class keeps its own row, a new
+    one starts afresh; rows passed by position would relabel classes silently."""
+    from parnet.evaluate import trained_on
+    from parnet.transfer import initialize_from
+
+    out, _ = reference_run
+    theirs_names = list(trained_on(out).class_names)
+    names = ["a new class", *reversed(theirs_names[1:])]  # 10 classes: one renamed, the rest reversed
+    src = load_weights(out / "last_ema.safetensors").state_dict()
+    model = timm.create_model("parnet_cifar_s", num_classes=10, in_chans=1, **TINY_STEM)
+    fresh = model.head.fc.weight.clone()
+    note = initialize_from(model, out, names)
+    assert "classifier rows matched by class name: 9 of 10 kept, the others restarted" in note
+    ours = model.state_dict()
+    assert torch.equal(ours["head.fc.weight"][0], fresh[0])
+    for i, name in enumerate(names[1:], start=1):
+        j = theirs_names.index(name)
+        assert torch.equal(ours["head.fc.weight"][i], src["head.fc.weight"][j])
+        assert torch.equal(ours["head.fc.bias"][i], src["head.fc.bias"][j])
+    same = timm.create_model("parnet_cifar_s", num_classes=10, in_chans=1, **TINY_STEM)
+    assert "classifier" not in initialize_from(same, out, theirs_names)  # the same names: kept as they are
+    assert torch.equal(same.state_dict()["head.fc.weight"], src["head.fc.weight"])
+
+
 def test_fine_tuning_refuses_what_it_cannot_start_from(reference_run, tmp_path):
     from parnet.transfer import initialize_from
 

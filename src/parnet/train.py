@@ -181,7 +181,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     if cfg.initial_checkpoint and not has_checkpoint:  # a resumed run's own weights come from its checkpoint
         from .transfer import initialize_from
 
-        log(initialize_from(model, cfg.initial_checkpoint))
+        log(initialize_from(model, cfg.initial_checkpoint, info.classes))
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and d.device.type == "cuda")
     model = model.to(d.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     n_params = sum(p.numel() for p in model.parameters())

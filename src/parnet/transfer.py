@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -70,13 +71,17 @@ def adapt_input_convs(
     return adapted, note
 
 
-def initialize_from(model: nn.Module, source: str | os.PathLike) -> str:
+def initialize_from(model: nn.Module, source: str | os.PathLike, class_names: Sequence[str] | None = None) -> str:
     """Copy the weights of ``source`` into ``model`` (a freshly created training model); say what was done.
 
+    ``class_names``: the new data's classes, in label order. Where the weights name theirs too (a run's), the
+    classifier's rows follow the names: a class of both keeps its row wherever it moved, another starts afresh
+    (the same count of other names would otherwise pass one class's row to another). Without names, timm's
+    rule: the classifier is kept when the class count is the same, restarted otherwise.
     ``ValueError`` for fused weights, another architecture, or a tensor that neither fits nor is the
     classifier or an input convolution; ``FileNotFoundError`` for a missing file.
     """
-    from .evaluate import load_trained_model
+    from .evaluate import load_trained_model, trained_on
 
     src, path = load_trained_model(source)
     if any(getattr(m, "reparam_conv", None) is not None for m in src.modules()):
@@ -97,9 +102,14 @@ def initialize_from(model: nn.Module, source: str | os.PathLike) -> str:
     adapted, note = adapt_input_convs(theirs, ours, cfg.get("first_conv"))
     state: dict[str, torch.Tensor] = {}
     notes = {note} if note else set()
+    theirs_names = trained_on(source).class_names
+    by_name = bool(class_names and theirs_names) and tuple(class_names) != tuple(theirs_names)
     for key, own in ours.items():
         weight = adapted[key]
-        if weight.shape != own.shape and key.rsplit(".", 1)[0] in classifier:
+        if by_name and key.rsplit(".", 1)[0] in classifier:
+            weight, kept = _rows_by_name(weight, own, list(theirs_names), list(class_names))
+            notes.add(f"classifier rows matched by class name: {kept} of {len(class_names)} kept, the others restarted")
+        elif weight.shape != own.shape and key.rsplit(".", 1)[0] in classifier:
             weight = own  # timm's way: a new class count starts a new classifier
             notes.add(f"classifier restarted for {own.shape[0]} classes (the weights have {theirs[key].shape[0]})")
         if weight.shape != own.shape:
@@ -110,3 +120,16 @@ def initialize_from(model: nn.Module, source: str | os.PathLike) -> str:
         state[key] = weight.to(own.dtype)
     model.load_state_dict(state)
     return f"initialized from {path}" + "".join(f"; {n}" for n in sorted(notes))
+
+
+def _rows_by_name(
+    theirs: torch.Tensor, own: torch.Tensor, theirs_names: list[str], names: list[str]
+) -> tuple[torch.Tensor, int]:
+    """``own`` (a fresh classifier tensor, one row per class of ``names``) with the rows of ``theirs`` copied in
+    for the classes both name; and how many were."""
+    rows = own.clone()
+    index = {name: i for i, name in enumerate(theirs_names)}
+    shared = [(i, index[name]) for i, name in enumerate(names) if name in index]
+    for ours_i, theirs_i in shared:
+        rows[ours_i] = theirs[theirs_i]
+    return rows, len(shared)
