@@ -206,8 +206,9 @@ def test_export_takes_an_authors_checkpoint(official_tiny: dict, tmp_path: Path,
         assert (load_runner("onnx", tmp_path / "out" / f"{stem}.onnx")(x) - expected).abs().max().item() < TOL
     # a checkpoint brings its architecture: flags that would build another are refused, not ignored
     args = ["export", "--checkpoint", str(tmp_path / "model_best.pth.tar"), "--out", str(tmp_path / "n")]
-    assert cli.main([*args, "--num-classes", "5"]) == 2
-    assert "a --checkpoint brings its own architecture" in capsys.readouterr().err and not (tmp_path / "n").exists()
+    for extra in (["--num-classes", "5"], ["parnet_s"]):  # MODEL too: it was ignored silently
+        assert cli.main([*args, *extra]) == 2
+        assert "a --checkpoint brings its own architecture" in capsys.readouterr().err and not (tmp_path / "n").exists()
     # a timm baseline's weights file is not a ParNet: refused, nothing written
     torch.save({"state_dict": timm.create_model("resnet18", num_classes=3).state_dict()}, tmp_path / "resnet.pth.tar")
     assert cli.main(["export", "--checkpoint", str(tmp_path / "resnet.pth.tar"), "--out", str(tmp_path / "r")]) == 2
@@ -230,6 +231,11 @@ def test_exported_files_are_named_after_the_checkpoint(tmp_path: Path, monkeypat
     (tmp_path / "my_run" / "config.yaml").write_text("epochs: 1\n")  # a run folder, whatever its files' names
     assert _checkpoint_name("model_best.pth.tar") == "my_run_model_best"
     assert _checkpoint_name(str(tmp_path / "my_run" / "last_ema.safetensors")) == "my_run_ema"
+    # a run folder is named after the file it is read from: its EMA weights where kept, as they differ from the raw
+    io.save_model(_tiny(0), tmp_path / "my_run" / "last.safetensors")
+    assert _checkpoint_name(".") == "my_run"
+    io.save_model(_tiny(0), tmp_path / "my_run" / "last_ema.safetensors")
+    assert _checkpoint_name(".") == "my_run_ema"
 
 
 def test_two_runs_export_to_two_names(tmp_path: Path, capsys) -> None:

@@ -30,8 +30,11 @@ def _build(args: argparse.Namespace) -> nn.Module:
     from ..model import ParNet
 
     if args.checkpoint:
-        if args.num_classes is not None or args.model_kwargs:
-            raise ValueError("--num-classes and --model-kwargs build MODEL; a --checkpoint brings its own architecture")
+        if args.num_classes is not None or args.model_kwargs or args.model:
+            raise ValueError(
+                "MODEL, --num-classes and --model-kwargs build a model; a --checkpoint brings its own architecture: "
+                "give one or the other"
+            )
         model, source = load_trained_model(args.checkpoint)
         if not isinstance(model, ParNet):
             raise ValueError(f"{source} holds a {type(model).__name__}, not a ParNet: export takes ParNet weights")
@@ -68,17 +71,28 @@ _RUN_FILE_SUFFIX = {"last": "", "last_ema": "_ema", "fused": "_fused", "ema_fuse
 def _checkpoint_name(path: str) -> str:
     """The default export name of ``--checkpoint path``: its :func:`_file_stem`, but for a run's weights file
     the run folder's name (``run_ema`` for ``run/last_ema.safetensors``), as every run's files have the same
-    names. A run's file: one in a folder holding ``config.yaml`` or ``last_state.pt``, or named as runs name them."""
+    names; a run folder is named as the file it is read from (``run_ema`` where it keeps EMA weights), so that
+    the name says which weights are inside. A run's file: one in a folder holding ``config.yaml`` or
+    ``last_state.pt``, or named as runs name them."""
+    if Path(path).is_dir():  # a run folder: named after the weights file it is read from (its EMA ones if kept)
+        from ..evaluate import run_weights_file
+
+        try:
+            path = str(run_weights_file(path))
+        except FileNotFoundError:
+            return _file_stem(path)  # not a run: the loader says what is wrong
     stem = _file_stem(path)
     run = Path(path).resolve().parent
     in_run = any((run / f).is_file() for f in ("config.yaml", STATE_FILE))
-    if Path(path).is_dir() or not run.name or not (in_run or stem in _RUN_FILE_SUFFIX):
+    if not run.name or not (in_run or stem in _RUN_FILE_SUFFIX):
         return stem
     return run.name + _RUN_FILE_SUFFIX.get(stem, f"_{stem}")
 
 
 def _export(args: argparse.Namespace) -> int:
     check_output_path(args.out, folder=True, what="--out")
+    if args.model is None and not args.checkpoint:
+        args.model = "parnet_s"
     name = args.name  # checked before loading anything; "" is refused, not taken for the default
     if name is None:
         name = _checkpoint_name(args.checkpoint) if args.checkpoint else args.model
@@ -115,13 +129,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """``parnet export``."""
     p = subparsers.add_parser("export", help="export the folded model: ONNX, TorchScript, torch.export")
     p.add_argument(
-        "model", nargs="?", default="parnet_s", type=parnet_model_name,
-        help="ParNet variant, parnet_* (random weights; `parnet summary` lists them) [parnet_s]",
+        "model", nargs="?", type=parnet_model_name,
+        help="ParNet variant, parnet_* (random weights; `parnet summary` lists them) [parnet_s]; not with --checkpoint",
     )  # fmt: skip
     p.add_argument(
         "--checkpoint",
-        help="a .safetensors file written by parnet, a run folder or an authors' .pth.tar (EMA weights where kept; "
-        "overrides MODEL)",
+        help="a .safetensors file written by parnet, a run folder or an authors' .pth.tar (EMA weights where kept), "
+        "instead of MODEL",
     )
     p.add_argument("--out", default="exports", help="output folder [exports]")
     p.add_argument(
