@@ -316,6 +316,9 @@ def test_bench_times_a_quantized_file(tmp_path: Path, capsys: pytest.CaptureFixt
     alone = ["bench", "--models", "", "--deployed", str(path), "--batch", "2", "--reps", "2", "--warmup", "1"]
     assert cli.main([*alone, "--threads", "1", "--json", str(tmp_path / "c.json"), "--quiet"]) == 0
     assert {r["model"] for r in json.loads((tmp_path / "c.json").read_text())["records"]} == {"m.onnx"}
+    # --resolution the files cannot meet: said under the table, files alone or not
+    assert cli.main([*alone, "--threads", "1", "--resolution", "64", "--quiet"]) == 0
+    assert "deployed files timed at the size they were built for, not 64x64: m.onnx (32x32)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -411,6 +414,11 @@ def test_engine_files_that_cannot_be_read_are_clear_errors(tmp_path: Path, capsy
         assert cli.main(["eval", str(tmp_path / name), "--workers", "0"]) == 2
         err = capsys.readouterr().err
         assert f"{tmp_path / name}" in err and message in err and "Traceback" not in err
+    # `parnet bench --deployed` on a file of another kind: said before any engine tries to parse it
+    (tmp_path / "weights.pt2").write_bytes(b"PK\x03\x04")
+    assert cli.main(["bench", "--deployed", str(tmp_path / "weights.pt2"), "--models", ""]) == 2
+    err = capsys.readouterr().err
+    assert "weights.pt2 is not a `parnet quantize` file" in err and "Traceback" not in err
 
 
 @OPENVINO

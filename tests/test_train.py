@@ -445,6 +445,8 @@ def test_eval_and_plot_of_a_run(reference_run, capsys):
     png = plot(out)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plot", str(out)]) == 0
+    assert main(["plot", str(out / "last.safetensors")]) == 2  # a file: said so, not its bytes read as JSON rows
+    assert "last.safetensors is not a run folder" in capsys.readouterr().err
 
 
 def test_eval_of_a_pruned_run_folder_and_of_a_device_not_there(reference_run, tmp_path, capsys):

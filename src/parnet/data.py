@@ -238,7 +238,8 @@ def _cifar(name: str, root: Path, train: bool, transform: Any, download: bool) -
         url = CIFAR10_URL if name == "cifar10" else CIFAR100_URL
         raise DatasetNotFoundError(
             f"{name} not found: {root / folder} lacks {', '.join(missing)}. Download and unpack {url} "
-            f"into {root} (it makes {folder}/), or pass --download to fetch it with torchvision."
+            f"into {root} (it makes {folder}/), or fetch it with torchvision: `parnet train --dataset {name} "
+            "--download` (or build_datasets(..., download=True))."
         )
     for f, _ in base_cls.train_list if train else base_cls.test_list:
         path = root / folder / f

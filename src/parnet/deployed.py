@@ -164,6 +164,11 @@ def read_info(path: str | os.PathLike) -> DeployedInfo:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no file at {path}")
+    if not is_deployed_file(path):  # before an engine's parser, whose errors about another format name no file
+        raise ValueError(
+            f"{path} is not a `parnet quantize` file (an .onnx, or an OpenVINO .xml beside its .bin): write one with "
+            "`parnet quantize CHECKPOINT --precision fp32 (or int8) --engine onnxruntime (or openvino)`"
+        )
     onnx_file = path.suffix.lower() == ".onnx"
     require("onnxruntime" if onnx_file else "openvino")
     if not onnx_file:  # before OpenVINO reads the pair: a mismatched .bin can make it fail obscurely

@@ -424,6 +424,8 @@ def plot(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) ->
     from .io import atomic_write, image_format
 
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir} is not a run folder: give the folder `parnet train --output` wrote")
     out = Path(output or run_dir / "curves.png")
     figure_format = image_format(out)
     rows = read_metrics(run_dir)

@@ -29,6 +29,10 @@ RESERVED_MODEL_KWARGS = {
 }
 
 
+# Which N images --train-subset / --test-subset take (build_datasets): said alike in every help text.
+SUBSET_RULE = "the first N of Fashion-MNIST and CIFAR, N spread over an image folder's classes"
+
+
 class Settings(BaseModel):
     """Validated settings: unknown keys, NaN/inf and wrong types refused; values checked again when set."""
 
@@ -111,8 +115,16 @@ class TrainConfig(Settings):
     stop_after: int = Field(
         0, ge=0, description="end after this many epochs of this invocation (time-limited jobs); 0 = no limit"
     )
-    train_subset: int = Field(0, ge=0, description="use only the first N training images (0 = all)")
-    test_subset: int = Field(0, ge=0, description="use only the first N test images (0 = all)")
+    train_subset: int = Field(
+        0,
+        ge=0,
+        description=f"use only N training images (0 = all): {SUBSET_RULE}",
+    )
+    test_subset: int = Field(
+        0,
+        ge=0,
+        description=f"use only N test images (0 = all): {SUBSET_RULE}",
+    )
     eval_batch_size: int = Field(0, ge=0, description="evaluation batch size (0 = batch_size)")
     progress: bool = Field(True, description="show a progress bar")
     threads: int = Field(

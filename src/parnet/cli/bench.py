@@ -94,7 +94,7 @@ def _bench(args: argparse.Namespace) -> int:
             warnings.simplefilter("ignore")
             files = bench_files(deployed, batches, reps, args.warmup, args.threads, log, args.settle_ms / 1e3)
         other = sorted({f"{r.model} ({r.resolution}x{r.resolution})" for r in files if r.resolution != resolution})
-        if models and other:
+        if (models or args.resolution) and other:  # --resolution given for files alone is not met either
             notes.append(f"- note: deployed files timed at the size they were built for, not {resolution}x"
                          f"{resolution}: {', '.join(other)}")  # fmt: skip
         records += files

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..deployment.engines import ENGINES, ORT_CALIBRATION
 from ..deployment.quantize import PRECISIONS
+from ..settings import SUBSET_RULE
 from .args import nonneg_int, positive_int
 
 
@@ -75,7 +76,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", help="dataset (default: the run's, else fashion_mnist)")
     p.add_argument("--data-dir", help="where the dataset is (default: the run's, else its usual place)")
     p.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size [256]")
-    p.add_argument("--test-subset", type=nonneg_int, default=0, help="only the first N test images (0 = all)")
+    p.add_argument(
+        "--test-subset",
+        type=nonneg_int,
+        default=0,
+        help=f"only N test images (0 = all): {SUBSET_RULE}",
+    )
     p.add_argument("--workers", type=nonneg_int, default=2, help="data loader worker processes [2]")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_quantize)

@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from ..settings import DATASET_DEFAULTS, RESERVED_MODEL_KWARGS, TrainConfig
+from ..settings import DATASET_DEFAULTS, RESERVED_MODEL_KWARGS, SUBSET_RULE, TrainConfig
 from .args import add_settings_flags, field_type, nonneg_int, positive_int, settings_given
 
 
@@ -96,8 +96,7 @@ def add_commands(subparsers: Any) -> None:
         "--test-subset",
         type=nonneg_int,
         default=0,
-        help="only N test images (0 = all): the first N of Fashion-MNIST and CIFAR, "
-        "N spread over an image folder's classes",
+        help=f"only N test images (0 = all): {SUBSET_RULE}",
     )
     p.add_argument(
         "--img-size",
