@@ -85,15 +85,16 @@ def test_exported_files_say_how_to_prepare_their_input(exported) -> None:
     found = [ort.InferenceSession(str(out / "tiny.onnx")).get_modelmeta().custom_metadata_map]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        extra = {"preprocessing": "", "image_mode": "", "class_names": ""}
+        extra = {"image_reading": "", "preprocessing": "", "image_mode": "", "class_names": ""}
         torch.jit.load(str(out / "tiny.torchscript.pt"), _extra_files=extra)
         found.append({k: v.decode() for k, v in extra.items()})
-    extra = {"preprocessing": "", "image_mode": "", "class_names": ""}
+    extra = {"image_reading": "", "preprocessing": "", "image_mode": "", "class_names": ""}
     torch.export.load(out / "tiny.pt2", extra_files=extra)
     found.append(extra)
     for meta in found:  # a model of no dataset: timm's transform of its variant (parnet_cifar_s), at 32
         assert "Resize(size=32" in meta["preprocessing"] and "Normalize(mean=tensor([0.4914" in meta["preprocessing"]
         assert meta["image_mode"] == "RGB" and len(json.loads(meta["class_names"])) == 10
+        assert "EXIF orientation" in meta["image_reading"] and "blended onto white" in meta["image_reading"]
     for name, what in (("tiny.pt2", "torch.export program"), ("tiny.torchscript.pt", "TorchScript program")):
         with pytest.raises(ValueError, match=f"is a {what} .*, which runs as it is, not weights"):
             read_checkpoint(out / name)

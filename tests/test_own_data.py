@@ -229,3 +229,16 @@ def test_a_quantized_file_of_an_unfinished_run_keeps_its_data_and_says_so(folder
     assert main(["quantize", str(run), "--precision", "fp32", "--out", "q.onnx", "--workers", "0"]) == 0
     assert f"note: {run} has not finished training (epoch 1 of 2)" in capsys.readouterr().err
     assert main(["eval", "q.onnx", "--workers", "0"]) == 0  # its data folder is in the file
+
+
+def test_every_command_on_an_unfinished_run_says_so(folder_run, tmp_path, capsys):
+    """eval, export and predict read an unfinished run's last epoch, as quantize does: each says so."""
+    pets, run = folder_run
+    image = next(f for f in sorted((pets / "val").rglob("*")) if f.is_file())
+    note = f"note: {run} has not finished training (epoch 1 of 2)"
+    for command in (["eval", str(run), "--workers", "0", "--test-subset", "2"],
+                    ["export", "--checkpoint", str(run), "--out", str(tmp_path), "--format", "torchscript"],
+                    ["predict", str(image), str(run)]):  # fmt: skip
+        capsys.readouterr()
+        assert main(command) == 0
+        assert note in capsys.readouterr().err, command

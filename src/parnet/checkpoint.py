@@ -504,3 +504,15 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def unfinished_run(checkpoint: str | os.PathLike) -> str | None:
+    """For a run folder whose training has not finished: how far it got (``"epoch 1 of 3"``); else ``None``."""
+    from .settings import read_yaml
+
+    run = Path(checkpoint)
+    if not run.is_dir() or (run / "results.json").is_file() or not (run / "config.yaml").is_file():
+        return None
+    epochs = read_yaml(run / "config.yaml").get("epochs")
+    done = len(read_metrics(run)) if (run / "metrics.jsonl").is_file() else 0
+    return f"epoch {done} of {epochs}"

@@ -254,6 +254,7 @@ def quantize_checkpoint(
 
     Returns the file, and the fp32 model's and the written model's top-1 (percent) on the same images.
     """
+    from .checkpoint import unfinished_run
     from .data import build_datasets, build_loaders
     from .evaluate import check_fits_dataset, check_same_classes, evaluate_model
 
@@ -287,16 +288,3 @@ def quantize_checkpoint(
         "fp32_top1": reference["top1"], "top1": written["top1"], "prediction_changes": changed,
         "unfinished": unfinished_run(checkpoint),
     }  # fmt: skip
-
-
-def unfinished_run(checkpoint: str | os.PathLike) -> str | None:
-    """For a run folder whose training has not finished: how far it got (``"epoch 1 of 3"``); else ``None``."""
-    from .checkpoint import read_metrics
-    from .settings import read_yaml
-
-    run = Path(checkpoint)
-    if not run.is_dir() or (run / "results.json").is_file() or not (run / "config.yaml").is_file():
-        return None
-    epochs = read_yaml(run / "config.yaml").get("epochs")
-    done = len(read_metrics(run)) if (run / "metrics.jsonl").is_file() else 0
-    return f"epoch {done} of {epochs}"

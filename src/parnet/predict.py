@@ -44,6 +44,12 @@ __all__ = [
     "read_image",
 ]
 
+# How an image file is read before `preprocessing` (parnet.images.prepare_image), for an exported file's users.
+IMAGE_READING = (
+    "turned upright by its EXIF orientation; 16-bit images scaled to 8 bits (/257), float ones from 0..1 or "
+    "0..255; transparent pixels blended onto white; then converted to image_mode (parnet.images.prepare_image)"
+)
+
 # Size of a dataset's images before its own transform (Fashion-MNIST's pads 28 to 32).
 NATIVE_SIZE = {"fashion_mnist": 28}
 
@@ -270,10 +276,16 @@ def input_preparation(
 def preprocessing_metadata(
     model: nn.Module, weights: str | os.PathLike | None = None, model_name: str | None = None, img_size: int = 0
 ) -> dict[str, str]:
-    """What an exported file's input is, for its users (``parnet export`` writes it into each file): the transform
-    ``parnet predict`` applies (torchvision's description of it), the colour mode and the class names."""
+    """What an exported file's input is, for its users (``parnet export`` writes it into each file): how an image
+    file is read (``image_reading``), the transform ``parnet predict`` then applies (torchvision's description
+    of it), the colour mode and the class names."""
     transform, names, mode = input_preparation(model, weights, model_name, img_size)
-    return {"preprocessing": repr(transform), "image_mode": mode, "class_names": json.dumps(names)}
+    return {
+        "image_reading": IMAGE_READING,
+        "preprocessing": repr(transform),
+        "image_mode": mode,
+        "class_names": json.dumps(names),
+    }
 
 
 # -- weights -------------------------------------------------------------------------------------

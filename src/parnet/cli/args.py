@@ -173,3 +173,15 @@ def field_type(model: Any, name: str) -> Any:
 def settings_given(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     """The fields of ``model`` given on the command line."""
     return {k: v for k, v in vars(args).items() if k in model.model_fields}
+
+
+def note_unfinished(weights: str | None) -> None:
+    """Say on stderr when ``weights`` is a run folder whose training has not finished: its weights are those of
+    its last epoch, not the final ones (``eval``, ``export``, ``predict``, ``quantize``)."""
+    import sys
+
+    from ..checkpoint import unfinished_run
+
+    if weights and (reached := unfinished_run(weights)):
+        print(f"note: {weights} has not finished training ({reached}): these are the weights of its last epoch",
+              file=sys.stderr)  # fmt: skip

@@ -11,7 +11,7 @@ from ..checkpoint import STATE_FILE
 from ..export import FORMATS, check_name, export_model
 from ..factory import create_model
 from ..io import check_output_path
-from .args import add_kwargs_option, model_name, positive_int
+from .args import add_kwargs_option, model_name, note_unfinished, positive_int
 
 
 def parnet_model_name(text: str) -> str:
@@ -103,6 +103,7 @@ def _export(args: argparse.Namespace) -> int:
     from ..predict import preprocessing_metadata
 
     metadata = preprocessing_metadata(model, args.checkpoint, None if args.checkpoint else args.model, res)
+    note_unfinished(args.checkpoint)
     results = export_model(
         model,
         args.out,

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .args import model_name, positive_int
+from .args import model_name, note_unfinished, positive_int
 
 # Files that hold models, never images: named when given where images go.
 WEIGHTS_SUFFIXES = (".safetensors", ".pth", ".pt", ".pt2", ".tar", ".onnx", ".xml", ".bin", ".ckpt")
@@ -39,6 +39,7 @@ def _predict(args: argparse.Namespace) -> int:
         use_ema=not args.raw,
         device=args.device,
     )
+    note_unfinished(runs[0] if runs else args.checkpoint)
     results = predictor.predict(images, top_k=args.top)
     if not args.json:
         print(f"weights: {predictor.source}")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from ..deployment.engines import ENGINES, ORT_CALIBRATION
 from ..deployment.quantize import PRECISIONS
 from ..settings import SUBSET_RULE
-from .args import nonneg_int, positive_int
+from .args import nonneg_int, note_unfinished, positive_int
 
 
 def default_out(checkpoint: str, precision: str, suffix: str) -> str:
@@ -38,9 +37,7 @@ def _quantize(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, test_subset=args.test_subset, workers=args.workers,
         **{k: v for k, v in given.items() if v is not None},  # the rest: quantize_checkpoint's defaults
     )  # fmt: skip
-    if result["unfinished"]:
-        print(f"note: {args.checkpoint} has not finished training ({result['unfinished']}): these are the weights of "
-              "its last epoch", file=sys.stderr)  # fmt: skip
+    note_unfinished(args.checkpoint)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from ..settings import DATASET_DEFAULTS, RESERVED_MODEL_KWARGS, SUBSET_RULE, TrainConfig
-from .args import add_settings_flags, field_type, nonneg_int, positive_int, settings_given
+from .args import add_settings_flags, field_type, nonneg_int, note_unfinished, positive_int, settings_given
 
 
 def _train_command(args: argparse.Namespace) -> int:
@@ -46,6 +46,7 @@ def _eval_command(args: argparse.Namespace) -> int:
         official=True if args.official else None,
         img_size=args.img_size,
     )
+    note_unfinished(args.checkpoint)
     if args.json:
         print(json.dumps(out, indent=2))
     else:
