@@ -799,3 +799,11 @@ def test_eval_of_an_rgb_file_without_a_dataset_names_the_rgb_datasets(tmp_path, 
         "use it on a 3-channel dataset (--dataset cifar10, --dataset cifar100, --dataset imagefolder --data-dir DIR)"
         in err
     )
+
+
+def test_a_run_says_what_amp_auto_chose(fmnist, tmp_path, monkeypatch, capsys):
+    from parnet import precision
+
+    monkeypatch.setattr(precision, "auto_amp", lambda device, model, example: None)  # float32 measured faster
+    train(tiny_config(fmnist, tmp_path / "run", epochs=1, train_subset=32, test_subset=8, amp="auto"))
+    assert "--amp auto: float32" in capsys.readouterr().out

@@ -202,6 +202,8 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
         _check_resume_settings(cfg, state["extra"].get("config"), run_dir)
         _check_resume_classes(state["extra"].get("classes"), info.classes, run_dir, cfg.data_dir or cfg.dataset)
     amp = _settle_amp(cfg.amp, state, d, model, info, cfg.batch_size)
+    if cfg.amp == "auto":  # timed on this machine: say what it chose
+        log(f"--amp auto: {'float32' if amp == 'off' else amp}" + (" (the run's checkpoint)" if state else ""))
     amp_dtype = autocast_dtype(amp)
     scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype == torch.float16)
     mixup_fn = None
