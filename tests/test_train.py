@@ -244,6 +244,10 @@ def test_a_run_at_another_size_is_evaluated_and_quantized_at_it(tmp_path, monkey
     written = quantize_checkpoint(out, tmp_path / "q.onnx", "fp32", "onnxruntime", workers=0)
     assert written["prediction_changes"] == 0 and read_info(tmp_path / "q.onnx").height == 48
     assert sizes == [48, 48, 48]
+    # another size, asked for: built, calibrated and scored at it (ParNet is convolutional)
+    args = ["quantize", str(out), "--precision", "fp32", "--out", str(tmp_path / "q64.onnx"), "--workers", "0"]
+    assert main([*args, "--resolution", "64"]) == 0 and read_info(tmp_path / "q64.onnx").height == 64
+    assert sizes[3:] == [64]
     for source in ({"run": out}, {"checkpoint": out / "fused.safetensors"}):
         predictor = load_predictor(**source)
         assert predictor.transform(Image.new("RGB", (40, 30))).shape == (3, 48, 48)

@@ -249,10 +249,13 @@ def quantize_checkpoint(
     batch_size: int = 256,
     test_subset: int = 0,
     workers: int = 2,
+    img_size: int = 0,
 ) -> dict[str, Any]:
     """Quantize (or convert) a trained model for ``engine``, write it to ``out`` and score both on the test split.
 
-    Returns the file, and the fp32 model's and the written model's top-1 (percent) on the same images.
+    ``img_size``: the image side the engine model is built, calibrated and scored at (0: the size the weights
+    trained at; an engine model runs at one size). Returns the file, and the fp32 model's and the written
+    model's top-1 (percent) on the same images.
     """
     from .checkpoint import unfinished_run
     from .data import build_datasets, build_loaders
@@ -265,13 +268,14 @@ def quantize_checkpoint(
     if dataset == trained.dataset:  # another dataset's images are not in the folder of the run's
         data_dir = data_dir or trained.data_dir
     check_fits_dataset(model, checkpoint, dataset, trained.dataset)
-    _, test_set, info = build_datasets(dataset, data_dir, test_subset=test_subset, img_size=trained.img_size)
+    img_size = img_size or trained.img_size
+    _, test_set, info = build_datasets(dataset, data_dir, test_subset=test_subset, img_size=img_size)
     _, test_loader, _ = build_loaders(test_set, test_set, 1, workers, eval_batch_size=batch_size)
     check_fits_dataset(model, checkpoint, dataset, trained.dataset, info.num_classes)
     check_same_classes(trained.class_names, info, checkpoint)
     calibration = None
     if precision == "int8":
-        calibration = calibration_loader(dataset, data_dir, calibration_images, img_size=trained.img_size)
+        calibration = calibration_loader(dataset, data_dir, calibration_images, img_size=img_size)
     example = next(iter(test_loader))[0][:1]
     deployed = build(model, engine, precision, calibration, example, method=method)
     c, h, w = example.shape[1:]

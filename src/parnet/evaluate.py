@@ -373,7 +373,7 @@ def evaluate(
         if asked_size and asked_size != built:
             raise ValueError(
                 f"{path} was built for {built}x{engine_net.width} images, not {asked_size}: leave out the image "
-                f"size, or quantize again from a model trained at {asked_size}"
+                f"size, or quantize again at that size (`parnet quantize ... --resolution {asked_size}`)"
             )
         img_size = built
     else:

@@ -34,7 +34,7 @@ def _quantize(args: argparse.Namespace) -> int:
     given = {"calibration_images": args.calibration_images, "method": args.calibration_method}
     result = quantize_checkpoint(
         args.checkpoint, out, args.precision, args.engine, dataset=args.dataset, data_dir=args.data_dir,
-        batch_size=args.batch_size, test_subset=args.test_subset, workers=args.workers,
+        batch_size=args.batch_size, test_subset=args.test_subset, workers=args.workers, img_size=args.resolution,
         **{k: v for k, v in given.items() if v is not None},  # the rest: quantize_checkpoint's defaults
     )  # fmt: skip
     note_unfinished(args.checkpoint)
@@ -80,5 +80,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help=f"only N test images (0 = all): {SUBSET_RULE}",
     )
     p.add_argument("--workers", type=nonneg_int, default=2, help="data loader worker processes [2]")
+    p.add_argument(
+        "--resolution",
+        type=positive_int,
+        default=0,
+        help="image side the engine model is built, calibrated and scored at (an engine model runs at one size) "
+        "[the size the weights trained at]",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_quantize)

@@ -123,8 +123,8 @@ class EngineModule(nn.Module):
         if x.dim() != 4 or tuple(x.shape[1:]) != want:
             raise ValueError(
                 f"this {self.engine} {self.precision} model was built for inputs (N, {want[0]}, {want[1]}, {want[2]}), "
-                f"got {list(x.shape)}: deploy again with an example of that size (`parnet quantize`: from a model "
-                "trained at that size)"
+                f"got {list(x.shape)}: deploy again with an example of that size (`parnet quantize`: "
+                "--resolution)"
             )
         if x.device.type != "cpu":
             raise ValueError(f"the {self.engine} modes run on the CPU; got an input on {x.device}")
