@@ -811,3 +811,28 @@ def test_a_run_says_what_amp_auto_chose(fmnist, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(precision, "auto_amp", lambda device, model, example: None)  # float32 measured faster
     train(tiny_config(fmnist, tmp_path / "run", epochs=1, train_subset=32, test_subset=8, amp="auto"))
     assert "--amp auto: float32" in capsys.readouterr().out
+
+
+def test_timm_reads_the_ema_weights_of_a_runs_state_file(reference_run):
+    """last_state.pt keeps the EMA weights under timm's key: timm's load_checkpoint(use_ema=True) takes them."""
+    from timm.models import load_checkpoint
+
+    out, _ = reference_run
+    for use_ema, weights in ((True, "last_ema.safetensors"), (False, "last.safetensors")):
+        model = timm.create_model("parnet_cifar_s", num_classes=10, in_chans=1, **TINY_STEM)
+        load_checkpoint(model, str(out / "last_state.pt"), use_ema=use_ema, weights_only=False)
+        expected = load_file(out / weights)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+    # a state file written before the key was timm's ("ema") still resumes with its EMA weights
+    from timm.utils import ModelEmaV3
+
+    from parnet.checkpoint import load_checkpoint as restore
+    from parnet.checkpoint import read_state
+
+    state = read_state(out)
+    state["ema"] = state.pop("model_ema")
+    model = timm.create_model("parnet_cifar_s", num_classes=10, in_chans=1, **TINY_STEM)
+    ema = ModelEmaV3(model)
+    restore(out, model, ema, restore_rng=False, state=state)
+    expected = load_file(out / "last_ema.safetensors")
+    assert all(torch.equal(ema.module.state_dict()[k], v) for k, v in expected.items())

@@ -214,7 +214,8 @@ def save_state(
         "epoch": int(epoch),
         "stage": "epochs",
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "ema": ema.state_dict() if ema is not None else None,
+        # timm's key for EMA weights: timm.models.load_checkpoint(model, path, use_ema=True) reads them
+        "model_ema": ema.state_dict() if ema is not None else None,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None and getattr(scaler, "is_enabled", lambda: 1)() else None,
@@ -312,10 +313,11 @@ def load_checkpoint(
     check_state_dict(unwrap_model(model).state_dict(), state["model"], source)
     unwrap_model(model).load_state_dict(state["model"])
     if ema is not None:
-        if state["ema"] is None:
+        ema_state = state["model_ema"] if "model_ema" in state else state.get("ema")  # "ema": files written before
+        if ema_state is None:
             raise ValueError(f"checkpoint in {run_dir} has no EMA weights, but an EMA was asked for")
-        check_state_dict(ema.state_dict(), state["ema"], f"the EMA weights of {source}")
-        ema.load_state_dict(state["ema"])
+        check_state_dict(ema.state_dict(), ema_state, f"the EMA weights of {source}")
+        ema.load_state_dict(ema_state)
     if optimizer is not None and state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
