@@ -117,6 +117,12 @@ def test_backbone_weights_from_our_safetensors(tmp_path: Path) -> None:
         again = det.build_backbone("parnet_s", weights=weights, **TINY_STEM).eval()
         with torch.no_grad():
             torch.testing.assert_close(again.body(x)[-1], bb.body(x)[-1], rtol=1e-4, atol=1e-5)
+    # a compiled (and a DDP-wrapped) model's state dict: their key prefixes cleaned as timm cleans them
+    compiled = {"_orig_mod." + k: v for k, v in clf.state_dict().items()}
+    for state in (compiled, {"module." + k: v for k, v in compiled.items()}):
+        again = det.build_backbone("parnet_s", weights=state, **TINY_STEM).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(again.body(x)[-1], bb.body(x)[-1], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match=r"another architecture: widths \(8, 16, 32\) \(the model: \(8, 16, 48\)\)"):
         det.build_backbone("parnet_s", weights=path, widths=(8, 16, 48), head_width=64)
     with pytest.raises(ValueError, match="does not fit the backbone"):  # a state dict says no architecture

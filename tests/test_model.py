@@ -220,7 +220,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
 def test_group_matcher_orders_blocks_from_input_to_head():
     """timm's layer-wise LR decay groups parameters with group_matcher; the head must come last."""
     model = timm.create_model("parnet_s", **TINY)
-    groups = timm.models.group_parameters(model, model.group_matcher())
+    groups = timm.models.group_parameters(model, model.group_matcher(coarse=True))
     prefixes = [
         sorted({".".join(n.split(".")[: 1 if n.startswith("stem") else 2]) for n in v}) for v in groups.values()
     ]
@@ -237,11 +237,19 @@ def test_group_matcher_orders_blocks_from_input_to_head():
         "final_block.dense",
         "head.fc",
     ]
+    # fine (timm's default): one group per stream block, as timm's models group per block
+    fine = timm.models.group_parameters(model, model.group_matcher())
+    names = [sorted({".".join(n.split(".")[:3]) for n in v})[0] for v in fine.values()]
+    streams = [f"streams.{i}.{j}" for i, n in enumerate(model.cfg.blocks) for j in range(n)]
+    assert [n for n in names if n.startswith("streams.")] == streams
+    assert names.index("downsample.0.dense") == names.index(f"streams.0.{model.cfg.blocks[0] - 1}") + 1
     optimizer = create_optimizer_v2(model, "sgd", lr=0.1, layer_decay=0.5)
     scales = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
     assert scales[id(model.head.fc.weight)] == 1.0
     assert scales[id(model.final_block.dense.conv.weight)] == 0.5  # not treated as part of the head
     assert scales[id(model.fuse_entry.dense.conv.weight)] == 0.5**4
+    assert scales[id(model.streams[2][-1].dense.conv.weight)] == 0.5**5
+    assert scales[id(model.streams[2][0].dense.conv.weight)] == 0.5 ** (5 + model.cfg.blocks[2] - 1)
 
 
 def test_forward_intermediates_follows_timm_indexing():
@@ -289,6 +297,14 @@ def test_early_features_run_and_hold_only_the_blocks_they_need():
         backbone.model.forward_intermediates(x, [5])
     last, _ = backbone.model.forward_intermediates(x, [0, 1, 3])  # no final block left: the deepest one
     assert last.shape[1] == 32
+    # as timm's pruned models: forward runs to the deepest feature kept, the head a pass-through (it no longer fits)
+    model = backbone.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.forward_intermediates(x, [3], intermediates_only=True)[0])
+    assert model.num_features == model.head_hidden_size == 32 and isinstance(model.get_classifier(), torch.nn.Identity)
+    kept_head = timm.create_model("parnet_s", **TINY).eval()
+    kept_head.prune_intermediate_layers([0, 5], prune_head=False)  # the final block kept: so is the classifier
+    assert kept_head(x).shape == (len(x), 1000) and kept_head.num_features == 64
     with pytest.raises(ValueError, match="pruned"):
         parnet.deploy(backbone.model, "cpu", "folded")
 

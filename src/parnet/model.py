@@ -265,7 +265,12 @@ class ParNet(nn.Module):
 
         self.feature_info = feature_info(cfg)
         self.num_streams = n
-        self.all_streams = [True] * n
+        # What forward_features runs and returns: everything and the final block's output, until
+        # prune_intermediate_layers keeps less (then the deepest feature kept, as timm's pruned models do).
+        self.run_streams = [True] * n
+        self.run_fusions = n - 1
+        self.run_final = True
+        self.output_feature = "final_block"
         # Plain lists of names: TorchScript can read neither feature_info's dicts nor sets.
         self.feature_modules = [f["module"] for f in self.feature_info]
         self.available = list(self.feature_modules)  # fewer after prune_intermediate_layers
@@ -274,10 +279,12 @@ class ParNet(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """Parameter groups in input-to-output order (timm's layer-wise LR decay); the head is last."""
+        """Parameter groups in input-to-output order (timm's layer-wise LR decay); the head is last. ``coarse``: one
+        group per stream; else one per stream block, as timm's models group per block."""
+        blocks = r"^streams\.(\d+)" if coarse else r"^streams\.(\d+)\.(\d+)"
         return dict(
             stem=r"^stem",
-            streams=[(r"^streams\.(\d+)", (0,)), (r"^downsample\.(\d+)", (1,))],  # stream i, then its downsample
+            streams=[(blocks, None), (r"^downsample\.(\d+)", (1e4,))],  # stream i's blocks, then its downsample
             fusions=[(r"^fuse_entry", (0,)), (r"^fusions\.(\d+)", (1,))],
             final_block=r"^final_block",
         )
@@ -343,12 +350,17 @@ class ParNet(nn.Module):
 
         A backbone of some features then neither runs nor holds the other blocks, so it has no
         parameters that get no gradient (which DistributedDataParallel refuses). Removed streams
-        become ``nn.Identity`` so that the kept ones keep their names in the state dict. A pruned
-        model gives its features through :meth:`forward_intermediates` only.
+        become ``nn.Identity`` so that the kept ones keep their names in the state dict. As in timm's
+        models, ``forward_features`` then returns the deepest feature kept, ``num_features`` is its
+        channel count, and the classifier, which no longer fits once the final block is gone, becomes
+        a pass-through whatever ``prune_head`` says.
         """
         take, _ = feature_take_indices(len(self.feature_modules), indices)
         names = [self.feature_modules[i] for i in take]
         streams, fusions, final = self._blocks_for(names)
+        self.run_streams, self.run_fusions, self.run_final = streams, fusions, final
+        self.output_feature = self.feature_modules[max(take)]
+        self.num_features = self.head_hidden_size = self.feature_info[max(take)]["num_chs"]
         for i, wanted in enumerate(streams):
             if not wanted:
                 self.streams[i] = nn.Identity()
@@ -359,7 +371,7 @@ class ParNet(nn.Module):
         if not final:
             self.final_block = None
         self.available = names
-        if prune_head:
+        if prune_head or not final:
             self.reset_classifier(0, "")
         return take
 
@@ -429,7 +441,7 @@ class ParNet(nn.Module):
         return feats
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run_blocks(x, self.all_streams, self.num_streams - 1, True)["final_block"]
+        return self._run_blocks(x, self.run_streams, self.run_fusions, self.run_final)[self.output_feature]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)

@@ -158,7 +158,10 @@ def load_backbone_weights(
             "trained with SiLU, convert it first (`parnet convert FILE OUT.safetensors --activation silu`; in "
             "Python, parnet.load_official(FILE, activation='silu').state_dict())"
         ) from None
-    state = {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
+    from timm.models import clean_state_dict
+
+    # timm's clean-up (DDP's "module.", torch.compile's "_orig_mod."), and a features wrapper's "model."
+    state = {k.removeprefix("model."): v for k, v in clean_state_dict(state).items()}
     own = target.state_dict()
     state, _ = adapt_input_convs(state, own, (getattr(body, "pretrained_cfg", None) or {}).get("first_conv"))
     try:  # the classifier's weights may be extra; every weight of the body must fit by name, shape and dtype
