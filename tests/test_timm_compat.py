@@ -430,3 +430,18 @@ def test_detection_modules_import_only_those_above_them():
         }
         assert siblings <= set(order[:position]), f"detection.{name} imports {siblings - set(order[:position])}"
     assert not any("detection" in _package_imports(SRC / f"{name}.py") for name in CORE)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"widths": (8, 16), "blocks": (1, 1)}, {"widths": (8,), "blocks": (1,)}])
+def test_timm_device_dtype_and_output_stride_arguments(kwargs):
+    """timm passes device=, dtype= and output_stride= to its models: ParNet takes them as timm's own models do."""
+    meta = timm.create_model("parnet_cifar_s", device="meta", **kwargs)
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
+    bf16 = timm.create_model("parnet_cifar_s", dtype=torch.bfloat16, **kwargs)
+    assert {t.dtype for t in bf16.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
+    for name in ("parnet_cifar_s", "parnet_s"):
+        native = timm.create_model(name, **kwargs).feature_info[-1]["reduction"]
+        backbone = timm.create_model(name, features_only=True, output_stride=native, **kwargs)
+        assert backbone.feature_info.reduction()[-1] == native  # its own stride: accepted
+        with pytest.raises(ValueError, match=f"output_stride={native // 2}: .* stride {native} .* no dilation"):
+            timm.create_model(name, output_stride=native // 2, **kwargs)

@@ -18,6 +18,7 @@ This module has no ``from __future__ import annotations``: FX writes the forward
 into the code of a traced graph, and TorchScript cannot read a string annotation there.
 """
 
+import contextlib
 import dataclasses
 import numbers
 from collections.abc import Callable
@@ -211,6 +212,10 @@ class ParNet(nn.Module):
         global_pool: timm pooling type of the head (``"avg"`` in the paper).
         drop_path_rate: timm's stochastic depth; only 0 is accepted: ParNet's blocks have no identity
             branch for it to fall back on (the paper uses none).
+        output_stride: timm's knob for dilated backbones; ParNet has no dilation, so only its own stride
+            (``input_multiple``: 32 for the ImageNet form with three streams) is accepted.
+        device, dtype: where and in what dtype the parameters are created, as in timm's models
+            (``device="meta"`` builds shapes without memory).
     """
 
     def __init__(
@@ -221,8 +226,16 @@ class ParNet(nn.Module):
         drop_rate: float = 0.0,
         global_pool: str = "avg",
         drop_path_rate: float = 0.0,
+        output_stride: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        if output_stride is not None and output_stride != cfg.input_multiple:
+            raise ValueError(
+                f"output_stride={output_stride}: ParNet's last feature map has stride {cfg.input_multiple} and it has "
+                f"no dilation to give another; leave output_stride out (or pass {cfg.input_multiple})"
+            )
         if drop_path_rate:
             raise ValueError(
                 f"drop_path_rate={drop_path_rate!r}: ParNet's blocks have no identity branch for stochastic depth "
@@ -240,6 +253,24 @@ class ParNet(nn.Module):
         self.drop_rate = drop_rate
         self.num_features = self.head_hidden_size = cfg.head_width
         self.grad_checkpointing = False
+        with torch.device(device) if device is not None else contextlib.nullcontext():  # parameters made there
+            self._build(cfg, num_classes, in_chans, drop_rate, global_pool)
+        if dtype is not None:
+            self.to(dtype=dtype)
+        self.feature_info = feature_info(cfg)
+        self.num_streams = cfg.num_streams
+        # What forward_features runs and returns: everything and the final block's output, until
+        # prune_intermediate_layers keeps less (then the deepest feature kept, as timm's pruned models do).
+        self.run_streams = [True] * cfg.num_streams
+        self.run_fusions = cfg.num_streams - 1
+        self.run_final = True
+        self.output_feature = "final_block"
+        # Plain lists of names: TorchScript can read neither feature_info's dicts nor sets.
+        self.feature_modules = [f["module"] for f in self.feature_info]
+        self.available = list(self.feature_modules)  # fewer after prune_intermediate_layers
+
+    def _build(self, cfg: ParNetCfg, num_classes: int, in_chans: int, drop_rate: float, global_pool: str) -> None:
+        """The layers (on the default device: ``__init__`` sets it)."""
         block = dict(act_layer=ACTIVATIONS[cfg.act], use_gate=cfg.use_gate)
         widths, n = cfg.widths, cfg.num_streams
         stem_stride = 1 if cfg.small_input else 2
@@ -262,18 +293,6 @@ class ParNet(nn.Module):
         )
         self.final_block = ParNetBlock(widths[-1], cfg.head_width, 2, **block)
         self.head = ClassifierHead(cfg.head_width, num_classes, pool_type=global_pool, drop_rate=drop_rate)
-
-        self.feature_info = feature_info(cfg)
-        self.num_streams = n
-        # What forward_features runs and returns: everything and the final block's output, until
-        # prune_intermediate_layers keeps less (then the deepest feature kept, as timm's pruned models do).
-        self.run_streams = [True] * n
-        self.run_fusions = n - 1
-        self.run_final = True
-        self.output_feature = "final_block"
-        # Plain lists of names: TorchScript can read neither feature_info's dicts nor sets.
-        self.feature_modules = [f["module"] for f in self.feature_info]
-        self.available = list(self.feature_modules)  # fewer after prune_intermediate_layers
 
     # -- structure -------------------------------------------------------------------------------
 
