@@ -366,7 +366,7 @@ def test_bad_configs_and_names():
         ({"num_classes": -1}, ValueError, "num_classes must be an integer >= 0"),
         ({"num_classes": 10.0}, ValueError, "num_classes must be an integer >= 0"),
         ({"in_chans": 0}, ValueError, "in_chans must be a positive integer"),
-        ({"drop_path_rate": 0.1}, ValueError, "no identity branch for stochastic depth"),  # not a TypeError
+        ({"drop_path_rate": 1.5}, ValueError, r"drop_path_rate must be in \[0, 1\)"),
     ],
 )
 def test_wrong_types_are_refused_not_coerced(kwargs, error, message):
@@ -497,3 +497,32 @@ def test_summary_takes_a_variant_by_its_pretrained_name():
     assert row == variant_summary("parnet_cifar_s")
     with pytest.raises(ValueError, match="unknown ParNet variant 'resnet50'"):
         summary(["resnet50.a1_in1k"])
+
+
+def test_drop_path_on_the_stream_blocks_as_timms_repvgg_blocks():
+    """timm's stochastic depth: on the stream blocks' 3x3 + 1x1 branches (their BN skip the identity path), rising
+    with depth in a stream; training only: the eval model, fused or not, is the rate-0 model's."""
+    from timm.layers import DropPath
+
+    model = timm.create_model("parnet_s", drop_path_rate=0.3, **TINY)
+    plain = timm.create_model("parnet_s", **TINY)
+    plain.load_state_dict(model.state_dict())  # no parameters of its own
+    rates = [[getattr(b.drop_path, "drop_prob", 0.0) for b in stream] for stream in model.streams]
+    deepest = max(model.cfg.blocks)
+    for stream in rates:
+        assert stream == pytest.approx([0.3 * j / (deepest - 1) for j in range(len(stream))])
+    others = [m for name, m in model.named_modules() if isinstance(m, DropPath) and not name.startswith("streams.")]
+    assert others == []  # the stem, downsampling, fusion and final blocks have no identity path
+    x = torch.randn(2, 3, 64, 64)
+    randomize_bn(model)
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), plain.eval()(x))
+        torch.testing.assert_close(parnet.reparameterize(model)(x), plain(x), rtol=1e-4, atol=1e-4)
+        torch.manual_seed(0)
+        a = model.train()(x)
+        torch.manual_seed(1)
+        assert not torch.allclose(a, model(x))  # dropped paths differ between draws
+    torch.jit.script(model.eval())
+    with pytest.raises(ValueError, match="needs the BN skip"):
+        parnet.layers.ParNetBlock(8, 16, 2, drop_path=0.1)

@@ -836,3 +836,17 @@ def test_timm_reads_the_ema_weights_of_a_runs_state_file(reference_run):
     restore(out, model, ema, restore_rng=False, state=state)
     expected = load_file(out / "last_ema.safetensors")
     assert all(torch.equal(ema.module.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_drop_path_rate_trains_a_parnet_and_is_refused_by_a_model_without_it(fmnist, tmp_path):
+    """--drop-path-rate: timm's stochastic depth, given to the model (a ParNet's stream blocks)."""
+    from timm.layers import DropPath
+
+    train(tiny_config(fmnist, tmp_path / "run", epochs=1, train_subset=32, test_subset=8, drop_path_rate=0.2))
+    model = timm.create_model("parnet_cifar_s", drop_path_rate=0.2, **TINY_STEM)
+    assert any(isinstance(m, DropPath) for m in model.modules())
+    with pytest.raises(ValueError, match="unexpected keyword argument 'drop_path_rate'"):
+        train(tiny_config(fmnist, tmp_path / "r20", epochs=1, model="resnet20_cifar", model_kwargs={},
+                          train_subset=32, drop_path_rate=0.2))  # fmt: skip
+    with pytest.raises(ValueError, match="drop_path_rate is not accepted here: use --drop-path-rate"):
+        make_config({"model_kwargs": {"drop_path_rate": 0.1}})

@@ -79,8 +79,14 @@ def refuse_reserved(kwargs: Mapping[str, Any], reserved: Mapping[str, str]) -> N
 
 
 def create_classifier(
-    name: str, num_classes: int, in_chans: int, model_kwargs: Mapping[str, Any], drop_rate: float = 0.0
+    name: str,
+    num_classes: int,
+    in_chans: int,
+    model_kwargs: Mapping[str, Any],
+    drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
 ) -> Any:
     """The classifier a training run builds (and its weights files describe): :func:`create_model` with
-    the dataset's classes and channels."""
-    return create_model(name, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, **model_kwargs)
+    the dataset's classes and channels (``drop_path_rate`` passed only when set: not every model takes it)."""
+    extra = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+    return create_model(name, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, **extra, **model_kwargs)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from timm.layers import register_notrace_function
+from timm.layers import DropPath, register_notrace_function
 from torch import nn
 
 ActLayer = Callable[..., nn.Module]
@@ -112,6 +112,8 @@ class ParNetBlock(nn.Module):
         groups: 1, or 2 for the fusion block (whose output channels are then shuffled).
         act_layer: activation after the branches are summed (SiLU in the paper).
         use_gate: the (Skip-)Squeeze-Excitation gate; off for the paper's ablation.
+        drop_path: stochastic depth rate of the 3x3 + 1x1 branches (training only), for a block with the BN
+            skip, which is then the identity path (as in timm's RepVGG blocks); refused for another block.
     """
 
     def __init__(
@@ -122,16 +124,20 @@ class ParNetBlock(nn.Module):
         groups: int = 1,
         act_layer: ActLayer = nn.SiLU,
         use_gate: bool = True,
+        drop_path: float = 0.0,
     ):
         super().__init__()
         if stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2, got {stride}")
+        if drop_path and not (in_chs == out_chs and stride == 1):
+            raise ValueError("drop_path needs the BN skip (in_chs == out_chs, stride 1) as the identity path")
         self.in_chs, self.out_chs, self.stride, self.groups = in_chs, out_chs, stride, groups
         self.dense: ConvNorm | None = ConvNorm(in_chs, out_chs, 3, stride, groups)
         self.pool: nn.Module | None = nn.AvgPool2d(2, 2) if stride == 2 else None
         self.point: ConvNorm | None = ConvNorm(in_chs, out_chs, 1, 1, groups)
         self.skip = nn.BatchNorm2d(in_chs) if in_chs == out_chs and stride == 1 else None
         self.gate = SkipSqueezeExcite(in_chs, out_chs, groups) if use_gate else None
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.act = act_layer()
         self.reparam_conv: nn.Conv2d | None = None
 
@@ -145,7 +151,7 @@ class ParNetBlock(nn.Module):
         y = self._branches(x)
         if self.skip is not None:
             s = self.skip(x)
-            y = y + (s * self.gate(s) if self.gate is not None else s)
+            y = self.drop_path(y) + (s * self.gate(s) if self.gate is not None else s)
         elif self.gate is not None:
             # sigmoid is about 0.5 at initialization; the factor 2 keeps the scale of the sum.
             y = y * (2.0 * self.gate(x))

@@ -210,8 +210,9 @@ class ParNet(nn.Module):
         in_chans: input image channels.
         drop_rate: dropout before the classifier.
         global_pool: timm pooling type of the head (``"avg"`` in the paper).
-        drop_path_rate: timm's stochastic depth; only 0 is accepted: ParNet's blocks have no identity
-            branch for it to fall back on (the paper uses none).
+        drop_path_rate: timm's stochastic depth, on the stream blocks (whose BN skip is the identity path,
+            as in timm's RepVGG blocks): the rate rises linearly from 0 at each stream's first block to this at
+            the deepest block of the longest stream (the paper uses none).
         output_stride: timm's knob for dilated backbones; ParNet has no dilation, so only its own stride
             (``input_multiple``: 32 for the ImageNet form with three streams) is accepted.
         device, dtype: where and in what dtype the parameters are created, as in timm's models
@@ -236,11 +237,8 @@ class ParNet(nn.Module):
                 f"output_stride={output_stride}: ParNet's last feature map has stride {cfg.input_multiple} and it has "
                 f"no dilation to give another; leave output_stride out (or pass {cfg.input_multiple})"
             )
-        if drop_path_rate:
-            raise ValueError(
-                f"drop_path_rate={drop_path_rate!r}: ParNet's blocks have no identity branch for stochastic depth "
-                "to fall back on; regularize with drop_rate (dropout before the classifier) instead"
-            )
+        if not 0 <= drop_path_rate < 1:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
         if not _is_int(num_classes) or num_classes < 0:
             raise ValueError(f"num_classes must be an integer >= 0 (0: features from forward), got {num_classes!r}")
         if not _is_int(in_chans) or in_chans < 1:
@@ -254,7 +252,7 @@ class ParNet(nn.Module):
         self.num_features = self.head_hidden_size = cfg.head_width
         self.grad_checkpointing = False
         with torch.device(device) if device is not None else contextlib.nullcontext():  # parameters made there
-            self._build(cfg, num_classes, in_chans, drop_rate, global_pool)
+            self._build(cfg, num_classes, in_chans, drop_rate, global_pool, drop_path_rate)
         if dtype is not None:
             self.to(dtype=dtype)
         self.feature_info = feature_info(cfg)
@@ -269,7 +267,9 @@ class ParNet(nn.Module):
         self.feature_modules = [f["module"] for f in self.feature_info]
         self.available = list(self.feature_modules)  # fewer after prune_intermediate_layers
 
-    def _build(self, cfg: ParNetCfg, num_classes: int, in_chans: int, drop_rate: float, global_pool: str) -> None:
+    def _build(
+        self, cfg: ParNetCfg, num_classes: int, in_chans: int, drop_rate: float, global_pool: str, drop_path_rate: float
+    ) -> None:
         """The layers (on the default device: ``__init__`` sets it)."""
         block = dict(act_layer=ACTIVATIONS[cfg.act], use_gate=cfg.use_gate)
         widths, n = cfg.widths, cfg.num_streams
@@ -281,8 +281,11 @@ class ParNet(nn.Module):
         )
         # Inputs of streams 2..n: each one a stride-2 block from the previous stream's input.
         self.downsample = nn.ModuleList(ParNetBlock(widths[i], widths[i + 1], 2, **block) for i in range(n - 1))
+        deepest = max(cfg.blocks)  # rates by depth in a stream, linear as timm's (plain floats: no meta tensors)
+        rates = [drop_path_rate * j / max(deepest - 1, 1) for j in range(deepest)]
         self.streams = nn.ModuleList(
-            nn.Sequential(*(ParNetBlock(w, w, 1, **block) for _ in range(num))) for w, num in zip(widths, cfg.blocks)
+            nn.Sequential(*(ParNetBlock(w, w, 1, drop_path=rates[j], **block) for j in range(num)))
+            for w, num in zip(widths, cfg.blocks)
         )
         # Stream 1 is brought down to stream 2's resolution, then each further stream is fused in;
         # every fusion but the last also halves the resolution.

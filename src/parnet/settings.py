@@ -26,6 +26,7 @@ RESERVED_MODEL_KWARGS = {
     "in_chans": "set by the dataset's images",
     "num_classes": "set by the dataset",
     "drop_rate": "use --drop-rate",
+    "drop_path_rate": "use --drop-path-rate",
 }
 
 
@@ -95,6 +96,9 @@ class TrainConfig(Settings):
     mixup: float = Field(0.0, ge=0, description="Mixup alpha (0 = off)")
     cutmix: float = Field(0.0, ge=0, description="CutMix alpha (0 = off)")
     drop_rate: float = Field(0.0, ge=0, le=1, description="dropout before the classifier")
+    drop_path_rate: float = Field(
+        0.0, ge=0, lt=1, description="stochastic depth (timm's drop_path_rate; a ParNet's on its stream blocks)"
+    )
     grad_clip: float = Field(0.0, ge=0, description="clip the gradient norm to this (0 = off)")
     ema: bool = Field(True, description="keep an EMA of the weights (timm ModelEmaV3, with warm-up)")
     ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay per step")

@@ -172,7 +172,9 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     steps_per_epoch = len(train_loader)
 
     # Model, EMA, optimizer, schedule, loss.
-    model = create_classifier(cfg.model, info.num_classes, info.in_chans, cfg.model_kwargs, cfg.drop_rate)
+    model = create_classifier(
+        cfg.model, info.num_classes, info.in_chans, cfg.model_kwargs, cfg.drop_rate, cfg.drop_path_rate
+    )
     if hasattr(model, "check_input"):  # a ParNet: refuse a size it cannot take before any work
         try:
             model.check_input(torch.empty(1, info.in_chans, info.img_size, info.img_size, device="meta"))
