@@ -86,6 +86,15 @@ def test_predict_command_prints_top5_for_each_image(run, images, capsys):
     assert len(out) == 9 and all(line.split()[1] in " ".join(FASHION_MNIST_CLASSES) for line in out[2:5])
     assert main(["predict", str(images["grey"]), str(run), "--json"]) == 0
     assert '"label"' in capsys.readouterr().out
+    one_by_one = ["predict", str(images["rgb"]), str(images["grey"]), str(run), "--json"]
+    assert main([*one_by_one, "--batch-size", "1"]) == 0
+    batched = capsys.readouterr().out
+    assert main(one_by_one) == 0
+    for a, b in zip(json.loads(capsys.readouterr().out), json.loads(batched), strict=True):
+        assert [t["label"] for t in a["top"]] == [t["label"] for t in b["top"]]
+        np.testing.assert_allclose(
+            [t["probability"] for t in a["top"]], [t["probability"] for t in b["top"]], atol=1e-5
+        )
 
 
 def test_authors_checkpoint_gets_imagenet_names_and_the_released_preprocessing(images, tmp_path):

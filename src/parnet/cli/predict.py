@@ -40,7 +40,7 @@ def _predict(args: argparse.Namespace) -> int:
         device=args.device,
     )
     note_unfinished(runs[0] if runs else args.checkpoint)
-    results = predictor.predict(images, top_k=args.top)
+    results = predictor.predict(images, top_k=args.top, batch_size=args.batch_size)
     if not args.json:
         print(f"weights: {predictor.source}")
     print(format_predictions(results, as_json=args.json))
@@ -76,6 +76,7 @@ def add_commands(subparsers: Any) -> None:
         "(downloaded by timm). Refused for a run or its files: they say how their images are prepared",
     )
     p.add_argument("--top", type=positive_int, default=5, help="classes to show per image (default 5)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images decoded and run at once (default 32)")
     p.add_argument("--raw", action="store_true", help="the raw weights rather than the EMA weights, where both exist")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--json", action="store_true", help="print JSON")
