@@ -617,7 +617,7 @@ def test_every_dataset_has_its_defaults_written_out_and_the_recipe_gives_the_rec
     assert {_config_file_name(d) for d in DATASET_DEFAULTS} == set(CONFIGS) - RECIPES
     recorded = yaml.safe_load((ROOT / "results" / "fmnist-parnet-e8" / "config.yaml").read_text())
     cfg = make_config({}, str(ROOT / "configs" / "fashion_mnist_results.yaml")).model_dump()
-    added_since = {"img_size": 32, "initial_checkpoint": None}  # settings that came after the recorded run
+    added_since = {"img_size": 32, "initial_checkpoint": None, "drop_path_rate": 0.0}  # settings added since the run
     assert recorded["data_dir"] is None  # the usual place, saved since as its absolute path
     recorded["data_dir"] = "/usr/share/datasets/fashion-mnist"
     assert {**cfg, "output": recorded["output"]} == {**added_since, **recorded}
