@@ -48,6 +48,15 @@ def run_weights_files(run: str | os.PathLike) -> list[Path]:
     )
 
 
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a ``parnet train`` run folder (its config, checkpoint, metrics or weights), not a
+    folder of images."""
+    from .checkpoint import RUN_FILES
+
+    path = Path(path)
+    return path.is_dir() and any((path / name).is_file() for name in (*RUN_FILES, *FUSED_WEIGHTS, "config.yaml"))
+
+
 def run_weights_file(run: str | os.PathLike, use_ema: bool = True) -> Path:
     """The weights file of run folder ``run``: its EMA weights when kept and ``use_ema``, else its raw ones."""
     files = run_weights_files(run)
@@ -189,8 +198,7 @@ def load_weights(path: str | os.PathLike, device: str = "cpu"):
     """
     import torch
 
-    from .data import describe_training_data
-    from .io import read_safetensors
+    from .io import describe_header_data, read_safetensors
 
     path = Path(path)
     if not path.is_file():
@@ -201,8 +209,7 @@ def load_weights(path: str | os.PathLike, device: str = "cpu"):
 
         return load_model(path, device)
     model = _build_from_header(meta, state, str(path)).to(torch.device(device)).eval()
-    trained = trained_on(path)
-    describe_training_data(model, trained.dataset, trained.img_size)
+    describe_header_data(model, meta, str(path))
     return model
 
 
@@ -274,12 +281,13 @@ def check_fits_dataset(
     model_chans = getattr(model, "in_chans", conv.in_channels if conv is not None else None)
     chans = getattr(DATASETS.get(dataset), "in_chans", None)
     if chans and model_chans and model_chans != chans:
+        hint = "" if run_dataset else _datasets_with(model_chans)
         trained_with = f"{model_chans}-channel data" + (f" ({run_dataset})" if run_dataset else "")
         raise ValueError(
             f"{source} was trained on {trained_with}, {dataset} has {chans}-channel images: "
             f"use it on {run_dataset or f'a {model_chans}-channel dataset'}"
             + (f" (leave out --dataset, or pass --dataset {run_dataset})" if run_dataset else "")
-            + (f" ({_datasets_with(model_chans)})" if not run_dataset and _datasets_with(model_chans) else "")
+            + (f" ({hint})" if hint else "")
         )
     if num_classes is not None and getattr(model, "num_classes", num_classes) != num_classes:
         raise ValueError(

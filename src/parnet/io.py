@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .devices import check_device
+from .layers import is_reparameterized
 from .model import CFG_FIELDS, ParNet, ParNetCfg
 from .weights import MAX_CLASSES, MAX_IN_CHANS, architecture_kwargs, bounded_int, build_checked
 
@@ -171,7 +172,7 @@ def model_metadata(model: ParNet) -> dict[str, str]:
         "cfg": json.dumps(dataclasses.asdict(model.cfg)),
         "num_classes": str(model.num_classes),
         "in_chans": str(model.in_chans),
-        "fused": str(any(getattr(m, "reparam_conv", None) is not None for m in model.modules())),
+        "fused": str(is_reparameterized(model)),
     }
 
 
@@ -339,8 +340,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> P
         return reparameterize(model, inplace=True) if fused else model
 
     model = build_checked(build, state, source).to(device).eval()
-    if "dataset" in meta:  # a run wrote it: timm's data config from its data, as for every reader of run weights
+    describe_header_data(model, meta, source)
+    return model
+
+
+def describe_header_data(model: torch.nn.Module, meta: Mapping[str, str], source: str) -> None:
+    """Give ``model`` the timm ``pretrained_cfg`` of the data a run's weights header names (none named: unchanged),
+    as every reader of run weights does (:func:`parnet.data.describe_training_data`)."""
+    if "dataset" in meta:
         from .data import describe_training_data
 
         describe_training_data(model, meta["dataset"], header_img_size(meta, source))
-    return model

@@ -183,6 +183,11 @@ class ParNetBlock(nn.Module):
         self.dense = self.point = self.pool = None
 
 
+def is_reparameterized(model: nn.Module) -> bool:
+    """Whether ``model`` holds re-parameterized (fused) blocks: a ``reparam_conv`` built by ``reparameterize()``."""
+    return any(getattr(m, "reparam_conv", None) is not None for m in model.modules())
+
+
 class Fusion(nn.Module):
     """Fuse a new (lower-resolution) stream's output ``stream`` into the running tensor ``fused``.
 

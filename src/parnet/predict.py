@@ -38,7 +38,6 @@ __all__ = [
     "Predictor",
     "image_files",
     "input_preparation",
-    "is_run_folder",
     "load_predictor",
     "preprocessing_metadata",
     "read_image",
@@ -131,16 +130,6 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
             "give image files, or a folder that holds some"
         )
     return files
-
-
-def is_run_folder(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a ``parnet train`` run folder (its config, checkpoint, metrics or weights), not a
-    folder of images."""
-    from .checkpoint import RUN_FILES
-    from .evaluate import FUSED_WEIGHTS
-
-    path = Path(path)
-    return path.is_dir() and any((path / name).is_file() for name in (*RUN_FILES, *FUSED_WEIGHTS, "config.yaml"))
 
 
 def _image_items(images: Sequence[ImageInput]) -> list[tuple[str, Path | Image.Image]]:
@@ -327,7 +316,7 @@ def _is_timm_weights(path: Path) -> bool:
 
     if not path.is_file():
         return False
-    if is_safetensors(path):
+    if is_safetensors(path):  # by content, whatever the file's name
         try:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
@@ -374,8 +363,9 @@ def _check_architecture(model: nn.Module, model_name: str, weights: str | os.Pat
     which has none)."""
     from . import reparameterize
     from .factory import create_model
+    from .layers import is_reparameterized
 
-    fused = any(getattr(m, "reparam_conv", None) is not None for m in model.modules())
+    fused = is_reparameterized(model)
     in_chans = getattr(model, "in_chans", 3)
 
     def build() -> nn.Module:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .layers import is_reparameterized
 from .model import ParNetCfg
 
 __all__ = ["adapt_input_convs", "check_same_parnet", "initialize_from"]
@@ -84,7 +85,7 @@ def initialize_from(model: nn.Module, source: str | os.PathLike, class_names: Se
     from .evaluate import load_trained_model, trained_on
 
     src, path = load_trained_model(source)
-    if any(getattr(m, "reparam_conv", None) is not None for m in src.modules()):
+    if is_reparameterized(src):
         raise ValueError(
             f"{path} holds fused (re-parameterized) weights, which cannot be trained: start from the run's "
             "last_ema.safetensors or last.safetensors (or the run folder)"

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from torch import nn
 
-from ..checkpoint import STATE_FILE
 from ..export import FORMATS, check_name, export_model
 from ..factory import create_model
 from ..io import check_output_path
@@ -74,17 +73,16 @@ def _checkpoint_name(path: str) -> str:
     names; a run folder is named as the file it is read from (``run_ema`` where it keeps EMA weights), so that
     the name says which weights are inside. A run's file: one in a folder holding ``config.yaml`` or
     ``last_state.pt``, or named as runs name them."""
-    if Path(path).is_dir():  # a run folder: named after the weights file it is read from (its EMA ones if kept)
-        from ..evaluate import run_weights_file
+    from ..evaluate import is_run_folder, run_weights_file
 
+    if Path(path).is_dir():  # a run folder: named after the weights file it is read from (its EMA ones if kept)
         try:
             path = str(run_weights_file(path))
         except FileNotFoundError:
             return _file_stem(path)  # not a run: the loader says what is wrong
     stem = _file_stem(path)
     run = Path(path).resolve().parent
-    in_run = any((run / f).is_file() for f in ("config.yaml", STATE_FILE))
-    if not run.name or not (in_run or stem in _RUN_FILE_SUFFIX):
+    if not run.name or not (is_run_folder(run) or stem in _RUN_FILE_SUFFIX):
         return stem
     return run.name + _RUN_FILE_SUFFIX.get(stem, f"_{stem}")
 
