@@ -99,6 +99,23 @@ def test_freeze_batchnorm_keeps_eval_outputs() -> None:
         torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-5)
 
 
+def test_freeze_batchnorm_keeps_timm_bn_with_activation() -> None:
+    """timm's BatchNormAct2d (BN + its activation, EfficientNet and MobileNetV3 backbones) stays BN + activation."""
+    from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d
+
+    bb = det.build_backbone("mobilenetv3_small_050", out_channels=16)
+    randomize_bn(bb.body)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = bb.eval()(x)
+        det.freeze_batchnorm(bb)
+        got = bb(x)
+    assert not any(isinstance(m, BatchNormAct2d) for m in bb.modules())
+    assert any(isinstance(m, FrozenBatchNormAct2d) for m in bb.modules())
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-5)
+
+
 def test_backbone_weights_from_our_safetensors(tmp_path: Path) -> None:
     from parnet.io import save_model
 
@@ -193,6 +210,80 @@ def test_backbone_weights_from_official_checkpoint(official_tiny: dict) -> None:
     with torch.no_grad():
         torch.testing.assert_close(bb.body(x)[-1], reference.forward_features(x))
         torch.testing.assert_close(reference(x), official_tiny["output_eval"], rtol=1e-4, atol=1e-4)
+
+
+def test_backbone_weights_from_a_detector_refused_from_a_fused_file(tmp_path: Path) -> None:
+    """A trained detector's backbone starts another (other classes); a fused file is refused for what it is."""
+    from parnet.io import save_model
+
+    trained = tiny_detector("fcos", freeze_bn=True)
+    randomize_bn(trained.backbone.body, seed=5)
+    path = det.save_detector(trained, tmp_path / "det.safetensors")
+    other = det.create_detector("retinanet", "parnet_s", num_classes=9, fpn_channels=64, backbone_kwargs=TINY_STEM,
+                                backbone_weights=path)  # fmt: skip
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(other.backbone.body.eval()(x), trained.backbone.body.eval()(x)):
+            torch.testing.assert_close(a, b)
+    clf = parnet.create_model("parnet_s", num_classes=7, **TINY_STEM)
+    fused = save_model(parnet.reparameterize(clf), tmp_path / "ema_fused.safetensors")
+    with pytest.raises(ValueError, match="re-parameterized .fused. weights.*last.safetensors"):
+        det.build_backbone("parnet_s", weights=fused, **TINY_STEM)
+
+
+def test_detector_normalises_images_as_its_backbone_weights_were_trained(tmp_path: Path) -> None:
+    """Weights trained on Fashion-MNIST expect its statistics, for every RGB channel; a saved detector keeps them."""
+    from parnet.data import DATASETS
+    from parnet.io import save_model
+
+    grey = DATASETS["fashion_mnist"]
+    clf = parnet.create_model("parnet_s", num_classes=10, in_chans=1, **TINY_STEM)
+    path = save_model(clf, tmp_path / "clf.safetensors", {"dataset": "fashion_mnist"})
+    model = det.create_detector("fcos", "parnet_s", num_classes=3, fpn_channels=64, backbone_kwargs=TINY_STEM,
+                                backbone_weights=path, min_size=64, max_size=64)  # fmt: skip
+    assert model.transform.image_mean == pytest.approx(list(grey.mean) * 3)
+    assert model.transform.image_std == pytest.approx(list(grey.std) * 3)
+    again, _ = det.load_detector(det.save_detector(model, tmp_path / "det.safetensors"))
+    assert (again.transform.image_mean, again.transform.image_std) == (model.transform.image_mean,
+                                                                       model.transform.image_std)  # fmt: skip
+    # a grey image given as RGB, normalised as the classifier's was, meets the classifier's own features
+    image = torch.rand(1, 64, 64)
+    with torch.no_grad():
+        batch, _ = model.eval().transform([image.repeat(3, 1, 1)])
+        inside = model.backbone.body(batch.tensors)[-1]
+        alone = clf.eval().forward_features((image[None] - grey.mean[0]) / grey.std[0])
+    torch.testing.assert_close(inside, alone, rtol=1e-4, atol=1e-4)
+    plain = tiny_detector()  # no weights: the ImageNet statistics torchvision uses
+    assert plain.transform.image_mean == pytest.approx([0.485, 0.456, 0.406])
+    assert tiny_detector(image_mean=(0.5, 0.5, 0.5)).transform.image_mean == [0.5, 0.5, 0.5]
+    for bad in ((0.5,), "0.5", (0.5, 0.5, float("nan"))):
+        with pytest.raises(ValueError, match="image_mean must be three numbers"):
+            tiny_detector(image_mean=bad)
+    with pytest.raises(ValueError, match="image_std must be three positive numbers"):
+        tiny_detector(image_std=(0.2, 0.0, 0.2))
+
+
+def test_detector_backbone_kwargs_that_load_or_train_act_once(official_tiny: dict, tmp_path: Path) -> None:
+    """timm's pretrained=True (offline: its file) and drop_path_rate build the detector; the saved one rebuilds
+    without them (it holds its weights); a keyword a saved detector could not rebuild from is refused."""
+    authors = tmp_path / "authors.pth.tar"
+    torch.save({"state_dict": official_tiny["state_dict"]}, authors)
+    kwargs = dict(widths=[16, 32, 64], head_width=128, stem_width=16)  # the fixture's network
+    model = det.create_detector(
+        "fcos", "parnet_s_official", num_classes=3, fpn_channels=64, min_size=64, max_size=64,
+        backbone_kwargs={**kwargs, "pretrained": True, "pretrained_cfg_overlay": {"file": str(authors)},
+                         "drop_path_rate": 0.1},
+    )  # fmt: skip
+    assert model.detector_config["backbone_kwargs"] == kwargs
+    reference = parnet.load_official(official_tiny["state_dict"]).eval()
+    x = official_tiny["input"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.backbone.body.eval()(x)[-1], reference.forward_features(x))
+    again, _ = det.load_detector(det.save_detector(model, tmp_path / "det.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(again.backbone.body(x)[-1], reference.forward_features(x))
+    with pytest.raises(ValueError, match="unknown model keyword 'act_layer'"):
+        det.create_detector("fcos", "parnet_s", num_classes=3, backbone_kwargs={**TINY_STEM, "act_layer": "gelu"})
 
 
 # -- detectors ----------------------------------------------------------------------------------
@@ -453,8 +544,12 @@ def test_dataset_files_and_empty_images(tmp_path: Path) -> None:
     assert torch.isfinite(sum(model(images, targets).values()))
     gt["images"][0]["width"] = 32  # the box, 10 to 40 wide, now leaves the image: clipped, and said
     (tmp_path / "ann.json").write_text(json.dumps(gt))
-    with pytest.warns(UserWarning, match="1 boxes clipped"), pytest.raises(ValueError, match="annotations say 32x64"):
-        CocoDetectionDataset(tmp_path, tmp_path / "ann.json")[0]
+    # found when the dataset is made, before any training: a file of another size, one that is no image
+    (tmp_path / "1.png").write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match="1 box clipped"), pytest.raises(ValueError) as error:
+        CocoDetectionDataset(tmp_path, tmp_path / "ann.json")
+    assert "2 of 2 images do not fit the annotations: 0.png is 64x64, the annotations say 32x64, 1.png (not an " \
+        "image Pillow can read" in str(error.value)  # fmt: skip
     (tmp_path / "ann.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         CocoDetectionDataset(tmp_path, tmp_path / "ann.json")
@@ -756,6 +851,25 @@ def test_cli_train_resume_eval(tmp_path: Path, fake_fashion_mnist: Path, capsys)
         assert (w["image_id"], w["category_id"]) == (e["image_id"], e["category_id"])
         assert w["bbox"] == pytest.approx(e["bbox"], abs=1e-3) and w["score"] == pytest.approx(e["score"], abs=1e-5)
     assert f"{tmp_path / 'ev' / 'predictions.png'}" in capsys.readouterr().out
+    # New images, no annotations: every candidate the detector keeps, as its own outputs say
+    out = tmp_path / "found"
+    assert main(["predict-det", str(run), str(data / "val"), "--score-thresh", "0", "--json-out",
+                 str(out / "found.json"), "--draw", str(out / "found.png")]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    found = json.loads((out / "found.json").read_text())
+    files = sorted((data / "val").iterdir())
+    assert [r["image"] for r in found] == [str(f) for f in files] and f"{files[0]}: " in printed
+    assert (out / "found.png").read_bytes()[:4] == b"\x89PNG"
+    with torch.no_grad():
+        own = model([dataset[i][0] for i in range(len(dataset))])  # the val images, in id order = file order
+    for result, expected in zip(found, own):
+        assert [d["score"] for d in result["detections"]] == pytest.approx(expected["scores"].tolist(), abs=1e-5)
+        xyxy = [v for x, y, w, h in (d["bbox"] for d in result["detections"]) for v in (x, y, x + w, y + h)]
+        assert xyxy == pytest.approx(expected["boxes"].flatten().tolist(), abs=0.02)
+        assert {d["name"] for d in result["detections"]} <= set(dataset.names.values())
+    for given in (["--checkpoint", str(run / "last.safetensors")], [str(run)]):  # classification's command
+        assert main(["predict", str(files[0]), *given]) == 2
+        assert "a detector (`parnet predict-det`" in capsys.readouterr().err
     # --draw 0: the picture left by the first evaluation is not claimed as written
     assert main(["eval-det", str(run), "--data", str(data), "--output", str(tmp_path / "ev"), "--no-progress",
                  "--draw", "0"]) == 0  # fmt: skip
@@ -848,3 +962,40 @@ def test_nan_in_train_det_exits_3_without_a_traceback(tmp_path: Path, fake_fashi
     err = capsys.readouterr().err
     assert code == 3 and "loss is nan" in err and "No checkpoint was written" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "last_state.pt").exists()
+
+
+def test_train_det_keeps_an_epoch_whose_evaluation_failed(tmp_path: Path, fake_fashion_mnist: Path, capsys,
+                                                           monkeypatch) -> None:  # fmt: skip
+    """A validation image that only fails when decoded: the epoch's training is saved and the evaluation owed;
+    the resume needs neither the starting weights (the checkpoint holds them) nor the folder it was started in."""
+    from parnet.cli import main
+    from parnet.io import save_model
+
+    monkeypatch.chdir(tmp_path)  # relative paths, as typed
+    assert main(["make-det-dataset", "data", "--train", "4", "--val", "2", "--canvas", "64",
+                 "--min-size", "16", "--max-size", "40", "--source", str(fake_fashion_mnist)]) == 0  # fmt: skip
+    save_model(parnet.create_model("parnet_s", num_classes=10, **TINY_STEM), "clf.safetensors")
+    image = Path("data/val/000000.png")
+    whole = image.read_bytes()
+    image.write_bytes(whole[: len(whole) // 2])  # its header is whole: only decoding finds it cut
+    capsys.readouterr()
+    assert main(["train-det", "--data", "data", "--output", "run", "--backbone-weights", "clf.safetensors",
+                 "--freeze-bn", "--backbone-kwargs", "widths=[8,16,32]", "head_width=64", "stem_width=8",
+                 "--fpn-channels", "64", "--batch-size", "2", "--no-progress", "--draw", "0", "--device", "cpu",
+                 "--epochs", "1"]) == 2  # fmt: skip
+    assert "epoch 1's training is saved in run: fix the validation data and continue with --resume" in (
+        capsys.readouterr().err
+    )
+    assert Path("run/last_state.pt").is_file() and not Path("run/eval.json").exists()
+    image.write_bytes(whole)
+    Path("clf.safetensors").unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["train-det", "--output", str(tmp_path / "run"), "--resume", "--no-progress"]) == 0
+    assert "AP" in json.loads((tmp_path / "run" / "eval.json").read_text())["stats"]
+    # without starting weights, --freeze-bn freezes untrained statistics: said so
+    assert main(["train-det", "--data", str(tmp_path / "data"), "--output", "run2", "--freeze-bn", "--max-steps",
+                 "1", "--backbone-kwargs", "widths=[8,16,32]", "head_width=64", "stem_width=8", "--fpn-channels",
+                 "64", "--no-progress", "--draw", "0", "--device", "cpu", "--epochs", "1"]) == 0  # fmt: skip
+    assert "--freeze-bn without --backbone-weights freezes untrained batch norms" in capsys.readouterr().err

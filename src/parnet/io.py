@@ -279,7 +279,10 @@ def read_safetensors(
                 f"{path} was not written by this project (no 'format' in its metadata): for timm's own weights "
                 "of a model, `parnet predict --checkpoint FILE --model NAME` reads them as timm does"
             )
-        raise ValueError(f"{path} is not a {expected_format!r} file (its metadata says {meta.get('format')!r})")
+        hint = ""
+        if meta.get("format") == "parnet-detector":
+            hint = ": a detector (`parnet predict-det`, `parnet eval-det` and parnet.detection.load_detector read it)"
+        raise ValueError(f"{path} is not a {expected_format!r} file (its metadata says {meta.get('format')!r}){hint}")
     return state, meta
 
 

@@ -36,11 +36,14 @@ from torch import nn
 
 __all__ = [
     "Predictor",
+    "check_image_headers",
     "image_files",
+    "image_items",
     "input_preparation",
     "load_predictor",
     "preprocessing_metadata",
     "read_image",
+    "read_item",
 ]
 
 # How an image file is read before `preprocessing` (parnet.images.prepare_image), for an exported file's users.
@@ -82,15 +85,15 @@ class Predictor:
         for name, value in (("top_k", top_k), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        items = _image_items(images)
-        _check_image_headers([item for _, item in items if not isinstance(item, Image.Image)])
+        items = image_items(images)
+        check_image_headers([item for _, item in items if not isinstance(item, Image.Image)])
         weight = next(self.model.parameters(), None)  # an engine file's module holds none: it runs on the CPU
         device = weight.device if weight is not None else torch.device("cpu")
         k = min(top_k, len(self.class_names))
         results = []
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
-            x = torch.stack([self.transform(self._read(name, item)) for name, item in batch])
+            x = torch.stack([self.transform(read_item(name, item, self.image_mode)) for name, item in batch])
             top = self.model(x.to(device)).softmax(-1).topk(k)
             for (name, _), values, indices in zip(batch, top.values, top.indices):
                 labels = [
@@ -100,13 +103,15 @@ class Predictor:
                 results.append({"image": name, "top": labels})
         return results
 
-    def _read(self, name: str, item: Path | Image.Image) -> Image.Image:
-        """A file or a PIL image in the transform's mode, read as training reads image files."""
-        if not isinstance(item, Image.Image):
-            return read_image(item, self.image_mode)
-        from .images import prepare_image
 
-        return prepare_image(item, self.image_mode, name)
+def read_item(name: str, item: Path | Image.Image, mode: str = "RGB") -> Image.Image:
+    """An item of :func:`image_items` in ``mode``: a file read as training reads image files, a PIL image
+    prepared alike (:func:`parnet.images.prepare_image`)."""
+    if not isinstance(item, Image.Image):
+        return read_image(item, mode)
+    from .images import prepare_image
+
+    return prepare_image(item, mode, name)
 
 
 def read_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
@@ -132,8 +137,9 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
-def _image_items(images: Sequence[ImageInput]) -> list[tuple[str, Path | Image.Image]]:
-    """(name in the results, file or PIL image) of each image, folders replaced by their image files."""
+def image_items(images: Sequence[ImageInput]) -> list[tuple[str, Path | Image.Image]]:
+    """(name in the results, file or PIL image) of each image, folders replaced by their image files (a PIL
+    image is named ``<image i>`` by its place in ``images``)."""
     items: list[tuple[str, Path | Image.Image]] = []
     for i, image in enumerate(images):
         if isinstance(image, Image.Image):
@@ -147,7 +153,7 @@ def _image_items(images: Sequence[ImageInput]) -> list[tuple[str, Path | Image.I
     return items
 
 
-def _check_image_headers(paths: list[Path]) -> None:
+def check_image_headers(paths: list[Path]) -> None:
     """Refuse missing files, and files whose header Pillow cannot read (:func:`parnet.data.check_image_files`,
     which lists them all), before any image is decoded and the model runs."""
     from .data import check_image_files

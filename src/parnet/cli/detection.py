@@ -1,11 +1,12 @@
-"""``parnet make-det-dataset``, ``train-det`` and ``eval-det``: flags over :mod:`parnet.detection.data` and
-:mod:`parnet.detection.train`; the flags of ``train-det`` are generated from its :class:`DetTrainConfig`."""
+"""``parnet make-det-dataset``, ``train-det``, ``eval-det`` and ``predict-det``: flags over
+:mod:`parnet.detection`; the flags of ``train-det`` are generated from its :class:`DetTrainConfig`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..detection.train import RESERVED_BACKBONE_KWARGS, DetTrainConfig
@@ -65,8 +66,31 @@ def _eval_det(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_det(args: argparse.Namespace) -> int:
+    from ..detection import detect, detector_file, draw_detections, format_detections, load_detector
+    from ..devices import check_device
+    from ..io import atomic_write, check_output_path
+
+    for path, what in ((args.json_out, "--json-out"), (args.draw, "--draw")):
+        if path:  # before the detector runs, not after
+            check_output_path(path, what=what)
+    missing = [p for p in args.paths if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"no image file or folder at {', '.join(missing)}")
+    model, extra = load_detector(detector_file(args.weights), str(check_device(args.device)))
+    results = detect(model, args.paths, extra.get("names"), args.score_thresh, args.batch_size)
+    print(format_detections(results))
+    if args.json_out:
+        with atomic_write(args.json_out) as tmp:
+            tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False))
+        print(f"wrote {args.json_out}")
+    if args.draw:
+        print(f"wrote {draw_detections(args.paths, results, args.draw)}")
+    return 0
+
+
 def add_commands(subparsers: Any) -> None:
-    """Add ``make-det-dataset``, ``train-det`` and ``eval-det`` to the ``parnet`` command line."""
+    """Add ``make-det-dataset``, ``train-det``, ``eval-det`` and ``predict-det`` to the ``parnet`` command line."""
     from ..detection.data import DEFAULT_FASHION_MNIST
 
     p = subparsers.add_parser("make-det-dataset", help="synthetic COCO-format detection set from Fashion-MNIST items")
@@ -110,3 +134,18 @@ def add_commands(subparsers: Any) -> None:
     )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.set_defaults(func=_eval_det)
+
+    p = subparsers.add_parser(
+        "predict-det",
+        help="boxes a trained detector finds on image files (no annotations needed)",
+        description="parnet predict-det WEIGHTS IMAGE|FOLDER...: each image's detections (score, category, COCO "
+        "box x, y, width, height in pixels of the image turned upright by its EXIF orientation).",
+    )
+    p.add_argument("weights", help="a train-det run folder (its last.safetensors), or a detector .safetensors")
+    p.add_argument("paths", nargs="+", metavar="IMAGE|FOLDER", help="image files and folders of images (sorted)")
+    p.add_argument("--score-thresh", type=unit_float, default=0.3, help="lowest score shown (default 0.3)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images decoded and run at once (default 8)")
+    p.add_argument("--json-out", metavar="FILE", help="also write the detections as JSON")
+    p.add_argument("--draw", metavar="FILE.png", help="also draw the images with their boxes into one PNG")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.set_defaults(func=_predict_det)

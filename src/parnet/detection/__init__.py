@@ -20,6 +20,7 @@ One module per concern, imports flowing down this list:
 * :mod:`.backbone`: the features body, its FPN and its classification weights;
 * :mod:`.detectors`: the torchvision detectors on it, saved and loaded with what rebuilds them;
 * :mod:`.evaluation`: detections over a dataset, pycocotools' ``COCOeval``, pictures;
+* :mod:`.inference`: a trained detector on new image files (``parnet predict-det``);
 * :mod:`.train`: training and evaluating a run (``parnet train-det`` / ``eval-det``).
 """
 
@@ -35,7 +36,8 @@ from .detectors import (
     save_detector,
 )
 from .evaluation import STAT_NAMES, coco_evaluate, draw_predictions, evaluate_dataset, predict, save_png
-from .train import DetTrainConfig, data_paths, eval_det, train_det
+from .inference import detect, draw_detections, format_detections
+from .train import DetTrainConfig, data_paths, detector_file, eval_det, train_det
 
 __all__ = [
     "DETECTORS",
@@ -52,10 +54,14 @@ __all__ = [
     "collate_detection",
     "create_detector",
     "data_paths",
+    "detect",
     "detector_config",
+    "detector_file",
+    "draw_detections",
     "draw_predictions",
     "eval_det",
     "evaluate_dataset",
+    "format_detections",
     "freeze_batchnorm",
     "load_backbone_weights",
     "load_detector",

@@ -71,27 +71,16 @@ class FPNBackbone(nn.Module):
 
 
 def freeze_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every ``BatchNorm2d`` by torchvision's ``FrozenBatchNorm2d`` with its statistics.
+    """``module`` with every batch norm frozen: timm's ``freeze_batch_norm_2d``, in place where it can be.
 
-    Frozen BN normalises with the stored statistics and affine parameters and never updates them
-    (they are buffers, not parameters), as torchvision's detection backbones do. In place.
+    ``BatchNorm2d`` becomes torchvision's ``FrozenBatchNorm2d`` and timm's ``BatchNormAct2d`` (BN with its
+    activation, as in EfficientNet) ``FrozenBatchNormAct2d``, which keeps the activation: they normalise with
+    the stored statistics and affine parameters and never update them (buffers, not parameters), as
+    torchvision's detection backbones do. Returns the module (a new one only if ``module`` itself is a BN).
     """
-    from torchvision.ops.misc import FrozenBatchNorm2d
+    from timm.layers import freeze_batch_norm_2d
 
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
-            with torch.no_grad():
-                if child.affine:
-                    frozen.weight.copy_(child.weight)
-                    frozen.bias.copy_(child.bias)
-                if child.track_running_stats and child.running_mean is not None:
-                    frozen.running_mean.copy_(child.running_mean)
-                    frozen.running_var.copy_(child.running_var)
-            setattr(module, name, frozen)
-        else:
-            freeze_batchnorm(child)
-    return module
+    return freeze_batch_norm_2d(module)
 
 
 def _read_weights(
@@ -99,9 +88,10 @@ def _read_weights(
 ) -> tuple[dict[str, torch.Tensor], str, nn.Module | None, bool]:
     """A classification state dict from: our safetensors (``parnet.io.save_model``, a run's weights, or a plain
     safetensors state dict), the authors' ``.pth.tar`` (converted), or a torch checkpoint; told apart by content.
+    A detector file of :func:`~parnet.detection.save_detector` gives its backbone body's weights.
     Also the network the file describes, when it describes one (ours and the authors' do; a bare state dict
     does not): its ``cfg`` is checked against the backbone's; and whether it is an authors' checkpoint."""
-    from ..io import is_torch_checkpoint
+    from ..io import header_flag, is_torch_checkpoint
     from ..official import is_official_layout, load_official, read_checkpoint, select_state_dict
 
     if isinstance(source, Mapping):
@@ -120,6 +110,14 @@ def _read_weights(
             from ..io import read_safetensors
 
             state, meta = read_safetensors(path, None)
+            if meta.get("format") == "parnet-detector":  # a trained detector's backbone, e.g. for other classes
+                body = "backbone.body."
+                return {k.removeprefix(body): v for k, v in state.items() if k.startswith(body)}, name, None, False
+            if header_flag(meta, "fused", name):
+                raise ValueError(
+                    f"{name} holds re-parameterized (fused) weights, which a backbone cannot train from: give the "
+                    "run folder or its last.safetensors / last_ema.safetensors (the weights before fusion)"
+                )
             described = "timm_model" in meta or meta.get("format") == "parnet"
             return state, name, load_weights(path) if described else None, False
         checkpoint = read_checkpoint(path)
@@ -137,7 +135,9 @@ def load_backbone_weights(
 ) -> list[str]:
     """Load a classification checkpoint into a features body; returns the keys it did not use.
 
-    ``source``: a run folder of ``parnet train``, our safetensors, the authors' ``.pth.tar`` or a state dict.
+    ``source``: a run folder of ``parnet train``, our safetensors, the authors' ``.pth.tar``, a detector file
+    (its backbone) or a state dict. Where the file names the data its weights were trained on, the body's
+    ``pretrained_cfg`` takes that data's mean and std (the detector's input normalisation).
     Keys of the classifier (``head.*``, ``fc.*``) are not needed; the convolutions that read the image
     are adapted to the body's channels (timm's ``adapt_input_conv``: a Fashion-MNIST ParNet's grey
     filters repeated for RGB); every other weight of the body must be present with the right shape, or
@@ -172,7 +172,21 @@ def load_backbone_weights(
             "build the backbone with the checkpoint's architecture (widths, head_width, ...)"
         ) from None
     target.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    _take_input_statistics(body, getattr(network, "pretrained_cfg", None) or {})
     return sorted(k for k in state if k not in own)
+
+
+def _take_input_statistics(body: nn.Module, trained: Mapping[str, Any]) -> None:
+    """Give ``body`` the input mean and std its weights were trained with (a run's data, e.g. Fashion-MNIST's),
+    so that a detector normalises images as the weights expect; grey statistics serve every channel, as the
+    adapted input convolution reads the channels alike. Nothing said, or another channel count: unchanged."""
+    own = dict(getattr(body, "pretrained_cfg", None) or {})
+    if not {"mean", "std"} <= trained.keys() or "mean" not in own:
+        return
+    chans = len(own["mean"])
+    stats = {k: tuple(trained[k]) * (chans if len(trained[k]) == 1 else 1) for k in ("mean", "std")}
+    if all(len(v) == chans for v in stats.values()):
+        body.pretrained_cfg = {**own, **stats}
 
 
 def build_backbone(
@@ -194,9 +208,10 @@ def build_backbone(
             ``extra="p6p7"`` (C3-C5 for stride-32 backbones) and all four otherwise.
         out_channels: FPN width.
         extra: extra pyramid levels, see :class:`FPNBackbone`.
-        weights: a classification checkpoint for the body (see :func:`load_backbone_weights`).
+        weights: a classification checkpoint for the body (see :func:`load_backbone_weights`); the body's
+            ``pretrained_cfg`` then says the input statistics those weights were trained with.
         use_ema: take the EMA weights of a checkpoint that has them.
-        freeze_bn: replace BN by ``FrozenBatchNorm2d`` (after loading weights).
+        freeze_bn: freeze every BN (:func:`freeze_batchnorm`, after loading weights).
         model_kwargs: passed to ``timm.create_model`` (e.g. ``widths=(16, 32, 64)``).
     """
     if name.startswith("parnet"):
@@ -208,7 +223,7 @@ def build_backbone(
     if weights is not None:
         load_backbone_weights(body, weights, use_ema=use_ema)
     if freeze_bn:
-        freeze_batchnorm(body)
+        body = freeze_batchnorm(body)
     n = len(body.feature_info.channels())
     if levels is None:
         levels = list(range(max(0, n - 3), n)) if extra == "p6p7" else list(range(n))

@@ -89,7 +89,7 @@ class CocoCheck:
             ("dropped as malformed (bbox not 4 finite numbers)", self.dropped_malformed),
         ):
             if ids:
-                parts.append(f"{len(ids)} boxes {what} (annotation ids {_head(ids)})")
+                parts.append(f"{len(ids)} box{'es' if len(ids) > 1 else ''} {what} (annotation ids {_head(ids)})")
         return "; ".join(parts)
 
 
@@ -259,6 +259,7 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(
                 f"{len(missing)} images listed in the annotations are not in {self.image_dir}: {_head(missing)}"
             )
+        self._check_headers()
         self.anns: dict[int, list[dict[str, Any]]] = {im["id"]: [] for im in self.images}
         for ann in data["annotations"]:
             self.anns[ann["image_id"]].append(ann)
@@ -266,6 +267,31 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         self.label_to_cat = self.check.label_to_cat
         self.names = self.check.names
         self.num_classes = len(self.check.cat_ids) + 1  # labels 1..K, 0 for background
+
+    def _check_headers(self) -> None:
+        """Refuse files Pillow cannot open or whose size is not the annotations', listing them, before any
+        training: found while loading, a bad validation image would stop a run after its first epoch."""
+        from PIL import Image
+
+        from ..data import CorruptDatasetError
+
+        bad = []
+        for info in self.images:
+            try:
+                with Image.open(self.image_dir / info["file_name"]) as img:  # the header only: fast
+                    size = img.size
+            except Exception as e:  # noqa: BLE001 - UnidentifiedImageError, OSError...
+                bad.append(f"{info['file_name']} (not an image Pillow can read: {type(e).__name__})")
+                continue
+            if size != (info["width"], info["height"]):
+                said = f"{info['width']}x{info['height']}"
+                bad.append(f"{info['file_name']} is {size[0]}x{size[1]}, the annotations say {said}")
+        if bad:
+            raise CorruptDatasetError(
+                f"{self.image_dir}: {len(bad)} of {len(self.images)} images do not fit the annotations: "
+                f"{_head(bad, 5)}. "
+                "Fix the files or their width/height in the annotations and run again"
+            )
 
     @property
     def coco_dict(self) -> dict[str, Any]:

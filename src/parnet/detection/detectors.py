@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..weights import FEATURE_KEYS, architecture_kwargs
 from .backbone import build_backbone
 
 __all__ = [
@@ -26,6 +27,10 @@ __all__ = [
 ]
 
 DETECTORS = ("fcos", "retinanet", "fasterrcnn")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# timm keywords that load weights or shape training only: used for the build, not kept with the detector.
+BUILD_ONLY_BACKBONE_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict",
+                              "checkpoint_path", "cache_dir", "drop_rate", "drop_path_rate")  # fmt: skip
 # The torchvision detectors' post-processing keywords create_detector passes on (and a saved detector keeps):
 # name -> bounds; integer bounds make an integer keyword. Each detector takes its own (KWARGS_OF).
 DETECTOR_KWARGS: dict[str, tuple[float, float]] = {
@@ -44,6 +49,20 @@ KWARGS_OF = {
     "retinanet": _ONE_STAGE,
     "fasterrcnn": tuple(k for k in DETECTOR_KWARGS if k[:4] == "box_"),
 }
+
+
+def _statistics(value: Any, name: str) -> list[float]:
+    """An RGB mean or std: three finite numbers (a std's positive); ``ValueError`` naming it."""
+    if (
+        isinstance(value, (str, bytes))
+        or not isinstance(value, Sequence)
+        or len(value) != 3
+        or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in value)
+        or (name.endswith("std") and min(value) <= 0)
+    ):
+        what = "positive numbers" if name.endswith("std") else "numbers"
+        raise ValueError(f"{name} must be three {what} (R, G, B: the detector reads RGB images), got {value!r}")
+    return [float(v) for v in value]
 
 
 def _detector_kwarg(value: Any, key: str, source: str) -> float | int:
@@ -73,6 +92,8 @@ def create_detector(
     min_size: int = 800,
     max_size: int = 1333,
     backbone_kwargs: Mapping[str, Any] | None = None,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
     **detector_kwargs: Any,
 ) -> nn.Module:
     """A torchvision detector (``"fcos"``, ``"retinanet"``, ``"fasterrcnn"``) on a timm backbone + FPN.
@@ -89,7 +110,12 @@ def create_detector(
         backbone_weights, use_ema, freeze_bn: see :func:`build_backbone`.
         min_size, max_size: torchvision's resize of the input images (shorter side to ``min_size``
             unless the longer one passes ``max_size``); set both to the image size to keep it.
-        backbone_kwargs: passed to ``timm.create_model`` (e.g. ``{"widths": (16, 32, 64)}``).
+        backbone_kwargs: passed to ``timm.create_model`` (e.g. ``{"widths": (16, 32, 64)}``). The architecture's
+            keywords are kept with the detector; timm's loading and training ones (``pretrained``,
+            ``pretrained_cfg_overlay``, ``drop_path_rate``, ...) act on this build only (a saved detector holds its
+            weights); any other is refused, as a saved detector could not be rebuilt from it.
+        image_mean, image_std: the RGB normalisation of the input images; default: the backbone's
+            ``pretrained_cfg``, which follows ``backbone_weights`` (a run's data statistics).
         detector_kwargs: passed to the torchvision detector: its post-processing, :data:`KWARGS_OF` the
             detector (FCOS, RetinaNet: ``score_thresh``, ``nms_thresh``, ...; Faster R-CNN: ``box_score_thresh``, ...).
 
@@ -121,6 +147,9 @@ def create_detector(
             "FCOS's head uses GroupNorm with 32 groups, which needs 2+ values per group on 1x1 levels: "
             f"fpn_channels must be a multiple of 32 and at least 64, got {fpn_channels}"
         )
+    backbone_kwargs = dict(backbone_kwargs or {})
+    kept = {k: v for k, v in backbone_kwargs.items() if k not in BUILD_ONLY_BACKBONE_KWARGS}
+    kept = architecture_kwargs(kept, "create_detector: backbone_kwargs", FEATURE_KEYS)
     config = dict(
         kind=kind,
         backbone=backbone,
@@ -131,23 +160,32 @@ def create_detector(
         freeze_bn=freeze_bn,
         min_size=min_size,
         max_size=max_size,
-        backbone_kwargs=dict(backbone_kwargs or {}),
+        backbone_kwargs=kept,
         **detector_kwargs,
     )
     extra = "pool" if kind == "fasterrcnn" else "p6p7"
-    body = build_backbone(
-        backbone,
-        levels=levels,
-        out_channels=fpn_channels,
-        extra=extra,
-        weights=backbone_weights,
-        use_ema=use_ema,
-        freeze_bn=freeze_bn,
-        **dict(backbone_kwargs or {}),
-    )
+    try:
+        body = build_backbone(
+            backbone,
+            levels=levels,
+            out_channels=fpn_channels,
+            extra=extra,
+            weights=backbone_weights,
+            use_ema=use_ema,
+            freeze_bn=freeze_bn,
+            **backbone_kwargs,
+        )
+    except OSError as e:  # timm's download of pretrained=True weights, offline
+        if not backbone_kwargs.get("pretrained") or isinstance(e, FileNotFoundError):
+            raise
+        raise OSError(
+            f"{backbone}: pretrained=True could not fetch the weights ({e}); offline, pass the downloaded file "
+            "as backbone_weights=FILE (or backbone_kwargs pretrained_cfg_overlay=dict(file=FILE))"
+        ) from e
     pre = getattr(body.body, "pretrained_cfg", None) or {}
-    mean = list(pre.get("mean", (0.485, 0.456, 0.406)))
-    std = list(pre.get("std", (0.229, 0.224, 0.225)))
+    mean = _statistics(image_mean if image_mean is not None else pre.get("mean", IMAGENET_MEAN), "image_mean")
+    std = _statistics(image_std if image_std is not None else pre.get("std", IMAGENET_STD), "image_std")
+    config.update(image_mean=mean, image_std=std)
     common = dict(min_size=min_size, max_size=max_size, image_mean=mean, image_std=std)
     strides = body.strides
     if kind == "fcos":
@@ -204,7 +242,7 @@ def detector_config(config: Any, source: str) -> dict[str, Any]:
     """A ``detector_config`` read from a file, checked: only the keys :func:`create_detector` writes,
     with their types and bounds (:mod:`parnet.weights`); ``ValueError`` names the key."""
     from ..factory import check_model_name
-    from ..weights import FEATURE_KEYS, MAX_CLASSES, architecture_kwargs, bounded_int
+    from ..weights import MAX_CLASSES, bounded_int
 
     def optional(check: Any) -> Any:
         return lambda v, k: None if v is None else check(v, k)
@@ -240,6 +278,8 @@ def detector_config(config: Any, source: str) -> dict[str, Any]:
         "min_size": lambda v, k: bounded_int(v, k, 1, 8192, source),
         "max_size": lambda v, k: bounded_int(v, k, 1, 8192, source),
         "backbone_kwargs": lambda v, k: architecture_kwargs(v, f"{source}: {k}", FEATURE_KEYS),
+        "image_mean": lambda v, k: _statistics(v, f"{source}: {k}"),
+        "image_std": lambda v, k: _statistics(v, f"{source}: {k}"),
         **{key: lambda v, k: _detector_kwarg(v, k, source) for key in DETECTOR_KWARGS},
     }
     if not isinstance(config, dict):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +30,7 @@ from ..settings import Settings
 from .detectors import create_detector, load_detector, save_detector
 from .evaluation import detection_loader, draw_predictions, evaluate_dataset, save_png
 
-__all__ = ["DetTrainConfig", "data_paths", "eval_det", "train_det"]
+__all__ = ["DetTrainConfig", "data_paths", "detector_file", "eval_det", "train_det"]
 
 # Backbone keywords the command sets itself, and why.
 RESERVED_BACKBONE_KWARGS = {
@@ -95,6 +96,12 @@ class DetTrainConfig(Settings):
 
         return check_model_name(value)
 
+    @field_validator("data", "train_images", "train_ann", "val_images", "val_ann", "backbone_weights")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        """Absolute, so that the run's saved settings name its files wherever ``--resume`` is run from."""
+        return None if value is None else str(Path(value).expanduser().absolute())
+
     @field_validator("backbone_kwargs", mode="before")
     @classmethod
     def _architecture_only(cls, value: Any) -> Any:
@@ -119,6 +126,12 @@ def data_paths(data: str | None, images: str | None, ann: str | None, split: str
     if images is None or ann is None:
         raise ValueError(f"give --data DIR, or both --{split}-images and --{split}-ann")
     return Path(images), Path(ann)
+
+
+def detector_file(weights: str | Path) -> Path:
+    """The detector file a path names: a ``train-det`` run folder's ``last.safetensors``, or the file itself."""
+    weights = Path(weights)
+    return weights / "last.safetensors" if weights.is_dir() else weights
 
 
 def _to_device(
@@ -228,12 +241,15 @@ def _train_det(cfg: DetTrainConfig, dist_info: Any, run_dir: Path) -> dict[str, 
                     if k in saved_data and saved_data[k] != v]  # fmt: skip
         if changed:
             raise ValueError(f"--resume: {run_dir} was trained with other settings or data: {'; '.join(changed)}")
+    if main and state is None and cfg.freeze_bn and cfg.backbone_weights is None:
+        note = "--freeze-bn without --backbone-weights freezes untrained batch norms (mean 0, variance 1) for good"
+        print(f"note: {note}; give --backbone-weights, or leave --freeze-bn out", file=sys.stderr, flush=True)
     model = create_detector(
         cfg.detector,
         backbone=cfg.backbone,
         num_classes=train_ds.num_classes,
         fpn_channels=cfg.fpn_channels,
-        backbone_weights=cfg.backbone_weights,
+        backbone_weights=cfg.backbone_weights if state is None else None,  # a resume's checkpoint holds them all
         use_ema=cfg.ema,
         freeze_bn=cfg.freeze_bn,
         min_size=size,
@@ -289,6 +305,27 @@ def _train_det(cfg: DetTrainConfig, dist_info: Any, run_dir: Path) -> dict[str, 
     )
     best = extra.get("best_ap", -1.0)
     stats: dict[str, float] = dict(extra.get("stats") or {})
+
+    def save(epoch: int, row: dict[str, float], stats: dict[str, float], best: float) -> None:
+        """The checkpoint of ``epoch``, with the metric rows up to its ``row``."""
+        engine.save_checkpoint(
+            run_dir,
+            epoch,
+            model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            extra={
+                "best_ap": best,
+                "config": model.detector_config,
+                "settings": json.loads(cfg.model_dump_json()),
+                "data": data,
+                "stats": stats,
+                "metrics": [r for r in logger.rows if r["epoch"] < epoch] + [logger.row(epoch, row)],
+            },
+            metadata=meta,
+            generators={"loader": generator},
+        )
+
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.stop_after and epoch - start_epoch >= cfg.stop_after:
             if main:
@@ -321,34 +358,28 @@ def _train_det(cfg: DetTrainConfig, dist_info: Any, run_dir: Path) -> dict[str, 
         last = epoch + 1 == cfg.epochs
         if main and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
             t1 = time.perf_counter()
-            stats, _ = evaluate_dataset(model, val_ds, cfg.batch_size, cfg.workers, device, cfg.progress)
+            try:
+                stats, _ = evaluate_dataset(model, val_ds, cfg.batch_size, cfg.workers, device, cfg.progress)
+            except Exception:  # bad validation data: the epoch's training is kept, its evaluation owed on resume
+                save(epoch, row, {}, best)
+                print(f"epoch {epoch + 1}'s training is saved in {run_dir}: fix the validation data and continue "
+                      "with --resume", file=sys.stderr, flush=True)  # fmt: skip
+                raise
             row.update({f"val_{k}": v for k, v in stats.items()}, eval_time_s=time.perf_counter() - t1)
             if stats["AP"] > best:
                 best = stats["AP"]
                 save_detector(model, run_dir / "best.safetensors", meta_extra | {"epoch": epoch, "stats": stats})
         if main:  # the checkpoint first, with the metric rows; then the metrics files
-            engine.save_checkpoint(
-                run_dir,
-                epoch,
-                model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                extra={
-                    "best_ap": best,
-                    "config": model.detector_config,
-                    "settings": json.loads(cfg.model_dump_json()),
-                    "data": data,
-                    "stats": stats,
-                    "metrics": [r for r in logger.rows if r["epoch"] < epoch] + [logger.row(epoch, row)],
-                },
-                metadata=meta,
-                generators={"loader": generator},
-            )
+            save(epoch, row, stats, best)
             logger.log(epoch, row)
             print(f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
         if dist_info.distributed:
             torch.distributed.barrier()
     logger.close()
+    if main and not stats and stage != engine.FINISHED:  # the final evaluation failed (bad data) and is owed
+        stats, _ = evaluate_dataset(model, val_ds, cfg.batch_size, cfg.workers, device, cfg.progress)
+        if stats["AP"] > best:
+            save_detector(model, run_dir / "best.safetensors", meta_extra | {"epoch": cfg.epochs - 1, "stats": stats})
     if not main or not stats:
         return stats
     if stage == engine.FINISHED and all((run_dir / f).is_file() for f in _FINAL_FILES):
@@ -389,9 +420,7 @@ def eval_det(
     from .data import CocoDetectionDataset
 
     device = str(check_device(device))
-    weights = Path(weights)
-    if weights.is_dir():
-        weights = weights / "last.safetensors"
+    weights = detector_file(weights)
     model, extra = load_detector(weights, device)
     dataset = CocoDetectionDataset(Path(images), Path(ann), train=False, strict=not lenient)
     if model.detector_config["num_classes"] != dataset.num_classes:
