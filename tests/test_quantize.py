@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import parnet
 from parnet import cli
@@ -463,3 +464,109 @@ def test_quantize_refuses_options_it_would_ignore(tmp_path: Path, capsys: pytest
     ):
         assert cli.main(["quantize", ckpt, *extra]) == 2
         assert named in capsys.readouterr().err
+
+
+ENGINES = [pytest.param("onnxruntime", marks=ORT), pytest.param("openvino", marks=OPENVINO)]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engines_refuse_integer_and_other_float_images(engine: str, tmp_path: Path) -> None:
+    """As every torch mode (FoldedParNet.check_input), not cast silently: uint8 pixels, float64, bf16; a file
+    read back by `load_deployed` too."""
+    from parnet.deployed import DeployedInfo, load_deployed, save_deployed
+
+    x = torch.rand(2, 3, 32, 32)
+    net = deploy(make(9), "cpu", engine, example=x)
+    path = save_deployed(net, tmp_path / f"m{'.onnx' if engine == 'onnxruntime' else '.xml'}",
+                         DeployedInfo(engine, "fp32", "x", 3, 32, 32, 10, "m"))  # fmt: skip
+    with torch.inference_mode():
+        for module in (net, load_deployed(path)):
+            with pytest.raises(ValueError, match="expected floating-point images, got torch.uint8: convert them"):
+                module((x * 255).to(torch.uint8))
+            for dtype in (torch.float64, torch.bfloat16):
+                with pytest.raises(ValueError, match=f"expected torch.float32 images, the model's type, got {dtype}"):
+                    module(x.to(dtype))
+
+
+def test_bf16_mode_refuses_integer_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its bf16 cast does not turn uint8 pixels into images unseen."""
+    monkeypatch.setattr(quantize_module, "has_native_bf16", lambda: True)  # channels_last runs emulated bf16 too
+    net = deploy(make(10), "cpu", "channels_last", "bf16")
+    with torch.inference_mode(), pytest.raises(ValueError, match="expected floating-point images, got torch.uint8"):
+        net(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engine_modules_can_be_copied_pickled_and_saved_after_a_call(engine: str) -> None:
+    """The sessions (ONNX Runtime's, OpenVINO's compiled models) are left out and built again by the copy;
+    OpenVINO's model goes as its IR's bytes."""
+    from .test_deploy import _round_trips
+
+    x = torch.randn(2, 3, 32, 32)
+    net = deploy(make(11), "cpu", engine, example=x)
+    with torch.inference_mode():
+        ref = net(x)
+        for copied in _round_trips(net):
+            assert not copied._sessions
+            torch.testing.assert_close(copied(x), ref)
+    assert net._sessions  # the original keeps its own
+
+
+def test_int8_compiled_takes_the_calibration_size_only() -> None:
+    """It is exported and calibrated at that size (its graph's guards fail on another, Dynamo's AssertionError):
+    an example of another size is refused before any work, an input of another size before the graph sees it.
+    It deep-copies, but refuses to be pickled with a message that says what to do."""
+    import pickle
+
+    model, calibration = make(12), [torch.randn(4, 3, 32, 32)]
+    with pytest.raises(ValueError, match=r"example= is \(3, 64, 64\) per image, the calibration images \(3, 32, 32\)"):
+        deploy(model, "cpu", "compiled", "int8", calibration=calibration, example=torch.randn(1, 3, 64, 64))
+    net = quantize_module.FrozenCompiled(nn.Identity(), (3, 32, 32)).eval()  # the check, without torchao's work
+    with pytest.raises(ValueError, match=r"int8 compiled model was built for inputs \(N, 3, 32, 32\), got \[1, 3, 64"):
+        net(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="expected floating-point images, got torch.uint8"):
+        net(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(TypeError, match=r"cannot be pickled or saved .* deploy it again"):
+        pickle.dumps(net)
+    copied = copy.deepcopy(net)
+    assert copied.shape == (3, 32, 32) and not copied.training and copied.module is not net.module
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_calibration_images_of_a_size_the_model_cannot_take_are_its_own_error(engine: str) -> None:
+    """The model's ValueError, before any exporter (ONNX's fell back to the dynamo exporter, which crashed
+    noisily; OpenVINO's tracing failed), by deploy and by parnet.deployed.build."""
+    from parnet.deployed import build
+
+    model, calibration = make(13), [torch.randn(2, 3, 30, 30)]
+    with pytest.raises(ValueError, match="multiples of 8, got 30x30"):
+        deploy(model, "cpu", engine, "int8", calibration=calibration)
+    with pytest.raises(ValueError, match="multiples of 8, got 30x30"):
+        build(model, engine, "int8", calibration, torch.randn(1, 3, 32, 32))
+
+
+@ORT
+def test_onnx_export_does_not_fall_back_on_the_models_own_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def dynamo_export(*args, dynamo: bool = False, **kwargs):
+        if dynamo:
+            pytest.fail("fell back to the dynamo exporter")
+        return real_export(*args, dynamo=dynamo, **kwargs)
+
+    real_export = torch.onnx.export
+    monkeypatch.setattr(torch.onnx, "export", dynamo_export)
+    with pytest.raises(ValueError, match="multiples of 8, got 30x30"):
+        engines_module.onnx_model_bytes(fold(make(14)), torch.randn(1, 3, 30, 30))
+
+
+def test_quantize_refuses_a_resolution_the_model_cannot_take_before_reading_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import parnet.data
+
+    model = parnet.create_model("parnet_cifar_s", widths=(8, 16, 32), head_width=64, in_chans=1).eval()
+    checkpoint = save_model(model, tmp_path / "m.safetensors")
+    monkeypatch.setattr(parnet.data, "build_datasets", lambda *a, **k: pytest.fail("read the datasets"))
+    assert cli.main(["quantize", str(checkpoint), "--resolution", "30", "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot quantize at image size 30 (--resolution): the small-input form of ParNet needs" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m.onnx").exists()

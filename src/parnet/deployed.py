@@ -94,13 +94,38 @@ def build(
     threads: int | None = None,
     method: str = "minmax",
 ) -> EngineModule:
-    """``model`` (any image classifier; ParNet is folded first) for ``engine`` in ``precision``."""
-    from .deployment.quantize import calibration_batches, check_precision
+    """``model`` (any image classifier; ParNet is folded first) for ``engine`` in ``precision``.
+
+    The example and the first calibration batch go through the model's own input check first (ParNet's
+    ``check_input``; other timm models have none), whose message says what to pass, not an exporter's.
+    """
+    from .deployment.quantize import calibration_batches, check_calibration_size, check_precision
 
     check_precision(precision, torch.device("cpu"))
     batches = calibration_batches(calibration, example.shape[1]) if precision == "int8" else None
+    _check_takes(model, example)
+    if batches:
+        _check_takes(model, batches[0])
+        check_calibration_size(example, batches)
     net = fold_for_engine(model)
     return engine_module(engine, net, example, precision, batches, threads or torch.get_num_threads(), method)
+
+
+def _check_takes(model: nn.Module, batch: torch.Tensor) -> None:
+    """The model's own check of an input batch, where it has one (ParNet's ``check_input``): a ``ValueError``."""
+    check = getattr(model, "check_input", None)
+    if check is not None:
+        check(batch)
+
+
+def check_resolution(model: nn.Module, img_size: int) -> None:
+    """Refuse an image size the model cannot take (its own check, as ``parnet export`` and ``parnet train`` do),
+    before any data is read or converted."""
+    if img_size and hasattr(model, "in_chans"):
+        try:
+            _check_takes(model, torch.empty(1, model.in_chans, img_size, img_size, device="meta"))
+        except ValueError as e:
+            raise ValueError(f"cannot quantize at image size {img_size} (--resolution): {e}") from None
 
 
 def save_deployed(module: EngineModule, path: str | os.PathLike, info: DeployedInfo) -> Path:
@@ -269,6 +294,7 @@ def quantize_checkpoint(
         data_dir = data_dir or trained.data_dir
     check_fits_dataset(model, checkpoint, dataset, trained.dataset)
     img_size = img_size or trained.img_size
+    check_resolution(model, img_size)  # before the datasets are read: a one-line error, not an exporter's
     _, test_set, info = build_datasets(dataset, data_dir, test_subset=test_subset, img_size=img_size)
     _, test_loader, _ = build_loaders(test_set, test_set, 1, workers, eval_batch_size=batch_size)
     check_fits_dataset(model, checkpoint, dataset, trained.dataset, info.num_classes)

@@ -47,6 +47,16 @@ auto       the fastest for the device and precision: given an ``example`` input,
 
 bf16 runs ``channels_last``, ``packed``, ``compiled`` and ``openvino`` on the CPU; int8 runs
 ``compiled`` (torchao PT2E + X86InductorQuantizer + inductor), ``onnxruntime`` and ``openvino``.
+
+Every mode takes float32 images (its ``check_input``: integer pixels and other floating types are refused,
+never cast). Saving: a deployed module can be deep-copied, pickled and ``torch.save``'d (read back with
+``torch.load(path, weights_only=False)``, in the same parnet and torch versions), what it built for this
+process (packed weights, NNPACK timings, the ``parallel`` mode's TorchScript, engine sessions, CUDA streams
+and graphs) left out and built again on the copy's first call; but not ``frozen`` (a TorchScript module:
+torch's pickling error, and ``torch.jit.load`` does not read back what ``optimize_for_inference`` made of it)
+and not int8 ``compiled`` (refused). To keep a model, keep the weights and deploy again, or write a file:
+``parnet export`` (ONNX, TorchScript, ``torch.export``) or ``parnet quantize`` (an engine's model, with what
+it takes, for :func:`parnet.deployed.load_deployed`).
 """
 
 from __future__ import annotations
@@ -74,7 +84,14 @@ from .kernels import (
     pack_convs,
 )
 from .parallel import StreamParallelParNet
-from .quantize import PRECISIONS, Bf16Module, calibration_batches, check_precision, pt2e_int8
+from .quantize import (
+    PRECISIONS,
+    Bf16Module,
+    calibration_batches,
+    check_calibration_size,
+    check_precision,
+    pt2e_int8,
+)
 from .timing import fastest
 
 __all__ = [
@@ -118,6 +135,7 @@ ENGINE_PRECISIONS = {"onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16
 INT8_PREFERENCE = ("openvino", "onnxruntime", "compiled")  # auto's int8 mode without an example
 CUDA_ONLY_MODES = ("cuda_graph",)
 CPU_ONLY_MODES = ("packed", "winograd", "frozen")
+THREAD_MODES = ("parallel", *ENGINES)  # the modes threads= sets (parallel: on the CPU; CUDA streams take none)
 
 
 def can_compile(device: torch.device) -> bool:
@@ -200,17 +218,21 @@ def deploy(
             ``DataLoader`` yields), a few hundred real images; required.
         example: an input batch. With ``mode="auto"`` the candidate modes (``candidates``, default
             :func:`auto_candidates`) are built, timed on it and the fastest returned; without it
-            ``auto`` follows :func:`auto_mode`. The engine modes are built for its resolution
-            (int8: the calibration's, which must be the same when both are given). The other modes
-            take any size; for them it is only checked, as for every mode (the model's ``check_input``).
+            ``auto`` follows :func:`auto_mode`. The engine modes are built for its resolution, and take
+            that size only; int8 models (the engines' and ``compiled``) are built for the calibration
+            images' size, which the example must share when both are given. The other modes take any size
+            the model takes; for them the example is only checked (the model's ``check_input``), as the
+            calibration images are for every mode.
         devices: for ``multi_device``: one device per stream.
         threads: for ``parallel`` on CPU: intra-op threads to split between the streams; for the
-            engines, their threads (default: ``torch.get_num_threads()``).
-        candidates: the modes ``auto`` chooses among when ``example`` is given.
+            engines, their threads (default: ``torch.get_num_threads()``). The other modes run on torch's
+            threads: for them another number than ``torch.get_num_threads()`` is refused (it would be ignored).
+        candidates: the modes ``auto`` chooses among when ``example`` is given (not empty).
 
-    Returns an eval-mode module taking and returning float32 tensors; call it under
-    ``torch.inference_mode()``. Raises ``ValueError`` for a mode, precision or engine the device
-    cannot run, and for int8 without calibration data.
+    Returns an eval-mode module taking and returning float32 tensors, without gradients; call it under
+    ``torch.inference_mode()``. What can be saved of it: the module docstring. Raises ``ValueError`` for a
+    mode, precision or engine the device cannot run, for int8 without calibration data, and for an argument
+    the mode would ignore.
     """
     device = check_device(device)
     check_precision(precision, device)
@@ -232,12 +254,14 @@ def deploy(
             f"deploy takes a float32 model, got {', '.join(map(str, sorted(dtypes, key=str)))} weights: call "
             "model.float() first (precision='bf16' or 'int8' gives the lower precisions)"
         )
-    _check_arguments_apply(mode, precision, calibration, example, devices, threads, candidates)
+    _check_arguments_apply(mode, device, precision, calibration, example, devices, threads, candidates)
     if example is not None:
         model.check_input(example)  # a ValueError that says what to pass, not an exporter's traceback
     batches = calibration_batches(calibration, model.in_chans) if precision == "int8" else None
+    if batches:
+        model.check_input(batches[0])  # the same, before any export calibrates on them
+        check_calibration_size(example, batches)
     if mode == "auto" and example is not None:
-        names = candidates or auto_candidates(device, precision)
         built = {
             name: deploy(
                 model,
@@ -247,9 +271,9 @@ def deploy(
                 batches,
                 example,
                 devices=devices if name == "multi_device" else None,
-                threads=threads,
+                threads=threads if _takes_threads(name, device) else None,
             )  # fmt: skip
-            for name in names
+            for name in _modes_built(mode, device, precision, example, candidates)
         }
         return built[fastest(built, example.to(device))]
     if mode == "auto":
@@ -262,8 +286,8 @@ def deploy(
         return _deploy_cuda_bf16(model, device, mode)
     if precision != "fp32" or mode in ENGINES:
         return _deploy_cpu_precision(model, mode, precision, batches, example, threads)
-    if mode == "fused":
-        return reparameterized(model).to(device)
+    if mode == "fused":  # no gradients, as every mode: built under inference_mode, it runs outside it too
+        return reparameterized(model).to(device).requires_grad_(False)
     if mode == "multi_device":
         if devices is None:
             raise ValueError("mode 'multi_device' needs devices=[one device per stream]")
@@ -283,21 +307,64 @@ def deploy(
     return StreamParallelParNet(folded, threads=threads).eval()
 
 
+def _takes_threads(mode: str, device: torch.device) -> bool:
+    """Whether ``threads=`` sets anything in ``mode`` on ``device`` (:data:`THREAD_MODES`)."""
+    return mode in THREAD_MODES and device.type == "cpu"
+
+
+def _modes_built(
+    mode: str, device: torch.device, precision: str, example: Any, candidates: Sequence[str] | None
+) -> tuple[str, ...]:
+    """The modes a deploy call builds: ``auto``'s candidates (given an example) or its rule's choice, else ``mode``."""
+    if mode != "auto":
+        return (mode,)
+    if example is not None:
+        return tuple(candidates) if candidates is not None else auto_candidates(device, precision)
+    return (auto_mode(device, precision),)
+
+
 def _check_arguments_apply(
-    mode: str, precision: str, calibration: Any, example: Any, devices: Any, threads: Any, candidates: Any
+    mode: str,
+    device: torch.device,
+    precision: str,
+    calibration: Any,
+    example: Any,
+    devices: Any,
+    threads: Any,
+    candidates: Any,
 ) -> None:
     """Refuse an argument that the mode and precision would ignore: a forgotten ``precision="int8"`` beside
-    calibration data, say, must not quietly give an fp32 model."""
+    calibration data, say, must not quietly give an fp32 model. ``auto`` is judged by the modes it builds."""
     if calibration is not None and precision != "int8":
         raise ValueError(f"calibration= is for precision 'int8'; this deploy is {precision}: pass precision='int8'")
-    if devices is not None and mode not in ("multi_device", "auto"):
-        raise ValueError(f"devices= is for mode 'multi_device', not {mode!r}")
     if candidates is not None and (mode != "auto" or example is None):
         raise ValueError("candidates= is for mode 'auto' with an example= to time them on")
+    if candidates is not None and not candidates:  # not the defaults: a list filtered down to nothing, say
+        raise ValueError(
+            "candidates= is empty: give the modes 'auto' should time, or leave it out for auto_candidates(device)"
+        )
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer (or None for torch's), got {threads!r}")
     if example is not None and not isinstance(example, torch.Tensor):
         raise ValueError(f"example= must be an input batch (a tensor (N, C, H, W)), got {type(example).__name__}")
+    if devices is None and threads is None:
+        return
+    built = _modes_built(mode, device, precision, example, candidates)
+    if devices is not None and "multi_device" not in built:
+        raise ValueError(f"devices= is for mode 'multi_device', not {_describe(mode, built)}")
+    # The other modes run on torch's threads: threads= as many is what they do, another number is ignored.
+    ignored = threads is not None and threads != torch.get_num_threads()
+    if ignored and not any(_takes_threads(m, device) for m in built):
+        raise ValueError(
+            f"threads= sets the threads of modes {THREAD_MODES} on the CPU; {_describe(mode, built)} on "
+            f"{device.type} runs on torch's ({torch.get_num_threads()} now): call torch.set_num_threads({threads}) "
+            "instead, or leave threads= out"
+        )
+
+
+def _describe(mode: str, built: tuple[str, ...]) -> str:
+    """``mode`` as an error message names it: for ``auto``, with the modes it builds."""
+    return repr(mode) if mode != "auto" else f"'auto' (which builds {', '.join(built)} here)"
 
 
 def _deploy_cuda_bf16(model: ParNet, device: torch.device, mode: str) -> nn.Module:
@@ -321,12 +388,6 @@ def _deploy_cpu_precision(
 ) -> nn.Module:
     """The CPU modes of bf16 and int8, and the engines in every precision."""
     if mode in ENGINES:
-        if example is not None and batches and example.shape[1:] != batches[0].shape[1:]:
-            raise ValueError(
-                f"example= is {tuple(example.shape[1:])} per image, the calibration images "
-                f"{tuple(batches[0].shape[1:])}: an engine's int8 model is calibrated at the one size it runs: "
-                "give both at that size"
-            )
         shape_from = example if example is not None else (batches[0] if batches else None)
         if shape_from is None:
             raise ValueError(f"mode {mode!r} needs example= (an input batch: its size fixes the engine's input size)")

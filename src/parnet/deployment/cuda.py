@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..devices import check_device
 from .folding import FoldedParNet, merge_after_entry
-from .kernels import recall, remember
+from .kernels import recall, remember, without_caches
 
 
 class CudaStreamParNet(nn.Module):
@@ -24,6 +25,9 @@ class CudaStreamParNet(nn.Module):
         super().__init__()
         self.folded = folded
         self._streams: list[torch.cuda.Stream] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return without_caches(self, _streams=None)  # CUDA streams cannot be pickled: a copy makes its own
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cuda":
@@ -62,7 +66,8 @@ class CudaGraphModule(nn.Module):
     Each (shape, dtype, device, layout) gets its own graph and static buffers (at most
     ``max_graphs``; the least recently used is dropped), so an input of another shape is never run through a
     graph captured for a different one. The output is a copy, safe to keep across calls. Moving
-    or casting the module (``.to``, ``.half``, ...) drops the graphs, which read the old weights.
+    or casting the module (``.to``, ``.half``, ...) drops the graphs, which read the old weights; a copy
+    (``copy.deepcopy``, ``pickle``, ``torch.save``) captures its own.
     """
 
     def __init__(self, module: nn.Module, max_graphs: int = 8, warmup: int = 3):
@@ -74,6 +79,9 @@ class CudaGraphModule(nn.Module):
         self.max_graphs = max_graphs
         self.warmup = warmup
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return without_caches(self, _graphs={})  # CUDA graphs cannot be pickled: a copy captures its own
 
     def _apply(self, fn: Callable, recurse: bool = True) -> CudaGraphModule:
         self._graphs.clear()  # the graphs read the parameters' old memory

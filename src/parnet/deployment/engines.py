@@ -6,7 +6,8 @@ once at a fixed input resolution with a dynamic batch; a session (ONNX Runtime) 
 dynamic-batch ONNX Runtime session ran ParNet-S 2x slower at batch 1 than a fixed-shape one), and
 the last :data:`~parnet.deployment.kernels.PACKED_SHAPES` are kept. Inputs and outputs are float32
 torch tensors on the CPU; an input of another resolution or channel count is refused (deploy again
-with an example of that size).
+with an example of that size), and so are integer pixels and other floating types, as every deploy mode
+refuses them (:mod:`parnet.deployment.inputs`), never cast.
 
 int8 is static post-training quantization calibrated on the caller's batches with the engine's
 own tool: ONNX Runtime's ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations,
@@ -34,7 +35,8 @@ from torch import nn
 
 from ..precision import has_native_bf16, int8_pairs_saturate
 from .folding import FoldedParNet
-from .kernels import recall, remember
+from .inputs import check_fixed_input
+from .kernels import recall, remember, without_caches
 
 ENGINES = ("onnxruntime", "openvino")
 ORT_CALIBRATION = ("minmax", "percentile", "entropy")
@@ -86,6 +88,8 @@ def onnx_model_bytes(net: nn.Module, example: torch.Tensor, dynamic_batch: bool 
                 dynamic_axes=axes, opset_version=opset,
             )  # fmt: skip
             return buffer.getvalue()
+        except ValueError:  # the model's own refusal of the input: the other exporter would only obscure it
+            raise
         except Exception:  # noqa: BLE001 - fall back to the dynamo exporter
             batch = torch.export.Dim("batch", min=1, max=4096)
             program = torch.onnx.export(
@@ -102,7 +106,11 @@ def onnx_model_bytes(net: nn.Module, example: torch.Tensor, dynamic_batch: bool 
 class EngineModule(nn.Module):
     """An engine's model behind a torch module: one session per input shape (the last few kept).
 
-    ``build(shape)`` returns a function of a float32 NCHW numpy array; subclasses define it.
+    ``build(shape)`` returns a function of a float32 NCHW numpy array; subclasses define it. Inputs are
+    float32 (checked as every deploy mode checks them, never cast). ``copy.deepcopy``, ``pickle`` and
+    ``torch.save`` keep the engine's model and leave the sessions, which the copy builds again; to keep a
+    model, write it as a file (``parnet quantize``, :func:`parnet.deployed.save_deployed`), which says what
+    it takes, and read it back with :func:`parnet.deployed.load_deployed`.
     """
 
     engine = ""
@@ -118,16 +126,14 @@ class EngineModule(nn.Module):
     def build(self, shape: tuple[int, ...]) -> Callable[[Any], Any]:
         raise NotImplementedError
 
+    def __getstate__(self) -> dict[str, Any]:
+        return without_caches(self, _sessions={})  # the engine's sessions cannot be pickled: a copy builds its own
+
     def check_input(self, x: torch.Tensor) -> None:
-        want = (self.in_chans, self.height, self.width)
-        if x.dim() != 4 or tuple(x.shape[1:]) != want:
-            raise ValueError(
-                f"this {self.engine} {self.precision} model was built for inputs (N, {want[0]}, {want[1]}, {want[2]}), "
-                f"got {list(x.shape)}: deploy again with an example of that size (`parnet quantize`: "
-                "--resolution)"
-            )
-        if x.device.type != "cpu":
-            raise ValueError(f"the {self.engine} modes run on the CPU; got an input on {x.device}")
+        """Refuse what the engine's model cannot take: another size than it was built for, images that are not
+        float32, an input off the CPU."""
+        again = "deploy again with an example of that size (`parnet quantize`: --resolution)"
+        check_fixed_input(x, (self.in_chans, self.height, self.width), f"{self.engine} {self.precision} model", again)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
@@ -136,8 +142,7 @@ class EngineModule(nn.Module):
         if run is None:
             run = self.build(key)
             remember(self._sessions, key, run)
-        array = x.detach().float().contiguous().numpy()
-        return torch.from_numpy(run(array))
+        return torch.from_numpy(run(x.detach().contiguous().numpy()))
 
 
 # -- ONNX Runtime ---------------------------------------------------------------------------------
@@ -258,6 +263,12 @@ class OpenVinoModule(EngineModule):
 
     engine = "openvino"
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "model": openvino_ir(self.model)}  # an openvino.Model cannot be pickled
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__({**state, "model": read_openvino_ir(*state["model"])})
+
     def build(self, shape: tuple[int, ...]) -> Callable:
         import openvino as ov
 
@@ -272,6 +283,24 @@ class OpenVinoModule(EngineModule):
         request = compiled.create_infer_request()
         output = compiled.outputs[0]
         return lambda array: request.infer({0: array})[output].copy()
+
+
+def openvino_ir(model: Any) -> tuple[bytes, bytes]:
+    """An ``openvino.Model`` as the bytes of its IR files (``.xml``, ``.bin``): what can be pickled of it."""
+    import openvino as ov
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.xml"
+        ov.save_model(model, str(path), compress_to_fp16=False)
+        return path.read_bytes(), path.with_suffix(".bin").read_bytes()
+
+
+def read_openvino_ir(xml: bytes, weights: bytes) -> Any:
+    """The ``openvino.Model`` of :func:`openvino_ir`'s bytes."""
+    import numpy as np
+    import openvino as ov
+
+    return ov.Core().read_model(xml.decode(), ov.Tensor(np.frombuffer(weights, np.uint8)))
 
 
 def openvino_float_precision(precision: str) -> str:

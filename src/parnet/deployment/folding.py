@@ -11,6 +11,7 @@ from torch import nn
 
 from ..layers import Fusion, ParNetBlock, spatial_mean
 from ..model import ParNet
+from .inputs import check_image_dtype
 from .kernels import PackedConv2d, check_packing
 
 
@@ -407,11 +408,11 @@ class FoldedParNet(nn.Module):
         return self
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Refuse inputs the network cannot take (as ``ParNet.check_input``)."""
+        """Refuse inputs the network cannot take (as ``ParNet.check_input``), images of another floating type
+        than its weights' included: oneDNN's packed and frozen paths fail on those obscurely (or crash)."""
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected a batch (N, {self.in_chans}, H, W), got shape {list(x.shape)}")
-        if not x.is_floating_point():
-            raise ValueError(f"expected floating-point images, got {x.dtype}: convert them (e.g. x.float() / 255)")
+        check_image_dtype(x, self.stem[0].conv.weight.dtype)
         if x.shape[-2] % self.multiple or x.shape[-1] % self.multiple:
             raise ValueError(f"height and width must be multiples of {self.multiple}, got {x.shape[-2]}x{x.shape[-1]}")
 

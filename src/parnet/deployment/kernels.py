@@ -34,6 +34,15 @@ def remember(cache: dict, key: tuple, value: object, limit: int = PACKED_SHAPES)
     cache[key] = value
 
 
+def without_caches(module: nn.Module, **fresh: Any) -> dict[str, Any]:
+    """``module``'s pickling state (``copy.deepcopy``, ``pickle``, ``torch.save``) with its caches set to ``fresh``.
+
+    What a module builds for this process (oneDNN's packed weights, engine sessions, CUDA streams and graphs)
+    cannot be copied or pickled, and would be stale elsewhere: a copy builds its own on its first call.
+    """
+    return {**nn.Module.__getstate__(module), **fresh}
+
+
 def nnpack_conv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: Sequence[int]
 ) -> torch.Tensor:
@@ -100,7 +109,8 @@ class PackedConv2d(nn.Module):
     optional activation (``"relu"``, ``"swish"``) into the oneDNN call; its output is channels_last.
 
     The packed copy is of the weight at the first call: a weight changed in place afterwards is not seen
-    (deploy again); moving the module (``.to``) drops the copies.
+    (deploy again); moving the module (``.to``) drops the copies, and so do ``copy.deepcopy``, ``pickle`` and
+    ``torch.save`` (oneDNN's packed tensors are opaque: they cannot be copied); they are packed again on the next call.
 
     ``winograd``: a stride-1, ungrouped conv also tries NNPACK's convolution on the first call with
     each input shape and runs it for that shape where it is faster (:func:`nnpack_is_faster`); its
@@ -124,6 +134,10 @@ class PackedConv2d(nn.Module):
         if self.use_nnpack is not None:
             self.use_nnpack.clear()
         return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the caches _apply drops too: the copy packs (and times NNPACK) on its own first call with each shape
+        return without_caches(self, packed_weights={}, use_nnpack=None if self.use_nnpack is None else {})
 
     @staticmethod
     def takes(module: nn.Module) -> bool:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
 
 from .folding import FoldedParNet, merge_after_entry
+from .kernels import without_caches
 
 
 class _StreamTask(nn.Module):
@@ -51,6 +53,13 @@ class _ParallelCore(nn.Module):
         return outs
 
 
+def _scripted_core(folded: FoldedParNet) -> torch.jit.ScriptModule:
+    """The TorchScript of :class:`_ParallelCore` (``torch.jit.fork`` runs only in TorchScript)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
+        return torch.jit.script(_ParallelCore(folded))
+
+
 class StreamParallelParNet(nn.Module):
     """The streams of a folded ParNet run concurrently on CPU (TorchScript ``torch.jit.fork``).
 
@@ -59,6 +68,9 @@ class StreamParallelParNet(nn.Module):
     thread, with the intra-op threads split between them (``max(1, threads // n)`` each, so n
     streams on n cores get a core each); then the fusions, final block and head run with all
     ``threads`` again. The thread count is set per call and restored afterwards.
+
+    ``copy.deepcopy``, ``pickle`` and ``torch.save`` leave the TorchScript core out (a scripted module cannot be
+    pickled) and script it again from ``folded`` when the copy is made or loaded.
     """
 
     def __init__(self, folded: FoldedParNet, threads: int | None = None):
@@ -66,9 +78,14 @@ class StreamParallelParNet(nn.Module):
         self.folded = folded
         self.threads = threads or torch.get_num_threads()
         self.per_stream = max(1, self.threads // len(folded.streams))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            self.core = torch.jit.script(_ParallelCore(folded))
+        self.core = _scripted_core(folded)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return without_caches(self, _modules={k: v for k, v in self._modules.items() if k != "core"})
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.core = _scripted_core(self.folded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.folded

@@ -1,12 +1,12 @@
 """Low precision in PyTorch: bf16 of the folded network, and int8 by PT2E static quantization.
 
-int8 (:func:`pt2e_int8`): the folded network is captured with ``torch.export`` (dynamic batch),
-quantized with torchao's PT2E flow and the ``X86InductorQuantizer`` (per-channel symmetric int8
-weights, uint8 activations, calibrated on the caller's batches: a histogram observer for
-activations, per-channel min-max for weights), then compiled by inductor with freezing, which lowers
-each quantized conv to oneDNN's int8 convolution with its bias, add and activation fused as
-post-ops. PT2E moved from ``torch.ao`` to torchao; torch 2.14 ships neither the quantizer nor the flow,
-so this mode needs ``pip install torchao``.
+int8 (:func:`pt2e_int8`): the folded network is captured with ``torch.export`` (dynamic batch, at the
+calibration images' size, the one size it then takes), quantized with torchao's PT2E flow and the
+``X86InductorQuantizer`` (per-channel symmetric int8 weights, uint8 activations, calibrated on the
+caller's batches: a histogram observer for activations, per-channel min-max for weights), then compiled
+by inductor with freezing, which lowers each quantized conv to oneDNN's int8 convolution with its bias,
+add and activation fused as post-ops. PT2E moved from ``torch.ao`` to torchao; torch 2.14 ships neither
+the quantizer nor the flow, so this mode needs ``pip install torchao``.
 
 bf16 (:class:`Bf16Module`): the folded network's weights in bf16, the input cast on entry and the
 output returned in float32; oneDNN runs bf16 convolutions natively on AVX512-BF16 / AMX CPUs.
@@ -15,6 +15,7 @@ Elsewhere it would be emulated (slower than fp32), so it is refused (:func:`chec
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from collections.abc import Iterable
 
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from ..precision import cpu_flags, has_native_bf16
+from .inputs import check_fixed_input, check_image_dtype
 
 PRECISIONS = ("fp32", "bf16", "int8")
 
@@ -73,6 +75,17 @@ def calibration_batches(calibration: Iterable[torch.Tensor] | None, in_chans: in
     return batches
 
 
+def check_calibration_size(example: torch.Tensor | None, batches: list[torch.Tensor] | None) -> None:
+    """Refuse an ``example`` of another size than the calibration images: an int8 model (an engine's, or
+    ``compiled``) is calibrated at the one size it runs."""
+    if example is not None and batches and example.shape[1:] != batches[0].shape[1:]:
+        raise ValueError(
+            f"example= is {tuple(example.shape[1:])} per image, the calibration images "
+            f"{tuple(batches[0].shape[1:])}: an int8 model is calibrated at the one size it runs: "
+            "give both at that size"
+        )
+
+
 class Bf16Module(nn.Module):
     """``net`` in bf16 behind a float32 interface (input cast on entry, output back to float32)."""
 
@@ -81,6 +94,7 @@ class Bf16Module(nn.Module):
         self.net = net.to(torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_dtype(x, torch.float32)  # the interface's type: uint8 pixels are not cast into bf16 unseen
         return self.net(x.to(torch.bfloat16)).float()
 
 
@@ -106,7 +120,7 @@ def pt2e_int8(net: nn.Module, calibration: list[torch.Tensor]) -> nn.Module:
     prepared = prepare_pt2e(captured, quantizer)
     for batch_x in calibration:
         prepared(batch_x)
-    return FrozenCompiled(convert_pt2e(prepared)).eval()
+    return FrozenCompiled(convert_pt2e(prepared), tuple(example.shape[1:])).eval()
 
 
 class FrozenCompiled(nn.Module):
@@ -115,20 +129,39 @@ class FrozenCompiled(nn.Module):
     Measured with torch 2.14.1 and torchao 0.18: passing ``options={"freezing": True}`` to
     ``torch.compile`` leaves the int8 weight pre-packing (``onednn.qconv_prepack``) unfolded and
     inductor fails on it; the global ``torch._inductor.config.freezing``, set around the call, works.
+
+    ``shape``: the (C, H, W) it was calibrated and exported at, the only size it takes (any batch), as an
+    engine's int8 model; another is refused before the exported graph's own guard fails on it. It can be
+    deep-copied but not pickled (torchao's quantized graph cannot be): deploy again where it runs.
     """
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, shape: tuple[int, int, int]):
         super().__init__()
         self.module = module
+        self.shape = shape
         self.compiled = torch.compile(module)
+
+    def __getstate__(self) -> dict:
+        raise TypeError(
+            "an int8 'compiled' model cannot be pickled or saved (torchao's quantized graph cannot be): deploy it "
+            "again where it runs, or write an int8 engine file with `parnet quantize` (parnet.deployed.save_deployed)"
+        )
+
+    def __deepcopy__(self, memo: dict) -> FrozenCompiled:
+        return FrozenCompiled(copy.deepcopy(self.module, memo), self.shape).train(self.training)
 
     def train(self, mode: bool = True) -> FrozenCompiled:
         """Only the flag: the quantized graph is inference-only, and torchao's exported module refuses ``train()``."""
         self.training = mode
         return self
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """Refuse another size than it was calibrated at, images that are not float32, an input off the CPU."""
+        check_fixed_input(x, self.shape, "int8 compiled model", "deploy again with calibration images of that size")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch._inductor.config as inductor_config
 
+        self.check_input(x)
         with inductor_config.patch(freezing=True), torch.no_grad():
             return self.compiled(x)
