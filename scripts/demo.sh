@@ -34,7 +34,9 @@ res = json.load(open(f"{run}/results.json"))
 x = torch.randn(1, 1, 32, 32)
 print(f"ParNet {res['model_kwargs']}: {res['params']:,} params for training, {res['fused_params']:,} after fusion, "
       f"depth {parnet.network_depth(fused, x)}")
-print(f"test top-1: raw {res['test_top1']:.2f}%, EMA {res['ema_top1']:.2f}%, "
+# In float32, as `parnet eval` scores (test_top1 is the training's autocast score: bf16 where --amp chose it).
+raw, ema = res.get("fp32_top1", res["test_top1"]), res.get("ema_fp32_top1", res["ema_top1"])
+print(f"test top-1: raw {raw:.2f}%, EMA {ema:.2f}%, "
       f"fused EMA {res['ema_fused_top1']:.2f}% ({res['ema_fused_prediction_changes']} predictions changed by fusion)")
 print(f"trained {res['epochs']} epoch(s) in {res['train_seconds']:.0f} s ({res['train_images_per_s']:.0f} images/s)")
 print(f"files: {run}/last.safetensors, {run}/ema_fused.safetensors, {run}/metrics.csv, {run}/curves.png")

@@ -45,7 +45,8 @@ def test_the_checkpoint_not_config_yaml_decides_the_settings_of_a_resumed_run(da
     (out / "config.yaml").unlink()  # deleted: no traceback, the checkpoint has the settings
     assert main(["train", "--output", str(out), "--resume"]) == 0
     rows = engine.read_metrics(out)
-    assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    # the last step of a 3-epoch cosine (of 5 epochs, it would still be near half of lr 0.1)
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and 0 < rows[-1]["lr"] < 0.01
     assert (out / "results.json").is_file()
 
 

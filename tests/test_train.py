@@ -95,9 +95,9 @@ def test_schedule_warmup_cosine_and_weight_decay_exclusions(reference_run):
     """The paper's recipe as run: linear warm-up then cosine to min_lr per step; no decay on biases and norms."""
     out, _ = reference_run
     # 128 images / 32 = 4 steps an epoch, 8 in all; warm-up 0.5 epoch = 2 steps; lr 0.05, min_lr 0.
-    lrs = [r["lr"] for r in engine.read_metrics(out)]  # after the last step of each epoch
-    assert lrs[0] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
-    assert lrs[1] == pytest.approx(0.0, abs=1e-12)
+    lrs = [r["lr"] for r in engine.read_metrics(out)]  # the rate each epoch's last step (3 and 7) used
+    assert lrs[0] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 3 / 8)))
+    assert lrs[1] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 7 / 8))) and lrs[1] > 0
     state = engine.read_state(out)
     assert state["scheduler"]["warmup_t"] == 2 and state["scheduler"]["t_initial"] == 8
     groups, buffers = state["optimizer"]["param_groups"], state["optimizer"]["state"]
@@ -545,6 +545,8 @@ def test_eval_accepts_the_authors_checkpoints(tmp_path, monkeypatch):
         (["--amp", "bf32"], "--amp: Input should be 'auto', 'bf16', 'fp16' or 'off'"),
         (["--auto-augment", "trivialaugment"], "not a timm auto-augment spec (Unknown AA policy"),
         (["--auto-augment", "rand-m9-bogus"], "sections timm would ignore (bogus)"),
+        (["--decay-milestones", "20,10"], "must be one or more increasing epochs"),
+        (["--decay-milestones", "a,b"], "must be epochs separated by commas"),
     ],
 )
 def test_parser_refuses_impossible_settings(flags, message, capsys, tmp_path):
@@ -617,7 +619,9 @@ def test_every_dataset_has_its_defaults_written_out_and_the_recipe_gives_the_rec
     assert {_config_file_name(d) for d in DATASET_DEFAULTS} == set(CONFIGS) - RECIPES
     recorded = yaml.safe_load((ROOT / "results" / "fmnist-parnet-e8" / "config.yaml").read_text())
     cfg = make_config({}, str(ROOT / "configs" / "fashion_mnist_results.yaml")).model_dump()
-    added_since = {"img_size": 32, "initial_checkpoint": None, "drop_path_rate": 0.0}  # settings added since the run
+    added_since = {"img_size": 32, "initial_checkpoint": None, "drop_path_rate": 0.0, "pretrained": False,
+                   "warmup_prefix": False, "decay_epochs": None, "decay_milestones": None, "decay_rate": 0.1,
+                   "layer_decay": None}  # settings added since the run  # fmt: skip
     assert recorded["data_dir"] is None  # the usual place, saved since as its absolute path
     recorded["data_dir"] = "/usr/share/datasets/fashion-mnist"
     assert {**cfg, "output": recorded["output"]} == {**added_since, **recorded}
@@ -850,3 +854,133 @@ def test_drop_path_rate_trains_a_parnet_and_is_refused_by_a_model_without_it(fmn
                           train_subset=32, drop_path_rate=0.2))  # fmt: skip
     with pytest.raises(ValueError, match="drop_path_rate is not accepted here: use --drop-path-rate"):
         make_config({"model_kwargs": {"drop_path_rate": 0.1}})
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"epochs": 2, "warmup_epochs": 2}, "--warmup-epochs 2 is not shorter than --epochs 2: the rate would never"),
+        ({"epochs": 5, "warmup_epochs": 5.5}, "give --warmup-epochs below 5 (e.g. 0.5)"),
+        ({"min_lr": 0.5}, "--min-lr 0.5 is above the peak --lr 0.1"),
+        ({"warmup_lr": 1.0}, "--warmup-lr 1 is above the peak --lr 0.1"),
+        ({"sched": "multistep", "decay_milestones": [10, 40]}, "[40.0] fall after the run's 30 epochs"),
+        ({"sched": "step", "decay_epochs": 30}, "--decay-epochs 30 is not shorter than --epochs 30"),
+        ({"pretrained": True, "initial_checkpoint": "x.safetensors"}, "not both"),
+    ],
+)
+def test_settings_refuse_a_schedule_that_would_not_anneal(settings, message):
+    with pytest.raises(ValueError) as error:
+        make_config(settings)
+    assert message in str(error.value)
+
+
+def test_the_datasets_default_warmup_shrinks_to_a_tenth_of_a_shorter_run(tmp_path):
+    assert make_config({"epochs": 2}).warmup_epochs == pytest.approx(0.2)  # Fashion-MNIST's 2 would fill it
+    assert make_config({"epochs": 3}).warmup_epochs == 2  # shorter than the run: kept
+    (tmp_path / "c.yaml").write_text("warmup_epochs: 2\n")  # given, in a file as by a flag: refused, not changed
+    with pytest.raises(ValueError, match="--warmup-epochs 2 is not shorter than --epochs 1"):
+        make_config({"epochs": 1}, str(tmp_path / "c.yaml"))
+
+
+def test_step_schedules_decay_within_the_run_and_warmup_prefix_shifts_the_schedule():
+    """timm's defaults (decay every 90 epochs, milestones 90/180/270) never act in a 30-epoch run: a third of
+    the run, and half and three quarters of it, do; --warmup-prefix starts the schedule after the warm-up."""
+    from timm.scheduler import create_scheduler_v2
+
+    from parnet.train import _decay_arguments
+
+    def rates(**settings) -> list[float]:
+        cfg = make_config({"epochs": 12, "warmup_epochs": 0, "lr": 1.0, **settings})
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+        sched, _ = create_scheduler_v2(opt, cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+                                       warmup_lr=cfg.warmup_lr, warmup_prefix=cfg.warmup_prefix, min_lr=cfg.min_lr,
+                                       **_decay_arguments(cfg), step_on_epochs=False, updates_per_epoch=10)  # fmt: skip
+        out = []
+        for epoch in range(12):
+            sched.step_update(epoch * 10)
+            out.append(round(opt.param_groups[0]["lr"], 6))
+        return out
+
+    assert rates(sched="step") == [1.0] * 4 + [0.1] * 4 + [0.01] * 4
+    assert rates(sched="step", decay_epochs=6, decay_rate=0.5) == [1.0] * 6 + [0.5] * 6
+    assert rates(sched="multistep") == [1.0] * 6 + [0.1] * 3 + [0.01] * 3
+    assert rates(sched="multistep", decay_milestones=[2, 10]) == [1.0] * 2 + [0.1] * 8 + [0.01] * 2
+    # warm-up over 2 epochs: without the prefix the cosine has run on meanwhile, with it it starts at its peak
+    plain, prefixed = rates(warmup_epochs=2), rates(warmup_epochs=2, warmup_prefix=True)
+    assert prefixed[2] == 1.0 and plain[2] < 1.0 and plain[2] == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 12)))
+
+
+def test_a_killed_trainings_loader_workers_do_not_hold_its_run_lock(tmp_path):
+    """Forked children (DataLoader workers) close their copy of the lock: a --resume right after a kill -9 of
+    the training finds the folder free, though a worker lives on (torch's workers notice seconds later)."""
+    script = (
+        "import os, sys, time\n"
+        "from parnet.checkpoint import RunLock\n"
+        "lock = RunLock(sys.argv[1])\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "print(pid, flush=True)\n"
+        "os._exit(0)\n"  # gone without releasing, as after SIGKILL
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], capture_output=True, text=True,
+                         check=True, timeout=120)  # fmt: skip
+    child = int(out.stdout.strip())
+    try:
+        os.kill(child, 0)  # the worker still runs
+        engine.RunLock(tmp_path / "run").release()
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_starting_from_timms_own_weights_file(fmnist, tmp_path, capsys):
+    """A timm weights file (no metadata of ours) as --initial-checkpoint is read as timm reads --model's released
+    weights: every weight taken (its 10 classes are the data's; another count would restart the classifier, as
+    timm does), the input convolution adapted to grey images."""
+    from safetensors.torch import save_file
+
+    source = timm.create_model("parnet_cifar_s", num_classes=10, **TINY_STEM)
+    torch.nn.init.normal_(source.stem[0].dense.conv.weight)  # unlike a fresh model's
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "model.safetensors")
+    cfg = tiny_config(
+        fmnist,
+        tmp_path / "run",
+        epochs=1,
+        warmup_epochs=0,
+        lr=1e-9,
+        warmup_lr=0.0,
+        initial_checkpoint=str(tmp_path / "model.safetensors"),
+        ema=False,
+    )
+    train(cfg)
+    assert "read as timm reads parnet_cifar_s's released weights" in capsys.readouterr().out
+    trained = load_weights(tmp_path / "run" / "last.safetensors")
+    grey = source.stem[0].dense.conv.weight.sum(1, keepdim=True)  # timm's adapt_input_conv, 3 -> 1 channel
+    torch.testing.assert_close(trained.stem[0].dense.conv.weight, grey, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(trained.get_classifier().weight, source.get_classifier().weight, rtol=1e-3, atol=1e-6)
+
+
+def test_pretrained_offline_says_how_to_give_the_file(fmnist, tmp_path, monkeypatch):
+    import timm.models
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(ValueError, match=r"cannot get the pretrained weights of parnet_s_official.in1k \(no network\)"
+                       r".*give the file as --initial-checkpoint FILE"):  # fmt: skip
+        parnet.factory.create_pretrained("parnet_s_official.in1k", offline="give the file as --initial-checkpoint FILE")
+    with pytest.raises(ValueError, match="parnet_cifar_s has no released weights"):
+        parnet.factory.create_pretrained("parnet_cifar_s")
+
+
+def test_layer_decay_gives_each_parnet_block_group_its_rate():
+    """timm's layer-wise decay over ParNet's group_matcher: the classifier at the full rate, earlier groups less."""
+    from timm.optim import create_optimizer_v2
+
+    model = timm.create_model("parnet_cifar_s", num_classes=10, **TINY_STEM)
+    cfg = make_config({"layer_decay": 0.5})
+    opt = create_optimizer_v2(model, cfg.opt, lr=1.0, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
+    scales = sorted({g["lr_scale"] for g in opt.param_groups})
+    assert scales[-1] == 1.0 and len(scales) > 3 and scales[0] == pytest.approx(0.5 ** (len(scales) - 1))

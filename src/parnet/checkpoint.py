@@ -125,6 +125,21 @@ def check_run_folder(
     return False
 
 
+# File descriptors of the run locks this process holds. A forked child (a DataLoader worker) closes its copies:
+# they would keep the lock after the training process is killed, until the workers notice (seconds later).
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_held_locks_in_child() -> None:
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # the child's copy: the parent's lock stays (flock belongs to the open file)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+
 class RunLock:
     """An exclusive ``fcntl.flock`` on ``run_dir/.lock`` (made, with the folder, if missing).
 
@@ -152,6 +167,7 @@ class RunLock:
             ) from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD_LOCKS.add(self._fd)
 
     def release(self) -> None:
         """Drop the lock; a folder made only for it (the run failed before writing) is removed again."""
@@ -161,6 +177,7 @@ class RunLock:
             self.path.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 self.path.parent.rmdir()
+        _HELD_LOCKS.discard(self._fd)
         os.close(self._fd)  # closing drops the flock
         self._fd = -1
 

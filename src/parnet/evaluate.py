@@ -456,7 +456,7 @@ def plot(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) ->
         axes[1].plot(epochs, series("ema_top1"), "o-", label="test top-1 (EMA)")
     axes[1].set(title="accuracy (%)", xlabel="epoch")
     axes[2].plot(epochs, series("lr"), "o-")
-    axes[2].set(title="learning rate (end of epoch)", xlabel="epoch")
+    axes[2].set(title="learning rate (last step of the epoch)", xlabel="epoch")
     for ax in axes[:2]:
         ax.legend()
     for ax in axes:

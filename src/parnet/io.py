@@ -354,3 +354,33 @@ def describe_header_data(model: torch.nn.Module, meta: Mapping[str, str], source
         from .data import describe_training_data
 
         describe_training_data(model, meta["dataset"], header_img_size(meta, source))
+
+
+def is_timm_weights(path: Path) -> bool:
+    """Whether ``path`` holds weights for timm to read rather than this project's loaders: a safetensors or
+    ``torch.save`` file that is neither of ours (its header's ``format`` or ``timm_model``) nor an authors' ParNet
+    checkpoint. Files of neither kind, or unreadable, go to our loaders, which say what they are."""
+    from safetensors import safe_open
+
+    from .official import is_official_layout, read_checkpoint, select_state_dict
+
+    if not path.is_file():
+        return False
+    if is_safetensors(path):  # by content, whatever the file's name
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # noqa: BLE001 - a damaged file: read_safetensors says so
+            return False
+        ours = str(meta.get("format", "")).startswith("parnet") or "timm_model" in meta  # save_model's, a run's
+        return not ours
+    if not is_torch_checkpoint(path):
+        return False
+    checkpoint = read_checkpoint(path)  # tensors only, nothing run; refuses programs and code by name
+    if checkpoint.get("format") == "parnet-train-state":  # a run's last_state.pt: its loader says what to give
+        return False
+    try:
+        state = select_state_dict(checkpoint)
+    except ValueError:  # no tensors at its top or under state_dict: timm also looks under "model"
+        return True
+    return not is_official_layout(state)

@@ -194,6 +194,7 @@ def load_predictor(
     from .devices import check_device
     from .evaluate import holds_ema_weights, load_trained_model, trained_on
     from .factory import check_model_name
+    from .io import is_timm_weights
 
     model_name = check_model_name(model_name) if model_name else None
     device = str(check_device(device))
@@ -214,7 +215,7 @@ def load_predictor(
             raise ValueError(
                 f"{weights}: the weights say how their images are prepared (dataset {dataset}): leave out --model"
             )
-        if checkpoint is not None and _is_timm_weights(Path(checkpoint)):
+        if checkpoint is not None and is_timm_weights(Path(checkpoint)):
             if not use_ema:
                 raise ValueError(
                     f"{checkpoint} is read as timm reads a pretrained file (a checkpoint's EMA weights where it "
@@ -287,77 +288,17 @@ def preprocessing_metadata(
 
 
 def _load_pretrained(name: str, device: str) -> tuple[nn.Module, str]:
-    import timm
+    from .factory import create_pretrained
 
-    from . import baselines  # noqa: F401 - registers the baselines (and, through parnet, the variants)
-
-    if not timm.is_model(name.split(".")[0]):
-        raise ValueError(f"unknown model {name!r}")
-    cfg = timm.models.get_pretrained_cfg(name)
-    if cfg is None or not (cfg.url or cfg.hf_hub_id or cfg.file):
-        raise ValueError(f"{name} has no released weights: pass --checkpoint FILE (or a run folder) with it")
-    try:
-        model = timm.create_model(name, pretrained=True)
-    except (OSError, RuntimeError) as e:  # no network, a refused download
-        where = (
-            f"{cfg.hf_hub_filename or 'model.safetensors'} of https://huggingface.co/{cfg.hf_hub_id}"
-            if cfg.hf_hub_id
-            else cfg.url or cfg.file
-        )
-        raise ValueError(
-            f"cannot get the pretrained weights of {name} ({e}); download them ({where}) and pass the file as "
-            f"--checkpoint FILE with --model {name}"
-        ) from None
+    model = create_pretrained(name, offline=f"pass the file as --checkpoint FILE with --model {name}")
     return model.to(device), f"timm pretrained {name}"
-
-
-def _is_timm_weights(path: Path) -> bool:
-    """Whether ``path`` holds weights for timm to read rather than this project's loaders: a safetensors or
-    ``torch.save`` file that is neither of ours (its header's ``format`` or ``timm_model``) nor an authors' ParNet
-    checkpoint. Files of neither kind, or unreadable, go to our loaders, which say what they are."""
-    from safetensors import safe_open
-
-    from .io import is_safetensors, is_torch_checkpoint
-    from .official import is_official_layout, read_checkpoint, select_state_dict
-
-    if not path.is_file():
-        return False
-    if is_safetensors(path):  # by content, whatever the file's name
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-        except Exception:  # noqa: BLE001 - a damaged file: read_safetensors says so
-            return False
-        return meta.get("format") != "parnet" and "timm_model" not in meta  # save_model's, a run's
-    if not is_torch_checkpoint(path):
-        return False
-    checkpoint = read_checkpoint(path)  # tensors only, nothing run; refuses programs and code by name
-    if checkpoint.get("format") == "parnet-train-state":  # a run's last_state.pt: its loader says what to give
-        return False
-    try:
-        state = select_state_dict(checkpoint)
-    except ValueError:  # no tensors at its top or under state_dict: timm also looks under "model"
-        return True
-    return not is_official_layout(state)
 
 
 def _load_timm_file(name: str, path: Path, device: str) -> tuple[nn.Module, str]:
     """``name`` with the weights of ``path``, loaded as timm loads an offline copy of released weights."""
-    from .factory import create_model
+    from .factory import create_pretrained
 
-    # timm's load_state_dict reads a .safetensors with safetensors and any other file with torch.load(weights_only=
-    # True) (argparse.Namespace allowed), so no code in the file runs; it takes a checkpoint's EMA weights where it
-    # holds them, drops DDP's "module." and runs the model's own checkpoint filter, then loads strictly.
-    try:
-        model = create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
-    except Exception as e:  # noqa: BLE001 - a shape or key mismatch (RuntimeError), a file torch cannot read, ...
-        reason = " ".join(f"{type(e).__name__}: {e}".split())
-        reason = reason if len(reason) <= 400 else reason[:400] + " ..."
-        raise ValueError(
-            f"cannot load {path} as the weights of {name} ({reason}): give the file of {name}'s weights, or the "
-            "model name its weights are for"
-        ) from None
-    return model.to(device), f"{path} (timm {name})"
+    return create_pretrained(name, file=path).to(device), f"{path} (timm {name})"
 
 
 def _check_architecture(model: nn.Module, model_name: str, weights: str | os.PathLike) -> None:

@@ -53,13 +53,23 @@ class TrainConfig(Settings):
     download: bool = Field(False, description="CIFAR: fetch it with torchvision if missing (needs internet)")
     model: str = Field("parnet_cifar_s", description="any timm model name (ParNet variants, resnet20_cifar, ...)")
     model_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="architecture arguments of timm.create_model (widths, head_width, ...)"
+        default_factory=dict,
+        description="architecture keywords of timm.create_model, those a run's weights files rebuild the model "
+        "with: ParNet's (widths, head_width, blocks, act, use_gate, small_input, stem_width) and the baselines' "
+        "(depth_per_stage, channels)",
     )
     initial_checkpoint: str | None = Field(
         None,
-        description="start from these weights (fine-tuning): a run folder, a .safetensors file of ours or an "
-        "authors' .pth.tar; the classifier restarts for a new class count, the input convolutions adapt to "
-        "the channels",
+        description="start from these weights (fine-tuning): a run folder, a .safetensors file of ours, an "
+        "authors' .pth.tar, or timm's own weights file of --model (model.safetensors, pytorch_model.bin: an "
+        "offline copy of --pretrained's); the classifier restarts for a new class count, the input convolutions "
+        "adapt to the channels",
+    )
+    pretrained: bool = Field(
+        False,
+        description="start from --model's released weights (timm's pretrained=True, downloaded by timm; the tag "
+        "picks which, e.g. resnet10t.c3_in1k); classifier and input convolutions adapted as for "
+        "--initial-checkpoint",
     )
     img_size: int = Field(
         0,
@@ -77,15 +87,39 @@ class TrainConfig(Settings):
     )
     momentum: float = Field(0.9, ge=0, description="SGD momentum")
     weight_decay: float = Field(5e-4, ge=0, description="L2 weight decay (not applied to biases and norms)")
+    layer_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="layer-wise learning-rate decay (timm's --layer-decay): each group of layers, from the "
+        "classifier back, trains at this factor of the next one's rate (ParNet: its group_matcher, per stream "
+        "block); none: one rate",
+    )
     # Schedules stepped per update (timm's "plateau" steps per epoch only, on a metric: not offered).
     sched: Literal["cosine", "step", "multistep", "poly", "tanh", "wsd"] = Field(
         "cosine", description="timm scheduler name"
     )
     warmup_epochs: float = Field(
-        2, ge=0, description="linear warm-up from warmup_lr to lr, in epochs (fractional allowed)"
+        2, ge=0, description="linear warm-up from warmup_lr to lr, in epochs (fractional allowed; below --epochs)"
     )
-    warmup_lr: float = Field(1e-4, ge=0, description="learning rate at the start of warm-up")
-    min_lr: float = Field(0.0, ge=0, description="learning rate at the end of the cosine")
+    warmup_lr: float = Field(1e-4, ge=0, description="learning rate at the start of warm-up (at most lr)")
+    warmup_prefix: bool = Field(
+        False,
+        description="the schedule starts after the warm-up (timm's --warmup-prefix); off: it runs from step 0 "
+        "and the warm-up overrides its start, so the rate falls to the schedule's value when warm-up ends",
+    )
+    min_lr: float = Field(0.0, ge=0, description="learning rate at the end of the schedule (at most lr)")
+    decay_epochs: float | None = Field(
+        None,
+        gt=0,
+        description="step: epochs between decays by decay_rate; wsd: length of the final decay, epochs or a "
+        "fraction < 1 of the run (default: a third of --epochs for step, 0.2 for wsd)",
+    )
+    decay_milestones: list[float] | None = Field(
+        None, description="multistep: epochs at which the rate decays by decay_rate (default: half and "
+        "three quarters of --epochs), e.g. 10,20",
+    )  # fmt: skip
+    decay_rate: float = Field(0.1, gt=0, le=1, description="step and multistep: factor of each decay")
     label_smoothing: float = Field(0.1, ge=0, le=1, description="label smoothing of the cross-entropy")
     auto_augment: str = Field(
         "rand-m9-mstd0.5",
@@ -188,6 +222,19 @@ class TrainConfig(Settings):
         from .weights import setting_kwargs
 
         return setting_kwargs(value, RESERVED_MODEL_KWARGS)
+
+    @field_validator("decay_milestones", mode="before")
+    @classmethod
+    def _milestones(cls, value: Any) -> Any:
+        """``10,20`` from the command line, a list from a file; increasing epochs."""
+        if isinstance(value, str):
+            try:
+                value = [float(v) for v in value.replace(" ", "").strip("[]()").split(",") if v]
+            except ValueError:
+                raise ValueError(f"must be epochs separated by commas, e.g. 10,20, got {value!r}") from None
+        if isinstance(value, list) and (not value or any(b <= a for a, b in zip(value, value[1:]))):
+            raise ValueError(f"must be one or more increasing epochs, got {value!r}")
+        return value
 
     @field_validator("amp", "channels_last", mode="before")
     @classmethod
@@ -364,6 +411,24 @@ def _layered(lower: dict[str, Any], upper: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _check_schedule(cfg: TrainConfig) -> None:
+    """Refuse a learning-rate schedule that would not anneal: a warm-up filling the run, rates above the peak,
+    decays after the last epoch."""
+    if cfg.warmup_epochs >= cfg.epochs:
+        raise ValueError(
+            f"--warmup-epochs {cfg.warmup_epochs:g} is not shorter than --epochs {cfg.epochs}: the rate would never "
+            f"decay from its warm-up; give --warmup-epochs below {cfg.epochs} (e.g. {cfg.epochs / 10:g})"
+        )
+    for name in ("warmup_lr", "min_lr"):
+        if getattr(cfg, name) > cfg.lr:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name):g} is above the peak --lr {cfg.lr:g}")
+    late = [m for m in cfg.decay_milestones or () if m >= cfg.epochs]
+    if cfg.sched == "multistep" and late:
+        raise ValueError(f"--decay-milestones {late} fall after the run's {cfg.epochs} epochs: they would never act")
+    if cfg.sched == "step" and cfg.decay_epochs is not None and cfg.decay_epochs >= cfg.epochs:
+        raise ValueError(f"--decay-epochs {cfg.decay_epochs:g} is not shorter than --epochs {cfg.epochs}: no decay")
+
+
 def make_config(overrides: dict[str, Any] | None = None, config_file: str | None = None) -> TrainConfig:
     """A checked :class:`TrainConfig`: defaults, then the dataset's, then ``config_file`` (YAML), then ``overrides``.
 
@@ -394,6 +459,15 @@ def make_config(overrides: dict[str, Any] | None = None, config_file: str | None
         cfg.data_dir = str(Path(cfg.data_dir or _default_data_dir(cfg.dataset)).expanduser().absolute())
     except ValidationError as e:
         raise ValueError(validation_message(e, config_file or "arguments")) from None
+    if not (cfg.resume and saved):  # a resumed run keeps the schedule it started with
+        if "warmup_epochs" not in given and cfg.warmup_epochs >= cfg.epochs:  # the dataset's, for a longer run
+            cfg.warmup_epochs = cfg.epochs / 10
+        _check_schedule(cfg)
+    if cfg.pretrained and cfg.initial_checkpoint:
+        raise ValueError(
+            "give --pretrained (timm's download of the released weights) or --initial-checkpoint (a file, also an "
+            "offline copy of them), not both"
+        )
     # Valid one by one, not together: smoothing 1 leaves no target unless Mixup/CutMix soften the labels.
     if cfg.mixup == 0 and cfg.cutmix == 0 and cfg.label_smoothing >= 1:
         raise ValueError("label_smoothing must be below 1 (without --mixup or --cutmix)")

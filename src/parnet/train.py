@@ -67,7 +67,8 @@ _RESULT_FILES = ("results.json", "fused.safetensors", "ema_fused.safetensors")
 # Settings a resumed run must keep: the data and model, and those the restored optimizer and schedule
 # state would silently override (a longer --epochs would continue at the finished cosine's min_lr).
 _RESUME_FIXED = ("dataset", "img_size", "model", "model_kwargs", "batch_size", "seed", "train_subset", "epochs", "lr",
-                 "opt", "momentum", "weight_decay", "sched", "warmup_epochs", "warmup_lr", "min_lr", "ema")  # fmt: skip
+                 "opt", "momentum", "weight_decay", "layer_decay", "sched", "warmup_epochs", "warmup_lr",
+                 "warmup_prefix", "min_lr", "decay_epochs", "decay_milestones", "decay_rate", "ema")  # fmt: skip
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -123,6 +124,17 @@ def _check_resume_settings(cfg: TrainConfig, saved: dict[str, Any] | None, run_d
         )
 
 
+def _decay_arguments(cfg: TrainConfig) -> dict[str, Any]:
+    """timm's decay keywords for the step schedules, defaulting to the run's length (timm's own defaults, 90
+    epochs and milestones 90/180/270, are ImageNet's: a shorter run would never decay)."""
+    if cfg.sched == "step":
+        return {"decay_epochs": cfg.decay_epochs or cfg.epochs / 3, "decay_rate": cfg.decay_rate}
+    if cfg.sched == "multistep":
+        return {"decay_milestones": cfg.decay_milestones or [cfg.epochs / 2, cfg.epochs * 3 / 4],
+                "decay_rate": cfg.decay_rate}  # fmt: skip
+    return {"decay_epochs": cfg.decay_epochs} if cfg.sched == "wsd" and cfg.decay_epochs else {}
+
+
 def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     import torch
     import torch.distributed as tdist
@@ -135,7 +147,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
 
     from . import engine
     from .data import AugmentCfg, available_cpus, build_datasets, build_loaders
-    from .io import atomic_write, remove_temporaries
+    from .io import atomic_write, is_timm_weights, remove_temporaries
     from .precision import autocast_dtype
 
     t_start = time.perf_counter()
@@ -172,15 +184,27 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     steps_per_epoch = len(train_loader)
 
     # Model, EMA, optimizer, schedule, loss.
-    model = create_classifier(
-        cfg.model, info.num_classes, info.in_chans, cfg.model_kwargs, cfg.drop_rate, cfg.drop_path_rate
+    # Starting weights (not for a resumed run: its checkpoint holds them): timm's released ones for --pretrained
+    # or their offline copy as --initial-checkpoint; a file of ours or the authors' through initialize_from.
+    timm_file = (
+        cfg.initial_checkpoint if cfg.initial_checkpoint and is_timm_weights(Path(cfg.initial_checkpoint)) else None
     )
+    model = create_classifier(
+        cfg.model, info.num_classes, info.in_chans, cfg.model_kwargs, cfg.drop_rate, cfg.drop_path_rate,
+        pretrained=cfg.pretrained and not has_checkpoint, pretrained_file=None if has_checkpoint else timm_file,
+    )  # fmt: skip
+    if timm_file and not has_checkpoint:
+        log(f"starting from {timm_file}, read as timm reads {cfg.model}'s released weights")
+    elif cfg.pretrained and not has_checkpoint:
+        log(f"starting from timm's released weights of {cfg.model}")
+    elif "." in cfg.model and not cfg.initial_checkpoint and not has_checkpoint:
+        log(f"note: {cfg.model} names released weights, but the run starts from random ones: add --pretrained")
     if hasattr(model, "check_input"):  # a ParNet: refuse a size it cannot take before any work
         try:
             model.check_input(torch.empty(1, info.in_chans, info.img_size, info.img_size, device="meta"))
         except ValueError as e:
             raise ValueError(f"--img-size {info.img_size} does not suit {cfg.model}: {e}") from None
-    if cfg.initial_checkpoint and not has_checkpoint:  # a resumed run's own weights come from its checkpoint
+    if cfg.initial_checkpoint and not timm_file and not has_checkpoint:
         from .transfer import initialize_from
 
         log(initialize_from(model, cfg.initial_checkpoint, info.classes))
@@ -188,14 +212,18 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     model = model.to(d.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     n_params = sum(p.numel() for p in model.parameters())
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
-    optimizer = create_optimizer_v2(model, cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    optimizer = create_optimizer_v2(
+        model, cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, layer_decay=cfg.layer_decay
+    )
     scheduler, _ = create_scheduler_v2(
         optimizer,
         cfg.sched,
         num_epochs=cfg.epochs,
         warmup_epochs=cfg.warmup_epochs,
         warmup_lr=cfg.warmup_lr,
+        warmup_prefix=cfg.warmup_prefix,
         min_lr=cfg.min_lr,
+        **_decay_arguments(cfg),
         step_on_epochs=False,
         updates_per_epoch=steps_per_epoch,
     )
@@ -269,6 +297,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
 
     # The epochs.
     train_seconds = float(extra.get("train_seconds", 0.0))
+    wall_before = float(extra.get("wall_seconds", 0.0))  # the earlier invocations', to their last checkpoint
     train_images = int(extra.get("train_images", 0))
     epochs_run = 0
     metrics: dict[str, Any] = {}
@@ -281,6 +310,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
         train_model.train()
         bar = engine.Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", d.is_main and cfg.progress)
         t0 = time.perf_counter()
+        step_lr = optimizer.param_groups[0]["lr"]
         for x, y in train_loader:
             x = x.to(d.device, non_blocking=True)
             if channels_last:
@@ -298,6 +328,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            step_lr = optimizer.param_groups[0]["lr"]  # the rate this step used, logged for its epoch
             scaler.step(optimizer)
             scaler.update()
             global_step += 1
@@ -323,7 +354,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
         res = evaluate_model(model, test_loader, d.device, amp_dtype, channels_last)
         last_preds = {"": res["preds"]}
         metrics = {
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": step_lr,  # of the epoch's last step (the schedule has moved on for the next one)
             "train_loss": engine.reduce_mean(means.get("loss", float("nan")), d.device),
             "train_acc": engine.reduce_mean(means.get("acc", float("nan")), d.device),
             "test_loss": res["loss"],
@@ -357,6 +388,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
                     "classes": list(info.classes),
                     "amp": amp,
                     "global_step": global_step,
+                    "wall_seconds": wall_before + time.perf_counter() - t_start,
                     "world_size": d.world_size,
                     "rng_ranks": rng_ranks,
                     "train_seconds": train_seconds,
@@ -416,7 +448,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
         if ema is not None:
             last_preds["ema_"] = evaluate_model(ema.module, test_loader, d.device, amp_dtype, channels_last)["preds"]
     results.update(_final_eval(model, ema, test_loader, d, amp_dtype, info, cfg, run_dir, last_preds))
-    results["wall_seconds"] = time.perf_counter() - t_start
+    results["wall_seconds"] = wall_before + time.perf_counter() - t_start  # every invocation's, as train_seconds
     if d.is_main:
         with atomic_write(run_dir / "results.json") as tmp:
             tmp.write_text(json.dumps(results, indent=2))
@@ -454,6 +486,9 @@ def _settle_amp(amp: str, state: dict[str, Any] | None, d: Any, model: Any, info
         )
     if recorded:
         return recorded
+    if amp == "fp16" and d.device.type == "cpu" and d.is_main:  # allowed (torch runs it), but say what it costs
+        note = "a tiny ParNet trained at 9 images/s against 88 in float32 on an AMX Xeon"
+        print(f"warning: --amp fp16 on a CPU is slow ({note}): --amp bf16 (native bf16 CPUs) or off", flush=True)
     if amp != "auto":
         return amp
     with torch.random.fork_rng(devices=[]):  # the probe's draws (input, dropout) leave the run's RNG as it was
