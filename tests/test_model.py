@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import timm
 import torch
@@ -384,6 +386,21 @@ def test_inputs_that_are_not_float_image_batches_are_clear_errors():
     folded = parnet.deploy(model, "cpu", "folded")
     with pytest.raises(ValueError, match="expected floating-point images, got torch.uint8"):
         folded((x * 255).to(torch.uint8))
+
+
+@pytest.mark.parametrize("mode", ["folded", "parallel", "multi_device", "frozen"])
+def test_deployed_models_refuse_a_size_with_the_plain_models_message(mode):
+    """Every mode on the folded model checks its input with the plain model's check: one message for a size it
+    cannot take (TorchScript's frozen mode raises it as its own error type)."""
+    model = parnet.create_model("parnet_cifar_s", **TINY).eval()
+    x = torch.randn(1, 3, 30, 32)
+    with pytest.raises(ValueError) as plain:
+        model(x)
+    message = str(plain.value)
+    assert "the small-input form of ParNet needs height and width that are multiples of 8, got 30x32" in message
+    net = parnet.deploy(model, "cpu", mode, devices=["cpu"] * 3 if mode == "multi_device" else None)
+    with pytest.raises((ValueError, torch.jit.Error), match=re.escape(message)):
+        net(x)
 
 
 def test_cifar_baselines_are_timm_feature_extractors_and_refuse_unknown_knobs():

@@ -272,7 +272,8 @@ def test_training_state_is_pointed_to_the_run_files(tmp_path, capsys):
 
 
 def test_torch_checkpoint_named_safetensors_is_read_by_content(official_tiny, tmp_path):
-    from parnet.io import is_torch_checkpoint, save_model
+    from parnet.formats import is_torch_checkpoint
+    from parnet.io import save_model
 
     path = tmp_path / "renamed.safetensors"
     torch.save({"state_dict": official_tiny["state_dict"]}, path)

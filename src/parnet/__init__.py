@@ -6,12 +6,11 @@
 from __future__ import annotations
 
 import timm
-from timm.utils import reparameterize_model
 from torch import nn
 
 from .deployment import deploy
 from .depth import network_depth
-from .layers import Fusion, ParNetBlock
+from .layers import Fusion, ParNetBlock, reparameterize
 from .model import ParNet, ParNetCfg, model_cfgs
 from .official import convert_official_state_dict, load_official
 
@@ -44,13 +43,3 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     if base not in model_cfgs:
         raise ValueError(f"unknown ParNet variant {name!r}; choose one of {sorted(model_cfgs)}")
     return timm.create_model(name, pretrained=pretrained, **kwargs)
-
-
-def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """The fused inference model: every block's 3x3 and 1x1 branches and BNs in one 3x3 conv.
-
-    This is ``timm.utils.reparameterize_model`` (each block's ``reparameterize()``), so it also
-    fuses timm's RepVGG and MobileOne. The result is in eval mode: fusion uses the BN running
-    statistics, so only the eval-mode outputs are preserved.
-    """
-    return reparameterize_model(model, inplace=inplace).eval()

@@ -526,12 +526,23 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def unfinished_run(checkpoint: str | os.PathLike) -> str | None:
-    """For a run folder whose training has not finished: how far it got (``"epoch 1 of 3"``); else ``None``."""
-    from .settings import read_yaml
+    """For a run folder whose training has not finished: how far it got (``"epoch 1 of 3"``); else ``None``.
+
+    Only the run's length is read from its ``config.yaml`` (``parnet train``'s dump of its settings), so plain YAML,
+    not ``settings.read_yaml``: the loaders check the file as settings.
+    """
+    import yaml
 
     run = Path(checkpoint)
-    if not run.is_dir() or (run / "results.json").is_file() or not (run / "config.yaml").is_file():
+    config = run / "config.yaml"
+    if not run.is_dir() or (run / "results.json").is_file() or not config.is_file():
         return None
-    epochs = read_yaml(run / "config.yaml").get("epochs")
+    try:
+        settings = yaml.safe_load(config.read_text()) or {}
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:  # a one-line ValueError naming the file, as read_yaml's
+        raise ValueError(f"cannot read {config}: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{config} must hold a mapping of settings, got {type(settings).__name__}")
+    epochs = settings.get("epochs")
     done = len(read_metrics(run)) if (run / "metrics.jsonl").is_file() else 0
     return f"epoch {done} of {epochs}"

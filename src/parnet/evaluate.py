@@ -185,12 +185,6 @@ def evaluate_model(
     }
 
 
-def has_fusable_blocks(model: Any) -> bool:
-    """Whether ``model`` has blocks still to re-parameterize (a ParNet in training form; not a fused one, not a
-    ResNet): a block with ``reparameterize()`` whose ``reparam_conv`` is not built yet."""
-    return any(hasattr(m, "reparameterize") and getattr(m, "reparam_conv", None) is None for m in model.modules())
-
-
 def load_weights(path: str | os.PathLike, device: str = "cpu"):
     """The model of a ``.safetensors`` file of ours: a run's ``last.safetensors`` or what ``save_model`` wrote.
 
@@ -219,7 +213,7 @@ def load_trained_model(path: str | os.PathLike, device: str = "cpu", use_ema: bo
     ``use_ema``: the run's EMA weights (``last_ema.safetensors``) or the authors' ``state_dict_ema``
     when they are there; a file of ours holds one set of weights and is read as it is.
     """
-    from .io import is_torch_checkpoint
+    from .formats import is_torch_checkpoint
     from .official import read_checkpoint
 
     path = Path(path)
@@ -248,9 +242,9 @@ def _authors_model(path: Path, checkpoint: dict[str, Any], device: Any, ema: boo
 def _build_from_header(meta: dict[str, str], state: dict[str, Any], source: str) -> Any:
     """The model a training run's weights file describes (``_weights_metadata``), with ``state`` loaded,
     strictly: a registered name, architecture keywords only, bounded sizes (:mod:`parnet.weights`)."""
-    from . import reparameterize
     from .factory import check_model_name, create_classifier
     from .io import header_classes_and_chans, header_flag, header_json
+    from .layers import reparameterize
     from .weights import architecture_kwargs, build_checked
 
     name = check_model_name(meta["timm_model"])
@@ -338,11 +332,11 @@ def evaluate(
     """
     import torch
 
-    from . import reparameterize
     from .data import build_datasets, build_loaders
     from .deployed import is_deployed_file, load_deployed
     from .devices import check_device
-    from .io import is_torch_checkpoint
+    from .formats import is_torch_checkpoint
+    from .layers import has_fusable_blocks, reparameterize
 
     path = Path(checkpoint)
     nets: dict[str, Any] = {}

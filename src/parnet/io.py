@@ -29,7 +29,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .devices import check_device
-from .layers import is_reparameterized
+from .formats import is_torch_checkpoint
+from .layers import is_reparameterized, reparameterize
 from .model import CFG_FIELDS, ParNet, ParNetCfg
 from .weights import MAX_CLASSES, MAX_IN_CHANS, architecture_kwargs, bounded_int, build_checked
 
@@ -213,29 +214,6 @@ def save_model(model: ParNet, path: str | os.PathLike, metadata: dict[str, str] 
     return write_safetensors(path, model, {**model_metadata(model), **(metadata or {})})
 
 
-# Suffixes of files written by ``torch.save`` (the authors' release files end in ``.pth.tar``).
-TORCH_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".ckpt")
-
-
-def _file_head(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(9)
-
-
-def is_safetensors(path: str | os.PathLike) -> bool:
-    """Whether ``path`` starts like a safetensors file: the 8-byte length of its JSON header, then ``{``."""
-    return _file_head(Path(path))[8:9] == b"{"
-
-
-def is_torch_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds a ``torch.save`` file (zip or pickle), or is named like one, rather than safetensors."""
-    path = Path(path)
-    head = _file_head(path)
-    if head[8:9] == b"{":
-        return False
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or path.suffix.lower() in TORCH_SUFFIXES
-
-
 def read_safetensors(
     path: str | os.PathLike, expected_format: str | None, device: str | torch.device = "cpu"
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -323,8 +301,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> P
 
     The header's architecture and the tensors are checked before the model is built (:mod:`parnet.weights`).
     """
-    from . import reparameterize  # noqa: PLC0415 - the package imports this module
-
     state, meta = read_safetensors(path, "parnet", device)
     source = str(path)
     cfg_dict = header_json(meta, "cfg", source)
@@ -354,33 +330,3 @@ def describe_header_data(model: torch.nn.Module, meta: Mapping[str, str], source
         from .data import describe_training_data
 
         describe_training_data(model, meta["dataset"], header_img_size(meta, source))
-
-
-def is_timm_weights(path: Path) -> bool:
-    """Whether ``path`` holds weights for timm to read rather than this project's loaders: a safetensors or
-    ``torch.save`` file that is neither of ours (its header's ``format`` or ``timm_model``) nor an authors' ParNet
-    checkpoint. Files of neither kind, or unreadable, go to our loaders, which say what they are."""
-    from safetensors import safe_open
-
-    from .official import is_official_layout, read_checkpoint, select_state_dict
-
-    if not path.is_file():
-        return False
-    if is_safetensors(path):  # by content, whatever the file's name
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-        except Exception:  # noqa: BLE001 - a damaged file: read_safetensors says so
-            return False
-        ours = str(meta.get("format", "")).startswith("parnet") or "timm_model" in meta  # save_model's, a run's
-        return not ours
-    if not is_torch_checkpoint(path):
-        return False
-    checkpoint = read_checkpoint(path)  # tensors only, nothing run; refuses programs and code by name
-    if checkpoint.get("format") == "parnet-train-state":  # a run's last_state.pt: its loader says what to give
-        return False
-    try:
-        state = select_state_dict(checkpoint)
-    except ValueError:  # no tensors at its top or under state_dict: timm also looks under "model"
-        return True
-    return not is_official_layout(state)

@@ -10,7 +10,8 @@ One block class plays three roles (see ``reference/ARCHITECTURE.md``):
   interleaved the channels of two streams; its output channels are shuffled.
 
 After training, :meth:`ParNetBlock.reparameterize` folds the 3x3 and 1x1 branches and their BNs
-into one 3x3 convolution with bias, as in RepVGG and timm's MobileOne.
+into one 3x3 convolution with bias, as in RepVGG and timm's MobileOne; :func:`reparameterize` does so
+for a whole model (``parnet.reparameterize``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, register_notrace_function
+from timm.utils import reparameterize_model
 from torch import nn
 
 ActLayer = Callable[..., nn.Module]
@@ -51,11 +53,19 @@ class ConvNorm(nn.Sequential):
         return fold_bn(self.conv.weight, self.bn)
 
 
+def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BN as a per-channel ``x * scale + shift``, from its running statistics and affine parameters.
+
+    Not ``torch.nn.utils.fusion``: its ``rsqrt`` rounds otherwise than this division by the square root.
+    """
+    scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+    return scale, bn.bias - bn.running_mean * scale
+
+
 def fold_bn(kernel: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold BN statistics and affine parameters into the preceding bias-free kernel."""
-    std = (bn.running_var + bn.eps).sqrt()
-    scale = bn.weight / std
-    return kernel * scale.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+    scale, shift = bn_affine(bn)
+    return kernel * scale.reshape(-1, 1, 1, 1), shift
 
 
 # From this many elements a bf16 CPU mean runs as a matrix product (see spatial_mean). Measured on an
@@ -183,9 +193,25 @@ class ParNetBlock(nn.Module):
         self.dense = self.point = self.pool = None
 
 
+def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The fused inference model: every block's 3x3 and 1x1 branches and BNs in one 3x3 conv.
+
+    This is ``timm.utils.reparameterize_model`` (each block's ``reparameterize()``), so it also
+    fuses timm's RepVGG and MobileOne. The result is in eval mode: fusion uses the BN running
+    statistics, so only the eval-mode outputs are preserved.
+    """
+    return reparameterize_model(model, inplace=inplace).eval()
+
+
 def is_reparameterized(model: nn.Module) -> bool:
     """Whether ``model`` holds re-parameterized (fused) blocks: a ``reparam_conv`` built by ``reparameterize()``."""
     return any(getattr(m, "reparam_conv", None) is not None for m in model.modules())
+
+
+def has_fusable_blocks(model: nn.Module) -> bool:
+    """Whether ``model`` has blocks still to re-parameterize (a ParNet in training form; not a fused one, not a
+    ResNet): a block with ``reparameterize()`` whose ``reparam_conv`` is not built yet."""
+    return any(hasattr(m, "reparameterize") and getattr(m, "reparam_conv", None) is None for m in model.modules())
 
 
 class Fusion(nn.Module):

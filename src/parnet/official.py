@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from timm.models import generate_default_cfgs, register_model
 
+from .formats import is_safetensors, is_torch_checkpoint
 from .model import ParNet, ParNetCfg, create_parnet, imagenet_cfg, model_cfgs
 
 __all__ = ["load_official", "convert_official_state_dict", "infer_official_cfg", "read_checkpoint"]
@@ -67,8 +68,6 @@ def reading_official_checkpoints() -> Iterator[None]:
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint without running code: tensors, containers and ``argparse.Namespace`` only."""
-    from .io import is_safetensors, is_torch_checkpoint
-
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder: give the checkpoint file (.pth.tar)")
@@ -156,6 +155,34 @@ def select_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> d
 
 def is_official_layout(state_dict: Mapping[str, Any]) -> bool:
     return any(k.startswith(("inits.", "combine.")) for k in state_dict)
+
+
+def is_timm_weights(path: Path) -> bool:
+    """Whether ``path`` holds weights for timm to read rather than this project's loaders: a safetensors or
+    ``torch.save`` file that is neither of ours (its header's ``format`` or ``timm_model``) nor an authors' ParNet
+    checkpoint. Files of neither kind, or unreadable, go to our loaders, which say what they are."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return False
+    if is_safetensors(path):  # by content, whatever the file's name
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # noqa: BLE001 - a damaged file: read_safetensors says so
+            return False
+        ours = str(meta.get("format", "")).startswith("parnet") or "timm_model" in meta  # save_model's, a run's
+        return not ours
+    if not is_torch_checkpoint(path):
+        return False
+    checkpoint = read_checkpoint(path)  # tensors only, nothing run; refuses programs and code by name
+    if checkpoint.get("format") == "parnet-train-state":  # a run's last_state.pt: its loader says what to give
+        return False
+    try:
+        state = select_state_dict(checkpoint)
+    except ValueError:  # no tensors at its top or under state_dict: timm also looks under "model"
+        return True
+    return not is_official_layout(state)
 
 
 def convert_official_state_dict(state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> dict[str, torch.Tensor]:

@@ -194,7 +194,7 @@ def load_predictor(
     from .devices import check_device
     from .evaluate import holds_ema_weights, load_trained_model, trained_on
     from .factory import check_model_name
-    from .io import is_timm_weights
+    from .official import is_timm_weights
 
     model_name = check_model_name(model_name) if model_name else None
     device = str(check_device(device))
@@ -256,7 +256,7 @@ def input_preparation(
     data ``weights`` (a run folder or file, or ``None``) were trained on, else from timm's pretrained config;
     to ``img_size`` (0: the size the weights trained at, where they say)."""
     from .evaluate import TrainedOn, trained_on
-    from .io import is_torch_checkpoint
+    from .formats import is_torch_checkpoint
     from .preprocessing import pretrained_transform
 
     trained = trained_on(weights) if weights is not None else TrainedOn()
@@ -308,9 +308,8 @@ def _check_architecture(model: nn.Module, model_name: str, weights: str | os.Pat
     The named model is built empty (on the meta device) with the weights' class count and input channels,
     re-parameterized if they are, and compared by its tensors' names and shapes (and ParNet's input form,
     which has none)."""
-    from . import reparameterize
     from .factory import create_model
-    from .layers import is_reparameterized
+    from .layers import is_reparameterized, reparameterize
 
     fused = is_reparameterized(model)
     in_chans = getattr(model, "in_chans", 3)

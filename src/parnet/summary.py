@@ -8,8 +8,8 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import reparameterize
 from .depth import network_depth
+from .layers import reparameterize
 from .model import model_cfgs
 
 

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .evaluate import evaluate, evaluate_model, has_fusable_blocks, load_weights, plot
+from .evaluate import evaluate, evaluate_model, load_weights, plot
 from .factory import create_classifier
 from .settings import DATASET_DEFAULTS, TrainConfig, make_config
 
@@ -147,7 +147,8 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
 
     from . import engine
     from .data import AugmentCfg, available_cpus, build_datasets, build_loaders
-    from .io import atomic_write, is_timm_weights, remove_temporaries
+    from .io import atomic_write, remove_temporaries
+    from .official import is_timm_weights
     from .precision import autocast_dtype
 
     t_start = time.perf_counter()
@@ -524,8 +525,9 @@ def _final_eval(
     """
     import torch
 
-    from . import network_depth, reparameterize
+    from .depth import network_depth
     from .io import write_safetensors
+    from .layers import has_fusable_blocks, reparameterize
 
     out: dict[str, Any] = {}
     example = torch.randn(1, info.in_chans, info.img_size, info.img_size, device=d.device)

@@ -69,10 +69,11 @@ import torch
 from torch import nn
 
 from ..devices import check_device
+from ..layers import reparameterize
 from ..model import ParNet
 from .cuda import CudaGraphModule, CudaStreamParNet, MultiDeviceParNet
 from .engines import BF16_ORT, ENGINES, engine_module, usable
-from .folding import FoldedBlock, FoldedFusion, FoldedParNet, fold, reparameterized, shuffle_perm
+from .folding import FoldedBlock, FoldedFusion, FoldedParNet, fold, shuffle_perm
 from .kernels import (
     PACKED_SHAPES,
     PackedConv2d,
@@ -287,7 +288,7 @@ def deploy(
     if precision != "fp32" or mode in ENGINES:
         return _deploy_cpu_precision(model, mode, precision, batches, example, threads)
     if mode == "fused":  # no gradients, as every mode: built under inference_mode, it runs outside it too
-        return reparameterized(model).to(device).requires_grad_(False)
+        return reparameterize(model).to(device).requires_grad_(False)
     if mode == "multi_device":
         if devices is None:
             raise ValueError("mode 'multi_device' needs devices=[one device per stream]")

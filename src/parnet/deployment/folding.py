@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import Fusion, ParNetBlock, spatial_mean
-from ..model import ParNet
+from ..layers import Fusion, ParNetBlock, bn_affine, has_fusable_blocks, reparameterize, spatial_mean
+from ..model import ParNet, check_parnet_input
 from .inputs import check_image_dtype
 from .kernels import PackedConv2d, check_packing
 
@@ -20,12 +20,6 @@ def shuffle_perm(channels: int, groups: int = 2) -> torch.Tensor:
     j = torch.arange(channels)
     per_group = channels // groups
     return (j % groups) * per_group + j // groups
-
-
-def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode BN as ``x * scale + shift``."""
-    scale = bn.weight / (bn.running_var + bn.eps).sqrt()
-    return scale, bn.bias - bn.running_mean * scale
 
 
 def _dense_gate(block: ParNetBlock) -> torch.Tensor:
@@ -248,7 +242,7 @@ def _fold_block(block: ParNetBlock, act: str, in_perm: torch.Tensor | None = Non
     gate_b = None
     skip_scale = skip_shift = None
     if block.skip is not None:
-        a, b = (t.detach() for t in _bn_affine(block.skip))
+        a, b = (t.detach() for t in bn_affine(block.skip))
         if gate_w is not None:
             gate_b = gate_w @ b
             gate_w = gate_w * a[None, :]
@@ -285,8 +279,8 @@ def _fold_fusion(fusion: Fusion, act: str, fused_perm: torch.Tensor | None) -> F
     c = fusion.norm_stream.num_features
     half = c // 2
     perm = fused_perm if fused_perm is not None else torch.arange(c)
-    sa, ta = (t.detach() for t in _bn_affine(fusion.norm_stream))
-    sb, tb = (t.detach() for t in _bn_affine(fusion.norm_fused))
+    sa, ta = (t.detach() for t in bn_affine(fusion.norm_stream))
+    sb, tb = (t.detach() for t in bn_affine(fusion.norm_fused))
     # Per group g: the stream's channels g*half.. (physical = logical), then the running tensor's
     # channels of the group, taken in physical order. Original in-group column of stream channel
     # k: 2 (k - g half); of running-tensor logical channel j: 2 (j - g half) + 1.
@@ -350,8 +344,8 @@ class FoldedParNet(nn.Module):
 
     def __init__(self, model: ParNet):
         super().__init__()
-        if any(isinstance(m, ParNetBlock) and m.reparam_conv is None for m in model.modules()):
-            model = reparameterized(model)
+        if has_fusable_blocks(model):
+            model = reparameterize(model)
         cfg = model.cfg
         act = cfg.act
         self.act = act
@@ -408,13 +402,14 @@ class FoldedParNet(nn.Module):
         return self
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Refuse inputs the network cannot take (as ``ParNet.check_input``), images of another floating type
-        than its weights' included: oneDNN's packed and frozen paths fail on those obscurely (or crash)."""
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"expected a batch (N, {self.in_chans}, H, W), got shape {list(x.shape)}")
+        """Refuse inputs the network cannot take with the plain model's messages (``ParNet.check_input``), and
+        images of another floating type than its weights' with every deployed mode's (``check_image_dtype``):
+        oneDNN's packed and frozen paths fail on those obscurely (or crash)."""
+        # The dtype first: integer pixels get the deployed modes' one message, which TorchScript's names too.
         check_image_dtype(x, self.stem[0].conv.weight.dtype)
-        if x.shape[-2] % self.multiple or x.shape[-1] % self.multiple:
-            raise ValueError(f"height and width must be multiples of {self.multiple}, got {x.shape[-2]}x{x.shape[-1]}")
+        # The small-input form's stem keeps stride 1; read from the stem, which MultiDeviceParNet (sharing this
+        # method) copies too.
+        check_parnet_input(x, self.in_chans, self.multiple, self.stem[0].stride == 1)
 
     def stream_inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.channels_last:
@@ -426,6 +421,7 @@ class FoldedParNet(nn.Module):
         return inputs
 
     def merge(self, outs: list[torch.Tensor]) -> torch.Tensor:
+        # Not merge_after_entry: the frozen mode's TorchScript compiles this, and could not take its ready callback.
         fused = self.fuse_entry(outs[0])
         i = 1
         for fusion in self.fusions:
@@ -442,12 +438,6 @@ class FoldedParNet(nn.Module):
             outs.append(stream(inputs[i]))
             i += 1
         return self.merge(outs)
-
-
-def reparameterized(model: nn.Module) -> nn.Module:
-    from .. import reparameterize
-
-    return reparameterize(model)
 
 
 def fold(model: ParNet, channels_last: bool = False) -> FoldedParNet:
