@@ -160,10 +160,25 @@ def test_report_from_fake_metrics(tmp_path):
     assert (tmp_path / "TABLE.md").is_file() and (tmp_path / "ablations.png").is_file()
 
 
+# Before FAKE_PARNET: each run's first piece marks its start, then waits (30 s at most, then fails) until the
+# other run's has started too: both processes are alive at once whatever the machine's load, or a run fails.
+BOTH_AT_ONCE = """\
+import pathlib, sys, time
+if "--output" in sys.argv:  # training, not `parnet plot`
+    out = pathlib.Path(sys.argv[sys.argv.index("--output") + 1])
+    (out.parent / f"{out.name}.started").touch()
+    deadline = time.monotonic() + 30
+    while len(list(out.parent.glob("*.started"))) < 2:
+        if time.monotonic() > deadline:
+            sys.exit("the other run never started")
+        time.sleep(0.01)
+"""
+
+
 def test_runner_trains_two_runs_at_once(tmp_path):
     """--jobs 2: both runs progress side by side and finish; the second starts before the first ends."""
     fake = tmp_path / "fake.py"
-    fake.write_text("import time\ntime.sleep(0.3)\n" + FAKE_PARNET)
+    fake.write_text(BOTH_AT_ONCE + FAKE_PARNET)
     root = tmp_path / "runs"
     budget = grid.Budget(epochs=2, amp="off", warmup_epochs=0, seeds=(0,), piece=1)
     runs = [grid.Run("q", grid.Config(name, "m"), 0, budget) for name in ("a", "b")]

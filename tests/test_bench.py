@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -177,22 +176,52 @@ def test_machine_peak_and_gflop_count() -> None:
 
 def test_engine_peak_is_the_long_stacks_extra_rate() -> None:
     """A stack's fixed cost (its float input and output) cancels: 2 convs in 30 ms and 8 in 60 ms is 5 ms a conv."""
-    from parnet.bench.machine import CONV_STACKS, stack_rate
+    from parnet.bench.machine import stack_rate
 
-    assert CONV_STACKS == (2, 8)
     assert stack_rate(1e9, 0.030, 0.060) == pytest.approx(1e9 / 0.005 / 1e9)  # 200 GFLOP/s
     assert stack_rate(1e9, 0.030, 0.029) == pytest.approx(8 * 1e9 / 0.029 / 1e9)  # noise: the long stack whole
 
 
-def test_interleaved_timing_pauses_before_each_call_untimed() -> None:
+class FakeClock:
+    """``time.perf_counter`` and ``time.sleep`` of :mod:`parnet.deployment.timing` on a clock that moves only when
+    slept on or worked on (:meth:`work`), so that no load on the machine changes a timing test's outcome;
+    ``events`` lists both, in order. :meth:`install` puts it in place for one test."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.events: list[tuple[str, float]] = []
+
+    @classmethod
+    def install(cls, monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+        from parnet.deployment import timing
+
+        clock = cls()
+        monkeypatch.setattr(timing, "time", clock)
+        return clock
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.events.append(("sleep", seconds))
+        self.now += seconds
+
+    def work(self, seconds: float) -> None:
+        """A call that takes ``seconds``."""
+        self.events.append(("work", seconds))
+        self.now += seconds
+
+
+def test_interleaved_timing_pauses_before_each_call_untimed(monkeypatch: pytest.MonkeyPatch) -> None:
     from parnet.bench import time_interleaved
 
-    calls: list[float] = []
-    entries = {"a": lambda x: calls.append(time.perf_counter()), "b": lambda x: calls.append(time.perf_counter())}
+    clock = FakeClock.install(monkeypatch)
+    entries = {"a": lambda x: clock.work(0.001), "b": lambda x: clock.work(0.003)}
     times = time_interleaved(entries, torch.zeros(1), reps=3, warmup=1, device=torch.device("cpu"), settle_s=0.02)
-    timed_calls = calls[2:]  # after one warm-up call each
-    assert len(timed_calls) == 6 and all(b - a >= 0.02 for a, b in zip(timed_calls, timed_calls[1:]))
-    assert all(t < 20 for ts in times.values() for t in ts)  # the pause is not in the times (ms)
+    assert clock.events[:2] == [("work", 0.001), ("work", 0.003)]  # one warm-up call each, no pause
+    timed = clock.events[2:]
+    assert timed[::2] == [("sleep", 0.02)] * 6 and [kind for kind, _ in timed[1::2]] == ["work"] * 6
+    assert times == {"a": pytest.approx([1.0] * 3), "b": pytest.approx([3.0] * 3)}  # ms: the pause is not in them
 
 
 def test_entries_of_a_one_channel_baseline_take_one_channel() -> None:

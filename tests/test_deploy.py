@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import weakref
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -36,6 +37,7 @@ from parnet.deployment import engines as engines_module
 from parnet.layers import channel_shuffle
 
 from .conftest import TINY, randomize_bn
+from .test_bench import FakeClock  # the timing tests' one fake clock
 
 TOL = 1e-4
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
@@ -436,19 +438,34 @@ def test_cuda_bf16_modes_are_close() -> None:
             assert (out - ref).abs().max().item() < 0.05 * ref.abs().max().item(), mode
 
 
-def test_auto_timing_picks_the_lowest_median_and_settles_between_calls() -> None:
-    import time
-
+def test_auto_timing_picks_the_lowest_median_and_settles_between_calls(monkeypatch: pytest.MonkeyPatch) -> None:
     from parnet.deployment.timing import SETTLE_S, fastest
 
-    calls: list[float] = []
+    clock = FakeClock.install(monkeypatch)  # the calls take the times they say, however loaded the machine
+    # the fast entry's one slow call (a hiccup) does not move its median, as it would the mean
+    durations = {"slow": iter([0.02] * 4), "fast": iter([0.002, 0.1, 0.002, 0.002])}
+    entries = {name: lambda x, name=name: clock.work(next(durations[name])) for name in durations}
+    assert fastest(entries, torch.zeros(1), reps=3) == "fast"
+    timed = clock.events[2:]  # after one warm-up call each
+    assert timed[::2] == [("sleep", SETTLE_S)] * 6 and [kind for kind, _ in timed[1::2]] == ["work"] * 6
 
-    def entry(seconds: float):
-        return lambda x: (calls.append(time.perf_counter()), time.sleep(seconds))
 
-    assert fastest({"slow": entry(0.02), "fast": entry(0.002)}, torch.zeros(1), reps=3) == "fast"
-    timed = calls[2:]  # after one warm-up call each
-    assert len(timed) == 6 and all(b - a >= SETTLE_S for a, b in zip(timed, timed[1:]))
+def test_onnx_export_falls_back_to_the_dynamo_exporter_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TorchScript-based exporter's error is not lost: a warning names it, then the dynamo exporter's bytes."""
+
+    class Program:
+        def save(self, path: str) -> None:
+            Path(path).write_bytes(b"dynamo's model")
+
+    def export(*args, dynamo: bool = False, **kwargs):
+        if not dynamo:
+            raise RuntimeError("Unsupported: ONNX export of operator foo")
+        return Program()
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    said = r"TorchScript-based ONNX exporter failed \(RuntimeError: Unsupported: ONNX export of operator foo\)"
+    with pytest.warns(UserWarning, match=said):
+        assert engines_module.onnx_model_bytes(nn.Identity(), torch.zeros(1, 3, 8, 8)) == b"dynamo's model"
 
 
 def test_packed_conv_drops_its_packed_weights_when_moved() -> None:

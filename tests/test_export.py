@@ -294,3 +294,21 @@ def test_a_failed_format_replaces_no_file(tmp_path: Path, monkeypatch: pytest.Mo
         export_model(_tiny(4), tmp_path, "m", formats=("torchscript", "export"), input_size=(3, 32, 32))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt2", "m.torchscript.pt"]  # no temporaries either
     assert all(p.read_bytes() == b"an older export" for p in tmp_path.iterdir())
+
+
+def test_a_model_that_does_not_script_is_traced_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The traced file may take only its export size: a warning names the scripting error, the metadata says so."""
+    scripted = []
+
+    def fails(module, *args, **kwargs):
+        scripted.append(module)
+        raise RuntimeError("Python builtin <built-in function id> is currently not supported in TorchScript")
+
+    monkeypatch.setattr(torch.jit, "script", fails)
+    said = r"does not script \(RuntimeError: Python builtin .* not supported .*\); .* traced .* only 32x40 inputs"
+    with pytest.warns(UserWarning, match=said):
+        export_model(_tiny(4), tmp_path, "m", formats="torchscript", input_size=(3, 32, 40))
+    assert scripted  # the fallback was taken, and the traced file passed the export's check
+    extra = {"torchscript": ""}
+    torch.jit.load(str(tmp_path / "m.torchscript.pt"), _extra_files=extra)
+    assert extra["torchscript"] == b"traced, fixed input size 32x40"

@@ -39,8 +39,8 @@ TOLERANCE = 1e-4
 
 def inference_model(model: nn.Module, fused_only: bool = False) -> nn.Module:
     """The network to export: folded (default) or only re-parameterized; eval, on CPU (``model`` is left as it is)."""
-    from . import reparameterize
     from .deployment import fold
+    from .layers import reparameterize
 
     net = reparameterize(model) if fused_only else fold(model)  # both copy: model.cpu() would move the caller's
     return net.cpu().eval()
@@ -90,14 +90,26 @@ def _write_onnx(
 
 
 def _write_torchscript(model: nn.Module, path: Path, example: torch.Tensor, metadata: Mapping[str, str]) -> None:
-    """TorchScript (scripted, so any batch size and any valid resolution work); ``metadata`` as extra files."""
+    """TorchScript, scripted, so any batch size and any valid resolution work; ``metadata`` as extra files.
+
+    A model that does not script is traced on ``example`` instead, which may fix its input size: a warning
+    names the scripting error, and the file's metadata says ``torchscript: traced, fixed input size HxW``.
+    """
+    extra = dict(metadata)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         try:
             scripted = torch.jit.script(model)
-        except Exception:  # noqa: BLE001 - a model that does not script is traced instead
+        except Exception as e:  # noqa: BLE001 - any scripting failure: traced instead, and said so
+            size = "x".join(map(str, example.shape[2:]))
+            extra["torchscript"] = f"traced, fixed input size {size}"
+            warnings.warn(
+                f"the model does not script ({type(e).__name__}: {e}); the TorchScript file is traced instead "
+                f"and may take only {size} inputs (its metadata says so: torchscript)",
+                stacklevel=3,
+            )
             scripted = torch.jit.trace(model, example, check_trace=False)
-        torch.jit.save(scripted, str(path), _extra_files=dict(metadata))
+        torch.jit.save(scripted, str(path), _extra_files=extra)
 
 
 def dynamic_shapes(example: torch.Tensor, multiple: int) -> dict[str, dict[int, Any]]:
@@ -149,11 +161,6 @@ def load_runner(fmt: str, path: str | os.PathLike) -> Callable[[torch.Tensor], t
     raise ValueError(f"unknown export format {fmt!r}; choose from {FORMATS}")
 
 
-def load_and_run(fmt: str, path: str | os.PathLike, x: torch.Tensor) -> torch.Tensor:
-    """Run an exported file on ``x`` with its own runtime."""
-    return load_runner(fmt, path)(x)
-
-
 @torch.no_grad()
 def check_export(fmt: str, path: str | os.PathLike, model: nn.Module, inputs: list[torch.Tensor]) -> float:
     """Largest absolute difference between the file's outputs and ``model``'s; raises above 1e-4."""
@@ -182,7 +189,9 @@ def export_model(
     ``metadata`` (names to strings, e.g. :func:`parnet.predict.preprocessing_metadata`) goes into each file:
     ONNX's ``metadata_props`` (onnxruntime: ``session.get_modelmeta().custom_metadata_map``), and the
     extra files of TorchScript and ``torch.export`` (``torch.jit.load(path, _extra_files=...)``,
-    ``torch.export.load(path, extra_files=...)``).
+    ``torch.export.load(path, extra_files=...)``). TorchScript files are scripted: any batch and any size
+    the model takes; a model that does not script is traced at ``input_size`` instead, with a warning, and
+    its file's metadata says ``torchscript: traced, fixed input size HxW``.
 
     Exported with a batch of 2; the check compares each file's outputs with ``model``'s own (eval
     mode) on a batch of 3, so it also checks that the batch dimension is dynamic. The files replace
@@ -234,8 +243,7 @@ def export_model(
                 raise ValueError(f"{str(e).replace(str(tmp), str(path))}; no file was written") from None
             results[fmt] = {"path": str(path), "max_abs_diff": diff}
     if check:  # an untrained network with fresh BN statistics answers nearly the same to every input
-        with torch.no_grad():
-            out = model(checks[0])
+        out = model(checks[0])
         spread = (out - out.mean(0)).abs().max().item()
         if spread <= 10 * TOLERANCE:
             warnings.warn(

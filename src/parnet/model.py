@@ -11,8 +11,9 @@ classifier: 12 layers on its longest path. Variants are data (:class:`ParNetCfg`
 
 Paper variants (``parnet_s/m/l/xl``) use SiLU and the paper's widths. The ``*_official`` variants
 are the networks of the authors' released checkpoints: the same widths with ReLU, because their
-configs never switch SiLU on (see ``reference/ARCHITECTURE.md``). Their weights, file layout and
-timm registration are in :mod:`parnet.official`; this module knows nothing of them.
+configs never switch SiLU on (see ``reference/ARCHITECTURE.md``). Their architectures are in
+``model_cfgs`` like the others; their weights, file layout and timm registration are in
+:mod:`parnet.official`.
 
 This module has no ``from __future__ import annotations``: FX writes the forward's annotations
 into the code of a traced graph, and TorchScript cannot read a string annotation there.

@@ -133,7 +133,7 @@ def _program_kind(path: Path) -> str | None:
 def select_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> dict[str, torch.Tensor]:
     """The weights of a checkpoint (``state_dict``, ``state_dict_ema`` or a bare state dict),
     without the ``module.`` prefix of DataParallel / DistributedDataParallel."""
-    if checkpoint.get("format") == "parnet-train-state":  # engine.save_checkpoint marks its files so
+    if checkpoint.get("format") == "parnet-train-state":  # checkpoint.save_state marks its files so
         raise ValueError(
             "this is a `parnet train` training state (last_state.pt: model, optimizer, epoch, ...), not an authors' "
             "checkpoint; give the run folder, or its last.safetensors / last_ema.safetensors, instead (and no "

@@ -8,6 +8,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,6 +78,18 @@ class Record:
     params_m: float | None = None
     times_ms: list[float] = field(default_factory=list)
     in_chans: int | None = None  # with resolution: the input each call got, (in_chans, resolution, resolution)
+
+    @classmethod
+    def from_times(cls, times_ms: list[float], batch: int, **fields: Any) -> Record:
+        """A record of ``times_ms`` (one per timed call of ``batch`` images): the statistics and rates computed
+        here, for every benchmark alike; ``fields`` are the others (model, mode, device, ...)."""
+        median = statistics.median(times_ms)
+        p25, p75 = _quantile(times_ms, 0.25), _quantile(times_ms, 0.75)
+        return cls(
+            batch=batch, median_ms=median, p25_ms=p25, p75_ms=p75, min_ms=min(times_ms), max_ms=max(times_ms),
+            iqr_ms=p75 - p25, throughput_img_s=batch / median * 1e3, times_ms=[round(t, 3) for t in times_ms],
+            **fields,
+        )  # fmt: skip
 
 
 def default_modes(device: torch.device, parnet: bool) -> list[str]:
@@ -248,6 +261,10 @@ def randomize_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def _quantile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values``, linear between the sorted values (NumPy's default).
+
+    Not ``statistics.quantiles(method="inclusive")``: before Python 3.13 it refuses one value (``--reps 1``).
+    """
     s = sorted(values)
     pos = q * (len(s) - 1)
     lo = int(pos)
@@ -365,33 +382,25 @@ def _run_bench(
             x0 = xs[3] if 3 in xs else next(iter(xs.values()))
             times = time_interleaved(timed, x0, nrep, warmup, device, settle_s if device.type == "cpu" else 0.0)
             for (name, mode), ts in times.items():
-                med = statistics.median(ts)
                 precision = split_mode(mode)[0]
-                rate = gflop[name] * batch / med * 1e3
+                rate = gflop[name] * batch / statistics.median(ts) * 1e3
                 best_peak = max(peak.get(precision, {}).values(), default=None)
                 records.append(
-                    Record(
+                    Record.from_times(
+                        ts,
+                        batch,
                         model=name,
                         mode=mode,
-                        batch=batch,
                         device=str(device),
                         resolution=resolution,
                         in_chans=in_chans[name],
                         threads=threads,
                         reps=nrep,
-                        median_ms=med,
-                        p25_ms=_quantile(ts, 0.25),
-                        p75_ms=_quantile(ts, 0.75),
-                        min_ms=min(ts),
-                        max_ms=max(ts),
-                        iqr_ms=_quantile(ts, 0.75) - _quantile(ts, 0.25),
-                        throughput_img_s=batch / med * 1e3,
                         max_abs_diff=diffs[(name, mode)],
                         max_rel_diff=diffs[(name, mode)] / scales[(name, mode)],
                         depth=depths[name],
                         paper_top1=top1s[name],
                         params_m=round(params[name], 2),
-                        times_ms=[round(t, 3) for t in ts],
                         precision=precision,
                         gflop=round(gflop[name], 3),
                         achieved_gflops=round(rate, 1),
@@ -444,13 +453,12 @@ def bench_files(
                 timed[name] = _bind(net, x)
             times = time_interleaved(timed, torch.empty(0), nrep, warmup, torch.device("cpu"), settle_s)
             for name, ts in times.items():
-                med, net = statistics.median(ts), nets[name]
+                net = nets[name]
                 records.append(
-                    Record(
-                        name, f"{net.precision}:{net.engine}", batch, "cpu", net.height, threads, nrep, med,
-                        _quantile(ts, 0.25), _quantile(ts, 0.75), min(ts), max(ts),
-                        _quantile(ts, 0.75) - _quantile(ts, 0.25), batch / med * 1e3, None, None,
-                        precision=net.precision, times_ms=[round(t, 3) for t in ts], in_chans=net.in_chans,
+                    Record.from_times(
+                        ts, batch, model=name, mode=f"{net.precision}:{net.engine}", device="cpu",
+                        resolution=net.height, threads=threads, reps=nrep, max_abs_diff=None, max_rel_diff=None,
+                        precision=net.precision, in_chans=net.in_chans,
                     )
                 )  # fmt: skip
         return records

@@ -28,6 +28,7 @@ from ..bench import (
     run_bench,
 )
 from ..deployed import read_info
+from ..factory import default_input_size
 from ..io import atomic_write, check_output_path, image_format
 from .args import add_kwargs_option, model_name, nonneg_float, nonneg_int, positive_int
 
@@ -131,12 +132,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _default_resolution(models: list[str]) -> int:
     """The input size the ParNet models were made for (timm's ``pretrained_cfg``), as timm's benchmark takes it:
     224 for the ImageNet variants, 32 for the CIFAR ones; models of different sizes need ``--resolution``."""
-    from timm.models import get_pretrained_cfg
-
-    sizes = {}
-    for name in models:
-        cfg = get_pretrained_cfg(name.split(".")[0])
-        sizes[name] = cfg.input_size[-1] if cfg is not None and cfg.input_size else 224
+    sizes = {name: default_input_size(name) or 224 for name in models}
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{name} {size}" for name, size in sizes.items())
         raise ValueError(f"the models are made for different input sizes ({listed}): give --resolution")

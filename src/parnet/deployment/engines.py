@@ -76,31 +76,49 @@ def usable(engine: str, precision: str = "fp32") -> bool:
 def onnx_model_bytes(net: nn.Module, example: torch.Tensor, dynamic_batch: bool = True, opset: int = 17) -> bytes:
     """``net`` as an ONNX model (input ``input``, output ``logits``; the batch dynamic), serialized.
 
-    Uses the TorchScript-based exporter (seconds); if that fails, the ``torch.export``-based one.
+    Uses the TorchScript-based exporter (seconds); if that fails, the ``torch.export``-based one, with a
+    warning naming the first exporter's error (the model's own ``ValueError`` is raised, not fallen back on).
     """
+    try:
+        return _torchscript_onnx_bytes(net, example, dynamic_batch, opset)
+    except ValueError:  # the model's own refusal of the input: the other exporter would only obscure it
+        raise
+    except Exception as e:  # noqa: BLE001 - fall back to the dynamo exporter, saying why
+        warnings.warn(
+            f"the TorchScript-based ONNX exporter failed ({type(e).__name__}: {e}); exporting with the "
+            "torch.export-based one instead",
+            stacklevel=2,
+        )
+        return _dynamo_onnx_bytes(net, example, dynamic_batch, opset)
+
+
+def _torchscript_onnx_bytes(net: nn.Module, example: torch.Tensor, dynamic_batch: bool, opset: int) -> bytes:
+    """:func:`onnx_model_bytes` by the TorchScript-based exporter (its warnings silenced)."""
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(
-                net, (example,), buffer, dynamo=False, input_names=["input"], output_names=["logits"],
-                dynamic_axes=axes, opset_version=opset,
-            )  # fmt: skip
-            return buffer.getvalue()
-        except ValueError:  # the model's own refusal of the input: the other exporter would only obscure it
-            raise
-        except Exception:  # noqa: BLE001 - fall back to the dynamo exporter
-            batch = torch.export.Dim("batch", min=1, max=4096)
-            program = torch.onnx.export(
-                net, (example,), dynamo=True, input_names=["input"], output_names=["logits"],
-                dynamic_shapes={"x": {0: batch}} if dynamic_batch else None, opset_version=max(opset, 18),
-                external_data=False,
-            )  # fmt: skip
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "model.onnx"
-                program.save(str(path))
-                return path.read_bytes()
+        torch.onnx.export(
+            net, (example,), buffer, dynamo=False, input_names=["input"], output_names=["logits"],
+            dynamic_axes=axes, opset_version=opset,
+        )  # fmt: skip
+    return buffer.getvalue()
+
+
+def _dynamo_onnx_bytes(net: nn.Module, example: torch.Tensor, dynamic_batch: bool, opset: int) -> bytes:
+    """:func:`onnx_model_bytes` by the ``torch.export``-based exporter (its warnings silenced; opset 18 at least)."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            net, (example,), dynamo=True, input_names=["input"], output_names=["logits"],
+            dynamic_shapes={"x": {0: batch}} if dynamic_batch else None, opset_version=max(opset, 18),
+            external_data=False,
+        )  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            program.save(str(path))
+            return path.read_bytes()
 
 
 class EngineModule(nn.Module):

@@ -323,10 +323,11 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
     def target(self, index: int) -> dict[str, torch.Tensor]:
         info = self.images[index]
         anns = [a for a in self.anns[info["id"]] if not a["iscrowd"]]
+        from torchvision.ops import box_convert
+
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
         return {
-            "boxes": boxes,
+            "boxes": box_convert(boxes, "xywh", "xyxy"),
             "labels": torch.tensor([self.cat_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
             "image_id": torch.tensor(info["id"]),
             "area": torch.tensor([float(a["area"]) for a in anns], dtype=torch.float32),
@@ -363,16 +364,13 @@ def _load_fashion_mnist(source: Path, split: str) -> tuple[np.ndarray, np.ndarra
 
 
 def _iou(box: Sequence[float], boxes: Sequence[Sequence[float]]) -> float:
-    """Largest IoU of an xyxy box with any of ``boxes``."""
-    best = 0.0
-    for b in boxes:
-        iw = min(box[2], b[2]) - max(box[0], b[0])
-        ih = min(box[3], b[3]) - max(box[1], b[1])
-        if iw > 0 and ih > 0:
-            inter = iw * ih
-            union = (box[2] - box[0]) * (box[3] - box[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-            best = max(best, inter / union)
-    return best
+    """Largest IoU of an xyxy box with any of ``boxes`` (0 for none)."""
+    from torchvision.ops import box_iou
+
+    if not boxes:
+        return 0.0
+    # float64: the arithmetic of the Python floats the boxes are, so the same placements on every run
+    return box_iou(torch.tensor([box], dtype=torch.float64), torch.tensor(boxes, dtype=torch.float64)).max().item()
 
 
 def _render_canvas(

@@ -29,13 +29,14 @@ def predict(
     progress: Any = None,
 ) -> list[dict[str, Any]]:
     """Run ``model`` (eval mode) over a loader; COCO results ``{image_id, category_id, bbox (xywh), score}``."""
+    from torchvision.ops import box_convert
+
     model.eval()
     results = []
     for images, targets in progress(loader) if progress else loader:
         outputs = model([im.to(device) for im in images])
         for target, out in zip(targets, outputs):
-            xyxy = out["boxes"].detach().cpu()
-            boxes = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], 1)  # not in place: outputs may share tensors
+            boxes = box_convert(out["boxes"].detach().cpu(), "xyxy", "xywh")
             for box, score, label in zip(boxes.tolist(), out["scores"].tolist(), out["labels"].tolist()):
                 if int(label) not in label_to_cat:  # label 0 (background) of a sigmoid head: not a category
                     continue

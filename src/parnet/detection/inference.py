@@ -97,6 +97,8 @@ def draw_detections(
     images: Sequence[ImageInput] | ImageInput, results: list[dict[str, Any]], path: str | os.PathLike
 ) -> Path:
     """A PNG grid of ``images`` with the boxes :func:`detect` found on them (``results``, in the same order)."""
+    from torchvision.ops import box_convert
+
     from ..predict import image_items
     from .evaluation import draw_predictions, save_png
 
@@ -110,10 +112,9 @@ def draw_detections(
         tensors.append(_image_tensor(name, item))
         found = result["detections"]
         boxes = torch.tensor([d["bbox"] for d in found], dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
         predictions.append(
             {
-                "boxes": boxes,
+                "boxes": box_convert(boxes, "xywh", "xyxy"),
                 "scores": torch.tensor([d["score"] for d in found], dtype=torch.float32),
                 "labels": torch.tensor([d["label"] for d in found], dtype=torch.int64),
             }
