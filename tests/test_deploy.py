@@ -170,7 +170,7 @@ def test_bad_requests_are_refused() -> None:
     folded = deploy(model, "cpu", "parallel")
     with pytest.raises(ValueError, match="multiples of 8"):
         folded(torch.randn(1, 3, 36, 36))
-    with pytest.raises(ValueError, match="expected a batch"):
+    with pytest.raises(ValueError, match="built for 3 input channels"):
         folded(torch.randn(1, 4, 32, 32))
 
 
