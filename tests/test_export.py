@@ -307,8 +307,9 @@ def test_a_model_that_does_not_script_is_traced_and_says_so(tmp_path: Path, monk
     monkeypatch.setattr(torch.jit, "script", fails)
     said = r"does not script \(RuntimeError: Python builtin .* not supported .*\); .* traced .* only 32x40 inputs"
     with pytest.warns(UserWarning, match=said):
-        export_model(_tiny(4), tmp_path, "m", formats="torchscript", input_size=(3, 32, 40))
+        results = export_model(_tiny(4), tmp_path, "m", formats="torchscript", input_size=(3, 32, 40))
     assert scripted  # the fallback was taken, and the traced file passed the export's check
+    assert results["torchscript"]["note"] == "traced, fixed input size 32x40"  # what `parnet export` prints
     extra = {"torchscript": ""}
     torch.jit.load(str(tmp_path / "m.torchscript.pt"), _extra_files=extra)
     assert extra["torchscript"] == b"traced, fixed input size 32x40"

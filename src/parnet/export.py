@@ -89,11 +89,12 @@ def _write_onnx(
     path.write_bytes(proto.SerializeToString())
 
 
-def _write_torchscript(model: nn.Module, path: Path, example: torch.Tensor, metadata: Mapping[str, str]) -> None:
+def _write_torchscript(model: nn.Module, path: Path, example: torch.Tensor, metadata: Mapping[str, str]) -> str | None:
     """TorchScript, scripted, so any batch size and any valid resolution work; ``metadata`` as extra files.
 
     A model that does not script is traced on ``example`` instead, which may fix its input size: a warning
-    names the scripting error, and the file's metadata says ``torchscript: traced, fixed input size HxW``.
+    names the scripting error, the file's metadata says ``torchscript: traced, fixed input size HxW``, and so
+    does the returned note (``None`` when scripted).
     """
     extra = dict(metadata)
     with warnings.catch_warnings():
@@ -110,6 +111,7 @@ def _write_torchscript(model: nn.Module, path: Path, example: torch.Tensor, meta
             )
             scripted = torch.jit.trace(model, example, check_trace=False)
         torch.jit.save(scripted, str(path), _extra_files=extra)
+    return extra.get("torchscript")
 
 
 def dynamic_shapes(example: torch.Tensor, multiple: int) -> dict[str, dict[int, Any]]:
@@ -236,12 +238,12 @@ def export_model(
     with contextlib.ExitStack() as written:
         for fmt, path in targets.items():
             tmp = written.enter_context(atomic_write(path))
-            writers[fmt](net, tmp, example, metadata or {})
+            note = writers[fmt](net, tmp, example, metadata or {})  # the TorchScript writer's: traced
             try:
                 diff = check_export(fmt, tmp, model, checks) if check else None
             except ValueError as e:  # named after the target, not the temporary file
                 raise ValueError(f"{str(e).replace(str(tmp), str(path))}; no file was written") from None
-            results[fmt] = {"path": str(path), "max_abs_diff": diff}
+            results[fmt] = {"path": str(path), "max_abs_diff": diff, "note": note}
     if check:  # an untrained network with fresh BN statistics answers nearly the same to every input
         out = model(checks[0])
         spread = (out - out.mean(0)).abs().max().item()

@@ -120,7 +120,7 @@ def _export(args: argparse.Namespace) -> int:
     }
     for fmt, r in results.items():
         diff = "not checked" if r["max_abs_diff"] is None else f"max |diff| {r['max_abs_diff']:.2e}"
-        print(f"{fmt:12s} {r['path']}  ({diff}; inputs: {takes[fmt]})")
+        print(f"{fmt:12s} {r['path']}  ({diff}; inputs: {r['note'] or takes[fmt]})")  # a traced file: its size
     return 0
 
 
