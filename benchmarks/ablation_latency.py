@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from ablation.grid import ABLATION_CONFIGS, IMG_SIZE, IN_CHANS, NUM_CLASSES, measure  # noqa: E402
 
 from parnet.bench.machine import machine_info  # noqa: E402
-from parnet.bench.report import write_json_and_markdown  # noqa: E402
+from parnet.bench.report import script_record, write_json_and_markdown  # noqa: E402
 from parnet.bench.run import build_entries  # noqa: E402
 from parnet.deployment.timing import SETTLE_S, time_interleaved  # noqa: E402
 
@@ -69,7 +69,8 @@ def main() -> None:
             + " | ".join(cells)
             + " |"
         )
-    record = {"machine": machine_info(args.threads), "batch": args.batch, "modes": modes, "rows": rows}
+    record = {"machine": machine_info(args.threads), **script_record(args), "batch": args.batch, "modes": modes}
+    record["rows"] = rows
     write_json_and_markdown(args.out, record, "\n".join(lines))
     print("\n".join(lines))
 

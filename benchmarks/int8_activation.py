@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from parnet.bench.machine import machine_info
-from parnet.bench.report import write_json_and_markdown
+from parnet.bench.report import script_record, write_json_and_markdown
 from parnet.bench.run import build_entries, calibration_noise
 from parnet.deployment import fold
 from parnet.deployment.engines import openvino_module
@@ -71,7 +71,8 @@ def main() -> None:
             fp32, int8 = medians[batch][(fp32_label, modes[0])], medians[batch][(label, modes[1])]
             row[f"b{batch}"] = {"fp32_ms": fp32, "int8_ms": int8, "gain": fp32 / int8}
         rows.append(row)
-    record = {"machine": machine_info(args.threads), "modes": modes, "rows": rows}  # machine holds engine versions
+    # machine holds the engine versions and the code's; script_record the arguments and command line
+    record = {"machine": machine_info(args.threads), **script_record(args), "modes": modes, "rows": rows}
     big = args.batch
     lines = [
         f"| model | fp32 {modes[0]} b1 | {modes[1]} b1 | gain b1 | fp32 b{big} | int8 b{big} | gain b{big} |",

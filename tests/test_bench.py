@@ -38,7 +38,9 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, Pat
         "0",  # the peak measurement is timing: not in tests
     ]
     args += ["--json", str(root / "b.json"), "--plot", str(root / "b.png"), "--markdown", str(root / "b.md"), "--quiet"]
-    assert cli.main(args) == 0
+    with pytest.MonkeyPatch.context() as mp:  # the command line as `parnet bench ...` gives it
+        mp.setattr("sys.argv", ["parnet", *args])
+        assert cli.main(args) == 0
     return json.loads((root / "b.json").read_text()), root / "b.png", root / "b.md", ""
 
 
@@ -249,7 +251,7 @@ def test_a_parnet_changed_by_model_kwargs_gets_no_paper_top1_and_a_measured_dept
     """parnet_s with other widths is not the paper's ParNet-S: no paper top-1 beside its timing, its depth measured."""
     from parnet.bench import run_bench
 
-    common = dict(devices=["cpu"], batches=[1], reps=[1], resolution=64, threads=1, warmup=0, parnet_modes=["folded"])
+    common = dict(devices=["cpu"], batches=[1], reps=[1], resolution=64, threads=1, warmup=0, model_modes=["folded"])
     common |= dict(log=lambda *_: None, peak_size=0, settle_s=0.0)
     tiny = {"widths": [8, 16, 32], "head_width": 64, "stem_width": 8}
     (custom,) = run_bench(["parnet_s"], [], model_kwargs=tiny, **common)
@@ -305,3 +307,189 @@ def test_resolution_defaults_to_the_models_own(capsys) -> None:
     assert _default_resolution(["parnet_cifar_s"]) == 32 and _default_resolution(["parnet_s", "parnet_m"]) == 224
     assert cli.main(["bench", "--models", "parnet_s,parnet_cifar_s", "--baselines", ""]) == 2
     assert "different input sizes (parnet_s 224, parnet_cifar_s 32): give --resolution" in capsys.readouterr().err
+
+
+def _fake_bench(monkeypatch: pytest.MonkeyPatch, records: list[Record]) -> None:
+    """``parnet bench``'s timing replaced by ``records`` (the CLI around it runs as it is)."""
+    from parnet.cli import bench
+
+    monkeypatch.setattr(bench, "run_bench", lambda *args, **kwargs: list(records))
+
+
+def _at(record: Record, resolution: int) -> Record:
+    record.resolution = resolution
+    return record
+
+
+@pytest.mark.parametrize(
+    "args, why",
+    [
+        (["--models", "parnet_cifar_s", "--resolution", "32"], "the first model is parnet_cifar_s; 32x32"),
+        (["--models", "resnet18", "--resolution", "224"], "the first model is resnet18)"),
+        (["--models", "parnet_s", "--resolution", "224", "--threads", "1"], "(here: 1 thread)"),
+        (["--models", "parnet_s", "--model-kwargs", "act=relu"], "--model-kwargs makes it another network"),
+    ],
+)
+def test_targets_checked_only_for_parnet_s_at_224_on_2_threads(
+    args: list[str], why: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Issue 14's targets are ParNet-S's at 224x224 on 2 threads: no other first model or setting is judged by them."""
+    resolution = int(args[args.index("--resolution") + 1]) if "--resolution" in args else 224
+    model = args[1]
+    recs = [_at(_rec(model, "fused", 1, 50.0), resolution), _at(_rec("resnet34", "eager", 1, 100.0), resolution)]
+    _fake_bench(monkeypatch, recs)
+    out = tmp_path / "b.json"
+    assert cli.main(["bench", *args, "--baselines", "resnet34", "--batch", "1", "--json", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "- target (" not in printed and "MET" not in printed  # was: parnet_cifar_s against resnet34, MET
+    note = "no targets checked: they are ParNet-S's (parnet_s or parnet_s_official first in --models) at 224x224"
+    assert note in printed and why in printed
+    doc = json.loads(out.read_text())
+    assert doc["targets"] == [] and doc["targets_not_checked"].startswith(note) and why in doc["targets_not_checked"]
+
+
+def test_targets_checked_for_parnet_s_at_224_on_2_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    _fake_bench(monkeypatch, [_rec("parnet_s_official", "packed", 1, 90.0), _rec("resnet34", "eager", 1, 100.0)])
+    out = tmp_path / "b.json"
+    assert cli.main(["bench", "--baselines", "resnet34", "--batch", "1", "--json", str(out), "--quiet"]) == 0
+    assert "- target (cpu) parnet_s_official batch-1 latency <= 0.95 x resnet34" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["targets_not_checked"] is None and doc["targets"][0]["met"]
+
+
+def test_modes_follow_the_list_a_model_is_given_in() -> None:
+    """--modes go to --models and --baseline-modes to --baselines, whatever the names: a ResNet among the models
+    runs --modes, a ParNet among the baselines the baselines' (generic) modes."""
+    from parnet.bench import run_bench
+
+    common = dict(devices=["cpu"], batches=[1], reps=[1], resolution=32, threads=1, warmup=0, peak_size=0)
+    recs = run_bench(
+        ["resnet18"], ["parnet_cifar_s"], model_modes=["channels_last"], baseline_modes=["eager"],
+        log=lambda *_: None, settle_s=0.0, **common,
+    )  # fmt: skip
+    assert {(r.model, r.mode) for r in recs} == {("resnet18", "channels_last"), ("parnet_cifar_s", "eager")}
+    assert all(r.max_abs_diff < 1e-4 for r in recs)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        # was: --modes ignored for a name not starting with parnet, and 14 modes timed
+        (["--models", "resnet18", "--modes", "fused"], "--modes: fused is a mode of ParNet's own, and resnet18 in"),
+        (["--models", "parnet_cifar_s,resnet18", "--modes", "packed,train"], "train is a mode of ParNet's own, and "
+         "resnet18 in --models, which is not a ParNet: for it choose from bf16:channels_last, "),
+        (["--models", "resnet18", "--modes", "eagerr"], "eagerr is not a mode on cpu of resnet18 in --models"),
+        # was: a ParNet among the baselines timed in ParNet's modes, --baseline-modes ignored
+        (["--baselines", "parnet_cifar_m", "--baseline-modes", "fused"], "--baseline-modes: fused is not a baseline "
+         "mode on cpu (ParNet's own modes are for the ParNets of --models)"),
+        (["--models", "parnet_cifar_s", "--baselines", "parnet_cifar_s"], "parnet_cifar_s is in both --models and "
+         "--baselines"),
+        # was: accepted, then failed after the machine's probe with "needs devices=[...]"
+        (["--modes", "multi_device"], "--modes: multi_device is not a ParNet mode on cpu"),
+    ],
+)  # fmt: skip
+def test_modes_a_model_cannot_run_refused_before_any_work(args: list[str], message: str, monkeypatch, capsys) -> None:
+    from parnet.cli import bench
+
+    def probe(*_args: object) -> dict:
+        raise AssertionError("the machine was probed before the modes were checked")
+
+    monkeypatch.setattr(bench, "machine_info", probe)
+    assert cli.main(["bench", "--resolution", "32", "--peak-size", "0", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_auto_records_the_mode_it_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` is timed as deploy chooses it, and the record and tables say which mode that was."""
+    import parnet.deployment
+    from parnet.bench import run, run_bench
+
+    monkeypatch.setattr(parnet.deployment, "auto_candidates", lambda device, precision="fp32": ("folded", "packed"))
+    monkeypatch.setattr(run, "fastest", lambda built, example: sorted(built)[-1])  # packed: not the first built
+    common = dict(devices=["cpu"], batches=[1], reps=[1], resolution=32, threads=1, warmup=0, peak_size=0)
+    (rec,) = run_bench(["parnet_cifar_s"], [], model_modes=["auto"], log=lambda *_: None, settle_s=0.0, **common)
+    assert (rec.mode, rec.chosen_mode) == ("auto", "packed") and rec.max_abs_diff < 1e-4
+    text = format_markdown([rec])
+    assert "| parnet_cifar_s | auto (packed) |" in text and "| parnet_cifar_s | fp32 | auto (packed), " in text
+
+
+def test_json_ties_records_to_code_and_onednn(bench_run) -> None:
+    """The record says which parnet, commit, oneDNN and command line measured it."""
+    import re
+
+    import parnet
+
+    doc, _, _, _ = bench_run
+    onednn = doc["machine"]["engines"]["onednn"]
+    assert onednn is None or re.fullmatch(r"\d+\.\d+(\.\d+)?", onednn), onednn  # was "True"
+    code = doc["machine"]["code"]
+    assert code["parnet"] == parnet.__version__
+    assert (re.fullmatch("[0-9a-f]{40}", code["commit"]) and isinstance(code["dirty"], bool)) or (
+        code["commit"] is None and code["git"].startswith(("not in a git checkout", "unknown"))
+    )
+    assert doc["command"][:4] == ["parnet", "bench", "--models", "parnet_cifar_s"] and "--quiet" in doc["command"]
+
+
+def test_onednn_version_read_from_torch_config() -> None:
+    from parnet.bench import onednn_version
+
+    assert onednn_version("  - Intel(R) MKL-DNN v3.12.0 (Git Hash 80afa71049cd)\n") == "3.12.0"
+    assert onednn_version("  - oneDNN v3.7.1 (Git Hash abc)\n") == "3.7.1"
+    assert onednn_version("PyTorch built with:\n  - GCC 13.3\n").startswith("unknown")
+
+
+def test_code_version_names_the_commit_and_changes(tmp_path: Path) -> None:
+    """A git checkout: its commit, and whether tracked files changed since; elsewhere it says it is not one."""
+    import shutil
+    import subprocess
+
+    from parnet.bench import code_version
+
+    outside = code_version(tmp_path)
+    assert (outside["commit"], outside["dirty"]) == (None, None) and "not in a git checkout" in outside["git"]
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "a.py"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "a"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    assert (code_version(tmp_path)["commit"], code_version(tmp_path)["dirty"]) == (head, False)
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert code_version(tmp_path)["dirty"] is True
+
+
+def test_markdown_file_has_a_header(bench_run) -> None:
+    """The .md reads alone: the command, the code, the CPU and its flags, threads, repetitions and peaks."""
+    import parnet
+
+    doc, _, md, _ = bench_run
+    head = md.read_text().split("| model |")[0]
+    assert head.startswith("# parnet bench\n") and "- command: `parnet bench --models parnet_cifar_s " in head
+    assert f"- code: parnet {parnet.__version__}, " in head and f"- CPU: {doc['machine']['cpu']} (" in head
+    assert "- threads: 1 (inter-op " in head and "3 at batch 1, 2 at batch 4; 1 untimed first" in head
+    assert "- peak GFLOP/s (cpu): not measured (--peak-size 0)" in head
+
+
+def test_header_gives_each_precisions_peak() -> None:
+    from parnet.bench import format_header
+
+    machine = {
+        "cpu": "AMD EPYC 9R14", "cpu_count": 2, "cpu_flags": ["avx2", "avx512_vnni"], "threads": 2,
+        "interop_threads": 1, "torch": "2.14.1", "engines": {"onednn": "3.12.0", "openvino": None},
+        "code": {"parnet": "0.1.0", "commit": "a" * 40, "dirty": True},
+        "peak_gflops": {"cpu": {"fp32": {"matmul": 430.0, "conv3x3": 390.0}, "int8": {"conv3x3_openvino": 1500.0}}},
+    }  # fmt: skip
+    head = format_header(machine, ["parnet", "bench", "--models", "parnet s"], [1, 32], [30, 10], 3, 100.0)
+    assert "- command: `parnet bench --models 'parnet s'`" in head
+    assert "- code: parnet 0.1.0, commit aaaaaaaaaaaa (with uncommitted changes)" in head
+    assert "- CPU: AMD EPYC 9R14 (2 logical cores; avx2, avx512_vnni)" in head and "onednn 3.12.0" in head
+    assert "- peak GFLOP/s (cpu): fp32 430 (matmul), int8 1500 (conv3x3_openvino)" in head
+    assert "30 at batch 1, 10 at batch 32; 3 untimed first; 100 ms pause" in head
+
+
+def test_baselines_help_shows_its_default(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    assert "[resnet34,resnet50,repvgg_b1g4]" in capsys.readouterr().out

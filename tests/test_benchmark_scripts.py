@@ -63,10 +63,42 @@ def test_ablation_latency_times_every_config(tmp_path):
     cmd = [sys.executable, str(BENCHMARKS / "ablation_latency.py"), "--modes", "packed", "--batch", "2", "--reps", "1"]
     cmd += ["--reps-large", "1", "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    doc = json.loads(out.with_suffix(".json").read_text())
+    rows = doc["rows"]
     assert [r["config"] for r in rows] == ["base", "no_sse", "relu", "deep24", "streams2", "streams1", "resnet20n"]
+    # its own arguments, as parnet bench stores them: what to run again
+    assert doc["args"] == {"modes": "packed", "batch": 2, "reps": 1, "reps_large": 1, "threads": 1, "out": str(out)}
+    assert doc["command"][1:] == cmd[2:] and doc["machine"]["code"]["parnet"]
     assert all(r["packed"]["b1_ms"] > 0 and r["packed"]["b2_images_per_s"] > 0 for r in rows)
     assert len(out.with_suffix(".md").read_text().splitlines()) == 2 + len(rows)
+
+
+def test_int8_activation_stores_its_arguments(tmp_path, monkeypatch):
+    """The JSON holds the script's arguments and command line (its timing, faked here, is not the point)."""
+    int8_activation = _load("int8_activation")
+    built = []
+
+    def build_entries(name, modes, device, threads, kwargs):
+        built.append((name, tuple(modes)))
+        return None, {mode: (lambda x: x) for mode in modes}
+
+    def time_interleaved(entries, x, reps, warmup, device, settle_s):
+        return {key: [2.0 if "int8" in key else 4.0] * reps for key in entries}
+
+    monkeypatch.setattr(int8_activation, "build_entries", build_entries)
+    monkeypatch.setattr(int8_activation, "time_interleaved", time_interleaved)
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)  # the script's, not this process's
+    out = tmp_path / "act"
+    argv = ["int8_activation.py", "--int8-mode", "int8:compiled", "--batch", "2", "--reps", "1", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    int8_activation.main()
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert doc["args"] == {
+        "fp32_mode": "openvino", "int8_mode": "int8:compiled", "batch": 2, "reps": 1, "reps_large": 5, "threads": 2,
+        "out": str(out),
+    }  # fmt: skip
+    assert doc["command"] == argv and {row["b1"]["gain"] for row in doc["rows"]} == {2.0}
+    assert built[0] == ("parnet_s", ("openvino", "int8:compiled"))
 
 
 def test_openvino_layers_groups_the_layer_counters_by_kind(tmp_path):

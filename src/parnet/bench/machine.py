@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import platform
+import re
+import subprocess
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,7 +23,7 @@ SIMD_FLAGS = {
 
 
 def machine_info(threads: int) -> dict:
-    """What the results were measured on."""
+    """What the results were measured on, and the code that measured them (``code``: :func:`code_version`)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -45,21 +48,61 @@ def machine_info(threads: int) -> dict:
         "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if torch.cuda.is_available()
         else [],
+        "code": code_version(),
     }
     return info
+
+
+def code_version(source: str | os.PathLike | None = None) -> dict[str, str | bool | None]:
+    """parnet's version and the git commit of ``source`` (default: this package's folder), so that a record says
+    which code measured it: ``commit`` and ``dirty`` (tracked files changed since it) are ``None`` where ``source``
+    is not tracked in a git checkout (an installed wheel), and ``git`` says why."""
+    from .. import __version__
+
+    folder = Path(source) if source is not None else Path(__file__).resolve().parents[1]
+    info: dict[str, str | bool | None] = {"parnet": __version__, "source": str(folder), "commit": None, "dirty": None}
+    try:
+        # ls-files: the folder's own files tracked, not merely a folder inside some checkout (a venv in one)
+        _git(folder, "ls-files", "--error-unmatch", "--", ".")
+        info["commit"] = _git(folder, "rev-parse", "HEAD")
+        info["dirty"] = bool(_git(folder, "status", "--porcelain", "--untracked-files=no"))
+        info["git"] = "checkout"
+    except subprocess.CalledProcessError as e:
+        why = (e.stderr or "").strip().splitlines()
+        info["git"] = f"not in a git checkout ({why[0] if why else e})"
+    except (OSError, subprocess.SubprocessError) as e:  # no git installed, or it hung
+        info["git"] = f"unknown: git did not run ({e})"
+    return info
+
+
+def _git(folder: Path, *args: str) -> str:
+    """``git args`` run in ``folder``: its output, stripped; ``CalledProcessError`` where git refuses."""
+    done = subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=30, check=True)
+    return done.stdout.strip()
 
 
 def engine_versions() -> dict[str, str | None]:
     """Versions of the libraries that run the modes (``None``: not installed)."""
     import importlib.metadata
 
-    out: dict[str, str | None] = {"onednn": str(torch.backends.mkldnn.is_available())}
+    out: dict[str, str | None] = {"onednn": onednn_version()}
     for name in ("onnxruntime", "openvino", "nncf", "torchao", "onnx"):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def onednn_version(config: str | None = None) -> str | None:
+    """oneDNN's version in torch (``"3.12.0"``), read from ``torch.__config__.show()`` (``config``), which reports
+    ``MKL-DNN v3.12.0``: torch has no API for it. ``None`` where torch was built without oneDNN."""
+    if config is None:
+        if not torch.backends.mkldnn.is_available():
+            return None
+        config = torch.__config__.show()
+    found = re.search(r"(?:MKL-DNN|oneDNN) v(\d[\w.]*)", config)
+    return found.group(1) if found else "unknown (torch.__config__.show() names no version)"
 
 
 @torch.no_grad()

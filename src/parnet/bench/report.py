@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shlex
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,37 @@ INT8_LATENCY_TARGET = 0.5  # int8 batch-1 latency at most this times fp32's
 INT8_THROUGHPUT_TARGET = 2.5  # int8 large-batch throughput at least this times fp32's
 OWN_FP32_TARGET = 1.2  # ParNet's own fp32 modes at least this much faster than every engine at batch 1
 ENGINE_MODES = ("onnxruntime", "openvino")
+# What the targets were set for: ParNet-S (the paper's or the released weights' network, unchanged) at 224x224
+# on 2 threads, the bench's defaults (RESULTS.md measured them on 2 cores).
+TARGET_MODELS = ("parnet_s", "parnet_s_official")
+TARGET_RESOLUTION = 224
+TARGET_THREADS = 2
+
+
+def targets_skipped(models: Sequence[str], resolution: int, threads: int, model_kwargs: dict | None) -> str | None:
+    """Why the targets do not apply to this run (``None``: they do): they are ParNet-S's at 224x224 on 2 threads,
+    judged on the first model, so that no other network or setting is judged against them."""
+    first = models[0] if models else None
+    why = []
+    if first not in TARGET_MODELS:
+        why.append(f"the first model is {first}" if first else "no --models")
+    if model_kwargs:
+        why.append("--model-kwargs makes it another network than the paper's")
+    if resolution != TARGET_RESOLUTION:
+        why.append(f"{resolution}x{resolution}")
+    if threads != TARGET_THREADS:
+        why.append(f"{threads} thread{'s' if threads != 1 else ''}")
+    if not why:
+        return None
+    return (
+        f"no targets checked: they are ParNet-S's ({' or '.join(TARGET_MODELS)} first in --models) at "
+        f"{TARGET_RESOLUTION}x{TARGET_RESOLUTION} on {TARGET_THREADS} threads (here: {'; '.join(why)})"
+    )
+
+
+def mode_label(record: Record) -> str:
+    """A record's mode as the tables show it: ``auto`` with the mode it chose, e.g. ``auto (packed)``."""
+    return f"{record.mode} ({record.chosen_mode})" if record.chosen_mode else record.mode
 
 
 def best(
@@ -61,8 +95,8 @@ def check_targets(
             check = dict(
                 device=device,
                 target=target,
-                slower_mode=f"{slow.model} {slow.mode}",
-                faster_mode=f"{fast.model} {fast.mode}",
+                slower_mode=f"{slow.model} {mode_label(slow)}",
+                faster_mode=f"{fast.model} {mode_label(fast)}",
                 speedup=speedup,
                 needed=needed,
                 met=speedup >= needed,
@@ -131,7 +165,7 @@ def format_markdown(records: Sequence[Record], targets: Sequence[dict] = ()) -> 
             size = f"{any_row.resolution}x{any_row.resolution}"
             cells = [
                 model,
-                mode,
+                mode_label(any_row),
                 f"{any_row.in_chans}x{size}" if any_row.in_chans else size,  # files run at the size they were built for
                 str(any_row.depth or ""),
                 f"{any_row.paper_top1:.2f}" if any_row.paper_top1 else "",
@@ -164,7 +198,7 @@ def format_markdown(records: Sequence[Record], targets: Sequence[dict] = ()) -> 
                 cells = [model, precision]
                 for b in batches:
                     r = best(records, model, b, device, precision)
-                    cells.append(f"{r.mode}, {r.median_ms:.1f}, {r.throughput_img_s:.1f}" if r else "")
+                    cells.append(f"{mode_label(r)}, {r.median_ms:.1f}, {r.throughput_img_s:.1f}" if r else "")
                 if any(cells[2:]):
                     lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
@@ -177,6 +211,45 @@ def format_markdown(records: Sequence[Record], targets: Sequence[dict] = ()) -> 
             f"{t['needed']:.2f}x; {t['faster_mode']} against {t['slower_mode']})"
         )
     return "\n".join(lines) + "\n"
+
+
+def format_header(
+    machine: dict[str, Any], command: Sequence[str], batches: Sequence[int], reps: Sequence[int], warmup: int,
+    settle_ms: float,
+) -> str:  # fmt: skip
+    """The lines above the tables in ``--markdown``'s file, so that it reads alone: the command, the code, the CPU
+    and its SIMD flags, the threads, the repetitions and each precision's peak (``machine``: :func:`machine_info`'s,
+    with ``peak_gflops``)."""
+    code = machine.get("code") or {}
+    commit = code.get("commit")
+    dirty = " (with uncommitted changes)" if code.get("dirty") else ""
+    at = f"commit {commit[:12]}{dirty}" if commit else code.get("git")
+    engines = ", ".join(f"{name} {v}" for name, v in (machine.get("engines") or {}).items() if v)
+    timing = ", ".join(f"{n} at batch {b}" for b, n in zip(batches, reps))
+    lines = [
+        "# parnet bench",
+        "",
+        f"- command: `{shlex.join(command)}`",
+        f"- code: parnet {code.get('parnet')}, {at}",
+        f"- CPU: {machine.get('cpu')} ({machine.get('cpu_count')} logical cores; "
+        f"{', '.join(machine.get('cpu_flags') or []) or 'none of the SIMD flags looked for'})",
+        f"- threads: {machine.get('threads')} (inter-op {machine.get('interop_threads')}); torch {machine.get('torch')}"
+        f"{', ' + engines if engines else ''}",
+        f"- timed repetitions: {timing}; {warmup} untimed first; {settle_ms:g} ms pause before each timed CPU call",
+    ]
+    for device, peak in (machine.get("peak_gflops") or {}).items():
+        best = {p: max(rates.items(), key=lambda kv: kv[1]) for p, rates in peak.items() if rates}
+        text = ", ".join(f"{p} {rate:.0f} ({kernel})" for p, (kernel, rate) in best.items())
+        lines.append(f"- peak GFLOP/s ({device}): {text or 'not measured (--peak-size 0)'}")
+    return "\n".join(lines) + "\n\n"
+
+
+def script_record(args: argparse.Namespace) -> dict[str, Any]:
+    """A benchmark script's own arguments (``vars(args)``, JSON-ready: paths as text) and command line, for its
+    JSON: what to run again to reproduce it."""
+    plain = (str, int, float, bool, type(None), list, tuple)
+    values = {k: v if isinstance(v, plain) else str(v) for k, v in vars(args).items() if not callable(v)}
+    return {"args": values, "command": list(sys.argv)}
 
 
 def plot_results(records: Sequence[Record], path: str | os.PathLike, device: str = "cpu") -> Path | None:
@@ -200,7 +273,7 @@ def plot_results(records: Sequence[Record], path: str | os.PathLike, device: str
         color = "tab:red" if is_parnet_model(model) else "tab:blue"
         if r.depth is not None:
             axes[0].scatter(r.depth, r.median_ms, color=color)
-            axes[0].annotate(f"{model}\n({r.mode})", (r.depth, r.median_ms), fontsize=7)
+            axes[0].annotate(f"{model}\n({mode_label(r)})", (r.depth, r.median_ms), fontsize=7)
         if r.paper_top1 is not None:
             axes[1].scatter(r.median_ms, r.paper_top1, color=color)
             axes[1].annotate(model, (r.median_ms, r.paper_top1), fontsize=7)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..deployment.engines import ENGINES
-from ..deployment.timing import SETTLE_S, time_interleaved
+from ..deployment.timing import SETTLE_S, fastest, time_interleaved
 from ..factory import create_model
 from .machine import PEAK_SIZE, machine_peak, model_gflop
 
@@ -78,6 +78,7 @@ class Record:
     params_m: float | None = None
     times_ms: list[float] = field(default_factory=list)
     in_chans: int | None = None  # with resolution: the input each call got, (in_chans, resolution, resolution)
+    chosen_mode: str | None = None  # for mode auto: the mode it chose (timed on this run's batch-1 example)
 
     @classmethod
     def from_times(cls, times_ms: list[float], batch: int, **fields: Any) -> Record:
@@ -113,7 +114,8 @@ def default_modes(device: torch.device, parnet: bool) -> list[str]:
 
 def valid_modes(device: torch.device, parnet: bool) -> tuple[str, ...]:
     """Every mode label ``parnet bench`` knows for a ParNet (``deploy``'s modes, and ``train``) or a baseline on
-    ``device``, installed or not (:func:`default_modes` keeps those the machine runs)."""
+    ``device``, installed or not (:func:`default_modes` keeps those the machine runs). Not ``multi_device``: it
+    needs a device per stream, which the bench does not give."""
     if not parnet:
         if device.type == "cuda":
             return BASELINE_CUDA_MODES + CUDA_EXTRA_MODES
@@ -121,25 +123,67 @@ def valid_modes(device: torch.device, parnet: bool) -> tuple[str, ...]:
     from ..deployment import CPU_ONLY_MODES, CUDA_BF16_MODES, CUDA_ONLY_MODES, MODES, PRECISION_MODES
 
     if device.type == "cuda":
-        return ("train", *(m for m in MODES if m not in CPU_ONLY_MODES), *(f"bf16:{m}" for m in CUDA_BF16_MODES))
-    fp32 = (m for m in PRECISION_MODES["fp32"] if m not in CUDA_ONLY_MODES)
+        fp32 = (m for m in MODES if m not in (*CPU_ONLY_MODES, "multi_device"))
+        return ("train", *fp32, *(f"bf16:{m}" for m in CUDA_BF16_MODES))
+    fp32 = (m for m in PRECISION_MODES["fp32"] if m not in (*CUDA_ONLY_MODES, "multi_device"))
     return ("train", *fp32, *(f"{p}:{m}" for p in ("bf16", "int8") for m in PRECISION_MODES[p]))
 
 
-def check_modes(labels: Sequence[str], devices: Sequence[str], parnet: bool) -> None:
-    """Refuse, before any work, a mode label that none of ``devices`` knows (a typo, a CUDA mode on the CPU)."""
+def check_modes(
+    labels: Sequence[str], devices: Sequence[str], parnet: bool, flag: str | None = None, models: Sequence[str] = ()
+) -> None:
+    """Refuse, before any work, a mode label that none of ``devices`` knows (a typo, a CUDA mode on the CPU) in
+    ParNet's own modes (``parnet``) or in the generic ones of the baselines; ``flag`` and ``models`` (those the
+    modes were given for) are named in the error."""
     valid = {label for device in devices for label in valid_modes(torch.device(device), parnet)}
     unknown = [label for label in labels if label not in valid]
-    if unknown:
-        flag, kind = ("--modes", "a ParNet") if parnet else ("--baseline-modes", "a baseline")
+    if not unknown:
+        return
+    flag = flag or ("--modes" if parnet else "--baseline-modes")
+    choices = ", ".join(sorted(valid))
+    own = {label for device in devices for label in valid_modes(torch.device(device), True)}
+    names, where = ", ".join(models), " or ".join(devices)
+    if not parnet and flag == "--modes":  # another network than a ParNet in --models: the baselines' modes
+        what = "is a mode of ParNet's own, and" if set(unknown) <= own else f"is not a mode on {where} of"
         raise ValueError(
-            f"{flag}: {', '.join(unknown)} is not {kind} mode on {' or '.join(devices)}; choose from "
-            f"{', '.join(sorted(valid))}"
+            f"--modes: {', '.join(unknown)} {what} {names} in --models, which is not a ParNet: for it choose from "
+            f"{choices}, or name it in --baselines (whose modes --baseline-modes sets)"
         )
+    kind = "a ParNet" if parnet else "a baseline"
+    hint = " (ParNet's own modes are for the ParNets of --models)" if not parnet and set(unknown) <= own else ""
+    raise ValueError(f"{flag}: {', '.join(unknown)} is not {kind} mode on {where}{hint}; choose from {choices}")
+
+
+def check_model_modes(
+    models: Sequence[str], baselines: Sequence[str], modes: Sequence[str], baseline_modes: Sequence[str],
+    devices: Sequence[str],
+) -> None:  # fmt: skip
+    """Refuse, before any work, a model in both lists and a mode its list gives it that it cannot run: ``modes``
+    (``--modes``) are for ``models``, in ParNet's own modes for a ParNet and the generic ones for another network;
+    ``baseline_modes`` for ``baselines``, in the generic modes, ParNets among them too (:func:`uses_parnet_modes`)."""
+    both = [name for name in models if name in baselines]
+    if both:
+        raise ValueError(f"{', '.join(both)} is in both --models and --baselines: give each model once")
+    parnets = [name for name in models if is_parnet_model(name)]
+    others = [name for name in models if not is_parnet_model(name)]
+    if modes and (parnets or not others):  # modes without models (--models '' with --deployed) are still checked
+        check_modes(modes, devices, True, "--modes", parnets)
+    if modes and others:
+        check_modes(modes, devices, False, "--modes", others)
+    check_modes(baseline_modes, devices, False, "--baseline-modes", baselines)
 
 
 def is_parnet_model(name: str) -> bool:
+    """Whether ``name`` is one of ParNet's registered variants (all named ``parnet_*``): the kind of network. Which
+    modes a model gets is decided by the list it came from (:func:`uses_parnet_modes`), not by this alone."""
     return name.startswith("parnet")
+
+
+def uses_parnet_modes(name: str, listed_as_model: bool) -> bool:
+    """Whether ``name`` runs ParNet's own modes (:func:`parnet.deployment.deploy`'s, and ``train``): a ParNet given
+    as a model (``--models``); a baseline (``--baselines``), ParNet or not, and any other network run the
+    generic modes (:func:`build_entries`), so that a ParNet among the baselines is timed as a baseline is."""
+    return listed_as_model and is_parnet_model(name)
 
 
 def _channels_last(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -165,12 +209,16 @@ def calibration_noise(in_chans: int, resolution: int, batches: int = 2, batch: i
 
 def build_entries(
     name: str, modes: Sequence[str], device: torch.device, threads: int, kwargs: dict | None = None,
-    resolution: int = 224,
+    resolution: int = 224, parnet: bool | None = None, chosen: dict[str, str] | None = None,
 ) -> tuple[nn.Module, dict[str, Callable[[torch.Tensor], torch.Tensor]]]:  # fmt: skip
-    """The plain model (eval, the reference) and one callable per mode label (``[precision:]mode``)."""
+    """The plain model (eval, the reference) and one callable per mode label (``[precision:]mode``).
+
+    ``parnet``: build ParNet's own modes (``deploy``'s) rather than the generic ones (default: whether ``name``
+    is a ParNet; :func:`uses_parnet_modes`). ``chosen``, if given, receives the mode each ``auto`` label chose.
+    """
     from timm.utils import reparameterize_model
 
-    from ..deployment import compile_cpu, deploy, freeze_cpu, pack_convs
+    from ..deployment import compile_cpu, freeze_cpu, pack_convs
 
     model = create_model(name, **(kwargs or {})).eval().to(device)
     randomize_statistics(model)
@@ -180,12 +228,11 @@ def build_entries(
     entries: dict[str, Callable] = {}
     for label in modes:
         precision, mode = split_mode(label)
-        if is_parnet_model(name):
-            if label == "train":
-                entries[label] = model
-            else:
-                calib = calibration if precision == "int8" else None
-                entries[label] = deploy(model, device, mode, precision, calib, example, threads=threads)
+        if is_parnet_model(name) if parnet is None else parnet:
+            calib = calibration if precision == "int8" else None
+            entries[label], picked = _parnet_entry(model, label, device, calib, example, threads)
+            if picked is not None and chosen is not None:
+                chosen[label] = picked
             continue
         fused = reparameterize_model(model).eval()  # RepVGG: one conv per block; ResNet: unchanged
         if precision != "fp32" or mode in ENGINES:
@@ -213,6 +260,30 @@ def build_entries(
         else:
             raise ValueError(f"unknown baseline mode {mode!r}; choose from {BASELINE_CUDA_MODES}")
     return model, entries
+
+
+def _parnet_entry(
+    model: nn.Module, label: str, device: torch.device, calibration: list | None, example: torch.Tensor, threads: int
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], str | None]:
+    """A ParNet in one of its own modes (``train``: the model itself; the others :func:`parnet.deployment.deploy`'s),
+    and for ``auto`` the mode it chose (else ``None``).
+
+    ``auto`` is ``deploy``'s, given the example: every candidate (:func:`parnet.deployment.auto_candidates`) built
+    and the fastest on the example kept (:func:`parnet.deployment.timing.fastest`); done here, not inside
+    ``deploy``, so that the record can say which mode it timed."""
+    from ..deployment import auto_candidates, deploy
+
+    precision, mode = split_mode(label)
+    if label == "train":
+        return model, None
+    if mode != "auto":
+        return deploy(model, device, mode, precision, calibration, example, threads=threads), None
+    built = {
+        name: deploy(model, device, name, precision, calibration, example, threads=threads)
+        for name in auto_candidates(device, precision)
+    }
+    picked = fastest(built, example.to(device))
+    return built[picked], picked
 
 
 def _baseline_low_precision(
@@ -281,7 +352,7 @@ def run_bench(
     resolution: int = 224,
     threads: int = 2,
     warmup: int = 3,
-    parnet_modes: Sequence[str] | None = None,
+    model_modes: Sequence[str] | None = None,
     baseline_modes: Sequence[str] | None = None,
     model_kwargs: dict | None = None,
     log: Callable[[str], None] = print,
@@ -291,18 +362,19 @@ def run_bench(
 ) -> list[Record]:
     """Time every model in every mode at every batch size on every device (see module docstring).
 
-    ``peaks``, if given, receives each device's measured peak GFLOP/s per precision (:func:`machine_peak`,
-    with a ``peak_size`` matrix product; 0: no peak, no fractions). ``settle_s``: the untimed pause before
-    each timed CPU call (:func:`time_interleaved`).
+    ``model_modes`` are the modes of ``models`` and ``baseline_modes`` those of ``baselines`` (default: every
+    mode of the device each runs; :func:`check_model_modes`); ``model_kwargs`` go to ``models``. ``peaks``, if
+    given, receives each device's measured peak GFLOP/s per precision (:func:`machine_peak`, with a
+    ``peak_size`` matrix product; 0: no peak, no fractions). ``settle_s``: the untimed pause before each timed
+    CPU call (:func:`time_interleaved`).
     """
-    check_modes(parnet_modes or (), devices, parnet=True)
-    check_modes(baseline_modes or (), devices, parnet=False)
+    check_model_modes(models, baselines, model_modes or (), baseline_modes or (), devices)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         return _run_bench(
             models, baselines, devices, batches, reps, resolution, threads, warmup,
-            parnet_modes, baseline_modes, model_kwargs, log, {} if peaks is None else peaks, peak_size, settle_s,
+            model_modes, baseline_modes, model_kwargs, log, {} if peaks is None else peaks, peak_size, settle_s,
         )  # fmt: skip
     finally:
         torch.set_num_threads(previous_threads)
@@ -317,7 +389,7 @@ def _run_bench(
     resolution: int,
     threads: int,
     warmup: int,
-    parnet_modes: Sequence[str] | None,
+    model_modes: Sequence[str] | None,
     baseline_modes: Sequence[str] | None,
     model_kwargs: dict | None,
     log: Callable[[str], None],
@@ -330,35 +402,31 @@ def _run_bench(
     from ..deployment import fold
 
     records: list[Record] = []
+    listed = {name: True for name in models} | {name: False for name in baselines}  # from --models or not
     for dev_name in devices:
         device = torch.device(dev_name)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda requested but CUDA is not available")
-        pm = parnet_modes or default_modes(device, parnet=True)
-        bm = baseline_modes or default_modes(device, parnet=False)
-        # With two devices a mode of only one of them (packed, cuda_graph) is timed there, said here.
-        valid_p, valid_b = valid_modes(device, True), valid_modes(device, False)
-        skipped = dict.fromkeys([m for m in pm if m not in valid_p] + [m for m in bm if m not in valid_b])
-        if skipped:
-            log(f"[{device}] not timed here (modes of the other device): {', '.join(skipped)}")
-        pm, bm = [m for m in pm if m in valid_p], [m for m in bm if m in valid_b]
-        refs, entries, params, gflop, depths, top1s = {}, {}, {}, {}, {}, {}
-        precisions = sorted({split_mode(m)[0] for m in list(pm) + list(bm)})
+        modes = _device_modes(listed, model_modes, baseline_modes, device, log)
+        refs, entries, params, gflop, depths, top1s, chosen = {}, {}, {}, {}, {}, {}, {}
+        precisions = sorted({split_mode(m)[0] for labels in modes.values() for m in labels})
         peak = machine_peak(precisions, size=peak_size) if device.type == "cpu" and peak_size > 0 else {}
         log(f"[{device}] peak GFLOP/s: {json.dumps(peak)}")
         peaks[str(device)] = peak
-        for name in list(models) + list(baselines):
-            is_parnet = is_parnet_model(name)
-            log(f"[{device}] building {name}: {', '.join(pm if is_parnet else bm)}")
+        for name, as_model in listed.items():
+            log(f"[{device}] building {name}: {', '.join(modes[name])}")
+            kwargs = model_kwargs if as_model else None
+            picked: dict[str, str] = {}
             ref, ents = build_entries(
-                name, pm if is_parnet else bm, device, threads, model_kwargs if is_parnet else None, resolution
+                name, modes[name], device, threads, kwargs, resolution, uses_parnet_modes(name, as_model), picked
             )
             refs[name] = ref
-            custom = bool(model_kwargs) and is_parnet  # not the paper's network: none of its figures
+            chosen.update({(name, label): mode for label, mode in picked.items()})
+            custom = bool(kwargs)  # not the paper's network: none of its figures
             depths[name] = _depth(name, ref, resolution, custom)
             top1s[name] = None if custom else PAPER.get(name.split(".")[0], (None, None))[1]
             # the work of the deployed form: ParNet folded (one 3x3 conv per block), baselines re-parameterized
-            counted = fold(ref) if is_parnet else reparameterize_model(ref)
+            counted = fold(ref) if is_parnet_model(name) else reparameterize_model(ref)
             gflop[name] = model_gflop(counted, getattr(ref, "in_chans", 3), resolution)
             params[name] = sum(p.numel() for p in ref.parameters()) / 1e6
             for mode, fn in ents.items():
@@ -405,9 +473,30 @@ def _run_bench(
                         gflop=round(gflop[name], 3),
                         achieved_gflops=round(rate, 1),
                         peak_fraction=round(rate / best_peak, 3) if best_peak else None,
+                        chosen_mode=chosen.get((name, mode)),
                     )
                 )
     return records
+
+
+def _device_modes(
+    listed: dict[str, bool], model_modes: Sequence[str] | None, baseline_modes: Sequence[str] | None,
+    device: torch.device, log: Callable[[str], None],
+) -> dict[str, list[str]]:  # fmt: skip
+    """Each model's mode labels on ``device``: its list's (``listed``: ``True`` for ``models``, whose modes are
+    ``model_modes``), or every mode of the device its kind runs; a mode of only the other device (packed,
+    cuda_graph; with two devices) is left out and said."""
+    out, skipped = {}, {}
+    for name, as_model in listed.items():
+        parnet = uses_parnet_modes(name, as_model)
+        given = model_modes if as_model else baseline_modes
+        labels = list(given) if given else default_modes(device, parnet)
+        valid = valid_modes(device, parnet)
+        out[name] = [label for label in labels if label in valid]
+        skipped.update(dict.fromkeys(label for label in labels if label not in valid))
+    if skipped:
+        log(f"[{device}] not timed here (modes of the other device): {', '.join(skipped)}")
+    return out
 
 
 def _depth(name: str, model: nn.Module, resolution: int, custom: bool) -> int | None:

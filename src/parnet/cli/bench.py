@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -20,12 +21,14 @@ from ..bench import (
     PEAK_SIZE,
     SETTLE_S,
     bench_files,
-    check_modes,
+    check_model_modes,
     check_targets,
+    format_header,
     format_markdown,
     machine_info,
     plot_results,
     run_bench,
+    targets_skipped,
 )
 from ..deployed import read_info
 from ..factory import default_input_size
@@ -47,7 +50,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.device == "all" and not torch.cuda.is_available():
         devices = ["cpu"]
     kwargs = args.model_kwargs or None
-    models, deployed = _split(args.models), _split(args.deployed or "")
+    models, baselines, deployed = _split(args.models), _split(args.baselines), _split(args.deployed or "")
+    modes, baseline_modes = _split(args.modes or ""), _split(args.baseline_modes or "")
     if not models and not deployed:
         raise ValueError("--models is empty: give at least one ParNet variant, e.g. --models parnet_s (or --deployed)")
     for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
@@ -57,8 +61,7 @@ def _bench(args: argparse.Namespace) -> int:
         image_format(args.plot)
     for path in deployed:  # each file readable before minutes of timing, not after
         read_info(path)
-    check_modes(_split(args.modes or ""), devices, parnet=True)
-    check_modes(_split(args.baseline_modes or ""), devices, parnet=False)
+    check_model_modes(models, baselines if models else [], modes, baseline_modes, devices)
     resolution = args.resolution or _default_resolution(models)
     machine = machine_info(args.threads)
     peaks: dict = {}
@@ -72,15 +75,15 @@ def _bench(args: argparse.Namespace) -> int:
             warnings.simplefilter("ignore")
             records = run_bench(
                 models,
-                _split(args.baselines),
+                baselines,
                 devices=devices,
                 batches=batches,
                 reps=reps,
                 resolution=resolution,
                 threads=args.threads,
                 warmup=args.warmup,
-                parnet_modes=_split(args.modes) if args.modes else None,
-                baseline_modes=_split(args.baseline_modes) if args.baseline_modes else None,
+                model_modes=modes or None,
+                baseline_modes=baseline_modes or None,
                 model_kwargs=kwargs,
                 log=log,
                 peaks=peaks,
@@ -99,19 +102,20 @@ def _bench(args: argparse.Namespace) -> int:
             notes.append(f"- note: deployed files timed at the size they were built for, not {resolution}x"
                          f"{resolution}: {', '.join(other)}")  # fmt: skip
         records += files
-    if kwargs:  # the targets are the paper's ParNet-S's; a network of other widths is not it
-        targets = []
-        notes.append("- note: no targets checked: --model-kwargs makes the models other networks than the paper's")
-    else:
-        targets = check_targets(records, models[0], args.batch, peaks) if models else []
+    skipped = targets_skipped(models, resolution, args.threads, kwargs)  # the targets are ParNet-S's, as set
+    targets = check_targets(records, models[0], args.batch, peaks) if skipped is None else []
+    if skipped:
+        notes.append(f"- note: {skipped}")
     table = format_markdown(records, targets) + "".join(f"{n}\n" for n in notes)
     print(table)
     if args.markdown:
+        header = format_header(machine, sys.argv, batches, reps, args.warmup, args.settle_ms)
         with atomic_write(args.markdown) as tmp:
-            tmp.write_text(table)
+            tmp.write_text(header + table)
         log(f"wrote {args.markdown}")
     if args.json:
-        doc = {"machine": machine, "args": vars(args) | {"func": None}, "targets": targets}
+        doc = {"machine": machine, "command": sys.argv, "args": vars(args) | {"func": None}, "targets": targets}
+        doc["targets_not_checked"] = skipped
         doc["records"] = [asdict(r) for r in records]
         with atomic_write(args.json) as tmp:  # strict JSON: a NaN would be a bug, not a value to write
             tmp.write_text(json.dumps(doc, indent=1, default=str, allow_nan=False))
@@ -144,19 +148,25 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bench", help="latency and throughput of ParNet modes against deep baselines")
     p.add_argument(
         "--models", default="parnet_s_official", type=_model_list,
-        help="ParNet variants, comma-separated [parnet_s_official]",
+        help="the models compared, comma-separated, ParNet variants or any timm model; they run --modes, and the "
+        "first is judged against the targets where they apply (ParNet-S, 224x224, 2 threads) [parnet_s_official]",
     )  # fmt: skip
     p.add_argument(
         "--baselines", default="resnet34,resnet50,repvgg_b1g4", type=_model_list,
-        help="timm baselines, comma-separated ('' for none)",
+        help="timm models to compare with, comma-separated ('' for none); they run --baseline-modes, ParNets "
+        "among them too [resnet34,resnet50,repvgg_b1g4]",
     )  # fmt: skip
     p.add_argument(
         "--modes",
-        help=f"ParNet modes, [PRECISION:]MODE, e.g. packed,int8:openvino [CPU: {','.join(PARNET_CPU_MODES)}, "
-        f"{','.join(CPU_EXTRA_MODES)} where installed and supported; CUDA: {','.join(PARNET_CUDA_MODES)}, "
-        f"{','.join(CUDA_EXTRA_MODES)}]",
+        help=f"modes of --models, [PRECISION:]MODE, e.g. packed,int8:openvino; auto: deploy's choice, timed here "
+        f"[a ParNet on the CPU: {','.join(PARNET_CPU_MODES)}, {','.join(CPU_EXTRA_MODES)} where installed and "
+        f"supported; on CUDA: {','.join(PARNET_CUDA_MODES)}, {','.join(CUDA_EXTRA_MODES)}; another network: "
+        "--baseline-modes' modes]",
     )
-    p.add_argument("--baseline-modes", help=f"baseline modes [CPU: {','.join(BASELINE_CPU_MODES)} and the same extras]")
+    p.add_argument(
+        "--baseline-modes",
+        help=f"modes of --baselines [CPU: {','.join(BASELINE_CPU_MODES)} and the same extras but bf16:packed]",
+    )
     p.add_argument(
         "--device", default="cpu", choices=("cpu", "cuda", "all"), help="[cpu]; all: CPU and CUDA if present"
     )
@@ -172,7 +182,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reps-large", type=positive_int, help="timed repetitions at the large batch [reps/3, at least 3]")
     p.add_argument("--warmup", type=nonneg_int, default=3, help="untimed calls first (compilation included) [3]")
     add_kwargs_option(
-        p, "--model-kwargs", "timm.create_model arguments of the ParNet models, e.g. widths=[8,16,32]",
+        p, "--model-kwargs", "timm.create_model arguments of --models, e.g. widths=[8,16,32]",
         architecture=True,
     )  # fmt: skip
     p.add_argument(
