@@ -402,10 +402,10 @@ def test_modes_a_model_cannot_run_refused_before_any_work(args: list[str], messa
 def test_auto_records_the_mode_it_chose(monkeypatch: pytest.MonkeyPatch) -> None:
     """``auto`` is timed as deploy chooses it, and the record and tables say which mode that was."""
     import parnet.deployment
-    from parnet.bench import run, run_bench
+    from parnet.bench import run_bench
 
     monkeypatch.setattr(parnet.deployment, "auto_candidates", lambda device, precision="fp32": ("folded", "packed"))
-    monkeypatch.setattr(run, "fastest", lambda built, example: sorted(built)[-1])  # packed: not the first built
+    monkeypatch.setattr(parnet.deployment, "fastest", lambda built, example: sorted(built)[-1])  # packed: not first
     common = dict(devices=["cpu"], batches=[1], reps=[1], resolution=32, threads=1, warmup=0, peak_size=0)
     (rec,) = run_bench(["parnet_cifar_s"], [], model_modes=["auto"], log=lambda *_: None, settle_s=0.0, **common)
     assert (rec.mode, rec.chosen_mode) == ("auto", "packed") and rec.max_abs_diff < 1e-4

@@ -246,6 +246,8 @@ def test_auto_mode_choice() -> None:
     x = torch.randn(2, 3, 32, 32)
     net = deploy(model, "cpu", "auto", example=x, candidates=("folded", "parallel"))
     assert isinstance(net, (FoldedParNet, StreamParallelParNet))
+    assert net.auto_choice == ("folded" if isinstance(net, FoldedParNet) else "parallel")  # said, for reports
+    assert deploy(model, "cpu", "auto").auto_choice == auto_mode("cpu")  # without an example: the rule's
     with torch.inference_mode():
         assert (net(x) - model(x)).abs().max().item() < TOL
 

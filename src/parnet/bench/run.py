@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..deployment.engines import ENGINES
-from ..deployment.timing import SETTLE_S, fastest, time_interleaved
+from ..deployment.timing import SETTLE_S, time_interleaved
 from ..factory import create_model
 from .machine import PEAK_SIZE, machine_peak, model_gflop
 
@@ -268,22 +268,15 @@ def _parnet_entry(
     """A ParNet in one of its own modes (``train``: the model itself; the others :func:`parnet.deployment.deploy`'s),
     and for ``auto`` the mode it chose (else ``None``).
 
-    ``auto`` is ``deploy``'s, given the example: every candidate (:func:`parnet.deployment.auto_candidates`) built
-    and the fastest on the example kept (:func:`parnet.deployment.timing.fastest`); done here, not inside
-    ``deploy``, so that the record can say which mode it timed."""
-    from ..deployment import auto_candidates, deploy
+    ``auto`` is ``deploy``'s, given the example: every candidate built, the fastest on the example kept, and
+    named by the module's ``auto_choice``."""
+    from ..deployment import deploy
 
     precision, mode = split_mode(label)
     if label == "train":
         return model, None
-    if mode != "auto":
-        return deploy(model, device, mode, precision, calibration, example, threads=threads), None
-    built = {
-        name: deploy(model, device, name, precision, calibration, example, threads=threads)
-        for name in auto_candidates(device, precision)
-    }
-    picked = fastest(built, example.to(device))
-    return built[picked], picked
+    deployed = deploy(model, device, mode, precision, calibration, example, threads=threads)
+    return deployed, getattr(deployed, "auto_choice", None) if mode == "auto" else None
 
 
 def _baseline_low_precision(

@@ -231,9 +231,9 @@ def deploy(
         candidates: the modes ``auto`` chooses among when ``example`` is given (not empty).
 
     Returns an eval-mode module taking and returning float32 tensors, without gradients; call it under
-    ``torch.inference_mode()``. What can be saved of it: the module docstring. Raises ``ValueError`` for a
-    mode, precision or engine the device cannot run, for int8 without calibration data, and for an argument
-    the mode would ignore.
+    ``torch.inference_mode()``. With ``mode="auto"`` its ``auto_choice`` names the mode chosen. What can be saved of
+    it: the module docstring. Raises ``ValueError`` for a mode, precision or engine the device cannot run, for
+    int8 without calibration data, and for an argument the mode would ignore.
     """
     device = check_device(device)
     check_precision(precision, device)
@@ -276,9 +276,14 @@ def deploy(
             )  # fmt: skip
             for name in _modes_built(mode, device, precision, example, candidates)
         }
-        return built[fastest(built, example.to(device))]
+        chosen = fastest(built, example.to(device))
+        built[chosen].auto_choice = chosen  # which candidate won, for reports (parnet bench records it)
+        return built[chosen]
     if mode == "auto":
-        mode = auto_mode(device, precision)
+        chosen_by_rule = auto_mode(device, precision)
+        deployed = deploy(model, device, chosen_by_rule, precision, batches, example, devices=devices, threads=threads)
+        deployed.auto_choice = chosen_by_rule
+        return deployed
     if mode in CUDA_ONLY_MODES and device.type != "cuda":
         raise ValueError(f"mode {mode!r} needs a CUDA device, got {device}")
     if mode in CPU_ONLY_MODES and device.type != "cpu":
