@@ -17,12 +17,13 @@ import warnings
 
 import torch
 
-from parnet.data import build_datasets, build_loaders
+from parnet.data import build_datasets
 from parnet.deployed import build, calibration_loader, load_trained
 from parnet.deployment import deploy, fold
 from parnet.deployment.engines import openvino_module
 from parnet.deployment.quantize import Bf16Module, pt2e_int8
 from parnet.io import atomic_write
+from parnet.loaders import build_loaders
 from parnet.model import ParNet
 from parnet.train import evaluate_model
 

@@ -12,16 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from parnet.data import (
-    AugmentCfg,
-    CorruptDatasetError,
-    DatasetNotFoundError,
-    ShardSampler,
-    available_cpus,
-    build_datasets,
-    build_loaders,
-    read_idx,
-)
+from parnet.data import AugmentCfg, CorruptDatasetError, DatasetNotFoundError, build_datasets, read_idx
+from parnet.loaders import ShardSampler, available_cpus, build_loaders
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:

@@ -386,10 +386,10 @@ def test_a_finished_run_without_its_checkpoint_is_not_overwritten(fmnist, tmp_pa
 
 def test_more_threads_than_cpus_is_warned(fmnist, tmp_path, capsys, monkeypatch):
     """Oversubscribed threads make training many times slower (175 s for two steps once): said at the start."""
-    import parnet.data
+    import parnet.loaders
 
     threads = torch.get_num_threads()
-    monkeypatch.setattr(parnet.data, "available_cpus", lambda: 1)
+    monkeypatch.setattr(parnet.loaders, "available_cpus", lambda: 1)
     try:
         train(tiny_config(fmnist, tmp_path / "t", epochs=1, train_subset=32, test_subset=16, ema=False, threads=2))
     finally:

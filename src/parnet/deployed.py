@@ -283,8 +283,9 @@ def quantize_checkpoint(
     model's top-1 (percent) on the same images.
     """
     from .checkpoint import unfinished_run
-    from .data import build_datasets, build_loaders
+    from .data import build_datasets
     from .evaluate import check_fits_dataset, check_same_classes, evaluate_model
+    from .loaders import build_loaders
 
     if Path(out).suffix.lower() != SUFFIX.get(engine):
         raise ValueError(f"an {engine} model is written to a {SUFFIX.get(engine)} file, got {Path(out).name}")

@@ -332,11 +332,12 @@ def evaluate(
     """
     import torch
 
-    from .data import build_datasets, build_loaders
+    from .data import build_datasets
     from .deployed import is_deployed_file, load_deployed
     from .devices import check_device
     from .formats import is_torch_checkpoint
     from .layers import has_fusable_blocks, reparameterize
+    from .loaders import build_loaders
 
     path = Path(checkpoint)
     nets: dict[str, Any] = {}

@@ -264,7 +264,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         model="parnet_cifar_s", epochs=200, batch_size=128, lr=0.1, weight_decay=5e-4, warmup_epochs=5, ema_decay=0.9995
     ),
     # The paper's ImageNet recipe (lr 0.8 at batch 2048, 120 epochs, wd 5e-5), scaled to batch 256; 224 px
-    # JPEGs with RandAugment need more loader workers (never more than the CPUs: see build_loaders).
+    # JPEGs with RandAugment need more loader workers (never more than the CPUs: see loaders.build_loaders).
     "imagefolder": dict(
         model="parnet_s",
         epochs=120,

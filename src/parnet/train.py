@@ -146,8 +146,9 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     from timm.utils import ModelEmaV3, distribute_bn
 
     from . import engine
-    from .data import AugmentCfg, available_cpus, build_datasets, build_loaders
+    from .data import AugmentCfg, build_datasets
     from .io import atomic_write, remove_temporaries
+    from .loaders import available_cpus, build_loaders
     from .official import is_timm_weights
     from .precision import autocast_dtype
 
