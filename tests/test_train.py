@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -880,20 +881,25 @@ def test_a_killed_trainings_loader_workers_do_not_hold_its_run_lock(tmp_path):
         "from parnet.checkpoint import RunLock\n"
         "lock = RunLock(sys.argv[1])\n"
         "pid = os.fork()\n"
-        "if pid == 0:\n"
-        "    time.sleep(60)\n"
+        "if pid == 0:\n"  # the worker: off the test's pipes, so that the parent's exit ends the read at once
+        "    null = os.open(os.devnull, os.O_RDWR)\n"
+        "    os.dup2(null, 1)\n"
+        "    os.dup2(null, 2)\n"
+        "    time.sleep(30)\n"
         "    os._exit(0)\n"
         "print(pid, flush=True)\n"
         "os._exit(0)\n"  # gone without releasing, as after SIGKILL
     )
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], capture_output=True, text=True,
-                         check=True, timeout=120)  # fmt: skip
+                         check=True, timeout=60)  # fmt: skip
     child = int(out.stdout.strip())
     try:
-        os.kill(child, 0)  # the worker still runs
+        state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        assert state in "RSD", state  # the worker still runs (not a zombie)
         engine.RunLock(tmp_path / "run").release()
     finally:
-        os.kill(child, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)  # seconds after its start: still this test's worker, not a reused pid
 
 
 def test_starting_from_timms_own_weights_file(fmnist, tmp_path, capsys):
