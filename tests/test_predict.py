@@ -74,7 +74,12 @@ def test_run_folder_uses_its_dataset_transform_names_and_ema_weights(run, images
         probs = _probabilities(model, by_hand(Image.open(images[key]).convert("L")))
         _assert_top(result, probs, list(FASHION_MNIST_CLASSES))
     assert load_predictor(run=run, use_ema=False).source.endswith("/last.safetensors")
-    assert predictor.predict(str(images["grey"])) == results[1:]  # one path, not its characters
+    alone = predictor.predict(str(images["grey"]))  # one path, not its characters
+    assert [(r["image"], [t["label"] for t in r["top"]]) for r in alone] == [
+        (r["image"], [t["label"] for t in r["top"]]) for r in results[1:]
+    ]
+    # batch 1 and batch 3 may run other kernels: the same probabilities to float precision
+    assert [t["probability"] for t in alone[0]["top"]] == pytest.approx([t["probability"] for t in results[1]["top"]])
     with pytest.raises(ValueError, match="top_k must be a positive integer, got -1"):
         predictor.predict([images["grey"]], top_k=-1)
 
