@@ -38,8 +38,8 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, Pat
         "0",  # the peak measurement is timing: not in tests
     ]
     args += ["--json", str(root / "b.json"), "--plot", str(root / "b.png"), "--markdown", str(root / "b.md"), "--quiet"]
-    with pytest.MonkeyPatch.context() as mp:  # the command line as `parnet bench ...` gives it
-        mp.setattr("sys.argv", ["parnet", *args])
+    with pytest.MonkeyPatch.context() as mp:  # called from Python: the record says the arguments main was given
+        mp.setattr("sys.argv", ["python", "-c", "the caller's own command line"])  # not what the record says
         assert cli.main(args) == 0
     return json.loads((root / "b.json").read_text()), root / "b.png", root / "b.md", ""
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -109,12 +108,17 @@ def _bench(args: argparse.Namespace) -> int:
     table = format_markdown(records, targets) + "".join(f"{n}\n" for n in notes)
     print(table)
     if args.markdown:
-        header = format_header(machine, sys.argv, batches, reps, args.warmup, args.settle_ms)
+        header = format_header(machine, args.argv, batches, reps, args.warmup, args.settle_ms)
         with atomic_write(args.markdown) as tmp:
             tmp.write_text(header + table)
         log(f"wrote {args.markdown}")
     if args.json:
-        doc = {"machine": machine, "command": sys.argv, "args": vars(args) | {"func": None}, "targets": targets}
+        doc = {
+            "machine": machine,
+            "command": args.argv,
+            "args": vars(args) | {"func": None, "argv": None},
+            "targets": targets,
+        }
         doc["targets_not_checked"] = skipped
         doc["records"] = [asdict(r) for r in records]
         with atomic_write(args.json) as tmp:  # strict JSON: a NaN would be a bug, not a value to write
