@@ -80,8 +80,6 @@ class Predictor:
         read before any image is decoded, so a file that is not an image fails early; then images are decoded,
         prepared and run ``batch_size`` at a time, so only one batch of them is in memory.
         """
-        if isinstance(images, (str, os.PathLike, Image.Image)):  # one image, not its characters
-            images = [images]
         for name, value in (("top_k", top_k), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -137,9 +135,11 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
-def image_items(images: Sequence[ImageInput]) -> list[tuple[str, Path | Image.Image]]:
+def image_items(images: Sequence[ImageInput] | ImageInput) -> list[tuple[str, Path | Image.Image]]:
     """(name in the results, file or PIL image) of each image, folders replaced by their image files (a PIL
-    image is named ``<image i>`` by its place in ``images``)."""
+    image is named ``<image i>`` by its place in ``images``); one image alone is taken as a list of one."""
+    if isinstance(images, (str, os.PathLike, Image.Image)):  # one image, not its characters
+        images = [images]
     items: list[tuple[str, Path | Image.Image]] = []
     for i, image in enumerate(images):
         if isinstance(image, Image.Image):

@@ -58,8 +58,6 @@ def detect(
     """
     from ..predict import check_image_headers, image_items
 
-    if isinstance(images, (str, os.PathLike, Image.Image)):  # one image, not its characters
-        images = [images]
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if isinstance(score_thresh, bool) or not isinstance(score_thresh, (int, float)) or not 0 <= score_thresh <= 1:
@@ -102,8 +100,6 @@ def draw_detections(
     from ..predict import image_items
     from .evaluation import draw_predictions, save_png
 
-    if isinstance(images, (str, os.PathLike, Image.Image)):
-        images = [images]
     items = image_items(images)
     if len(items) != len(results):
         raise ValueError(f"{len(items)} images but {len(results)} results: give the images detect() was given")
