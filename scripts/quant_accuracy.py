@@ -25,7 +25,7 @@ from parnet.deployment.quantize import Bf16Module, pt2e_int8
 from parnet.io import atomic_write
 from parnet.loaders import build_loaders
 from parnet.model import ParNet
-from parnet.train import evaluate_model
+from parnet.scoring import evaluate_model
 
 
 def variants(model, calibration, example):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from parnet import engine, io
+from parnet import checkpoint, io
 from parnet.cli import main
 
 from .test_data import make_fashion_mnist
@@ -62,9 +62,9 @@ def _without_timing(rows: list[dict]) -> list[dict]:
 def _assert_same_run(ref: Path, out: Path) -> None:
     for name in WEIGHT_FILES:
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
-    assert _without_timing(engine.read_metrics(out)) == _without_timing(engine.read_metrics(ref))
+    assert _without_timing(checkpoint.read_metrics(out)) == _without_timing(checkpoint.read_metrics(ref))
     csv_rows = [_without_timing(list(csv.DictReader((d / "metrics.csv").open()))) for d in (ref, out)]
-    assert csv_rows[1] == csv_rows[0] and len(csv_rows[0]) == len(engine.read_metrics(ref))
+    assert csv_rows[1] == csv_rows[0] and len(csv_rows[0]) == len(checkpoint.read_metrics(ref))
     where = ("output", "resume")  # how each was invoked: the settings of the run are the same
     configs = [yaml.safe_load((d / "config.yaml").read_text()) for d in (ref, out)]
     assert [{k: v for k, v in c.items() if k not in where} for c in configs[1:]] == [
@@ -72,7 +72,7 @@ def _assert_same_run(ref: Path, out: Path) -> None:
     ]
     results = [json.loads((d / "results.json").read_text()) for d in (ref, out)]
     assert _without_timing(results[1:]) == _without_timing(results[:1])
-    assert engine.read_state(out)["stage"] == engine.FINISHED
+    assert checkpoint.read_state(out)["stage"] == checkpoint.FINISHED
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")], "temporary files left behind"
 
 
@@ -170,5 +170,7 @@ def _kill_det_runs(tmp_path: Path, flags) -> None:
         assert main([*flags(out), "--resume"]) == 0
         for name in ("last.safetensors", "best.safetensors", "eval.json"):
             assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), (at, name)
-        assert _without_timing(engine.read_metrics(out)) == _without_timing(engine.read_metrics(tmp_path / "ref"))
-        assert engine.read_state(out)["stage"] == engine.FINISHED
+        assert _without_timing(checkpoint.read_metrics(out)) == _without_timing(
+            checkpoint.read_metrics(tmp_path / "ref")
+        )
+        assert checkpoint.read_state(out)["stage"] == checkpoint.FINISHED

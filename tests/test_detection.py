@@ -127,7 +127,7 @@ def test_backbone_weights_from_our_safetensors(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(bb.body(x)[-1], clf.eval().forward_features(x), rtol=1e-4, atol=1e-5)
     # the training engine's checkpoint: its weights file and its full state (the "model" entry)
-    from parnet.engine import save_checkpoint
+    from parnet.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "run", 0, clf)
     for weights in (tmp_path / "run" / "last.safetensors", tmp_path / "run" / "last_state.pt"):
@@ -158,7 +158,7 @@ def test_backbone_weights_from_a_grey_run_folder(tmp_path: Path) -> None:
     """A Fashion-MNIST run (1 channel) as an RGB detector's backbone: its folder is given, and the
     convolutions that read the image take its grey filters (timm's adapt_input_conv), so a grey image
     given as RGB has the classifier's own features."""
-    from parnet.engine import save_checkpoint
+    from parnet.checkpoint import save_checkpoint
 
     clf = parnet.create_model("parnet_s", num_classes=10, in_chans=1, **TINY_STEM)
     randomize_bn(clf, seed=4)

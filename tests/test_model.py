@@ -220,38 +220,32 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
 
 
 def test_group_matcher_orders_blocks_from_input_to_head():
-    """timm's layer-wise LR decay groups parameters with group_matcher; the head must come last."""
+    """timm's layer-wise LR decay groups parameters with group_matcher: coarse, the stem, the streams with their
+    downsampling blocks, the fusions, the final block and the head, in that order."""
     model = timm.create_model("parnet_s", **TINY)
     groups = timm.models.group_parameters(model, model.group_matcher(coarse=True))
-    prefixes = [
-        sorted({".".join(n.split(".")[: 1 if n.startswith("stem") else 2]) for n in v}) for v in groups.values()
-    ]
-    assert [p[0] for p in prefixes] == [
-        "stem",
-        "streams.0",
-        "downsample.0",
-        "streams.1",
-        "downsample.1",
-        "streams.2",
-        "fuse_entry.dense",
-        "fusions.0",
-        "fusions.1",
-        "final_block.dense",
-        "head.fc",
-    ]
-    # fine (timm's default): one group per stream block, as timm's models group per block
-    fine = timm.models.group_parameters(model, model.group_matcher())
-    names = [sorted({".".join(n.split(".")[:3]) for n in v})[0] for v in fine.values()]
-    streams = [f"streams.{i}.{j}" for i, n in enumerate(model.cfg.blocks) for j in range(n)]
-    assert [n for n in names if n.startswith("streams.")] == streams
-    assert names.index("downsample.0.dense") == names.index(f"streams.0.{model.cfg.blocks[0] - 1}") + 1
+    tops = [sorted({n.split(".")[0] for n in v}) for v in groups.values()]
+    assert tops == [["stem"], ["downsample", "streams"], ["fuse_entry", "fusions"], ["final_block"], ["head"]]
+
+
+@pytest.mark.parametrize("blocks", [(4, 5, 5), (1, 4, 2), (2, 2, 2, 1), (3,)])
+def test_group_matcher_groups_blocks_by_depth(blocks):
+    """Fine groups (timm's default) are the layers of depth that network_depth counts: blocks of the parallel
+    streams at the same depth share a group and a rate, each group one layer after the one before."""
+    model = timm.create_model("parnet_s", **{**TINY, "widths": TINY["widths"][:1] * len(blocks), "blocks": blocks})
+    depth = model.block_depths()
+    measured = parnet.network_depth(parnet.reparameterize(model), torch.randn(1, 3, 64, 64))
+    assert max(depth.values()) + 1 == measured  # the head is the last layer
+    groups = timm.models.group_parameters(model, model.group_matcher())
+    assert len(groups) == measured
     optimizer = create_optimizer_v2(model, "sgd", lr=0.1, layer_decay=0.5)
     scales = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
     assert scales[id(model.head.fc.weight)] == 1.0
-    assert scales[id(model.final_block.dense.conv.weight)] == 0.5  # not treated as part of the head
-    assert scales[id(model.fuse_entry.dense.conv.weight)] == 0.5**4
-    assert scales[id(model.streams[2][-1].dense.conv.weight)] == 0.5**5
-    assert scales[id(model.streams[2][0].dense.conv.weight)] == 0.5 ** (5 + model.cfg.blocks[2] - 1)
+    modules = dict(model.named_modules())
+    for name, d in depth.items():  # every block's rate follows its depth, whichever stream it is in
+        assert {scales[id(p)] for p in modules[name].parameters()} == {0.5 ** (measured - d)}, name
+    if len(blocks) == 3 and blocks[0] == 4:  # the paper's: stream 0's last block and stream 2's first share a layer
+        assert depth["streams.0.3"] == depth["streams.2.1"] == depth["downsample.1"] + 2
 
 
 def test_forward_intermediates_follows_timm_indexing():
@@ -262,6 +256,11 @@ def test_forward_intermediates_follows_timm_indexing():
         torch.testing.assert_close(final, model.forward_features(x))
         assert [f.shape[1] for f in feats] == [32, 64]  # the last two: fusions.1 and final_block
         assert [f.shape[1] for f in model.forward_intermediates(x, [0, -1], intermediates_only=True)] == [8, 64]
+        # in model order, each once, as timm's models give them; a features_only backbone's feature_info agrees
+        assert [f.shape[1] for f in model.forward_intermediates(x, [5, 0, 0], intermediates_only=True)] == [8, 64]
+    backbone = timm.create_model("parnet_s", features_only=True, out_indices=(5, 0), **TINY).eval()
+    with torch.no_grad():
+        assert [f.shape[1] for f in backbone(x)] == backbone.feature_info.channels() == [8, 64]
         for bad in ([6], [-7], 7, 0):  # 6 features: indices must not wrap around silently
             with pytest.raises(AssertionError, match="out of range"):
                 model.forward_intermediates(x, bad)

@@ -30,6 +30,28 @@ def test_matches_official_outputs_eval_train_fused(official_tiny):
         torch.testing.assert_close(model(x), official_tiny["output_train"], atol=1e-4, rtol=0)
 
 
+def test_loaded_models_carry_timm_configs_and_round_trip_through_save_for_hf(official_tiny, tmp_path):
+    """load_official and io.load_model build as timm.create_model does: the release's pretrained_cfg (bilinear
+    resizing, as their validation) and the arguments timm's save_for_hf needs to rebuild the same network."""
+    from timm.data import resolve_model_data_config
+
+    from parnet.io import load_model, save_model
+
+    model = parnet.load_official(official_tiny, activation="silu")
+    assert resolve_model_data_config(model)["interpolation"] == "bilinear"
+    assert model.default_cfg is model.pretrained_cfg and model.pretrained_cfg["architecture"] == "parnet_s_official"
+    assert (
+        model.pretrained_cfg["paper_ids"] == "arXiv:2110.07641"
+        and "NonDeepNetworks" in model.pretrained_cfg["origin_url"]
+    )
+    save_model(model, tmp_path / "model.safetensors")  # (a fused model is not rebuilt fused: as timm's RepVGG)
+    for i, net in enumerate([model, load_model(tmp_path / "model.safetensors")]):
+        timm.models.save_for_hf(net, tmp_path / f"hf{i}")
+        again = timm.create_model(f"local-dir:{tmp_path / f'hf{i}'}", pretrained=True).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(again(official_tiny["input"]), official_tiny["output_eval"], atol=1e-4, rtol=0)
+
+
 def test_relu_is_the_default_activation(official_tiny):
     """The released networks are ReLU networks, so that is what load_official builds by default."""
     model = parnet.load_official(official_tiny)
@@ -119,7 +141,7 @@ def test_pretrained_with_one_input_channel_adapts_every_stem_conv(parnet_s_check
 
 def test_convert_command_writes_loadable_safetensors(parnet_s_checkpoint, tmp_path):
     from parnet.cli import main
-    from parnet.evaluate import holds_ema_weights
+    from parnet.trained import holds_ema_weights
 
     out = tmp_path / "parnet_s.safetensors"
     x = torch.randn(1, 3, 64, 64)
@@ -255,8 +277,8 @@ def test_atomic_write_follows_the_umask_without_changing_it(tmp_path, monkeypatc
 
 
 def test_training_state_is_pointed_to_the_run_files(tmp_path, capsys):
+    from parnet.checkpoint import save_checkpoint
     from parnet.cli import main
-    from parnet.engine import save_checkpoint
 
     model = timm.create_model("parnet_cifar_s", widths=(8, 16, 32), head_width=64)
     state = save_checkpoint(tmp_path / "run", 0, model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))

@@ -19,7 +19,9 @@ from parnet.cli import main
 from parnet.data import DATASETS, FASHION_MNIST_CLASSES, class_names
 from parnet.io import save_model
 from parnet.predict import load_predictor
-from parnet.train import load_weights, make_config, train
+from parnet.settings import make_config
+from parnet.train import train
+from parnet.trained import load_weights
 
 from .conftest import TINY_STEM
 from .test_data import make_fashion_mnist

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from parnet import engine
+from parnet import checkpoint
 from parnet.cli import main
 
 from .test_data import make_fashion_mnist
@@ -26,7 +26,7 @@ def _flags(data: Path, out: Path, *more: str) -> list[str]:
 
 def test_a_second_training_into_a_running_runs_folder_is_refused(data, tmp_path, capsys):
     out = tmp_path / "run"
-    with engine.RunLock(out):  # as a running training holds it
+    with checkpoint.RunLock(out):  # as a running training holds it
         assert main(_flags(data, out, "--epochs", "1")) == 2
         err = capsys.readouterr().err
         assert f"{out} is in use by another training (process {__import__('os').getpid()})" in err
@@ -40,11 +40,11 @@ def test_the_checkpoint_not_config_yaml_decides_the_settings_of_a_resumed_run(da
     config = (out / "config.yaml").read_text()
     (out / "config.yaml").write_text(config.replace("epochs: 3", "epochs: 5").replace("lr: 0.1", "lr: 0.7"))
     assert main(["train", "--output", str(out), "--resume", "--stop-after", "1"]) == 0
-    assert engine.read_state(out)["extra"]["config"]["epochs"] == 3
+    assert checkpoint.read_state(out)["extra"]["config"]["epochs"] == 3
     assert "epochs: 3" in (out / "config.yaml").read_text() and "lr: 0.1" in (out / "config.yaml").read_text()
     (out / "config.yaml").unlink()  # deleted: no traceback, the checkpoint has the settings
     assert main(["train", "--output", str(out), "--resume"]) == 0
-    rows = engine.read_metrics(out)
+    rows = checkpoint.read_metrics(out)
     # the last step of a 3-epoch cosine (of 5 epochs, it would still be near half of lr 0.1)
     assert [r["epoch"] for r in rows] == [0, 1, 2] and 0 < rows[-1]["lr"] < 0.01
     assert (out / "results.json").is_file()

@@ -402,7 +402,7 @@ def test_every_module_is_reachable_by_its_dotted_name():
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_torch_hub_lists_every_registered_variant_and_builds_it():
+def test_torch_hub_lists_every_registered_variant_and_builds_it(tmp_path):
     """``hubconf.py`` offers exactly timm's registered ParNet names: a new variant without an entry
     point, or a stray public callable in hubconf (an imported class), fails here."""
     # torch.hub.list and help read GitHub only; this is their rule on the imported hubconf.
@@ -417,6 +417,12 @@ def test_torch_hub_lists_every_registered_variant_and_builds_it():
     expected = tiny("parnet_cifar_s", num_classes=7)
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in expected.state_dict().items()}
     assert model.pretrained_cfg == expected.pretrained_cfg and model.cfg == expected.cfg
+    # timm.create_model's own keywords too, as the docstring says: here its checkpoint_path
+    torch.save(expected.state_dict(), tmp_path / "weights.pth")
+    loaded = torch.hub.load(str(REPO_ROOT), "parnet_cifar_s", source="local", num_classes=7,
+                            checkpoint_path=str(tmp_path / "weights.pth"), **TINY)  # fmt: skip
+    for a, b in zip(loaded.state_dict().values(), expected.state_dict().values()):
+        torch.testing.assert_close(a, b)
 
 
 def test_detection_modules_import_only_those_above_them():

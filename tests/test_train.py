@@ -18,12 +18,14 @@ import yaml
 from safetensors.torch import load_file
 
 import parnet
-from parnet import engine
+from parnet import checkpoint, engine
 from parnet.cli import main
+from parnet.curves import plot
 from parnet.data import DATASETS
-from parnet.evaluate import evaluate, holds_ema_weights, load_weights, plot
+from parnet.evaluate import evaluate
 from parnet.settings import DATASET_DEFAULTS, TrainConfig, check_config, make_config
 from parnet.train import train
+from parnet.trained import holds_ema_weights, load_weights
 
 from .conftest import TINY_STEM
 from .test_data import make_fashion_mnist, make_image_folder
@@ -70,7 +72,7 @@ def test_training_writes_everything_and_fused_model_scores_identically(reference
                  "config.yaml", "results.json", "fused.safetensors", "ema_fused.safetensors"):  # fmt: skip
         assert (out / name).is_file(), name
     assert list((out / "tb").iterdir()), "no TensorBoard events"
-    rows = engine.read_metrics(out)
+    rows = checkpoint.read_metrics(out)
     assert [r["epoch"] for r in rows] == [0, 1]
     assert {"train_loss", "test_top1", "test_top5", "ema_top1", "lr", "images_per_s"} <= set(rows[0])
     assert (out / "metrics.csv").read_text().splitlines()[0].startswith("epoch,")
@@ -93,10 +95,10 @@ def test_schedule_warmup_cosine_and_weight_decay_exclusions(reference_run):
     """The paper's recipe as run: linear warm-up then cosine to min_lr per step; no decay on biases and norms."""
     out, _ = reference_run
     # 128 images / 32 = 4 steps an epoch, 8 in all; warm-up 0.5 epoch = 2 steps; lr 0.05, min_lr 0.
-    lrs = [r["lr"] for r in engine.read_metrics(out)]  # the rate each epoch's last step (3 and 7) used
+    lrs = [r["lr"] for r in checkpoint.read_metrics(out)]  # the rate each epoch's last step (3 and 7) used
     assert lrs[0] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 3 / 8)))
     assert lrs[1] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 7 / 8))) and lrs[1] > 0
-    state = engine.read_state(out)
+    state = checkpoint.read_state(out)
     assert state["scheduler"]["warmup_t"] == 2 and state["scheduler"]["t_initial"] == 8
     groups, buffers = state["optimizer"]["param_groups"], state["optimizer"]["state"]
     decay = [i for g in groups if g["weight_decay"] == 5e-4 for i in g["params"]]
@@ -127,12 +129,12 @@ def test_resume_ends_bit_identical(fmnist, tmp_path, reference_run, capsys):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     a, b = load_file(ref_dir / "last_ema.safetensors"), load_file(out / "last_ema.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    sa, sb = engine.read_state(ref_dir), engine.read_state(out)
+    sa, sb = checkpoint.read_state(ref_dir), checkpoint.read_state(out)
     for group_a, group_b in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
         assert torch.equal(group_a["momentum_buffer"], group_b["momentum_buffer"])
     strip = ("epoch_seconds", "images_per_s")
-    rows_a = [{k: v for k, v in r.items() if k not in strip} for r in engine.read_metrics(ref_dir)]
-    rows_b = [{k: v for k, v in r.items() if k not in strip} for r in engine.read_metrics(out)]
+    rows_a = [{k: v for k, v in r.items() if k not in strip} for r in checkpoint.read_metrics(ref_dir)]
+    rows_b = [{k: v for k, v in r.items() if k not in strip} for r in checkpoint.read_metrics(out)]
     assert rows_a == rows_b
     assert ref["test_top1"] == second["test_top1"] and ref["ema_top1"] == second["ema_top1"]
 
@@ -144,7 +146,7 @@ def test_compiled_training_follows_the_eager_run(fmnist, tmp_path):
     eager_dir, compiled_dir = tmp_path / "eager", tmp_path / "compiled"
     train(tiny_config(fmnist, eager_dir, **short))
     assert train(tiny_config(fmnist, compiled_dir, compile=True, **short))["epochs_done"] == 1
-    eager, compiled = engine.read_metrics(eager_dir)[0], engine.read_metrics(compiled_dir)[0]
+    eager, compiled = checkpoint.read_metrics(eager_dir)[0], checkpoint.read_metrics(compiled_dir)[0]
     assert compiled["train_loss"] == pytest.approx(eager["train_loss"], abs=1e-3)
     assert compiled["test_loss"] == pytest.approx(eager["test_loss"], abs=1e-3)
     keys = load_file(eager_dir / "last.safetensors").keys()
@@ -214,8 +216,8 @@ def test_a_run_at_another_size_is_evaluated_and_quantized_at_it(tmp_path, monkey
 
     from parnet import data
     from parnet.deployed import quantize_checkpoint, read_info
-    from parnet.evaluate import TrainedOn, trained_on
     from parnet.predict import load_predictor
+    from parnet.trained import TrainedOn, trained_on
 
     folder = make_image_folder(tmp_path / "imgs", classes=2, per_class=4)
     out = tmp_path / "run"
@@ -286,7 +288,7 @@ def test_fine_tuning_keeps_the_weights_restarts_the_classifier_and_adapts_the_in
 def test_fine_tuning_matches_the_classifier_rows_by_class_name(reference_run):
     """Data of the same class count but other names (renamed, reordered): each class keeps its own row, a new
     one starts afresh; rows passed by position would relabel classes silently."""
-    from parnet.evaluate import trained_on
+    from parnet.trained import trained_on
     from parnet.transfer import initialize_from
 
     out, _ = reference_run
@@ -419,7 +421,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(fmnist, tmp_path, capsys,
     assert code == 3 and "loss is nan at step 3" in err and "last checkpoint" in err
     assert (out / "last_state.pt").read_bytes() == before[0]
     assert (out / "last.safetensors").read_bytes() == before[1]
-    assert engine.read_state(out)["epoch"] == 0
+    assert checkpoint.read_state(out)["epoch"] == 0
     assert not list(out.glob("*.tmp"))
 
 
@@ -436,7 +438,7 @@ def test_eval_and_plot_of_a_run(reference_run, capsys):
     assert scores["raw"]["top1"] == pytest.approx(res["test_top1"])
     assert scores["ema"]["top1"] == pytest.approx(res["ema_top1"])
     assert scores["raw_fused"]["top1"] == scores["raw"]["top1"] and scores["raw_fused"]["prediction_changes"] == 0
-    last = engine.read_metrics(out)[-1]  # the losses depend on every logit, not only on the predicted class
+    last = checkpoint.read_metrics(out)[-1]  # the losses depend on every logit, not only on the predicted class
     assert scores["raw"]["loss"] == pytest.approx(last["test_loss"], rel=1e-5)
     assert scores["ema"]["loss"] == pytest.approx(last["ema_loss"], rel=1e-5)
     assert scores["raw_fused"]["loss"] == pytest.approx(scores["raw"]["loss"], rel=1e-5)
@@ -494,7 +496,7 @@ def test_eval_fused_safetensors_alone(reference_run, fmnist):
     out, res = reference_run
     scores = evaluate(out / "fused.safetensors", dataset="fashion_mnist", data_dir=str(fmnist), workers=0)
     assert set(scores) == {"raw_fused"} and scores["raw_fused"]["top1"] == res["fused_top1"]
-    assert scores["raw_fused"]["loss"] == pytest.approx(engine.read_metrics(out)[-1]["test_loss"], rel=1e-5)
+    assert scores["raw_fused"]["loss"] == pytest.approx(checkpoint.read_metrics(out)[-1]["test_loss"], rel=1e-5)
 
 
 def test_eval_accepts_the_authors_checkpoints(tmp_path, monkeypatch):
@@ -649,13 +651,13 @@ def test_missing_or_corrupt_dataset_exits_non_zero_and_writes_nothing(tmp_path, 
 
 def test_rng_state_round_trip():
     g = torch.Generator().manual_seed(5)
-    state = engine.rng_state({"g": g})
+    state = checkpoint.rng_state({"g": g})
     import random
 
     import numpy as np
 
     first = (random.random(), np.random.rand(), torch.rand(2), torch.rand(2, generator=g))
-    engine.set_rng_state(state, {"g": g})
+    checkpoint.set_rng_state(state, {"g": g})
     second = (random.random(), np.random.rand(), torch.rand(2), torch.rand(2, generator=g))
     assert first[:2] == second[:2] and torch.equal(first[2], second[2]) and torch.equal(first[3], second[3])
 
@@ -688,7 +690,7 @@ def test_two_process_ddp_trains_and_agrees(fmnist, tmp_path):
     # Parameters, BN running statistics (each rank's saw only its own batches) and the EMA all agree.
     assert res["world_size"] == 2 and res["ranks_agree"] is True
     assert evaluate(out, workers=0)["raw"]["top1"] == pytest.approx(res["test_top1"])  # all 64 test images, once
-    state = engine.read_state(out)
+    state = checkpoint.read_state(out)
     assert len(state["extra"]["rng_ranks"]) == 2
     assert not torch.equal(state["extra"]["rng_ranks"][0]["torch"], state["extra"]["rng_ranks"][1]["torch"])
 
@@ -754,7 +756,7 @@ def test_loaded_run_weights_carry_their_training_datas_timm_config(reference_run
         assert config["crop_pct"] == 1.0 and model.pretrained_cfg["num_classes"] == 10
     unrun = parnet.create_model("parnet_cifar_s", num_classes=10, **TINY_STEM)  # no data recorded: its own cfg
     plain = load_model(save_model(unrun, tmp_path / "plain.safetensors"))
-    assert getattr(plain, "pretrained_cfg", None) is None
+    assert plain.pretrained_cfg == unrun.pretrained_cfg  # its variant's, as timm.create_model gives it
 
 
 def test_eval_of_an_rgb_file_without_a_dataset_names_the_rgb_datasets(tmp_path, capsys):
@@ -876,9 +878,8 @@ def test_a_killed_trainings_loader_workers_do_not_hold_its_run_lock(tmp_path, mo
     of the training finds the folder free though a worker lives on. Checked in this process: the fork handler
     run on a second descriptor of the lock, as a child holds one (a test that forked a worker process crashed
     pytest-xdist workers now and then)."""
-    from parnet import checkpoint
 
-    lock = engine.RunLock(tmp_path / "run")
+    lock = checkpoint.RunLock(tmp_path / "run")
     assert lock._fd in checkpoint._HELD_LOCKS
     child_copy = os.dup(lock._fd)  # what a forked worker holds: another descriptor of the same open file
     monkeypatch.setattr(checkpoint, "_HELD_LOCKS", {child_copy})
@@ -886,12 +887,12 @@ def test_a_killed_trainings_loader_workers_do_not_hold_its_run_lock(tmp_path, mo
     with pytest.raises(OSError):
         os.fstat(child_copy)  # closed
     with pytest.raises(ValueError, match="in use by another training"):
-        engine.RunLock(tmp_path / "run")  # the training's own descriptor still holds the lock
+        checkpoint.RunLock(tmp_path / "run")  # the training's own descriptor still holds the lock
     monkeypatch.undo()
     held = lock._fd
     lock.release()
     assert lock._fd == -1 and held not in checkpoint._HELD_LOCKS
-    engine.RunLock(tmp_path / "run").release()  # free once the training's descriptor is closed
+    checkpoint.RunLock(tmp_path / "run").release()  # free once the training's descriptor is closed
 
 
 def test_starting_from_timms_own_weights_file(fmnist, tmp_path, capsys):

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 import parnet
 from parnet import detection as det
 from parnet.cli import main
-from parnet.evaluate import load_weights
 from parnet.io import load_model, save_model
+from parnet.trained import load_weights
 from parnet.weights import MAX_PARAMS, architecture_kwargs, check_state_dict
 
 from .conftest import TINY_STEM

@@ -481,7 +481,7 @@ def describe_training_data(model: torch.nn.Module, dataset: str | None, img_size
     from timm.data import DEFAULT_CROP_PCT
 
     size = img_size or info.img_size
-    model.pretrained_cfg = {
+    model.pretrained_cfg = model.default_cfg = {  # timm keeps default_cfg as the same dict
         **(getattr(model, "pretrained_cfg", None) or {}),
         "input_size": (info.in_chans, size, size),
         "test_input_size": None,  # a variant's own test size would override input_size in resolve_data_config

@@ -34,7 +34,7 @@ from .io import atomic_write
 from .precision import int8_pairs_saturate
 
 if TYPE_CHECKING:
-    from .evaluate import TrainedOn
+    from .trained import TrainedOn
 
 SUFFIX = {"onnxruntime": ".onnx", "openvino": ".xml"}
 META_KEY = "parnet_deployed"
@@ -257,7 +257,7 @@ def load_deployed(path: str | os.PathLike, threads: int | None = None) -> Engine
 
 def load_trained(checkpoint: str | os.PathLike) -> tuple[nn.Module, TrainedOn]:
     """The model of a run folder or a checkpoint file (EMA weights where kept), and the data it was trained on."""
-    from .evaluate import load_trained_model, trained_on
+    from .trained import load_trained_model, trained_on
 
     return load_trained_model(checkpoint)[0], trained_on(checkpoint)
 
@@ -284,8 +284,8 @@ def quantize_checkpoint(
     """
     from .checkpoint import unfinished_run
     from .data import build_datasets
-    from .evaluate import check_fits_dataset, check_same_classes, evaluate_model
     from .loaders import build_loaders
+    from .scoring import check_fits_dataset, check_same_classes, evaluate_model
 
     if Path(out).suffix.lower() != SUFFIX.get(engine):
         raise ValueError(f"an {engine} model is written to a {SUFFIX.get(engine)} file, got {Path(out).name}")

@@ -9,11 +9,7 @@ Nothing here knows about a task; a loop calls these in order:
     ``all_reduce_sum(tensor)`` and ``reduce_mean(value)`` combine metrics across ranks (no-ops
     when not distributed).
 
-The run folder (:mod:`parnet.checkpoint`, re-exported here): ``check_run_folder``, ``RunLock``,
-``save_checkpoint`` / ``save_state`` / ``write_run_weights``, ``read_state``, ``load_checkpoint``,
-``mark_finished``, ``MetricLogger``, ``read_metrics``, ``seed_everything``, ``rng_state``,
-``set_rng_state``, ``unwrap_model``. The training state is the authority; every other file is
-written after it and rewritten from it on resume, so a kill at any instant loses nothing.
+The run folder, its lock, checkpoints, metrics and RNG state are :mod:`parnet.checkpoint`'s.
 
 ``NonFiniteLossError``, ``check_finite(loss, step, dist_info=None, kept_epoch=None)``
     Raise a clear error on a NaN/inf loss (agreed across ranks when ``dist_info`` is distributed)
@@ -33,50 +29,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (
-    FINISHED,
-    STATE_FILE,
-    MetricLogger,
-    RunLock,
-    check_run_folder,
-    load_checkpoint,
-    mark_finished,
-    read_metrics,
-    read_state,
-    rng_state,
-    save_checkpoint,
-    save_state,
-    seed_everything,
-    set_rng_state,
-    unwrap_model,
-    write_run_weights,
-)
-
 __all__ = [
-    "FINISHED",
-    "STATE_FILE",
     "DistInfo",
-    "MetricLogger",
-    "RunLock",
-    "mark_finished",
-    "save_state",
-    "write_run_weights",
     "NonFiniteLossError",
     "Progress",
     "all_reduce_sum",
     "check_finite",
-    "check_run_folder",
     "cleanup_distributed",
     "init_distributed",
-    "load_checkpoint",
-    "read_metrics",
-    "read_state",
     "reduce_mean",
-    "rng_state",
-    "save_checkpoint",
-    "seed_everything",
-    "set_rng_state",
-    "unwrap_model",
 ]
 
 # -- distributed --------------------------------------------------------------------------------

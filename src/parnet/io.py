@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from .devices import check_device
 from .formats import is_torch_checkpoint
 from .layers import is_reparameterized, reparameterize
-from .model import CFG_FIELDS, ParNet, ParNetCfg
+from .model import CFG_FIELDS, ParNet, ParNetCfg, build_parnet
 from .weights import MAX_CLASSES, MAX_IN_CHANS, architecture_kwargs, bounded_int, build_checked
 
 __all__ = [
@@ -223,7 +223,7 @@ def read_safetensors(
     if path.is_dir():
         raise ValueError(
             f"{path} is a folder, not a weights file: give a run's last.safetensors (last_ema.safetensors for its "
-            "EMA weights), or read a run folder with parnet.evaluate.load_trained_model"
+            "EMA weights), or read a run folder with parnet.trained.load_trained_model"
         )
     if not path.is_file():
         raise FileNotFoundError(f"no file at {path}")
@@ -315,7 +315,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> P
     fused = header_flag(meta, "fused", source)
 
     def build() -> ParNet:
-        model = ParNet(cfg, num_classes=num_classes, in_chans=in_chans)
+        model = build_parnet(cfg, num_classes=num_classes, in_chans=in_chans)
         return reparameterize(model, inplace=True) if fused else model
 
     model = build_checked(build, state, source).to(device).eval()

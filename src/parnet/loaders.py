@@ -46,7 +46,7 @@ def build_loaders(
     """Loaders for training (shuffled per epoch, sharded over ranks, last partial batch dropped) and testing.
 
     Call ``train_loader.sampler.set_epoch(epoch)`` each epoch. The returned generator seeds the
-    workers' RNGs; save it with the checkpoint (``engine.save_checkpoint(..., generators=...)``).
+    workers' RNGs; save it with the checkpoint (``checkpoint.save_checkpoint(..., generators=...)``).
     ``workers`` is capped at the CPUs this process may use (more only compete for them, and the
     DataLoader warns), so a config written for a big machine also runs on a small one.
     """

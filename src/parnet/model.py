@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, register_notrace_function
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint, create_model, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 
@@ -301,16 +301,44 @@ class ParNet(nn.Module):
     # -- structure -------------------------------------------------------------------------------
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """Parameter groups in input-to-output order (timm's layer-wise LR decay); the head is last. ``coarse``: one
-        group per stream; else one per stream block, as timm's models group per block."""
-        blocks = r"^streams\.(\d+)" if coarse else r"^streams\.(\d+)\.(\d+)"
-        return dict(
-            stem=r"^stem",
-            streams=[(blocks, None), (r"^downsample\.(\d+)", (1e4,))],  # stream i's blocks, then its downsample
-            fusions=[(r"^fuse_entry", (0,)), (r"^fusions\.(\d+)", (1,))],
-            final_block=r"^final_block",
-        )
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], float]:
+        """The group of each parameter name, in input-to-output order (timm's layer-wise LR decay); the head last.
+
+        Fine (timm's default): one group per layer of depth, as :func:`parnet.network_depth` counts them, so the
+        parallel streams' blocks and the downsampling blocks at the same depth share a group (as timm groups
+        HRNet's branches): a block's rate follows how deep it is, not which stream it is in. ``coarse``: the
+        stem, the streams with their downsampling blocks, the fusions, the final block.
+        """
+        depth = self.block_depths()
+
+        def group(name: str) -> float:
+            parts = name.split(".")
+            key = ".".join(parts[: {"streams": 3, "stem": 2, "downsample": 2, "fusions": 2}.get(parts[0], 1)])
+            if coarse:
+                kind = ("stem", "streams", "fusions", "final_block")
+                top = {"downsample": "streams", "fuse_entry": "fusions"}.get(parts[0], parts[0])
+                return float(kind.index(top)) if top in kind else float("inf")
+            return float(depth.get(key, float("inf")))
+
+        return group
+
+    @torch.jit.ignore
+    def block_depths(self) -> dict[str, int]:
+        """The layer of depth (1 = the stem's first block) of each block, by module name (``streams.i.j``,
+        ``downsample.i``, ``fusions.k``...): the longest path from the input through it, in layers."""
+        n = len(self.cfg.blocks)
+        depth = {"stem.0": 1, "stem.1": 2}
+        depth.update({f"downsample.{i}": 3 + i for i in range(n - 1)})
+        for i, count in enumerate(self.cfg.blocks):
+            depth.update({f"streams.{i}.{j}": 3 + i + j for j in range(count)})
+        ends = [2 + i + count for i, count in enumerate(self.cfg.blocks)]  # each stream's last block
+        last = ends[0]
+        if n > 1:
+            depth["fuse_entry"] = last = ends[0] + 1
+            for k in range(n - 1):  # fusion k takes the previous fusion and stream k + 1
+                depth[f"fusions.{k}"] = last = max(last, ends[k + 1]) + 1
+        depth["final_block"] = last + 1
+        return depth
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -342,14 +370,15 @@ class ParNet(nn.Module):
         """timm's feature API: the features of ``feature_info`` selected by ``indices``.
 
         ``indices`` is a list of positions in ``feature_info`` (negative ones count from the end),
-        or an int ``k`` for the last k. With ``stop_early`` (or ``intermediates_only``) only the
+        or an int ``k`` for the last k; the features come in ``feature_info``'s order, each once, as timm's models
+        give them. With ``stop_early`` (or ``intermediates_only``) only the
         blocks the selected features need are run, and the first tensor returned is the deepest
         selected feature rather than the final block's output. ``norm`` has no effect: there is no
         final norm.
         """
         if output_fmt != "NCHW":
             raise ValueError("ParNet gives NCHW features only")
-        take, _ = feature_take_indices(len(self.feature_modules), indices)
+        take = self._in_model_order(feature_take_indices(len(self.feature_modules), indices)[0])
         names = [self.feature_modules[i] for i in take]
         for name in names:
             if name not in self.available:
@@ -366,6 +395,14 @@ class ParNet(nn.Module):
             return intermediates
         return feats[last], intermediates
 
+    def _in_model_order(self, indices: list[int]) -> list[int]:
+        """``indices`` of ``feature_info`` in its order, each once: the order timm's models give features in."""
+        ordered: list[int] = []
+        for i in range(len(self.feature_modules)):
+            if i in indices:
+                ordered.append(i)
+        return ordered
+
     def prune_intermediate_layers(
         self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
@@ -378,7 +415,7 @@ class ParNet(nn.Module):
         channel count, and the classifier, which no longer fits once the final block is gone, becomes
         a pass-through whatever ``prune_head`` says.
         """
-        take, _ = feature_take_indices(len(self.feature_modules), indices)
+        take = self._in_model_order(feature_take_indices(len(self.feature_modules), indices)[0])
         names = [self.feature_modules[i] for i in take]
         streams, fusions, final = self._blocks_for(names)
         self.run_streams, self.run_fusions, self.run_final = streams, fusions, final
@@ -502,6 +539,18 @@ def create_parnet(
     )
 
 
+def build_parnet(cfg: ParNetCfg, variant: str | None = None, **kwargs: Any) -> ParNet:
+    """A ParNet of architecture ``cfg`` built as ``timm.create_model`` builds one, so that it carries the
+    ``pretrained_cfg`` timm's tools read (input size, statistics, interpolation, first conv, classifier) and the
+    arguments that rebuild it: those of ``variant``, else of the registered variant of that architecture, else of
+    the first of its form (``parnet_s``, ``parnet_cifar_s``). ``kwargs``: ``num_classes``, ``in_chans``, ...
+    """
+    if variant is None:
+        same = (name for name, c in model_cfgs.items() if c == cfg)
+        variant = next(same, "parnet_cifar_s" if cfg.small_input else "parnet_s")
+    return create_model(variant, **dataclasses.asdict(cfg), **kwargs)
+
+
 def imagenet_cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
     return {
         "url": url,
@@ -514,6 +563,8 @@ def imagenet_cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
         "std": IMAGENET_DEFAULT_STD,
         "first_conv": ("stem.0.dense.conv", "stem.0.point.conv", "stem.0.gate.conv"),
         "classifier": "head.fc",
+        "paper_ids": "arXiv:2110.07641",
+        "paper_name": "Non-deep Networks",
         **kwargs,
     }
 

@@ -31,7 +31,7 @@ import torch
 from timm.models import generate_default_cfgs, register_model
 
 from .formats import is_safetensors, is_torch_checkpoint
-from .model import ParNet, ParNetCfg, create_parnet, imagenet_cfg, model_cfgs
+from .model import ParNet, ParNetCfg, build_parnet, create_parnet, imagenet_cfg, model_cfgs
 
 __all__ = ["load_official", "convert_official_state_dict", "infer_official_cfg", "read_checkpoint"]
 
@@ -258,7 +258,8 @@ def load_official(
     checkpoint = read_checkpoint(source) if not isinstance(source, Mapping) else source
     state = select_state_dict(checkpoint, use_ema)
     cfg, num_classes, in_chans = infer_official_cfg(state, activation)
-    model = ParNet(cfg, num_classes=num_classes, in_chans=in_chans, drop_rate=official_drop_rate(cfg))
+    variant = official_variant(cfg) or "parnet_s_official"  # its release's pretrained_cfg: bilinear resizing
+    model = build_parnet(cfg, variant, num_classes=num_classes, in_chans=in_chans, drop_rate=official_drop_rate(cfg))
     converted = convert_official_state_dict(state, strict)
     if strict:  # names, shapes and dtypes, before anything is copied
         from .weights import check_state_dict
@@ -286,7 +287,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: ParNet) -> dict[s
 
 # -- timm registration of the released networks ------------------------------------------------
 
-RELEASE_URL = "https://github.com/imankgoyal/NonDeepNetworks/releases/download/v.0.1.0/"
+AUTHORS_REPOSITORY = "https://github.com/imankgoyal/NonDeepNetworks"
+RELEASE_URL = AUTHORS_REPOSITORY + "/releases/download/v.0.1.0/"
 
 # The authors trained L and XL with dropout before the classifier (their files say "dropout_lin").
 OFFICIAL_DROP_RATES = {"parnet_l_official": 0.1, "parnet_xl_official": 0.1}
@@ -304,7 +306,9 @@ def official_drop_rate(cfg: ParNetCfg) -> float:
 
 def _official_cfg(file: str) -> dict[str, Any]:
     """An authors' release file: bilinear resizing as in their validation, their repository's BSD-3-Clause license."""
-    return imagenet_cfg(RELEASE_URL + file, interpolation="bilinear", license="bsd-3-clause")
+    return imagenet_cfg(
+        RELEASE_URL + file, interpolation="bilinear", license="bsd-3-clause", origin_url=AUTHORS_REPOSITORY
+    )
 
 
 # The authors' ImageNet checkpoints, named after their model configs.

@@ -192,9 +192,9 @@ def load_predictor(
         raise ValueError("give the weights: a run folder, a checkpoint file, or a model name with released weights")
     from .deployed import is_deployed_file
     from .devices import check_device
-    from .evaluate import holds_ema_weights, load_trained_model, trained_on
     from .factory import check_model_name
     from .official import is_timm_weights
+    from .trained import holds_ema_weights, load_trained_model, trained_on
 
     model_name = check_model_name(model_name) if model_name else None
     device = str(check_device(device))
@@ -233,7 +233,7 @@ def load_predictor(
 def _engine_predictor(path: Path, model_name: str | None, use_ema: bool, device: str) -> Predictor:
     """A ``parnet quantize`` file on its engine, its images prepared for the dataset and size it was built for."""
     from .deployed import load_deployed
-    from .evaluate import TrainedOn
+    from .trained import TrainedOn
 
     if model_name:
         raise ValueError(f"{path.name} says how its images are prepared (its dataset and size): leave out --model")
@@ -255,9 +255,9 @@ def input_preparation(
     """(transform, class names, image mode) of ``model``'s inputs, as this module's docstring says: from the
     data ``weights`` (a run folder or file, or ``None``) were trained on, else from timm's pretrained config;
     to ``img_size`` (0: the size the weights trained at, where they say)."""
-    from .evaluate import TrainedOn, trained_on
     from .formats import is_torch_checkpoint
     from .preprocessing import pretrained_transform
+    from .trained import TrainedOn, trained_on
 
     trained = trained_on(weights) if weights is not None else TrainedOn()
     names = _class_names(trained, model.num_classes)

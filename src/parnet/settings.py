@@ -92,8 +92,8 @@ class TrainConfig(Settings):
         gt=0,
         le=1,
         description="layer-wise learning-rate decay (timm's --layer-decay): each group of layers, from the "
-        "classifier back, trains at this factor of the next one's rate (ParNet: its group_matcher, per stream "
-        "block); none: one rate",
+        "classifier back, trains at this factor of the next one's rate (ParNet: its group_matcher, one group per "
+        "layer of depth, parallel streams' blocks at the same depth together); none: one rate",
     )
     # Schedules stepped per update (timm's "plateau" steps per epoch only, on a metric: not offered).
     sched: Literal["cosine", "step", "multistep", "poly", "tanh", "wsd"] = Field(

@@ -30,21 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .evaluate import evaluate, evaluate_model, load_weights, plot
 from .factory import create_classifier
-from .settings import DATASET_DEFAULTS, TrainConfig, make_config
+from .scoring import evaluate_model
+from .settings import TrainConfig, make_config
 
-# evaluate, evaluate_model, load_weights and plot live in parnet.evaluate; named here too, where they were.
-__all__ = [
-    "DATASET_DEFAULTS",
-    "TrainConfig",
-    "evaluate",
-    "evaluate_model",
-    "load_weights",
-    "make_config",
-    "plot",
-    "train",
-]
+__all__ = ["TrainConfig", "train"]
 
 
 def _weights_metadata(cfg: TrainConfig, info: Any) -> dict[str, str]:
@@ -139,17 +129,14 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     import torch
     import torch.distributed as tdist
     import yaml
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3, distribute_bn
 
-    from . import engine
+    from . import checkpoint, engine
     from .data import AugmentCfg, build_datasets
     from .io import atomic_write, remove_temporaries
     from .loaders import available_cpus, build_loaders
-    from .official import is_timm_weights
     from .precision import autocast_dtype
 
     t_start = time.perf_counter()
@@ -159,13 +146,13 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
         if cfg.threads > (cpus := available_cpus()):  # oversubscribed threads spin on each other: many times slower
             log(f"warning: --threads {cfg.threads} is more than the CPUs this process may use ({cpus}): slower")
-    engine.check_run_folder(run_dir, cfg.resume, _RESULT_FILES)  # before any work: nothing written yet
+    checkpoint.check_run_folder(run_dir, cfg.resume, _RESULT_FILES)  # before any work: nothing written yet
     if d.is_main:  # one training writes into a folder at a time; then look again, under the lock
-        held.enter_context(engine.RunLock(run_dir))
-    has_checkpoint = engine.check_run_folder(run_dir, cfg.resume, _RESULT_FILES)
+        held.enter_context(checkpoint.RunLock(run_dir))
+    has_checkpoint = checkpoint.check_run_folder(run_dir, cfg.resume, _RESULT_FILES)
     if d.is_main and (removed := remove_temporaries(run_dir)):  # left by a killed run
         log(f"removed {len(removed)} temporary file(s) a killed run left in {run_dir}")
-    engine.seed_everything(cfg.seed, d.rank)
+    checkpoint.seed_everything(cfg.seed, d.rank)
 
     # Data: the train split with the paper's augmentation, sharded over ranks; the full test split.
     aug = AugmentCfg(auto_augment=cfg.auto_augment, re_prob=cfg.re_prob, hflip=cfg.hflip)
@@ -186,30 +173,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     steps_per_epoch = len(train_loader)
 
     # Model, EMA, optimizer, schedule, loss.
-    # Starting weights (not for a resumed run: its checkpoint holds them): timm's released ones for --pretrained
-    # or their offline copy as --initial-checkpoint; a file of ours or the authors' through initialize_from.
-    timm_file = (
-        cfg.initial_checkpoint if cfg.initial_checkpoint and is_timm_weights(Path(cfg.initial_checkpoint)) else None
-    )
-    model = create_classifier(
-        cfg.model, info.num_classes, info.in_chans, cfg.model_kwargs, cfg.drop_rate, cfg.drop_path_rate,
-        pretrained=cfg.pretrained and not has_checkpoint, pretrained_file=None if has_checkpoint else timm_file,
-    )  # fmt: skip
-    if timm_file and not has_checkpoint:
-        log(f"starting from {timm_file}, read as timm reads {cfg.model}'s released weights")
-    elif cfg.pretrained and not has_checkpoint:
-        log(f"starting from timm's released weights of {cfg.model}")
-    elif "." in cfg.model and not cfg.initial_checkpoint and not has_checkpoint:
-        log(f"note: {cfg.model} names released weights, but the run starts from random ones: add --pretrained")
-    if hasattr(model, "check_input"):  # a ParNet: refuse a size it cannot take before any work
-        try:
-            model.check_input(torch.empty(1, info.in_chans, info.img_size, info.img_size, device="meta"))
-        except ValueError as e:
-            raise ValueError(f"--img-size {info.img_size} does not suit {cfg.model}: {e}") from None
-    if cfg.initial_checkpoint and not timm_file and not has_checkpoint:
-        from .transfer import initialize_from
-
-        log(initialize_from(model, cfg.initial_checkpoint, info.classes))
+    model = _create_model(cfg, info, has_checkpoint, log)
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and d.device.type == "cuda")
     model = model.to(d.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     n_params = sum(p.numel() for p in model.parameters())
@@ -229,7 +193,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
         step_on_epochs=False,
         updates_per_epoch=steps_per_epoch,
     )
-    state = engine.read_state(run_dir) if has_checkpoint else None
+    state = checkpoint.read_state(run_dir) if has_checkpoint else None
     if state is not None:
         _check_resume_settings(cfg, state["extra"].get("config"), run_dir)
         _check_resume_classes(state["extra"].get("classes"), info.classes, run_dir, cfg.data_dir or cfg.dataset)
@@ -238,19 +202,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
         log(f"--amp auto: {'float32' if amp == 'off' else amp}" + (" (the run's checkpoint)" if state else ""))
     amp_dtype = autocast_dtype(amp)
     scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype == torch.float16)
-    mixup_fn = None
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        mixup_fn = Mixup(
-            mixup_alpha=cfg.mixup,
-            cutmix_alpha=cfg.cutmix,
-            label_smoothing=cfg.label_smoothing,
-            num_classes=info.num_classes,
-        )
-        criterion: Any = SoftTargetCrossEntropy()
-    elif cfg.label_smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(cfg.label_smoothing)
-    else:
-        criterion = torch.nn.CrossEntropyLoss()
+    mixup_fn, criterion = _loss(cfg, info.num_classes)
     weights_meta = _weights_metadata(cfg, info)
 
     # Resume from the checkpoint, the authority: weights, EMA, optimizer, schedule, scaler, every RNG (each
@@ -258,17 +210,17 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     generators = {"loader": loader_gen}
     start_epoch, global_step, extra, stage = 0, 0, {}, "epochs"
     if state is not None:
-        start_epoch, extra = engine.load_checkpoint(
+        start_epoch, extra = checkpoint.load_checkpoint(
             run_dir, model, ema, optimizer, scheduler, scaler, generators, restore_rng=False, state=state
         )
         stage = state.get("stage", "epochs")
         del state
         if extra.get("world_size", 1) != d.world_size:
             raise ValueError(f"--resume: the run used {extra.get('world_size')} processes, now {d.world_size}")
-        engine.set_rng_state(extra["rng_ranks"][d.rank], generators)
+        checkpoint.set_rng_state(extra["rng_ranks"][d.rank], generators)
         global_step = int(extra["global_step"])
         if d.is_main:
-            engine.write_run_weights(run_dir, start_epoch - 1, model, ema, weights_meta)
+            checkpoint.write_run_weights(run_dir, start_epoch - 1, model, ema, weights_meta)
         at = f"at epoch {start_epoch + 1}/{cfg.epochs}"
         log(f"resuming {run_dir} " + (at if start_epoch < cfg.epochs else f"after its {cfg.epochs} epochs"))
     elif cfg.resume:
@@ -286,7 +238,9 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
         with atomic_write(run_dir / "config.yaml") as tmp:
             tmp.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     # Rows from the checkpoint (None from one written before it held them: metrics.jsonl's earlier rows).
-    logger = engine.MetricLogger(run_dir, d.is_main, start_epoch if has_checkpoint else None, rows=extra.get("metrics"))
+    logger = checkpoint.MetricLogger(
+        run_dir, d.is_main, start_epoch if has_checkpoint else None, rows=extra.get("metrics")
+    )
     log(
         f"{cfg.model}: {n_params / 1e6:.3f} M params | {cfg.dataset}: {len(train_set)} train / {len(test_set)} test "
         f"images | {d.world_size} process(es) on {d.device} | {cfg.epochs} epochs of {steps_per_epoch} steps"
@@ -372,12 +326,12 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
             images_per_s=steps_per_epoch * cfg.batch_size * d.world_size / epoch_seconds,
             global_step=global_step,
         )
-        rng_ranks = [engine.rng_state(generators)]
+        rng_ranks = [checkpoint.rng_state(generators)]
         if d.distributed:
             rng_ranks = [None] * d.world_size
-            tdist.all_gather_object(rng_ranks, engine.rng_state(generators))
+            tdist.all_gather_object(rng_ranks, checkpoint.rng_state(generators))
         if d.is_main:
-            engine.save_checkpoint(
+            checkpoint.save_checkpoint(
                 run_dir,
                 epoch,
                 model,
@@ -431,20 +385,14 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     }
     if epochs_done < cfg.epochs:
         return results
-    if stage == engine.FINISHED and (run_dir / "results.json").is_file():
+    if stage == checkpoint.FINISHED and (run_dir / "results.json").is_file():
         log(f"{run_dir} has already finished its {cfg.epochs} epochs")
         return json.loads((run_dir / "results.json").read_text())
 
     # The final stage: fused files and results.json, then the checkpoint says the run is finished. Killed
     # before that, --resume comes back here and writes the same files from the same weights.
-    if d.distributed:
-        # Every rank must hold the same weights, BN statistics and EMA after DDP training: compare a checksum.
-        nets = [model] + ([ema.module] if ema is not None else [])
-        flat = torch.cat([t.detach().double().reshape(-1) for net in nets for t in net.state_dict().values()])
-        check = torch.stack([flat.sum(), (flat * torch.arange(len(flat), device=flat.device) % 7919).sum()])
-        gathered = [torch.zeros_like(check) for _ in range(d.world_size)]
-        tdist.all_gather(gathered, check)
-        results["ranks_agree"] = all(torch.equal(g, gathered[0]) for g in gathered)
+    if d.distributed:  # every rank must hold the same weights, BN statistics and EMA after DDP training
+        results["ranks_agree"] = _ranks_agree([model] + ([ema.module] if ema is not None else []), d.world_size)
     if not last_preds and amp_dtype is None:  # resumed after the last epoch: its predictions again (deterministic)
         last_preds = {"": evaluate_model(model, test_loader, d.device, amp_dtype, channels_last)["preds"]}
         if ema is not None:
@@ -454,11 +402,72 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     if d.is_main:
         with atomic_write(run_dir / "results.json") as tmp:
             tmp.write_text(json.dumps(results, indent=2))
-        engine.mark_finished(run_dir)
+        checkpoint.mark_finished(run_dir)
         log(json.dumps({k: v for k, v in results.items() if k != "model_kwargs"}, indent=None))
     if d.distributed:
         tdist.barrier()
     return results
+
+
+def _create_model(cfg: TrainConfig, info: Any, has_checkpoint: bool, log: Any) -> Any:
+    """The run's model, with its starting weights unless a checkpoint will give them: timm's released ones for
+    ``--pretrained`` or their offline copy as ``--initial-checkpoint``; a file of ours or the authors' through
+    :func:`parnet.transfer.initialize_from`. A ParNet that cannot take the run's image size is refused here."""
+    import torch
+
+    from .official import is_timm_weights
+
+    initial = None if has_checkpoint else cfg.initial_checkpoint
+    timm_file = initial if initial and is_timm_weights(Path(initial)) else None
+    model = create_classifier(
+        cfg.model, info.num_classes, info.in_chans, cfg.model_kwargs, cfg.drop_rate, cfg.drop_path_rate,
+        pretrained=cfg.pretrained and not has_checkpoint, pretrained_file=timm_file,
+    )  # fmt: skip
+    if timm_file:
+        log(f"starting from {timm_file}, read as timm reads {cfg.model}'s released weights")
+    elif cfg.pretrained and not has_checkpoint:
+        log(f"starting from timm's released weights of {cfg.model}")
+    elif "." in cfg.model and not cfg.initial_checkpoint and not has_checkpoint:
+        log(f"note: {cfg.model} names released weights, but the run starts from random ones: add --pretrained")
+    if hasattr(model, "check_input"):  # a ParNet: refuse a size it cannot take before any work
+        try:
+            model.check_input(torch.empty(1, info.in_chans, info.img_size, info.img_size, device="meta"))
+        except ValueError as e:
+            raise ValueError(f"--img-size {info.img_size} does not suit {cfg.model}: {e}") from None
+    if initial and not timm_file:
+        from .transfer import initialize_from
+
+        log(initialize_from(model, initial, info.classes))
+    return model
+
+
+def _loss(cfg: TrainConfig, num_classes: int) -> tuple[Any, Any]:
+    """timm's mixup/cutmix (``None`` when off) and the loss that goes with it: soft targets under mixup, else
+    label smoothing where asked, else plain cross-entropy."""
+    import torch
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(
+            mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing, num_classes=num_classes
+        )
+        return mixup, SoftTargetCrossEntropy()
+    if cfg.label_smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(cfg.label_smoothing)
+    return None, torch.nn.CrossEntropyLoss()
+
+
+def _ranks_agree(nets: list[Any], world_size: int) -> bool:
+    """Whether every rank holds the same tensors in ``nets`` (weights and buffers): a checksum gathered from all."""
+    import torch
+    import torch.distributed as tdist
+
+    flat = torch.cat([t.detach().double().reshape(-1) for net in nets for t in net.state_dict().values()])
+    check = torch.stack([flat.sum(), (flat * torch.arange(len(flat), device=flat.device) % 7919).sum()])
+    gathered = [torch.zeros_like(check) for _ in range(world_size)]
+    tdist.all_gather(gathered, check)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
 def _settle_amp(amp: str, state: dict[str, Any] | None, d: Any, model: Any, info: Any, batch_size: int) -> str:

@@ -2,7 +2,7 @@
 
 The weights come from a run folder (its EMA weights when kept), a ``.safetensors`` file of ours or
 an authors' ``.pth.tar`` (their EMA weights when present), read as everywhere else
-(:func:`parnet.evaluate.load_trained_model`: strictly, running no code). As timm's ``load_pretrained``
+(:func:`parnet.trained.load_trained_model`: strictly, running no code). As timm's ``load_pretrained``
 does, the classifier (the model's ``pretrained_cfg["classifier"]``) keeps its fresh initialization
 when the class count differs, and the convolutions that read the image (``pretrained_cfg["first_conv"]``)
 are adapted to another channel count with timm's ``adapt_input_conv`` (RGB summed for grey, or
@@ -82,7 +82,7 @@ def initialize_from(model: nn.Module, source: str | os.PathLike, class_names: Se
     ``ValueError`` for fused weights, another architecture, or a tensor that neither fits nor is the
     classifier or an input convolution; ``FileNotFoundError`` for a missing file.
     """
-    from .evaluate import load_trained_model, trained_on
+    from .trained import load_trained_model, trained_on
 
     src, path = load_trained_model(source)
     if is_reparameterized(src):

@@ -25,8 +25,8 @@ def parnet_model_name(text: str) -> str:
 
 
 def _build(args: argparse.Namespace) -> nn.Module:
-    from ..evaluate import load_trained_model
     from ..model import ParNet
+    from ..trained import load_trained_model
 
     if args.checkpoint:
         if args.num_classes is not None or args.model_kwargs or args.model:
@@ -47,8 +47,8 @@ def _build(args: argparse.Namespace) -> nn.Module:
 def default_resolution(model: nn.Module, checkpoint: str | None) -> int:
     """The size the checkpoint trained at, where it says; else the model's default input size (timm's
     pretrained config), else its form's (32 for the small-input ParNets, 224 otherwise)."""
-    from ..evaluate import trained_on
     from ..factory import default_input_size
+    from ..trained import trained_on
 
     if checkpoint and (size := trained_on(checkpoint).img_size):
         return size
@@ -73,7 +73,7 @@ def _checkpoint_name(path: str) -> str:
     names; a run folder is named as the file it is read from (``run_ema`` where it keeps EMA weights), so that
     the name says which weights are inside. A run's file: one in a folder holding ``config.yaml`` or
     ``last_state.pt``, or named as runs name them."""
-    from ..evaluate import is_run_folder, run_weights_file
+    from ..trained import is_run_folder, run_weights_file
 
     if Path(path).is_dir():  # a run folder: named after the weights file it is read from (its EMA ones if kept)
         try:

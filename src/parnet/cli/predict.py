@@ -13,8 +13,8 @@ WEIGHTS_SUFFIXES = (".safetensors", ".pth", ".pt", ".pt2", ".tar", ".onnx", ".xm
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from ..evaluate import is_run_folder
     from ..predict import format_predictions, image_files, load_predictor
+    from ..trained import is_run_folder
 
     # A run folder holds the weights; any other folder, the images in it.
     runs = [p for p in args.paths if is_run_folder(p)]

@@ -1,4 +1,5 @@
-"""``parnet train``, ``parnet eval`` and ``parnet plot``: flags over :mod:`parnet.train` and :mod:`parnet.evaluate`.
+"""``parnet train``, ``parnet eval`` and ``parnet plot``: flags over :mod:`parnet.train`, :mod:`parnet.evaluate`
+and :mod:`parnet.curves`.
 
 The flags of ``train`` are generated from :class:`parnet.settings.TrainConfig`, so their types,
 ranges, choices and help are the settings model's own.
@@ -57,7 +58,7 @@ def _eval_command(args: argparse.Namespace) -> int:
 
 
 def _plot_command(args: argparse.Namespace) -> int:
-    from ..evaluate import plot
+    from ..curves import plot
     from ..io import check_output_path
 
     if args.output:

@@ -99,15 +99,15 @@ def _read_weights(
     else:
         path = Path(source)
         if path.is_dir():  # a `parnet train` run folder: its EMA or its raw weights
-            from ..evaluate import run_weights_file
+            from ..trained import run_weights_file
 
             path = run_weights_file(path, use_ema)
         name = str(path)
         if not path.is_file():
             raise FileNotFoundError(f"backbone weights not found: {path}")
         if not is_torch_checkpoint(path):  # by content: a torch.save file named .safetensors is read as one
-            from ..evaluate import load_weights
             from ..io import read_safetensors
+            from ..trained import load_weights
 
             state, meta = read_safetensors(path, None)
             if meta.get("format") == "parnet-detector":  # a trained detector's backbone, e.g. for other classes

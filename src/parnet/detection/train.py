@@ -184,17 +184,17 @@ def train_det(cfg: DetTrainConfig) -> dict[str, float]:
     Raises :class:`parnet.engine.NonFiniteLossError` on a NaN/inf loss, ``ValueError`` /
     ``FileNotFoundError`` for bad settings, data or run folders (also while another training holds it).
     """
-    from .. import engine
+    from .. import checkpoint, engine
 
     run_dir = Path(cfg.output)
     # Before any work: nothing written yet.
-    if engine.check_run_folder(run_dir, cfg.resume, _FINAL_FILES, _DERIVED):
+    if checkpoint.check_run_folder(run_dir, cfg.resume, _FINAL_FILES, _DERIVED):
         cfg = _with_saved_settings(cfg, run_dir)
     dist_info = engine.init_distributed(cfg.device)
     try:
         with contextlib.ExitStack() as held:
             if dist_info.is_main:  # one training writes into a folder at a time
-                held.enter_context(engine.RunLock(run_dir))
+                held.enter_context(checkpoint.RunLock(run_dir))
             return _train_det(cfg, dist_info, run_dir)
     finally:
         engine.cleanup_distributed()
@@ -203,15 +203,15 @@ def train_det(cfg: DetTrainConfig) -> dict[str, float]:
 def _train_det(cfg: DetTrainConfig, dist_info: Any, run_dir: Path) -> dict[str, float]:
     from torch.nn.parallel import DistributedDataParallel
 
-    from .. import engine
+    from .. import checkpoint, engine
     from ..io import atomic_write, remove_temporaries
     from .data import CocoDetectionDataset
 
-    has_checkpoint = engine.check_run_folder(run_dir, cfg.resume, _FINAL_FILES, _DERIVED)
+    has_checkpoint = checkpoint.check_run_folder(run_dir, cfg.resume, _FINAL_FILES, _DERIVED)
     device, main = dist_info.device, dist_info.is_main
     if main:
         remove_temporaries(run_dir)  # left by a killed run
-    engine.seed_everything(cfg.seed, dist_info.rank)
+    checkpoint.seed_everything(cfg.seed, dist_info.rank)
     strict = not cfg.lenient
     train_images, train_ann = data_paths(cfg.data, cfg.train_images, cfg.train_ann, "train")
     train_ds = CocoDetectionDataset(train_images, train_ann, train=True, strict=strict)
@@ -231,7 +231,7 @@ def _train_det(cfg: DetTrainConfig, dist_info: Any, run_dir: Path) -> dict[str, 
     # Resume from the checkpoint: the settings it was trained with must hold, and its data (checked before the
     # model is built, so that other data is said to be so); metrics and stage come from it, and the weights file
     # a kill may have cut short is written again from it.
-    state = engine.read_state(run_dir) if has_checkpoint else None
+    state = checkpoint.read_state(run_dir) if has_checkpoint else None
     if state is not None:
         saved = state["extra"].get("settings") or {}
         now = json.loads(cfg.model_dump_json())
@@ -290,17 +290,17 @@ def _train_det(cfg: DetTrainConfig, dist_info: Any, run_dir: Path) -> dict[str, 
 
     start_epoch, extra, stage = 0, {}, "epochs"
     if state is not None:
-        start_epoch, extra = engine.load_checkpoint(
+        start_epoch, extra = checkpoint.load_checkpoint(
             run_dir, model, optimizer=optimizer, scheduler=scheduler, generators={"loader": generator}, state=state
         )
         stage = state.get("stage", "epochs")
         del state
         if main:
-            engine.write_run_weights(run_dir, start_epoch - 1, model, metadata=meta)
+            checkpoint.write_run_weights(run_dir, start_epoch - 1, model, metadata=meta)
             where = f"at epoch {start_epoch + 1}" if start_epoch < cfg.epochs else f"after its {cfg.epochs} epochs"
             print(f"resumed from {run_dir} {where}", flush=True)
     train_model = DistributedDataParallel(model) if dist_info.distributed else model
-    logger = engine.MetricLogger(
+    logger = checkpoint.MetricLogger(
         run_dir, enabled=main, start_epoch=start_epoch if has_checkpoint else None, rows=extra.get("metrics")
     )
     best = extra.get("best_ap", -1.0)
@@ -308,7 +308,7 @@ def _train_det(cfg: DetTrainConfig, dist_info: Any, run_dir: Path) -> dict[str, 
 
     def save(epoch: int, row: dict[str, float], stats: dict[str, float], best: float) -> None:
         """The checkpoint of ``epoch``, with the metric rows up to its ``row``."""
-        engine.save_checkpoint(
+        checkpoint.save_checkpoint(
             run_dir,
             epoch,
             model,
@@ -376,20 +376,20 @@ def _train_det(cfg: DetTrainConfig, dist_info: Any, run_dir: Path) -> dict[str, 
         if dist_info.distributed:
             torch.distributed.barrier()
     logger.close()
-    if main and not stats and stage != engine.FINISHED:  # the final evaluation failed (bad data) and is owed
+    if main and not stats and stage != checkpoint.FINISHED:  # the final evaluation failed (bad data) and is owed
         stats, _ = evaluate_dataset(model, val_ds, cfg.batch_size, cfg.workers, device, cfg.progress)
         if stats["AP"] > best:
             save_detector(model, run_dir / "best.safetensors", meta_extra | {"epoch": cfg.epochs - 1, "stats": stats})
     if not main or not stats:
         return stats
-    if stage == engine.FINISHED and all((run_dir / f).is_file() for f in _FINAL_FILES):
+    if stage == checkpoint.FINISHED and all((run_dir / f).is_file() for f in _FINAL_FILES):
         print(f"{run_dir} has already finished its {cfg.epochs} epochs", flush=True)
         return stats
     # The final files, then the checkpoint says the run is finished (killed before, --resume writes them again).
     with atomic_write(run_dir / "eval.json") as tmp:
         tmp.write_text(json.dumps({"stats": stats, "split": "val", "epochs": cfg.epochs}, indent=2))
     png = _draw_examples(model, val_ds, run_dir / "predictions.png", cfg.draw, cfg.score_thresh, device)
-    engine.mark_finished(run_dir)
+    checkpoint.mark_finished(run_dir)
     print("val: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()), flush=True)
     if png is not None:
         print(f"wrote {png}", flush=True)
