@@ -304,3 +304,16 @@ def test_a_corrupt_image_read_by_a_loader_worker_is_named_without_the_workers_tr
         next(iter(loader))
     assert str(info.value).startswith(f"cannot read image {bad}: not an image Pillow can read, or truncated")
     assert "Traceback" not in str(info.value)
+
+
+@pytest.mark.parametrize("dataset", ["imagefolder", "fashion_mnist", "cifar10"])
+def test_random_erasing_fills_with_noise_on_every_dataset(dataset):
+    """timm's train.py erases with per-pixel noise (--remode pixel); its create_transform defaults to a
+    constant fill, which image folders got while the 32x32 datasets had noise."""
+    from timm.data.random_erasing import RandomErasing
+
+    from parnet.data import DATASETS, AugmentCfg, build_transforms
+
+    ops = build_transforms(DATASETS[dataset], train=True, aug=AugmentCfg(re_prob=0.25)).transforms
+    erasing = [op for op in ops if isinstance(op, RandomErasing)]
+    assert len(erasing) == 1 and erasing[0].mode == "pixel" and erasing[0].probability == 0.25

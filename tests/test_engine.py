@@ -54,3 +54,20 @@ def test_tensorboard_gets_back_the_epoch_a_kill_kept_from_it(tmp_path) -> None:
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(0, 2.0), (1, 1.5), (2, 1.0)]
+
+
+def test_scores_and_prediction_changes_are_summed_over_ranks(monkeypatch):
+    """evaluate_model's counts, the predictions changed against a reference included, go through the one
+    all-reduce: two ranks holding the same shard count every image and every change twice."""
+    from parnet import scoring
+
+    model = torch.nn.Linear(4, 3)
+    x = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
+    loader = [(x[:6], torch.zeros(6, dtype=torch.long)), (x[6:], torch.zeros(4, dtype=torch.long))]
+    alone = scoring.evaluate_model(model, loader)
+    flipped = alone["preds"].clone()
+    flipped[[1, 7]] = (flipped[[1, 7]] + 1) % 3  # a reference that differs on two images, one in each batch
+    assert scoring.evaluate_model(model, loader, reference=flipped)["changes"] == 2
+    monkeypatch.setattr(engine, "all_reduce_sum", lambda t: t * 2)  # as two ranks with the same shard
+    doubled = scoring.evaluate_model(model, loader, reference=flipped)
+    assert doubled["n"] == 20 and doubled["changes"] == 4 and doubled["top1"] == alone["top1"]

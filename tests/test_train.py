@@ -66,6 +66,20 @@ def reference_run(fmnist, tmp_path_factory) -> tuple[Path, dict]:
     return out, train(tiny_config(fmnist, out, depth=True))
 
 
+def test_a_runs_config_yaml_replays_the_run_not_the_invocation(reference_run, tmp_path):
+    """config.yaml holds the run's settings without its folder, --resume or --stop-after: given to --config with
+    another --output it starts the same run there. A file that sets --resume or --stop-after is refused."""
+    out, _ = reference_run
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert not {"output", "resume", "stop_after"} & saved.keys()
+    replay = make_config({"output": str(tmp_path / "again")}, str(out / "config.yaml"))
+    original = TrainConfig(**checkpoint.read_state(out)["extra"]["config"])
+    assert replay.model_dump() == {**original.model_dump(), "output": str(tmp_path / "again")}
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump({**saved, "resume": True, "stop_after": 1}))
+    with pytest.raises(ValueError, match="resume: True, stop_after: 1: a setting of one invocation"):
+        make_config({"output": str(tmp_path / "again")}, str(tmp_path / "old.yaml"))
+
+
 def test_training_writes_everything_and_fused_model_scores_identically(reference_run):
     out, res = reference_run
     for name in ("last.safetensors", "last_ema.safetensors", "last_state.pt", "metrics.jsonl", "metrics.csv",
@@ -89,6 +103,51 @@ def test_training_writes_everything_and_fused_model_scores_identically(reference
             assert want.std() > 1e-3  # logits that depend on the weights, so a wrong fusion shows
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert not list(out.glob("*.tmp")), "temporary files left behind"
+
+
+def test_lr_base_size_scales_the_rate_to_the_global_batch(fmnist, tmp_path, capsys):
+    """--lr-base-size N: --lr is the rate for N images, scaled linearly to the run's batch x processes."""
+    from parnet.settings import peak_lr
+
+    train(tiny_config(fmnist, tmp_path / "run", epochs=1, lr=0.1, lr_base_size=64))  # 32 images a step
+    assert "--lr 0.1 for 64 images: 0.05 for the global batch of 32" in capsys.readouterr().out
+    assert set(checkpoint.read_state(tmp_path / "run")["scheduler"]["base_values"]) == {0.05}
+    cfg = make_config({"lr": 0.1, "lr_base_size": 256, "batch_size": 256, "min_lr": 0.02})
+    assert peak_lr(cfg, 8) == pytest.approx(0.8) and peak_lr(cfg.model_copy(update={"lr_base_size": None}), 8) == 0.1
+    with pytest.raises(ValueError, match="0.1 for 256 images is 0.0097.* for this run's 25, below --min-lr 0.02"):
+        peak_lr(cfg.model_copy(update={"batch_size": 25}), 1)
+
+
+def test_test_data_that_fails_to_load_keeps_the_epochs_training(fmnist, reference_run, tmp_path, monkeypatch, capsys):
+    """A test image that fails when decoded (headers are checked up front, not every pixel) stops the run with the
+    epoch's training checkpointed; --resume scores that epoch first and ends as an uninterrupted run."""
+    from parnet import train as train_module
+
+    ref, _ = reference_run
+    out = tmp_path / "run"
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # epoch 2's first scoring (epoch 1 scores raw and EMA weights)
+            raise OSError("image file is truncated")
+        return score(*args, **kwargs)
+
+    score = train_module.evaluate_model
+    monkeypatch.setattr(train_module, "evaluate_model", failing)
+    with pytest.raises(OSError, match="truncated"):
+        train(tiny_config(fmnist, out, depth=True))
+    assert f"epoch 2's training is saved in {out}" in capsys.readouterr().err
+    state = checkpoint.read_state(out)
+    assert state["epoch"] == 1 and "test_top1" not in state["extra"]["metrics"][-1]
+    monkeypatch.undo()
+    train(tiny_config(fmnist, out, depth=True, resume=True))
+    assert "scoring epoch 2, whose test data failed to load" in capsys.readouterr().out
+    for name in ("last.safetensors", "last_ema.safetensors", "fused.safetensors"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    timing = ("epoch_seconds", "images_per_s")
+    rows = [[{k: v for k, v in r.items() if k not in timing} for r in checkpoint.read_metrics(d)] for d in (out, ref)]
+    assert rows[0] == rows[1]
 
 
 def test_schedule_warmup_cosine_and_weight_decay_exclusions(reference_run):
@@ -517,7 +576,7 @@ def test_eval_accepts_the_authors_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setattr(
         evaluate_module,
         "evaluate_model",
-        lambda net, loader, *a: transforms.append(loader.dataset.transform) or score(net, loader, *a),
+        lambda net, loader, *a, **k: transforms.append(loader.dataset.transform) or score(net, loader, *a, **k),
     )
     scores = evaluate(path, dataset="imagefolder", data_dir=str(data), workers=0, batch_size=4)
     assert set(scores) == {"raw", "raw_fused", "ema", "ema_fused"}
@@ -621,7 +680,7 @@ def test_every_dataset_has_its_defaults_written_out_and_the_recipe_gives_the_rec
     cfg = make_config({}, str(ROOT / "configs" / "fashion_mnist_results.yaml")).model_dump()
     added_since = {"img_size": 32, "initial_checkpoint": None, "drop_path_rate": 0.0, "pretrained": False,
                    "warmup_prefix": False, "decay_epochs": None, "decay_milestones": None, "decay_rate": 0.1,
-                   "layer_decay": None}  # settings added since the run  # fmt: skip
+                   "layer_decay": None, "lr_base_size": None}  # settings added since the run  # fmt: skip
     assert recorded["data_dir"] is None  # the usual place, saved since as its absolute path
     recorded["data_dir"] = "/usr/share/datasets/fashion-mnist"
     assert recorded["amp"] == "auto" and recorded.get("threads") == 1  # float32 then: `auto` chose bf16 nowhere yet

@@ -441,6 +441,7 @@ def build_transforms(info: DatasetInfo, train: bool, aug: AugmentCfg | None = No
             is_training=train,
             auto_augment=(aug.auto_augment or None) if train else None,
             re_prob=aug.re_prob if train else 0.0,
+            re_mode="pixel",  # timm's train.py default (create_transform's is "const"), as the 32x32 datasets erase
             hflip=aug.hflip,
             interpolation="bicubic",
             mean=info.mean,

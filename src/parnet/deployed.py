@@ -312,8 +312,8 @@ def quantize_checkpoint(
     )
     path = save_deployed(deployed, out, file_info)
     reference = evaluate_model(model, test_loader)
-    written = evaluate_model(load_deployed(path), test_loader)  # the file as written, read back
-    changed = int((reference["preds"] != written["preds"]).sum())
+    written = evaluate_model(load_deployed(path), test_loader, reference=reference["preds"])  # as written, read back
+    changed = written["changes"]
     return {
         "file": str(path), "engine": engine, "precision": precision, "dataset": dataset, "images": written["n"],
         "fp32_top1": reference["top1"], "top1": written["top1"], "prediction_changes": changed,

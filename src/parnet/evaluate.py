@@ -116,9 +116,9 @@ def evaluate(
         out[name] = {k: v for k, v in res.items() if k != "preds"}
         if has_fusable_blocks(net):
             fused = reparameterize(net)
-            res_f = evaluate_model(fused, loader, dev)
-            out[f"{name}_fused"] = {k: v for k, v in res_f.items() if k != "preds"}
-            out[f"{name}_fused"]["prediction_changes"] = int((res_f["preds"] != res["preds"]).sum())
+            res_f = evaluate_model(fused, loader, dev, reference=res["preds"])
+            out[f"{name}_fused"] = {k: v for k, v in res_f.items() if k not in ("preds", "changes")}
+            out[f"{name}_fused"]["prediction_changes"] = res_f["changes"]
         if progress:
             print(f"{name}: " + json.dumps(out[name]), flush=True)
     return out

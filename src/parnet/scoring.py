@@ -13,11 +13,18 @@ __all__ = ["check_fits_dataset", "check_same_classes", "evaluate_model"]
 
 
 def evaluate_model(
-    model: Any, loader: Any, device: Any = "cpu", amp_dtype: Any = None, channels_last: bool = False
+    model: Any,
+    loader: Any,
+    device: Any = "cpu",
+    amp_dtype: Any = None,
+    channels_last: bool = False,
+    reference: Any = None,
 ) -> dict[str, Any]:
     """Top-1, top-5 (percent) and mean cross-entropy of ``model`` over ``loader``, summed over all ranks.
 
-    Also returns ``n`` (images) and ``preds`` (this rank's predicted classes, a tensor).
+    Also returns ``n`` (images) and ``preds`` (this rank's predicted classes, a tensor). ``reference``: this
+    rank's ``preds`` of another model over the same loader; ``changes`` then counts the images, on all ranks,
+    whose predicted class differs.
     """
     import torch
 
@@ -25,8 +32,9 @@ def evaluate_model(
 
     model.eval()
     device = torch.device(device)
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss sum, count
+    totals = torch.zeros(5, dtype=torch.float64, device=device)  # correct1, correct5, loss sum, count, changes
     preds = []
+    seen = 0  # images of this rank so far: where the batch starts in ``reference``
     with torch.inference_mode():
         for x, y in loader:
             x = x.to(device, non_blocking=True)
@@ -41,6 +49,9 @@ def evaluate_model(
             totals[0] += (top[:, 0] == y).sum()
             totals[1] += (top == y[:, None]).any(dim=1).sum()
             totals[2] += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+            if reference is not None:
+                totals[4] += (top[:, 0].cpu() != reference[seen : seen + len(y)]).sum()
+            seen += len(y)
             totals[3] += len(y)
             preds.append(top[:, 0].cpu())
     totals = all_reduce_sum(totals)
@@ -50,6 +61,7 @@ def evaluate_model(
         "top5": 100 * float(totals[1]) / n,
         "loss": float(totals[2]) / n,
         "n": int(totals[3]),
+        **({"changes": int(totals[4])} if reference is not None else {}),
         "preds": torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long),
     }
 

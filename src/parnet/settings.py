@@ -80,7 +80,16 @@ class TrainConfig(Settings):
     )
     epochs: int = Field(30, ge=1, description="training epochs")
     batch_size: int = Field(128, ge=1, description="images per step per process")
-    lr: float = Field(0.1, gt=0, description="peak learning rate (after warm-up)")
+    lr: float = Field(
+        0.1, gt=0, description="peak learning rate (after warm-up), for the global batch (--batch-size x processes)"
+    )
+    lr_base_size: int | None = Field(
+        None,
+        ge=1,
+        description="with it, --lr is the rate for a global batch of this many images, scaled linearly to the run's "
+        "(--batch-size x processes), as timm's --lr-base-size: a recipe keeps its rate on any number of processes; "
+        "none: --lr as given",
+    )
     opt: str = Field(
         "momentum",
         description="timm optimizer: momentum = SGD with momentum (the paper), sgd = Nesterov, adamw...",
@@ -419,7 +428,7 @@ def _check_schedule(cfg: TrainConfig) -> None:
             f"--warmup-epochs {cfg.warmup_epochs:g} is not shorter than --epochs {cfg.epochs}: the rate would never "
             f"decay from its warm-up; give --warmup-epochs below {cfg.epochs} (e.g. {cfg.epochs / 10:g})"
         )
-    for name in ("warmup_lr", "min_lr"):
+    for name in ("warmup_lr", "min_lr"):  # (a rate scaled by --lr-base-size is checked once the processes are known)
         if getattr(cfg, name) > cfg.lr:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name):g} is above the peak --lr {cfg.lr:g}")
     late = [m for m in cfg.decay_milestones or () if m >= cfg.epochs]
@@ -427,6 +436,22 @@ def _check_schedule(cfg: TrainConfig) -> None:
         raise ValueError(f"--decay-milestones {late} fall after the run's {cfg.epochs} epochs: they would never act")
     if cfg.sched == "step" and cfg.decay_epochs is not None and cfg.decay_epochs >= cfg.epochs:
         raise ValueError(f"--decay-epochs {cfg.decay_epochs:g} is not shorter than --epochs {cfg.epochs}: no decay")
+
+
+def peak_lr(cfg: TrainConfig, world_size: int) -> float:
+    """The run's peak learning rate: ``--lr``, scaled to the global batch where ``--lr-base-size`` is given;
+    ``ValueError`` where the scaled rate falls below ``--warmup-lr`` or ``--min-lr``."""
+    if cfg.lr_base_size is None:
+        return cfg.lr
+    global_batch = cfg.batch_size * world_size
+    lr = cfg.lr * global_batch / cfg.lr_base_size
+    for name in ("warmup_lr", "min_lr"):
+        if getattr(cfg, name) > lr:
+            raise ValueError(
+                f"--lr {cfg.lr:g} for {cfg.lr_base_size} images is {lr:g} for this run's {global_batch}, below "
+                f"--{name.replace('_', '-')} {getattr(cfg, name):g}: lower it"
+            )
+    return lr
 
 
 def make_config(overrides: dict[str, Any] | None = None, config_file: str | None = None) -> TrainConfig:
@@ -446,6 +471,11 @@ def make_config(overrides: dict[str, Any] | None = None, config_file: str | None
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         from_file = read_yaml(path)
+        if once := [f"{k}: {from_file[k]}" for k in ("resume", "stop_after") if from_file.get(k)]:
+            raise ValueError(
+                f"{path} sets {', '.join(once)}: a setting of one invocation, not of a run (a run's config.yaml "
+                "written before they were left out holds them): give --resume / --stop-after as flags instead"
+            )
     given = _layered(from_file, overrides)
     try:
         cfg = _with_dataset_defaults(given)

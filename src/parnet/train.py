@@ -26,13 +26,14 @@ fused weights and results.json, after which the checkpoint says the run is finis
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from .factory import create_classifier
 from .scoring import evaluate_model
-from .settings import TrainConfig, make_config
+from .settings import PER_INVOCATION, TrainConfig, make_config, peak_lr
 
 __all__ = ["TrainConfig", "train"]
 
@@ -57,8 +58,9 @@ _RESULT_FILES = ("results.json", "fused.safetensors", "ema_fused.safetensors")
 # Settings a resumed run must keep: the data and model, and those the restored optimizer and schedule
 # state would silently override (a longer --epochs would continue at the finished cosine's min_lr).
 _RESUME_FIXED = ("dataset", "img_size", "model", "model_kwargs", "batch_size", "seed", "train_subset", "epochs", "lr",
-                 "opt", "momentum", "weight_decay", "layer_decay", "sched", "warmup_epochs", "warmup_lr",
-                 "warmup_prefix", "min_lr", "decay_epochs", "decay_milestones", "decay_rate", "ema")  # fmt: skip
+                 "lr_base_size", "opt", "momentum", "weight_decay", "layer_decay", "sched", "warmup_epochs",
+                 "warmup_lr", "warmup_prefix", "min_lr", "decay_epochs", "decay_milestones", "decay_rate",
+                 "ema")  # fmt: skip
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -178,8 +180,12 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     model = model.to(d.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     n_params = sum(p.numel() for p in model.parameters())
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
+    lr = peak_lr(cfg, d.world_size)
+    if cfg.lr_base_size:
+        global_batch = cfg.batch_size * d.world_size
+        log(f"--lr {cfg.lr:g} for {cfg.lr_base_size} images: {lr:g} for the global batch of {global_batch}")
     optimizer = create_optimizer_v2(
-        model, cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, layer_decay=cfg.layer_decay
+        model, cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, layer_decay=cfg.layer_decay
     )
     scheduler, _ = create_scheduler_v2(
         optimizer,
@@ -234,9 +240,10 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
             train_model, device_ids=[d.local_rank] if d.device.type == "cuda" else None
         )
 
-    if d.is_main:
+    if d.is_main:  # the run's settings, to read or replay with --config: not this invocation's folder or stop
+        run_settings = {k: v for k, v in cfg.model_dump().items() if k not in PER_INVOCATION}
         with atomic_write(run_dir / "config.yaml") as tmp:
-            tmp.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+            tmp.write_text(yaml.safe_dump(run_settings, sort_keys=False))
     # Rows from the checkpoint (None from one written before it held them: metrics.jsonl's earlier rows).
     logger = checkpoint.MetricLogger(
         run_dir, d.is_main, start_epoch if has_checkpoint else None, rows=extra.get("metrics")
@@ -258,6 +265,63 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     epochs_run = 0
     metrics: dict[str, Any] = {}
     last_preds: dict[str, Any] = {}
+
+    def save(epoch: int, row: dict[str, Any], rng_ranks: list[Any]) -> None:
+        """The checkpoint of ``epoch`` (main rank), with the metric rows up to its ``row``."""
+        checkpoint.save_checkpoint(
+            run_dir, epoch, model, ema, optimizer, scheduler, scaler,
+            extra={
+                "config": cfg.model_dump(),
+                "classes": list(info.classes),
+                "amp": amp,
+                "global_step": global_step,
+                "wall_seconds": wall_before + time.perf_counter() - t_start,
+                "world_size": d.world_size,
+                "rng_ranks": rng_ranks,
+                "train_seconds": train_seconds,
+                "train_images": train_images,
+                "metrics": [r for r in logger.rows if r["epoch"] < epoch] + [logger.row(epoch, row)],
+            },
+            metadata=weights_meta,
+            generators=generators,
+        )  # fmt: skip
+
+    def score_and_save(epoch: int, trained: dict[str, Any]) -> dict[str, Any]:
+        """Score the raw and EMA weights of ``epoch`` on the test split, checkpoint (the metrics with it), then
+        log them; returns the row. Test data that fails to load (one process) checkpoints the epoch's training
+        first: ``--resume`` scores it once the data is fixed."""
+        nonlocal last_preds
+        rng_before = [checkpoint.rng_state(generators)]  # scoring draws a loader seed from torch's RNG
+        try:
+            res = evaluate_model(model, test_loader, d.device, amp_dtype, channels_last)
+            scores = {"test_loss": res["loss"], "test_top1": res["top1"], "test_top5": res["top5"]}
+            last_preds = {"": res["preds"]}
+            if ema is not None:
+                res_ema = evaluate_model(ema.module, test_loader, d.device, amp_dtype, channels_last)
+                scores.update(ema_loss=res_ema["loss"], ema_top1=res_ema["top1"], ema_top5=res_ema["top5"])
+                last_preds["ema_"] = res_ema["preds"]
+        except Exception:
+            if not d.distributed:  # (under DDP the other ranks wait in a collective: nothing is saved)
+                save(epoch, trained, rng_before)
+                print(f"epoch {epoch + 1}'s training is saved in {run_dir}: fix the test data and continue with "
+                      "--resume", file=sys.stderr, flush=True)  # fmt: skip
+            raise
+        train_keys = ("lr", "train_loss", "train_acc")
+        rest = {k: v for k, v in trained.items() if k not in train_keys}  # timings: after the scores, as always
+        row = {**{k: trained[k] for k in train_keys}, **scores, **rest}
+        rng_ranks = [checkpoint.rng_state(generators)]
+        if d.distributed:
+            rng_ranks = [None] * d.world_size
+            tdist.all_gather_object(rng_ranks, checkpoint.rng_state(generators))
+        if d.is_main:
+            save(epoch, row, rng_ranks)
+        logger.log(epoch, row)
+        return row
+
+    owed = (extra.get("metrics") or [{}])[-1]
+    if has_checkpoint and start_epoch > 0 and owed and "test_top1" not in owed:  # its test data failed to load
+        log(f"scoring epoch {start_epoch}, whose test data failed to load")
+        metrics = score_and_save(start_epoch - 1, {k: v for k, v in owed.items() if k != "epoch"})
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.stop_after and epochs_run >= cfg.stop_after:
             log(f"stopping after {epochs_run} epoch(s) (--stop-after); continue with --resume")
@@ -306,55 +370,18 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
             if ema is not None:
                 distribute_bn(ema.module, d.world_size, reduce=True)
 
-        # Evaluate raw and EMA weights on the test split; checkpoint (the metrics with it); then log them.
-        res = evaluate_model(model, test_loader, d.device, amp_dtype, channels_last)
-        last_preds = {"": res["preds"]}
-        metrics = {
-            "lr": step_lr,  # of the epoch's last step (the schedule has moved on for the next one)
-            "train_loss": engine.reduce_mean(means.get("loss", float("nan")), d.device),
-            "train_acc": engine.reduce_mean(means.get("acc", float("nan")), d.device),
-            "test_loss": res["loss"],
-            "test_top1": res["top1"],
-            "test_top5": res["top5"],
-        }
-        if ema is not None:
-            res_ema = evaluate_model(ema.module, test_loader, d.device, amp_dtype, channels_last)
-            metrics.update(ema_loss=res_ema["loss"], ema_top1=res_ema["top1"], ema_top5=res_ema["top5"])
-            last_preds["ema_"] = res_ema["preds"]
-        metrics.update(
-            epoch_seconds=epoch_seconds,
-            images_per_s=steps_per_epoch * cfg.batch_size * d.world_size / epoch_seconds,
-            global_step=global_step,
+        # Score raw and EMA weights on the test split; checkpoint (the metrics with it); then log them.
+        metrics = score_and_save(
+            epoch,
+            {
+                "lr": step_lr,  # of the epoch's last step (the schedule has moved on for the next one)
+                "train_loss": engine.reduce_mean(means.get("loss", float("nan")), d.device),
+                "train_acc": engine.reduce_mean(means.get("acc", float("nan")), d.device),
+                "epoch_seconds": epoch_seconds,
+                "images_per_s": steps_per_epoch * cfg.batch_size * d.world_size / epoch_seconds,
+                "global_step": global_step,
+            },
         )
-        rng_ranks = [checkpoint.rng_state(generators)]
-        if d.distributed:
-            rng_ranks = [None] * d.world_size
-            tdist.all_gather_object(rng_ranks, checkpoint.rng_state(generators))
-        if d.is_main:
-            checkpoint.save_checkpoint(
-                run_dir,
-                epoch,
-                model,
-                ema,
-                optimizer,
-                scheduler,
-                scaler,
-                extra={
-                    "config": cfg.model_dump(),
-                    "classes": list(info.classes),
-                    "amp": amp,
-                    "global_step": global_step,
-                    "wall_seconds": wall_before + time.perf_counter() - t_start,
-                    "world_size": d.world_size,
-                    "rng_ranks": rng_ranks,
-                    "train_seconds": train_seconds,
-                    "train_images": train_images,
-                    "metrics": [r for r in logger.rows if r["epoch"] < epoch] + [logger.row(epoch, metrics)],
-                },
-                metadata=weights_meta,
-                generators=generators,
-            )
-        logger.log(epoch, metrics)
         log(
             f"epoch {epoch + 1}/{cfg.epochs}: train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.2f} | "
             f"test top-1 {metrics['test_top1']:.2f}"
@@ -367,7 +394,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     logger.close()
 
     epochs_done = start_epoch + epochs_run
-    last_row = metrics if epochs_run else (extra.get("metrics") or logger.rows or [{}])[-1]
+    last_row = metrics or (extra.get("metrics") or logger.rows or [{}])[-1]  # this invocation's, else the run's
     results: dict[str, Any] = {
         "model": cfg.model,
         "model_kwargs": cfg.model_kwargs,
@@ -555,10 +582,10 @@ def _final_eval(
             out[f"{name}fp32_top1"], out[f"{name}fp32_top5"] = unfused["top1"], unfused["top5"]
             ref_preds = {**ref_preds, name: unfused["preds"]}
         fused = reparameterize(net)
-        res = evaluate_model(fused, loader, d.device)
+        res = evaluate_model(fused, loader, d.device, reference=ref_preds[name])  # changes counted on every rank
         out[f"{name}fused_top1"] = res["top1"]
         out[f"{name}fused_top5"] = res["top5"]
-        out[f"{name}fused_prediction_changes"] = int((res["preds"] != ref_preds[name]).sum())
+        out[f"{name}fused_prediction_changes"] = res["changes"]
         if d.is_main:
             meta = {**_weights_metadata(cfg, info), "fused": "True", **({"ema": "True"} if name else {})}
             from .model import ParNet
