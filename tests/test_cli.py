@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +131,139 @@ def test_settings_flags_state_each_default_once(command):
     helps = {a.dest: a.help for a in sub._actions if a.help}
     assert all(h.count("(default") <= 1 for h in helps.values()), [h for h in helps.values() if h.count("(default") > 1]
     assert all("(default" in h or "required" in h for d, h in helps.items() if d not in ("help", "config"))
+
+
+@pytest.mark.parametrize(
+    "module, function, argv",
+    [("parnet.cli.export", "_export", ["export"]), ("parnet.cli.train", "_eval_command", ["eval", "run"]),
+     ("parnet.cli.predict", "_predict", ["predict", "a.png"]),
+     ("parnet.cli.quantize", "_quantize", ["quantize", "run"])],
+)  # fmt: skip
+def test_ctrl_c_is_one_line_and_exit_code_130(module, function, argv, monkeypatch, capsys):
+    """Ctrl-C in any command: one line, no traceback, 130 (128 + SIGINT) as Unix tools exit."""
+    import importlib
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(module), function, interrupted)  # the parser takes it at build
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:  # not passed on: it would stop pytest itself
+        pytest.fail("the interruption came out of main() as a traceback")
+    assert code == 130
+    captured = capsys.readouterr()
+    assert captured.err == f"parnet {argv[0]}: interrupted\n" and captured.out == ""
+
+
+def test_ctrl_c_in_training_says_how_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """Before the first epoch's checkpoint there is nothing to continue: said so, and how to start over."""
+    import parnet.train
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(parnet.train, "train", interrupted)
+    run = tmp_path / "run"
+    assert main(["train", "--output", str(run)]) == 130  # killed before its folder was made: nothing there
+    assert capsys.readouterr().err == (
+        "parnet train: interrupted before the first epoch finished, so there is no checkpoint: run it again\n"
+    )
+    run.mkdir()
+    (run / ".lock").write_text("1\n")
+    (run / "config.yaml").write_text("epochs: 1\n")
+    assert main(["train", "--output", str(run)]) == 130  # in epoch 1: the lock and config.yaml only
+    err = capsys.readouterr().err
+    assert "before the first epoch finished, so there is no checkpoint" in err and "or with --resume" in err
+    (run / "last_state.pt").write_bytes(b"a checkpoint")
+    assert main(["train", "--output", str(run)]) == 130
+    assert (
+        capsys.readouterr().err == "parnet train: interrupted; the last checkpoint is kept (continue with --resume)\n"
+    )
+
+
+def test_the_sigterm_handler_is_the_commands_only_while_it_runs():
+    """main() is called from Python too: the caller's SIGTERM handler is back afterwards, and a thread other than
+    the main one, where Python sets no handlers, runs commands as well."""
+    import signal
+    import threading
+
+    before = signal.getsignal(signal.SIGTERM)
+    seen = []
+
+    def command(args):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return 0
+
+    import parnet.cli.models
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(parnet.cli.models, "_summary", command)
+        assert main(["summary"]) == 0
+        assert signal.getsignal(signal.SIGTERM) is before and seen[0] is not before  # the command's own, then back
+        results = []
+        thread = threading.Thread(target=lambda: results.append(main(["summary"])))
+        thread.start()
+        thread.join()
+    assert results == [0] and seen[1] is before
+
+
+def test_predict_takes_images_and_the_run_before_and_after_options(tmp_path, capsys):
+    """`parnet predict IMG --top 1 RUN`: positionals after an option are taken, as before one."""
+    import numpy as np
+    from PIL import Image
+
+    import parnet
+    from parnet.io import save_model
+
+    from .conftest import TINY_STEM
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    run = tmp_path / "run"
+    save_model(parnet.create_model("parnet_cifar_s", **TINY_STEM).eval(), run / "last.safetensors")
+    image = str(tmp_path / "a.png")
+    printed = []
+    for argv in ([image, "--top", "2", str(run)], ["--top", "2", image, str(run)], [image, str(run), "--top", "2"]):
+        assert main(["predict", *argv, "--json"]) == 0, capsys.readouterr().err
+        printed.append(json.loads(capsys.readouterr().out))
+    assert printed[0] == printed[1] == printed[2] and len(printed[0][0]["top"]) == 2
+
+
+def test_quantize_names_its_file_after_the_checkpoint_and_the_engine_after_the_file(tmp_path):
+    """`model_best.pth.tar` gives `model_best_fp32.onnx` (not `model_best.pth_fp32.onnx`); `--out x.xml` is an
+    OpenVINO model without --engine, and an --engine its suffix is not is refused, saying what to do."""
+    from parnet.cli.quantize import choose_engine, default_out
+
+    assert default_out(str(tmp_path / "model_best.pth.tar"), "fp32", ".onnx") == str(tmp_path / "model_best_fp32.onnx")
+    assert default_out(str(tmp_path / "last_ema.safetensors"), "int8", ".xml") == str(tmp_path / "last_ema_int8.xml")
+    assert default_out(str(tmp_path), "int8", ".onnx") == str(tmp_path.parent / f"{tmp_path.name}_int8.onnx")
+    assert choose_engine(None, "q/x.xml") == "openvino" and choose_engine(None, "q/x.ONNX") == "onnxruntime"
+    assert choose_engine(None, None) == "onnxruntime" and choose_engine("openvino", None) == "openvino"
+    assert choose_engine("openvino", "x.xml") == "openvino"
+    with pytest.raises(ValueError, match=r"an onnxruntime model is written to a .onnx file, got --out q/x.xml: name it "
+                                         r"q/x.onnx, or leave --engine out \(.xml is openvino's\)"):  # fmt: skip
+        choose_engine("onnxruntime", "q/x.xml")
+    with pytest.raises(ValueError, match=r"got --out x.bin: name it x.xml$"):
+        choose_engine("openvino", "x.bin")
+    with pytest.raises(ValueError, match=r"--out x.bin: name the file .onnx \(an onnxruntime model\) or .xml"):
+        choose_engine(None, "x.bin")
+
+
+def test_quantize_writes_for_the_engine_of_its_out_file(tmp_path, monkeypatch, capsys):
+    """`--out q/x.xml` without --engine is an OpenVINO model; an --engine the suffix is not is refused before any
+    work."""
+    import parnet.deployed
+
+    asked = []
+
+    def quantize(checkpoint, out, precision, engine, **kwargs):
+        asked.append((Path(out).name, engine))
+        raise ValueError("not quantized in this test")
+
+    monkeypatch.setattr(parnet.deployed, "quantize_checkpoint", quantize)
+    for name in ("x.xml", "x.onnx"):
+        assert main(["quantize", "run", "--precision", "fp32", "--out", str(tmp_path / "q" / name)]) == 2
+        assert "not quantized in this test" in capsys.readouterr().err
+    assert asked == [("x.xml", "openvino"), ("x.onnx", "onnxruntime")]
+    assert main(["quantize", "run", "--engine", "openvino", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "an openvino model is written to a .xml file, got --out" in capsys.readouterr().err and len(asked) == 2

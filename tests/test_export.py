@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import warnings
 from io import StringIO
 from pathlib import Path
@@ -136,8 +137,10 @@ def test_a_check_that_proves_little_is_said_to(tmp_path: Path) -> None:
     ignored its input would pass the round-trip check, so the export warns; a network that tells inputs apart
     does not."""
     fresh = timm.create_model("parnet_cifar_s", widths=(8, 16, 32), head_width=64)
-    with pytest.warns(UserWarning, match="the check compared little"):
+    with pytest.warns(UserWarning, match="the check compared little") as caught:
         export_model(fresh, tmp_path, "fresh", formats="torchscript", input_size=(3, 32, 32))
+    # attributed to the call (here), not to torch's no_grad wrapper
+    assert {w.filename for w in caught if "compared little" in str(w.message)} == {__file__}
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         export_model(_tiny(4), tmp_path, "tiny", formats="torchscript", input_size=(3, 32, 32))
@@ -306,10 +309,70 @@ def test_a_model_that_does_not_script_is_traced_and_says_so(tmp_path: Path, monk
 
     monkeypatch.setattr(torch.jit, "script", fails)
     said = r"does not script \(RuntimeError: Python builtin .* not supported .*\); .* traced .* only 32x40 inputs"
-    with pytest.warns(UserWarning, match=said):
+    with pytest.warns(UserWarning, match=said) as caught:
         results = export_model(_tiny(4), tmp_path, "m", formats="torchscript", input_size=(3, 32, 40))
+    assert {w.filename for w in caught if "does not script" in str(w.message)} == {__file__}  # the caller's line
     assert scripted  # the fallback was taken, and the traced file passed the export's check
     assert results["torchscript"]["note"] == "traced, fixed input size 32x40"  # what `parnet export` prints
     extra = {"torchscript": ""}
     torch.jit.load(str(tmp_path / "m.torchscript.pt"), _extra_files=extra)
     assert extra["torchscript"] == b"traced, fixed input size 32x40"
+
+
+def test_the_check_allows_rounding_at_the_outputs_scale(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logits around 590 differ by about 3e-4 (5e-7 of them) from float32 rounding alone: passed, as 1e-4 plus 1e-5
+    of the largest output; a difference of 1e-3 of them, or 2e-4 on outputs around 1, still fails."""
+    big = [590 + torch.randn(3, 10, generator=torch.Generator().manual_seed(0))]
+    for runner, inputs, passes in ((lambda x: x * (1 + 5e-7), big, True), (lambda x: x * (1 + 1e-3), big, False),
+                                   (lambda x: x + 2e-4, [big[0] - 590], False)):  # fmt: skip
+        monkeypatch.setattr(export_module, "load_runner", lambda fmt, path, runner=runner: runner)
+        if passes:
+            assert 2e-4 < check_export("onnx", "m.onnx", torch.nn.Identity(), inputs) < 4e-4
+        else:
+            with pytest.raises(ValueError, match="differs from the model by"):
+                check_export("onnx", "m.onnx", torch.nn.Identity(), inputs)
+
+
+def test_sigterm_during_an_export_leaves_no_temporary_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM (kill, timeout, a job scheduler) while a file is written: the command exits 143 (128 + SIGTERM)
+    through its clean-up, so no hidden temporary file is left and the older file is kept; the caller's SIGTERM
+    handler is back afterwards."""
+    ckpt = io.save_model(_tiny(4), tmp_path / "tiny.safetensors")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tiny.torchscript.pt").write_bytes(b"an older export")
+    write = export_module._write_torchscript
+
+    def write_then_terminated(*args, **kwargs):
+        note = write(*args, **kwargs)  # the temporary file is written in full: large, for a large model
+        os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler here, in this thread: deterministic
+        return note
+
+    monkeypatch.setattr(export_module, "_write_torchscript", write_then_terminated)
+    received = []
+
+    def callers_handler(signum, frame):  # were the command's handler missing, this one would take the signal
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, callers_handler)
+    try:
+        with pytest.raises(SystemExit) as ended:
+            cli.main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--format", "torchscript",
+                      "--resolution", "32"])  # fmt: skip
+        after = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert ended.value.code == 143 and not received and after is callers_handler
+    assert [p.name for p in out.iterdir()] == ["tiny.torchscript.pt"]
+    assert (out / "tiny.torchscript.pt").read_bytes() == b"an older export"
+
+
+def test_an_export_removes_the_temporaries_a_killed_export_of_its_files_left(tmp_path: Path) -> None:
+    """A SIGKILL skips every clean-up: the next export of the same files removes their temporaries, and only
+    theirs (another name's, another format's, a file of the user's are kept)."""
+    left = [".m.torchscript.pt.0123456789ab.tmp", ".m.torchscript.pt.ba9876543210.tmp"]
+    kept = [".m.pt2.0123456789ab.tmp", ".other.torchscript.pt.0123456789ab.tmp", ".m.torchscript.pt.notes.tmp"]
+    for name in left + kept:
+        (tmp_path / name).write_bytes(b"half a file")
+    export_model(_tiny(4), tmp_path, "m", formats="torchscript", input_size=(3, 32, 32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "m.torchscript.pt"])

@@ -4,8 +4,9 @@ Every file this project writes goes through :func:`atomic_write` (but a run's ``
 only a process id, and TensorBoard's event files, written by TensorBoard): the data goes to a temporary
 file in the same folder, is flushed to disk, and only then renamed over the target, so a process
 killed at any moment leaves either the old file or the new one, never a torn one. A kill can
-leave the temporary file; :func:`remove_temporaries` removes those of a folder (a resumed run
-does). Reading weights is strict and bounded (:mod:`parnet.weights`).
+leave the temporary file (not SIGTERM to a ``parnet`` command, which exits through the clean-up);
+:func:`remove_temporaries` removes those of a folder (a resumed run does, an export those of its files).
+Reading weights is strict and bounded (:mod:`parnet.weights`).
 
 For tests, the environment variable ``PARNET_TEST_KILL_AT_WRITE=N`` (read at import; in a process
 that has imported this module, set ``_kill_at`` instead) ends the process (exit code 86, no
@@ -21,7 +22,7 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -113,20 +114,22 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[0-9a-f]{12}\.tmp$")  # what _new_temporary names
 
 
-def remove_temporaries(folder: str | os.PathLike) -> list[str]:
+def remove_temporaries(folder: str | os.PathLike, targets: Collection[str] | None = None) -> list[str]:
     """Remove the temporary files :func:`atomic_write` left in ``folder`` when killed; returns their names.
+    ``targets``: only those of these file names (``m.onnx``: ``.m.onnx.<hex>.tmp``).
 
-    Only call it while no other process writes there (a run holds its folder's lock).
+    Only call it while no other process writes there (a run holds its folder's lock), or those files.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
     for path in folder.iterdir():
-        if _TEMPORARY.match(path.name) and path.is_file():
+        found = _TEMPORARY.match(path.name)
+        if found and (targets is None or found["target"] in targets) and path.is_file():
             path.unlink(missing_ok=True)
             removed.append(path.name)
     return sorted(removed)

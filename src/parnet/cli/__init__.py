@@ -9,11 +9,15 @@ below this package imports it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from types import FrameType
+from typing import Any
 
 from ..factory import create_model
 from .args import (
@@ -29,6 +33,7 @@ from .args import (
 
 __all__ = [
     "COMMAND_MODULES",
+    "CommandParser",
     "MergeKwargs",
     "add_kwargs_option",
     "add_settings_flags",
@@ -54,19 +59,67 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser. ``intermixed=True`` (an ``add_parser`` keyword): its positionals may come before,
+    between and after its options (``parnet predict IMG --top 1 RUN``), by argparse's
+    ``parse_known_intermixed_args``. The subcommand action calls ``parse_known_args``, where a ``nargs="+"``
+    positional takes only the values before the first option and the later ones are left unrecognized."""
+
+    def __init__(self, *args: Any, intermixed: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.intermixed = intermixed
+        self._in_intermixed = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        if not self.intermixed or self._in_intermixed:  # intermixed parsing calls this method itself, twice
+            return super().parse_known_args(args, namespace)
+        self._in_intermixed = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._in_intermixed = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parnet", description="ParNet: depth-12 non-deep networks.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_commands(sub)
     return parser
+
+
+TERMINATED = 128 + signal.SIGTERM  # the exit code of a command ended by SIGTERM, as a shell reports one
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(TERMINATED)
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """While the command runs, SIGTERM (``kill``, ``timeout``, a job scheduler) raises ``SystemExit``, so that
+    ``finally`` blocks run: :func:`parnet.io.atomic_write` removes its temporary file, a run drops its lock. By
+    default SIGTERM ends the process at once, leaving them. The caller's handler is put back afterwards (main()
+    is called from Python too); only the main thread may set handlers, elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = ["parnet", *(sys.argv[1:] if argv is None else argv)]  # what was asked, for records that keep it
     try:
-        return args.func(args)
+        with _sigterm_exits():
+            return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: every file is written atomically, so none is left half-written
+        print(f"parnet {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except (ValueError, FileNotFoundError) as e:
         print(f"parnet {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -52,6 +52,7 @@ def add_commands(subparsers: Any) -> None:
     """``parnet predict``."""
     p = subparsers.add_parser(
         "predict",
+        intermixed=True,  # images and a run folder before and after the options (parnet.cli.CommandParser)
         help="top-5 classes of image files, from a run folder, a checkpoint or a model's released weights",
         description="parnet predict IMAGE|FOLDER... [--model NAME] [--checkpoint FILE | RUN]: the top classes of each "
         "image with their probabilities, preprocessed as the weights' training data was.",

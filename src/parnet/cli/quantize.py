@@ -10,19 +10,43 @@ from ..deployment.engines import ENGINES, ORT_CALIBRATION
 from ..deployment.quantize import PRECISIONS
 from ..settings import SUBSET_RULE
 from .args import nonneg_int, note_unfinished, positive_int
+from .export import _file_stem
 
 
 def default_out(checkpoint: str, precision: str, suffix: str) -> str:
     """Beside the checkpoint, named after it: ``run_int8.onnx`` beside run folder ``run`` (``.`` too),
-    ``last_ema_int8.onnx`` beside ``last_ema.safetensors``."""
-    path = Path(checkpoint).resolve()
-    return str(path.parent / f"{path.name if path.is_dir() else path.stem}_{precision}{suffix}")
+    ``last_ema_int8.onnx`` beside ``last_ema.safetensors``, ``model_best_int8.onnx`` beside ``model_best.pth.tar``."""
+    return str(Path(checkpoint).resolve().parent / f"{_file_stem(checkpoint)}_{precision}{suffix}")
+
+
+def choose_engine(engine: str | None, out: str | None) -> str:
+    """The engine ``--engine`` names, else the one ``--out``'s suffix is written by (.xml: openvino), else
+    onnxruntime; a suffix that is not the engine's is refused before any work."""
+    from ..deployed import SUFFIX
+
+    if out is None:
+        return engine or "onnxruntime"
+    suffix = Path(out).suffix.lower()
+    by_suffix = {s: e for e, s in SUFFIX.items()}.get(suffix)
+    engine = engine or by_suffix
+    if engine is None:
+        raise ValueError(f"--out {out}: name the file .onnx (an onnxruntime model) or .xml (an openvino model)")
+    if suffix != SUFFIX[engine]:  # deployed.save_deployed's message, said before calibrating and scoring
+        other = f", or leave --engine out ({suffix} is {by_suffix}'s)" if by_suffix else ""
+        raise ValueError(
+            f"an {engine} model is written to a {SUFFIX[engine]} file, got --out {out}: name it "
+            f"{Path(out).with_suffix(SUFFIX[engine])}{other}"
+        )
+    return engine
 
 
 def _quantize(args: argparse.Namespace) -> int:
     from ..deployed import SUFFIX, quantize_checkpoint
     from ..io import check_output_path
 
+    if args.out is not None:  # a folder or a path under a file: said before the suffix is read for the engine
+        check_output_path(args.out, what="--out")
+    args.engine = choose_engine(args.engine, args.out)
     # an option that would be ignored is refused, not silently dropped
     if args.precision != "int8" and args.calibration_images is not None:
         raise ValueError(f"--calibration-images is for int8; {args.precision} needs no calibration (leave it out)")
@@ -57,7 +81,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "checkpoint", help="a training run folder, a .safetensors file or an authors' .pth.tar (EMA weights where kept)"
     )
     p.add_argument("--precision", choices=PRECISIONS, default="int8", help="[int8]")
-    p.add_argument("--engine", choices=ENGINES, default="onnxruntime", help="[onnxruntime]")
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        help="[--out's: .xml openvino, .onnx onnxruntime; no --out: onnxruntime]",
+    )
     p.add_argument(
         "--calibration-images", type=positive_int,
         help="int8: training images (test transforms) to calibrate on [512]",
@@ -68,7 +96,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--out",
-        help="file to write (.onnx: onnxruntime, .xml: openvino) [beside the checkpoint, NAME_PRECISION.onnx/.xml]",
+        help="file to write (.onnx: onnxruntime, .xml: openvino; its suffix chooses the engine) "
+        "[beside the checkpoint, NAME_PRECISION.onnx/.xml]",
     )
     p.add_argument("--dataset", help="dataset (default: the run's, else fashion_mnist)")
     p.add_argument("--data-dir", help="where the dataset is (default: the run's, else its usual place)")

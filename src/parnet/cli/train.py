@@ -10,10 +10,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..settings import DATASET_DEFAULTS, RESERVED_MODEL_KWARGS, SUBSET_RULE, TrainConfig
 from .args import add_settings_flags, field_type, nonneg_int, note_unfinished, positive_int, settings_given
+
+
+def interrupted_message(run_dir: Path) -> str:
+    """What ``parnet train`` says when Ctrl-C stops it: how the run in ``run_dir`` goes on."""
+    from ..checkpoint import LOCK_FILE, STATE_FILE
+
+    if (run_dir / STATE_FILE).is_file():
+        return "parnet train: interrupted; the last checkpoint is kept (continue with --resume)"
+    # No epoch finished: nothing to continue. --resume restarts a folder a run was started in (its lock file or
+    # config.yaml, checkpoint.check_run_folder); a folder made for the run alone was removed again.
+    started = (run_dir / LOCK_FILE).is_file() or (run_dir / "config.yaml").is_file()
+    again = "run the same command again, or with --resume, to start it over" if started else "run it again"
+    return f"parnet train: interrupted before the first epoch finished, so there is no checkpoint: {again}"
 
 
 def _train_command(args: argparse.Namespace) -> int:
@@ -28,7 +42,7 @@ def _train_command(args: argparse.Namespace) -> int:
         print(f"parnet train: error: {e}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print("parnet train: interrupted; the last checkpoint is kept (continue with --resume)", file=sys.stderr)
+        print(interrupted_message(cfg.run_dir()), file=sys.stderr)
         return 130
     return 0
 
