@@ -317,3 +317,24 @@ def test_random_erasing_fills_with_noise_on_every_dataset(dataset):
     ops = build_transforms(DATASETS[dataset], train=True, aug=AugmentCfg(re_prob=0.25)).transforms
     erasing = [op for op in ops if isinstance(op, RandomErasing)]
     assert len(erasing) == 1 and erasing[0].mode == "pixel" and erasing[0].probability == 0.25
+
+
+def test_image_prep_is_checked_and_shapes_an_image_folders_transforms():
+    """An image folder's preparation from a pretrained config (timm's resolve_data_config), checked where it is
+    read from a file; the 32x32 datasets keep their own."""
+    from parnet.data import build_transforms, check_image_prep, dataset_info, image_prep_of
+
+    prep = image_prep_of({"mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear", "crop_pct": 0.95})
+    assert prep == {"mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear", "crop_pct": 0.95}
+    assert image_prep_of(None)["interpolation"] == "bicubic"  # timm's defaults: ImageNet's
+    described = repr(build_transforms(dataset_info("imagefolder", 64, prep), train=False))
+    assert "Resize(size=67, interpolation=bilinear" in described and "0.5000, 0.5000, 0.5000" in described
+    assert "bicubic" in repr(build_transforms(dataset_info("imagefolder", 64), train=True))
+    for bad, message in [({**prep, "std": [0.5, 0.0, 0.5]}, "std above 0"), ({**prep, "crop_pct": 1.5}, r"\(0, 1\]"),
+                         ({**prep, "interpolation": "cubic"}, "interpolation must be one of"),
+                         ({"mean": prep["mean"]}, "must hold exactly"),
+                         ({**prep, "mean": [0.5]}, "3 finite")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            check_image_prep(bad, "file.safetensors")
+    with pytest.raises(ValueError, match="applies to image folders, not to fashion_mnist"):
+        dataset_info("fashion_mnist", 0, prep)

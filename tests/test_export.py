@@ -220,13 +220,13 @@ def test_export_takes_an_authors_checkpoint(official_tiny: dict, tmp_path: Path,
 
 
 def test_exported_files_are_named_after_the_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from parnet.cli.export import _checkpoint_name, _file_stem
+    from parnet.cli.export import _checkpoint_name, file_stem
 
     (tmp_path / "my_run").mkdir()
     monkeypatch.chdir(tmp_path / "my_run")
     for given, stem in ((".", "my_run"), ("../my_run/", "my_run"), ("last.safetensors", "last"),
                         ("model_best.pth.tar", "model_best"), ("a.b.safetensors", "a.b")):  # fmt: skip
-        assert _file_stem(given) == stem
+        assert file_stem(given) == stem
     # every run names its weights files alike: theirs are named after the run, a run folder too
     for given, name in (("last.safetensors", "my_run"), ("last_ema.safetensors", "my_run_ema"),
                         ("fused.safetensors", "my_run_fused"), ("ema_fused.safetensors", "my_run_ema_fused"),

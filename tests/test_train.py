@@ -583,6 +583,15 @@ def test_eval_accepts_the_authors_checkpoints(tmp_path, monkeypatch):
     assert scores["raw"]["n"] == 4 and scores["raw_fused"]["prediction_changes"] == 0
     predicted = repr(load_predictor(checkpoint=path).transform)
     assert "interpolation=bilinear" in predicted and {repr(t) for t in transforms} == {predicted}
+    # `parnet quantize` prepares them alike (calibration and scoring), and its file says how: an fp32 engine
+    # file reproduces the weights' own scores
+    monkeypatch.undo()
+    from parnet.deployed import quantize_checkpoint
+
+    quantize_checkpoint(path, tmp_path / "official.onnx", "fp32", dataset="imagefolder", data_dir=str(data), workers=0)
+    assert repr(load_predictor(checkpoint=tmp_path / "official.onnx").transform) == predicted
+    engine_scores = evaluate(tmp_path / "official.onnx", workers=0, batch_size=4)["fp32:onnxruntime"]
+    assert engine_scores["loss"] == pytest.approx(scores["ema"]["loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -979,6 +988,37 @@ def test_starting_from_timms_own_weights_file(fmnist, tmp_path, capsys):
     grey = source.stem[0].dense.conv.weight.sum(1, keepdim=True)  # timm's adapt_input_conv, 3 -> 1 channel
     torch.testing.assert_close(trained.stem[0].dense.conv.weight, grey, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(trained.get_classifier().weight, source.get_classifier().weight, rtol=1e-3, atol=1e-6)
+
+
+def test_fine_tuning_timms_weights_prepares_images_as_they_were_trained(tmp_path, capsys):
+    """An image folder run from timm's released weights (here their file as --initial-checkpoint) normalises,
+    resizes and crops as those weights were trained (timm's train.py --pretrained): test_resnet's mean/std 0.5,
+    bilinear, 0.95 crop, not ImageNet's; its files say so, and eval, predict and quantize prepare images alike."""
+    from safetensors.torch import save_file
+
+    from parnet.deployed import quantize_checkpoint, read_info
+    from parnet.predict import load_predictor
+    from parnet.trained import trained_on
+
+    source = timm.create_model("test_resnet.r160_in1k", num_classes=2)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "model.safetensors")
+    data = make_image_folder(tmp_path / "imgs", classes=2, per_class=4)
+    cfg = dict(dataset="imagefolder", data_dir=str(data), model="test_resnet.r160_in1k", img_size=64, epochs=1,
+               batch_size=4, warmup_epochs=0, workers=0, threads=1, progress=False, depth=False, device="cpu",
+               initial_checkpoint=str(tmp_path / "model.safetensors"), output=str(tmp_path / "run"))  # fmt: skip
+    train(make_config(cfg))
+    prep = {"mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear", "crop_pct": 0.95}
+    assert f"as test_resnet.r160_in1k's released weights were trained: {prep}" in capsys.readouterr().out
+    assert trained_on(tmp_path / "run").image_prep == prep
+    assert trained_on(tmp_path / "run" / "last.safetensors").image_prep == prep
+    model = load_weights(tmp_path / "run" / "last.safetensors")
+    assert timm.data.resolve_data_config(model=model) | prep == timm.data.resolve_data_config(model=model)
+    described = repr(load_predictor(run=tmp_path / "run").transform)
+    assert "bilinear" in described and "mean=tensor([0.5000, 0.5000, 0.5000])" in described
+    assert "Resize(size=67, interpolation=bilinear" in described  # 64 / 0.95
+    out = quantize_checkpoint(tmp_path / "run", tmp_path / "run.onnx", precision="fp32", workers=0)
+    assert read_info(out["file"]).image_prep == prep and out["prediction_changes"] == 0
+    assert repr(load_predictor(checkpoint=tmp_path / "run.onnx").transform) == described
 
 
 def test_pretrained_offline_says_how_to_give_the_file(fmnist, tmp_path, monkeypatch):

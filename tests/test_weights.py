@@ -239,3 +239,16 @@ def test_another_librarys_safetensors_says_how_to_read_it(tmp_path: Path) -> Non
     save_file({"fc.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")  # timm's: no metadata of ours
     with pytest.raises(ValueError, match="was not written by this project .* `parnet predict --checkpoint FILE"):
         load_weights(tmp_path / "model.safetensors")
+
+
+def test_an_exported_program_given_as_weights_says_how_to_load_it(tmp_path: Path) -> None:
+    """A `parnet export` TorchScript or torch.export file is named for what it is, with its own loader; not sent to
+    `parnet convert`, which refuses it."""
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "m.torchscript.pt"))
+    torch.export.save(torch.export.export(torch.nn.Linear(2, 2), (torch.zeros(1, 2),)), tmp_path / "m.pt2")
+    for name, loader in (("m.torchscript.pt", "TorchScript program (load it with torch.jit.load)"),
+                         ("m.pt2", "torch.export program (load it with torch.export.load)")):  # fmt: skip
+        with pytest.raises(ValueError) as info:
+            load_model(tmp_path / name)
+        assert f"{name} is a {loader}, an exported model that runs as it is" in str(info.value)
+        assert "parnet convert" not in str(info.value)

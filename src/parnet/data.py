@@ -93,6 +93,8 @@ class DatasetInfo:
     std: tuple[float, ...]
     default_dir: str  # in build_datasets' result: the folder it read
     classes: tuple[str, ...] = ()  # in label order; filled in by build_datasets
+    interpolation: str = "bicubic"  # image folders: the resize before the center crop
+    crop_pct: float = 0.875  # image folders: the center crop's share of the resized image (timm's DEFAULT_CROP_PCT)
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -443,7 +445,8 @@ def build_transforms(info: DatasetInfo, train: bool, aug: AugmentCfg | None = No
             re_prob=aug.re_prob if train else 0.0,
             re_mode="pixel",  # timm's train.py default (create_transform's is "const"), as the 32x32 datasets erase
             hflip=aug.hflip,
-            interpolation="bicubic",
+            interpolation=info.interpolation,
+            crop_pct=info.crop_pct,
             mean=info.mean,
             std=info.std,
         )
@@ -469,27 +472,83 @@ def build_transforms(info: DatasetInfo, train: bool, aug: AugmentCfg | None = No
     return T.Compose(ops)
 
 
-def describe_training_data(model: torch.nn.Module, dataset: str | None, img_size: int = 0) -> None:
+# -- image preparation of image folders ----------------------------------------------------------
+
+IMAGE_PREP_KEYS = ("mean", "std", "interpolation", "crop_pct")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")
+
+
+def image_prep_of(pretrained_cfg: dict[str, Any] | None) -> dict[str, Any]:
+    """How an image folder's images are prepared for weights released with ``pretrained_cfg`` (timm's): its
+    statistics, resize interpolation and crop, as timm's data config resolves them (timm's train.py
+    ``--pretrained``). Keys: :data:`IMAGE_PREP_KEYS`."""
+    from timm.data import resolve_data_config
+
+    if not pretrained_cfg:  # none: ImageNet's way, as timm's defaults
+        folder = DATASETS["imagefolder"]
+        pretrained_cfg = {"mean": folder.mean, "std": folder.std, "interpolation": folder.interpolation,
+                          "crop_pct": folder.crop_pct}  # fmt: skip
+    config = resolve_data_config(pretrained_cfg=dict(pretrained_cfg))
+    return check_image_prep({k: config[k] for k in IMAGE_PREP_KEYS}, "the pretrained config")
+
+
+def check_image_prep(prep: Any, source: str) -> dict[str, Any]:
+    """``prep`` (an image folder's ``mean``, ``std``, ``interpolation``, ``crop_pct``) checked and normalised
+    (tuples of floats); ``ValueError`` naming ``source`` for anything else."""
+    import math
+
+    def floats(value: Any) -> tuple[float, ...] | None:
+        ok = isinstance(value, (list, tuple)) and len(value) == 3
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        return tuple(float(v) for v in value) if ok else None
+
+    if not isinstance(prep, dict) or set(prep) != set(IMAGE_PREP_KEYS):
+        raise ValueError(f"{source}: image_prep must hold exactly {', '.join(IMAGE_PREP_KEYS)}, got {prep!r:.200}")
+    mean, std, crop = floats(prep["mean"]), floats(prep["std"]), prep["crop_pct"]
+    if mean is None or std is None or min(std) <= 0:
+        raise ValueError(f"{source}: image_prep mean and std must be 3 finite numbers (std above 0), got {prep!r:.200}")
+    if prep["interpolation"] not in INTERPOLATIONS:
+        raise ValueError(f"{source}: image_prep interpolation must be one of {INTERPOLATIONS}, got {prep!r:.200}")
+    if not isinstance(crop, (int, float)) or isinstance(crop, bool) or not 0 < crop <= 1:
+        raise ValueError(f"{source}: image_prep crop_pct must be in (0, 1], got {prep!r:.200}")
+    return {"mean": mean, "std": std, "interpolation": prep["interpolation"], "crop_pct": float(crop)}
+
+
+def dataset_info(name: str, img_size: int = 0, image_prep: dict[str, Any] | None = None) -> DatasetInfo:
+    """:data:`DATASETS`' entry for ``name`` at ``img_size`` (0: its own), an image folder's images prepared as
+    ``image_prep`` says (weights fine-tuned from timm's released ones: theirs; ``None``: ImageNet's)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    info = replace(DATASETS[name], img_size=img_size or DATASETS[name].img_size)
+    if image_prep is not None:
+        if name != "imagefolder":  # the 32x32 datasets keep their own statistics and sizes
+            raise ValueError(f"image_prep applies to image folders, not to {name}")
+        info = replace(info, **check_image_prep(dict(image_prep), "image_prep"))
+    return info
+
+
+def describe_training_data(
+    model: torch.nn.Module, dataset: str | None, img_size: int = 0, image_prep: dict[str, Any] | None = None
+) -> None:
     """Give ``model`` (in place) the ``pretrained_cfg`` of the data it was trained on, at ``img_size`` (0: the
     dataset's own), so that timm's ``resolve_data_config(model=model)`` / ``create_transform`` prepare images
-    as ``parnet eval`` does: an image folder's exactly (bicubic resize, 0.875 center crop, ImageNet statistics);
-    the 32x32 datasets' with their statistics and size (a resize where an image's size differs; Fashion-MNIST's
-    28x28 images, which ``parnet eval`` pads to 32, timm's transform can only resize). Another dataset: unchanged.
+    as ``parnet eval`` does: an image folder's exactly (by default bicubic resize, 0.875 center crop, ImageNet
+    statistics; ``image_prep``: the run's own); the 32x32 datasets' with their statistics and size (a resize
+    where an image's size differs; Fashion-MNIST's 28x28 images, which ``parnet eval`` pads to 32, timm's
+    transform can only resize). Another dataset: unchanged.
     """
-    info = DATASETS.get(dataset or "")
-    if info is None:
+    if dataset not in DATASETS:
         return
-    from timm.data import DEFAULT_CROP_PCT
-
-    size = img_size or info.img_size
+    info = dataset_info(dataset, img_size, image_prep)
+    folder = dataset == "imagefolder"
     model.pretrained_cfg = model.default_cfg = {  # timm keeps default_cfg as the same dict
         **(getattr(model, "pretrained_cfg", None) or {}),
-        "input_size": (info.in_chans, size, size),
+        "input_size": (info.in_chans, info.img_size, info.img_size),
         "test_input_size": None,  # a variant's own test size would override input_size in resolve_data_config
         "mean": info.mean,
         "std": info.std,
-        "interpolation": "bicubic",
-        "crop_pct": DEFAULT_CROP_PCT if dataset == "imagefolder" else 1.0,
+        "interpolation": info.interpolation if folder else "bicubic",
+        "crop_pct": info.crop_pct if folder else 1.0,
         "test_crop_pct": None,
         "crop_mode": "center",
         "num_classes": getattr(model, "num_classes", info.num_classes),
@@ -505,6 +564,7 @@ def build_datasets(
     test_subset: int = 0,
     test_only: bool = False,
     img_size: int = 0,
+    image_prep: dict[str, Any] | None = None,
 ) -> tuple[Dataset, Dataset, DatasetInfo]:
     """Train and test datasets of ``name`` with their transforms, and the dataset's info.
 
@@ -518,12 +578,12 @@ def build_datasets(
             files come class by class, so that every class is in it.
         test_only: read the test split only (evaluation): the first result is then the test set too.
         img_size: the side of the images the model sees, pixels (0: the dataset's own, 224 for folders).
+        image_prep: an image folder's statistics, interpolation and crop (:func:`image_prep_of`; ``None``:
+            ImageNet's statistics, bicubic, 0.875).
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     if img_size < 0 or 0 < img_size < MIN_IMG_SIZE:
         raise ValueError(f"img_size must be at least {MIN_IMG_SIZE} pixels (or 0 for the dataset's), got {img_size}")
-    info = replace(DATASETS[name], img_size=img_size or DATASETS[name].img_size)
+    info = dataset_info(name, img_size, image_prep)
     root = Path(data_dir or info.default_dir).expanduser()
     train_tf, test_tf = build_transforms(info, True, aug), build_transforms(info, False, aug)
     if name == "fashion_mnist":

@@ -55,6 +55,7 @@ class DeployedInfo:
     source: str
     data_dir: str | None = None  # where the data it was scored on is (files written before: None)
     class_names: list[str] | None = None  # in label order (files written before they were saved: None)
+    image_prep: dict[str, Any] | None = None  # an image folder's, where not ImageNet's (parnet.data.image_prep_of)
 
 
 def is_deployed_file(path: str | os.PathLike) -> bool:
@@ -62,14 +63,21 @@ def is_deployed_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in SUFFIX.values()
 
 
-def calibration_loader(dataset: str, data_dir: str | None, images: int, batch_size: int = 32, img_size: int = 0) -> Any:
+def calibration_loader(
+    dataset: str,
+    data_dir: str | None,
+    images: int,
+    batch_size: int = 32,
+    img_size: int = 0,
+    image_prep: dict[str, Any] | None = None,
+) -> Any:
     """``images`` training images (``build_datasets``' training subset), test transforms, in batches (for
-    calibration), at ``img_size``."""
+    calibration), at ``img_size``, an image folder's prepared as ``image_prep`` says."""
     from .data import build_datasets, build_transforms
 
     if images < 1:
         raise ValueError(f"--calibration-images must be at least 1, got {images}")
-    train, _, info = build_datasets(dataset, data_dir, train_subset=images, img_size=img_size)
+    train, _, info = build_datasets(dataset, data_dir, train_subset=images, img_size=img_size, image_prep=image_prep)
     base = train.dataset if isinstance(train, torch.utils.data.Subset) else train
     base.transform = build_transforms(info, False)  # no augmentation: the images as the model will see them
     return torch.utils.data.DataLoader(train, batch_size=min(batch_size, images), shuffle=False)
@@ -224,7 +232,12 @@ def read_info(path: str | os.PathLike) -> DeployedInfo:
             "(or int8) --engine onnxruntime (or openvino)`"
         )
     try:
-        return DeployedInfo(**json.loads(text))
+        info = DeployedInfo(**json.loads(text))
+        if info.image_prep is not None:
+            from .data import check_image_prep
+
+            info.image_prep = check_image_prep(info.image_prep, str(path))
+        return info
     except (TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path}: its {META_KEY} metadata is not what `parnet quantize` writes ({e})") from None
 
@@ -252,6 +265,7 @@ def load_deployed(path: str | os.PathLike, threads: int | None = None) -> Engine
     module.dataset = info.dataset
     module.data_dir = info.data_dir
     module.class_names = info.class_names
+    module.image_prep = info.image_prep
     return module.eval()
 
 
@@ -283,7 +297,7 @@ def quantize_checkpoint(
     model's top-1 (percent) on the same images.
     """
     from .checkpoint import unfinished_run
-    from .data import build_datasets
+    from .data import build_datasets, image_prep_of
     from .loaders import build_loaders
     from .scoring import check_fits_dataset, check_same_classes, evaluate_model
 
@@ -296,19 +310,28 @@ def quantize_checkpoint(
     check_fits_dataset(model, checkpoint, dataset, trained.dataset)
     img_size = img_size or trained.img_size
     check_resolution(model, img_size)  # before the datasets are read: a one-line error, not an exporter's
-    _, test_set, info = build_datasets(dataset, data_dir, test_subset=test_subset, img_size=img_size)
+    # An image folder's images prepared as `parnet eval` prepares them for these weights: the run's way, or for
+    # weights that say nothing of their data (an authors' file) their release's pretrained config's.
+    image_prep = trained.image_prep if dataset == trained.dataset else None
+    if trained.dataset is None and dataset == "imagefolder":
+        image_prep = image_prep_of(getattr(model, "pretrained_cfg", None))
+    _, test_set, info = build_datasets(
+        dataset, data_dir, test_subset=test_subset, img_size=img_size, image_prep=image_prep
+    )
     _, test_loader, _ = build_loaders(test_set, test_set, 1, workers, eval_batch_size=batch_size)
     check_fits_dataset(model, checkpoint, dataset, trained.dataset, info.num_classes)
     check_same_classes(trained.class_names, info, checkpoint)
     calibration = None
     if precision == "int8":
-        calibration = calibration_loader(dataset, data_dir, calibration_images, img_size=img_size)
+        calibration = calibration_loader(
+            dataset, data_dir, calibration_images, img_size=img_size, image_prep=image_prep
+        )
     example = next(iter(test_loader))[0][:1]
     deployed = build(model, engine, precision, calibration, example, method=method)
     c, h, w = example.shape[1:]
     source = Path(checkpoint).name
     file_info = DeployedInfo(
-        engine, precision, dataset, c, h, w, info.num_classes, source, info.default_dir, list(info.classes)
+        engine, precision, dataset, c, h, w, info.num_classes, source, info.default_dir, list(info.classes), image_prep
     )
     path = save_deployed(deployed, out, file_info)
     reference = evaluate_model(model, test_loader)

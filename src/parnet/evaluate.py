@@ -44,7 +44,7 @@ def evaluate(
     """
     import torch
 
-    from .data import build_datasets
+    from .data import build_datasets, image_prep_of
     from .deployed import is_deployed_file, load_deployed
     from .devices import check_device
     from .formats import is_torch_checkpoint
@@ -82,7 +82,8 @@ def evaluate(
         engine_net = load_deployed(path)
         nets[f"{engine_net.precision}:{engine_net.engine}"] = engine_net  # its rows say what runs, e.g. int8:openvino
         run_dataset = engine_net.dataset
-        trained = TrainedOn(run_dataset, engine_net.data_dir, 0, tuple(engine_net.class_names or ()) or None)
+        names = tuple(engine_net.class_names or ()) or None
+        trained = TrainedOn(run_dataset, engine_net.data_dir, 0, names, engine_net.image_prep)
         dev = torch.device("cpu")
         built = engine_net.height  # the one size the engine model was built for
         if asked_size and asked_size != built:
@@ -99,14 +100,13 @@ def evaluate(
         data_dir = data_dir or trained.data_dir
     first = next(iter(nets.values()))
     check_fits_dataset(first, path, dataset, run_dataset)  # before looking for the data, which may not be there
-    _, test_set, info = build_datasets(dataset, data_dir, test_subset=test_subset, test_only=True, img_size=img_size)
+    image_prep = trained.image_prep if dataset == run_dataset else None
     if run_dataset is None and dataset == "imagefolder":  # weights that say nothing of their data (an authors'
         # file): their images prepared as `parnet predict` prepares them, from their release's pretrained config
-        authors = path.is_file() and is_torch_checkpoint(path)
-        base = test_set.dataset if isinstance(test_set, torch.utils.data.Subset) else test_set
-        from .preprocessing import pretrained_transform
-
-        base.transform = pretrained_transform(first, None, img_size, authors)[0]
+        image_prep = image_prep_of(getattr(first, "pretrained_cfg", None))
+    _, test_set, info = build_datasets(
+        dataset, data_dir, test_subset=test_subset, test_only=True, img_size=img_size, image_prep=image_prep
+    )
     _, loader, _ = build_loaders(test_set, test_set, 1, workers, eval_batch_size=batch_size)
     check_fits_dataset(first, path, dataset, run_dataset, info.num_classes)
     check_same_classes(trained.class_names, info, path)

@@ -24,13 +24,14 @@ import re
 import secrets
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .devices import check_device
-from .formats import is_torch_checkpoint
+from .formats import is_torch_checkpoint, program_kind
 from .layers import is_reparameterized, reparameterize
 from .model import CFG_FIELDS, ParNet, ParNetCfg, build_parnet
 from .weights import MAX_CLASSES, MAX_IN_CHANS, architecture_kwargs, bounded_int, build_checked
@@ -241,6 +242,11 @@ def read_safetensors(
                 f"{path} is the training state of a run, not its weights: give the run folder ({path.parent}) or "
                 "its last.safetensors"
             ) from None
+        if (program := program_kind(path)) is not None:  # `parnet convert` refuses those: not named here
+            raise ValueError(
+                f"{path} is a {program}, an exported model that runs as it is, not weights to load: give the "
+                "weights it was exported from (a run folder's last.safetensors or last_ema.safetensors)"
+            ) from None
         if is_torch_checkpoint(path):
             out = path.with_name(path.name.split(".")[0] + "_converted.safetensors")
             raise ValueError(
@@ -326,10 +332,18 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> P
     return model
 
 
+def header_image_prep(meta: Mapping[str, str], source: str) -> dict[str, Any] | None:
+    """The ``image_prep`` of a weights file's header (an image folder prepared otherwise than ImageNet's way), checked;
+    ``None`` if absent."""
+    from .data import check_image_prep
+
+    return check_image_prep(header_json(meta, "image_prep", source), source) if "image_prep" in meta else None
+
+
 def describe_header_data(model: torch.nn.Module, meta: Mapping[str, str], source: str) -> None:
     """Give ``model`` the timm ``pretrained_cfg`` of the data a run's weights header names (none named: unchanged),
     as every reader of run weights does (:func:`parnet.data.describe_training_data`)."""
     if "dataset" in meta:
         from .data import describe_training_data
 
-        describe_training_data(model, meta["dataset"], header_img_size(meta, source))
+        describe_training_data(model, meta["dataset"], header_img_size(meta, source), header_image_prep(meta, source))

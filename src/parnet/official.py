@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from timm.models import generate_default_cfgs, register_model
 
-from .formats import is_safetensors, is_torch_checkpoint
+from .formats import is_safetensors, is_torch_checkpoint, program_kind
 from .model import ParNet, ParNetCfg, build_parnet, create_parnet, imagenet_cfg, model_cfgs
 
 __all__ = ["load_official", "convert_official_state_dict", "infer_official_cfg", "read_checkpoint"]
@@ -81,7 +81,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             "(`parnet eval FILE` without --official, `parnet export --checkpoint FILE`, "
             "`parnet.io.load_model`, --backbone-weights FILE)"
         )
-    program = _program_kind(path)
+    program = program_kind(path)
     if program is not None:
         raise ValueError(
             f"{path} is a {program}, which runs as it is, not weights: give the weights it was exported from (a run "
@@ -109,25 +109,6 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return dict(checkpoint)
-
-
-def _program_kind(path: Path) -> str | None:
-    """What ``parnet export`` writes besides ONNX, told by the archive's entries: torch.export's ``.pt2`` (load it
-    with ``torch.export.load``) or TorchScript (``torch.jit.load``); ``None`` for anything else."""
-    import zipfile
-
-    if not zipfile.is_zipfile(path):
-        return None
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return None
-    if any(n.endswith("/archive_format") for n in names):
-        return "torch.export program (load it with torch.export.load)"
-    if any("/code/__torch__/" in n for n in names):
-        return "TorchScript program (load it with torch.jit.load)"
-    return None
 
 
 def select_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> dict[str, torch.Tensor]:

@@ -243,8 +243,8 @@ def _engine_predictor(path: Path, model_name: str | None, use_ema: bool, device:
         raise ValueError(f"{path.name} runs on its engine on the CPU, not on {device}: leave out --device")
     module = load_deployed(path)
     names = tuple(module.class_names or ()) or None
-    trained = TrainedOn(module.dataset, module.data_dir, module.height, names)
-    transform, mode = _dataset_transform(module.dataset, module.height)
+    trained = TrainedOn(module.dataset, module.data_dir, module.height, names, module.image_prep)
+    transform, mode = _dataset_transform(module.dataset, module.height, module.image_prep)
     source = f"{path} ({module.precision}:{module.engine})"
     return Predictor(module, transform, _class_names(trained, module.num_classes), mode, source)
 
@@ -262,7 +262,7 @@ def input_preparation(
     trained = trained_on(weights) if weights is not None else TrainedOn()
     names = _class_names(trained, model.num_classes)
     if trained.dataset is not None:
-        transform, mode = _dataset_transform(trained.dataset, img_size or trained.img_size)
+        transform, mode = _dataset_transform(trained.dataset, img_size or trained.img_size, trained.image_prep)
     else:
         authors = weights is not None and Path(weights).is_file() and is_torch_checkpoint(Path(weights))
         transform, mode = pretrained_transform(model, model_name, img_size or trained.img_size, authors)
@@ -385,23 +385,24 @@ def _class_names(trained: Any, num_classes: int) -> list[str]:
     return names
 
 
-def _dataset_transform(dataset: str, img_size: int = 0) -> tuple[Callable[[Image.Image], torch.Tensor], str]:
-    """The dataset's evaluation transform to ``img_size`` (0: its own size), as ``parnet eval`` scores it;
-    for the fixed-size datasets, after resizing an image to the size their images have on disk."""
-    from dataclasses import replace
-
+def _dataset_transform(
+    dataset: str, img_size: int = 0, image_prep: dict[str, Any] | None = None
+) -> tuple[Callable[[Image.Image], torch.Tensor], str]:
+    """The dataset's evaluation transform to ``img_size`` (0: its own size), as ``parnet eval`` scores it (an
+    image folder's as ``image_prep`` says); for the fixed-size datasets, after resizing an image to the size
+    their images have on disk."""
     from torchvision import transforms as T
 
-    from .data import DATASETS, build_transforms
+    from .data import DATASETS, build_transforms, dataset_info
 
     if dataset not in DATASETS:
         raise ValueError(f"the weights were trained on {dataset!r}, which this version does not know")
-    info = DATASETS[dataset]
+    info = dataset_info(dataset, img_size, image_prep)
     mode = "L" if info.in_chans == 1 else "RGB"
-    transform = build_transforms(replace(info, img_size=img_size or info.img_size), train=False)
+    transform = build_transforms(info, train=False)
     if dataset == "imagefolder":  # images of any size: resized and center-cropped by the transform itself
         return transform, mode
-    size = NATIVE_SIZE.get(dataset, info.img_size)
+    size = NATIVE_SIZE.get(dataset, DATASETS[dataset].img_size)
     resize = T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR, antialias=True)
     return T.Compose([resize, transform]), mode
 

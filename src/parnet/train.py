@@ -38,9 +38,11 @@ from .settings import PER_INVOCATION, TrainConfig, make_config, peak_lr
 __all__ = ["TrainConfig", "train"]
 
 
-def _weights_metadata(cfg: TrainConfig, info: Any) -> dict[str, str]:
-    """The header of a run's weights files: the model to build, and the data it reads, with its class names."""
+def _weights_metadata(cfg: TrainConfig, info: Any, image_prep: dict[str, Any] | None = None) -> dict[str, str]:
+    """The header of a run's weights files: the model to build, and the data it reads, with its class names and,
+    where not ImageNet's, how an image folder's images are prepared."""
     return {
+        **({"image_prep": json.dumps(image_prep)} if image_prep is not None else {}),
         "timm_model": cfg.model,
         "model_kwargs": json.dumps(cfg.model_kwargs),
         "num_classes": str(info.num_classes),
@@ -155,12 +157,17 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     if d.is_main and (removed := remove_temporaries(run_dir)):  # left by a killed run
         log(f"removed {len(removed)} temporary file(s) a killed run left in {run_dir}")
     checkpoint.seed_everything(cfg.seed, d.rank)
+    state = checkpoint.read_state(run_dir) if has_checkpoint else None
 
     # Data: the train split with the paper's augmentation, sharded over ranks; the full test split.
     aug = AugmentCfg(auto_augment=cfg.auto_augment, re_prob=cfg.re_prob, hflip=cfg.hflip)
+    image_prep = state["extra"].get("image_prep") if state is not None else _pretrained_image_prep(cfg)
     train_set, test_set, info = build_datasets(
-        cfg.dataset, cfg.data_dir, aug, cfg.download, cfg.train_subset, cfg.test_subset, img_size=cfg.img_size
-    )
+        cfg.dataset, cfg.data_dir, aug, cfg.download, cfg.train_subset, cfg.test_subset, img_size=cfg.img_size,
+        image_prep=image_prep,
+    )  # fmt: skip
+    if image_prep is not None and state is None:
+        log(f"images prepared as {cfg.model}'s released weights were trained: {image_prep}")
     train_loader, test_loader, loader_gen = build_loaders(
         train_set,
         test_set,
@@ -199,7 +206,6 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
         step_on_epochs=False,
         updates_per_epoch=steps_per_epoch,
     )
-    state = checkpoint.read_state(run_dir) if has_checkpoint else None
     if state is not None:
         _check_resume_settings(cfg, state["extra"].get("config"), run_dir)
         _check_resume_classes(state["extra"].get("classes"), info.classes, run_dir, cfg.data_dir or cfg.dataset)
@@ -209,7 +215,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     amp_dtype = autocast_dtype(amp)
     scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype == torch.float16)
     mixup_fn, criterion = _loss(cfg, info.num_classes)
-    weights_meta = _weights_metadata(cfg, info)
+    weights_meta = _weights_metadata(cfg, info, image_prep)
 
     # Resume from the checkpoint, the authority: weights, EMA, optimizer, schedule, scaler, every RNG (each
     # rank its own), metric rows, the stage reached; the weights files a kill may have left behind rewritten.
@@ -280,6 +286,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
                 "rng_ranks": rng_ranks,
                 "train_seconds": train_seconds,
                 "train_images": train_images,
+                "image_prep": image_prep,
                 "metrics": [r for r in logger.rows if r["epoch"] < epoch] + [logger.row(epoch, row)],
             },
             metadata=weights_meta,
@@ -424,7 +431,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
         last_preds = {"": evaluate_model(model, test_loader, d.device, amp_dtype, channels_last)["preds"]}
         if ema is not None:
             last_preds["ema_"] = evaluate_model(ema.module, test_loader, d.device, amp_dtype, channels_last)["preds"]
-    results.update(_final_eval(model, ema, test_loader, d, amp_dtype, info, cfg, run_dir, last_preds))
+    results.update(_final_eval(model, ema, test_loader, d, amp_dtype, info, cfg, run_dir, last_preds, weights_meta))
     results["wall_seconds"] = wall_before + time.perf_counter() - t_start  # every invocation's, as train_seconds
     if d.is_main:
         with atomic_write(run_dir / "results.json") as tmp:
@@ -466,6 +473,25 @@ def _create_model(cfg: TrainConfig, info: Any, has_checkpoint: bool, log: Any) -
 
         log(initialize_from(model, initial, info.classes))
     return model
+
+
+def _pretrained_image_prep(cfg: TrainConfig) -> dict[str, Any] | None:
+    """How a new run prepares an image folder's images: as timm's released weights it starts from were trained
+    (``--pretrained``, or their file as ``--initial-checkpoint``), as timm's train.py does; ``None`` otherwise
+    (ImageNet's statistics, bicubic, 0.875)."""
+    if cfg.dataset != "imagefolder":
+        return None
+    from .official import is_timm_weights
+
+    initial = cfg.initial_checkpoint
+    if not (cfg.pretrained or (initial and is_timm_weights(Path(initial)))):
+        return None
+    import timm
+
+    from .data import image_prep_of
+
+    pretrained = timm.models.get_pretrained_cfg(cfg.model)
+    return image_prep_of(pretrained.to_dict() if pretrained is not None else None)
 
 
 def _loss(cfg: TrainConfig, num_classes: int) -> tuple[Any, Any]:
@@ -551,6 +577,7 @@ def _final_eval(
     cfg: TrainConfig,
     run_dir: Path,
     ref_preds: dict[str, Any],
+    weights_meta: dict[str, str],
 ) -> dict[str, Any]:
     """Depth, and the re-parameterized (fused) raw and EMA models' scores; writes the fused weights.
 
@@ -587,7 +614,7 @@ def _final_eval(
         out[f"{name}fused_top5"] = res["top5"]
         out[f"{name}fused_prediction_changes"] = res["changes"]
         if d.is_main:
-            meta = {**_weights_metadata(cfg, info), "fused": "True", **({"ema": "True"} if name else {})}
+            meta = {**weights_meta, "fused": "True", **({"ema": "True"} if name else {})}
             from .model import ParNet
 
             if isinstance(fused, ParNet):

@@ -77,6 +77,7 @@ class TrainedOn:
     data_dir: str | None = None
     img_size: int = 0
     class_names: tuple[str, ...] | None = None  # in label order (files written before they were saved: None)
+    image_prep: dict[str, Any] | None = None  # an image folder's, where not ImageNet's (data.image_prep_of)
 
 
 def _header_class_names(meta: dict[str, str], source: str) -> tuple[str, ...] | None:
@@ -95,7 +96,7 @@ def _header_class_names(meta: dict[str, str], source: str) -> tuple[str, ...] | 
 def trained_on(path: str | os.PathLike) -> TrainedOn:
     """What ``path`` (a weights file: its header; a run folder: its weights files' header, and its
     ``config.yaml`` for the data folder and for runs whose header predates a field) says of its training data."""
-    from .io import header_img_size
+    from .io import header_image_prep, header_img_size
 
     path = Path(path)
     if path.is_dir():
@@ -105,11 +106,12 @@ def trained_on(path: str | os.PathLike) -> TrainedOn:
         header = trained_on(weights) if weights is not None else TrainedOn()
         cfg = read_yaml(path / "config.yaml") if (path / "config.yaml").is_file() else {}
         dataset, img_size = header.dataset or cfg.get("dataset"), header.img_size or cfg.get("img_size") or 0
-        return TrainedOn(dataset, cfg.get("data_dir") or header.data_dir, img_size, header.class_names)
+        data_dir = cfg.get("data_dir") or header.data_dir
+        return TrainedOn(dataset, data_dir, img_size, header.class_names, header.image_prep)
     meta = _weights_header(path)
     if meta is not None:
-        size = header_img_size(meta, str(path))
-        return TrainedOn(meta.get("dataset"), meta.get("data_dir"), size, _header_class_names(meta, str(path)))
+        size, names = header_img_size(meta, str(path)), _header_class_names(meta, str(path))
+        return TrainedOn(meta.get("dataset"), meta.get("data_dir"), size, names, header_image_prep(meta, str(path)))
     return TrainedOn()
 
 

@@ -55,7 +55,7 @@ def default_resolution(model: nn.Module, checkpoint: str | None) -> int:
     return default_input_size(model) or (32 if getattr(model, "small_input", False) else 224)
 
 
-def _file_stem(path: str) -> str:
+def file_stem(path: str) -> str:
     """``run`` for ``run/``, ``last`` for ``last.safetensors``, ``model_best`` for ``model_best.pth.tar``."""
     name = Path(path).resolve().name  # "." is the folder's name
     for suffix in (".tar", ".pth", ".pt", ".safetensors"):
@@ -68,7 +68,7 @@ _RUN_FILE_SUFFIX = {"last": "", "last_ema": "_ema", "fused": "_fused", "ema_fuse
 
 
 def _checkpoint_name(path: str) -> str:
-    """The default export name of ``--checkpoint path``: its :func:`_file_stem`, but for a run's weights file
+    """The default export name of ``--checkpoint path``: its :func:`file_stem`, but for a run's weights file
     the run folder's name (``run_ema`` for ``run/last_ema.safetensors``), as every run's files have the same
     names; a run folder is named as the file it is read from (``run_ema`` where it keeps EMA weights), so that
     the name says which weights are inside. A run's file: one in a folder holding ``config.yaml`` or
@@ -79,8 +79,8 @@ def _checkpoint_name(path: str) -> str:
         try:
             path = str(run_weights_file(path))
         except FileNotFoundError:
-            return _file_stem(path)  # not a run: the loader says what is wrong
-    stem = _file_stem(path)
+            return file_stem(path)  # not a run: the loader says what is wrong
+    stem = file_stem(path)
     run = Path(path).resolve().parent
     if not run.name or not (is_run_folder(run) or stem in _RUN_FILE_SUFFIX):
         return stem

@@ -10,13 +10,13 @@ from ..deployment.engines import ENGINES, ORT_CALIBRATION
 from ..deployment.quantize import PRECISIONS
 from ..settings import SUBSET_RULE
 from .args import nonneg_int, note_unfinished, positive_int
-from .export import _file_stem
+from .export import file_stem
 
 
 def default_out(checkpoint: str, precision: str, suffix: str) -> str:
     """Beside the checkpoint, named after it: ``run_int8.onnx`` beside run folder ``run`` (``.`` too),
     ``last_ema_int8.onnx`` beside ``last_ema.safetensors``, ``model_best_int8.onnx`` beside ``model_best.pth.tar``."""
-    return str(Path(checkpoint).resolve().parent / f"{_file_stem(checkpoint)}_{precision}{suffix}")
+    return str(Path(checkpoint).resolve().parent / f"{file_stem(checkpoint)}_{precision}{suffix}")
 
 
 def choose_engine(engine: str | None, out: str | None) -> str:
