@@ -537,6 +537,9 @@ def test_eval_of_a_pruned_run_folder_and_of_a_device_not_there(reference_run, tm
         (pruned / name).unlink()
     with pytest.raises(FileNotFoundError, match="holds no last_ema.safetensors, last.safetensors, ema_fused"):
         evaluate(pruned, workers=0)
+    (pruned / "last_state.pt").unlink()  # as a run stopped in its first epoch leaves its folder: config.yaml alone
+    with pytest.raises(FileNotFoundError, match=r"holds no weights yet: no epoch of its run has finished .*--resume"):
+        evaluate(pruned, workers=0)
     for device, message in (("gpu", "unsupported device 'gpu'"), ("cuda:99", "device cuda:99 requested but")):
         with pytest.raises(ValueError, match=message):
             evaluate(out, workers=0, device=device)

@@ -46,6 +46,14 @@ def run_weights_files(run: str | os.PathLike) -> list[Path]:
         files = [run / f for f in names if (run / f).is_file()]
         if files:
             return files
+    from .checkpoint import LOCK_FILE, STATE_FILE
+
+    started = (run / "config.yaml").is_file() or (run / LOCK_FILE).is_file()
+    if started and not (run / STATE_FILE).is_file():
+        raise FileNotFoundError(  # a run stopped (or still) in its first epoch: no weights yet
+            f"{run} holds no weights yet: no epoch of its run has finished (still training, or stopped before: "
+            f"`parnet train --output {run} --resume` starts it again)"
+        )
     raise FileNotFoundError(
         f"{run} holds no {', '.join(RUN_WEIGHTS + FUSED_WEIGHTS)}: is it a `parnet train` run folder?"
     )
