@@ -330,10 +330,13 @@ def test_image_prep_is_checked_and_shapes_an_image_folders_transforms():
     described = repr(build_transforms(dataset_info("imagefolder", 64, prep), train=False))
     assert "Resize(size=67, interpolation=bilinear" in described and "0.5000, 0.5000, 0.5000" in described
     assert "bicubic" in repr(build_transforms(dataset_info("imagefolder", 64), train=True))
-    for bad, message in [({**prep, "std": [0.5, 0.0, 0.5]}, "std above 0"), ({**prep, "crop_pct": 1.5}, r"\(0, 1\]"),
+    assert check_image_prep({**prep, "crop_pct": 1.15}, "volo_d4_448")["crop_pct"] == 1.15  # timm's largest
+    for bad, message in [({**prep, "std": [0.5, 0.0, 0.5]}, "std 0.001 to 10"),
+                         ({**prep, "crop_pct": 1e-7}, "0.25 to 2"),
+                         ({**prep, "mean": [1e308, 0, 0]}, r"\|mean\| <= 10"),
                          ({**prep, "interpolation": "cubic"}, "interpolation must be one of"),
                          ({"mean": prep["mean"]}, "must hold exactly"),
-                         ({**prep, "mean": [0.5]}, "3 finite")]:  # fmt: skip
+                         ({**prep, "mean": [0.5]}, "3 numbers each")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
             check_image_prep(bad, "file.safetensors")
     with pytest.raises(ValueError, match="applies to image folders, not to fashion_mnist"):

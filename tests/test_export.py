@@ -225,7 +225,8 @@ def test_exported_files_are_named_after_the_checkpoint(tmp_path: Path, monkeypat
     (tmp_path / "my_run").mkdir()
     monkeypatch.chdir(tmp_path / "my_run")
     for given, stem in ((".", "my_run"), ("../my_run/", "my_run"), ("last.safetensors", "last"),
-                        ("model_best.pth.tar", "model_best"), ("a.b.safetensors", "a.b")):  # fmt: skip
+                        ("model_best.pth.tar", "model_best"), ("a.b.safetensors", "a.b"), ("x.PTH.TAR", "x"),
+                        ("pytorch_model.bin", "pytorch_model"), ("model.ckpt", "model"), (".pt", ".pt")):  # fmt: skip
         assert file_stem(given) == stem
     # every run names its weights files alike: theirs are named after the run, a run folder too
     for given, name in (("last.safetensors", "my_run"), ("last_ema.safetensors", "my_run_ema"),
@@ -333,10 +334,14 @@ def test_the_check_allows_rounding_at_the_outputs_scale(monkeypatch: pytest.Monk
                 check_export("onnx", "m.onnx", torch.nn.Identity(), inputs)
 
 
-def test_sigterm_during_an_export_leaves_no_temporary_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("clean_up_fails", [False, True])
+def test_sigterm_during_an_export_leaves_no_temporary_file(
+    clean_up_fails: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     """SIGTERM (kill, timeout, a job scheduler) while a file is written: the command exits 143 (128 + SIGTERM)
     through its clean-up, so no hidden temporary file is left and the older file is kept; the caller's SIGTERM
-    handler is back afterwards."""
+    handler is back afterwards. An error the clean-up raises after it (a process group's SIGTERM also ends a
+    loader's workers, which torch then reports) still ends as terminated, in one line."""
     ckpt = io.save_model(_tiny(4), tmp_path / "tiny.safetensors")
     out = tmp_path / "out"
     out.mkdir()
@@ -345,7 +350,11 @@ def test_sigterm_during_an_export_leaves_no_temporary_file(tmp_path: Path, monke
 
     def write_then_terminated(*args, **kwargs):
         note = write(*args, **kwargs)  # the temporary file is written in full: large, for a large model
-        os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler here, in this thread: deterministic
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler here, in this thread: deterministic
+        finally:
+            if clean_up_fails:
+                raise RuntimeError("DataLoader worker (pid 1234) is killed by signal: Terminated.")
         return note
 
     monkeypatch.setattr(export_module, "_write_torchscript", write_then_terminated)
@@ -356,13 +365,13 @@ def test_sigterm_during_an_export_leaves_no_temporary_file(tmp_path: Path, monke
 
     previous = signal.signal(signal.SIGTERM, callers_handler)
     try:
-        with pytest.raises(SystemExit) as ended:
-            cli.main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--format", "torchscript",
-                      "--resolution", "32"])  # fmt: skip
+        code = cli.main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--format", "torchscript",
+                         "--resolution", "32"])  # fmt: skip
         after = signal.getsignal(signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert ended.value.code == 143 and not received and after is callers_handler
+    assert code == 143 and not received and after is callers_handler
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "parnet export: terminated"
     assert [p.name for p in out.iterdir()] == ["tiny.torchscript.pt"]
     assert (out / "tiny.torchscript.pt").read_bytes() == b"an older export"
 

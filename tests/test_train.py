@@ -68,7 +68,8 @@ def reference_run(fmnist, tmp_path_factory) -> tuple[Path, dict]:
 
 def test_a_runs_config_yaml_replays_the_run_not_the_invocation(reference_run, tmp_path):
     """config.yaml holds the run's settings without its folder, --resume or --stop-after: given to --config with
-    another --output it starts the same run there. A file that sets --resume or --stop-after is refused."""
+    another --output it starts the same run there. A file that sets --resume or --stop-after (an earlier
+    version's config.yaml) has them left out, and says so."""
     out, _ = reference_run
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert not {"output", "resume", "stop_after"} & saved.keys()
@@ -76,8 +77,9 @@ def test_a_runs_config_yaml_replays_the_run_not_the_invocation(reference_run, tm
     original = TrainConfig(**checkpoint.read_state(out)["extra"]["config"])
     assert replay.model_dump() == {**original.model_dump(), "output": str(tmp_path / "again")}
     (tmp_path / "old.yaml").write_text(yaml.safe_dump({**saved, "resume": True, "stop_after": 1}))
-    with pytest.raises(ValueError, match="resume: True, stop_after: 1: a setting of one invocation"):
-        make_config({"output": str(tmp_path / "again")}, str(tmp_path / "old.yaml"))
+    with pytest.warns(UserWarning, match="resume: True, stop_after: 1, a setting of one invocation.*left out"):
+        again = make_config({"output": str(tmp_path / "again")}, str(tmp_path / "old.yaml"))
+    assert again == replay
 
 
 def test_training_writes_everything_and_fused_model_scores_identically(reference_run):
@@ -148,6 +150,21 @@ def test_test_data_that_fails_to_load_keeps_the_epochs_training(fmnist, referenc
     timing = ("epoch_seconds", "images_per_s")
     rows = [[{k: v for k, v in r.items() if k not in timing} for r in checkpoint.read_metrics(d)] for d in (out, ref)]
     assert rows[0] == rows[1]
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(fmnist, tmp_path):
+    """A checkpoint written before --lr-base-size and depth-grouped --layer-decay: the run used the defaults, so a
+    resume that sets the new flag is refused (it was ignored), and one with --layer-decay, whose optimizer state
+    fits the old stream-ordered groups only, is refused with the reason."""
+    out = tmp_path / "run"
+    train(tiny_config(fmnist, out, epochs=2, stop_after=1, layer_decay=0.8))
+    state = checkpoint.read_state(out)
+    del state["extra"]["config"]["lr_base_size"], state["extra"]["layer_groups"]  # as an earlier version wrote it
+    torch.save(state, out / "last_state.pt")
+    with pytest.raises(ValueError, match="lr_base_size was None, now 8"):
+        train(tiny_config(fmnist, out, epochs=2, layer_decay=0.8, lr_base_size=8, resume=True))
+    with pytest.raises(ValueError, match="started by an earlier version, whose --layer-decay grouped"):
+        train(tiny_config(fmnist, out, epochs=2, layer_decay=0.8, resume=True))
 
 
 def test_schedule_warmup_cosine_and_weight_decay_exclusions(reference_run):
@@ -537,7 +554,11 @@ def test_eval_of_a_pruned_run_folder_and_of_a_device_not_there(reference_run, tm
         (pruned / name).unlink()
     with pytest.raises(FileNotFoundError, match="holds no last_ema.safetensors, last.safetensors, ema_fused"):
         evaluate(pruned, workers=0)
-    (pruned / "last_state.pt").unlink()  # as a run stopped in its first epoch leaves its folder: config.yaml alone
+    (pruned / "last_state.pt").unlink()  # a finished run kept without weights or state (as results/ keeps some)
+    with pytest.raises(FileNotFoundError, match="holds no last_ema.safetensors, last.safetensors, ema_fused"):
+        evaluate(pruned, workers=0)
+    for name in ("metrics.jsonl", "results.json"):  # as a run stopped in its first epoch leaves its folder
+        (pruned / name).unlink()
     with pytest.raises(FileNotFoundError, match=r"holds no weights yet: no epoch of its run has finished .*--resume"):
         evaluate(pruned, workers=0)
     for device, message in (("gpu", "unsupported device 'gpu'"), ("cuda:99", "device cuda:99 requested but")):

@@ -505,12 +505,15 @@ def check_image_prep(prep: Any, source: str) -> dict[str, Any]:
     if not isinstance(prep, dict) or set(prep) != set(IMAGE_PREP_KEYS):
         raise ValueError(f"{source}: image_prep must hold exactly {', '.join(IMAGE_PREP_KEYS)}, got {prep!r:.200}")
     mean, std, crop = floats(prep["mean"]), floats(prep["std"]), prep["crop_pct"]
-    if mean is None or std is None or min(std) <= 0:
-        raise ValueError(f"{source}: image_prep mean and std must be 3 finite numbers (std above 0), got {prep!r:.200}")
+    # Bounds that hold every timm pretrained config (crop_pct 0.8 to 1.15) and keep a hostile file from asking
+    # for a resize to millions of pixels or for statistics that turn every score into nan.
+    if mean is None or std is None or max(map(abs, mean)) > 10 or not all(1e-3 <= s <= 10 for s in std):
+        raise ValueError(f"{source}: image_prep mean and std must be 3 numbers each (|mean| <= 10, std 0.001 to 10), "
+                         f"got {prep!r:.200}")  # fmt: skip
     if prep["interpolation"] not in INTERPOLATIONS:
         raise ValueError(f"{source}: image_prep interpolation must be one of {INTERPOLATIONS}, got {prep!r:.200}")
-    if not isinstance(crop, (int, float)) or isinstance(crop, bool) or not 0 < crop <= 1:
-        raise ValueError(f"{source}: image_prep crop_pct must be in (0, 1], got {prep!r:.200}")
+    if not isinstance(crop, (int, float)) or isinstance(crop, bool) or not 0.25 <= crop <= 2:
+        raise ValueError(f"{source}: image_prep crop_pct must be from 0.25 to 2, got {prep!r:.200}")
     return {"mean": mean, "std": std, "interpolation": prep["interpolation"], "crop_pct": float(crop)}
 
 

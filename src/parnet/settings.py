@@ -472,10 +472,14 @@ def make_config(overrides: dict[str, Any] | None = None, config_file: str | None
             raise FileNotFoundError(f"config file {path} does not exist")
         from_file = read_yaml(path)
         if once := [f"{k}: {from_file[k]}" for k in ("resume", "stop_after") if from_file.get(k)]:
-            raise ValueError(
-                f"{path} sets {', '.join(once)}: a setting of one invocation, not of a run (a run's config.yaml "
-                "written before they were left out holds them): give --resume / --stop-after as flags instead"
+            import warnings
+
+            warnings.warn(
+                f"{path} sets {', '.join(once)}, a setting of one invocation, not of a run (the config.yaml of a "
+                "run from an earlier version): left out; give --resume / --stop-after as flags",
+                stacklevel=2,
             )
+        from_file = {k: v for k, v in from_file.items() if k not in ("resume", "stop_after")}
     given = _layered(from_file, overrides)
     try:
         cfg = _with_dataset_defaults(given)

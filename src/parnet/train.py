@@ -57,6 +57,10 @@ def _weights_metadata(cfg: TrainConfig, info: Any, image_prep: dict[str, Any] | 
 # What a run writes besides the engine's files; a new run must not overwrite them either.
 _RESULT_FILES = ("results.json", "fused.safetensors", "ema_fused.safetensors")
 
+# How --layer-decay's optimizer groups were made (ParNet.group_matcher), saved with a run: its optimizer state
+# fits those groups only.
+LAYER_GROUPS = "depth"
+
 # Settings a resumed run must keep: the data and model, and those the restored optimizer and schedule
 # state would silently override (a longer --epochs would continue at the finished cosine's min_lr).
 _RESUME_FIXED = ("dataset", "img_size", "model", "model_kwargs", "batch_size", "seed", "train_subset", "epochs", "lr",
@@ -110,7 +114,10 @@ def _check_resume_settings(cfg: TrainConfig, saved: dict[str, Any] | None, run_d
     if not saved:
         return
     now = yaml.safe_load(yaml.safe_dump(cfg.model_dump()))  # tuples as the checkpoint has them: lists
-    changed = [f"{k} was {saved[k]!r}, now {now[k]!r}" for k in _RESUME_FIXED if k in saved and saved[k] != now[k]]
+    # A setting added since the run was saved: it ran with the default (img_size: resolved from its data then).
+    default = {k: f.get_default(call_default_factory=True) for k, f in TrainConfig.model_fields.items()}
+    was = {k: saved.get(k, default[k]) for k in _RESUME_FIXED if k != "img_size" or k in saved}
+    changed = [f"{k} was {was[k]!r}, now {now[k]!r}" for k in was if was[k] != now[k]]
     if changed:
         raise ValueError(
             f"--resume: {run_dir} was trained with other settings: {'; '.join(changed)} "
@@ -208,6 +215,12 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     )
     if state is not None:
         _check_resume_settings(cfg, state["extra"].get("config"), run_dir)
+        if cfg.layer_decay and state["extra"].get("layer_groups") != LAYER_GROUPS:
+            raise ValueError(
+                f"--resume: {run_dir} was started by an earlier version, whose --layer-decay grouped ParNet's "
+                "parameters stream by stream (now by depth): its optimizer state fits those groups only; start "
+                "the run again, or resume it with the version that started it"
+            )
         _check_resume_classes(state["extra"].get("classes"), info.classes, run_dir, cfg.data_dir or cfg.dataset)
     amp = _settle_amp(cfg.amp, state, d, model, info, cfg.batch_size)
     if cfg.amp == "auto":  # timed on this machine: say what it chose
@@ -287,6 +300,7 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
                 "train_seconds": train_seconds,
                 "train_images": train_images,
                 "image_prep": image_prep,
+                "layer_groups": LAYER_GROUPS,
                 "metrics": [r for r in logger.rows if r["epoch"] < epoch] + [logger.row(epoch, row)],
             },
             metadata=weights_meta,

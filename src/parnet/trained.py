@@ -49,7 +49,8 @@ def run_weights_files(run: str | os.PathLike) -> list[Path]:
     from .checkpoint import LOCK_FILE, STATE_FILE
 
     started = (run / "config.yaml").is_file() or (run / LOCK_FILE).is_file()
-    if started and not (run / STATE_FILE).is_file():
+    ran = any((run / name).is_file() for name in (STATE_FILE, "metrics.jsonl", "results.json"))
+    if started and not ran:
         raise FileNotFoundError(  # a run stopped (or still) in its first epoch: no weights yet
             f"{run} holds no weights yet: no epoch of its run has finished (still training, or stopped before: "
             f"`parnet train --output {run} --resume` starts it again)"

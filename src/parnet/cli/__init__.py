@@ -91,20 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
 TERMINATED = 128 + signal.SIGTERM  # the exit code of a command ended by SIGTERM, as a shell reports one
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(TERMINATED)
-
-
 @contextlib.contextmanager
-def _sigterm_exits() -> Iterator[None]:
+def _sigterm_exits(terminated: list[int]) -> Iterator[None]:
     """While the command runs, SIGTERM (``kill``, ``timeout``, a job scheduler) raises ``SystemExit``, so that
     ``finally`` blocks run: :func:`parnet.io.atomic_write` removes its temporary file, a run drops its lock. By
-    default SIGTERM ends the process at once, leaving them. The caller's handler is put back afterwards (main()
-    is called from Python too); only the main thread may set handlers, elsewhere nothing changes."""
+    default SIGTERM ends the process at once, leaving them. Each SIGTERM is noted in ``terminated``. The
+    caller's handler is put back afterwards (main() is called from Python too); only the main thread may set
+    handlers, elsewhere nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _terminate)
+
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        terminated.append(signum)
+        raise SystemExit(TERMINATED)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         yield
     finally:
@@ -114,8 +116,24 @@ def _sigterm_exits() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = ["parnet", *(sys.argv[1:] if argv is None else argv)]  # what was asked, for records that keep it
+    terminated: list[int] = []
     try:
-        with _sigterm_exits():
+        code = _run(args, terminated)
+    except BaseException:
+        if not terminated:
+            raise
+    # SIGTERM, and whatever its clean-up raised after it (a group's SIGTERM also ends a loader's workers, and
+    # torch then reports them killed): one line and the exit code a shell gives a terminated command.
+    if terminated:
+        print(f"parnet {args.command}: terminated", file=sys.stderr)
+        return TERMINATED
+    return code
+
+
+def _run(args: argparse.Namespace, terminated: list[int]) -> int:
+    """``args.func(args)``; the errors a user can act on as one line and an exit code."""
+    try:
+        with _sigterm_exits(terminated):
             return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C: every file is written atomically, so none is left half-written
         print(f"parnet {args.command}: interrupted", file=sys.stderr)

@@ -57,9 +57,11 @@ def default_resolution(model: nn.Module, checkpoint: str | None) -> int:
 
 def file_stem(path: str) -> str:
     """``run`` for ``run/``, ``last`` for ``last.safetensors``, ``model_best`` for ``model_best.pth.tar``."""
+    from ..formats import TORCH_SUFFIXES
+
     name = Path(path).resolve().name  # "." is the folder's name
-    for suffix in (".tar", ".pth", ".pt", ".safetensors"):
-        name = name.removesuffix(suffix)
+    while (suffix := Path(name).suffix).lower() in (*TORCH_SUFFIXES, ".safetensors") and suffix != name:
+        name = name[: -len(suffix)]  # every weights suffix, in any case: model_best.PTH.TAR, pytorch_model.bin
     return name
 
 
