@@ -484,10 +484,8 @@ def image_prep_of(pretrained_cfg: dict[str, Any] | None) -> dict[str, Any]:
     ``--pretrained``). Keys: :data:`IMAGE_PREP_KEYS`."""
     from timm.data import resolve_data_config
 
-    if not pretrained_cfg:  # none: ImageNet's way, as timm's defaults
-        folder = DATASETS["imagefolder"]
-        pretrained_cfg = {"mean": folder.mean, "std": folder.std, "interpolation": folder.interpolation,
-                          "crop_pct": folder.crop_pct}  # fmt: skip
+    if not pretrained_cfg:  # none: an image folder's own way (ImageNet's)
+        return {k: getattr(DATASETS["imagefolder"], k) for k in IMAGE_PREP_KEYS}
     config = resolve_data_config(pretrained_cfg=dict(pretrained_cfg))
     return check_image_prep({k: config[k] for k in IMAGE_PREP_KEYS}, "the pretrained config")
 

@@ -297,7 +297,7 @@ def quantize_checkpoint(
     model's top-1 (percent) on the same images.
     """
     from .checkpoint import unfinished_run
-    from .data import build_datasets, image_prep_of
+    from .data import build_datasets
     from .loaders import build_loaders
     from .scoring import check_fits_dataset, check_same_classes, evaluate_model
 
@@ -310,11 +310,7 @@ def quantize_checkpoint(
     check_fits_dataset(model, checkpoint, dataset, trained.dataset)
     img_size = img_size or trained.img_size
     check_resolution(model, img_size)  # before the datasets are read: a one-line error, not an exporter's
-    # An image folder's images prepared as `parnet eval` prepares them for these weights: the run's way, or for
-    # weights that say nothing of their data (an authors' file) their release's pretrained config's.
-    image_prep = trained.image_prep if dataset == trained.dataset else None
-    if trained.dataset is None and dataset == "imagefolder":
-        image_prep = image_prep_of(getattr(model, "pretrained_cfg", None))
+    image_prep = trained.image_prep_on(dataset, model)  # as `parnet eval` prepares them for these weights
     _, test_set, info = build_datasets(
         dataset, data_dir, test_subset=test_subset, img_size=img_size, image_prep=image_prep
     )

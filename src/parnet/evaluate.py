@@ -44,7 +44,7 @@ def evaluate(
     """
     import torch
 
-    from .data import build_datasets, image_prep_of
+    from .data import build_datasets
     from .deployed import is_deployed_file, load_deployed
     from .devices import check_device
     from .formats import is_torch_checkpoint
@@ -100,10 +100,7 @@ def evaluate(
         data_dir = data_dir or trained.data_dir
     first = next(iter(nets.values()))
     check_fits_dataset(first, path, dataset, run_dataset)  # before looking for the data, which may not be there
-    image_prep = trained.image_prep if dataset == run_dataset else None
-    if run_dataset is None and dataset == "imagefolder":  # weights that say nothing of their data (an authors'
-        # file): their images prepared as `parnet predict` prepares them, from their release's pretrained config
-        image_prep = image_prep_of(getattr(first, "pretrained_cfg", None))
+    image_prep = trained.image_prep_on(dataset, first)
     _, test_set, info = build_datasets(
         dataset, data_dir, test_subset=test_subset, test_only=True, img_size=img_size, image_prep=image_prep
     )

@@ -88,6 +88,16 @@ class TrainedOn:
     class_names: tuple[str, ...] | None = None  # in label order (files written before they were saved: None)
     image_prep: dict[str, Any] | None = None  # an image folder's, where not ImageNet's (data.image_prep_of)
 
+    def image_prep_on(self, dataset: str, model: Any) -> dict[str, Any] | None:
+        """How ``dataset``'s images are prepared for these weights (``model``): the run's way on its own data; for
+        weights that say nothing of their data (an authors' file) on an image folder, as their release's
+        pretrained config says (as ``parnet predict`` prepares them); else the dataset's own (``None``)."""
+        if self.dataset is None and dataset == "imagefolder":
+            from .data import image_prep_of
+
+            return image_prep_of(getattr(model, "pretrained_cfg", None))
+        return self.image_prep if dataset == self.dataset else None
+
 
 def _header_class_names(meta: dict[str, str], source: str) -> tuple[str, ...] | None:
     """The ``class_names`` of a weights file's header: a JSON list of strings, one per class; ``None`` if absent."""
