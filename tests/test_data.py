@@ -341,3 +341,12 @@ def test_image_prep_is_checked_and_shapes_an_image_folders_transforms():
             check_image_prep(bad, "file.safetensors")
     with pytest.raises(ValueError, match="applies to image folders, not to fashion_mnist"):
         dataset_info("fashion_mnist", 0, prep)
+
+
+def test_class_difference_names_what_each_list_lacks_or_their_order():
+    from parnet.data import class_difference
+
+    assert class_difference(["a", "b"], ["b", "c"], "old", "new") == "old: a; new: c"
+    assert class_difference(["a", "b"], ["b", "a"], "old", "new") == "the same names in another order"
+    many = class_difference([f"c{i:02d}" for i in range(12)], [], "gone", "new")
+    assert many == "gone: " + ", ".join(f"c{i:02d}" for i in range(10)) + " and 2 more"

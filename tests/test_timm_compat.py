@@ -320,6 +320,20 @@ def test_features_only_and_forward_intermediates(name):
             _check_features(backbone(x), fi.channels(), fi.reduction(), x)
 
 
+def test_sequential_feature_wrappers_are_refused_and_hooks_work():
+    """timm's 'dict'/'list' feature classes run a model's children one after another: ParNet's parallel
+    streams would come out wrong, and timm stops on a bare assertion; 'hook' records the same features."""
+    for cls in ("dict", "list"):
+        with pytest.raises(ValueError, match="streams run side by side.*'hook' or 'fx'"):
+            tiny("parnet_s", features_only=True, feature_cls=cls)
+    x = torch.randn(1, 3, 64, 64)
+    hooked, getter = (tiny("parnet_s", features_only=True, feature_cls=c).eval() for c in ("hook", "getter"))
+    getter.load_state_dict({k.replace("body.", "model.", 1): v for k, v in hooked.state_dict().items()})
+    with torch.no_grad():
+        for a, b in zip(hooked(x), getter(x), strict=True):
+            torch.testing.assert_close(a, b)
+
+
 # -- the authors' variants and the import graph ---------------------------------------------------
 
 
@@ -381,6 +395,18 @@ def test_model_core_has_no_import_cycle():
 
     cycles = [name for name in CORE if reaches(name, name, set())]
     assert not cycles, f"import cycles through {cycles}: {graph}"
+
+
+def test_importing_the_network_loads_no_tooling():
+    """``import parnet.model`` runs the package's ``__init__``: it must load the network and the authors'
+    variants (they register with timm) and nothing of loading, training, deployment or the command line."""
+    import subprocess
+    import sys
+
+    code = "import sys, parnet.model; print(' '.join(sorted(m for m in sys.modules if m.startswith('parnet'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert set(out) == {"parnet", "parnet.depth", "parnet.formats", "parnet.layers", "parnet.model", "parnet.official"}
+    assert parnet.deploy.__module__ == "parnet.deployment"  # still there, imported on first use
 
 
 def test_every_module_is_reachable_by_its_dotted_name():

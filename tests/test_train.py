@@ -1068,3 +1068,22 @@ def test_layer_decay_gives_each_parnet_block_group_its_rate():
     opt = create_optimizer_v2(model, cfg.opt, lr=1.0, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
     scales = sorted({g["lr_scale"] for g in opt.param_groups})
     assert scales[-1] == 1.0 and len(scales) > 3 and scales[0] == pytest.approx(0.5 ** (len(scales) - 1))
+
+
+def test_a_hand_built_config_trains_as_the_command_line_would(monkeypatch, tmp_path):
+    """``train(TrainConfig(...))`` (the module's documented use) gets the dataset's defaults, the image size and
+    data folder resolved and the checks across settings, as ``parnet train`` does; a ``make_config`` result
+    goes through unchanged."""
+    import parnet.train as train_module
+
+    seen = []
+    monkeypatch.setattr(train_module, "_train", lambda cfg, d, held: seen.append(cfg) or {})
+    by_hand = dict(dataset="cifar10", epochs=3, output=str(tmp_path / "run"))
+    train(TrainConfig(**by_hand))
+    made = make_config(by_hand)
+    assert seen[-1] == made and made.img_size == 32 and made.warmup_epochs < 3 and Path(made.data_dir).is_absolute()
+    assert made.ema_decay == DATASET_DEFAULTS["cifar10"]["ema_decay"] != TrainConfig().ema_decay
+    train(made)
+    assert seen[-1] == made
+    with pytest.raises(ValueError, match="even --batch-size"):
+        train(TrainConfig(mixup=0.2, batch_size=7, output=str(tmp_path / "odd")))

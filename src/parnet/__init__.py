@@ -1,6 +1,7 @@
 """ParNet, the depth-12 "non-deep" network, as timm models with re-parameterization and tooling.
 
-``import parnet`` registers the variants with timm (``timm.create_model("parnet_s")``).
+``import parnet`` registers the variants with timm (``timm.create_model("parnet_s")``); deployment
+(``parnet.deploy``) is imported on first use, so the model core loads without it.
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import timm
 from torch import nn
 
-from .deployment import deploy
 from .depth import network_depth
 from .layers import Fusion, ParNetBlock, reparameterize
 from .model import ParNet, ParNetCfg, model_cfgs
@@ -30,6 +30,14 @@ __all__ = [
     "network_depth",
     "reparameterize",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name == "deploy":  # imported on first use: the model core does not load deployment
+        from .deployment import deploy
+
+        return deploy
+    raise AttributeError(f"module 'parnet' has no attribute {name!r}")
 
 
 def list_models(pattern: str = "parnet*", pretrained: bool = False) -> list[str]:

@@ -18,8 +18,9 @@ loses nothing: a resumed run rewrites them from the state (:func:`write_run_weig
 ``save_checkpoint(run_dir, epoch, model, ema, optimizer, scheduler, scaler, extra, metadata, generators)``
     :func:`save_state` (``last_state.pt``), then :func:`write_run_weights` (``last.safetensors``,
     ``last_ema.safetensors``: the weights to evaluate or deploy, the epoch and ``metadata`` in the
-    header; a ParNet's :func:`parnet.io.model_metadata` too, so :func:`parnet.io.load_model` reads it).
-    Call it on the main rank only; DDP and ``torch.compile`` wrappers are unwrapped.
+    header, :func:`weights_header`: a ParNet's :func:`parnet.io.model_metadata` too, so
+    :func:`parnet.io.load_model` reads it). Call it on the main rank only; DDP, ``torch.compile`` and EMA
+    wrappers are unwrapped (``timm.utils.unwrap_model``).
 ``read_state(run_dir)``, ``load_checkpoint(run_dir, model, ema, optimizer, scheduler, scaler) -> (next_epoch, extra)``
     A damaged state is a ``ValueError`` naming the file. Under DDP only rank 0's RNG states are in
     ``rng``; the classification loop keeps every rank's in ``extra["rng_ranks"]``.
@@ -45,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.utils import unwrap_model  # DDP, torch.compile and timm's ModelEma* wrappers
 from torch import nn
 
 from .io import atomic_write, check_output_path, write_safetensors
@@ -63,7 +65,7 @@ __all__ = [
     "save_state",
     "seed_everything",
     "set_rng_state",
-    "unwrap_model",
+    "weights_header",
     "write_run_weights",
 ]
 
@@ -191,22 +193,18 @@ class RunLock:
 # -- checkpoints --------------------------------------------------------------------------------
 
 
-def _safetensors_metadata(model: nn.Module, epoch: int, metadata: dict[str, str] | None) -> dict[str, str]:
+def weights_header(model: nn.Module, metadata: dict[str, str], epoch: int | None = None) -> dict[str, str]:
+    """The header of a run's weights file of ``model``: ``metadata`` (the run's, ``train._weights_metadata``),
+    with a ParNet's architecture (:func:`parnet.io.model_metadata`: ``parnet.io.load_model`` reads the file too)
+    and the epoch it ends, when given."""
+    from .io import model_metadata
     from .model import ParNet
 
-    meta: dict[str, str] = {}
-    if isinstance(model, ParNet):
-        from .io import model_metadata
-
-        meta.update(model_metadata(model))
-    meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    meta["epoch"] = str(epoch)
+    meta = model_metadata(model) if isinstance(model, ParNet) else {}
+    meta.update({k: str(v) for k, v in metadata.items()})
+    if epoch is not None:
+        meta["epoch"] = str(epoch)
     return meta
-
-
-def _ema_module(ema: nn.Module) -> nn.Module:
-    """The averaged network inside a timm ``ModelEma*`` (or ``ema`` itself)."""
-    return getattr(ema, "module", ema)
 
 
 def save_state(
@@ -259,10 +257,10 @@ def write_run_weights(
 ) -> None:
     """``last.safetensors`` (and ``last_ema.safetensors``) of epoch ``epoch``: the same bytes for the same weights."""
     run_dir, model = Path(run_dir), unwrap_model(model)
-    meta = _safetensors_metadata(model, epoch, metadata)
+    meta = weights_header(model, metadata or {}, epoch)
     write_safetensors(run_dir / WEIGHTS_FILE, model, meta)
     if ema is not None:
-        write_safetensors(run_dir / EMA_WEIGHTS_FILE, _ema_module(ema), {**meta, "ema": "True"})
+        write_safetensors(run_dir / EMA_WEIGHTS_FILE, unwrap_model(ema), {**meta, "ema": "True"})
 
 
 def save_checkpoint(
@@ -512,17 +510,6 @@ def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] 
     for name, g in (generators or {}).items():
         if name in state.get("generators", {}):
             g.set_state(state["generators"][name])
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DDP and ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def unfinished_run(checkpoint: str | os.PathLike) -> str | None:

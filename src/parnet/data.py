@@ -28,6 +28,7 @@ import os
 import pickle
 import re
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,11 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
+
+from .model import CIFAR_MEAN, CIFAR_STD  # the CIFAR variants' pretrained config normalises as training does
 
 __all__ = [
     "DATASETS",
@@ -99,11 +103,11 @@ class DatasetInfo:
 
 DATASETS: dict[str, DatasetInfo] = {
     "fashion_mnist": DatasetInfo("fashion_mnist", 10, 1, 32, (0.2860,), (0.3530,), FASHION_MNIST_DIR),
-    "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "data/cifar10"),
+    "cifar10": DatasetInfo("cifar10", 10, 3, 32, CIFAR_MEAN, CIFAR_STD, "data/cifar10"),
     "cifar100": DatasetInfo(
         "cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "data/cifar100"
     ),
-    "imagefolder": DatasetInfo("imagefolder", 0, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "data/imagenet"),
+    "imagefolder": DatasetInfo("imagefolder", 0, 3, 224, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "data/imagenet"),
 }
 
 
@@ -334,14 +338,25 @@ def _imagefolder(root: Path, train: bool, transform: Any) -> Dataset:
     return dataset
 
 
+def class_difference(first: Sequence[str], second: Sequence[str], first_only: str, second_only: str) -> str:
+    """How two class lists differ, for a message: ``"<first_only>: a, b; <second_only>: c"``, or that they hold
+    the same names in another order (a new label for each moved class)."""
+
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+
+    only_first, only_second = sorted(set(first) - set(second)), sorted(set(second) - set(first))
+    parts = [f"{first_only}: {listed(only_first)}" if only_first else "",
+             f"{second_only}: {listed(only_second)}" if only_second else ""]  # fmt: skip
+    return "; ".join(part for part in parts if part) or "the same names in another order"
+
+
 def _check_same_classes(root: Path, train: list[str], test: list[str]) -> None:
     if train == test:
         return
-    only_train, only_val = sorted(set(train) - set(test)), sorted(set(test) - set(train))
-    parts = [f"only in train/: {', '.join(only_train)}" if only_train else "",
-             f"only in val/: {', '.join(only_val)}" if only_val else ""]  # fmt: skip
     raise CorruptDatasetError(
-        f"{root}/train and {root}/val have different class folders ({'; '.join(p for p in parts if p)}): "
+        f"{root}/train and {root}/val have different class folders "
+        f"({class_difference(train, test, 'only in train/', 'only in val/')}): "
         "the two splits need the same classes, spelt alike (letter case counts)"
     )
 

@@ -115,6 +115,7 @@ class ParNetCfg:
 
     @property
     def stem_stride(self) -> int:
+        """The whole stem's reduction: its two blocks stride 2 each (1 each for 32x32 inputs)."""
         return 1 if self.small_input else 4
 
     @property
@@ -274,11 +275,11 @@ class ParNet(nn.Module):
         """The layers (on the default device: ``__init__`` sets it)."""
         block = dict(act_layer=ACTIVATIONS[cfg.act], use_gate=cfg.use_gate)
         widths, n = cfg.widths, cfg.num_streams
-        stem_stride = 1 if cfg.small_input else 2
+        block_stride = 1 if cfg.small_input else 2  # each stem block's; cfg.stem_stride is the two's
 
         self.stem = nn.Sequential(
-            ParNetBlock(in_chans, cfg.stem_chs, stem_stride, **block),
-            ParNetBlock(cfg.stem_chs, widths[0], stem_stride, **block),
+            ParNetBlock(in_chans, cfg.stem_chs, block_stride, **block),
+            ParNetBlock(cfg.stem_chs, widths[0], block_stride, **block),
         )
         # Inputs of streams 2..n: each one a stride-2 block from the previous stream's input.
         self.downsample = nn.ModuleList(ParNetBlock(widths[i], widths[i + 1], 2, **block) for i in range(n - 1))
@@ -528,6 +529,12 @@ def create_parnet(
     """
     overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in CFG_FIELDS}
     cfg = dataclasses.replace(model_cfgs[variant], **overrides)
+    if kwargs.get("features_only") and kwargs.get("feature_cls") in ("dict", "list"):
+        raise ValueError(  # timm's would fail on an assertion: its dict/list wrappers run the children in order
+            f"feature_cls={kwargs['feature_cls']!r} needs a model whose children run one after another; ParNet's "
+            "streams run side by side: leave feature_cls out (timm's 'getter', ParNet's forward_intermediates), "
+            "or give 'hook' or 'fx'"
+        )
     return build_model_with_cfg(
         ParNet,
         variant,

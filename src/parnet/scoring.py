@@ -109,9 +109,10 @@ def check_same_classes(trained: tuple[str, ...] | None, info: Any, source: Any) 
     """``ValueError`` if the weights name their classes (``trained``) and the data ``info`` describes has others:
     scores against shifted labels would mean nothing."""
     if trained and info.classes and tuple(trained) != tuple(info.classes):
-        shown = ", ".join(trained[:10]) + (", ..." if len(trained) > 10 else "")
-        data = ", ".join(info.classes[:10]) + (", ..." if len(info.classes) > 10 else "")
+        from .data import class_difference
+
+        change = class_difference(trained, info.classes, "only in the weights", "only in the data")
         raise ValueError(
-            f"{source} was trained on the classes {shown}; the data in {info.default_dir} has {data}: "
+            f"{source} was trained on other classes than the data in {info.default_dir} has ({change}): "
             "give the data it was trained on (--data-dir)"
         )

@@ -83,7 +83,11 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
 
     from . import engine
 
-    cfg = config if isinstance(config, TrainConfig) else make_config(config)
+    # A TrainConfig built by hand gets what the command line's gets: the dataset's defaults, the image size and
+    # data folder resolved, the checks across settings (its fields set: a make_config result comes out unchanged).
+    if isinstance(config, TrainConfig):
+        config = config.model_dump(include=config.model_fields_set)
+    cfg = make_config(config)
     dist_info = engine.init_distributed(cfg.device)
     try:
         with contextlib.ExitStack() as held:  # the run folder's lock, once taken
@@ -97,12 +101,11 @@ def _check_resume_classes(saved: list[str] | None, classes: tuple[str, ...], run
     shift or break the labels the weights learnt)."""
     if saved is None or list(saved) == list(classes):
         return
-    gone, new = sorted(set(saved) - set(classes)), sorted(set(classes) - set(saved))
-    parts = [f"no longer there: {', '.join(gone)}" if gone else "", f"new: {', '.join(new)}" if new else ""]
-    change = "; ".join(part for part in parts if part)
+    from .data import class_difference
+
     raise ValueError(
-        f"--resume: {run_dir} was trained on the classes {', '.join(saved)}; {data} now has "
-        f"{', '.join(classes)} ({change or 'in another order'}): restore the data's class folders, "
+        f"--resume: {run_dir} was trained on other classes than {data} now has "
+        f"({class_difference(saved, classes, 'no longer there', 'new')}): restore the data's class folders, "
         "or start a new run (--initial-checkpoint keeps its weights)"
     )
 
@@ -603,6 +606,7 @@ def _final_eval(
     """
     import torch
 
+    from . import checkpoint
     from .depth import network_depth
     from .io import write_safetensors
     from .layers import has_fusable_blocks, reparameterize
@@ -629,12 +633,7 @@ def _final_eval(
         out[f"{name}fused_prediction_changes"] = res["changes"]
         if d.is_main:
             meta = {**weights_meta, "fused": "True", **({"ema": "True"} if name else {})}
-            from .model import ParNet
-
-            if isinstance(fused, ParNet):
-                from .io import model_metadata
-
-                meta.update(model_metadata(fused))
-            write_safetensors(run_dir / f"{name}fused.safetensors", fused, meta)
-    out["fused_params"] = sum(p.numel() for p in reparameterize(model).parameters())
+            write_safetensors(run_dir / f"{name}fused.safetensors", fused, checkpoint.weights_header(fused, meta))
+        if not name:
+            out["fused_params"] = sum(p.numel() for p in fused.parameters())
     return out

@@ -25,13 +25,7 @@ def shuffle_perm(channels: int, groups: int = 2) -> torch.Tensor:
 def _dense_gate(block: ParNetBlock) -> torch.Tensor:
     """The gate's 1x1 conv as a dense (out, in) matrix (block-diagonal for groups > 1)."""
     w = block.gate.conv.weight[:, :, 0, 0]
-    if block.groups == 1:
-        return w.clone()
-    out_g, in_g = block.out_chs // block.groups, block.in_chs // block.groups
-    dense = w.new_zeros(block.out_chs, block.in_chs)
-    for g in range(block.groups):
-        dense[g * out_g : (g + 1) * out_g, g * in_g : (g + 1) * in_g] = w[g * out_g : (g + 1) * out_g]
-    return dense
+    return torch.block_diag(*w.chunk(block.groups)) if block.groups > 1 else w.clone()
 
 
 # Each activation's smallest value, rounded down: ``act(y) + NONNEGATIVE_SHIFT[act]`` is never negative.
