@@ -86,14 +86,18 @@ def test_exported_files_say_how_to_prepare_their_input(exported) -> None:
     found = [ort.InferenceSession(str(out / "tiny.onnx")).get_modelmeta().custom_metadata_map]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        extra = {"image_reading": "", "preprocessing": "", "image_mode": "", "class_names": ""}
+        extra = dict.fromkeys(("image_reading", "preprocessing", "preprocessing_steps", "image_mode", "class_names"), "")
         torch.jit.load(str(out / "tiny.torchscript.pt"), _extra_files=extra)
         found.append({k: v.decode() for k, v in extra.items()})
-    extra = {"image_reading": "", "preprocessing": "", "image_mode": "", "class_names": ""}
+    extra = dict.fromkeys(("image_reading", "preprocessing", "preprocessing_steps", "image_mode", "class_names"), "")
     torch.export.load(out / "tiny.pt2", extra_files=extra)
     found.append(extra)
     for meta in found:  # a model of no dataset: timm's transform of its variant (parnet_cifar_s), at 32
         assert "Resize(size=32" in meta["preprocessing"] and "Normalize(mean=tensor([0.4914" in meta["preprocessing"]
+        steps = json.loads(meta["preprocessing_steps"])  # the same, for a program to follow
+        assert [step["op"] for step in steps] == ["Resize", "CenterCrop", "MaybeToTensor", "Normalize"]
+        assert steps[0]["size"] == 32 and steps[0]["interpolation"] == "bicubic" and steps[1]["size"] == [32, 32]
+        assert steps[3]["mean"] == [0.4914, 0.4822, 0.4465] and steps[3]["std"] == [0.247, 0.2435, 0.2616]
         assert meta["image_mode"] == "RGB" and len(json.loads(meta["class_names"])) == 10
         assert "EXIF orientation" in meta["image_reading"] and "blended onto white" in meta["image_reading"]
     for name, what in (("tiny.pt2", "torch.export program"), ("tiny.torchscript.pt", "TorchScript program")):

@@ -207,6 +207,14 @@ def test_quantize_command_round_trip(tmp_path: Path, capsys: pytest.CaptureFixtu
 
     info = read_info(out)
     assert info.data_dir == str(data) and info.class_names == list(FASHION_MNIST_CLASSES)
+    assert result["calibration_images"] == info.calibration_images == 32
+    import onnxruntime as ort  # another runtime reads how to prepare an image, as `parnet export` files say it
+
+    meta = ort.InferenceSession(str(out)).get_modelmeta().custom_metadata_map
+    steps = json.loads(meta["preprocessing_steps"])
+    assert [step["op"] for step in steps] == ["Resize", "Pad", "ToTensor", "Normalize"] and steps[0]["size"] == [28, 28]
+    assert meta["image_mode"] == "L" and json.loads(meta["class_names"]) == list(FASHION_MNIST_CLASSES)
+    assert "EXIF orientation" in meta["image_reading"] and "Normalize(mean=(0.286,)" in meta["preprocessing"]
     assert cli.main(["eval", str(out), "--workers", "0", "--json"]) == 0
     scored = json.loads(capsys.readouterr().out)
     label = f"{result['precision']}:{result['engine']}"  # its rows say what runs
@@ -219,6 +227,9 @@ def test_quantize_command_round_trip(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "was built for 32x32 images, not 64: leave out the image size" in capsys.readouterr().err
     assert cli.main(["eval", str(out), "--official", "--workers", "0"]) == 2
     assert "engine file (leave --official out)" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="--calibration-images 100: the training split has 64 images"):
+        assert cli.main([*args[:3], "100", *args[4:-1]]) == 0  # fewer images than asked: said, and recorded
+    assert "calibrated on 64 training images" in capsys.readouterr().out and read_info(out).calibration_images == 64
 
 
 @ORT
@@ -274,7 +285,7 @@ def test_bench_times_a_quantized_file(tmp_path: Path, capsys: pytest.CaptureFixt
     model = make(6)
     example = torch.randn(1, 3, 32, 32)
     net = build(model, "onnxruntime", "int8", calibration_batches([torch.randn(4, 3, 32, 32)], 3), example)
-    path = save_deployed(net, tmp_path / "m.onnx", DeployedInfo("onnxruntime", "int8", "x", 3, 32, 32, 10, "m"))
+    path = save_deployed(net, tmp_path / "m.onnx", DeployedInfo("onnxruntime", "int8", "cifar10", 3, 32, 32, 10, "m"))
     args = ["bench", "--models", "parnet_cifar_s", "--model-kwargs", "widths=[8,16,32]", "head_width=64"]
     args += ["--baselines", "", "--modes", "folded", "--resolution", "32", "--batch", "2", "--reps", "2"]
     args += [
@@ -428,18 +439,34 @@ def test_openvino_file_written_into_a_new_folder(tmp_path: Path) -> None:
 
     model, x = make(7), torch.randn(2, 3, 32, 32)
     net = build(model, "openvino", "fp32", None, x[:1])
-    path = save_deployed(net, tmp_path / "new" / "m.xml", DeployedInfo("openvino", "fp32", "x", 3, 32, 32, 10, "m"))
+    path = save_deployed(net, tmp_path / "new" / "m.xml", DeployedInfo("openvino", "fp32", "cifar10", 3, 32, 32, 10, "m"))
     assert sorted(p.name for p in path.parent.iterdir()) == ["m.bin", "m.xml"]  # no staging folder left
     with torch.inference_mode():
         assert (load_deployed(path)(x) - model(x)).abs().max().item() < 1e-3
     # a pair replaced in part (a write stopped between .bin and .xml): the old .xml beside another model's .bin
     other = save_deployed(
         build(make(8), "openvino", "fp32", None, x[:1]), tmp_path / "o.xml",
-        DeployedInfo("openvino", "fp32", "x", 3, 32, 32, 10, "o"),
+        DeployedInfo("openvino", "fp32", "cifar10", 3, 32, 32, 10, "o"),
     )  # fmt: skip
     path.with_suffix(".bin").write_bytes(other.with_suffix(".bin").read_bytes())
     with pytest.raises(ValueError, match="m.bin is not the weights file m.xml was written with"):
         load_deployed(path)
+
+
+@OPENVINO
+def test_a_killed_write_of_an_openvino_pair_leaves_nothing_the_next_write_keeps(tmp_path: Path) -> None:
+    """OpenVINO writes the .xml and .bin under names of its own: they are staged in a folder named like
+    atomic_write's temporaries, and the next write of the pair removes what a killed one left."""
+    from parnet.deployed import DeployedInfo, build, save_deployed
+
+    staging = tmp_path / ".m.xml.0123456789ab.tmp"  # as a write killed while staging leaves it
+    staging.mkdir()
+    (staging / "model.xml").write_text("<net/>")
+    (tmp_path / ".m.bin.0123456789ab.tmp").write_bytes(b"half")  # killed while copying the weights
+    (tmp_path / ".other.xml.0123456789ab.tmp").write_bytes(b"")  # another file's: not ours to remove
+    net = build(make(7), "openvino", "fp32", None, torch.randn(1, 3, 32, 32))
+    save_deployed(net, tmp_path / "m.xml", DeployedInfo("openvino", "fp32", "cifar10", 3, 32, 32, 10, "m"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.xml.0123456789ab.tmp", "m.bin", "m.xml"]
 
 
 def test_quantize_names_its_file_after_the_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -478,7 +505,7 @@ def test_engines_refuse_integer_and_other_float_images(engine: str, tmp_path: Pa
     x = torch.rand(2, 3, 32, 32)
     net = deploy(make(9), "cpu", engine, example=x)
     path = save_deployed(net, tmp_path / f"m{'.onnx' if engine == 'onnxruntime' else '.xml'}",
-                         DeployedInfo(engine, "fp32", "x", 3, 32, 32, 10, "m"))  # fmt: skip
+                         DeployedInfo(engine, "fp32", "cifar10", 3, 32, 32, 10, "m"))  # fmt: skip
     with torch.inference_mode():
         for module in (net, load_deployed(path)):
             with pytest.raises(ValueError, match="expected floating-point images, got torch.uint8: convert them"):

@@ -30,7 +30,7 @@ from .deployment.engines import (
     ort_max_weight_level,
     require,
 )
-from .io import atomic_write
+from .io import atomic_write, remove_temporaries, temporary_folder
 from .precision import int8_pairs_saturate
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ class DeployedInfo:
     data_dir: str | None = None  # where the data it was scored on is (files written before: None)
     class_names: list[str] | None = None  # in label order (files written before they were saved: None)
     image_prep: dict[str, Any] | None = None  # an image folder's, where not ImageNet's (parnet.data.image_prep_of)
+    calibration_images: int | None = None  # int8: the training images it was calibrated on (else, or before: None)
 
 
 def is_deployed_file(path: str | os.PathLike) -> bool:
@@ -136,31 +137,43 @@ def check_resolution(model: nn.Module, img_size: int) -> None:
             raise ValueError(f"cannot quantize at image size {img_size} (--resolution): {e}") from None
 
 
+def input_metadata(info: DeployedInfo) -> dict[str, str]:
+    """How to prepare an image file for the model ``info`` describes, for runtimes other than this project's: the
+    keys ``parnet export`` writes (:func:`parnet.predict.describe_preparation`), as ``parnet predict`` prepares it."""
+    from .predict import dataset_transform, describe_preparation
+
+    transform, mode = dataset_transform(info.dataset, info.height, info.image_prep)
+    return describe_preparation(transform, list(info.class_names or ()), mode)
+
+
 def save_deployed(module: EngineModule, path: str | os.PathLike, info: DeployedInfo) -> Path:
-    """Write ``module``'s engine model to ``path`` (``.onnx`` or ``.xml`` + ``.bin``), atomically."""
+    """Write ``module``'s engine model to ``path`` (``.onnx`` or ``.xml`` + ``.bin``), atomically, with ``info``
+    (:data:`META_KEY`) and how its inputs are prepared (:func:`input_metadata`) in the file's metadata: ONNX's
+    ``metadata_props`` (onnxruntime's ``custom_metadata_map``), OpenVINO's ``rt_info``."""
     path = Path(path)
     want = SUFFIX[info.engine]
     if path.suffix.lower() != want:
         raise ValueError(f"an {info.engine} model is written to a {want} file, got {path.name}")
-    meta = json.dumps(info.__dict__)
+    meta = {META_KEY: json.dumps(info.__dict__), **input_metadata(info)}
     if isinstance(module, OnnxRuntimeModule):
         import onnx
 
         model = onnx.load_from_string(module.model)
         del model.metadata_props[:]
-        model.metadata_props.add(key=META_KEY, value=meta)
+        onnx.helper.set_model_props(model, meta)
+        remove_temporaries(path.parent, [path.name])  # left by a killed write of this file
         with atomic_write(path) as tmp:
             tmp.write_bytes(model.SerializeToString())
         return path
-    import tempfile
-
     import openvino as ov
 
     ov_model = module.model.clone()
-    ov_model.set_rt_info(meta, [META_KEY])
-    path.parent.mkdir(parents=True, exist_ok=True)  # the staging folder goes beside the file
-    with tempfile.TemporaryDirectory(dir=path.parent) as folder:
-        staged = Path(folder) / "model.xml"
+    for key, value in meta.items():
+        ov_model.set_rt_info(value, [key])
+    weights = path.with_suffix(".bin")
+    remove_temporaries(path.parent, [path.name, weights.name])  # left by a killed write of this pair
+    with temporary_folder(path) as folder:  # OpenVINO names the .bin after the .xml: both staged, then copied
+        staged = folder / "model.xml"
         ov.save_model(ov_model, str(staged), compress_to_fp16=False)
         # The .xml records its .bin's hash (a second save: the weights' bytes do not change), so that a pair
         # replaced only in part (stopped between the two files) is refused when read, not misread.
@@ -169,7 +182,7 @@ def save_deployed(module: EngineModule, path: str | os.PathLike, info: DeployedI
         if _sha256(staged.with_suffix(".bin")) != ov_model.get_rt_info([BIN_HASH_KEY]).astype(str):
             raise RuntimeError("OpenVINO wrote the same weights differently twice; the file was not written")
         # the weights first, then the graph that names them: a reader never finds an .xml without its .bin
-        for src, dst in ((staged.with_suffix(".bin"), path.with_suffix(".bin")), (staged, path)):
+        for src, dst in ((staged.with_suffix(".bin"), weights), (staged, path)):
             with atomic_write(dst) as tmp:
                 tmp.write_bytes(src.read_bytes())
     return path
@@ -317,17 +330,35 @@ def quantize_checkpoint(
     _, test_loader, _ = build_loaders(test_set, test_set, 1, workers, eval_batch_size=batch_size)
     check_fits_dataset(model, checkpoint, dataset, trained.dataset, info.num_classes)
     check_same_classes(trained.class_names, info, checkpoint)
-    calibration = None
+    calibration, calibrated_on = None, None
     if precision == "int8":
         calibration = calibration_loader(
             dataset, data_dir, calibration_images, img_size=img_size, image_prep=image_prep
         )
+        calibrated_on = len(calibration.dataset)
+        if calibrated_on < calibration_images:  # the training split is smaller than asked for
+            warnings.warn(
+                f"--calibration-images {calibration_images}: the training split has {calibrated_on} images, "
+                f"calibrating on those {calibrated_on}",
+                stacklevel=2,
+            )
     example = next(iter(test_loader))[0][:1]
     deployed = build(model, engine, precision, calibration, example, method=method)
     c, h, w = example.shape[1:]
     source = Path(checkpoint).name
     file_info = DeployedInfo(
-        engine, precision, dataset, c, h, w, info.num_classes, source, info.default_dir, list(info.classes), image_prep
+        engine,
+        precision,
+        dataset,
+        c,
+        h,
+        w,
+        info.num_classes,
+        source,
+        info.default_dir,
+        list(info.classes),
+        image_prep,
+        calibrated_on,
     )
     path = save_deployed(deployed, out, file_info)
     reference = evaluate_model(model, test_loader)
@@ -335,6 +366,7 @@ def quantize_checkpoint(
     changed = written["changes"]
     return {
         "file": str(path), "engine": engine, "precision": precision, "dataset": dataset, "images": written["n"],
-        "fp32_top1": reference["top1"], "top1": written["top1"], "prediction_changes": changed,
+        "calibration_images": calibrated_on, "fp32_top1": reference["top1"], "top1": written["top1"],
+        "prediction_changes": changed,
         "unfinished": unfinished_run(checkpoint),
     }  # fmt: skip

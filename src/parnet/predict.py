@@ -244,7 +244,7 @@ def _engine_predictor(path: Path, model_name: str | None, use_ema: bool, device:
     module = load_deployed(path)
     names = tuple(module.class_names or ()) or None
     trained = TrainedOn(module.dataset, module.data_dir, module.height, names, module.image_prep)
-    transform, mode = _dataset_transform(module.dataset, module.height, module.image_prep)
+    transform, mode = dataset_transform(module.dataset, module.height, module.image_prep)
     source = f"{path} ({module.precision}:{module.engine})"
     return Predictor(module, transform, _class_names(trained, module.num_classes), mode, source)
 
@@ -262,7 +262,7 @@ def input_preparation(
     trained = trained_on(weights) if weights is not None else TrainedOn()
     names = _class_names(trained, model.num_classes)
     if trained.dataset is not None:
-        transform, mode = _dataset_transform(trained.dataset, img_size or trained.img_size, trained.image_prep)
+        transform, mode = dataset_transform(trained.dataset, img_size or trained.img_size, trained.image_prep)
     else:
         authors = weights is not None and Path(weights).is_file() and is_torch_checkpoint(Path(weights))
         transform, mode = pretrained_transform(model, model_name, img_size or trained.img_size, authors)
@@ -275,13 +275,43 @@ def preprocessing_metadata(
     """What an exported file's input is, for its users (``parnet export`` writes it into each file): how an image
     file is read (``image_reading``), the transform ``parnet predict`` then applies (torchvision's description
     of it), the colour mode and the class names."""
-    transform, names, mode = input_preparation(model, weights, model_name, img_size)
+    return describe_preparation(*input_preparation(model, weights, model_name, img_size))
+
+
+def describe_preparation(
+    transform: Callable[[Image.Image], torch.Tensor], names: list[str], mode: str
+) -> dict[str, str]:
+    """The metadata of :func:`preprocessing_metadata` for ``transform``: torchvision's description of it
+    (``preprocessing``) and the same as JSON, one object per step with its parameters (``preprocessing_steps``,
+    for a program to follow), the image reading, colour mode and class names."""
     return {
         "image_reading": IMAGE_READING,
         "preprocessing": repr(transform),
+        "preprocessing_steps": json.dumps(transform_steps(transform)),
         "image_mode": mode,
         "class_names": json.dumps(names),
     }
+
+
+def transform_steps(transform: Any) -> list[dict[str, Any]]:
+    """``transform``'s steps in order (``Compose``es flattened), each ``{"op": class name, **its parameters}``:
+    torchvision's and timm's transforms keep their parameters as attributes (``Resize``: size, interpolation,
+    max_size, antialias; ``Normalize``: mean, std)."""
+    from enum import Enum
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Enum):
+            return value.value  # InterpolationMode.BICUBIC -> "bicubic"
+        if isinstance(value, torch.Tensor):
+            return [round(v, 6) for v in value.flatten().tolist()]
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        return value if value is None or isinstance(value, (bool, int, float, str)) else repr(value)
+
+    if hasattr(transform, "transforms"):  # Compose
+        return [step for inner in transform.transforms for step in transform_steps(inner)]
+    params = {k: plain(v) for k, v in vars(transform).items() if not k.startswith("_") and k != "training"}
+    return [{"op": type(transform).__name__, **params}]
 
 
 # -- weights -------------------------------------------------------------------------------------
@@ -385,7 +415,7 @@ def _class_names(trained: Any, num_classes: int) -> list[str]:
     return names
 
 
-def _dataset_transform(
+def dataset_transform(
     dataset: str, img_size: int = 0, image_prep: dict[str, Any] | None = None
 ) -> tuple[Callable[[Image.Image], torch.Tensor], str]:
     """The dataset's evaluation transform to ``img_size`` (0: its own size), as ``parnet eval`` scores it (an

@@ -65,8 +65,9 @@ def _quantize(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"wrote {result['file']} ({result['engine']}, {result['precision']})")
         r = result
+        calibrated = f", calibrated on {r['calibration_images']} training images" if r["calibration_images"] else ""
+        print(f"wrote {r['file']} ({r['engine']}, {r['precision']}{calibrated})")
         print(
             f"top-1 on {r['images']} {r['dataset']} test images: fp32 {r['fp32_top1']:.2f}, "
             f"{r['precision']} {r['top1']:.2f} ({r['prediction_changes']} predictions changed)"
