@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -20,8 +21,10 @@ from parnet.detection.data import (
     check_coco,
     collate_detection,
     make_fashion_mnist_detection,
+    repair_boxes,
 )
-from parnet.detection.train import _draw_examples
+from parnet.detection.train import _draw_examples, eval_folder
+from parnet.layers import is_reparameterized
 
 from .conftest import TINY_STEM, randomize_bn
 
@@ -80,6 +83,20 @@ def test_backbone_bad_levels() -> None:
         det.build_backbone("parnet_s", levels=[2, 1], **TINY_STEM)
     with pytest.raises(ValueError, match="levels"):
         det.build_backbone("parnet_s", levels=[5], **TINY_STEM)
+
+
+def test_backbone_refuses_features_of_one_stride() -> None:
+    """ParNet has three features at stride 16 (its last stream and two fusions): an FPN on two of them would have
+    its strides (and anchors) repeated, and train without a word."""
+    kwargs = {**TINY_STEM, "out_indices": (0, 2, 3, 4)}
+    with pytest.raises(ValueError, match=r"strictly increasing strides, got features 2 \(stride 16\), 3 \(stride 16\), "
+                       r"4 \(stride 16\);.*ParNet's default out_indices \(0, 1, 4, 5\)"):  # fmt: skip
+        det.create_detector("fcos", "parnet_s", num_classes=3, fpn_channels=64, backbone_kwargs=kwargs)
+    with pytest.raises(ValueError, match=r"got features 1 \(stride 8\), 2 \(stride 16\), 3 \(stride 16\)"):
+        det.build_backbone("parnet_s", out_indices=(1, 2, 3), **TINY_STEM)
+    with pytest.raises(ValueError, match="strictly increasing strides"):  # chosen by levels
+        det.build_backbone("parnet_s", levels=[2, 3], out_indices=tuple(range(6)), **TINY_STEM)
+    assert det.build_backbone("parnet_s", out_indices=(0, 2, 5), **TINY_STEM).strides == [4, 16, 32, 64, 128]
 
 
 def test_freeze_batchnorm_keeps_eval_outputs() -> None:
@@ -342,7 +359,7 @@ def test_save_load_detector_round_trip(tmp_path: Path) -> None:
     path = det.save_detector(model, tmp_path / "det.safetensors", {"names": {"1": "a"}})
     again, extra = det.load_detector(path)  # the post-processing keywords come back with it
     assert extra == {"names": {"1": "a"}} and (again.score_thresh, again.detections_per_img) == (0.2, 50)
-    with pytest.raises(ValueError, match="unknown detector keyword 'score_threshold'; allowed: score_thresh"):
+    with pytest.raises(ValueError, match=r"fcos takes none of \['score_threshold'\].*its keywords: .*score_thresh"):
         tiny_detector("fcos", score_threshold=0.2)
     with pytest.raises(ValueError, match=r"nms_thresh must be a number in \[0.0, 1.0\], got 2"):
         tiny_detector("fcos", nms_thresh=2)
@@ -352,7 +369,7 @@ def test_save_load_detector_round_trip(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"fcos takes none of \['box_score_thresh'\]"):
         tiny_detector("fcos", box_score_thresh=0.9)
     assert tiny_detector("fasterrcnn", box_score_thresh=0.9).roi_heads.score_thresh == 0.9
-    assert set(det.KWARGS_OF["fcos"]) | set(det.KWARGS_OF["fasterrcnn"]) == set(det.DETECTOR_KWARGS)
+    assert set().union(*det.KWARGS_OF.values()) == set(det.DETECTOR_KWARGS)
     for key, value in model.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
     images, _ = tiny_batch()
@@ -367,6 +384,38 @@ def test_save_load_detector_round_trip(tmp_path: Path) -> None:
     (tmp_path / "bad.safetensors").write_bytes(b"not a file")
     with pytest.raises(ValueError, match="cannot read"):
         det.load_detector(tmp_path / "bad.safetensors")
+
+
+def test_detector_takes_the_torchvision_detectors_number_keywords(tmp_path: Path) -> None:
+    """Every number keyword of the torchvision detector's signature, bounded, and kept by a saved detector."""
+    model = tiny_detector("fasterrcnn", rpn_post_nms_top_n_test=300, box_fg_iou_thresh=0.6)
+    again, _ = det.load_detector(det.save_detector(model, tmp_path / "det.safetensors"))
+    assert again.rpn._post_nms_top_n["testing"] == 300 and again.roi_heads.proposal_matcher.high_threshold == 0.6
+    assert tiny_detector("fcos", center_sampling_radius=2.5).center_sampling_radius == 2.5
+    with pytest.raises(ValueError, match="rpn_post_nms_top_n_test must be an integer from 1 to 100000, got 0"):
+        tiny_detector("fasterrcnn", rpn_post_nms_top_n_test=0)
+    with pytest.raises(ValueError, match=r"fcos takes none of \['rpn_post_nms_top_n_test'\]"):
+        tiny_detector("fcos", rpn_post_nms_top_n_test=300)
+    with pytest.raises(ValueError, match="retinanet refused its keywords .*low_threshold should be <= high"):
+        tiny_detector("retinanet", fg_iou_thresh=0.3, bg_iou_thresh=0.6)
+
+
+def test_fused_detector_is_saved_and_loaded_fused(tmp_path: Path) -> None:
+    """A detector whose backbone was re-parameterized comes back fused, as parnet.io.load_model's classifiers do;
+    it cannot start another detector's backbone (no training from fused weights)."""
+    model = tiny_detector("fcos", score_thresh=0.0).eval()
+    randomize_bn(model.backbone.body, seed=6)
+    model.backbone.body = parnet.reparameterize(model.backbone.body)
+    path = det.save_detector(model, tmp_path / "fused.safetensors", {"names": {"1": "a"}})
+    again, extra = det.load_detector(path)
+    assert extra == {"names": {"1": "a"}} and is_reparameterized(again.backbone.body)
+    images, _ = tiny_batch()
+    with torch.no_grad():
+        for a, b in zip(model(images), again(images)):
+            torch.testing.assert_close(a["scores"], b["scores"])
+            torch.testing.assert_close(a["boxes"], b["boxes"])
+    with pytest.raises(ValueError, match="re-parameterized .fused. weights"):
+        det.build_backbone("parnet_s", weights=path, **TINY_STEM)
 
 
 @pytest.mark.parametrize("kind", ["fcos", "fasterrcnn"])
@@ -384,18 +433,31 @@ def test_detector_with_parnet_backbone_scripts(kind: str, fast_torchscript) -> N
         torch.testing.assert_close(a["scores"], b["scores"])
 
 
-def test_predict_maps_labels_to_categories_and_boxes_to_xywh() -> None:
-    class Fixed(nn.Module):
-        def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-            boxes = torch.tensor([[1.0, 2.0, 11.0, 22.0], [0.0, 0.0, 5.0, 5.0]])
-            return [
-                {"boxes": boxes, "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([2, 0])} for _ in images
-            ]
+class Fixed(nn.Module):
+    """A detector that finds the same two boxes, label 2 and label 0 (background), on every image."""
 
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        boxes = torch.tensor([[1.0, 2.0, 11.0, 22.0], [0.0, 0.0, 5.0, 5.0]])
+        return [{"boxes": boxes, "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([2, 0])} for _ in images]
+
+
+def test_predict_maps_labels_to_categories_and_boxes_to_xywh() -> None:
     # two images whose outputs share one boxes tensor: converting to xywh must not do it twice
     loader = [([torch.zeros(3, 8, 8)] * 2, [{"image_id": torch.tensor(7)}, {"image_id": torch.tensor(8)}])]
     results = det.predict(Fixed(), loader, {1: 5, 2: 9})  # label 0 is background: no category, left out
     assert results == [{"image_id": i, "category_id": 9, "bbox": [1.0, 2.0, 10.0, 20.0], "score": 0.9} for i in (7, 8)]
+
+
+def test_detect_names_the_coco_category_ids() -> None:
+    """predict-det's detections carry the training annotations' category ids, as eval-det's detections.json."""
+    from PIL import Image
+
+    image = Image.new("RGB", (16, 16))
+    found = det.detect(Fixed(), [image], {"2": "b"}, score_thresh=0.0, label_to_cat={"1": 4, "2": 7})
+    assert [(d["label"], d["category_id"], d["name"]) for d in found[0]["detections"]] == [
+        (2, 7, "b"), (0, None, "class 0")  # background 0 is no category
+    ]  # fmt: skip
+    assert "category_id" not in det.detect(Fixed(), [image], {"2": "b"})[0]["detections"][0]  # no mapping: none
 
 
 # -- COCO evaluation ----------------------------------------------------------------------------
@@ -469,16 +531,67 @@ def test_coco_no_detections_and_bad_results() -> None:
         assert det.coco_evaluate(gt, [np_result], strict=False)["AP"] == pytest.approx(1.0)
 
 
+def test_evaluation_scores_the_ground_truth_as_written(tmp_path: Path) -> None:
+    """pycocotools' own numbers on the file as written: a box reaching outside its image is scored as it is (the
+    training targets alone are clipped), with its area as written."""
+    from PIL import Image
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = coco_gt([[[80, 60, 40, 40], [10, 10, 20, 20]]], size=96)
+    gt["images"][0]["height"] = 80
+    (tmp_path / "ann.json").write_text(json.dumps(gt))
+    Image.new("L", (96, 80)).save(tmp_path / "0.png")
+    results = [{"image_id": 1, "category_id": 1, "bbox": a["bbox"], "score": 0.9} for a in gt["annotations"]]
+    coco = COCO(str(tmp_path / "ann.json"))
+    plain = COCOeval(coco, coco.loadRes([dict(r) for r in results]), "bbox")
+    plain.evaluate(), plain.accumulate(), plain.summarize()
+    ds = CocoDetectionDataset(tmp_path, tmp_path / "ann.json")
+    stats = det.coco_evaluate(ds.coco_dict, results)
+    assert list(stats.values()) == pytest.approx(list(plain.stats)) and stats["AP"] == pytest.approx(1.0)
+    assert ds[0][1]["boxes"].tolist()[0] == [80, 60, 96, 80]  # the target: clipped to the image
+
+
+def test_evaluation_refuses_ground_truth_without_images_or_boxes() -> None:
+    """pycocotools gives -1 for every metric then, which reads as a score."""
+    with pytest.raises(ValueError, match="the given dataset lists no images: nothing to evaluate"):
+        det.coco_evaluate(coco_gt([]), [])
+    with pytest.raises(ValueError, match="has no boxes to score detections against"):
+        det.coco_evaluate(coco_gt([[], []]), [])
+    crowd = coco_gt([[[0, 0, 10, 10]]])
+    crowd["annotations"][0]["iscrowd"] = 1  # a crowd region is not scored
+    with pytest.raises(ValueError, match="has no boxes to score detections against .crowd regions aside."):
+        det.coco_evaluate(crowd, [])
+
+
 # -- bad annotations ----------------------------------------------------------------------------
 
 
+def test_iscrowd_must_say_yes_or_no() -> None:
+    """bool("0") is True: a string or another number is refused, not read as a crowd region."""
+    for bad in ("0", "no", 2, None, 0.5):
+        gt = coco_gt([[[0, 0, 10, 10]]])
+        gt["annotations"][0]["iscrowd"] = bad
+        with pytest.raises(ValueError, match=rf"annotation 1 has iscrowd {re.escape(repr(bad))}; it must be 0 or 1"):
+            check_coco(gt)
+    for given, read in ((0, 0), (1, 1), (True, 1), (False, 0), (1.0, 1)):
+        gt = coco_gt([[[0, 0, 10, 10]]])
+        gt["annotations"][0]["iscrowd"] = given
+        assert check_coco(gt).data["annotations"][0]["iscrowd"] == read
+
+
 def test_bad_annotations_repaired_with_warning() -> None:
-    gt = coco_gt([[[-5, 10, 30, 20], [90, 90, 30, 30], [10, 10, 0, 5], [200, 200, 10, 10], [1, 1, 5, 5]], []])
-    with pytest.warns(UserWarning, match="2 boxes clipped.*2 boxes dropped as degenerate"):
-        check = check_coco(gt)
-    boxes = {a["id"]: a["bbox"] for a in check.data["annotations"]}
+    """Training targets are repaired (clipped, empty boxes dropped), said; the checked data keeps them as written."""
+    written = [[-5, 10, 30, 20], [90, 90, 30, 30], [10, 10, 0, 5], [200, 200, 10, 10], [1, 1, 5, 5]]
+    gt = coco_gt([written, []])
+    check = check_coco(gt)
+    assert [a["bbox"] for a in check.data["annotations"]] == written and not check.clipped
+    with pytest.warns(UserWarning, match="2 boxes clipped.*2 boxes dropped as degenerate.*in the training targets"):
+        targets = repair_boxes(check)
+    boxes = {a["id"]: a["bbox"] for a in targets}
     assert boxes == {1: [0.0, 10.0, 25.0, 20.0], 2: [90.0, 90.0, 10.0, 10.0], 5: [1, 1, 5, 5]}
     assert check.clipped == [1, 2] and check.dropped_degenerate == [3, 4]
+    assert [a["bbox"] for a in check.data["annotations"]] == written  # the ground truth is left as written
 
 
 def test_bad_annotations_refused_clearly() -> None:
@@ -542,12 +655,12 @@ def test_dataset_files_and_empty_images(tmp_path: Path) -> None:
     model = tiny_detector("fcos").train()
     images, targets = collate_detection([ds[1], ds[1]])  # a batch of empty images still trains
     assert torch.isfinite(sum(model(images, targets).values()))
-    gt["images"][0]["width"] = 32  # the box, 10 to 40 wide, now leaves the image: clipped, and said
+    gt["images"][0]["width"] = 32  # the box, 10 to 40 wide, now leaves the image: clipped in training, and said
     (tmp_path / "ann.json").write_text(json.dumps(gt))
     # found when the dataset is made, before any training: a file of another size, one that is no image
     (tmp_path / "1.png").write_bytes(b"not an image")
     with pytest.warns(UserWarning, match="1 box clipped"), pytest.raises(ValueError) as error:
-        CocoDetectionDataset(tmp_path, tmp_path / "ann.json")
+        CocoDetectionDataset(tmp_path, tmp_path / "ann.json", train=True)
     assert "2 of 2 images do not fit the annotations: 0.png is 64x64, the annotations say 32x64, 1.png (not an " \
         "image Pillow can read" in str(error.value)  # fmt: skip
     (tmp_path / "ann.json").write_text("{not json")
@@ -867,14 +980,29 @@ def test_cli_train_resume_eval(tmp_path: Path, fake_fashion_mnist: Path, capsys)
         xyxy = [v for x, y, w, h in (d["bbox"] for d in result["detections"]) for v in (x, y, x + w, y + h)]
         assert xyxy == pytest.approx(expected["boxes"].flatten().tolist(), abs=0.02)
         assert {d["name"] for d in result["detections"]} <= set(dataset.names.values())
+        assert all(d["category_id"] == extra["label_to_cat"].get(str(d["label"])) for d in result["detections"])
     for given in (["--checkpoint", str(run / "last.safetensors")], [str(run)]):  # classification's command
         assert main(["predict", str(files[0]), *given]) == 2
         assert "a detector (`parnet predict-det`" in capsys.readouterr().err
-    # --draw 0: the picture left by the first evaluation is not claimed as written
+    # --draw 0: the picture left by the first evaluation is neither claimed as written nor left beside the numbers
     assert main(["eval-det", str(run), "--data", str(data), "--output", str(tmp_path / "ev"), "--no-progress",
                  "--draw", "0"]) == 0  # fmt: skip
     wrote = capsys.readouterr().out.splitlines()[-1]
     assert "eval.json" in wrote and "predictions.png" not in wrote
+    assert not (tmp_path / "ev" / "predictions.png").exists()
+    # By default beside the weights, named after them: the run's and its best.safetensors' do not meet
+    for weights, folder in ((run, "eval_val"), (run / "best.safetensors", "eval_val_best")):
+        assert eval_folder(weights, "val") == run / folder
+        assert main(["eval-det", str(weights), "--data", str(data), "--no-progress", "--draw", "0"]) == 0
+        said = json.loads((run / folder / "eval.json").read_text())["weights"]
+        assert Path(said).name == ("last.safetensors" if folder == "eval_val" else "best.safetensors")
+    # no ground truth to score against: refused before the detector runs, nothing written
+    empty = json.loads((data / "annotations" / "instances_val.json").read_text()) | {"images": [], "annotations": []}
+    (tmp_path / "empty.json").write_text(json.dumps(empty))
+    assert main(["eval-det", str(run), "--val-images", str(data / "val"), "--val-ann", str(tmp_path / "empty.json"),
+                 "--output", str(tmp_path / "ev_empty")]) == 2  # fmt: skip
+    assert "empty.json lists no images: nothing to evaluate" in capsys.readouterr().err
+    assert not (tmp_path / "ev_empty").exists()
     assert main(["eval-det", str(tmp_path / "none"), "--data", str(data)]) == 2  # a clear error, exit code 2
     # A new run never replaces files of the user's that it would write: nothing is touched.
     mine = tmp_path / "mine"
@@ -907,6 +1035,54 @@ def test_train_det_resume_refuses_other_data_and_an_empty_set(tmp_path: Path, fa
     # a set without training images (make-det-dataset --train 0 writes one): said so before any work
     assert main([*train, "--data", str(dataset("empty", 0)), "--output", str(tmp_path / "run0")]) == 2
     assert "instances_train.json lists no images: a detector needs training images" in capsys.readouterr().err
+
+
+def test_commands_refuse_data_without_boxes(tmp_path: Path, fake_fashion_mnist: Path, capsys, monkeypatch) -> None:
+    """No boxes to train on or to score against is said before any work (exit 2), not trained or scored as -1;
+    a generated set without boxes is not written."""
+    from parnet.cli import main
+
+    make = ["make-det-dataset", "--canvas", "64", "--min-size", "16", "--max-size", "40", "--source",
+            str(fake_fashion_mnist)]  # fmt: skip
+    assert main([*make, str(tmp_path / "none"), "--train", "2", "--val", "1", "--max-objects", "0"]) == 2
+    assert "hi >= 1" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    render = det_data_module._render_canvas
+    monkeypatch.setattr(det_data_module, "_render_canvas", lambda *a: (render(*a)[0], []))  # no item placed
+    assert main([*make, str(tmp_path / "unlucky"), "--train", "2", "--val", "1", "--min-objects", "0"]) == 2
+    assert "the generated train and val images hold no boxes" in capsys.readouterr().err
+    assert not [p for p in (tmp_path / "unlucky").rglob("*") if p.is_file()]
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("mine")
+    assert main([*make, str(tmp_path / "file"), "--train", "1", "--val", "1"]) == 2
+    assert "the output " + str(tmp_path / "file") + " is a file: give a folder" in capsys.readouterr().err
+    data = tmp_path / "data"
+    assert main([*make, str(data), "--train", "2", "--val", "0"]) == 0
+    train = ["train-det", "--data", str(data), "--backbone-kwargs", "widths=[8,16,32]", "head_width=32",
+             "stem_width=8", "--fpn-channels", "64", "--no-progress", "--device", "cpu", "--epochs", "1"]  # fmt: skip
+    assert main([*train, "--output", str(tmp_path / "run")]) == 2  # nothing to evaluate on
+    assert "instances_val.json lists no images: nothing to evaluate" in capsys.readouterr().err
+    no_boxes = json.loads((data / "annotations" / "instances_train.json").read_text()) | {"annotations": []}
+    (tmp_path / "no_boxes.json").write_text(json.dumps(no_boxes))
+    assert main([*train, "--train-ann", str(tmp_path / "no_boxes.json"), "--output", str(tmp_path / "run2")]) == 2
+    assert "no_boxes.json has no boxes to train on" in capsys.readouterr().err
+    assert not (tmp_path / "run2" / "last_state.pt").exists()
+
+
+def test_train_det_resume_of_a_run_without_checkpoint_and_help(tmp_path: Path, capsys) -> None:
+    """A run killed in its first epoch saved no settings: --resume alone says so and what to do."""
+    from parnet.checkpoint import LOCK_FILE
+    from parnet.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_FILE).write_text("")  # left by a run killed in its first epoch
+    assert main(["train-det", "--output", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no checkpoint yet (its run stopped before the first epoch finished)" in err
+    assert "run the original command again, with its --data and other flags" in err
+    with pytest.raises(SystemExit):
+        main(["train-det", "--help"])
+    assert "--detector {fcos,retinanet,fasterrcnn}" in capsys.readouterr().out
 
 
 def test_train_det_with_loader_workers_resumes_as_if_never_stopped(tmp_path: Path, fake_fashion_mnist: Path) -> None:

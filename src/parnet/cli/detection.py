@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,8 @@ def _predict_det(args: argparse.Namespace) -> int:
     if missing:
         raise FileNotFoundError(f"no image file or folder at {', '.join(missing)}")
     model, extra = load_detector(detector_file(args.weights), str(check_device(args.device)))
-    results = detect(model, args.paths, extra.get("names"), args.score_thresh, args.batch_size)
+    names, cats = extra.get("names"), extra.get("label_to_cat")
+    results = detect(model, args.paths, names, args.score_thresh, args.batch_size, label_to_cat=cats)
     print(format_detections(results))
     if args.json_out:
         with atomic_write(args.json_out) as tmp:
@@ -94,7 +96,7 @@ def add_commands(subparsers: Any) -> None:
     from ..detection.data import DEFAULT_FASHION_MNIST
 
     p = subparsers.add_parser("make-det-dataset", help="synthetic COCO-format detection set from Fashion-MNIST items")
-    p.add_argument("output", help="folder to write (train/, val/, annotations/)")
+    p.add_argument("output", help="folder to write (train/, val/, annotations/); a new or an existing folder")
     p.add_argument("--train", type=nonneg_int, default=2000, help="training images")
     p.add_argument("--val", type=nonneg_int, default=300, help="validation images")
     p.add_argument("--canvas", type=positive_int, default=128, help="image side in pixels")
@@ -112,6 +114,10 @@ def add_commands(subparsers: Any) -> None:
 
     p = subparsers.add_parser("train-det", help="train a detector (FCOS, RetinaNet, Faster R-CNN) on a COCO-format set")
     add_settings_flags(p, DetTrainConfig, reserved={"backbone_kwargs": RESERVED_BACKBONE_KWARGS})
+    for action in p._actions:  # the choices of a Literal setting, shown in --help and checked by argparse
+        field = DetTrainConfig.model_fields.get(action.dest)
+        if field is not None and typing.get_origin(field.annotation) is typing.Literal:
+            action.choices = typing.get_args(field.annotation)
     p.set_defaults(func=_train_det)
 
     p = subparsers.add_parser("eval-det", help="COCO AP of a trained detector, and a picture of its predictions")
@@ -130,7 +136,9 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument(
-        "--output", help="folder for eval.json, detections.json, predictions.png (default: beside the weights)"
+        "--output",
+        help="folder for eval.json, detections.json, predictions.png (default: beside the weights, eval_SPLIT for a "
+        "run folder or its last.safetensors, eval_SPLIT_NAME for NAME.safetensors, e.g. eval_val_best)",
     )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.set_defaults(func=_eval_det)

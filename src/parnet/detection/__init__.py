@@ -25,7 +25,14 @@ One module per concern, imports flowing down this list:
 """
 
 from .backbone import FPNBackbone, build_backbone, freeze_batchnorm, load_backbone_weights
-from .data import CocoCheck, CocoDetectionDataset, check_coco, collate_detection, make_fashion_mnist_detection
+from .data import (
+    CocoCheck,
+    CocoDetectionDataset,
+    check_coco,
+    collate_detection,
+    make_fashion_mnist_detection,
+    repair_boxes,
+)
 from .detectors import (
     DETECTOR_KWARGS,
     DETECTORS,
@@ -37,7 +44,7 @@ from .detectors import (
 )
 from .evaluation import STAT_NAMES, coco_evaluate, draw_predictions, evaluate_dataset, predict, save_png
 from .inference import detect, draw_detections, format_detections
-from .train import DetTrainConfig, data_paths, detector_file, eval_det, train_det
+from .train import DetTrainConfig, data_paths, detector_file, eval_det, eval_folder, train_det
 
 __all__ = [
     "DETECTORS",
@@ -60,6 +67,7 @@ __all__ = [
     "draw_detections",
     "draw_predictions",
     "eval_det",
+    "eval_folder",
     "evaluate_dataset",
     "format_detections",
     "freeze_batchnorm",
@@ -67,6 +75,7 @@ __all__ = [
     "load_detector",
     "make_fashion_mnist_detection",
     "predict",
+    "repair_boxes",
     "save_detector",
     "save_png",
     "train_det",

@@ -48,6 +48,7 @@ class FPNBackbone(nn.Module):
             )
         if extra not in ("p6p7", "pool", None):
             raise ValueError(f"extra must be 'p6p7', 'pool' or None, got {extra!r}")
+        _check_strides(body, levels)
         self.body = body
         self.levels = levels
         self.in_channels_list = [channels[i] for i in levels]
@@ -68,6 +69,24 @@ class FPNBackbone(nn.Module):
         for k, i in enumerate(self.levels):
             levels[str(k)] = feats[i]
         return self.fpn(levels)
+
+
+def _check_strides(body: nn.Module, levels: list[int]) -> None:
+    """``ValueError`` unless the chosen features' strides strictly increase: an FPN of two levels at one stride
+    has anchors (and strides) repeated, which trains without a word but is not the pyramid asked for.
+    ParNet has several features at one stride (its streams and fusions), so out_indices can pick them."""
+    info = body.feature_info.get_dicts()
+    strides = [info[i]["reduction"] for i in levels]
+    if all(a < b for a, b in zip(strides, strides[1:])):
+        return
+    indices = ", ".join(f"{info[i].get('index', i)} (stride {s})" for i, s in zip(levels, strides))
+    from ..model import ParNetCfg, default_out_indices
+
+    cfg = getattr(getattr(body, "model", None), "cfg", None)
+    hint = "choose one feature per stride (out_indices, levels)"
+    if isinstance(cfg, ParNetCfg):
+        hint += f", e.g. ParNet's default out_indices {default_out_indices(cfg)}"
+    raise ValueError(f"the FPN's features must have strictly increasing strides, got features {indices}; {hint}")
 
 
 def freeze_batchnorm(module: nn.Module) -> nn.Module:
@@ -110,14 +129,14 @@ def _read_weights(
             from ..trained import load_weights
 
             state, meta = read_safetensors(path, None)
-            if meta.get("format") == "parnet-detector":  # a trained detector's backbone, e.g. for other classes
-                body = "backbone.body."
-                return {k.removeprefix(body): v for k, v in state.items() if k.startswith(body)}, name, None, False
-            if header_flag(meta, "fused", name):
+            if header_flag(meta, "fused", name):  # a classifier's or a detector's (save_detector records it)
                 raise ValueError(
                     f"{name} holds re-parameterized (fused) weights, which a backbone cannot train from: give the "
                     "run folder or its last.safetensors / last_ema.safetensors (the weights before fusion)"
                 )
+            if meta.get("format") == "parnet-detector":  # a trained detector's backbone, e.g. for other classes
+                body = "backbone.body."
+                return {k.removeprefix(body): v for k, v in state.items() if k.startswith(body)}, name, None, False
             described = "timm_model" in meta or meta.get("format") == "parnet"
             return state, name, load_weights(path) if described else None, False
         checkpoint = read_checkpoint(path)

@@ -5,15 +5,19 @@ A COCO-format dataset is an image folder plus a COCO JSON (``images``, ``annotat
 the way the training and evaluation code needs it and says what is wrong with it:
 
 * fatal (``ValueError`` listing the offending entries): missing sections, duplicate image or
-  annotation ids, annotations of images that are not listed, unknown category ids and boxes that
-  are not four finite numbers (the last two are dropped instead with ``strict=False``);
-* repaired, with a warning that counts them: boxes reaching outside the image are clipped to it,
-  as torchvision's COCO reference does; boxes with no area left (zero or negative width or height,
-  or entirely outside the image) are dropped;
+  annotation ids, annotations of images that are not listed, an ``iscrowd`` other than 0/1/true/false,
+  unknown category ids and boxes that are not four finite numbers (the last two are dropped instead
+  with ``strict=False``);
 * filled in without a warning (counted in ``CocoCheck.filled``): a missing annotation id, a missing
   ``area`` (the box area) and a missing ``iscrowd`` (0);
+* kept as written: every box, inside the image or not. Evaluation scores against the file as written,
+  as pycocotools and torchvision's reference scripts do;
 * kept: images without annotations (their target has zero boxes), crowd boxes (left out of the
   training targets, kept for pycocotools, which ignores detections on them).
+
+:func:`repair_boxes` makes the training targets from a checked file: boxes reaching outside the image are
+clipped to it, as torchvision's COCO reference does, and boxes with no area left (zero or negative width or
+height, or entirely outside the image) are dropped, with a warning that counts them.
 
 :func:`make_fashion_mnist_detection` builds a detection set from the real Fashion-MNIST IDX files:
 items pasted at random positions and sizes onto larger canvases, written as PNG + COCO JSON.
@@ -35,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR
-from ..io import atomic_write
+from ..io import atomic_write, check_output_path
 
 __all__ = [
     "CocoDetectionDataset",
@@ -43,6 +47,7 @@ __all__ = [
     "check_coco",
     "collate_detection",
     "make_fashion_mnist_detection",
+    "repair_boxes",
 ]
 
 DEFAULT_FASHION_MNIST = Path(FASHION_MNIST_DIR)
@@ -53,10 +58,10 @@ DEFAULT_FASHION_MNIST = Path(FASHION_MNIST_DIR)
 
 @dataclass
 class CocoCheck:
-    """A checked COCO dataset: the cleaned JSON and what had to be done to it."""
+    """A checked COCO dataset: the checked JSON and what had to be done to it."""
 
     data: dict[str, Any]
-    """The cleaned dataset: every annotation has a valid id, category, clipped box, area and iscrowd."""
+    """The checked dataset: every annotation has a valid id, category, box (as written), area and iscrowd."""
     cat_ids: list[int]
     """Category ids, sorted; label ``k + 1`` of a detector is category ``cat_ids[k]`` (0 is background)."""
     clipped: list[int] = field(default_factory=list)
@@ -64,6 +69,8 @@ class CocoCheck:
     dropped_unknown_category: list[int] = field(default_factory=list)
     dropped_malformed: list[int] = field(default_factory=list)
     filled: int = 0
+    name: str = "the given dataset"
+    """Where the data came from (its path), for messages."""
 
     @property
     def label_to_cat(self) -> dict[int, int]:
@@ -79,14 +86,31 @@ class CocoCheck:
         by_id = {c["id"]: str(c.get("name", c["id"])) for c in self.data["categories"]}
         return {label: by_id[c] for label, c in self.label_to_cat.items()}
 
-    def summary(self) -> str:
-        """One line on the repairs made, empty when there were none."""
+    @property
+    def boxes(self) -> int:
+        """The boxes a detector can learn from or be scored against: the annotations that are not crowd regions."""
+        return sum(1 for a in self.data["annotations"] if not a["iscrowd"])
+
+    def require_ground_truth(self) -> None:
+        """``ValueError`` unless there are images and boxes to score detections against: pycocotools would give
+        -1 for every metric, which reads as a score."""
+        if not self.data["images"]:
+            raise ValueError(f"{self.name} lists no images: nothing to evaluate; give a split with annotated images")
+        if not self.boxes:
+            raise ValueError(
+                f"{self.name} has no boxes to score detections against (crowd regions aside): every COCO metric "
+                "would be -1; give a split whose images are annotated with boxes"
+            )
+
+    def summary(self, targets_only: bool = False) -> str:
+        """One line on the repairs made, empty when there were none; ``targets_only``: those of
+        :func:`repair_boxes`, not the drops of :func:`check_coco`'s ``strict=False``."""
         parts = []
         for what, ids in (
             ("clipped to the image", self.clipped),
             ("dropped as degenerate (no area inside the image)", self.dropped_degenerate),
-            ("dropped for an unknown category id", self.dropped_unknown_category),
-            ("dropped as malformed (bbox not 4 finite numbers)", self.dropped_malformed),
+            ("dropped for an unknown category id", [] if targets_only else self.dropped_unknown_category),
+            ("dropped as malformed (bbox not 4 finite numbers)", [] if targets_only else self.dropped_malformed),
         ):
             if ids:
                 parts.append(f"{len(ids)} box{'es' if len(ids) > 1 else ''} {what} (annotation ids {_head(ids)})")
@@ -112,9 +136,9 @@ def _load_json(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str,
 def check_coco(source: str | os.PathLike | Mapping[str, Any], strict: bool = True) -> CocoCheck:
     """Read and check a COCO detection dataset (a path or an already-loaded dict).
 
-    Raises ``ValueError`` naming the offending entries for problems that cannot be repaired, and
-    in ``strict`` mode for unknown category ids and malformed boxes (dropped otherwise). Boxes
-    outside the image are clipped and empty ones dropped, with a warning (see the module doc).
+    Raises ``ValueError`` naming the offending entries for problems that make the file unusable, and
+    in ``strict`` mode for unknown category ids and malformed boxes (dropped otherwise, with a warning).
+    Boxes are kept as written: :func:`repair_boxes` clips them for training (see the module doc).
     """
     data, name = _load_json(source)
     if not isinstance(data, dict):
@@ -153,7 +177,7 @@ def check_coco(source: str | os.PathLike | Mapping[str, Any], strict: bool = Tru
         raise ValueError(f"{name}: no categories")
     known_cats = set(cat_ids)
 
-    check = CocoCheck(data=data, cat_ids=sorted(cat_ids))
+    check = CocoCheck(data=data, cat_ids=sorted(cat_ids), name=name)
     kept, orphans, unknown, malformed, ann_ids = [], [], [], [], set()
     next_id = 1 + max(
         (a["id"] for a in data["annotations"] if isinstance(a, dict) and isinstance(a.get("id"), int)), default=0
@@ -181,24 +205,18 @@ def check_coco(source: str | os.PathLike | Mapping[str, Any], strict: bool = Tru
         ):
             malformed.append((ann["id"], box))
             continue
-        img = images[ann["image_id"]]
-        x0, y0, w, h = (float(v) for v in box)
-        x1, y1 = x0 + w, y0 + h
-        cx0, cy0 = min(max(x0, 0.0), img["width"]), min(max(y0, 0.0), img["height"])
-        cx1, cy1 = min(max(x1, 0.0), img["width"]), min(max(y1, 0.0), img["height"])
-        if cx1 <= cx0 or cy1 <= cy0:
-            check.dropped_degenerate.append(ann["id"])
-            continue
-        if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
-            check.clipped.append(ann["id"])
-            ann["bbox"] = [cx0, cy0, cx1 - cx0, cy1 - cy0]
-            ann["area"] = (cx1 - cx0) * (cy1 - cy0)
-        if not isinstance(ann.get("area"), (int, float)):
-            ann["area"] = (cx1 - cx0) * (cy1 - cy0)
+        if not isinstance(ann.get("area"), (int, float)):  # pycocotools needs it: the box's, as written
+            ann["area"] = float(box[2]) * float(box[3])
             check.filled += 1
-        if ann.get("iscrowd") not in (0, 1):
-            ann["iscrowd"] = int(bool(ann.get("iscrowd", 0)))
+        if "iscrowd" not in ann:
+            ann["iscrowd"] = 0
             check.filled += 1
+        # bool("0") is True: only the values that say yes or no are read as one
+        if isinstance(ann["iscrowd"], (str, bytes)) or ann["iscrowd"] not in (0, 1):
+            raise ValueError(
+                f"{name}: annotation {ann['id']} has iscrowd {ann['iscrowd']!r}; it must be 0 or 1 (true or false)"
+            )
+        ann["iscrowd"] = int(ann["iscrowd"])
         kept.append(ann)
 
     if orphans:
@@ -223,6 +241,34 @@ def check_coco(source: str | os.PathLike | Mapping[str, Any], strict: bool = Tru
     return check
 
 
+def repair_boxes(check: CocoCheck, warn: bool = True) -> list[dict[str, Any]]:
+    """The annotations of a checked dataset as training targets: copies whose boxes are clipped to their image
+    (as torchvision's COCO reference does; ``area`` follows), those with no area left dropped.
+
+    Records them in ``check.clipped`` and ``check.dropped_degenerate`` and, with ``warn``, says so.
+    ``check.data`` is left as written: the ground truth evaluation scores against.
+    """
+    sizes = {im["id"]: (im["width"], im["height"]) for im in check.data["images"]}
+    check.clipped, check.dropped_degenerate = [], []
+    repaired = []
+    for ann in check.data["annotations"]:
+        width, height = sizes[ann["image_id"]]
+        x0, y0, w, h = (float(v) for v in ann["bbox"])
+        x1, y1 = x0 + w, y0 + h
+        cx0, cy0 = min(max(x0, 0.0), width), min(max(y0, 0.0), height)
+        cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
+        if cx1 <= cx0 or cy1 <= cy0:
+            check.dropped_degenerate.append(ann["id"])
+            continue
+        if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
+            check.clipped.append(ann["id"])
+            ann = {**ann, "bbox": [cx0, cy0, cx1 - cx0, cy1 - cy0], "area": (cx1 - cx0) * (cy1 - cy0)}
+        repaired.append(ann)
+    if warn and check.summary(targets_only=True):
+        warnings.warn(f"{check.name}: {check.summary(targets_only=True)} in the training targets", stacklevel=2)
+    return repaired
+
+
 # -- the dataset --------------------------------------------------------------------------------
 
 
@@ -231,7 +277,9 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
 
     Items are ``(image, target)``: a float RGB tensor in [0, 1] (3, H, W) and a dict with
     ``boxes`` (N, 4, xyxy pixels), ``labels`` (N, detector labels 1..K), ``image_id``, ``area``
-    and ``iscrowd``. Crowd boxes are left out of the targets (pycocotools still sees them).
+    and ``iscrowd``. The targets' boxes are clipped to the image (:func:`repair_boxes`, said for a training
+    set); :attr:`coco_dict`, the ground truth of evaluation, keeps them as written. Crowd boxes are left out
+    of the targets (pycocotools still sees them).
 
     Args:
         image_dir: folder the ``file_name`` entries are relative to.
@@ -253,6 +301,7 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         self.check = check_coco(ann_file, strict=strict)
         self.train = train
         data = self.check.data
+        targets = repair_boxes(self.check, warn=train)
         self.images = sorted(data["images"], key=lambda im: im["id"])
         missing = [im["file_name"] for im in self.images if not (self.image_dir / im["file_name"]).is_file()]
         if missing:
@@ -261,7 +310,7 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
             )
         self._check_headers()
         self.anns: dict[int, list[dict[str, Any]]] = {im["id"]: [] for im in self.images}
-        for ann in data["annotations"]:
+        for ann in targets:
             self.anns[ann["image_id"]].append(ann)
         self.cat_to_label = self.check.cat_to_label
         self.label_to_cat = self.check.label_to_cat
@@ -295,8 +344,13 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
 
     @property
     def coco_dict(self) -> dict[str, Any]:
-        """The cleaned COCO dataset, ground truth for :func:`parnet.detection.coco_evaluate`."""
+        """The checked COCO dataset, boxes as written: ground truth for :func:`parnet.detection.coco_evaluate`."""
         return self.check.data
+
+    @property
+    def target_boxes(self) -> int:
+        """How many boxes the targets hold: the non-crowd ones with an area inside their image."""
+        return sum(len([a for a in anns if not a["iscrowd"]]) for anns in self.anns.values())
 
     def __len__(self) -> int:
         return len(self.images)
@@ -432,7 +486,8 @@ def make_fashion_mnist_detection(
     validation canvases its test items. Categories are ids 1..10 in Fashion-MNIST's label order.
 
     Output: ``out_dir/{train,val}/*.png`` and ``out_dir/annotations/instances_{train,val}.json``.
-    The same arguments give the same files, byte for byte. Returns the two JSON paths.
+    The same arguments give the same files, byte for byte. Returns the two JSON paths. A split whose images
+    got no boxes at all (``num_objects`` from 0) is refused: nothing is left of the set.
     An existing dataset there (either JSON, or files in ``train/`` or ``val/``) is refused unless
     ``overwrite``, which removes its JSON files first (a run cut short leaves no annotations beside new
     images) and the images of the old set that the new one does not write again (``NNNNNN.png``; other
@@ -442,9 +497,10 @@ def make_fashion_mnist_detection(
 
     if canvas < 8 or num_train < 0 or num_val < 0:
         raise ValueError(f"need canvas >= 8 and non-negative image counts, got {canvas}, {num_train}, {num_val}")
-    if not 0 <= num_objects[0] <= num_objects[1]:
+    if not 0 <= num_objects[0] <= num_objects[1] or num_objects[1] < 1:  # no objects: a set without boxes
         raise ValueError(
-            f"num_objects (--min-objects, --max-objects) must be a range (lo, hi) with 0 <= lo <= hi, got {num_objects}"
+            "num_objects (--min-objects, --max-objects) must be a range (lo, hi) with 0 <= lo <= hi and hi >= 1, "
+            f"got {num_objects}"
         )
     if not 1 <= object_size[0] <= object_size[1] <= canvas:
         raise ValueError(
@@ -453,7 +509,7 @@ def make_fashion_mnist_detection(
         )
     if not 0 <= max_iou <= 1:  # NaN too: no item would ever find a place, and the dataset would have no boxes
         raise ValueError(f"max_iou must be a number from 0 to 1, got {max_iou}")
-    source, out = Path(source), Path(out_dir)
+    source, out = Path(source), check_output_path(out_dir, folder=True, what="the output")
     existing = [p for split in ("train", "val") if (p := out / "annotations" / f"instances_{split}.json").exists()]
     occupied = [d for split in ("train", "val") if (d := out / split).is_dir() and any(d.iterdir())]
     if (existing or occupied) and not overwrite:  # images of the same names would be written over
@@ -465,7 +521,7 @@ def make_fashion_mnist_detection(
     for path in existing:  # the old annotations go first: a run cut short leaves no JSON over new images
         path.unlink()
     categories = [{"id": i + 1, "name": n, "supercategory": "fashion"} for i, n in enumerate(FASHION_MNIST_CLASSES)]
-    written = {}
+    datasets = {}
     for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
         items, labels = sources[split]
         rng = np.random.default_rng([seed, split_index])
@@ -492,7 +548,7 @@ def make_fashion_mnist_detection(
         for stale in (out / split).glob("[0-9]" * 6 + ".png"):  # an overwritten larger set's: not of this one
             if int(stale.stem) >= count:
                 stale.unlink()
-        dataset = {
+        datasets[split] = {
             "info": {
                 "description": f"Fashion-MNIST items on {canvas}x{canvas} canvases ({split})",
                 "generator": "parnet make-det-dataset",
@@ -505,6 +561,18 @@ def make_fashion_mnist_detection(
             "annotations": annotations,
             "categories": categories,
         }
+    # A split of images without boxes can neither train nor score a detector: no set is written, its images go.
+    empty = [split for split, d in datasets.items() if d["images"] and not d["annotations"]]
+    if empty:
+        for split, d in datasets.items():
+            for image in d["images"]:
+                (out / split / image["file_name"]).unlink()
+        raise ValueError(
+            f"the generated {' and '.join(empty)} images hold no boxes (with --min-objects {num_objects[0]} an image "
+            "may have none, and an item that finds no place is left out): raise --min-objects or the image count"
+        )
+    written = {}
+    for split, dataset in datasets.items():
         path = out / "annotations" / f"instances_{split}.json"
         with atomic_write(path) as tmp:
             tmp.write_text(json.dumps(dataset))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 
 from ..weights import FEATURE_KEYS, architecture_kwargs
 from .backbone import build_backbone
@@ -31,23 +33,36 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # timm keywords that load weights or shape training only: used for the build, not kept with the detector.
 BUILD_ONLY_BACKBONE_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict",
                               "checkpoint_path", "cache_dir", "drop_rate", "drop_path_rate")  # fmt: skip
-# The torchvision detectors' post-processing keywords create_detector passes on (and a saved detector keeps):
-# name -> bounds; integer bounds make an integer keyword. Each detector takes its own (KWARGS_OF).
-DETECTOR_KWARGS: dict[str, tuple[float, float]] = {
-    "score_thresh": (0.0, 1.0),
-    "nms_thresh": (0.0, 1.0),
+_CLASSES = {"fcos": FCOS, "retinanet": RetinaNet, "fasterrcnn": FasterRCNN}
+# Bounds of the keywords that are neither a count (1 to 100,000) nor a threshold or fraction (0 to 1).
+_BOUNDS: dict[str, tuple[float, float]] = {
     "detections_per_img": (1, 10_000),
-    "topk_candidates": (1, 100_000),
-    "box_score_thresh": (0.0, 1.0),
-    "box_nms_thresh": (0.0, 1.0),
     "box_detections_per_img": (1, 10_000),
+    "center_sampling_radius": (0.0, 100.0),
 }
-_ONE_STAGE = ("score_thresh", "nms_thresh", "detections_per_img", "topk_candidates")
-# torchvision passes a keyword its detector does not take on to its image transform, which ignores it.
-KWARGS_OF = {
-    "fcos": _ONE_STAGE,
-    "retinanet": _ONE_STAGE,
-    "fasterrcnn": tuple(k for k in DETECTOR_KWARGS if k[:4] == "box_"),
+
+
+def _number_keywords(cls: type) -> dict[str, int | float]:
+    """The keywords of a torchvision detector's signature that take a number, with their defaults, but for the
+    resize create_detector sets itself: post-processing, sampling and matching (``rpn_post_nms_top_n_test``, ...)."""
+    return {
+        name: p.default
+        for name, p in inspect.signature(cls).parameters.items()
+        if isinstance(p.default, (int, float))
+        and not isinstance(p.default, bool)
+        and name not in ("min_size", "max_size")
+    }
+
+
+_DEFAULTS = {kind: _number_keywords(cls) for kind, cls in _CLASSES.items()}
+# Each detector's own keywords (torchvision passes one it does not take on to its image transform, which ignores it).
+KWARGS_OF: dict[str, tuple[str, ...]] = {kind: tuple(defaults) for kind, defaults in _DEFAULTS.items()}
+# The keywords create_detector passes on (and a saved detector keeps): name -> bounds; integer bounds make an
+# integer keyword, as its default in the signature is.
+DETECTOR_KWARGS: dict[str, tuple[float, float]] = {
+    name: _BOUNDS.get(name, (1, 100_000) if isinstance(default, int) else (0.0, 1.0))
+    for defaults in _DEFAULTS.values()
+    for name, default in defaults.items()
 }
 
 
@@ -116,24 +131,24 @@ def create_detector(
             weights); any other is refused, as a saved detector could not be rebuilt from it.
         image_mean, image_std: the RGB normalisation of the input images; default: the backbone's
             ``pretrained_cfg``, which follows ``backbone_weights`` (a run's data statistics).
-        detector_kwargs: passed to the torchvision detector: its post-processing, :data:`KWARGS_OF` the
-            detector (FCOS, RetinaNet: ``score_thresh``, ``nms_thresh``, ...; Faster R-CNN: ``box_score_thresh``, ...).
+        detector_kwargs: passed to the torchvision detector: the number keywords of its signature,
+            :data:`KWARGS_OF` the detector (FCOS, RetinaNet: ``score_thresh``, ``nms_thresh``, ...; Faster R-CNN:
+            ``box_score_thresh``, ``rpn_post_nms_top_n_test``, ...), checked against :data:`DETECTOR_KWARGS`' bounds.
 
     The returned model carries ``detector_config``, the arguments that rebuild it (see
     :func:`save_detector`).
     """
-    from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.ops import MultiScaleRoIAlign
 
     if kind not in DETECTORS:
         raise ValueError(f"unknown detector {kind!r}; choose one of {DETECTORS}")
-    detector_kwargs = {k: _detector_kwarg(v, k, "create_detector") for k, v in detector_kwargs.items()}
     other = [k for k in detector_kwargs if k not in KWARGS_OF[kind]]
-    if other:
+    if other:  # torchvision would pass them on to its image transform, which ignores them
         raise ValueError(
             f"{kind} takes none of {other} (it would ignore them); its keywords: {', '.join(KWARGS_OF[kind])}"
         )
+    detector_kwargs = {k: _detector_kwarg(v, k, "create_detector") for k, v in detector_kwargs.items()}
     if isinstance(num_classes, bool) or not isinstance(num_classes, int):
         raise TypeError(f"num_classes must be an integer (categories + 1), got {num_classes!r}")
     if anchor_scale is not None and not (isinstance(anchor_scale, (int, float)) and 0 < anchor_scale < float("inf")):
@@ -191,19 +206,20 @@ def create_detector(
     if kind == "fcos":
         scale = 1.0 if anchor_scale is None else anchor_scale
         anchors = AnchorGenerator(tuple((scale * s,) for s in strides), ((1.0,),) * len(strides))
-        model = FCOS(body, num_classes, anchor_generator=anchors, **common, **detector_kwargs)
+        parts = dict(anchor_generator=anchors)
     elif kind == "retinanet":
         scale = 4.0 if anchor_scale is None else anchor_scale
         sizes = tuple(tuple(scale * s * 2 ** (k / 3) for k in range(3)) for s in strides)
-        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(strides))
-        model = RetinaNet(body, num_classes, anchor_generator=anchors, **common, **detector_kwargs)
+        parts = dict(anchor_generator=AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(strides)))
     else:
         scale = 8.0 if anchor_scale is None else anchor_scale
         anchors = AnchorGenerator(tuple((scale * s,) for s in strides), ((0.5, 1.0, 2.0),) * len(strides))
         roi_pool = MultiScaleRoIAlign(featmap_names=body.names[: len(body.levels)], output_size=7, sampling_ratio=2)
-        model = FasterRCNN(
-            body, num_classes, rpn_anchor_generator=anchors, box_roi_pool=roi_pool, **common, **detector_kwargs
-        )
+        parts = dict(rpn_anchor_generator=anchors, box_roi_pool=roi_pool)
+    try:
+        model = _CLASSES[kind](body, num_classes, **parts, **common, **detector_kwargs)
+    except AssertionError as e:  # torchvision's checks of its keywords, e.g. a matcher's bg_iou_thresh > fg_iou_thresh
+        raise ValueError(f"{kind} refused its keywords {detector_kwargs}: {e}") from None
     # torchvision pads batches to multiples of 32; ParNet needs multiples of its input_multiple: both hold.
     model.transform.size_divisible = math.lcm(model.transform.size_divisible, body.input_multiple)
     model.detector_config = config
@@ -211,8 +227,12 @@ def create_detector(
 
 
 def save_detector(model: nn.Module, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write a detector from :func:`create_detector` to safetensors with what rebuilds it, atomically."""
+    """Write a detector from :func:`create_detector` to safetensors with what rebuilds it, atomically.
+
+    A detector whose backbone body was re-parameterized (``det.backbone.body = parnet.reparameterize(...)``)
+    is recorded as ``fused``, and :func:`load_detector` fuses the rebuilt one the same way."""
     from ..io import write_safetensors
+    from ..layers import is_reparameterized
 
     model = getattr(model, "module", model)
     if not hasattr(model, "detector_config"):
@@ -221,13 +241,16 @@ def save_detector(model: nn.Module, path: str | os.PathLike, extra: Mapping[str,
         "format": "parnet-detector",
         "config": json.dumps(model.detector_config),
         "extra": json.dumps(dict(extra or {})),
+        "fused": str(is_reparameterized(model.backbone.body)),
     }
     return write_safetensors(path, model, meta)
 
 
 def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a detector written by :func:`save_detector`, in eval mode; returns it and its ``extra``."""
-    from ..io import header_json, read_safetensors
+    """Rebuild a detector written by :func:`save_detector` (a fused one fused again), in eval mode; returns it
+    and its ``extra``."""
+    from ..io import header_flag, header_json, read_safetensors
+    from ..layers import reparameterize
     from ..weights import build_checked
 
     state, meta = read_safetensors(path, "parnet-detector")
@@ -235,7 +258,15 @@ def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu") -
     extra = header_json(meta, "extra", str(path)) if "extra" in meta else {}
     if not isinstance(extra, dict):
         raise ValueError(f"{path}: metadata 'extra' must be a mapping")
-    return build_checked(lambda: create_detector(**config), state, str(path)).to(device).eval(), extra
+    fused = header_flag(meta, "fused", str(path))
+
+    def build() -> nn.Module:
+        model = create_detector(**config)
+        if fused:  # as parnet.io.load_model rebuilds a fused classifier
+            model.backbone.body = reparameterize(model.backbone.body, inplace=True)
+        return model
+
+    return build_checked(build, state, str(path)).to(device).eval(), extra
 
 
 def detector_config(config: Any, source: str) -> dict[str, Any]:

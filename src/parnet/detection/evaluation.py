@@ -57,9 +57,11 @@ def coco_evaluate(
     """pycocotools bbox evaluation: ``{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", ...}``.
 
     ``gt`` is a COCO dataset dict, checked by :func:`parnet.detection.data.check_coco` first (e.g.
-    :attr:`parnet.detection.data.CocoDetectionDataset.coco_dict`); ``results`` are COCO detections.
+    :attr:`parnet.detection.data.CocoDetectionDataset.coco_dict`) and scored as written, boxes outside
+    the image included, as pycocotools scores a file; ``results`` are COCO detections.
     Values are pycocotools' own: -1 where there is no ground truth to score (e.g. no large
     objects). No detections at all score 0 (pycocotools' ``loadRes`` refuses an empty list).
+    ``ValueError`` for ground truth with no images or no boxes (every metric would be -1).
     ``strict``: refuse ground-truth annotations of unknown categories or malformed boxes (``False``: drop them,
     with a warning).
     """
@@ -68,7 +70,9 @@ def coco_evaluate(
 
     from .data import check_coco
 
-    gt = check_coco(gt, strict=strict).data  # clear errors for malformed ground truth; fills area and iscrowd
+    check = check_coco(gt, strict=strict)  # clear errors for malformed ground truth; fills area and iscrowd
+    check.require_ground_truth()
+    gt = check.data
     image_ids = {im["id"] for im in gt["images"]}
     cat_ids = {c["id"] for c in gt["categories"]}
     for r in results:

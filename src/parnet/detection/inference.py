@@ -3,7 +3,8 @@
 ::
 
     model, extra = parnet.detection.load_detector("runs/det/last.safetensors")
-    results = parnet.detection.detect(model, ["photo.jpg", "folder/"], names=extra["names"])
+    results = parnet.detection.detect(model, ["photo.jpg", "folder/"], extra["names"],
+                                      label_to_cat=extra["label_to_cat"])
 
 Images are read as ``parnet predict`` reads them (:func:`parnet.images.open_image`): upright by their EXIF
 orientation, 8-bit, transparency on white, RGB; boxes are in the pixels of that upright image.
@@ -41,8 +42,9 @@ def detect(
     names: Mapping[Any, str] | None = None,
     score_thresh: float = 0.3,
     batch_size: int = 8,
+    label_to_cat: Mapping[Any, int] | None = None,
 ) -> list[dict[str, Any]]:
-    """``[{"image": name, "detections": [{"label", "name", "score", "bbox"}, ...]}, ...]``, one per image.
+    """``[{"image": name, "detections": [{"label", "category_id", "name", "score", "bbox"}, ...]}, ...]``.
 
     Args:
         model: a detector (:func:`~parnet.detection.create_detector`, :func:`~parnet.detection.load_detector`),
@@ -53,6 +55,10 @@ def detect(
         names: detector label -> category name (a run's ``extra["names"]``; keys may be strings).
         score_thresh: the lowest score kept, above the detector's own threshold.
         batch_size: images decoded and run at once.
+        label_to_cat: detector label -> COCO category id of the training annotations (a run's
+            ``extra["label_to_cat"]``; keys may be strings): each detection's ``category_id``, as eval-det's
+            ``detections.json`` writes it (``None`` for a label that is no category, such as background 0).
+            Not given: no ``category_id``.
 
     ``bbox`` is COCO's ``[x, y, width, height]`` in pixels; detections come best score first.
     """
@@ -63,6 +69,7 @@ def detect(
     if isinstance(score_thresh, bool) or not isinstance(score_thresh, (int, float)) or not 0 <= score_thresh <= 1:
         raise ValueError(f"score_thresh must be a number from 0 to 1, got {score_thresh!r}")
     by_label = {int(k): str(v) for k, v in (names or {}).items()}
+    cat_of = None if label_to_cat is None else {int(k): int(v) for k, v in label_to_cat.items()}
     items = image_items(images)
     check_image_headers([item for _, item in items if not isinstance(item, Image.Image)])
     weight = next(model.parameters(), None)
@@ -79,14 +86,15 @@ def detect(
                 out["boxes"][keep].tolist(), out["scores"][keep].tolist(), out["labels"][keep].tolist()
             ):
                 x0, y0, x1, y1 = box
-                found.append(
-                    {
-                        "label": int(label),
-                        "name": by_label.get(int(label), f"class {label}"),
-                        "score": round(float(score), 5),
-                        "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-                    }
+                entry: dict[str, Any] = {"label": int(label)}
+                if cat_of is not None:
+                    entry["category_id"] = cat_of.get(int(label))
+                entry.update(
+                    name=by_label.get(int(label), f"class {label}"),
+                    score=round(float(score), 5),
+                    bbox=[round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
                 )
+                found.append(entry)
             results.append({"image": name, "detections": found})
     return results
 

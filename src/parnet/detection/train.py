@@ -30,7 +30,7 @@ from ..settings import Settings
 from .detectors import create_detector, load_detector, save_detector
 from .evaluation import detection_loader, draw_predictions, evaluate_dataset, save_png
 
-__all__ = ["DetTrainConfig", "data_paths", "detector_file", "eval_det", "train_det"]
+__all__ = ["DetTrainConfig", "data_paths", "detector_file", "eval_det", "eval_folder", "train_det"]
 
 # Backbone keywords the command sets itself, and why.
 RESERVED_BACKBONE_KWARGS = {
@@ -69,7 +69,11 @@ class DetTrainConfig(Settings):
         "(.pth.tar); the input convolutions adapt to RGB",
     )
     ema: bool = Field(False, description="take the EMA weights of --backbone-weights (a run folder's last_ema)")
-    freeze_bn: bool = Field(False, description="FrozenBatchNorm2d in the backbone (for pretrained weights)")
+    freeze_bn: bool = Field(
+        False,
+        description="FrozenBatchNorm2d in the backbone; off unless given, also with --backbone-weights (torchvision "
+        "freezes a pretrained backbone's BN: give --freeze-bn with small batches)",
+    )
     fpn_channels: int = Field(256, ge=1, le=4096, description="FPN and head width")
     image_size: int | None = Field(
         None, ge=1, le=8192, description="resize images to this side (default: the largest training image side)"
@@ -134,6 +138,15 @@ def detector_file(weights: str | Path) -> Path:
     return weights / "last.safetensors" if weights.is_dir() else weights
 
 
+def eval_folder(weights: str | Path, split: str) -> Path:
+    """Where ``eval-det`` writes by default: beside the weights, named after them, so that evaluations of two
+    weights files of one run do not overwrite each other: ``eval_val`` for a run's own weights (the folder or
+    its ``last.safetensors``), ``eval_val_best`` for its ``best.safetensors``."""
+    weights = detector_file(weights)
+    stem = weights.name.removesuffix(".safetensors")
+    return weights.parent / (f"eval_{split}" if stem == "last" else f"eval_{split}_{stem}")
+
+
 def _to_device(
     images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]], device: torch.device
 ) -> tuple[list, list]:
@@ -190,6 +203,12 @@ def train_det(cfg: DetTrainConfig) -> dict[str, float]:
     # Before any work: nothing written yet.
     if checkpoint.check_run_folder(run_dir, cfg.resume, _FINAL_FILES, _DERIVED):
         cfg = _with_saved_settings(cfg, run_dir)
+    elif cfg.resume and cfg.data is None and None in (cfg.train_images, cfg.train_ann):  # saved with a checkpoint
+        raise ValueError(
+            f"--resume: {run_dir} holds no checkpoint yet (its run stopped before the first epoch finished), so "
+            "there is nothing to continue and no saved settings: run the original command again, with its --data "
+            "and other flags, to start it over"
+        )
     dist_info = engine.init_distributed(cfg.device)
     try:
         with contextlib.ExitStack() as held:
@@ -220,6 +239,12 @@ def _train_det(cfg: DetTrainConfig, dist_info: Any, run_dir: Path) -> dict[str, 
         raise ValueError(f"train and val categories differ: {train_ds.check.cat_ids} vs {val_ds.check.cat_ids}")
     if not len(train_ds):
         raise ValueError(f"{train_ann} lists no images: a detector needs training images")
+    if not train_ds.target_boxes:  # every loss but the classifier's would be zero: it would learn to find nothing
+        raise ValueError(
+            f"{train_ann} has no boxes to train on (crowd regions and boxes with no area inside their image aside): "
+            "give annotations with boxes"
+        )
+    val_ds.check.require_ground_truth()  # before the epochs, not after them
     size = cfg.image_size or max(max(im["width"], im["height"]) for im in train_ds.images)
     # What the run's weights depend on in its data, kept with the state: a resume on other data is refused.
     data = {
@@ -299,6 +324,9 @@ def _train_det(cfg: DetTrainConfig, dist_info: Any, run_dir: Path) -> dict[str, 
             checkpoint.write_run_weights(run_dir, start_epoch - 1, model, metadata=meta)
             where = f"at epoch {start_epoch + 1}" if start_epoch < cfg.epochs else f"after its {cfg.epochs} epochs"
             print(f"resumed from {run_dir} {where}", flush=True)
+    elif cfg.resume and main:  # started over from the flags given: they may not be the first start's
+        print(f"{run_dir} holds no checkpoint yet: starting from the first epoch with the settings given now",
+              flush=True)  # fmt: skip
     train_model = DistributedDataParallel(model) if dist_info.distributed else model
     logger = checkpoint.MetricLogger(
         run_dir, enabled=main, start_epoch=start_epoch if has_checkpoint else None, rows=extra.get("metrics")
@@ -412,8 +440,10 @@ def eval_det(
 ) -> tuple[dict[str, float], list[Path]]:
     """pycocotools metrics and a picture of predictions for a trained detector (a run folder or a file).
 
-    Writes ``eval.json``, ``detections.json`` and ``predictions.png`` (unless nothing is drawn) to ``output``
-    (default: beside the weights, ``eval_<split>``); returns the stats and the files written.
+    Writes ``eval.json`` (with the weights file it scored), ``detections.json`` and ``predictions.png`` (unless
+    nothing is drawn: an earlier one there is removed) to ``output`` (default: beside the weights,
+    :func:`eval_folder`); returns the stats and the files written. ``ValueError`` for data with no images or
+    no boxes to score against.
     """
     from ..devices import check_device
     from ..io import atomic_write
@@ -423,6 +453,7 @@ def eval_det(
     weights = detector_file(weights)
     model, extra = load_detector(weights, device)
     dataset = CocoDetectionDataset(Path(images), Path(ann), train=False, strict=not lenient)
+    dataset.check.require_ground_truth()  # before the detector runs
     if model.detector_config["num_classes"] != dataset.num_classes:
         raise ValueError(
             f"the detector has {model.detector_config['num_classes'] - 1} classes, the data {dataset.num_classes - 1}"
@@ -435,9 +466,10 @@ def eval_det(
         )
     dev = torch.device(device)
     stats, results = evaluate_dataset(model, dataset, batch_size, workers, dev, progress)
-    out = Path(output) if output else weights.parent / f"eval_{split}"
+    out = Path(output) if output else eval_folder(weights, split)
+    (out / "predictions.png").unlink(missing_ok=True)  # an earlier evaluation's: never beside these numbers
     with atomic_write(out / "eval.json") as tmp:
-        tmp.write_text(json.dumps({"weights": str(weights), "split": split, "stats": stats}, indent=2))
+        tmp.write_text(json.dumps({"weights": str(weights.absolute()), "split": split, "stats": stats}, indent=2))
     with atomic_write(out / "detections.json") as tmp:
         tmp.write_text(json.dumps(results))
     png = _draw_examples(model, dataset, out / "predictions.png", draw, score_thresh, dev)
