@@ -267,3 +267,15 @@ def test_quantize_writes_for_the_engine_of_its_out_file(tmp_path, monkeypatch, c
     assert asked == [("x.xml", "openvino"), ("x.onnx", "onnxruntime")]
     assert main(["quantize", "run", "--engine", "openvino", "--out", str(tmp_path / "m.onnx")]) == 2
     assert "an openvino model is written to a .xml file, got --out" in capsys.readouterr().err and len(asked) == 2
+
+
+def test_a_file_given_to_bench_points_to_deployed(tmp_path, capsys):
+    engine_file = tmp_path / "run_int8.onnx"
+    engine_file.write_bytes(b"")
+    with pytest.raises(SystemExit) as stopped:
+        main(["bench", str(engine_file)])
+    assert stopped.value.code == 2
+    assert f"unrecognized arguments: {engine_file} (bench times models by name" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # anything else unrecognized: argparse's own words
+        main(["bench", "--no-such-option"])
+    assert capsys.readouterr().err.rstrip().endswith("unrecognized arguments: --no-such-option")

@@ -19,7 +19,6 @@ from collections.abc import Iterator, Sequence
 from types import FrameType
 from typing import Any
 
-from ..factory import create_model
 from .args import (
     MergeKwargs,
     add_kwargs_option,
@@ -38,7 +37,6 @@ __all__ = [
     "add_kwargs_option",
     "add_settings_flags",
     "build_parser",
-    "create_model",
     "key_value",
     "main",
     "model_name",
@@ -114,7 +112,13 @@ def _sigterm_exits(terminated: list[int]) -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        hint = ""
+        if args.command == "bench" and any(os.path.exists(a) for a in extra):  # parnet bench RUN_int8.onnx
+            hint = " (bench times models by name: give a `parnet quantize` file as --deployed FILE)"
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     args.argv = ["parnet", *(sys.argv[1:] if argv is None else argv)]  # what was asked, for records that keep it
     terminated: list[int] = []
     try:
