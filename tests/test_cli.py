@@ -279,3 +279,13 @@ def test_a_file_given_to_bench_points_to_deployed(tmp_path, capsys):
     with pytest.raises(SystemExit):  # anything else unrecognized: argparse's own words
         main(["bench", "--no-such-option"])
     assert capsys.readouterr().err.rstrip().endswith("unrecognized arguments: --no-such-option")
+
+
+def test_options_are_not_abbreviated(capsys):
+    """`parnet export --model NAME` (as train spells it) is not read as --model-kwargs NAME: no abbreviations."""
+    with pytest.raises(SystemExit):
+        main(["export", "--model", "parnet_cifar_s", "--format", "onnx"])
+    assert "unrecognized arguments: --model (give the model name as the first argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["quantize", "run", "--calibration-im", "8"])
+    assert "unrecognized arguments: --calibration-im 8" in capsys.readouterr().err

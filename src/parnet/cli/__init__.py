@@ -64,6 +64,9 @@ class CommandParser(argparse.ArgumentParser):
     positional takes only the values before the first option and the later ones are left unrecognized."""
 
     def __init__(self, *args: Any, intermixed: bool = False, **kwargs: Any) -> None:
+        # No abbreviated options: `export --model X` would be read as --model-kwargs X, and a new option could
+        # change what an abbreviation in someone's script means.
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self.intermixed = intermixed
         self._in_intermixed = False
@@ -118,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = ""
         if args.command == "bench" and any(os.path.exists(a) for a in extra):  # parnet bench RUN_int8.onnx
             hint = " (bench times models by name: give a `parnet quantize` file as --deployed FILE)"
+        elif args.command == "export" and "--model" in extra:  # as `parnet train --model NAME` takes it
+            hint = " (give the model name as the first argument: parnet export NAME)"
         parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     args.argv = ["parnet", *(sys.argv[1:] if argv is None else argv)]  # what was asked, for records that keep it
     terminated: list[int] = []
