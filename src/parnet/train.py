@@ -143,8 +143,6 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     import torch
     import torch.distributed as tdist
     import yaml
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3, distribute_bn
 
     from . import checkpoint, engine
@@ -201,30 +199,9 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     if cfg.lr_base_size:
         global_batch = cfg.batch_size * d.world_size
         log(f"--lr {cfg.lr:g} for {cfg.lr_base_size} images: {lr:g} for the global batch of {global_batch}")
-    optimizer = create_optimizer_v2(
-        model, cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, layer_decay=cfg.layer_decay
-    )
-    scheduler, _ = create_scheduler_v2(
-        optimizer,
-        cfg.sched,
-        num_epochs=cfg.epochs,
-        warmup_epochs=cfg.warmup_epochs,
-        warmup_lr=cfg.warmup_lr,
-        warmup_prefix=cfg.warmup_prefix,
-        min_lr=cfg.min_lr,
-        **_decay_arguments(cfg),
-        step_on_epochs=False,
-        updates_per_epoch=steps_per_epoch,
-    )
+    optimizer, scheduler = _optimizer_and_schedule(cfg, model, lr, steps_per_epoch)
     if state is not None:
-        _check_resume_settings(cfg, state["extra"].get("config"), run_dir)
-        if cfg.layer_decay and state["extra"].get("layer_groups") != LAYER_GROUPS:
-            raise ValueError(
-                f"--resume: {run_dir} was started by an earlier version, whose --layer-decay grouped ParNet's "
-                "parameters stream by stream (now by depth): its optimizer state fits those groups only; start "
-                "the run again, or resume it with the version that started it"
-            )
-        _check_resume_classes(state["extra"].get("classes"), info.classes, run_dir, cfg.data_dir or cfg.dataset)
+        _check_resume(cfg, state["extra"], run_dir, info.classes)
     amp = _settle_amp(cfg.amp, state, d, model, info, cfg.batch_size)
     if cfg.amp == "auto":  # timed on this machine: say what it chose
         log(f"--amp auto: {'float32' if amp == 'off' else amp}" + (" (the run's checkpoint)" if state else ""))
@@ -367,14 +344,8 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
                 logits = train_model(x)
                 loss = criterion(logits, target)
             engine.check_finite(loss, global_step, d, kept_epoch=epoch - 1 if epoch > 0 else None)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            step_lr = optimizer.param_groups[0]["lr"]  # the rate this step used, logged for its epoch
-            scaler.step(optimizer)
-            scaler.update()
+            step_lr = optimizer.param_groups[0]["lr"]  # the rate this step uses, logged for its epoch
+            _step(loss, model, optimizer, scaler, cfg.grad_clip)
             global_step += 1
             scheduler.step_update(global_step)
             if ema is not None:
@@ -458,6 +429,55 @@ def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
     if d.distributed:
         tdist.barrier()
     return results
+
+
+def _optimizer_and_schedule(cfg: TrainConfig, model: Any, lr: float, steps_per_epoch: int) -> tuple[Any, Any]:
+    """timm's optimizer (``--layer-decay``: ParNet's depth groups) and its schedule, stepped every update."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    optimizer = create_optimizer_v2(
+        model, cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, layer_decay=cfg.layer_decay
+    )
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        cfg.sched,
+        num_epochs=cfg.epochs,
+        warmup_epochs=cfg.warmup_epochs,
+        warmup_lr=cfg.warmup_lr,
+        warmup_prefix=cfg.warmup_prefix,
+        min_lr=cfg.min_lr,
+        **_decay_arguments(cfg),
+        step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch,
+    )
+    return optimizer, scheduler
+
+
+def _check_resume(cfg: TrainConfig, saved: dict[str, Any], run_dir: Path, classes: tuple[str, ...]) -> None:
+    """Refuse to resume a run whose checkpoint (``saved``: its ``extra``) the restored state would not fit: other
+    settings, an older version's optimizer groups, other classes."""
+    _check_resume_settings(cfg, saved.get("config"), run_dir)
+    if cfg.layer_decay and saved.get("layer_groups") != LAYER_GROUPS:
+        raise ValueError(
+            f"--resume: {run_dir} was started by an earlier version, whose --layer-decay grouped ParNet's "
+            "parameters stream by stream (now by depth): its optimizer state fits those groups only; start "
+            "the run again, or resume it with the version that started it"
+        )
+    _check_resume_classes(saved.get("classes"), classes, run_dir, cfg.data_dir or cfg.dataset)
+
+
+def _step(loss: Any, model: Any, optimizer: Any, scaler: Any, grad_clip: float) -> None:
+    """One update: backward (scaled for float16), gradients clipped to ``grad_clip`` (0: not), the optimizer step."""
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def _create_model(cfg: TrainConfig, info: Any, has_checkpoint: bool, log: Any) -> Any:
