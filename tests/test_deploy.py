@@ -252,17 +252,18 @@ def test_auto_mode_choice() -> None:
         assert (net(x) - model(x)).abs().max().item() < TOL
 
 
-def test_auto_times_compiled_only_where_inductor_can_build(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_candidates_take_what_the_rule_takes_and_build_in_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto's default candidates are never compiled (minutes) nor, in fp32 and bf16, an engine (one image size):
+    with or without an example, the result takes any size; int8 times the engines, as all int8 take one size."""
     import torch.utils._triton as triton_check
 
-    monkeypatch.setattr(triton_check, "has_triton", lambda: False)  # a CUDA machine without Triton
-    assert "compiled" not in deploy_module.auto_candidates(torch.device("cuda"))
     monkeypatch.setattr(triton_check, "has_triton", lambda: True)
-    assert deploy_module.auto_candidates(torch.device("cuda"))[-1] == "compiled"
-    monkeypatch.setattr(deploy_module, "has_cpp_compiler", lambda: False)  # a CPU machine without C++
-    engines = tuple(e for e in ("onnxruntime", "openvino") if engines_module.installed(e))  # every installed engine
+    assert deploy_module.auto_candidates(torch.device("cuda")) == ("channels_last", "parallel", "cuda_graph")
+    monkeypatch.setattr(deploy_module, "has_cpp_compiler", lambda: True)
     cpu_modes = ("channels_last", "packed", "winograd", "parallel")
-    assert deploy_module.auto_candidates(torch.device("cpu")) == cpu_modes + engines
+    assert deploy_module.auto_candidates(torch.device("cpu")) == cpu_modes
+    engines = tuple(e for e in ("openvino", "onnxruntime") if engines_module.usable(e, "int8"))
+    assert deploy_module.auto_candidates(torch.device("cpu"), "int8") == engines
     # only what can run here: OpenVINO's int8 needs NNCF, winograd NNPACK
     real_require = engines_module.require
 
@@ -273,11 +274,33 @@ def test_auto_times_compiled_only_where_inductor_can_build(monkeypatch: pytest.M
 
     monkeypatch.setattr(engines_module, "require", without_nncf)
     assert "openvino" not in deploy_module.auto_candidates(torch.device("cpu"), "int8")
-    fp32_engines = deploy_module.auto_candidates(torch.device("cpu"), "fp32")
-    assert "openvino" in fp32_engines or not engines_module.installed("openvino")
+    if engines_module.installed("onnxruntime"):
+        assert deploy_module.auto_mode("cpu", "int8") == "onnxruntime"
     monkeypatch.undo()
     monkeypatch.setattr(torch.backends.nnpack, "is_available", lambda: False)
     assert "winograd" not in deploy_module.auto_candidates(torch.device("cpu"))
+
+
+def test_auto_with_an_example_takes_any_size_and_says_what_it_chose(caplog: pytest.LogCaptureFixture) -> None:
+    model = make(14)
+    with caplog.at_level("INFO", logger="parnet.deployment"):
+        net = deploy(model, "cpu", "auto", example=torch.randn(1, 3, 32, 32))  # the default candidates
+    assert f"deploy mode 'auto' chose {net.auto_choice!r}, timed on (1, 3, 32, 32): it takes any image size" in (
+        caplog.text
+    )
+    x = torch.randn(2, 3, 64, 64)  # another size than the example's
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x), model(x), atol=TOL, rtol=0)
+
+
+def test_deploy_says_what_to_do_with_another_model_or_a_deployed_one() -> None:
+    with pytest.raises(ValueError, match=r"got ResNet\. For another image classifier: parnet\.deployed\.build") as e:
+        deploy(timm.create_model("resnet10t", num_classes=10), "cpu", "packed")
+    assert "pack_convs(model)" in str(e.value) and "changes the model in place and folds no BN" in str(e.value)
+    folded = deploy(make(15), "cpu", "folded")
+    for deployed in (folded, deploy(make(15), "cpu", "frozen")):
+        with pytest.raises(ValueError, match=r"this (FoldedParNet|NoAutograd) is deployed \(or scripted\) already"):
+            deploy(deployed, "cpu", "packed")
 
 
 @pytest.mark.slow
@@ -546,15 +569,27 @@ def test_every_mode_refuses_integer_and_other_float_images(mode: str) -> None:
                 net(x.to(dtype))
 
 
-def test_fused_mode_built_under_inference_mode_runs_outside_it() -> None:
-    """Without gradients, as every mode: its weights, made in inference mode, are never saved for backward."""
+@pytest.mark.parametrize("mode", ["fused", "channels_last", "packed", "parallel", "frozen"])
+@pytest.mark.parametrize("built_in_inference_mode", [True, False])
+def test_torch_modes_record_no_autograd_graph_wherever_built(mode: str, built_in_inference_mode: bool) -> None:
+    """Without gradients, as every mode: built under inference_mode, their weights are never saved for backward
+    when called outside it on an input that requires grad; built outside it, they record no graph either."""
     model, x = make(20), torch.randn(2, 3, 32, 32)
-    with torch.inference_mode():
-        fused = deploy(model, "cpu", "fused")
-    assert not any(p.requires_grad for p in fused.parameters())
+    with torch.inference_mode(built_in_inference_mode):
+        net = deploy(model, "cpu", mode)
+    assert not any(p.requires_grad for p in net.parameters())
     with torch.no_grad():
         ref = model(x)
-    torch.testing.assert_close(fused(x), ref, atol=TOL, rtol=0)
+    out = net(x.clone().requires_grad_())
+    assert not out.requires_grad
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["folded", "packed", "parallel"])
+def test_an_input_on_the_meta_device_is_a_clear_error(mode: str) -> None:
+    net = deploy(make(21), "cpu", mode)
+    with pytest.raises(ValueError, match="meta device, which has shapes but no values"):
+        net(torch.empty(1, 3, 32, 32, device="meta"))
 
 
 def test_arguments_a_mode_would_ignore_are_refused() -> None:

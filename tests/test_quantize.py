@@ -439,7 +439,8 @@ def test_openvino_file_written_into_a_new_folder(tmp_path: Path) -> None:
 
     model, x = make(7), torch.randn(2, 3, 32, 32)
     net = build(model, "openvino", "fp32", None, x[:1])
-    path = save_deployed(net, tmp_path / "new" / "m.xml", DeployedInfo("openvino", "fp32", "cifar10", 3, 32, 32, 10, "m"))
+    info = DeployedInfo("openvino", "fp32", "cifar10", 3, 32, 32, 10, "m")
+    path = save_deployed(net, tmp_path / "new" / "m.xml", info)
     assert sorted(p.name for p in path.parent.iterdir()) == ["m.bin", "m.xml"]  # no staging folder left
     with torch.inference_mode():
         assert (load_deployed(path)(x) - model(x)).abs().max().item() < 1e-3
@@ -597,3 +598,133 @@ def test_quantize_refuses_a_resolution_the_model_cannot_take_before_reading_data
     err = capsys.readouterr().err
     assert "cannot quantize at image size 30 (--resolution): the small-input form of ParNet needs" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("has", [True, False])
+def test_cpu_features_come_from_torch_where_proc_cpuinfo_gives_none(monkeypatch: pytest.MonkeyPatch, has: bool) -> None:
+    """A container or OS hiding /proc/cpuinfo neither refuses bf16 wrongly nor gives ONNX Runtime 7-bit weights."""
+    from parnet import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", set)  # /proc/cpuinfo hidden
+    for name in set(precision.TORCH_CPU_CHECKS.values()):
+        monkeypatch.setattr(torch.cpu, name, lambda: has, raising=False)
+    monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
+    assert precision.has_native_bf16() is has
+    assert precision.has_int8_dot_product() is has
+    assert precision.int8_pairs_saturate() is not has
+    if has:
+        quantize_module.check_precision("bf16", torch.device("cpu"))  # not refused
+    else:
+        with pytest.raises(ValueError, match="bf16 needs a CPU with native bf16"):
+            quantize_module.check_precision("bf16", torch.device("cpu"))
+
+
+ENGINE_PARAMS = [pytest.param("onnxruntime", marks=ORT), pytest.param("openvino", marks=OPENVINO)]
+
+
+@pytest.mark.parametrize("engine", ENGINE_PARAMS)
+def test_engine_modules_answer_concurrent_calls_correctly(engine: str) -> None:
+    """Threads calling one engine model at once (a server) each get their own input's output, never an error
+    (OpenVINO: 'Infer Request is busy') or another call's output; each shape's session is built once."""
+    import threading
+
+    net = deploy(make(30), "cpu", engine, example=torch.randn(1, 3, 32, 32))
+    xs = [torch.randn(4, 3, 32, 32) * (i + 1) for i in range(4)]  # one shape: one session for every thread
+    refs = [net(x) for x in xs]  # one thread
+    net._sessions.clear()
+    builds = _count_builds(net)
+    start, failures = threading.Barrier(len(xs)), []
+
+    def work(i: int) -> None:
+        start.wait()
+        try:
+            for _ in range(20):
+                if not torch.equal(net(xs[i]), refs[i]):
+                    failures.append(f"thread {i}: another output")
+                    return
+        except Exception as e:  # noqa: BLE001 - reported below
+            failures.append(f"thread {i}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+    assert builds == [(4, 3, 32, 32)]
+
+
+def _count_builds(net: nn.Module) -> list[tuple[int, ...]]:
+    """The shapes ``net`` (an engine module) builds sessions for from now on."""
+    builds: list[tuple[int, ...]] = []
+    build = net.build
+
+    def counting(shape: tuple[int, ...]):
+        builds.append(shape)
+        return build(shape)
+
+    net.build = counting
+    return builds
+
+
+@pytest.mark.parametrize("engine", ENGINE_PARAMS)
+def test_engine_modules_serve_many_batch_sizes_without_rebuilding(engine: str) -> None:
+    """Past its fixed-shape sessions an engine model runs every other batch size on one dynamic-batch session,
+    built once: a server of batch sizes 1..6 builds no session per call."""
+    model = make(31)
+    net = deploy(model, "cpu", engine, example=torch.randn(1, 3, 32, 32))
+    assert net.fixed_shapes == engines_module.ENGINE_FIXED_SHAPES == 4
+    builds = _count_builds(net)
+    with torch.inference_mode():
+        for _ in range(2):
+            for batch in range(1, 7):
+                x = torch.randn(batch, 3, 32, 32)
+                torch.testing.assert_close(net(x), model(x), atol=1e-4, rtol=0)
+    assert builds == [(1, 3, 32, 32), (2, 3, 32, 32), (3, 3, 32, 32), (4, 3, 32, 32), (-1, 3, 32, 32)]
+    net.fixed_shapes = 8  # the knob: more fixed-shape sessions
+    net(torch.randn(7, 3, 32, 32))
+    assert builds[-1] == (7, 3, 32, 32)
+
+
+def test_calibration_reads_no_further_than_it_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An endless loader (a training loader) is read up to calibration_images, the last batch cut to it."""
+    reads = []
+
+    def endless():
+        while True:
+            reads.append(1)
+            yield torch.randn(32, 3, 32, 32), torch.zeros(32)
+
+    batches = quantize_module.calibration_batches(endless(), 3, max_images=100)
+    assert [len(b) for b in batches] == [32, 32, 32, 4] and len(reads) == 4
+    seen = {}
+
+    def spy(calibration, in_chans, max_images=None):
+        seen["max_images"] = max_images
+        return real(calibration, in_chans, max_images)
+
+    real = quantize_module.calibration_batches
+    monkeypatch.setattr(parnet.deployment, "calibration_batches", spy)
+    monkeypatch.setattr(parnet.deployment, "_deploy_cpu_precision", lambda *args: nn.Identity())  # no quantizing
+    deploy(make(32), "cpu", "onnxruntime", "int8", calibration=endless(), example=torch.randn(1, 3, 32, 32))
+    assert seen["max_images"] == parnet.deployment.CALIBRATION_IMAGES == 512
+    deploy(make(32), "cpu", "onnxruntime", "int8", calibration=endless(), calibration_images=64)
+    assert seen["max_images"] == 64
+    with pytest.raises(ValueError, match="calibration_images= is for precision 'int8'"):
+        deploy(make(32), "cpu", "packed", calibration_images=64)
+    with pytest.raises(ValueError, match="calibration_images must be a positive number of images, got 0"):
+        deploy(make(32), "cpu", "onnxruntime", "int8", calibration=endless(), calibration_images=0)
+
+
+@OPENVINO
+def test_openvino_int8_prints_nothing_and_leaves_nncf_logging_as_it_was(capsys: pytest.CaptureFixture) -> None:
+    """A library deploy() writes nothing to stdout: no NNCF INFO lines nor progress bars."""
+    import logging
+
+    from nncf.common.logging.logger import nncf_logger
+
+    before = nncf_logger.level
+    calibration = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    deploy(make(33), "cpu", "openvino", "int8", calibration=calibration, example=torch.randn(1, 3, 32, 32))
+    assert capsys.readouterr().out == ""
+    assert nncf_logger.level == before and before <= logging.INFO

@@ -36,14 +36,44 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+# torch's own CPU detection (the cpuinfo library, also where /proc/cpuinfo is hidden or absent: containers,
+# Windows, macOS) of the features read here, by their /proc/cpuinfo names. These torch.cpu functions are
+# private (torch 2.14 has them all); a missing one counts as a missing feature. AMX tiles imply AMX-BF16 and
+# AMX-INT8: every AMX CPU has both.
+TORCH_CPU_CHECKS = {
+    "avx2": "_is_avx2_supported",
+    "avx512f": "_is_avx512_supported",
+    "avx512_bf16": "_is_avx512_bf16_supported",
+    "avx512_vnni": "_is_vnni_supported",
+    "amx_tile": "_is_amx_tile_supported",
+    "amx_bf16": "_is_amx_tile_supported",
+    "amx_int8": "_is_amx_tile_supported",
+}
+
+
+def torch_cpu_flags() -> set[str]:
+    """The features of :data:`TORCH_CPU_CHECKS` that torch detects here, by their ``/proc/cpuinfo`` names."""
+    found = set()
+    for flag, name in TORCH_CPU_CHECKS.items():
+        check = getattr(torch.cpu, name, None)
+        if check is not None and check():
+            found.add(flag)
+    return found
+
+
+def cpu_features() -> set[str]:
+    """The CPU's flags from ``/proc/cpuinfo``, or where that gives none, torch's detection (:func:`torch_cpu_flags`)."""
+    return cpu_flags() or torch_cpu_flags()
+
+
 def has_native_bf16() -> bool:
     """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16), not by emulation."""
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return bool(cpu_features() & {"avx512_bf16", "amx_bf16"})
 
 
 def has_int8_dot_product() -> bool:
     """Whether the CPU has an x86 8-bit dot-product instruction (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
-    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    return bool(cpu_features() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def int8_pairs_saturate() -> bool:

@@ -38,11 +38,16 @@ parallel   CPU: the streams run concurrently (TorchScript ``torch.jit.fork`` on 
            pool, the intra-op threads split between them); CUDA: one CUDA stream per ParNet stream
 cuda_graph CUDA only: ``parallel`` captured in a CUDA graph (re-captured for a new input shape)
 multi_device  the streams on separate devices (``devices=``), asynchronous copies at the fusions
-onnxruntime  CPU: ONNX Runtime, a fixed-shape session per input shape (fp32, int8 QDQ)
-openvino   CPU: OpenVINO, a compiled model per input shape (fp32, bf16, int8 with NNCF)
+onnxruntime  CPU: ONNX Runtime, a fixed-shape session per input shape, past the first few one dynamic-batch
+           session (fp32, int8 QDQ); at the example's image size only
+openvino   CPU: OpenVINO, a compiled model per input shape, as onnxruntime (fp32, bf16, int8 with NNCF)
 auto       the fastest for the device and precision: given an ``example`` input, the candidate
-           modes (every installed engine included) are timed on it and the fastest is returned;
-           otherwise a rule (:func:`auto_mode`)
+           modes (:func:`auto_candidates`, or ``candidates=``) are timed on it and the fastest is
+           returned; otherwise a rule (:func:`auto_mode`). Either way, by default, the result takes
+           what the rule's choice takes: any image size in fp32 and bf16, the calibration images' size in
+           int8 (every int8 model's one size); ``compiled`` (minutes of compiling) and, in fp32 and bf16,
+           the engines (one image size) are timed only when named in ``candidates=``. The module's
+           ``auto_choice`` names the mode chosen, and the ``parnet.deployment`` logger says it (INFO)
 ========== ============================================================================
 
 bf16 runs ``channels_last``, ``packed``, ``compiled`` and ``openvino`` on the CPU; int8 runs
@@ -62,6 +67,7 @@ it takes, for :func:`parnet.deployed.load_deployed`).
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -72,10 +78,11 @@ from ..devices import check_device
 from ..layers import reparameterize
 from ..model import ParNet
 from .cuda import CudaGraphModule, CudaStreamParNet, MultiDeviceParNet
-from .engines import BF16_ORT, ENGINES, engine_module, usable
+from .engines import BF16_ORT, ENGINES, EngineModule, engine_module, usable
 from .folding import FoldedBlock, FoldedFusion, FoldedParNet, fold, shuffle_perm
 from .kernels import (
     PACKED_SHAPES,
+    NoAutograd,
     PackedConv2d,
     check_packing,
     compile_cpu,
@@ -86,6 +93,7 @@ from .kernels import (
 )
 from .parallel import StreamParallelParNet
 from .quantize import (
+    CALIBRATION_IMAGES,
     PRECISIONS,
     Bf16Module,
     calibration_batches,
@@ -96,6 +104,7 @@ from .quantize import (
 from .timing import fastest
 
 __all__ = [
+    "CALIBRATION_IMAGES",
     "MODES",
     "CPU_MODES",
     "PACKED_SHAPES",
@@ -118,6 +127,8 @@ __all__ = [
     "fold",
     "shuffle_perm",
 ]
+
+logger = logging.getLogger(__name__)
 
 MODES = (
     "fused", "folded", "channels_last", "packed", "winograd", "frozen", "compiled", "parallel", "cuda_graph",
@@ -160,24 +171,30 @@ def _packing_modes() -> tuple[str, ...]:
     return tuple(modes)
 
 
+def _int8_modes(device: torch.device) -> tuple[str, ...]:
+    """The int8 modes that can run here, in auto's order of preference (:data:`INT8_PREFERENCE`)."""
+    if device.type != "cpu":
+        return ()
+    can = {e: usable(e, "int8") for e in ENGINES}
+    can["compiled"] = importlib.util.find_spec("torchao") is not None and can_compile(device)
+    return tuple(m for m in INT8_PREFERENCE if can[m])
+
+
 def auto_candidates(device: torch.device, precision: str = "fp32") -> tuple[str, ...]:
-    """The modes ``auto`` times when given an example: on CUDA channels_last, parallel and cuda_graph; on the
-    CPU channels_last, packed and winograd (where NNPACK is), parallel (fp32) and every usable engine; and
-    compiled where it can build (int8: with torchao)."""
+    """The modes ``auto`` times when given an example (unless ``candidates=`` names others): those that build in
+    seconds and take what the rule's choice takes. In fp32 and bf16, every image size the model takes: on CUDA
+    channels_last, parallel and cuda_graph; on the CPU channels_last, packed and winograd (where NNPACK is) and
+    parallel (fp32). In int8, whose models all take the calibration images' size only: the usable engines.
+
+    Not ``compiled`` (inductor compiles for minutes on the first calls), nor in fp32 and bf16 the engines
+    (the example's image size only): name them in ``candidates=`` to time them too."""
+    if precision == "int8":
+        return tuple(m for m in _int8_modes(device) if m in ENGINES)
     if device.type == "cuda":
-        names: tuple[str, ...] = ("channels_last", "parallel", "cuda_graph")
-    elif precision == "fp32":
-        names = ("channels_last", *_packing_modes(), "parallel")
-    elif precision == "bf16":
-        names = ("channels_last", *_packing_modes()[:1])
-    else:
-        names = ()
-    names += tuple(
-        e for e in ENGINES if device.type == "cpu" and precision in ENGINE_PRECISIONS[e] and usable(e, precision)
-    )
-    if precision == "int8" and importlib.util.find_spec("torchao") is None:
-        return names
-    return names + (("compiled",) if can_compile(device) else ())
+        return ("channels_last", "parallel", "cuda_graph")
+    if precision == "fp32":
+        return ("channels_last", *_packing_modes(), "parallel")
+    return ("channels_last", *_packing_modes()[:1])
 
 
 def auto_mode(device: str | torch.device, precision: str = "fp32") -> str:
@@ -186,13 +203,30 @@ def auto_mode(device: str | torch.device, precision: str = "fp32") -> str:
     if device.type == "cuda":
         return "cuda_graph"
     if precision == "int8":
-        for mode in INT8_PREFERENCE:
-            if mode in auto_candidates(device, "int8"):
-                return mode
-        raise ValueError("int8 needs onnxruntime, openvino (+nncf) or torchao installed; none is")
+        modes = _int8_modes(device)
+        if not modes:
+            raise ValueError("int8 needs onnxruntime, openvino (+nncf) or torchao installed; none is")
+        return modes[0]
     # CPU: packed had the lowest batch-1 latency and needs no compilation; winograd is faster at
     # batch 32 but times its convolutions on the first call with each input shape.
     return "packed" if torch.backends.mkldnn.is_available() else "channels_last"
+
+
+def fixed_input(deployed: nn.Module) -> tuple[int, int, int] | None:
+    """The one (C, H, W) a deployed module takes (an engine's, int8 ``compiled``), or ``None`` for any size."""
+    if isinstance(deployed, EngineModule):
+        return deployed.in_chans, deployed.height, deployed.width
+    return getattr(deployed, "shape", None)  # FrozenCompiled
+
+
+def _say_auto_choice(deployed: nn.Module, chosen: str, example: torch.Tensor | None) -> nn.Module:
+    """Name ``auto``'s choice on the module (``auto_choice``, for reports) and in the log, with what it takes."""
+    deployed.auto_choice = chosen
+    shape = fixed_input(deployed)
+    takes = "any image size the model takes" if shape is None else "inputs (N, {}, {}, {}) only".format(*shape)
+    timed = "" if example is None else f", timed on {tuple(example.shape)}"
+    logger.info("deploy mode 'auto' chose %r%s: it takes %s", chosen, timed, takes)
+    return deployed
 
 
 def deploy(
@@ -205,6 +239,7 @@ def deploy(
     devices: Sequence[str | torch.device] | None = None,
     threads: int | None = None,
     candidates: Sequence[str] | None = None,
+    calibration_images: int | None = None,
 ) -> nn.Module:
     """The fastest inference model of ``model`` for ``device`` in ``precision`` (see the module docstring).
 
@@ -216,19 +251,22 @@ def deploy(
         precision: ``"fp32"`` (every mode equals the plain model to about 1e-5), ``"bf16"`` (CUDA, and CPUs
             with native bf16) or ``"int8"`` (static post-training quantization, CPU).
         calibration: for int8: an iterable of input batches (or ``(images, labels)`` pairs, as a
-            ``DataLoader`` yields), a few hundred real images; required.
+            ``DataLoader`` yields), a few hundred real images; required. It is read up to
+            ``calibration_images`` images only (a training loader is not read to its end).
         example: an input batch. With ``mode="auto"`` the candidate modes (``candidates``, default
             :func:`auto_candidates`) are built, timed on it and the fastest returned; without it
-            ``auto`` follows :func:`auto_mode`. The engine modes are built for its resolution, and take
-            that size only; int8 models (the engines' and ``compiled``) are built for the calibration
-            images' size, which the example must share when both are given. The other modes take any size
-            the model takes; for them the example is only checked (the model's ``check_input``), as the
-            calibration images are for every mode.
+            ``auto`` follows :func:`auto_mode` (either way, by default, a module of the same input contract: the
+            module docstring). The engine modes are built for its resolution, and take that size only; int8
+            models (the engines' and ``compiled``) are built for the calibration images' size, which the
+            example must share when both are given. The other modes take any size the model takes; for them the
+            example is only checked (the model's ``check_input``), as the calibration images are for every mode.
         devices: for ``multi_device``: one device per stream.
         threads: for ``parallel`` on CPU: intra-op threads to split between the streams; for the
             engines, their threads (default: ``torch.get_num_threads()``). The other modes run on torch's
             threads: for them another number than ``torch.get_num_threads()`` is refused (it would be ignored).
         candidates: the modes ``auto`` chooses among when ``example`` is given (not empty).
+        calibration_images: for int8: how many images of ``calibration`` to calibrate on, at most (default
+            :data:`CALIBRATION_IMAGES`, 512; the last batch read is cut to it).
 
     Returns an eval-mode module taking and returning float32 tensors, without gradients; call it under
     ``torch.inference_mode()``. With ``mode="auto"`` its ``auto_choice`` names the mode chosen. What can be saved of
@@ -243,7 +281,7 @@ def deploy(
     if mode not in allowed:
         raise ValueError(f"unknown deploy mode {mode!r} for precision {precision}; choose one of {allowed}")
     if not isinstance(model, ParNet):
-        raise ValueError(f"deploy takes a ParNet, got {type(model).__name__}")
+        raise ValueError(_not_a_parnet(model))
     if model.pruned:
         raise ValueError(
             "deploy takes a whole ParNet; this one was pruned to some of its features (prune_intermediate_layers, "
@@ -256,9 +294,12 @@ def deploy(
             "model.float() first (precision='bf16' or 'int8' gives the lower precisions)"
         )
     _check_arguments_apply(mode, device, precision, calibration, example, devices, threads, candidates)
+    if calibration_images is not None and precision != "int8":
+        raise ValueError(f"calibration_images= is for precision 'int8'; this deploy is {precision}")
     if example is not None:
         model.check_input(example)  # a ValueError that says what to pass, not an exporter's traceback
-    batches = calibration_batches(calibration, model.in_chans) if precision == "int8" else None
+    cap = CALIBRATION_IMAGES if calibration_images is None else calibration_images
+    batches = calibration_batches(calibration, model.in_chans, cap) if precision == "int8" else None
     if batches:
         model.check_input(batches[0])  # the same, before any export calibrates on them
         check_calibration_size(example, batches)
@@ -277,13 +318,11 @@ def deploy(
             for name in _modes_built(mode, device, precision, example, candidates)
         }
         chosen = fastest(built, example.to(device))
-        built[chosen].auto_choice = chosen  # which candidate won, for reports (parnet bench records it)
-        return built[chosen]
+        return _say_auto_choice(built[chosen], chosen, example)
     if mode == "auto":
         chosen_by_rule = auto_mode(device, precision)
         deployed = deploy(model, device, chosen_by_rule, precision, batches, example, devices=devices, threads=threads)
-        deployed.auto_choice = chosen_by_rule
-        return deployed
+        return _say_auto_choice(deployed, chosen_by_rule, None)
     if mode in CUDA_ONLY_MODES and device.type != "cuda":
         raise ValueError(f"mode {mode!r} needs a CUDA device, got {device}")
     if mode in CPU_ONLY_MODES and device.type != "cpu":
@@ -293,7 +332,9 @@ def deploy(
     if precision != "fp32" or mode in ENGINES:
         return _deploy_cpu_precision(model, mode, precision, batches, example, threads)
     if mode == "fused":  # no gradients, as every mode: built under inference_mode, it runs outside it too
-        return reparameterize(model).to(device).requires_grad_(False)
+        fused = reparameterize(model).to(device).requires_grad_(False)
+        fused.register_forward_pre_hook(_detach_input)
+        return fused
     if mode == "multi_device":
         if devices is None:
             raise ValueError("mode 'multi_device' needs devices=[one device per stream]")
@@ -304,13 +345,38 @@ def deploy(
     if mode in ("packed", "winograd"):
         return folded.pack(winograd=mode == "winograd")
     if mode == "frozen":
-        return freeze_cpu(folded)
+        return NoAutograd(freeze_cpu(folded)).eval()
     if mode == "compiled":
         return compile_cpu(folded) if device.type == "cpu" else torch.compile(folded)
     if device.type == "cuda":
         parallel = CudaStreamParNet(folded).eval()
         return parallel if mode == "parallel" else CudaGraphModule(parallel).eval()
     return StreamParallelParNet(folded, threads=threads).eval()
+
+
+def _not_a_parnet(model: nn.Module) -> str:
+    """Why ``deploy`` refuses ``model``, and what to do instead: for a deployed model, that it is; else the
+    generic forms any classifier can take."""
+    inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: judged by what it compiled
+    name = type(inner).__name__
+    if type(inner).__module__.startswith(f"{__name__}.") or isinstance(inner, torch.jit.ScriptModule):
+        return (
+            f"deploy takes a ParNet (training form or fused); this {name} is deployed (or scripted) already: "
+            "run it as it is, or deploy the ParNet it was made from again for another mode or precision"
+        )
+    return (
+        f"deploy takes a ParNet, got {name}. For another image classifier: parnet.deployed.build(model, "
+        "'onnxruntime' or 'openvino', precision, calibration, example) gives an engine model (fp32, bf16, int8; "
+        "its BNs folded; at the example's image size), or pack_convs(model) from parnet.deployment runs its convs "
+        "as modes 'packed' and 'winograd' do: it changes the model in place and folds no BN, so fold them first "
+        "(torch.fx.experimental.optimization.fuse(model.eval()))"
+    )
+
+
+def _detach_input(module: nn.Module, args: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
+    """The fused mode's forward pre-hook: no autograd graph, in or out of inference mode (weights made under
+    it cannot be saved for backward). Scriptable, as the ParNet it is on."""
+    return (args[0].detach(),)
 
 
 def _takes_threads(mode: str, device: torch.device) -> bool:

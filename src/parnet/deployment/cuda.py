@@ -11,6 +11,7 @@ from torch import nn
 
 from ..devices import check_device
 from .folding import FoldedParNet, merge_after_entry
+from .inputs import check_has_values
 from .kernels import recall, remember, without_caches
 
 
@@ -34,6 +35,7 @@ class CudaStreamParNet(nn.Module):
             raise ValueError(f"CudaStreamParNet needs a CUDA input, got {x.device}")
         f = self.folded
         f.check_input(x)
+        x = x.detach()  # no autograd graph (see FoldedParNet.forward)
         if self._streams is None or self._streams[0].device != x.device:
             self._streams = [torch.cuda.Stream(x.device) for _ in f.streams]
         main = torch.cuda.current_stream(x.device)
@@ -155,6 +157,8 @@ class MultiDeviceParNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        check_has_values(x)
+        x = x.detach()  # no autograd graph (see FoldedParNet.forward)
         home = x.device
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -2,9 +2,10 @@
 
 Each engine runs the folded network (:class:`~parnet.deployment.folding.FoldedParNet`, NCHW) converted
 once at a fixed input resolution with a dynamic batch; a session (ONNX Runtime) or compiled model
-(OpenVINO) is then built for each input shape on its first call, with every dimension fixed (a
-dynamic-batch ONNX Runtime session ran ParNet-S 2x slower at batch 1 than a fixed-shape one), and
-the last :data:`~parnet.deployment.kernels.PACKED_SHAPES` are kept. Inputs and outputs are float32
+(OpenVINO) is then built for each of the first :data:`ENGINE_FIXED_SHAPES` input shapes on its first call,
+with every dimension fixed (a dynamic-batch ONNX Runtime session ran ParNet-S 2x slower at batch 1 than a
+fixed-shape one), and kept; every other batch size runs on one dynamic-batch session, built once
+(:class:`EngineModule`). Calls may come from several threads at once. Inputs and outputs are float32
 torch tensors on the CPU; an input of another resolution or channel count is refused (deploy again
 with an example of that size), and so are integer pixels and other floating types, as every deploy mode
 refuses them (:mod:`parnet.deployment.inputs`), never cast.
@@ -21,12 +22,16 @@ no bf16 convolution, so it is refused there.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import io
+import logging
+import queue
 import tempfile
+import threading
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +41,11 @@ from torch import nn
 from ..precision import has_native_bf16, int8_pairs_saturate
 from .folding import FoldedParNet
 from .inputs import check_fixed_input
-from .kernels import recall, remember, without_caches
+from .kernels import without_caches
 
 ENGINES = ("onnxruntime", "openvino")
+ENGINE_FIXED_SHAPES = 4  # input shapes an engine module builds a fixed-shape session for (EngineModule)
+DYNAMIC_BATCH = -1  # the batch of a session key that takes any batch
 ORT_CALIBRATION = ("minmax", "percentile", "entropy")
 BF16_ORT = (
     "ONNX Runtime's CPU provider has no bf16 convolution: for bf16 use OpenVINO (mode 'openvino'; "
@@ -122,30 +129,52 @@ def _dynamo_onnx_bytes(net: nn.Module, example: torch.Tensor, dynamic_batch: boo
 
 
 class EngineModule(nn.Module):
-    """An engine's model behind a torch module: one session per input shape (the last few kept).
+    """An engine's model behind a torch module: a fixed-shape session for each of the first ``fixed_shapes``
+    input shapes, one dynamic-batch session for every other batch size.
 
-    ``build(shape)`` returns a function of a float32 NCHW numpy array; subclasses define it. Inputs are
-    float32 (checked as every deploy mode checks them, never cast). ``copy.deepcopy``, ``pickle`` and
-    ``torch.save`` keep the engine's model and leave the sessions, which the copy builds again; to keep a
-    model, write it as a file (``parnet quantize``, :func:`parnet.deployed.save_deployed`), which says what
-    it takes, and read it back with :func:`parnet.deployed.load_deployed`.
+    Fixed shapes are faster (a dynamic-batch ONNX Runtime session ran ParNet-S 2x slower at batch 1), but a
+    server of many batch sizes must not build a session per call: past ``fixed_shapes`` (default
+    :data:`ENGINE_FIXED_SHAPES`; set the attribute, before the first calls, for more) the sessions built are
+    kept and the dynamic one, built once, takes the rest. Calls may come from several threads at once.
+
+    ``build(shape)`` returns a function of a float32 NCHW numpy array (a batch of ``-1``: any batch), safe to
+    call from several threads; subclasses define it. Inputs are float32 (checked as every deploy mode checks
+    them, never cast). ``copy.deepcopy``, ``pickle`` and ``torch.save`` keep the engine's model and leave the
+    sessions, which the copy builds again; to keep a model, write it as a file (``parnet quantize``,
+    :func:`parnet.deployed.save_deployed`), which says what it takes, and read it back with
+    :func:`parnet.deployed.load_deployed`.
     """
 
     engine = ""
 
-    def __init__(self, model: Any, in_chans: int, height: int, width: int, precision: str, threads: int):
+    def __init__(
+        self,
+        model: Any,
+        in_chans: int,
+        height: int,
+        width: int,
+        precision: str,
+        threads: int,
+        fixed_shapes: int = ENGINE_FIXED_SHAPES,
+    ):
         super().__init__()
         self.model = model  # the engine's own model: ONNX bytes, or an openvino.Model
         self.in_chans, self.height, self.width = in_chans, height, width
         self.precision = precision
         self.threads = threads
+        self.fixed_shapes = fixed_shapes
         self._sessions: dict[tuple[int, ...], Callable] = {}
+        self._lock = threading.Lock()  # one build per shape, however many threads call at once
 
     def build(self, shape: tuple[int, ...]) -> Callable[[Any], Any]:
         raise NotImplementedError
 
     def __getstate__(self) -> dict[str, Any]:
-        return without_caches(self, _sessions={})  # the engine's sessions cannot be pickled: a copy builds its own
+        # the engine's sessions (and the lock) cannot be pickled: a copy builds its own
+        return without_caches(self, _sessions={}, _lock=None)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__({**state, "_lock": threading.Lock()})
 
     def check_input(self, x: torch.Tensor) -> None:
         """Refuse what the engine's model cannot take: another size than it was built for, images that are not
@@ -153,21 +182,28 @@ class EngineModule(nn.Module):
         again = "deploy again with an example of that size (`parnet quantize`: --resolution)"
         check_fixed_input(x, (self.in_chans, self.height, self.width), f"{self.engine} {self.precision} model", again)
 
+    def session(self, shape: tuple[int, ...]) -> Callable[[Any], Any]:
+        """The session that runs inputs of ``shape``: its own fixed-shape one, or past ``fixed_shapes`` the
+        dynamic-batch one (each built on first use, then kept)."""
+        with self._lock:
+            run = self._sessions.get(shape)
+            if run is None:
+                fixed = sum(key[0] != DYNAMIC_BATCH for key in self._sessions)
+                key = shape if fixed < self.fixed_shapes else (DYNAMIC_BATCH, *shape[1:])
+                run = self._sessions.get(key) or self.build(key)
+                self._sessions[key] = run
+            return run
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        key = tuple(x.shape)
-        run = recall(self._sessions, key)
-        if run is None:
-            run = self.build(key)
-            remember(self._sessions, key, run)
-        return torch.from_numpy(run(x.detach().contiguous().numpy()))
+        return torch.from_numpy(self.session(tuple(x.shape))(x.detach().contiguous().numpy()))
 
 
 # -- ONNX Runtime ---------------------------------------------------------------------------------
 
 
 class OnnxRuntimeModule(EngineModule):
-    """ONNX Runtime's CPU provider on a fixed-shape copy of the model per input shape."""
+    """ONNX Runtime's CPU provider on a fixed-shape copy of the model per input shape (or the dynamic-batch model)."""
 
     engine = "onnxruntime"
 
@@ -177,8 +213,9 @@ class OnnxRuntimeModule(EngineModule):
         from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
 
         model = onnx.load_from_string(self.model)
-        make_input_shape_fixed(model.graph, "input", list(shape))
-        fix_output_shapes(model)
+        if shape[0] != DYNAMIC_BATCH:  # else as exported: a dynamic batch
+            make_input_shape_fixed(model.graph, "input", list(shape))
+            fix_output_shapes(model)
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
@@ -298,9 +335,22 @@ class OpenVinoModule(EngineModule):
             "PERFORMANCE_HINT": "LATENCY",
         }
         compiled = ov.Core().compile_model(model, "CPU", config)
-        request = compiled.create_infer_request()
         output = compiled.outputs[0]
-        return lambda array: request.infer({0: array})[output].copy()
+        # An infer request runs one call at a time: each concurrent caller takes an idle one (or a new one, as
+        # OpenVINO advises, a request per concurrent caller) and returns it once its output is copied out.
+        idle: queue.SimpleQueue = queue.SimpleQueue()
+
+        def run(array: Any) -> Any:
+            try:
+                request = idle.get_nowait()
+            except queue.Empty:
+                request = compiled.create_infer_request()
+            try:
+                return request.infer({0: array})[output].copy()
+            finally:
+                idle.put(request)
+
+        return run
 
 
 def openvino_ir(model: Any) -> tuple[bytes, bytes]:
@@ -326,6 +376,27 @@ def openvino_float_precision(precision: str) -> str:
     if precision == "bf16" or (precision == "int8" and has_native_bf16()):
         return "bf16"
     return "f32"
+
+
+@contextlib.contextmanager
+def quiet_nncf() -> Iterator[None]:
+    """NNCF without its INFO lines and progress bars on stdout (a library call prints nothing), then as it was.
+
+    Its logger's level (``nncf.set_log_level``) silences the lines; its progress bars (rich) have no switch and
+    write to ``sys.stdout``, so that is redirected meanwhile, warnings and errors going to stderr as ever.
+    """
+    import nncf
+    from nncf.common.logging.logger import nncf_logger
+
+    levels = [nncf_logger.level, *(h.level for h in nncf_logger.handlers)]
+    nncf.set_log_level(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        nncf_logger.setLevel(levels[0])
+        for handler, level in zip(nncf_logger.handlers, levels[1:]):
+            handler.setLevel(level)
 
 
 def openvino_module(
@@ -357,10 +428,11 @@ def openvino_module(
 
         batches = list(calibration or [])
         dataset = nncf.Dataset(batches, lambda batch: batch.float().contiguous().numpy())
-        ov_model = nncf.quantize(
-            ov_model, dataset, preset=nncf.QuantizationPreset.PERFORMANCE, target_device=nncf.TargetDevice.CPU,
-            subset_size=len(batches),  # NNCF counts dataset items: batches, not images
-        )  # fmt: skip
+        with quiet_nncf():
+            ov_model = nncf.quantize(
+                ov_model, dataset, preset=nncf.QuantizationPreset.PERFORMANCE, target_device=nncf.TargetDevice.CPU,
+                subset_size=len(batches),  # NNCF counts dataset items: batches, not images
+            )  # fmt: skip
     return OpenVinoModule(ov_model, c, h, w, precision, threads).eval()
 
 

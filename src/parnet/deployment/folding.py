@@ -11,7 +11,7 @@ from torch import nn
 
 from ..layers import Fusion, ParNetBlock, bn_affine, has_fusable_blocks, reparameterize, spatial_mean
 from ..model import ParNet, check_parnet_input
-from .inputs import check_image_dtype
+from .inputs import check_has_values, check_image_dtype
 from .kernels import PackedConv2d, check_packing
 
 
@@ -425,7 +425,9 @@ class FoldedParNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        inputs = self.stream_inputs(x)
+        check_has_values(x)
+        # No autograd graph, in or out of inference mode: weights made under it cannot be saved for backward.
+        inputs = self.stream_inputs(x.detach())
         outs: list[torch.Tensor] = []
         i = 0
         for stream in self.streams:

@@ -56,3 +56,15 @@ def check_fixed_input(x: torch.Tensor, shape: tuple[int, int, int], built: str, 
     check_image_dtype(x, torch.float32)
     if x.device.type != "cpu":
         raise ValueError(f"this {built} runs on the CPU; got an input on {x.device}")
+
+
+def check_has_values(x: torch.Tensor) -> None:
+    """Refuse an input on the meta device (shapes without values), which the kernels would fail on obscurely.
+
+    Scriptable: the frozen mode's TorchScript runs it.
+    """
+    if x.device.type == "meta":
+        raise ValueError(
+            "got an input on the meta device, which has shapes but no values to compute on: pass real images "
+            "(a tensor on the model's device)"
+        )

@@ -205,6 +205,20 @@ def compile_cpu(module: nn.Module, dynamic: bool = False) -> nn.Module:
     return torch.compile(module, backend="inductor", dynamic=dynamic, options={"freezing": True})
 
 
+class NoAutograd(nn.Module):
+    """``module`` called under ``torch.no_grad()``: no autograd graph in or out of inference mode, for a
+    TorchScript module whose freezing removed the input's ``detach`` as a no-op (weights frozen under
+    inference mode cannot be saved for backward). Pickled as ``module`` is (a frozen one is refused)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.module(x)
+
+
 def freeze_cpu(module: nn.Module) -> nn.Module:
     """TorchScript, frozen and optimized for inference: PyTorch's generic oneDNN CPU path.
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .folding import FoldedParNet, merge_after_entry
+from .inputs import check_has_values
 from .kernels import without_caches
 
 
@@ -90,6 +91,8 @@ class StreamParallelParNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.folded
         f.check_input(x)
+        check_has_values(x)
+        x = x.detach()  # no autograd graph (see FoldedParNet.forward)
         if f.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         prev = torch.get_num_threads()

@@ -22,10 +22,13 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..precision import cpu_flags, has_native_bf16
+from ..precision import cpu_features, has_native_bf16
 from .inputs import check_fixed_input, check_image_dtype
 
 PRECISIONS = ("fp32", "bf16", "int8")
+# Images deploy calibrates int8 on unless told (calibration_images=), as `parnet quantize --calibration-images`;
+# NNCF's own default is 300 and ONNX Runtime's quantizer reads what it is given.
+CALIBRATION_IMAGES = 512
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -35,18 +38,24 @@ def check_precision(precision: str, device: torch.device) -> None:
     if device.type != "cpu" and precision == "int8":
         raise ValueError(f"int8 deployment runs on the CPU only, got {device}")
     if device.type == "cpu" and precision == "bf16" and not has_native_bf16():
-        have = sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2")))
+        have = sorted(f for f in cpu_features() if f.startswith(("avx512", "amx", "avx2")))
         raise ValueError(
             "bf16 needs a CPU with native bf16 (AVX512-BF16 or AMX); this one has "
             f"{', '.join(have) or 'neither'}: use precision 'fp32' (or 'int8')"
         )
 
 
-def calibration_batches(calibration: Iterable[torch.Tensor] | None, in_chans: int) -> list[torch.Tensor]:
+def calibration_batches(
+    calibration: Iterable[torch.Tensor] | None, in_chans: int, max_images: int | None = None
+) -> list[torch.Tensor]:
     """The calibration batches as float32 CPU tensors, checked: int8 needs real images of the right shape.
 
     Accepts batches or ``(images, labels)`` pairs, as a ``DataLoader`` yields them, or one batch.
+    ``max_images``: read no further than that many images (the last batch cut to it), so that a long or
+    endless loader (a training loader) is neither read to its end nor held whole in memory; ``None``: all.
     """
+    if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1):
+        raise ValueError(f"calibration_images must be a positive number of images, got {max_images!r}")
     if calibration is None:
         raise ValueError(
             "int8 needs calibration data: pass calibration= an iterable of input batches (a few hundred "
@@ -54,7 +63,8 @@ def calibration_batches(calibration: Iterable[torch.Tensor] | None, in_chans: in
         )
     if isinstance(calibration, torch.Tensor):  # one batch, not an iterable of images
         calibration = [calibration]
-    batches = []
+    batches: list[torch.Tensor] = []
+    images = 0
     for item in calibration:
         batch = item[0] if isinstance(item, (tuple, list)) else item
         if not isinstance(batch, torch.Tensor) or batch.dim() != 4 or batch.shape[1] != in_chans:
@@ -67,7 +77,12 @@ def calibration_batches(calibration: Iterable[torch.Tensor] | None, in_chans: in
             )
         if not torch.isfinite(batch).all():  # NaN or inf would set no range, or an infinite one
             raise ValueError("calibration batches hold NaN or infinite values: give real, prepared images")
+        if max_images is not None:
+            batch = batch[: max_images - images]
+        images += len(batch)
         batches.append(batch.detach().float().cpu())
+        if max_images is not None and images >= max_images:
+            break  # before asking for another batch: an endless loader stops here
     if not batches:
         raise ValueError("calibration is empty: int8 needs at least one batch of real images")
     if len({tuple(b.shape[1:]) for b in batches}) > 1:
