@@ -7,18 +7,23 @@ not trained for before any score is given.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = ["check_fits_dataset", "check_same_classes", "evaluate_model"]
 
 
 def evaluate_model(
-    model: Any,
-    loader: Any,
-    device: Any = "cpu",
-    amp_dtype: Any = None,
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
-    reference: Any = None,
+    reference: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Top-1, top-5 (percent) and mean cross-entropy of ``model`` over ``loader``, summed over all ranks.
 

@@ -28,17 +28,26 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .factory import create_classifier
 from .scoring import evaluate_model
 from .settings import PER_INVOCATION, TrainConfig, make_config, peak_lr
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .data import DatasetInfo
+    from .engine import DistInfo
+
 __all__ = ["TrainConfig", "train"]
 
 
-def _weights_metadata(cfg: TrainConfig, info: Any, image_prep: dict[str, Any] | None = None) -> dict[str, str]:
+def _weights_metadata(cfg: TrainConfig, info: DatasetInfo, image_prep: dict[str, Any] | None = None) -> dict[str, str]:
     """The header of a run's weights files: the model to build, and the data it reads, with its class names and,
     where not ImageNet's, how an image folder's images are prepared."""
     return {
@@ -139,7 +148,7 @@ def _decay_arguments(cfg: TrainConfig) -> dict[str, Any]:
     return {"decay_epochs": cfg.decay_epochs} if cfg.sched == "wsd" and cfg.decay_epochs else {}
 
 
-def _train(cfg: TrainConfig, d: Any, held: Any) -> dict[str, Any]:
+def _train(cfg: TrainConfig, d: DistInfo, held: ExitStack) -> dict[str, Any]:
     import torch
     import torch.distributed as tdist
     import yaml
@@ -480,7 +489,7 @@ def _step(loss: Any, model: Any, optimizer: Any, scaler: Any, grad_clip: float) 
     scaler.update()
 
 
-def _create_model(cfg: TrainConfig, info: Any, has_checkpoint: bool, log: Any) -> Any:
+def _create_model(cfg: TrainConfig, info: DatasetInfo, has_checkpoint: bool, log: Callable[..., None]) -> nn.Module:
     """The run's model, with its starting weights unless a checkpoint will give them: timm's released ones for
     ``--pretrained`` or their offline copy as ``--initial-checkpoint``; a file of ours or the authors' through
     :func:`parnet.transfer.initialize_from`. A ParNet that cannot take the run's image size is refused here."""
@@ -548,7 +557,7 @@ def _loss(cfg: TrainConfig, num_classes: int) -> tuple[Any, Any]:
     return None, torch.nn.CrossEntropyLoss()
 
 
-def _ranks_agree(nets: list[Any], world_size: int) -> bool:
+def _ranks_agree(nets: list[nn.Module], world_size: int) -> bool:
     """Whether every rank holds the same tensors in ``nets`` (weights and buffers): a checksum gathered from all."""
     import torch
     import torch.distributed as tdist
@@ -560,7 +569,9 @@ def _ranks_agree(nets: list[Any], world_size: int) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-def _settle_amp(amp: str, state: dict[str, Any] | None, d: Any, model: Any, info: Any, batch_size: int) -> str:
+def _settle_amp(
+    amp: str, state: dict[str, Any] | None, d: DistInfo, model: nn.Module, info: DatasetInfo, batch_size: int
+) -> str:
     """The run's autocast precision, ``bf16``, ``fp16`` or ``off``: ``auto`` is settled once per run.
 
     On a CPU ``auto`` times a training step (:func:`parnet.precision.auto_amp`), which can come out
@@ -605,12 +616,12 @@ def _settle_amp(amp: str, state: dict[str, Any] | None, d: Any, model: Any, info
 
 
 def _final_eval(
-    model: Any,
+    model: nn.Module,
     ema: Any,
     loader: Any,
-    d: Any,
-    amp_dtype: Any,
-    info: Any,
+    d: DistInfo,
+    amp_dtype: torch.dtype | None,
+    info: DatasetInfo,
     cfg: TrainConfig,
     run_dir: Path,
     ref_preds: dict[str, Any],

@@ -18,7 +18,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = [
     "FUSED_WEIGHTS",
@@ -167,7 +171,7 @@ def _weights_header(path: Path) -> dict[str, str] | None:
 # -- loading ------------------------------------------------------------------------------------
 
 
-def load_weights(path: str | os.PathLike, device: str = "cpu"):
+def load_weights(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
     """The model of a ``.safetensors`` file of ours: a run's ``last.safetensors`` or what ``save_model`` wrote.
 
     Authors' checkpoints, and the choice between a run's raw and EMA weights: :func:`load_trained_model`.
@@ -189,7 +193,7 @@ def load_weights(path: str | os.PathLike, device: str = "cpu"):
     return model
 
 
-def load_trained_model(path: str | os.PathLike, device: str = "cpu", use_ema: bool = True) -> tuple[Any, str]:
+def load_trained_model(path: str | os.PathLike, device: str = "cpu", use_ema: bool = True) -> tuple[nn.Module, str]:
     """The model of a run folder, a weights file of ours or an authors' checkpoint, and where its weights came from.
 
     ``use_ema``: the run's EMA weights (``last_ema.safetensors``) or the authors' ``state_dict_ema``
@@ -211,7 +215,7 @@ def load_trained_model(path: str | os.PathLike, device: str = "cpu", use_ema: bo
     return load_weights(path, device), str(path)
 
 
-def authors_model(path: Path, checkpoint: dict[str, Any], device: Any, ema: bool) -> Any:
+def authors_model(path: Path, checkpoint: dict[str, Any], device: torch.device | str, ema: bool) -> nn.Module:
     """The network of an authors' checkpoint read from ``path``: its EMA weights or its raw ones."""
     from .official import load_official
 
@@ -221,7 +225,7 @@ def authors_model(path: Path, checkpoint: dict[str, Any], device: Any, ema: bool
         raise ValueError(f"{path}: {e}") from None
 
 
-def _build_from_header(meta: dict[str, str], state: dict[str, Any], source: str) -> Any:
+def _build_from_header(meta: dict[str, str], state: dict[str, torch.Tensor], source: str) -> nn.Module:
     """The model a training run's weights file describes (``_weights_metadata``), with ``state`` loaded,
     strictly: a registered name, architecture keywords only, bounded sizes (:mod:`parnet.weights`)."""
     from .factory import check_model_name, create_classifier
