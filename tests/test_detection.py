@@ -580,6 +580,19 @@ def test_iscrowd_must_say_yes_or_no() -> None:
         assert check_coco(gt).data["annotations"][0]["iscrowd"] == read
 
 
+def test_area_must_be_a_number_of_pixels() -> None:
+    """pycocotools sorts boxes into small/medium/large by ``area``: one that is no number is refused, not replaced."""
+    for bad in ("big", -1, float("nan"), True, [100]):
+        gt = coco_gt([[[0, 0, 10, 10]]])
+        gt["annotations"][0]["area"] = bad
+        with pytest.raises(ValueError, match=r"annotation 1 has area .*; it must be a number of pixels"):
+            check_coco(gt)
+    for given, read in ((None, 100.0), (42, 42), (0.5, 0.5)):  # missing: the box's, as written
+        gt = coco_gt([[[0, 0, 10, 10]]])
+        gt["annotations"][0]["area"] = given
+        assert check_coco(gt).data["annotations"][0]["area"] == read
+
+
 def test_bad_annotations_repaired_with_warning() -> None:
     """Training targets are repaired (clipped, empty boxes dropped), said; the checked data keeps them as written."""
     written = [[-5, 10, 30, 20], [90, 90, 30, 30], [10, 10, 0, 5], [200, 200, 10, 10], [1, 1, 5, 5]]

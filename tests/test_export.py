@@ -84,12 +84,13 @@ def test_exported_files_say_how_to_prepare_their_input(exported) -> None:
 
     _, out = exported
     found = [ort.InferenceSession(str(out / "tiny.onnx")).get_modelmeta().custom_metadata_map]
+    keys = ("image_reading", "preprocessing", "preprocessing_steps", "image_mode", "class_names")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        extra = dict.fromkeys(("image_reading", "preprocessing", "preprocessing_steps", "image_mode", "class_names"), "")
+        extra = dict.fromkeys(keys, "")
         torch.jit.load(str(out / "tiny.torchscript.pt"), _extra_files=extra)
         found.append({k: v.decode() for k, v in extra.items()})
-    extra = dict.fromkeys(("image_reading", "preprocessing", "preprocessing_steps", "image_mode", "class_names"), "")
+    extra = dict.fromkeys(keys, "")
     torch.export.load(out / "tiny.pt2", extra_files=extra)
     found.append(extra)
     for meta in found:  # a model of no dataset: timm's transform of its variant (parnet_cifar_s), at 32

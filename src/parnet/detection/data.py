@@ -205,9 +205,14 @@ def check_coco(source: str | os.PathLike | Mapping[str, Any], strict: bool = Tru
         ):
             malformed.append((ann["id"], box))
             continue
-        if not isinstance(ann.get("area"), (int, float)):  # pycocotools needs it: the box's, as written
+        if ann.get("area") is None:  # pycocotools needs it: the box's, as written
             ann["area"] = float(box[2]) * float(box[3])
             check.filled += 1
+        elif isinstance(ann["area"], bool) or not isinstance(ann["area"], (int, float)) or not ann["area"] >= 0:
+            raise ValueError(  # pycocotools sorts objects into small/medium/large by it: a wrong one moves them
+                f"{name}: annotation {ann['id']} has area {ann['area']!r}; it must be a number of pixels, at least 0 "
+                "(leave it out to take the box's)"
+            )
         if "iscrowd" not in ann:
             ann["iscrowd"] = 0
             check.filled += 1

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 
@@ -29,7 +30,6 @@ __all__ = [
 ]
 
 DETECTORS = ("fcos", "retinanet", "fasterrcnn")
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # timm keywords that load weights or shape training only: used for the build, not kept with the detector.
 BUILD_ONLY_BACKBONE_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict",
                               "checkpoint_path", "cache_dir", "drop_rate", "drop_path_rate")  # fmt: skip
@@ -198,8 +198,8 @@ def create_detector(
             "as backbone_weights=FILE (or backbone_kwargs pretrained_cfg_overlay=dict(file=FILE))"
         ) from e
     pre = getattr(body.body, "pretrained_cfg", None) or {}
-    mean = _statistics(image_mean if image_mean is not None else pre.get("mean", IMAGENET_MEAN), "image_mean")
-    std = _statistics(image_std if image_std is not None else pre.get("std", IMAGENET_STD), "image_std")
+    mean = _statistics(image_mean if image_mean is not None else pre.get("mean", IMAGENET_DEFAULT_MEAN), "image_mean")
+    std = _statistics(image_std if image_std is not None else pre.get("std", IMAGENET_DEFAULT_STD), "image_std")
     config.update(image_mean=mean, image_std=std)
     common = dict(min_size=min_size, max_size=max_size, image_mean=mean, image_std=std)
     strides = body.strides
