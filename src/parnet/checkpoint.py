@@ -73,15 +73,24 @@ STATE_FILE = "last_state.pt"
 WEIGHTS_FILE = "last.safetensors"
 EMA_WEIGHTS_FILE = "last_ema.safetensors"
 METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"  # the run's settings (parnet train --config reads it)
+RESULTS_FILE = "results.json"  # a finished run's final scores
 LOCK_FILE = ".lock"
+# A finished run's re-parameterized weights, EMA first: what is left where the last* files were pruned to save space.
+FUSED_WEIGHTS_FILES = ("ema_fused.safetensors", "fused.safetensors")
 # The files that make a folder a run (config.yaml alone is left by a run killed in its first epoch).
 RUN_FILES = (STATE_FILE, WEIGHTS_FILE, EMA_WEIGHTS_FILE, METRICS_FILE)
 # Written from the state, so a new run would replace them: a folder holding one is not taken for a new run.
-DERIVED_FILES = ("metrics.csv", "config.yaml")
+DERIVED_FILES = ("metrics.csv", CONFIG_FILE)
 FINISHED = "finished"
 
 
 # -- the run folder -----------------------------------------------------------------------------
+
+
+def run_started(run_dir: str | os.PathLike) -> bool:
+    """Whether a run was started in ``run_dir`` (its settings or lock file are there), checkpoint or not."""
+    return (Path(run_dir) / CONFIG_FILE).is_file() or (Path(run_dir) / LOCK_FILE).is_file()
 
 
 def check_run_folder(
@@ -103,7 +112,7 @@ def check_run_folder(
     if resume:
         if (run_dir / STATE_FILE).is_file():
             return True
-        if not ((run_dir / "config.yaml").is_file() or (run_dir / LOCK_FILE).is_file()):
+        if not run_started(run_dir):
             raise FileNotFoundError(f"--resume: no checkpoint at {run_dir / STATE_FILE}, and no run was started there")
         if held:
             raise FileNotFoundError(
@@ -117,7 +126,7 @@ def check_run_folder(
             "or choose another --output (or remove the folder)"
         )
     replaced = [name for name in (*DERIVED_FILES, *derived) if (run_dir / name).exists()]
-    if (run_dir / LOCK_FILE).is_file() and replaced == ["config.yaml"]:
+    if (run_dir / LOCK_FILE).is_file() and replaced == [CONFIG_FILE]:
         return False  # the config.yaml of a run killed in its first epoch (its lock file is there): reused
     if replaced:
         raise ValueError(
@@ -521,8 +530,8 @@ def unfinished_run(checkpoint: str | os.PathLike) -> str | None:
     import yaml
 
     run = Path(checkpoint)
-    config = run / "config.yaml"
-    if not run.is_dir() or (run / "results.json").is_file() or not config.is_file():
+    config = run / CONFIG_FILE
+    if not run.is_dir() or (run / RESULTS_FILE).is_file() or not config.is_file():
         return None
     try:
         settings = yaml.safe_load(config.read_text()) or {}
@@ -531,5 +540,5 @@ def unfinished_run(checkpoint: str | os.PathLike) -> str | None:
     if not isinstance(settings, dict):
         raise ValueError(f"{config} must hold a mapping of settings, got {type(settings).__name__}")
     epochs = settings.get("epochs")
-    done = len(read_metrics(run)) if (run / "metrics.jsonl").is_file() else 0
+    done = len(read_metrics(run)) if (run / METRICS_FILE).is_file() else 0
     return f"epoch {done} of {epochs}"

@@ -370,15 +370,15 @@ def read_yaml(path: Path, model: type[Settings] = TrainConfig) -> dict[str, Any]
 
 def _run_settings(run_dir: Path) -> dict[str, Any] | None:
     """The checked settings of the run in ``run_dir``: its checkpoint's, else its config.yaml's, else ``None``."""
-    from .checkpoint import STATE_FILE, read_state
+    from .checkpoint import CONFIG_FILE, STATE_FILE, read_state
 
     if (run_dir / STATE_FILE).is_file():
         saved = read_state(run_dir)["extra"].get("config")
         if not isinstance(saved, dict):
             raise ValueError(f"{run_dir / STATE_FILE} holds no settings: it was not written by `parnet train`")
         return check_config(saved, f"the settings in {run_dir / STATE_FILE}")
-    if (run_dir / "config.yaml").is_file():
-        return read_yaml(run_dir / "config.yaml")
+    if (run_dir / CONFIG_FILE).is_file():
+        return read_yaml(run_dir / CONFIG_FILE)
     return None
 
 

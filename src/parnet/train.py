@@ -33,6 +33,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .checkpoint import CONFIG_FILE, FUSED_WEIGHTS_FILES, RESULTS_FILE
 from .factory import create_classifier
 from .scoring import evaluate_model
 from .settings import PER_INVOCATION, TrainConfig, make_config, peak_lr
@@ -64,7 +65,7 @@ def _weights_metadata(cfg: TrainConfig, info: DatasetInfo, image_prep: dict[str,
 
 
 # What a run writes besides the engine's files; a new run must not overwrite them either.
-_RESULT_FILES = ("results.json", "fused.safetensors", "ema_fused.safetensors")
+_RESULT_FILES = (RESULTS_FILE, *FUSED_WEIGHTS_FILES)
 
 # How --layer-decay's optimizer groups were made (ParNet.group_matcher), saved with a run: its optimizer state
 # fits those groups only.
@@ -250,7 +251,7 @@ def _train(cfg: TrainConfig, d: DistInfo, held: ExitStack) -> dict[str, Any]:
 
     if d.is_main:  # the run's settings, to read or replay with --config: not this invocation's folder or stop
         run_settings = {k: v for k, v in cfg.model_dump().items() if k not in PER_INVOCATION}
-        with atomic_write(run_dir / "config.yaml") as tmp:
+        with atomic_write(run_dir / CONFIG_FILE) as tmp:
             tmp.write_text(yaml.safe_dump(run_settings, sort_keys=False))
     # Rows from the checkpoint (None from one written before it held them: metrics.jsonl's earlier rows).
     logger = checkpoint.MetricLogger(
@@ -416,9 +417,9 @@ def _train(cfg: TrainConfig, d: DistInfo, held: ExitStack) -> dict[str, Any]:
     }
     if epochs_done < cfg.epochs:
         return results
-    if stage == checkpoint.FINISHED and (run_dir / "results.json").is_file():
+    if stage == checkpoint.FINISHED and (run_dir / RESULTS_FILE).is_file():
         log(f"{run_dir} has already finished its {cfg.epochs} epochs")
-        return json.loads((run_dir / "results.json").read_text())
+        return json.loads((run_dir / RESULTS_FILE).read_text())
 
     # The final stage: fused files and results.json, then the checkpoint says the run is finished. Killed
     # before that, --resume comes back here and writes the same files from the same weights.
@@ -431,7 +432,7 @@ def _train(cfg: TrainConfig, d: DistInfo, held: ExitStack) -> dict[str, Any]:
     results.update(_final_eval(model, ema, test_loader, d, amp_dtype, info, cfg, run_dir, last_preds, weights_meta))
     results["wall_seconds"] = wall_before + time.perf_counter() - t_start  # every invocation's, as train_seconds
     if d.is_main:
-        with atomic_write(run_dir / "results.json") as tmp:
+        with atomic_write(run_dir / RESULTS_FILE) as tmp:
             tmp.write_text(json.dumps(results, indent=2))
         checkpoint.mark_finished(run_dir)
         log(json.dumps({k: v for k, v in results.items() if k != "model_kwargs"}, indent=None))

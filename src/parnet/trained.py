@@ -20,6 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .checkpoint import (
+    CONFIG_FILE,
+    EMA_WEIGHTS_FILE,
+    FUSED_WEIGHTS_FILES,
+    METRICS_FILE,
+    RESULTS_FILE,
+    RUN_FILES,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    run_started,
+)
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -38,9 +50,8 @@ __all__ = [
     "weights_label",
 ]
 
-RUN_WEIGHTS = ("last_ema.safetensors", "last.safetensors")  # a run folder's weights files, EMA first
-# A finished run's re-parameterized weights, EMA first: what is left where the others were pruned to save space.
-FUSED_WEIGHTS = ("ema_fused.safetensors", "fused.safetensors")
+RUN_WEIGHTS = (EMA_WEIGHTS_FILE, WEIGHTS_FILE)  # a run folder's weights files, EMA first
+FUSED_WEIGHTS = FUSED_WEIGHTS_FILES  # a finished run's, EMA first: where the others were pruned
 
 
 def run_weights_files(run: str | os.PathLike) -> list[Path]:
@@ -50,11 +61,8 @@ def run_weights_files(run: str | os.PathLike) -> list[Path]:
         files = [run / f for f in names if (run / f).is_file()]
         if files:
             return files
-    from .checkpoint import LOCK_FILE, STATE_FILE
-
-    started = (run / "config.yaml").is_file() or (run / LOCK_FILE).is_file()
-    ran = any((run / name).is_file() for name in (STATE_FILE, "metrics.jsonl", "results.json"))
-    if started and not ran:
+    ran = any((run / name).is_file() for name in (STATE_FILE, METRICS_FILE, RESULTS_FILE))
+    if run_started(run) and not ran:
         raise FileNotFoundError(  # a run stopped (or still) in its first epoch: no weights yet
             f"{run} holds no weights yet: no epoch of its run has finished (still training, or stopped before: "
             f"`parnet train --output {run} --resume` starts it again)"
@@ -67,10 +75,8 @@ def run_weights_files(run: str | os.PathLike) -> list[Path]:
 def is_run_folder(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a ``parnet train`` run folder (its config, checkpoint, metrics or weights), not a
     folder of images."""
-    from .checkpoint import RUN_FILES
-
     path = Path(path)
-    return path.is_dir() and any((path / name).is_file() for name in (*RUN_FILES, *FUSED_WEIGHTS, "config.yaml"))
+    return path.is_dir() and any((path / name).is_file() for name in (*RUN_FILES, *FUSED_WEIGHTS, CONFIG_FILE))
 
 
 def run_weights_file(run: str | os.PathLike, use_ema: bool = True) -> Path:
@@ -127,7 +133,7 @@ def trained_on(path: str | os.PathLike) -> TrainedOn:
 
         weights = next((path / f for f in RUN_WEIGHTS + FUSED_WEIGHTS if (path / f).is_file()), None)
         header = trained_on(weights) if weights is not None else TrainedOn()
-        cfg = read_yaml(path / "config.yaml") if (path / "config.yaml").is_file() else {}
+        cfg = read_yaml(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else {}
         dataset, img_size = header.dataset or cfg.get("dataset"), header.img_size or cfg.get("img_size") or 0
         data_dir = cfg.get("data_dir") or header.data_dir
         return TrainedOn(dataset, data_dir, img_size, header.class_names, header.image_prep)
@@ -149,7 +155,7 @@ def weights_label(path: str | os.PathLike) -> str:
     fused EMA weights' header said ``ema``)."""
     path = Path(path)
     meta = _weights_header(path) or {}
-    in_run = path.name in RUN_WEIGHTS + FUSED_WEIGHTS and (path.parent / "config.yaml").is_file()
+    in_run = path.name in RUN_WEIGHTS + FUSED_WEIGHTS and (path.parent / CONFIG_FILE).is_file()
     ema = meta.get("ema") == "True" or (in_run and "ema" in path.name)
     fused = meta.get("fused") == "True" or (in_run and path.name in FUSED_WEIGHTS)
     return ("ema" if ema else "raw") + ("_fused" if fused else "")

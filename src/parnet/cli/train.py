@@ -19,14 +19,13 @@ from .args import add_settings_flags, field_type, nonneg_int, note_unfinished, p
 
 def interrupted_message(run_dir: Path) -> str:
     """What ``parnet train`` says when Ctrl-C stops it: how the run in ``run_dir`` goes on."""
-    from ..checkpoint import LOCK_FILE, STATE_FILE
+    from ..checkpoint import STATE_FILE, run_started
 
     if (run_dir / STATE_FILE).is_file():
         return "parnet train: interrupted; the last checkpoint is kept (continue with --resume)"
     # No epoch finished: nothing to continue. --resume restarts a folder a run was started in (its lock file or
     # config.yaml, checkpoint.check_run_folder); a folder made for the run alone was removed again.
-    started = (run_dir / LOCK_FILE).is_file() or (run_dir / "config.yaml").is_file()
-    again = "run the same command again, or with --resume, to start it over" if started else "run it again"
+    again = "run the same command again, or with --resume, to start it over" if run_started(run_dir) else "run it again"
     return f"parnet train: interrupted before the first epoch finished, so there is no checkpoint: {again}"
 
 
