@@ -728,3 +728,21 @@ def test_openvino_int8_prints_nothing_and_leaves_nncf_logging_as_it_was(capsys: 
     deploy(make(33), "cpu", "openvino", "int8", calibration=calibration, example=torch.randn(1, 3, 32, 32))
     assert capsys.readouterr().out == ""
     assert nncf_logger.level == before and before <= logging.INFO
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao not installed")
+def test_int8_compiled_compiles_once_for_every_batch_size_but_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its batch is dynamic from the first compile (inductor's take tens of seconds each): a second batch size
+    is no recompile. Dynamo's compiles counted with its test backend in inductor's place."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter, real_compile = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: real_compile(module, **{**kw, "backend": counter}))
+    torch._dynamo.reset()
+    model = make(34)
+    net = deploy(model, "cpu", "compiled", "int8", calibration=[torch.randn(8, 3, 32, 32)])
+    for batch, compiles in ((8, 1), (3, 1), (5, 1), (1, 2), (2, 2)):
+        x = torch.randn(batch, 3, 32, 32)
+        assert (net(x) - model(x)).abs().max().item() < 0.5  # int8, of outputs of order 1..10
+        assert counter.frame_count == compiles, f"batch {batch}"
+    torch._dynamo.reset()
