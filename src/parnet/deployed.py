@@ -102,16 +102,24 @@ def build(
     example: torch.Tensor,
     threads: int | None = None,
     method: str = "minmax",
+    calibration_images: int | None = None,
 ) -> EngineModule:
     """``model`` (any image classifier; ParNet is folded first) for ``engine`` in ``precision``.
+
+    int8 reads at most ``calibration_images`` of ``calibration`` (default
+    :data:`parnet.deployment.quantize.CALIBRATION_IMAGES`, as :func:`parnet.deploy`), so a training loader may be
+    given as it is.
 
     The example and the first calibration batch go through the model's own input check first (ParNet's
     ``check_input``; other timm models have none), whose message says what to pass, not an exporter's.
     """
-    from .deployment.quantize import calibration_batches, check_calibration_size, check_precision
+    from .deployment.quantize import CALIBRATION_IMAGES, calibration_batches, check_calibration_size, check_precision
 
     check_precision(precision, torch.device("cpu"))
-    batches = calibration_batches(calibration, example.shape[1]) if precision == "int8" else None
+    batches = None
+    if precision == "int8":
+        cap = CALIBRATION_IMAGES if calibration_images is None else calibration_images
+        batches = calibration_batches(calibration, example.shape[1], max_images=cap)
     _check_takes(model, example)
     if batches:
         _check_takes(model, batches[0])
@@ -343,7 +351,9 @@ def quantize_checkpoint(
                 stacklevel=2,
             )
     example = next(iter(test_loader))[0][:1]
-    deployed = build(model, engine, precision, calibration, example, method=method)
+    deployed = build(
+        model, engine, precision, calibration, example, method=method, calibration_images=calibrated_on or None
+    )
     c, h, w = example.shape[1:]
     source = Path(checkpoint).name
     file_info = DeployedInfo(

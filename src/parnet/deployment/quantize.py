@@ -145,7 +145,9 @@ class FrozenCompiled(nn.Module):
     ``torch.compile`` leaves the int8 weight pre-packing (``onednn.qconv_prepack``) unfolded and
     inductor fails on it; the global ``torch._inductor.config.freezing``, set around the call, works.
 
-    Compiled with a dynamic batch: one compile for every batch size but 1, which gets its own.
+    Compiled as Dynamo does by default: the first batch size static (the fastest graph for a server of one
+    batch size), a second one recompiled with a dynamic batch that serves every later size but 1, which
+    gets its own: three compiles at most.
 
     ``shape``: the (C, H, W) it was calibrated and exported at, the only size it takes (any batch), as an
     engine's int8 model; another is refused before the exported graph's own guard fails on it. It can be
@@ -156,10 +158,9 @@ class FrozenCompiled(nn.Module):
         super().__init__()
         self.module = module
         self.shape = shape
-        # A dynamic batch from the first compile, as the exported graph has: Dynamo would otherwise compile the
-        # first batch size static and recompile (tens of seconds) for the second. Batch 1 still compiles once
-        # more (Dynamo specializes sizes 0 and 1). Measured at batch 8 on 2 busy cores: 6.2 ms dynamic, 5.5 static.
-        self.compiled = torch.compile(module, dynamic=True)
+        # Not dynamic=True from the start: that would save one recompile but was not measured as fast as the
+        # static graph at a fixed batch (6.2 against 5.5 ms at batch 8, busy cores), which RESULTS.md times.
+        self.compiled = torch.compile(module)
 
     def __getstate__(self) -> dict:
         raise TypeError(
