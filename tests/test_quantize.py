@@ -4,6 +4,7 @@ top-1, `parnet quantize` round trip, and every bad request refused with a messag
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 from pathlib import Path
 
@@ -686,17 +687,19 @@ def test_engine_modules_serve_many_batch_sizes_without_rebuilding(engine: str) -
     assert builds[-1] == (7, 3, 32, 32)
 
 
+def _endless_loader(reads: list[int]):
+    """A training loader that never ends, counting its batches in ``reads``."""
+    while True:
+        reads.append(1)
+        yield torch.randn(32, 3, 32, 32), torch.zeros(32)
+
+
 def test_engine_build_reads_a_loader_no_further_than_its_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     """parnet.deployed.build (parnet quantize's, and a library user's) caps an endless loader as deploy does."""
     import parnet.deployed as deployed_module
 
-    reads = []
-
-    def endless():
-        while True:
-            reads.append(1)
-            yield torch.randn(32, 3, 32, 32), torch.zeros(32)
-
+    reads: list[int] = []
+    endless = functools.partial(_endless_loader, reads)
     got = {}
     monkeypatch.setattr(deployed_module, "engine_module", lambda *args: got.setdefault("batches", args[4]))
     example = torch.randn(1, 3, 32, 32)
@@ -709,13 +712,8 @@ def test_engine_build_reads_a_loader_no_further_than_its_cap(monkeypatch: pytest
 
 def test_calibration_reads_no_further_than_it_needs(monkeypatch: pytest.MonkeyPatch) -> None:
     """An endless loader (a training loader) is read up to calibration_images, the last batch cut to it."""
-    reads = []
-
-    def endless():
-        while True:
-            reads.append(1)
-            yield torch.randn(32, 3, 32, 32), torch.zeros(32)
-
+    reads: list[int] = []
+    endless = functools.partial(_endless_loader, reads)
     batches = quantize_module.calibration_batches(endless(), 3, max_images=100)
     assert [len(b) for b in batches] == [32, 32, 32, 4] and len(reads) == 4
     seen = {}
