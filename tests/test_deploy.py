@@ -253,15 +253,18 @@ def test_auto_mode_choice() -> None:
 
 
 def test_auto_candidates_take_what_the_rule_takes_and_build_in_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
-    """auto's default candidates are never compiled (minutes) nor, in fp32 and bf16, an engine (one image size):
-    with or without an example, the result takes any size; int8 times the engines, as all int8 take one size."""
+    """auto's default candidates are never compiled (minutes to build); they are the torch modes that build in
+    seconds and every usable engine (issue 14: auto considers every installed engine); int8 the engines."""
     import torch.utils._triton as triton_check
 
     monkeypatch.setattr(triton_check, "has_triton", lambda: True)
     assert deploy_module.auto_candidates(torch.device("cuda")) == ("channels_last", "parallel", "cuda_graph")
     monkeypatch.setattr(deploy_module, "has_cpp_compiler", lambda: True)
-    cpu_modes = ("channels_last", "packed", "winograd", "parallel")
+    engines = tuple(e for e in ("onnxruntime", "openvino") if engines_module.usable(e, "fp32"))
+    cpu_modes = ("channels_last", "packed", "winograd", "parallel", *engines)
     assert deploy_module.auto_candidates(torch.device("cpu")) == cpu_modes
+    bf16_engines = ("openvino",) if engines_module.usable("openvino", "bf16") else ()
+    assert deploy_module.auto_candidates(torch.device("cpu"), "bf16") == ("channels_last", "packed", *bf16_engines)
     engines = tuple(e for e in ("openvino", "onnxruntime") if engines_module.usable(e, "int8"))
     assert deploy_module.auto_candidates(torch.device("cpu"), "int8") == engines
     # only what can run here: OpenVINO's int8 needs NNCF, winograd NNPACK
@@ -281,16 +284,20 @@ def test_auto_candidates_take_what_the_rule_takes_and_build_in_seconds(monkeypat
     assert "winograd" not in deploy_module.auto_candidates(torch.device("cpu"))
 
 
-def test_auto_with_an_example_takes_any_size_and_says_what_it_chose(caplog: pytest.LogCaptureFixture) -> None:
+def test_auto_says_what_its_choice_takes(caplog: pytest.LogCaptureFixture) -> None:
+    """Timed on an example, auto may choose an engine, built for the example's image size: its log line says so."""
     model = make(14)
-    with caplog.at_level("INFO", logger="parnet.deployment"):
-        net = deploy(model, "cpu", "auto", example=torch.randn(1, 3, 32, 32))  # the default candidates
-    assert f"deploy mode 'auto' chose {net.auto_choice!r}, timed on (1, 3, 32, 32): it takes any image size" in (
-        caplog.text
-    )
-    x = torch.randn(2, 3, 64, 64)  # another size than the example's
-    with torch.inference_mode():
-        torch.testing.assert_close(net(x), model(x), atol=TOL, rtol=0)
+    for candidates, takes in (
+        (["packed", "channels_last"], "any image size"),
+        (["onnxruntime"], "inputs (N, 3, 32, 32) only"),
+    ):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="parnet.deployment"):
+            net = deploy(model, "cpu", "auto", example=torch.randn(1, 3, 32, 32), candidates=candidates)
+        assert f"deploy mode 'auto' chose {net.auto_choice!r}, timed on (1, 3, 32, 32): it takes {takes}" in caplog.text
+    x = torch.randn(2, 3, 64, 64)  # another size than the example's: the engine refuses it, saying why
+    with pytest.raises(ValueError, match=r"built for inputs \(N, 3, 32, 32\)"):
+        net(x)
 
 
 def test_deploy_says_what_to_do_with_another_model_or_a_deployed_one() -> None:

@@ -118,9 +118,11 @@ __all__ = [
     "CudaGraphModule",
     "MultiDeviceParNet",
     "PackedConv2d",
+    "auto_candidates",
     "auto_mode",
     "compile_cpu",
     "deploy",
+    "fixed_input",
     "freeze_cpu",
     "nnpack_is_faster",
     "pack_convs",
@@ -181,20 +183,22 @@ def _int8_modes(device: torch.device) -> tuple[str, ...]:
 
 
 def auto_candidates(device: torch.device, precision: str = "fp32") -> tuple[str, ...]:
-    """The modes ``auto`` times when given an example (unless ``candidates=`` names others): those that build in
-    seconds and take what the rule's choice takes. In fp32 and bf16, every image size the model takes: on CUDA
-    channels_last, parallel and cuda_graph; on the CPU channels_last, packed and winograd (where NNPACK is) and
-    parallel (fp32). In int8, whose models all take the calibration images' size only: the usable engines.
+    """The modes ``auto`` times when given an example (unless ``candidates=`` names others), those that build in
+    seconds: on CUDA channels_last, parallel and cuda_graph; on the CPU channels_last, packed and winograd
+    (where NNPACK is) and parallel (fp32), and every usable engine of the precision (int8: only those).
 
-    Not ``compiled`` (inductor compiles for minutes on the first calls), nor in fp32 and bf16 the engines
-    (the example's image size only): name them in ``candidates=`` to time them too."""
+    The engines take the example's image size only (the torch modes any size): the log line of ``auto``'s
+    choice says what it takes, as :func:`fixed_input` does. Not ``compiled`` (inductor compiles for minutes on
+    the first calls): name it in ``candidates=`` to time it too."""
+    engines = tuple(e for e in ENGINES if device.type == "cpu" and precision in ENGINE_PRECISIONS[e])
+    engines = tuple(e for e in engines if usable(e, precision))
     if precision == "int8":
         return tuple(m for m in _int8_modes(device) if m in ENGINES)
     if device.type == "cuda":
         return ("channels_last", "parallel", "cuda_graph")
     if precision == "fp32":
-        return ("channels_last", *_packing_modes(), "parallel")
-    return ("channels_last", *_packing_modes()[:1])
+        return ("channels_last", *_packing_modes(), "parallel", *engines)
+    return ("channels_last", *_packing_modes()[:1], *engines)
 
 
 def auto_mode(device: str | torch.device, precision: str = "fp32") -> str:
