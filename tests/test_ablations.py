@@ -210,7 +210,7 @@ def test_a_broken_report_does_not_stop_the_queue(tmp_path):
     assert sum("report failed (OSError: disk full)" in line for line in logs) == 2
 
 
-@pytest.mark.parametrize("output", [["--output", "ABS"], ["--output=ABS"], ["--out", "base-seed1"], "lock"])
+@pytest.mark.parametrize("output", [["--output", "ABS"], ["--output=ABS"], ["--output", "base-seed1"], "lock"])
 def test_a_run_trained_by_another_process_is_left_alone(tmp_path, output):
     """A folder that another process trains into (its `parnet train` names it, however spelled, relative to
     its working folder; or it holds the folder's lock) is neither trained nor moved aside."""

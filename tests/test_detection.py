@@ -591,6 +591,12 @@ def test_area_must_be_a_number_of_pixels() -> None:
         gt = coco_gt([[[0, 0, 10, 10]]])
         gt["annotations"][0]["area"] = given
         assert check_coco(gt).data["annotations"][0]["area"] == read
+    gt = coco_gt([[[10, 10, -5, 8]]])  # no area inside the box: none filled in below 0 (pycocotools would drop it)
+    del gt["annotations"][0]["area"]
+    check = check_coco(gt)
+    assert check.data["annotations"][0]["area"] == 0.0
+    with pytest.raises(ValueError, match="no boxes to score detections against"):  # not every metric -1
+        check.require_ground_truth()
 
 
 def test_bad_annotations_repaired_with_warning() -> None:

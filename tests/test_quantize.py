@@ -710,6 +710,31 @@ def test_engine_build_reads_a_loader_no_further_than_its_cap(monkeypatch: pytest
     assert len(reads) == 2 and [len(b) for b in got["batches"]] == [32, 8]
 
 
+def test_auto_int8_calibrates_every_mode_it_builds_on_the_images_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto's modes get the batches it read, whole (not cut again to the default 512); with no engine to time
+    (torchao alone), auto builds its rule's choice rather than timing nothing."""
+    cuts = []
+    real = quantize_module.calibration_batches
+
+    def spy(calibration, in_chans, max_images=None):
+        batches = real(calibration, in_chans, max_images)
+        cuts.append((max_images, sum(len(b) for b in batches)))
+        return batches
+
+    monkeypatch.setattr(parnet.deployment, "calibration_batches", spy)
+    monkeypatch.setattr(parnet.deployment, "_deploy_cpu_precision", lambda *args: nn.Identity())  # no quantizing
+    calibration = [torch.randn(100, 3, 32, 32) for _ in range(8)]
+    example = torch.randn(1, 3, 32, 32)
+    for given in ({"example": example}, {}):
+        cuts.clear()
+        deploy(make(33), "cpu", "auto", "int8", calibration=calibration, calibration_images=800, **given)
+        assert cuts and all(cut == (800, 800) for cut in cuts), cuts
+    monkeypatch.setattr(parnet.deployment, "usable", lambda engine, precision: False)  # torchao alone
+    monkeypatch.setattr(parnet.deployment, "auto_mode", lambda device, precision: "compiled")
+    net = deploy(make(33), "cpu", "auto", "int8", calibration=calibration, example=example)
+    assert net.auto_choice == "compiled"
+
+
 def test_calibration_reads_no_further_than_it_needs(monkeypatch: pytest.MonkeyPatch) -> None:
     """An endless loader (a training loader) is read up to calibration_images, the last batch cut to it."""
     reads: list[int] = []

@@ -406,7 +406,10 @@ def test_importing_the_network_loads_no_tooling():
     code = "import sys, parnet.model; print(' '.join(sorted(m for m in sys.modules if m.startswith('parnet'))))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert set(out) == {"parnet", "parnet.depth", "parnet.formats", "parnet.layers", "parnet.model", "parnet.official"}
-    assert parnet.deploy.__module__ == "parnet.deployment"  # still there, imported on first use
+    code = "import parnet as p; print(p.deployment.auto_mode('cpu'), p.precision.__name__, 'deploy' in dir(p))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[1:] == ["parnet.precision", "True"]  # the submodules and deploy, there as ever, imported on first use
+    assert parnet.deploy.__module__ == "parnet.deployment"
 
 
 def test_every_module_is_reachable_by_its_dotted_name():

@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+
 import timm
 from torch import nn
 
@@ -33,11 +36,19 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    if name == "deploy":  # imported on first use: the model core does not load deployment
+    """``parnet.deploy`` and the submodules (``parnet.deployment``, ``parnet.precision``, ...), imported on first
+    use (PEP 562): the model core loads without them."""
+    if name == "deploy":
         from .deployment import deploy
 
         return deploy
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'parnet' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "deploy"})
 
 
 def list_models(pattern: str = "parnet*", pretrained: bool = False) -> list[str]:

@@ -151,32 +151,28 @@ def temporary_folder(path: str | os.PathLike) -> Iterator[Path]:
     :func:`remove_temporaries` removes one a killed process left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(100):
-        folder = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            continue
-        break
-    else:
-        raise FileExistsError(f"cannot create a staging folder beside {path}")
+    folder = _new_temporary(path, folder=True)
     try:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _new_temporary(path: Path) -> Path:
-    """A new empty file beside ``path``, made with mode 0o666 so that the kernel applies the umask
-    (``tempfile.mkstemp`` makes 0600, and reading the umask means changing it, which races with threads)."""
+def _new_temporary(path: Path, folder: bool = False) -> Path:
+    """A new empty file (``folder``: folder) beside ``path``, named as :func:`remove_temporaries` finds them; a
+    file made with mode 0o666 so that the kernel applies the umask (``tempfile.mkstemp`` makes 0600, and reading
+    the umask means changing it, which races with threads)."""
     for _ in range(100):
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
         try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            if folder:
+                tmp.mkdir()
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:
             continue
         return tmp
-    raise FileExistsError(f"cannot create a temporary file beside {path}")
+    raise FileExistsError(f"cannot create a temporary {'folder' if folder else 'file'} beside {path}")
 
 
 def _sync_folder(folder: Path) -> None:

@@ -307,6 +307,8 @@ def deploy(
     if batches:
         model.check_input(batches[0])  # the same, before any export calibrates on them
         check_calibration_size(example, batches)
+    # The modes auto builds get the batches already read and cut, whole: no second cut to the default.
+    read = {"calibration_images": sum(len(b) for b in batches)} if batches else {}
     if mode == "auto" and example is not None:
         built = {
             name: deploy(
@@ -318,6 +320,7 @@ def deploy(
                 example,
                 devices=devices if name == "multi_device" else None,
                 threads=threads if _takes_threads(name, device) else None,
+                **read,
             )  # fmt: skip
             for name in _modes_built(mode, device, precision, example, candidates)
         }
@@ -325,7 +328,9 @@ def deploy(
         return _say_auto_choice(built[chosen], chosen, example)
     if mode == "auto":
         chosen_by_rule = auto_mode(device, precision)
-        deployed = deploy(model, device, chosen_by_rule, precision, batches, example, devices=devices, threads=threads)
+        deployed = deploy(
+            model, device, chosen_by_rule, precision, batches, example, devices=devices, threads=threads, **read
+        )
         return _say_auto_choice(deployed, chosen_by_rule, None)
     if mode in CUDA_ONLY_MODES and device.type != "cuda":
         raise ValueError(f"mode {mode!r} needs a CUDA device, got {device}")
@@ -349,7 +354,7 @@ def deploy(
     if mode in ("packed", "winograd"):
         return folded.pack(winograd=mode == "winograd")
     if mode == "frozen":
-        return NoAutograd(freeze_cpu(folded)).eval()
+        return freeze_cpu(NoAutograd(folded))  # a TorchScript module, as ever: jit.save, .code
     if mode == "compiled":
         return compile_cpu(folded) if device.type == "cpu" else torch.compile(folded)
     if device.type == "cuda":
@@ -394,9 +399,11 @@ def _modes_built(
     """The modes a deploy call builds: ``auto``'s candidates (given an example) or its rule's choice, else ``mode``."""
     if mode != "auto":
         return (mode,)
-    if example is not None:
-        return tuple(candidates) if candidates is not None else auto_candidates(device, precision)
-    return (auto_mode(device, precision),)
+    if example is not None and candidates is not None:
+        return tuple(candidates)
+    if example is not None and (defaults := auto_candidates(device, precision)):
+        return defaults
+    return (auto_mode(device, precision),)  # nothing to time by default (int8 with torchao alone): the rule's
 
 
 def _check_arguments_apply(

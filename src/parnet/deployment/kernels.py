@@ -206,9 +206,9 @@ def compile_cpu(module: nn.Module, dynamic: bool = False) -> nn.Module:
 
 
 class NoAutograd(nn.Module):
-    """``module`` called under ``torch.no_grad()``: no autograd graph in or out of inference mode, for a
-    TorchScript module whose freezing removed the input's ``detach`` as a no-op (weights frozen under
-    inference mode cannot be saved for backward). Pickled as ``module`` is (a frozen one is refused)."""
+    """``module`` called under ``torch.no_grad()``: no autograd graph in or out of inference mode. Scriptable, and
+    frozen with the module inside it (``freeze_cpu(NoAutograd(net))``: freezing drops an input's ``detach`` as a
+    no-op, but keeps ``no_grad``; weights frozen under inference mode cannot be saved for backward)."""
 
     def __init__(self, module: nn.Module):
         super().__init__()

@@ -88,8 +88,9 @@ class CocoCheck:
 
     @property
     def boxes(self) -> int:
-        """The boxes a detector can learn from or be scored against: the annotations that are not crowd regions."""
-        return sum(1 for a in self.data["annotations"] if not a["iscrowd"])
+        """The boxes a detector can learn from or be scored against: the annotations that are not crowd regions,
+        with some width and height."""
+        return sum(1 for a in self.data["annotations"] if not a["iscrowd"] and min(a["bbox"][2:]) > 0)
 
     def require_ground_truth(self) -> None:
         """``ValueError`` unless there are images and boxes to score detections against: pycocotools would give
@@ -205,8 +206,8 @@ def check_coco(source: str | os.PathLike | Mapping[str, Any], strict: bool = Tru
         ):
             malformed.append((ann["id"], box))
             continue
-        if ann.get("area") is None:  # pycocotools needs it: the box's, as written
-            ann["area"] = float(box[2]) * float(box[3])
+        if ann.get("area") is None:  # pycocotools needs it: the box's, as written (none for a negative side)
+            ann["area"] = max(float(box[2]), 0.0) * max(float(box[3]), 0.0)
             check.filled += 1
         elif isinstance(ann["area"], bool) or not isinstance(ann["area"], (int, float)) or not ann["area"] >= 0:
             raise ValueError(  # pycocotools sorts objects into small/medium/large by it: a wrong one moves them
