@@ -291,15 +291,21 @@ def _parnet_in_subprocess(argv: list[str], said: dict[str, str]) -> int:
 
 
 def test_bench_times_a_quantized_file(tmp_path: Path) -> None:
-    from parnet.deployed import DeployedInfo, build, save_deployed
-    from parnet.deployment.quantize import calibration_batches
+    import subprocess
+    import sys
 
     said: dict[str, str] = {}
     run = functools.partial(_parnet_in_subprocess, said=said)
-    model = make(6)
-    example = torch.randn(1, 3, 32, 32)
-    net = build(model, "onnxruntime", "int8", calibration_batches([torch.randn(4, 3, 32, 32)], 3), example)
-    path = save_deployed(net, tmp_path / "m.onnx", DeployedInfo("onnxruntime", "int8", "cifar10", 3, 32, 32, 10, "m"))
+    path = tmp_path / "m.onnx"
+    write_file = (  # in a fresh process too: the crash came while building it in a worker
+        "import torch, parnet\n"
+        "from parnet.deployed import DeployedInfo, build, save_deployed\n"
+        "torch.manual_seed(6)\n"
+        "model = parnet.create_model('parnet_cifar_s', widths=(8, 16, 32), head_width=64).eval()\n"
+        "net = build(model, 'onnxruntime', 'int8', [torch.randn(4, 3, 32, 32)], torch.randn(1, 3, 32, 32))\n"
+        f"save_deployed(net, {str(path)!r}, DeployedInfo('onnxruntime', 'int8', 'cifar10', 3, 32, 32, 10, 'm'))\n"
+    )
+    subprocess.run([sys.executable, "-c", write_file], check=True)
     args = ["bench", "--models", "parnet_cifar_s", "--model-kwargs", "widths=[8,16,32]", "head_width=64"]
     args += ["--baselines", "", "--modes", "folded", "--resolution", "32", "--batch", "2", "--reps", "2"]
     args += [
