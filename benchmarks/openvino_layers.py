@@ -33,7 +33,7 @@ import torch
 from parnet.bench.machine import machine_info
 from parnet.bench.report import write_json_and_markdown
 from parnet.bench.run import build_entries
-from parnet.deployment.engines import OpenVinoModule, openvino_float_precision
+from parnet.deployment.engines import OpenVinoModule, openvino_core, openvino_float_precision
 from parnet.deployment.timing import SETTLE_S
 
 
@@ -49,7 +49,7 @@ def profiled_request(module: OpenVinoModule, shape: tuple[int, ...], threads: in
         "PERFORMANCE_HINT": "LATENCY",
         "PERF_COUNT": True,
     }
-    return ov.Core().compile_model(model, "CPU", config).create_infer_request()
+    return openvino_core().compile_model(model, "CPU", config).create_infer_request()
 
 
 def layer_times(request: Any, x: np.ndarray) -> tuple[float, dict[str, tuple[str, float]]]:

@@ -279,33 +279,14 @@ def test_amp_auto_picks_bf16_only_where_native_and_measured_faster(monkeypatch: 
 
 
 @ORT
-def _parnet_in_subprocess(argv: list[str], said: dict[str, str]) -> int:
-    """``parnet ARGV`` in a fresh process; its stdout and stderr in ``said``. A worker that ran certain tests
-    before this one has crashed in libtorch while timing (an order-dependent segfault, cause not found yet)."""
-    import subprocess
-    import sys
+def test_bench_times_a_quantized_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from parnet.deployed import DeployedInfo, build, save_deployed
+    from parnet.deployment.quantize import calibration_batches
 
-    done = subprocess.run([sys.executable, "-m", "parnet", *argv], capture_output=True, text=True)
-    said.update(out=done.stdout, err=done.stderr)
-    return done.returncode
-
-
-def test_bench_times_a_quantized_file(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    said: dict[str, str] = {}
-    run = functools.partial(_parnet_in_subprocess, said=said)
-    path = tmp_path / "m.onnx"
-    write_file = (  # in a fresh process too: the crash came while building it in a worker
-        "import torch, parnet\n"
-        "from parnet.deployed import DeployedInfo, build, save_deployed\n"
-        "torch.manual_seed(6)\n"
-        "model = parnet.create_model('parnet_cifar_s', widths=(8, 16, 32), head_width=64).eval()\n"
-        "net = build(model, 'onnxruntime', 'int8', [torch.randn(4, 3, 32, 32)], torch.randn(1, 3, 32, 32))\n"
-        f"save_deployed(net, {str(path)!r}, DeployedInfo('onnxruntime', 'int8', 'cifar10', 3, 32, 32, 10, 'm'))\n"
-    )
-    subprocess.run([sys.executable, "-c", write_file], check=True)
+    model = make(6)
+    example = torch.randn(1, 3, 32, 32)
+    net = build(model, "onnxruntime", "int8", calibration_batches([torch.randn(4, 3, 32, 32)], 3), example)
+    path = save_deployed(net, tmp_path / "m.onnx", DeployedInfo("onnxruntime", "int8", "cifar10", 3, 32, 32, 10, "m"))
     args = ["bench", "--models", "parnet_cifar_s", "--model-kwargs", "widths=[8,16,32]", "head_width=64"]
     args += ["--baselines", "", "--modes", "folded", "--resolution", "32", "--batch", "2", "--reps", "2"]
     args += [
@@ -320,8 +301,8 @@ def test_bench_times_a_quantized_file(tmp_path: Path) -> None:
         "--json",
         str(tmp_path / "b.json"),
     ]
-    assert run(args + ["--quiet"]) == 0
-    assert "| m.onnx | int8:onnxruntime | 3x32x32 |" in said["out"]  # the input it was built for
+    assert cli.main(args + ["--quiet"]) == 0
+    assert "| m.onnx | int8:onnxruntime | 3x32x32 |" in capsys.readouterr().out  # the input it was built for
     import json
 
     rows = [r for r in json.loads((tmp_path / "b.json").read_text())["records"] if r["model"] == "m.onnx"]
@@ -331,26 +312,26 @@ def test_bench_times_a_quantized_file(tmp_path: Path) -> None:
     other = tmp_path / "b" / "m.onnx"
     other.write_bytes(path.read_bytes())
     at = args.index("--deployed") + 1
-    assert run([*args[:at], f"{path},{other}", *args[at + 1 :], "--quiet", "--modes", "folded"]) == 0
+    assert cli.main([*args[:at], f"{path},{other}", *args[at + 1 :], "--quiet", "--modes", "folded"]) == 0
     models = {r["model"] for r in json.loads((tmp_path / "b.json").read_text())["records"]}
     assert {str(path), str(other)} <= models
-    assert run([*args[:at], f"{path},{path}", *args[at + 1 :], "--quiet"]) == 2
-    assert "a deployed file is given twice" in said["err"]
+    assert cli.main([*args[:at], f"{path},{path}", *args[at + 1 :], "--quiet"]) == 2
+    assert "a deployed file is given twice" in capsys.readouterr().err
     # strict JSON: a file's output difference (no plain model to compare with) is null, not NaN
     doc = json.loads((tmp_path / "b.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
     assert all(r["max_abs_diff"] is None for r in doc["records"] if r["model"] != "parnet_cifar_s")
     assert doc["targets"] == []  # --model-kwargs: not the paper's network, so none of its targets
     # a file that is not there is refused before anything is timed
-    assert run([*args[:at], str(tmp_path / "typo.onnx"), *args[at + 1 :]]) == 2
-    out, err = said["out"], said["err"]
+    assert cli.main([*args[:at], str(tmp_path / "typo.onnx"), *args[at + 1 :]]) == 2
+    out, err = capsys.readouterr()
     assert "no file at" in err and "[cpu]" not in out
     # files alone: no model needed
     alone = ["bench", "--models", "", "--deployed", str(path), "--batch", "2", "--reps", "2", "--warmup", "1"]
-    assert run([*alone, "--threads", "1", "--json", str(tmp_path / "c.json"), "--quiet"]) == 0
+    assert cli.main([*alone, "--threads", "1", "--json", str(tmp_path / "c.json"), "--quiet"]) == 0
     assert {r["model"] for r in json.loads((tmp_path / "c.json").read_text())["records"]} == {"m.onnx"}
     # --resolution the files cannot meet: said under the table, files alone or not
-    assert run([*alone, "--threads", "1", "--resolution", "64", "--quiet"]) == 0
-    assert "deployed files timed at the size they were built for, not 64x64: m.onnx (32x32)" in said["out"]
+    assert cli.main([*alone, "--threads", "1", "--resolution", "64", "--quiet"]) == 0
+    assert "deployed files timed at the size they were built for, not 64x64: m.onnx (32x32)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -672,6 +653,34 @@ def test_engine_modules_answer_concurrent_calls_correctly(engine: str) -> None:
         t.join()
     assert not failures
     assert builds == [(4, 3, 32, 32)]
+
+
+@OPENVINO
+def test_an_openvino_model_dropped_on_another_thread_leaves_the_process_able_to_take_signals(tmp_path: Path) -> None:
+    """OpenVINO's CPU plugin gives the thread that creates it a signal stack, and unmaps it when destroyed on
+    another thread without putting the old one back: a model compiled on the main thread and dropped on another
+    (with the last Core) made the next SIGCHLD handled on the main thread kill the process. parnet keeps one Core
+    for the process, so no plugin is destroyed while it runs. In a fresh process: the crash kills it."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "drop.py"
+    script.write_text(
+        "import gc, signal, subprocess, sys, threading\n"
+        "import torch, parnet\n"
+        "from parnet.deployment import deploy\n"
+        "signal.signal(signal.SIGCHLD, lambda *_: None)  # as torch's DataLoader does once it has had workers\n"
+        "model = parnet.create_model('parnet_cifar_s', widths=(8, 16, 32), head_width=64).eval()\n"
+        "held = [deploy(model, 'cpu', 'openvino', example=torch.randn(1, 3, 32, 32))]\n"
+        "held[0](torch.randn(1, 3, 32, 32))  # compiled here, on the main thread\n"
+        "thread = threading.Thread(target=held.clear)\n"
+        "thread.start(); thread.join(); gc.collect()\n"
+        "for _ in range(3):\n"
+        "    subprocess.run([sys.executable, '-c', 'pass'], check=True)\n"
+        "print('still running')\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert (done.returncode, done.stdout.strip()) == (0, "still running"), done.stderr[-2000:]
 
 
 def _count_builds(net: nn.Module) -> list[tuple[int, ...]]:

@@ -27,6 +27,7 @@ from .deployment.engines import (
     OnnxRuntimeModule,
     OpenVinoModule,
     engine_module,
+    openvino_core,
     ort_max_weight_level,
     require,
 )
@@ -239,9 +240,7 @@ def read_info(path: str | os.PathLike) -> DeployedInfo:
             model = onnx.load(str(path), load_external_data=False)
             text = {p.key: p.value for p in model.metadata_props}.get(META_KEY)
         else:
-            import openvino as ov
-
-            ov_model = ov.Core().read_model(str(path))
+            ov_model = openvino_core().read_model(str(path))
             text = ov_model.get_rt_info([META_KEY]).astype(str) if ov_model.has_rt_info([META_KEY]) else None
     except Exception as e:  # noqa: BLE001 - the parsers' own errors (protobuf's, OpenVINO's) name no file
         kind = "an ONNX" if onnx_file else "an OpenVINO"
@@ -279,9 +278,7 @@ def load_deployed(path: str | os.PathLike, threads: int | None = None) -> Engine
             )
         module: EngineModule = OnnxRuntimeModule(model_bytes, *shape, info.precision, threads)
     else:
-        import openvino as ov
-
-        module = OpenVinoModule(ov.Core().read_model(str(path)), *shape, info.precision, threads)
+        module = OpenVinoModule(openvino_core().read_model(str(path)), *shape, info.precision, threads)
     module.num_classes = info.num_classes
     module.dataset = info.dataset
     module.data_dir = info.data_dir

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib.util
 import io
 import logging
@@ -334,7 +335,7 @@ class OpenVinoModule(EngineModule):
             "INFERENCE_NUM_THREADS": self.threads,
             "PERFORMANCE_HINT": "LATENCY",
         }
-        compiled = ov.Core().compile_model(model, "CPU", config)
+        compiled = openvino_core().compile_model(model, "CPU", config)
         output = compiled.outputs[0]
         # An infer request runs one call at a time: each concurrent caller takes an idle one (or a new one, as
         # OpenVINO advises, a request per concurrent caller) and returns it once its output is copied out.
@@ -353,6 +354,23 @@ class OpenVinoModule(EngineModule):
         return run
 
 
+@functools.cache
+def openvino_core() -> Any:
+    """The process's one ``openvino.Core``, which every OpenVINO model of parnet is read and compiled by.
+
+    It is kept for the life of the process because of what OpenVINO's CPU plugin (2026.4) does with signal
+    stacks: the plugin gives the thread that creates it a signal stack of its own, and unmaps that stack when it
+    is destroyed, but it restores the thread's earlier stack only when it is destroyed on that same thread. A
+    plugin destroyed on another thread, for example when the last compiled model is dropped there, leaves the
+    creating thread with an unmapped signal stack. The next signal that thread handles (a SIGCHLD from any
+    subprocess, once torch's DataLoader has installed its handler) then kills the process, or writes its frame
+    into whatever memory is mapped there now. One Core made once is never destroyed while the process runs.
+    """
+    import openvino as ov
+
+    return ov.Core()
+
+
 def openvino_ir(model: Any) -> tuple[bytes, bytes]:
     """An ``openvino.Model`` as the bytes of its IR files (``.xml``, ``.bin``): what can be pickled of it."""
     import openvino as ov
@@ -368,7 +386,7 @@ def read_openvino_ir(xml: bytes, weights: bytes) -> Any:
     import numpy as np
     import openvino as ov
 
-    return ov.Core().read_model(xml.decode(), ov.Tensor(np.frombuffer(weights, np.uint8)))
+    return openvino_core().read_model(xml.decode(), ov.Tensor(np.frombuffer(weights, np.uint8)))
 
 
 def openvino_float_precision(precision: str) -> str:
@@ -425,6 +443,8 @@ def openvino_module(
         ov_model = ov.convert_model(net, example_input=example, input=[ov.PartialShape([-1, c, h, w])])
     if precision == "int8":
         import nncf
+
+        openvino_core()  # made before NNCF's own Core, so that this one's signal stack outlives NNCF's (see there)
 
         batches = list(calibration or [])
         dataset = nncf.Dataset(batches, lambda batch: batch.float().contiguous().numpy())
