@@ -6,6 +6,7 @@ import gzip
 import json
 import re
 import struct
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from parnet.detection.data import (
     make_fashion_mnist_detection,
     repair_boxes,
 )
-from parnet.detection.train import _draw_examples, eval_folder
+from parnet.detection.train import DetTrainConfig, _draw_examples, eval_folder
 from parnet.layers import is_reparameterized
 
 from .conftest import TINY_STEM, randomize_bn
@@ -384,6 +385,11 @@ def test_save_load_detector_round_trip(tmp_path: Path) -> None:
     (tmp_path / "bad.safetensors").write_bytes(b"not a file")
     with pytest.raises(ValueError, match="cannot read"):
         det.load_detector(tmp_path / "bad.safetensors")
+
+
+def test_train_config_offers_the_detectors_there_are() -> None:
+    """DetTrainConfig.detector's Literal (kept for the settings' flags) names the detectors, in their order."""
+    assert typing.get_args(DetTrainConfig.model_fields["detector"].annotation) == det.DETECTORS
 
 
 def test_detector_takes_the_torchvision_detectors_number_keywords(tmp_path: Path) -> None:

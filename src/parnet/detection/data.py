@@ -88,8 +88,9 @@ class CocoCheck:
 
     @property
     def boxes(self) -> int:
-        """The boxes a detector can learn from or be scored against: the annotations that are not crowd regions,
-        with some width and height."""
+        """The boxes detections are scored against: the annotations that are not crowd regions, with some width
+        and height, as written. The training targets can hold fewer: :func:`repair_boxes` drops boxes with no
+        area inside their image (:attr:`CocoDetectionDataset.target_boxes`)."""
         return sum(1 for a in self.data["annotations"] if not a["iscrowd"] and min(a["bbox"][2:]) > 0)
 
     def require_ground_truth(self) -> None:

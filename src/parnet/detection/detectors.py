@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.utils import unwrap_model  # DDP, torch.compile and timm's ModelEma* wrappers
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 
@@ -29,11 +30,11 @@ __all__ = [
     "save_detector",
 ]
 
-DETECTORS = ("fcos", "retinanet", "fasterrcnn")
 # timm keywords that load weights or shape training only: used for the build, not kept with the detector.
 BUILD_ONLY_BACKBONE_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict",
                               "checkpoint_path", "cache_dir", "drop_rate", "drop_path_rate")  # fmt: skip
 _CLASSES = {"fcos": FCOS, "retinanet": RetinaNet, "fasterrcnn": FasterRCNN}
+DETECTORS = tuple(_CLASSES)  # their names; DetTrainConfig.detector spells them again (a test holds them equal)
 # Bounds of the keywords that are neither a count (1 to 100,000) nor a threshold or fraction (0 to 1).
 _BOUNDS: dict[str, tuple[float, float]] = {
     "detections_per_img": (1, 10_000),
@@ -234,7 +235,7 @@ def save_detector(model: nn.Module, path: str | os.PathLike, extra: Mapping[str,
     from ..io import write_safetensors
     from ..layers import is_reparameterized
 
-    model = getattr(model, "module", model)
+    model = unwrap_model(model)
     if not hasattr(model, "detector_config"):
         raise ValueError("save_detector needs a model made by create_detector (it has no detector_config)")
     meta = {

@@ -56,12 +56,14 @@ def detect(
         score_thresh: the lowest score kept, above the detector's own threshold.
         batch_size: images decoded and run at once.
         label_to_cat: detector label -> COCO category id of the training annotations (a run's
-            ``extra["label_to_cat"]``; keys may be strings): each detection's ``category_id``, as eval-det's
-            ``detections.json`` writes it (``None`` for a label that is no category, such as background 0).
+            ``extra["label_to_cat"]``; keys may be strings): each detection's ``category_id`` (``None`` for a
+            label that is no category, such as background 0, which eval-det's ``detections.json`` leaves out).
             Not given: no ``category_id``.
 
     ``bbox`` is COCO's ``[x, y, width, height]`` in pixels; detections come best score first.
     """
+    from torchvision.ops import box_convert
+
     from ..predict import check_image_headers, image_items
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -82,17 +84,15 @@ def detect(
         for (name, _), out in zip(batch, outputs):
             keep = out["scores"] >= score_thresh
             found = []
-            for box, score, label in zip(
-                out["boxes"][keep].tolist(), out["scores"][keep].tolist(), out["labels"][keep].tolist()
-            ):
-                x0, y0, x1, y1 = box
+            boxes = box_convert(out["boxes"][keep], "xyxy", "xywh")
+            for box, score, label in zip(boxes.tolist(), out["scores"][keep].tolist(), out["labels"][keep].tolist()):
                 entry: dict[str, Any] = {"label": int(label)}
                 if cat_of is not None:
                     entry["category_id"] = cat_of.get(int(label))
                 entry.update(
                     name=by_label.get(int(label), f"class {label}"),
                     score=round(float(score), 5),
-                    bbox=[round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                    bbox=[round(v, 2) for v in box],
                 )
                 found.append(entry)
             results.append({"image": name, "detections": found})

@@ -134,8 +134,10 @@ def data_paths(data: str | None, images: str | None, ann: str | None, split: str
 
 def detector_file(weights: str | Path) -> Path:
     """The detector file a path names: a ``train-det`` run folder's ``last.safetensors``, or the file itself."""
+    from ..checkpoint import WEIGHTS_FILE
+
     weights = Path(weights)
-    return weights / "last.safetensors" if weights.is_dir() else weights
+    return weights / WEIGHTS_FILE if weights.is_dir() else weights
 
 
 def eval_folder(weights: str | Path, split: str) -> Path:
