@@ -17,6 +17,8 @@ from timm.models.resnet import BasicBlock as TimmBasicBlock
 from timm.models.resnet import ResNet
 from torch import Tensor, nn
 
+from .model import CIFAR_MEAN, CIFAR_STD
+
 __all__ = ["CifarResNet"]
 
 
@@ -109,8 +111,8 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
         "pool_size": (8, 8),
         "crop_pct": 1.0,
         "interpolation": "bilinear",
-        "mean": (0.4914, 0.4822, 0.4465),
-        "std": (0.2470, 0.2435, 0.2616),
+        "mean": CIFAR_MEAN,
+        "std": CIFAR_STD,
         "first_conv": "stem.0",
         "classifier": "fc",
         **kwargs,

@@ -36,29 +36,23 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-# torch's own CPU detection (the cpuinfo library, also where /proc/cpuinfo is hidden or absent: containers,
-# Windows, macOS) of the features read here, by their /proc/cpuinfo names. These torch.cpu functions are
-# private (torch 2.14 has them all); a missing one counts as a missing feature. AMX tiles imply AMX-BF16 and
-# AMX-INT8: every AMX CPU has both.
-TORCH_CPU_CHECKS = {
-    "avx2": "_is_avx2_supported",
-    "avx512f": "_is_avx512_supported",
-    "avx512_bf16": "_is_avx512_bf16_supported",
-    "avx512_vnni": "_is_vnni_supported",
-    "amx_tile": "_is_amx_tile_supported",
-    "amx_bf16": "_is_amx_tile_supported",
-    "amx_int8": "_is_amx_tile_supported",
+# The names torch.cpu.get_capabilities() (torch's own detection, the cpuinfo library) gives features that
+# /proc/cpuinfo spells otherwise.
+PROC_CPUINFO_NAMES = {
+    "avx512_f": "avx512f",
+    "avx512_bw": "avx512bw",
+    "avx512_vl": "avx512vl",
+    "avx512_dq": "avx512dq",
+    "avx512_cd": "avx512cd",
+    "fma3": "fma",
 }
 
 
 def torch_cpu_flags() -> set[str]:
-    """The features of :data:`TORCH_CPU_CHECKS` that torch detects here, by their ``/proc/cpuinfo`` names."""
-    found = set()
-    for flag, name in TORCH_CPU_CHECKS.items():
-        check = getattr(torch.cpu, name, None)
-        if check is not None and check():
-            found.add(flag)
-    return found
+    """The CPU's features as torch detects them (``torch.cpu.get_capabilities``, also where /proc/cpuinfo is
+    hidden or absent: containers, Windows, macOS), by their ``/proc/cpuinfo`` names."""
+    found = torch.cpu.get_capabilities().items()
+    return {PROC_CPUINFO_NAMES.get(name, name) for name, present in found if present is True}
 
 
 def cpu_features() -> set[str]:

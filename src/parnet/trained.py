@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = [
-    "FUSED_WEIGHTS",
     "RUN_WEIGHTS",
     "TrainedOn",
     "holds_ema_weights",
@@ -51,13 +50,12 @@ __all__ = [
 ]
 
 RUN_WEIGHTS = (EMA_WEIGHTS_FILE, WEIGHTS_FILE)  # a run folder's weights files, EMA first
-FUSED_WEIGHTS = FUSED_WEIGHTS_FILES  # a finished run's, EMA first: where the others were pruned
 
 
 def run_weights_files(run: str | os.PathLike) -> list[Path]:
     """Run folder ``run``'s weights files, EMA first: ``last*`` where kept, else the fused ones of a finished run."""
     run = Path(run)
-    for names in (RUN_WEIGHTS, FUSED_WEIGHTS):
+    for names in (RUN_WEIGHTS, FUSED_WEIGHTS_FILES):
         files = [run / f for f in names if (run / f).is_file()]
         if files:
             return files
@@ -68,7 +66,7 @@ def run_weights_files(run: str | os.PathLike) -> list[Path]:
             f"`parnet train --output {run} --resume` starts it again)"
         )
     raise FileNotFoundError(
-        f"{run} holds no {', '.join(RUN_WEIGHTS + FUSED_WEIGHTS)}: is it a `parnet train` run folder?"
+        f"{run} holds no {', '.join(RUN_WEIGHTS + FUSED_WEIGHTS_FILES)}: is it a `parnet train` run folder?"
     )
 
 
@@ -76,7 +74,7 @@ def is_run_folder(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a ``parnet train`` run folder (its config, checkpoint, metrics or weights), not a
     folder of images."""
     path = Path(path)
-    return path.is_dir() and any((path / name).is_file() for name in (*RUN_FILES, *FUSED_WEIGHTS, CONFIG_FILE))
+    return path.is_dir() and any((path / name).is_file() for name in (*RUN_FILES, *FUSED_WEIGHTS_FILES, CONFIG_FILE))
 
 
 def run_weights_file(run: str | os.PathLike, use_ema: bool = True) -> Path:
@@ -131,7 +129,7 @@ def trained_on(path: str | os.PathLike) -> TrainedOn:
     if path.is_dir():
         from .settings import read_yaml
 
-        weights = next((path / f for f in RUN_WEIGHTS + FUSED_WEIGHTS if (path / f).is_file()), None)
+        weights = next((path / f for f in RUN_WEIGHTS + FUSED_WEIGHTS_FILES if (path / f).is_file()), None)
         header = trained_on(weights) if weights is not None else TrainedOn()
         cfg = read_yaml(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else {}
         dataset, img_size = header.dataset or cfg.get("dataset"), header.img_size or cfg.get("img_size") or 0
@@ -155,9 +153,9 @@ def weights_label(path: str | os.PathLike) -> str:
     fused EMA weights' header said ``ema``)."""
     path = Path(path)
     meta = _weights_header(path) or {}
-    in_run = path.name in RUN_WEIGHTS + FUSED_WEIGHTS and (path.parent / CONFIG_FILE).is_file()
+    in_run = path.name in RUN_WEIGHTS + FUSED_WEIGHTS_FILES and (path.parent / CONFIG_FILE).is_file()
     ema = meta.get("ema") == "True" or (in_run and "ema" in path.name)
-    fused = meta.get("fused") == "True" or (in_run and path.name in FUSED_WEIGHTS)
+    fused = meta.get("fused") == "True" or (in_run and path.name in FUSED_WEIGHTS_FILES)
     return ("ema" if ema else "raw") + ("_fused" if fused else "")
 
 

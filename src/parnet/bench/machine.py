@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..deployment.engines import ENGINES, engine_module, usable
-from ..precision import cpu_flags, has_int8_dot_product
+from ..precision import cpu_features, has_int8_dot_product
 
 SIMD_FLAGS = {
     "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
@@ -43,7 +43,7 @@ def machine_info(threads: int) -> dict:
         "torch": torch.__version__,
         "timm": timm.__version__,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "cpu_flags": sorted(cpu_flags() & SIMD_FLAGS),
+        "cpu_flags": sorted(cpu_features() & SIMD_FLAGS),
         "engines": engine_versions(),
         "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if torch.cuda.is_available()

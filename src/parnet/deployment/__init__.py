@@ -43,11 +43,11 @@ onnxruntime  CPU: ONNX Runtime, a fixed-shape session per input shape, past the 
 openvino   CPU: OpenVINO, a compiled model per input shape, as onnxruntime (fp32, bf16, int8 with NNCF)
 auto       the fastest for the device and precision: given an ``example`` input, the candidate
            modes (:func:`auto_candidates`, or ``candidates=``) are timed on it and the fastest is
-           returned; otherwise a rule (:func:`auto_mode`). Either way, by default, the result takes
-           what the rule's choice takes: any image size in fp32 and bf16, the calibration images' size in
-           int8 (every int8 model's one size); ``compiled`` (minutes of compiling) and, in fp32 and bf16,
-           the engines (one image size) are timed only when named in ``candidates=``. The module's
-           ``auto_choice`` names the mode chosen, and the ``parnet.deployment`` logger says it (INFO)
+           returned; otherwise a rule (:func:`auto_mode`). The candidates include every usable engine,
+           so a timed choice may take the example's image size only (the engines'; the torch modes take
+           any size, int8 models the calibration images' size); the ``parnet.deployment`` logger (INFO)
+           says which mode was chosen and what it takes, and the module's ``auto_choice`` names it.
+           ``compiled`` (minutes of compiling) is timed only when named in ``candidates=``
 ========== ============================================================================
 
 bf16 runs ``channels_last``, ``packed``, ``compiled`` and ``openvino`` on the CPU; int8 runs
@@ -193,7 +193,7 @@ def auto_candidates(device: torch.device, precision: str = "fp32") -> tuple[str,
     engines = tuple(e for e in ENGINES if device.type == "cpu" and precision in ENGINE_PRECISIONS[e])
     engines = tuple(e for e in engines if usable(e, precision))
     if precision == "int8":
-        return tuple(m for m in _int8_modes(device) if m in ENGINES)
+        return tuple(m for m in INT8_PREFERENCE if m in engines)
     if device.type == "cuda":
         return ("channels_last", "parallel", "cuda_graph")
     if precision == "fp32":
@@ -259,11 +259,11 @@ def deploy(
             ``calibration_images`` images only (a training loader is not read to its end).
         example: an input batch. With ``mode="auto"`` the candidate modes (``candidates``, default
             :func:`auto_candidates`) are built, timed on it and the fastest returned; without it
-            ``auto`` follows :func:`auto_mode` (either way, by default, a module of the same input contract: the
-            module docstring). The engine modes are built for its resolution, and take that size only; int8
-            models (the engines' and ``compiled``) are built for the calibration images' size, which the
-            example must share when both are given. The other modes take any size the model takes; for them the
-            example is only checked (the model's ``check_input``), as the calibration images are for every mode.
+            ``auto`` follows :func:`auto_mode`. The engine modes are built for its resolution, and take that
+            size only; int8 models (the engines' and ``compiled``) are built for the calibration images' size,
+            which the example must share when both are given. The other modes take any size the model takes;
+            for them the example is only checked (the model's ``check_input``), as the calibration images are
+            for every mode.
         devices: for ``multi_device``: one device per stream.
         threads: for ``parallel`` on CPU: intra-op threads to split between the streams; for the
             engines, their threads (default: ``torch.get_num_threads()``). The other modes run on torch's
