@@ -31,6 +31,7 @@ from .deployment.engines import (
     ort_max_weight_level,
     require,
 )
+from .deployment.quantize import CALIBRATION_IMAGES
 from .io import atomic_write, remove_temporaries, temporary_folder
 from .precision import int8_pairs_saturate
 
@@ -114,7 +115,7 @@ def build(
     The example and the first calibration batch go through the model's own input check first (ParNet's
     ``check_input``; other timm models have none), whose message says what to pass, not an exporter's.
     """
-    from .deployment.quantize import CALIBRATION_IMAGES, calibration_batches, check_calibration_size, check_precision
+    from .deployment.quantize import calibration_batches, check_calibration_size, check_precision
 
     check_precision(precision, torch.device("cpu"))
     batches = None
@@ -299,7 +300,7 @@ def quantize_checkpoint(
     out: str | os.PathLike,
     precision: str = "int8",
     engine: str = "onnxruntime",
-    calibration_images: int = 512,
+    calibration_images: int = CALIBRATION_IMAGES,
     dataset: str | None = None,
     data_dir: str | None = None,
     method: str = "minmax",

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..deployment.engines import ENGINES, ORT_CALIBRATION
-from ..deployment.quantize import PRECISIONS
+from ..deployment.quantize import CALIBRATION_IMAGES, PRECISIONS
 from ..settings import SUBSET_RULE
 from .args import nonneg_int, note_unfinished, positive_int
 from .export import file_stem
@@ -89,7 +89,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--calibration-images", type=positive_int,
-        help="int8: training images (test transforms) to calibrate on [512]",
+        help=f"int8: training images (test transforms) to calibrate on [{CALIBRATION_IMAGES}]",
     )  # fmt: skip
     p.add_argument(
         "--calibration-method", choices=ORT_CALIBRATION,
