@@ -442,7 +442,7 @@ def test_openvino_file_written_into_a_new_folder(tmp_path: Path) -> None:
     net = build(model, "openvino", "fp32", None, x[:1])
     info = DeployedInfo("openvino", "fp32", "cifar10", 3, 32, 32, 10, "m")
     path = save_deployed(net, tmp_path / "new" / "m.xml", info)
-    assert sorted(p.name for p in path.parent.iterdir()) == ["m.bin", "m.xml"]  # no staging folder left
+    assert sorted(p.name for p in path.parent.iterdir()) == ["m.bin", "m.xml"]  # no temporary left
     with torch.inference_mode():
         assert (load_deployed(path)(x) - model(x)).abs().max().item() < 1e-3
     # a pair replaced in part (a write stopped between .bin and .xml): the old .xml beside another model's .bin
@@ -457,14 +457,12 @@ def test_openvino_file_written_into_a_new_folder(tmp_path: Path) -> None:
 
 @OPENVINO
 def test_a_killed_write_of_an_openvino_pair_leaves_nothing_the_next_write_keeps(tmp_path: Path) -> None:
-    """OpenVINO writes the .xml and .bin under names of its own: they are staged in a folder named like
-    atomic_write's temporaries, and the next write of the pair removes what a killed one left."""
+    """The .bin and .xml are each written atomically, the weights first: the next write of the pair removes
+    the temporaries a killed one left, and only the pair's."""
     from parnet.deployed import DeployedInfo, build, save_deployed
 
-    staging = tmp_path / ".m.xml.0123456789ab.tmp"  # as a write killed while staging leaves it
-    staging.mkdir()
-    (staging / "model.xml").write_text("<net/>")
-    (tmp_path / ".m.bin.0123456789ab.tmp").write_bytes(b"half")  # killed while copying the weights
+    (tmp_path / ".m.bin.0123456789ab.tmp").write_bytes(b"half")  # killed while writing the weights
+    (tmp_path / ".m.xml.0123456789ab.tmp").write_bytes(b"<net")  # killed while writing the graph
     (tmp_path / ".other.xml.0123456789ab.tmp").write_bytes(b"")  # another file's: not ours to remove
     net = build(make(7), "openvino", "fp32", None, torch.randn(1, 3, 32, 32))
     save_deployed(net, tmp_path / "m.xml", DeployedInfo("openvino", "fp32", "cifar10", 3, 32, 32, 10, "m"))

@@ -12,6 +12,7 @@ its classes), so calibration never sees the test images it is scored on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -28,11 +29,12 @@ from .deployment.engines import (
     OpenVinoModule,
     engine_module,
     openvino_core,
+    openvino_ir,
     ort_max_weight_level,
     require,
 )
 from .deployment.quantize import CALIBRATION_IMAGES
-from .io import atomic_write, remove_temporaries, temporary_folder
+from .io import atomic_write, remove_temporaries
 from .precision import int8_pairs_saturate
 
 if TYPE_CHECKING:
@@ -175,26 +177,21 @@ def save_deployed(module: EngineModule, path: str | os.PathLike, info: DeployedI
         with atomic_write(path) as tmp:
             tmp.write_bytes(model.SerializeToString())
         return path
-    import openvino as ov
-
     ov_model = module.model.clone()
     for key, value in meta.items():
         ov_model.set_rt_info(value, [key])
+    # The .xml records its .bin's hash (a second serialization: the weights' bytes do not change), so that a
+    # pair replaced only in part (stopped between the two files) is refused when read, not misread.
+    ov_model.set_rt_info(hashlib.sha256(openvino_ir(ov_model)[1]).hexdigest(), [BIN_HASH_KEY])
+    graph, weights_bytes = openvino_ir(ov_model)
+    if hashlib.sha256(weights_bytes).hexdigest() != ov_model.get_rt_info([BIN_HASH_KEY]).astype(str):
+        raise RuntimeError("OpenVINO wrote the same weights differently twice; the file was not written")
     weights = path.with_suffix(".bin")
     remove_temporaries(path.parent, [path.name, weights.name])  # left by a killed write of this pair
-    with temporary_folder(path) as folder:  # OpenVINO names the .bin after the .xml: both staged, then copied
-        staged = folder / "model.xml"
-        ov.save_model(ov_model, str(staged), compress_to_fp16=False)
-        # The .xml records its .bin's hash (a second save: the weights' bytes do not change), so that a pair
-        # replaced only in part (stopped between the two files) is refused when read, not misread.
-        ov_model.set_rt_info(_sha256(staged.with_suffix(".bin")), [BIN_HASH_KEY])
-        ov.save_model(ov_model, str(staged), compress_to_fp16=False)
-        if _sha256(staged.with_suffix(".bin")) != ov_model.get_rt_info([BIN_HASH_KEY]).astype(str):
-            raise RuntimeError("OpenVINO wrote the same weights differently twice; the file was not written")
-        # the weights first, then the graph that names them: a reader never finds an .xml without its .bin
-        for src, dst in ((staged.with_suffix(".bin"), weights), (staged, path)):
-            with atomic_write(dst) as tmp:
-                tmp.write_bytes(src.read_bytes())
+    # the weights first, then the graph that names them: a reader never finds an .xml without its .bin
+    for data, target in ((weights_bytes, weights), (graph, path)):
+        with atomic_write(target) as tmp:
+            tmp.write_bytes(data)
     return path
 
 
@@ -210,8 +207,6 @@ def _recorded_bin_hash(xml_path: Path) -> str | None:
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 

@@ -5,8 +5,7 @@ only a process id, and TensorBoard's event files, written by TensorBoard): the d
 file in the same folder, is flushed to disk, and only then renamed over the target, so a process
 killed at any moment leaves either the old file or the new one, never a torn one. A kill can
 leave the temporary file (not SIGTERM to a ``parnet`` command, which exits through the clean-up);
-:func:`remove_temporaries` removes those of a folder (a resumed run does, an export those of its files), and the
-staging folders of :func:`temporary_folder`.
+:func:`remove_temporaries` removes those of a folder (a resumed run does, an export those of its files).
 Reading weights is strict and bounded (:mod:`parnet.weights`).
 
 For tests, the environment variable ``PARNET_TEST_KILL_AT_WRITE=N`` (read at import; in a process
@@ -23,7 +22,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -45,7 +43,6 @@ __all__ = [
     "model_metadata",
     "read_safetensors",
     "remove_temporaries",
-    "temporary_folder",
     "save_model",
     "write_safetensors",
 ]
@@ -133,46 +130,23 @@ def remove_temporaries(folder: str | os.PathLike, targets: Collection[str] | Non
     removed = []
     for path in folder.iterdir():
         found = _TEMPORARY.match(path.name)
-        if found and (targets is None or found["target"] in targets):
-            if path.is_dir() and not path.is_symlink():  # a staging folder (temporary_folder)
-                shutil.rmtree(path, ignore_errors=True)
-            elif path.is_file():
-                path.unlink(missing_ok=True)
-            else:
-                continue
+        if found and (targets is None or found["target"] in targets) and path.is_file():
+            path.unlink(missing_ok=True)
             removed.append(path.name)
     return sorted(removed)
 
 
-@contextlib.contextmanager
-def temporary_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """A new empty folder beside ``path`` to stage files that a library writes under names of its own (OpenVINO's
-    ``.xml`` + ``.bin``), removed afterwards; named as :func:`atomic_write`'s files, so that
-    :func:`remove_temporaries` removes one a killed process left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    folder = _new_temporary(path, folder=True)
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _new_temporary(path: Path, folder: bool = False) -> Path:
-    """A new empty file (``folder``: folder) beside ``path``, named as :func:`remove_temporaries` finds them; a
-    file made with mode 0o666 so that the kernel applies the umask (``tempfile.mkstemp`` makes 0600, and reading
-    the umask means changing it, which races with threads)."""
+def _new_temporary(path: Path) -> Path:
+    """A new empty file beside ``path``, made with mode 0o666 so that the kernel applies the umask
+    (``tempfile.mkstemp`` makes 0600, and reading the umask means changing it, which races with threads)."""
     for _ in range(100):
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
         try:
-            if folder:
-                tmp.mkdir()
-            else:
-                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:
             continue
         return tmp
-    raise FileExistsError(f"cannot create a temporary {'folder' if folder else 'file'} beside {path}")
+    raise FileExistsError(f"cannot create a temporary file beside {path}")
 
 
 def _sync_folder(folder: Path) -> None:
