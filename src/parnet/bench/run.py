@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 from collections.abc import Callable, Sequence
@@ -96,6 +95,7 @@ class Record:
 def default_modes(device: torch.device, parnet: bool) -> list[str]:
     """Every mode of ``device`` for a ParNet or a baseline, precisions and engines the machine can run included."""
     from ..deployment.engines import ENGINES, usable
+    from ..deployment.quantize import has_torchao
     from ..precision import has_native_bf16
 
     if device.type == "cuda":
@@ -107,7 +107,7 @@ def default_modes(device: torch.device, parnet: bool) -> list[str]:
         precision, mode = split_mode(label)
         if (mode in ENGINES and not usable(mode, precision)) or (precision == "bf16" and not has_native_bf16()):
             extra.remove(label)
-        elif label == "int8:compiled" and importlib.util.find_spec("torchao") is None:
+        elif label == "int8:compiled" and not has_torchao():
             extra.remove(label)
     return list(base) + extra
 

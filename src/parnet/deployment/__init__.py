@@ -66,7 +66,6 @@ it takes, for :func:`parnet.deployed.load_deployed`).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -99,6 +98,7 @@ from .quantize import (
     calibration_batches,
     check_calibration_size,
     check_precision,
+    has_torchao,
     pt2e_int8,
 )
 from .timing import fastest
@@ -178,7 +178,7 @@ def _int8_modes(device: torch.device) -> tuple[str, ...]:
     if device.type != "cpu":
         return ()
     can = {e: usable(e, "int8") for e in ENGINES}
-    can["compiled"] = importlib.util.find_spec("torchao") is not None and can_compile(device)
+    can["compiled"] = has_torchao() and can_compile(device)
     return tuple(m for m in INT8_PREFERENCE if can[m])
 
 

@@ -113,8 +113,13 @@ class Bf16Module(nn.Module):
         return self.net(x.to(torch.bfloat16)).float()
 
 
+def has_torchao() -> bool:
+    """Whether torchao (PT2E quantization: int8 in mode ``compiled``) is installed."""
+    return importlib.util.find_spec("torchao") is not None
+
+
 def require_torchao() -> None:
-    if importlib.util.find_spec("torchao") is None:
+    if not has_torchao():
         raise ValueError(
             "int8 in PyTorch (mode 'compiled') needs torchao's PT2E quantization, which is not installed: "
             "pip install torchao (or use mode 'onnxruntime' or 'openvino')"
