@@ -33,7 +33,7 @@ from .deployment.engines import (
     ort_max_weight_level,
     require,
 )
-from .deployment.quantize import CALIBRATION_IMAGES
+from .deployment.quantize import CALIBRATION_IMAGES, calibration_batches, check_calibration_size, check_precision
 from .io import atomic_write, remove_temporaries
 from .precision import int8_pairs_saturate
 
@@ -117,8 +117,6 @@ def build(
     The example and the first calibration batch go through the model's own input check first (ParNet's
     ``check_input``; other timm models have none), whose message says what to pass, not an exporter's.
     """
-    from .deployment.quantize import calibration_batches, check_calibration_size, check_precision
-
     check_precision(precision, torch.device("cpu"))
     batches = None
     if precision == "int8":
