@@ -133,6 +133,31 @@ def test_settings_flags_state_each_default_once(command):
     assert all("(default" in h or "required" in h for d, h in helps.items() if d not in ("help", "config"))
 
 
+@pytest.mark.parametrize("command", ["train", "train-det"])
+def test_a_literal_setting_offers_its_values_as_choices(command, capsys):
+    """Each Literal field (optional ones too: ``--device``) is a flag whose choices are its values, in --help and
+    in the refusal of any other value, which names them."""
+    import typing
+
+    from parnet.cli import build_parser
+    from parnet.detection.train import DetTrainConfig
+    from parnet.settings import TrainConfig
+
+    model = TrainConfig if command == "train" else DetTrainConfig
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.choices and command in a.choices).choices[command]
+    choices = {a.dest: a.choices for a in sub._actions if a.choices}
+    literals = {name for name, field in model.model_fields.items() if "Literal" in str(field.annotation)}
+    assert {"amp", "device"} <= literals if command == "train" else {"detector", "device"} <= literals
+    assert choices.keys() == literals
+    assert choices["device"] == ("cpu", "cuda")
+    for name in literals:
+        assert all(typing.get_origin(a) is not typing.Literal for a in choices[name])
+    with pytest.raises(SystemExit):
+        main([command, "--device", "gpu"])
+    assert "argument --device: Input should be 'cpu' or 'cuda' (got 'gpu')" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "module, function, argv",
     [("parnet.cli.export", "_export", ["export"]), ("parnet.cli.train", "_eval_command", ["eval", "run"]),

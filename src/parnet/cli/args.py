@@ -4,6 +4,8 @@ names, and flags generated from a settings model (:func:`add_settings_flags`).""
 from __future__ import annotations
 
 import argparse
+import types
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -133,7 +135,7 @@ def add_settings_flags(
     description as help, ``--x/--no-x`` for booleans, ``KEY=VALUE ...`` for mappings (``reserved``: field ->
     refused keys). Each value is checked by the model's own rules as it is parsed; a flag not given is
     absent from the namespace (``argparse.SUPPRESS``), so defaults, files and the command line combine.
-    ``note`` adds text to a field's help; ``skip`` leaves fields out."""
+    A ``Literal`` field's values are its choices. ``note`` adds text to a field's help; ``skip`` leaves fields out."""
     for name, field in model.model_fields.items():
         if name in skip:
             continue
@@ -151,9 +153,22 @@ def add_settings_flags(
         elif getattr(kind, "__origin__", None) is dict:
             add_kwargs_option(parser, flag, text, default=argparse.SUPPRESS, reserved=(reserved or {}).get(name))
         else:
+            choices = literal_values(kind)
             parser.add_argument(
-                flag, type=field_type(model, name), default=argparse.SUPPRESS, required=field.is_required(), help=text
+                flag,
+                type=field_type(model, name),
+                choices=choices,
+                default=argparse.SUPPRESS,
+                required=field.is_required(),
+                help=text,
             )
+
+
+def literal_values(annotation: Any) -> tuple[Any, ...] | None:
+    """The values of a ``Literal`` annotation, or of the one ``Literal`` of an optional one; None if it has none."""
+    kinds = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    literals = [kind for kind in (annotation, *kinds) if typing.get_origin(kind) is typing.Literal]
+    return typing.get_args(literals[0]) if len(literals) == 1 else None
 
 
 def field_type(model: Any, name: str) -> Any:

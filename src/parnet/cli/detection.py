@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -114,10 +113,6 @@ def add_commands(subparsers: Any) -> None:
 
     p = subparsers.add_parser("train-det", help="train a detector (FCOS, RetinaNet, Faster R-CNN) on a COCO-format set")
     add_settings_flags(p, DetTrainConfig, reserved={"backbone_kwargs": RESERVED_BACKBONE_KWARGS})
-    for action in p._actions:  # the choices of a Literal setting, shown in --help and checked by argparse
-        field = DetTrainConfig.model_fields.get(action.dest)
-        if field is not None and typing.get_origin(field.annotation) is typing.Literal:
-            action.choices = typing.get_args(field.annotation)
     p.set_defaults(func=_train_det)
 
     p = subparsers.add_parser("eval-det", help="COCO AP of a trained detector, and a picture of its predictions")
