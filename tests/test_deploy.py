@@ -175,6 +175,20 @@ def test_bad_requests_are_refused() -> None:
         folded(torch.randn(1, 4, 32, 32))
 
 
+def test_a_wrapped_parnet_deploys_the_parnet_inside() -> None:
+    """torch.compile's and timm's EMA wrappers are unwrapped (nothing is compiled); a wrapped non-ParNet is
+    refused by its own name."""
+    from timm.utils import ModelEmaV3
+
+    model = make(9)
+    x = torch.randn(2, 3, 32, 32)
+    for wrapped in (torch.compile(model), ModelEmaV3(model)):
+        with torch.inference_mode():
+            assert (deploy(wrapped, "cpu", "folded")(x) - model(x)).abs().max().item() < TOL
+    with pytest.raises(ValueError, match="takes a ParNet, got Linear"):
+        deploy(torch.compile(nn.Linear(2, 2)), "cpu", "folded")
+
+
 def test_packed_mode_keeps_a_few_input_shapes() -> None:
     model = make(14)
     net = deploy(model, "cpu", "packed")

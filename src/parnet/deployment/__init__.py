@@ -71,6 +71,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+from timm.utils import unwrap_model
 from torch import nn
 
 from ..devices import check_device
@@ -248,7 +249,8 @@ def deploy(
     """The fastest inference model of ``model`` for ``device`` in ``precision`` (see the module docstring).
 
     Args:
-        model: a ParNet in training form or fused (it is not modified).
+        model: a ParNet in training form or fused (it is not modified), or a wrapper of one (``torch.compile``,
+            DDP, timm's EMA), which deploys the ParNet inside.
         device: where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
         mode: one of :data:`MODES` (for bf16 and int8 on the CPU, one of :data:`PRECISION_MODES`; for
             bf16 on CUDA, one of ``CUDA_BF16_MODES``); ``"auto"`` picks the fastest for the device and precision.
@@ -284,6 +286,7 @@ def deploy(
         raise ValueError(BF16_ORT)
     if mode not in allowed:
         raise ValueError(f"unknown deploy mode {mode!r} for precision {precision}; choose one of {allowed}")
+    model = unwrap_model(model)  # torch.compile's, DDP's and timm's EMA wrappers: deployed is what they wrap
     if not isinstance(model, ParNet):
         raise ValueError(_not_a_parnet(model))
     if model.pruned:
@@ -366,9 +369,8 @@ def deploy(
 def _not_a_parnet(model: nn.Module) -> str:
     """Why ``deploy`` refuses ``model``, and what to do instead: for a deployed model, that it is; else the
     generic forms any classifier can take."""
-    inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: judged by what it compiled
-    name = type(inner).__name__
-    if type(inner).__module__.startswith(f"{__name__}.") or isinstance(inner, torch.jit.ScriptModule):
+    name = type(model).__name__
+    if type(model).__module__.startswith(f"{__name__}.") or isinstance(model, torch.jit.ScriptModule):
         return (
             f"deploy takes a ParNet (training form or fused); this {name} is deployed (or scripted) already: "
             "run it as it is, or deploy the ParNet it was made from again for another mode or precision"
