@@ -202,6 +202,58 @@ def test_packed_mode_keeps_a_few_input_shapes() -> None:
     assert all([key[0] for key in c] == [4, 1, 5, 3] for c in caches)
 
 
+def test_a_shape_cache_builds_each_entry_once_for_threads_asking_together() -> None:
+    """Threads calling one deployed model at once: a second caller of a shape being built waits for that build
+    (it neither builds it again nor evicts it); a copy starts empty."""
+    import pickle
+    import threading
+
+    from parnet.deployment.kernels import ShapeCache
+
+    cache, started, release, builds = ShapeCache(limit=2), threading.Event(), threading.Event(), []
+
+    def slow_build() -> str:
+        builds.append("slow")
+        started.set()
+        release.wait(10)
+        return "packed"
+
+    got: list[str] = []
+    first = threading.Thread(target=lambda: got.append(cache.get((1, 3), slow_build)))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=lambda: got.append(cache.get((1, 3), lambda: builds.append("again") or "x")))
+    second.start()
+    second.join(0.2)
+    assert second.is_alive()  # waiting for the first build, not building its own
+    release.set()
+    first.join(10), second.join(10)
+    assert got == ["packed", "packed"] and builds == ["slow"]
+    for shape in ((2, 3), (3, 3)):
+        cache.get(shape, lambda: "other")
+    assert list(cache) == [(2, 3), (3, 3)] and cache.values() == ["other", "other"]  # the oldest dropped
+    assert len(pickle.loads(pickle.dumps(cache))) == 0 and len(copy.deepcopy(cache)) == 0 and len(cache) == 2
+
+
+def test_packed_model_called_from_threads_at_once_matches() -> None:
+    """More shapes than a block keeps, from four threads at once: every output the plain model's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = make(16)
+    net = deploy(model, "cpu", "packed")
+    inputs = [torch.randn(batch, 3, 32, 32) for batch in (1, 2, 3, 4, 5, 6) * 3]
+    with torch.inference_mode():
+        expected = [model(x) for x in inputs]
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return net(x)
+
+        with ThreadPoolExecutor(4) as pool:
+            outputs = list(pool.map(run, inputs))
+    assert all((out - ref).abs().max().item() < TOL for out, ref in zip(outputs, expected, strict=True))
+
+
 NNPACK = pytest.mark.skipif(not torch.backends.nnpack.is_available(), reason="PyTorch without NNPACK here")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ from torch import nn
 from ..devices import check_device
 from .folding import FoldedParNet, merge_after_entry
 from .inputs import check_has_values
-from .kernels import recall, remember, without_caches
+from .kernels import ShapeCache, without_caches
 
 
 class CudaStreamParNet(nn.Module):
@@ -80,10 +81,9 @@ class CudaGraphModule(nn.Module):
         self.module = module
         self.max_graphs = max_graphs
         self.warmup = warmup
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        return without_caches(self, _graphs={})  # CUDA graphs cannot be pickled: a copy captures its own
+        # (shape, ...) -> (graph, static input, static output, lock); CUDA graphs cannot be pickled: the cache of a
+        # copy starts empty and captures its own
+        self._graphs = ShapeCache(max_graphs)
 
     def _apply(self, fn: Callable, recurse: bool = True) -> CudaGraphModule:
         self._graphs.clear()  # the graphs read the parameters' old memory
@@ -106,18 +106,18 @@ class CudaGraphModule(nn.Module):
         return graph, static_y
 
     def _replay(self, x: torch.Tensor) -> torch.Tensor:
-        key = (tuple(x.shape), x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last))
-        entry = recall(self._graphs, key)
-        if entry is None:
+        def capture() -> tuple[Any, torch.Tensor, torch.Tensor, threading.Lock]:
             with torch.inference_mode(False):  # a normal tensor, which any later call can copy into
                 static_x = x.clone()
             graph, static_y = self._capture(static_x)
-            entry = (graph, static_x, static_y)
-            remember(self._graphs, key, entry, self.max_graphs)
-        graph, static_x, static_y = entry
-        static_x.copy_(x)
-        graph.replay()
-        return static_y.clone()
+            return graph, static_x, static_y, threading.Lock()
+
+        key = (tuple(x.shape), x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last))
+        graph, static_x, static_y, lock = self._graphs.get(key, capture)
+        with lock:  # one caller at a time through a graph's static buffers
+            static_x.copy_(x)
+            graph.replay()
+            return static_y.clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cuda":

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -19,19 +20,45 @@ NNPACK_TIMING_REPS = 3  # calls of each convolution timed to choose between oneD
 NNPACK_RTOL = 1e-4  # largest NNPACK error accepted, relative to the largest output of the conv
 
 
-def recall(cache: dict, key: tuple) -> Any:
-    """The entry under ``key`` (``None`` if there is none), now the most recently used."""
-    value = cache.pop(key, None)
-    if value is not None:
-        cache[key] = value  # a dict keeps insertion order: least recently used first
-    return value
+class ShapeCache:
+    """What was built for each of the last ``limit`` keys (input shapes), the least recently used forgotten first.
 
+    Shared safely by threads that call one deployed model at once: :meth:`get` builds a key's value once, however
+    many threads ask for it together, and never loses or corrupts another's entry. Built for this process (packed
+    weights, CUDA graphs): a copy or an unpickled one starts empty.
+    """
 
-def remember(cache: dict, key: tuple, value: object, limit: int = PACKED_SHAPES) -> None:
-    """Store ``value`` under ``key``, forgetting the least recently used entries beyond ``limit`` (bounded memory)."""
-    while len(cache) >= limit:
-        del cache[next(iter(cache))]
-    cache[key] = value
+    def __init__(self, limit: int = PACKED_SHAPES):
+        self.limit = limit
+        self._values: dict[Hashable, Any] = {}  # insertion order: least recently used first
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """The value under ``key``, now the most recently used; ``build()`` makes it if there is none."""
+        with self._lock:
+            value = self._values.pop(key, None)
+            if value is None:
+                value = build()
+                while len(self._values) >= self.limit:
+                    del self._values[next(iter(self._values))]
+            self._values[key] = value
+            return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __iter__(self) -> Iterator[Hashable]:
+        return iter(list(self._values))
+
+    def values(self) -> list[Any]:
+        return list(self._values.values())
+
+    def __reduce__(self) -> tuple[type, tuple[int]]:
+        return type(self), (self.limit,)
 
 
 def without_caches(module: nn.Module, **fresh: Any) -> dict[str, Any]:
@@ -124,9 +151,9 @@ class PackedConv2d(nn.Module):
             raise ValueError("PackedConv2d takes an nn.Conv2d with numeric zero padding")
         self.conv = conv
         self.geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-        self.packed_weights: dict[tuple[int, ...], torch.Tensor] = {}
+        self.packed_weights = ShapeCache()  # input shape -> the weight packed for it
         stride_1 = conv.stride == (1, 1) and conv.groups == 1 and conv.dilation == (1, 1)
-        self.use_nnpack: dict[tuple[int, ...], bool] | None = {} if winograd and stride_1 else None
+        self.use_nnpack = ShapeCache() if winograd and stride_1 else None  # input shape -> NNPACK is faster
 
     def _apply(self, fn: Any, recurse: bool = True) -> PackedConv2d:
         # .to(dtype), .cuda(), ...: the packed copies (and NNPACK's timings) were of the old weights
@@ -135,10 +162,6 @@ class PackedConv2d(nn.Module):
             self.use_nnpack.clear()
         return super()._apply(fn, recurse)
 
-    def __getstate__(self) -> dict[str, Any]:
-        # the caches _apply drops too: the copy packs (and times NNPACK) on its own first call with each shape
-        return without_caches(self, packed_weights={}, use_nnpack=None if self.use_nnpack is None else {})
-
     @staticmethod
     def takes(module: nn.Module) -> bool:
         """Whether ``module`` is a conv this class can run (a plain ``nn.Conv2d``, numeric zero padding)."""
@@ -146,25 +169,24 @@ class PackedConv2d(nn.Module):
 
     def _onednn(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
-        key = tuple(x.shape)
-        packed = recall(self.packed_weights, key)
-        if packed is None:
+        shape = list(x.shape)
+
+        def pack() -> torch.Tensor:
             weight = self.conv.weight.detach().contiguous(memory_format=torch.channels_last)
-            packed = torch.ops.mkldnn._reorder_convolution_weight(weight, *self.geometry, list(key))
-            remember(self.packed_weights, key, packed)
+            return torch.ops.mkldnn._reorder_convolution_weight(weight, *self.geometry, shape)
+
+        packed = self.packed_weights.get(tuple(shape), pack)
         return torch.ops.mkldnn._convolution_pointwise(x, packed, self.conv.bias, *self.geometry, activation, [], "")
 
     def nnpack_wins(self, x: torch.Tensor) -> bool:
         """Whether this conv runs NNPACK for inputs of ``x``'s shape (timed on the first such input)."""
         if self.use_nnpack is None:
             return False
-        key = tuple(x.shape)
-        wins = recall(self.use_nnpack, key)
-        if wins is None:
-            c = self.conv
-            wins = nnpack_is_faster(x, c.weight, c.bias, c.padding, self._onednn)
-            remember(self.use_nnpack, key, wins)
-        return wins
+
+        def time_both() -> bool:
+            return nnpack_is_faster(x, self.conv.weight, self.conv.bias, self.conv.padding, self._onednn)
+
+        return self.use_nnpack.get(tuple(x.shape), time_both)
 
     def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
         if not self.nnpack_wins(x):
