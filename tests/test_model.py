@@ -335,6 +335,10 @@ def test_small_form_needs_multiples_of_8():
 def test_bad_configs_and_names():
     with pytest.raises(ValueError, match="unknown ParNet variant 'parnet_q'"):
         parnet.create_model("parnet_q")
+    with pytest.raises(ValueError, match="parnet_s has no pretrained tag 'bogus'"):
+        parnet.create_model("parnet_s.bogus")
+    with pytest.raises(ValueError, match="cannot create parnet_cifar_s with .*unexpected keyword argument 'widht'"):
+        parnet.create_model("parnet_cifar_s", widht=8)
     with pytest.raises(ValueError, match="1 to 4 streams"):
         ParNetCfg(widths=(8, 8, 8, 8, 8), head_width=8, blocks=(1,) * 5)
     with pytest.raises(ValueError, match="one block count per stream"):

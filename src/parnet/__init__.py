@@ -57,8 +57,12 @@ def list_models(pattern: str = "parnet*", pretrained: bool = False) -> list[str]
 
 
 def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    """``timm.create_model`` for ParNet names, with a clear error for unknown ones."""
-    base = name.split(".")[0]
-    if base not in model_cfgs:
+    """``timm.create_model`` for the ParNet variants (``name`` or ``name.tag``), with clear errors: an unknown
+    variant or tag, or a keyword the model does not take, is a ``ValueError`` that names it
+    (:func:`parnet.factory.create_model` builds it, the command line's way, for any registered model)."""
+    from .factory import check_model_name
+    from .factory import create_model as create_registered_model
+
+    if name.split(".")[0] not in model_cfgs:
         raise ValueError(f"unknown ParNet variant {name!r}; choose one of {sorted(model_cfgs)}")
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    return create_registered_model(check_model_name(name), pretrained=pretrained, **kwargs)
