@@ -19,15 +19,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from parnet.checkpoint import METRICS_TABLE_FILE  # noqa: E402
 from parnet.io import atomic_write  # noqa: E402
 
 COLUMNS = (("train_loss", "train loss"), ("test_top1", "test top-1 (%)"), ("ema_top1", "EMA test top-1 (%)"))
 
 
 def read_metrics(run: Path) -> list[dict[str, float]]:
-    path = run / "metrics.csv"
+    path = run / METRICS_TABLE_FILE
     if not path.is_file():
-        raise SystemExit(f"{run} has no metrics.csv: give `parnet train` run folders")
+        raise SystemExit(f"{run} has no {METRICS_TABLE_FILE}: give `parnet train` run folders")
     with path.open() as f:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 

@@ -73,15 +73,17 @@ STATE_FILE = "last_state.pt"
 WEIGHTS_FILE = "last.safetensors"
 EMA_WEIGHTS_FILE = "last_ema.safetensors"
 METRICS_FILE = "metrics.jsonl"
+METRICS_TABLE_FILE = "metrics.csv"  # the same rows, for spreadsheets and plots
 CONFIG_FILE = "config.yaml"  # the run's settings (parnet train --config reads it)
 RESULTS_FILE = "results.json"  # a finished run's final scores
 LOCK_FILE = ".lock"
 # A finished run's re-parameterized weights, EMA first: what is left where the last* files were pruned to save space.
-FUSED_WEIGHTS_FILES = ("ema_fused.safetensors", "fused.safetensors")
+FUSED_WEIGHTS_FILE, EMA_FUSED_WEIGHTS_FILE = "fused.safetensors", "ema_fused.safetensors"
+FUSED_WEIGHTS_FILES = (EMA_FUSED_WEIGHTS_FILE, FUSED_WEIGHTS_FILE)
 # The files that make a folder a run (config.yaml alone is left by a run killed in its first epoch).
 RUN_FILES = (STATE_FILE, WEIGHTS_FILE, EMA_WEIGHTS_FILE, METRICS_FILE)
 # Written from the state, so a new run would replace them: a folder holding one is not taken for a new run.
-DERIVED_FILES = ("metrics.csv", CONFIG_FILE)
+DERIVED_FILES = (METRICS_TABLE_FILE, CONFIG_FILE)
 FINISHED = "finished"
 
 
@@ -428,7 +430,7 @@ class MetricLogger:
         fields: list[str] = []
         for r in self.rows:
             fields += [k for k in r if k not in fields]
-        with atomic_write(self.run_dir / "metrics.csv") as tmp:
+        with atomic_write(self.run_dir / METRICS_TABLE_FILE) as tmp:
             with open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=fields)
                 writer.writeheader()

@@ -653,7 +653,10 @@ def _final_eval(
         out["depth_error"] = str(e)[:200]
     if not has_fusable_blocks(model):
         return out
-    for name, net in [("", model)] + ([("ema_", ema.module)] if ema is not None else []):
+    weights = [("", model, checkpoint.FUSED_WEIGHTS_FILE)]
+    if ema is not None:
+        weights.append(("ema_", ema.module, checkpoint.EMA_FUSED_WEIGHTS_FILE))
+    for name, net, fused_file in weights:
         if amp_dtype is not None:
             unfused = evaluate_model(net, loader, d.device)
             out[f"{name}fp32_top1"], out[f"{name}fp32_top5"] = unfused["top1"], unfused["top5"]
@@ -665,7 +668,7 @@ def _final_eval(
         out[f"{name}fused_prediction_changes"] = res["changes"]
         if d.is_main:
             meta = {**weights_meta, "fused": "True", **({"ema": "True"} if name else {})}
-            write_safetensors(run_dir / f"{name}fused.safetensors", fused, checkpoint.weights_header(fused, meta))
+            write_safetensors(run_dir / fused_file, fused, checkpoint.weights_header(fused, meta))
         if not name:
             out["fused_params"] = sum(p.numel() for p in fused.parameters())
     return out

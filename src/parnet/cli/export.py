@@ -7,6 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .. import checkpoint
 from ..export import FORMATS, check_name, export_model
 from ..factory import create_model
 from ..io import check_output_path
@@ -66,7 +67,15 @@ def file_stem(path: str) -> str:
 
 
 # The weights files a `parnet train` run writes, by stem, and what each adds to the run's name in an export's.
-_RUN_FILE_SUFFIX = {"last": "", "last_ema": "_ema", "fused": "_fused", "ema_fused": "_ema_fused"}
+_RUN_FILE_SUFFIX = {
+    Path(name).stem: suffix
+    for name, suffix in (
+        (checkpoint.WEIGHTS_FILE, ""),
+        (checkpoint.EMA_WEIGHTS_FILE, "_ema"),
+        (checkpoint.FUSED_WEIGHTS_FILE, "_fused"),
+        (checkpoint.EMA_FUSED_WEIGHTS_FILE, "_ema_fused"),
+    )
+}
 
 
 def _checkpoint_name(path: str) -> str:

@@ -118,8 +118,12 @@ class DetTrainConfig(Settings):
 # depend on (the cosine runs over epochs x steps: more epochs after a finished run would restart nothing).
 _RESUME_FIXED = ("detector", "backbone", "backbone_kwargs", "fpn_channels", "image_size", "epochs", "batch_size",
                  "lr", "weight_decay", "warmup_steps", "max_steps", "seed", "freeze_bn")  # fmt: skip
-_FINAL_FILES = ("eval.json",)
-_DERIVED = ("best.safetensors", "predictions.png")  # written by a run: a new run refuses to replace them
+EVAL_FILE = "eval.json"  # the scores (of a run: at its end; of eval-det: of the weights it scored)
+BEST_FILE = "best.safetensors"  # a run's weights of its best validation AP
+DETECTIONS_FILE = "detections.json"  # eval-det's detections, in COCO's results format
+PICTURE_FILE = "predictions.png"
+_FINAL_FILES = (EVAL_FILE,)
+_DERIVED = (BEST_FILE, PICTURE_FILE)  # written by a run: a new run refuses to replace them
 
 
 def data_paths(data: str | None, images: str | None, ann: str | None, split: str) -> tuple[Path, Path]:
@@ -143,7 +147,7 @@ def detector_file(weights: str | Path) -> Path:
 def eval_folder(weights: str | Path, split: str) -> Path:
     """Where ``eval-det`` writes by default: beside the weights, named after them, so that evaluations of two
     weights files of one run do not overwrite each other: ``eval_val`` for a run's own weights (the folder or
-    its ``last.safetensors``), ``eval_val_best`` for its ``best.safetensors``."""
+    its ``last.safetensors``), ``eval_val_best`` for its ``best.safetensors`` (:data:`BEST_FILE`)."""
     weights = detector_file(weights)
     stem = weights.name.removesuffix(".safetensors")
     return weights.parent / (f"eval_{split}" if stem == "last" else f"eval_{split}_{stem}")
@@ -398,7 +402,7 @@ def _train_det(cfg: DetTrainConfig, dist_info: Any, run_dir: Path) -> dict[str, 
             row.update({f"val_{k}": v for k, v in stats.items()}, eval_time_s=time.perf_counter() - t1)
             if stats["AP"] > best:
                 best = stats["AP"]
-                save_detector(model, run_dir / "best.safetensors", meta_extra | {"epoch": epoch, "stats": stats})
+                save_detector(model, run_dir / BEST_FILE, meta_extra | {"epoch": epoch, "stats": stats})
         if main:  # the checkpoint first, with the metric rows; then the metrics files
             save(epoch, row, stats, best)
             logger.log(epoch, row)
@@ -409,16 +413,16 @@ def _train_det(cfg: DetTrainConfig, dist_info: Any, run_dir: Path) -> dict[str, 
     if main and not stats and stage != checkpoint.FINISHED:  # the final evaluation failed (bad data) and is owed
         stats, _ = evaluate_dataset(model, val_ds, cfg.batch_size, cfg.workers, device, cfg.progress)
         if stats["AP"] > best:
-            save_detector(model, run_dir / "best.safetensors", meta_extra | {"epoch": cfg.epochs - 1, "stats": stats})
+            save_detector(model, run_dir / BEST_FILE, meta_extra | {"epoch": cfg.epochs - 1, "stats": stats})
     if not main or not stats:
         return stats
     if stage == checkpoint.FINISHED and all((run_dir / f).is_file() for f in _FINAL_FILES):
         print(f"{run_dir} has already finished its {cfg.epochs} epochs", flush=True)
         return stats
     # The final files, then the checkpoint says the run is finished (killed before, --resume writes them again).
-    with atomic_write(run_dir / "eval.json") as tmp:
+    with atomic_write(run_dir / EVAL_FILE) as tmp:
         tmp.write_text(json.dumps({"stats": stats, "split": "val", "epochs": cfg.epochs}, indent=2))
-    png = _draw_examples(model, val_ds, run_dir / "predictions.png", cfg.draw, cfg.score_thresh, device)
+    png = _draw_examples(model, val_ds, run_dir / PICTURE_FILE, cfg.draw, cfg.score_thresh, device)
     checkpoint.mark_finished(run_dir)
     print("val: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()), flush=True)
     if png is not None:
@@ -469,10 +473,10 @@ def eval_det(
     dev = torch.device(device)
     stats, results = evaluate_dataset(model, dataset, batch_size, workers, dev, progress)
     out = Path(output) if output else eval_folder(weights, split)
-    (out / "predictions.png").unlink(missing_ok=True)  # an earlier evaluation's: never beside these numbers
-    with atomic_write(out / "eval.json") as tmp:
+    (out / PICTURE_FILE).unlink(missing_ok=True)  # an earlier evaluation's: never beside these numbers
+    with atomic_write(out / EVAL_FILE) as tmp:
         tmp.write_text(json.dumps({"weights": str(weights.absolute()), "split": split, "stats": stats}, indent=2))
-    with atomic_write(out / "detections.json") as tmp:
+    with atomic_write(out / DETECTIONS_FILE) as tmp:
         tmp.write_text(json.dumps(results))
-    png = _draw_examples(model, dataset, out / "predictions.png", draw, score_thresh, dev)
-    return stats, [out / "eval.json", out / "detections.json"] + ([png] if png is not None else [])
+    png = _draw_examples(model, dataset, out / PICTURE_FILE, draw, score_thresh, dev)
+    return stats, [out / EVAL_FILE, out / DETECTIONS_FILE] + ([png] if png is not None else [])
