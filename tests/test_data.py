@@ -168,10 +168,12 @@ def test_cifar_pickles(tmp_path, name, classes, n_train):
 
 def test_download_is_asked_for_by_the_first_split_read(tmp_path, monkeypatch):
     """--download fetches CIFAR when training too (the test split is read first, and must ask for it)."""
-    from parnet import data
+    from parnet.data import datasets
 
     asked = []
-    monkeypatch.setattr(data, "_cifar", lambda name, root, train, tf, download: asked.append((train, download)) or [0])
+    monkeypatch.setattr(
+        datasets, "_cifar", lambda name, root, train, tf, download: asked.append((train, download)) or [0]
+    )
     build_datasets("cifar10", tmp_path, download=True)
     build_datasets("cifar10", tmp_path, download=True, test_only=True)
     assert asked == [(False, True), (True, True), (False, True)]

@@ -1,24 +1,8 @@
-"""Datasets and transforms for classification training: Fashion-MNIST, CIFAR-10/100, image folders.
+"""Datasets read from their files: Fashion-MNIST's IDX files, CIFAR's pickles, image folders.
 
-``build_datasets(name, data_dir, ...)`` returns the train and test datasets with the paper's
-augmentation (RandAugment ``rand-m9-mstd0.5`` and random erasing, from timm) on the train split;
-:func:`parnet.loaders.build_loaders` wraps them in loaders.
-
-Formats read:
-
-* ``fashion_mnist``: the four IDX files (``train-images-idx3-ubyte[.gz]`` ...) in one folder
-  (Debian: ``apt-get install dataset-fashion-mnist`` puts them in /usr/share/datasets/fashion-mnist).
-  28x28 grayscale images are padded to 32x32 for the small-input ParNet.
-* ``cifar10`` / ``cifar100``: torchvision's python-pickle folders (``cifar-10-batches-py``,
-  ``cifar-100-python``), in ``data_dir`` or ``data_dir`` itself; ``download=True`` fetches them.
-* ``imagefolder``: ``data_dir/train/<class>/*.jpg`` and ``data_dir/val/<class>/*.jpg``, at any
-  resolution (timm's transforms; 224 unless told).
-
-``img_size`` sets the resolution the model sees (the paper scales ParNet by resolution too): the
-small datasets are augmented at their own 32x32 and then resized to it.
-
-Missing data raises :class:`DatasetNotFoundError` saying where to get it; a truncated or corrupt
-file raises :class:`CorruptDatasetError` naming the file.
+:data:`DATASETS` lists them; :func:`build_datasets` reads one, checked, with its transforms
+(:mod:`parnet.data.transforms`). Missing data raises :class:`DatasetNotFoundError` saying where to
+get it; a truncated or corrupt file raises :class:`CorruptDatasetError` naming the file.
 """
 
 from __future__ import annotations
@@ -26,31 +10,27 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
-import re
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 
-from .model import CIFAR_MEAN, CIFAR_STD  # the CIFAR variants' pretrained config normalises as training does
-
-__all__ = [
-    "DATASETS",
-    "CorruptDatasetError",
-    "DatasetInfo",
-    "DatasetNotFoundError",
-    "FashionMNIST",
-    "build_datasets",
-    "read_idx",
-]
+from ..model import CIFAR_MEAN, CIFAR_STD  # the CIFAR variants' pretrained config normalises as training does
+from .transforms import (
+    DEFAULT_IMAGE_PREP,
+    SMALL_IMG_SIZE,
+    AugmentCfg,
+    DatasetInfo,
+    build_transforms,
+    check_image_prep,
+)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 MIN_IMG_SIZE = 8  # pixels: below this no network here has a feature map left
@@ -82,32 +62,13 @@ class CorruptDatasetError(ValueError):
         super().__init__(message)
 
 
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What a model needs to know about a dataset: input size and channels, classes, normalisation.
-
-    ``img_size`` is the side of the images the model sees (in :data:`DATASETS`: the dataset's own).
-    """
-
-    name: str
-    num_classes: int
-    in_chans: int
-    img_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    default_dir: str  # in build_datasets' result: the folder it read
-    classes: tuple[str, ...] = ()  # in label order; filled in by build_datasets
-    interpolation: str = "bicubic"  # image folders: the resize before the center crop
-    crop_pct: float = 0.875  # image folders: the center crop's share of the resized image (timm's DEFAULT_CROP_PCT)
-
-
 DATASETS: dict[str, DatasetInfo] = {
-    "fashion_mnist": DatasetInfo("fashion_mnist", 10, 1, 32, (0.2860,), (0.3530,), FASHION_MNIST_DIR),
-    "cifar10": DatasetInfo("cifar10", 10, 3, 32, CIFAR_MEAN, CIFAR_STD, "data/cifar10"),
+    "fashion_mnist": DatasetInfo("fashion_mnist", 10, 1, SMALL_IMG_SIZE, (0.2860,), (0.3530,), FASHION_MNIST_DIR),
+    "cifar10": DatasetInfo("cifar10", 10, 3, SMALL_IMG_SIZE, CIFAR_MEAN, CIFAR_STD, "data/cifar10"),
     "cifar100": DatasetInfo(
-        "cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "data/cifar100"
+        "cifar100", 100, 3, SMALL_IMG_SIZE, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "data/cifar100"
     ),
-    "imagefolder": DatasetInfo("imagefolder", 0, 3, 224, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "data/imagenet"),
+    "imagefolder": DatasetInfo("imagefolder", 0, 3, 224, default_dir="data/imagenet", **DEFAULT_IMAGE_PREP),
 }
 
 
@@ -268,7 +229,7 @@ VAL_SPLIT_NAMES = ("validation", "valid", "test", "dev")  # other names of a val
 
 
 def _read_image(path: str) -> Image.Image:
-    from .images import ImageReadError, open_image
+    from ..images import ImageReadError, open_image
 
     try:
         return open_image(path, "RGB")
@@ -278,14 +239,14 @@ def _read_image(path: str) -> Image.Image:
 
 def _visible_image(split: Path, path: str) -> bool:
     """An image file of ``split`` that no hidden folder holds (``cat/.ipynb_checkpoints/x.jpg`` is left out)."""
-    from .images import is_hidden, is_image_file
+    from ..images import is_hidden, is_image_file
 
     return is_image_file(path) and not any(is_hidden(part) for part in Path(path).relative_to(split).parts)
 
 
 def _class_folders(split: Path) -> list[str]:
     """The class folders of an image folder split, sorted as ``ImageFolder`` numbers them; hidden ones left out."""
-    from .images import is_hidden
+    from ..images import is_hidden
 
     return sorted(e.name for e in os.scandir(split) if e.is_dir() and not is_hidden(e.name))
 
@@ -385,149 +346,6 @@ def class_names(name: str, data_dir: str | os.PathLike | None = None) -> list[st
         return None
     train = root / "train"
     return _class_folders(train) if train.is_dir() else None
-
-
-# -- transforms ---------------------------------------------------------------------------------
-
-
-@dataclass
-class AugmentCfg:
-    """Training augmentation.
-
-    Attributes:
-        auto_augment: timm auto-augment spec (the paper's RandAugment: ``rand-m9-mstd0.5``; also AugMix
-            ``augmix-...`` and AutoAugment policies such as ``original``); ``""`` for none.
-        re_prob: probability of random erasing per image (0 for none).
-        hflip: probability of a horizontal flip.
-    """
-
-    auto_augment: str = "rand-m9-mstd0.5"
-    re_prob: float = 0.25
-    hflip: float = 0.5
-
-
-AUTO_AUGMENT_EXAMPLES = "rand-m9-mstd0.5 (RandAugment), augmix-m5-w4-d2 (AugMix), original or v0 (AutoAugment)"
-
-
-def auto_augment_transform(spec: str, hparams: dict[str, Any] | None = None) -> Any:
-    """timm's transform for an auto-augment ``spec``, chosen by its first section as timm's
-    ``create_transform`` chooses (``rand``, ``augmix``, else an AutoAugment policy).
-
-    timm asserts on a bad spec and skips sections without a number (``rand-m9-bogus`` is ``rand-m9``);
-    here both are a ``ValueError`` that says what a spec looks like.
-    """
-    from timm.data import auto_augment as aa
-
-    kind = spec.split("-")[0]
-    ignored = [part for part in spec.split("-")[1:] if not (kind == "rand" and part.startswith("t"))]
-    ignored = [part for part in ignored if len(re.split(r"(\d.*)", part)) < 2]
-    if ignored:
-        raise ValueError(
-            f"auto-augment spec {spec!r} has sections timm would ignore ({', '.join(ignored)}): "
-            f"each section after the first is a key and a number; e.g. {AUTO_AUGMENT_EXAMPLES}, or '' for none"
-        )
-    build = {"rand": aa.rand_augment_transform, "augmix": aa.augment_and_mix_transform}.get(
-        kind, aa.auto_augment_transform
-    )
-    hparams = dict(hparams or {})
-    if kind == "augmix":
-        hparams.setdefault("translate_pct", 0.3)  # as timm's create_transform
-    try:
-        return build(spec, hparams)
-    except (AssertionError, KeyError, ValueError) as e:
-        raise ValueError(
-            f"{spec!r} is not a timm auto-augment spec ({e}); e.g. {AUTO_AUGMENT_EXAMPLES}, or '' for none"
-        ) from None
-
-
-def build_transforms(info: DatasetInfo, train: bool, aug: AugmentCfg | None = None) -> Any:
-    """The transform of one split, to ``info.img_size`` pixels.
-
-    Image folders: timm's (random resized crop, flip, RandAugment, erasing; resize and center crop
-    to test). The 32x32 datasets: pad-and-crop, flip, RandAugment at their own size, then a resize
-    if ``info.img_size`` differs, then erasing.
-    """
-    from torchvision import transforms as T
-
-    aug = aug or AugmentCfg()
-    if info.name == "imagefolder":
-        from timm.data import create_transform
-
-        return create_transform(
-            info.img_size,
-            is_training=train,
-            auto_augment=(aug.auto_augment or None) if train else None,
-            re_prob=aug.re_prob if train else 0.0,
-            re_mode="pixel",  # timm's train.py default (create_transform's is "const"), as the 32x32 datasets erase
-            hflip=aug.hflip,
-            interpolation=info.interpolation,
-            crop_pct=info.crop_pct,
-            mean=info.mean,
-            std=info.std,
-        )
-    from timm.data.random_erasing import RandomErasing
-
-    native = DATASETS[info.name].img_size
-    pad = [T.Pad(2)] if info.name == "fashion_mnist" else []  # 28x28 -> 32x32
-    resize = []
-    if info.img_size != native:
-        resize = [T.Resize((info.img_size, info.img_size), interpolation=T.InterpolationMode.BICUBIC, antialias=True)]
-    tail = resize + [T.ToTensor(), T.Normalize(info.mean, info.std)]
-    if not train:
-        return T.Compose(pad + tail)
-    ops: list[Any] = pad + [T.RandomCrop(native, padding=4)]
-    if aug.hflip > 0:
-        ops.append(T.RandomHorizontalFlip(aug.hflip))
-    if aug.auto_augment:
-        fill = tuple(round(255 * m) for m in info.mean)
-        ops.append(auto_augment_transform(aug.auto_augment, dict(translate_const=int(native * 0.45), img_mean=fill)))
-    ops += tail
-    if aug.re_prob > 0:
-        ops.append(RandomErasing(aug.re_prob, mode="pixel", device="cpu"))
-    return T.Compose(ops)
-
-
-# -- image preparation of image folders ----------------------------------------------------------
-
-IMAGE_PREP_KEYS = ("mean", "std", "interpolation", "crop_pct")
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")
-
-
-def image_prep_of(pretrained_cfg: dict[str, Any] | None) -> dict[str, Any]:
-    """How an image folder's images are prepared for weights released with ``pretrained_cfg`` (timm's): its
-    statistics, resize interpolation and crop, as timm's data config resolves them (timm's train.py
-    ``--pretrained``). Keys: :data:`IMAGE_PREP_KEYS`."""
-    from timm.data import resolve_data_config
-
-    if not pretrained_cfg:  # none: an image folder's own way (ImageNet's)
-        return {k: getattr(DATASETS["imagefolder"], k) for k in IMAGE_PREP_KEYS}
-    config = resolve_data_config(pretrained_cfg=dict(pretrained_cfg))
-    return check_image_prep({k: config[k] for k in IMAGE_PREP_KEYS}, "the pretrained config")
-
-
-def check_image_prep(prep: Any, source: str) -> dict[str, Any]:
-    """``prep`` (an image folder's ``mean``, ``std``, ``interpolation``, ``crop_pct``) checked and normalised
-    (tuples of floats); ``ValueError`` naming ``source`` for anything else."""
-    import math
-
-    def floats(value: Any) -> tuple[float, ...] | None:
-        ok = isinstance(value, (list, tuple)) and len(value) == 3
-        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
-        return tuple(float(v) for v in value) if ok else None
-
-    if not isinstance(prep, dict) or set(prep) != set(IMAGE_PREP_KEYS):
-        raise ValueError(f"{source}: image_prep must hold exactly {', '.join(IMAGE_PREP_KEYS)}, got {prep!r:.200}")
-    mean, std, crop = floats(prep["mean"]), floats(prep["std"]), prep["crop_pct"]
-    # Bounds that hold every timm pretrained config (crop_pct 0.8 to 1.15) and keep a hostile file from asking
-    # for a resize to millions of pixels or for statistics that turn every score into nan.
-    if mean is None or std is None or max(map(abs, mean)) > 10 or not all(1e-3 <= s <= 10 for s in std):
-        raise ValueError(f"{source}: image_prep mean and std must be 3 numbers each (|mean| <= 10, std 0.001 to 10), "
-                         f"got {prep!r:.200}")  # fmt: skip
-    if prep["interpolation"] not in INTERPOLATIONS:
-        raise ValueError(f"{source}: image_prep interpolation must be one of {INTERPOLATIONS}, got {prep!r:.200}")
-    if not isinstance(crop, (int, float)) or isinstance(crop, bool) or not 0.25 <= crop <= 2:
-        raise ValueError(f"{source}: image_prep crop_pct must be from 0.25 to 2, got {prep!r:.200}")
-    return {"mean": mean, "std": std, "interpolation": prep["interpolation"], "crop_pct": float(crop)}
 
 
 def dataset_info(name: str, img_size: int = 0, image_prep: dict[str, Any] | None = None) -> DatasetInfo:
