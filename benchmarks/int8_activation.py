@@ -1,4 +1,4 @@
-"""What the activation costs int8: ParNet-S with SiLU and with ReLU, and ResNet-34, fp32 and int8, timed interleaved.
+"""What the activation costs int8: ParNet-S with SiLU, ReLU and hard-swish, and ResNet-34, fp32 and int8, timed.
 
 An int8 convolution does its multiply-adds about 4x faster than an fp32 one, but its activation post-op
 (SiLU's exponential, per output element) costs the same in both; a SiLU network therefore gains less from
@@ -30,6 +30,7 @@ from parnet.deployment.timing import SETTLE_S, time_interleaved
 MODELS = {  # label: (timm name, kwargs)
     "ParNet-S, SiLU (the paper's)": ("parnet_s", {}),
     "ParNet-S, ReLU": ("parnet_s", {"act": "relu"}),
+    "ParNet-S, hard-swish": ("parnet_s", {"act": "hardswish"}),
     "ResNet-34": ("resnet34", {}),
 }
 SIGNED = "ParNet-S, SiLU, signed int8 activations"  # int8 OpenVINO only; its fp32 is the SiLU row's

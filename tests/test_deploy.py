@@ -55,6 +55,7 @@ def make(seed: int = 0, name: str = "parnet_cifar_s", **kwargs) -> nn.Module:
 VARIANTS = {
     "silu": {},
     "relu": dict(act="relu"),
+    "hardswish": dict(act="hardswish"),
     "no_gate": dict(use_gate=False),
     "odd_halves": dict(widths=(6, 10, 14), head_width=20),  # C/2 odd: the shuffle has no aligned slices
     "two_streams": dict(widths=(8, 16), blocks=(2, 3)),

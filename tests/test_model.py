@@ -69,6 +69,7 @@ CONFIGS = [
     dict(),
     dict(small_input=True),
     dict(act="relu"),
+    dict(act="hardswish"),
     dict(use_gate=False),
     dict(widths=(8,), blocks=(3,)),
     dict(widths=(8, 16), blocks=(2, 3)),

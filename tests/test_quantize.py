@@ -35,9 +35,10 @@ OPENVINO = pytest.mark.skipif(
 BF16 = pytest.mark.skipif(not has_native_bf16(), reason="this CPU has no native bf16")
 
 
+@pytest.mark.parametrize("act", ["silu", "hardswish"])
 @pytest.mark.parametrize("engine", [pytest.param("onnxruntime", marks=ORT), pytest.param("openvino", marks=OPENVINO)])
-def test_fp32_engine_modes_equal_the_model_at_every_batch(engine: str) -> None:
-    model = make(1)
+def test_fp32_engine_modes_equal_the_model_at_every_batch(engine: str, act: str) -> None:
+    model = make(1, act=act)
     net = deploy(model, "cpu", engine, example=torch.randn(1, 3, 32, 32))
     with torch.inference_mode():
         for batch in (2, 1, 2):  # a session per shape, reused

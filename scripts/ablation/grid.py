@@ -122,6 +122,7 @@ ABLATION_CONFIGS = (
     _parnet("base", "3 streams (base)", 12),
     _parnet("no_sse", "SSE gate off", 12, use_gate=False),
     _parnet("relu", "ReLU instead of SiLU", 12, act="relu"),
+    _parnet("hardswish", "hard-swish instead of SiLU", 12, act="hardswish"),
     _parnet("deep24", "ParNet depth 24, narrower", 24, widths=[6, 10, 20], blocks=[16, 17, 17]),
     _parnet("streams2", "2 streams", 12, widths=[16, 30], blocks=[6, 6]),
     _parnet("streams1", "1 stream", 12, widths=[33], blocks=[8]),
@@ -138,7 +139,7 @@ _RESNET34 = (
 COMPARISONS = (
     Comparison("streams", ("streams1", "streams2", "base"), True, "1, 2 or 3 streams at matched parameters, depth 12"),
     Comparison("sse", ("base", "no_sse"), False, "the SSE gate on and off (off drops the gates' parameters)"),
-    Comparison("activation", ("base", "relu"), True, "SiLU against ReLU"),
+    Comparison("activation", ("base", "relu", "hardswish"), True, "SiLU against ReLU and hard-swish"),
     Comparison("depth", ("base", "deep24", "resnet20n"), True, "depth 12 against deeper, narrower networks",
                paper=_RESNET34),
     Comparison("full", tuple(c.name for c in FULL_CONFIGS), False, "item 1: the full schedule, same recipe and budget"),

@@ -37,7 +37,7 @@ from .layers import Fusion, ParNetBlock
 
 __all__ = ["ParNet", "ParNetCfg", "model_cfgs"]
 
-ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU}
+ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "hardswish": nn.Hardswish}
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
@@ -64,7 +64,8 @@ class ParNetCfg:
         blocks: stream blocks per stream (the paper's (4, 5, 5) keeps the depth at 12).
         small_input: the small-input form for 32x32 images: the stem keeps stride 1, so the
             streams run at full, 1/2 and 1/4 resolution instead of 1/4, 1/8 and 1/16.
-        act: ``"silu"`` (the paper) or ``"relu"`` (the authors' released weights, and an ablation).
+        act: ``"silu"`` (the paper), ``"relu"`` (the authors' released weights, and an ablation) or
+            ``"hardswish"`` (MobileNetV3's piecewise-linear SiLU: cheaper after int8 convolutions).
         use_gate: the Skip-Squeeze-Excitation gate of every block; off for the paper's ablation.
         stem_width: width of the first stem block; ``None`` means ``min(64, widths[0])``.
     """

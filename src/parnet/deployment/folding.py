@@ -29,7 +29,18 @@ def _dense_gate(block: ParNetBlock) -> torch.Tensor:
 
 
 # Each activation's smallest value, rounded down: ``act(y) + NONNEGATIVE_SHIFT[act]`` is never negative.
-NONNEGATIVE_SHIFT = {"silu": 0.2785, "relu": 0.0}  # SiLU's minimum: -0.27846 at y = -1.2785
+# SiLU's minimum: -0.27846 at y = -1.2785; hard-swish's: -0.375 at y = -1.5, exactly (y (y + 3) / 6).
+NONNEGATIVE_SHIFT = {"silu": 0.2785, "relu": 0.0, "hardswish": 0.375}
+ONEDNN_ACTIVATION = {"silu": "swish", "relu": "relu", "hardswish": "hardswish"}  # its name as a oneDNN post-op
+
+
+def activate(y: torch.Tensor, act: str, inplace: bool = False) -> torch.Tensor:
+    """ParNet's activation ``act`` (``ParNetCfg.act``) of ``y``; scriptable."""
+    if act == "relu":
+        return F.relu(y, inplace=inplace)
+    if act == "hardswish":
+        return F.hardswish(y, inplace=inplace)
+    return F.silu(y, inplace=inplace)
 
 
 class FoldedBlock(nn.Module):
@@ -63,7 +74,7 @@ class FoldedBlock(nn.Module):
         super().__init__()
         self.conv = conv
         self.stride = int(conv.stride[0])
-        self.relu = act == "relu"
+        self.act = act
         self.out_shift = 0.0
         self.has_gate = gate_w is not None
         self.has_skip = skip_scale is not None
@@ -157,7 +168,7 @@ class FoldedBlock(nn.Module):
         # x in the layout the conv reads, so that the gated skip adds tensors of one layout
         x = x.contiguous() if packed.nnpack_wins(x) else x.contiguous(memory_format=torch.channels_last)
         if not self.has_gate and not self.has_border:  # conv, bias and activation in one call
-            y = packed(x, "relu" if self.relu else "swish")
+            y = packed(x, ONEDNN_ACTIVATION[self.act])
             return y.add_(self.out_shift) if self.out_shift != 0.0 else y
         # The gated skip is not fused as a binary post-op: measured slower at batch 32, no faster at 1.
         y = packed(x)
@@ -169,7 +180,7 @@ class FoldedBlock(nn.Module):
                 y = y.addcmul_(x, (g * self.skip_scale)[:, :, None, None]).add_((g * self.skip_shift)[:, :, None, None])
             else:
                 y = y.mul_((2.0 * g)[:, :, None, None])
-        y = y.relu_() if self.relu else F.silu(y, inplace=True)
+        y = activate(y, self.act, inplace=True)
         return y.add_(self.out_shift) if self.out_shift != 0.0 else y
 
     def _after_conv(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -183,7 +194,7 @@ class FoldedBlock(nn.Module):
                 y = y + self._border_map(y, x.shape[-2], x.shape[-1])
             if self.has_gate:
                 y = y * (2.0 * self._gate(x))[:, :, None, None]
-        y = F.relu(y) if self.relu else F.silu(y)
+        y = activate(y, self.act)
         return y + self.out_shift if self.out_shift != 0.0 else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -367,7 +378,8 @@ class FoldedParNet(nn.Module):
         """Make every block's output non-negative, the network's output unchanged; returns ``self``.
 
         Each block but the last adds ``-min(act)`` after its activation (SiLU's outputs reach down to
-        -0.28) and each consumer subtracts it again, exactly (:meth:`FoldedBlock.take_shifted_input`).
+        -0.28, hard-swish's to -0.375) and each consumer subtracts it again, exactly
+        (:meth:`FoldedBlock.take_shifted_input`).
         For int8: a quantizer that sees a non-negative tensor gives it unsigned 8 bits, the form the
         int8 convolution kernels (u8 x s8) take directly, and all 256 levels for its range (OpenVINO).
         A no-op for ReLU.

@@ -133,7 +133,7 @@ class PackedConv2d(nn.Module):
     the weights) reorders every weight into oneDNN's blocked layout on every call. That layout
     depends on the input shape, so the weight is packed on the first call with each input shape
     and kept (PACKED_SHAPES shapes at most). ``forward(x, activation)`` fuses the bias and an
-    optional activation (``"relu"``, ``"swish"``) into the oneDNN call; its output is channels_last.
+    optional activation (``"relu"``, ``"swish"``, ``"hardswish"``) into the oneDNN call; its output is channels_last.
 
     The packed copy is of the weight at the first call: a weight changed in place afterwards is not seen
     (deploy again); moving the module (``.to``) drops the copies, and so do ``copy.deepcopy``, ``pickle`` and
@@ -194,6 +194,8 @@ class PackedConv2d(nn.Module):
         y = nnpack_conv(x, self.conv.weight, self.conv.bias, self.conv.padding)
         if activation == "relu":
             return y.relu_()
+        if activation == "hardswish":
+            return F.hardswish(y, inplace=True)
         return F.silu(y, inplace=True) if activation == "swish" else y
 
 
