@@ -2,12 +2,13 @@
 
 An int8 convolution does its multiply-adds about 4x faster than an fp32 one, but its activation post-op
 (SiLU's exponential, per output element) costs the same in both; a SiLU network therefore gains less from
-int8 than a ReLU one. This benchmark measures how much of ParNet's smaller int8 gain (issue 14, point 3)
-that explains, and what unsigned int8 activations gain (``FoldedParNet.shift_activations``, which
-OpenVINO's int8 applies; the row "signed" is the same network quantized without it): every (model,
-mode) pair at batch 1 and a large batch, interleaved in one process with the settle pause of ``parnet
-bench``, random BN statistics, int8 calibrated on random batches (timing does not depend on the
-values; accuracy: ``scripts/quant_accuracy.py``).
+int8 than a ReLU one, and hard-swish (``act="hardswish"``: multiplies and a clamp, no exponential) lies
+between. This benchmark measures how much of ParNet's smaller int8 gain (issue 14, point 3) that explains,
+and what unsigned int8 activations gain (``FoldedParNet.shift_activations``, which OpenVINO's int8
+applies; the row "signed" is the same network quantized without it): every (model, mode) pair at batch 1
+and a large batch, interleaved in one process with the settle pause of ``parnet bench``, random BN
+statistics, int8 calibrated on random batches (timing does not depend on the values; accuracy:
+``scripts/quant_accuracy.py``).
 
     PYTHONPATH=src python benchmarks/int8_activation.py --out benchmarks/results/int8_activation
 """
