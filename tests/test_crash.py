@@ -143,6 +143,7 @@ def test_a_finished_run_resumed_again_changes_nothing(data, reference, tmp_path,
 def test_train_det_killed_then_resumed_gives_the_same_run(tmp_path, fake_fashion_mnist):  # noqa: F811
     """The detection loop keeps its folder the same way: killed once its state is written but not its
     weights nor metrics, and once eval.json is written but not the finished state."""
+    pytest.importorskip("pycocotools")  # each epoch ends with a COCO evaluation
     data = tmp_path / "data"
     assert main(["make-det-dataset", str(data), "--train", "3", "--val", "2", "--canvas", "64", "--min-size", "16",
                  "--max-size", "40", "--source", str(fake_fashion_mnist)]) == 0  # fmt: skip
