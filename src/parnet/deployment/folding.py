@@ -105,7 +105,23 @@ class FoldedBlock(nn.Module):
             exporting = torch.compiler.is_exporting()
         if not exporting:
             ho, wo = int(ho), int(wo)
-        return self._fix_border(torch.zeros(1, self.border_taps.shape[0], ho, wo, dtype=y.dtype, device=y.device), h, w)
+        # The map _fix_border makes by slice updates of zeros, as sums of products with 0/1 row and column masks:
+        # torch.export records the updates as mutations of a zeros tensor, and PT2E observed that tensor before
+        # them, so int8 rounded the whole correction away.
+        t, dtype = self.border_taps[:, :, :, None, None], y.dtype  # (C, 3, 3, 1, 1): per channel, on rows x columns
+        i = torch.arange(ho, device=y.device)[:, None]
+        j = torch.arange(wo, device=y.device)
+        bottom = bool((ho - 1) * self.stride + 1 >= h)  # the last output row's lowest tap is padding
+        right = bool((wo - 1) * self.stride + 1 >= w)
+        first_row = (i == 0).to(dtype)
+        last_row = (i == ho - 1).to(dtype) * float(bottom)
+        first_col = (j == 0).to(dtype)
+        last_col = (j == wo - 1).to(dtype) * float(right)
+        # Each row's correction along its columns: an edge's summed taps off, the corners' taps back.
+        top = t[:, 0, 0] * first_col + t[:, 0, 2] * last_col - self.border_top[:, None, None]
+        low = t[:, 2, 0] * first_col + t[:, 2, 2] * last_col - self.border_bottom[:, None, None]
+        sides = -self.border_left[:, None, None] * first_col - self.border_right[:, None, None] * last_col
+        return (top * first_row + low * last_row + sides)[None]
 
     def _fix_border(self, y: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Remove the folded shift's contribution from the taps that fell on the zero padding."""
