@@ -362,6 +362,24 @@ def _conv_input_lows(ov_model) -> list[float]:
 
 
 @OPENVINO
+def test_openvino_int8_leaves_the_linears_in_float() -> None:
+    """The SSE gates' and the classifier's MatMuls read float inputs (no FakeQuantize before them), the
+    convolutions int8 ones: int8 linears cost top-1 and no time worth having (RESULTS.md)."""
+    model = make(3, blocks=(1, 1, 1))
+    net = deploy(
+        model, "cpu", "openvino", "int8", calibration=[torch.randn(4, 3, 32, 32)], example=torch.randn(1, 3, 32, 32)
+    )
+    ops = net.model.get_ordered_ops()
+
+    def reads_int8(op) -> bool:
+        return any(op.input_value(i).get_node().get_type_name() == "FakeQuantize" for i in range(op.get_input_size()))
+
+    matmuls = [op for op in ops if op.get_type_name() == "MatMul"]
+    assert len(matmuls) >= 4 and not any(reads_int8(op) for op in matmuls)  # 3 blocks' gates at least, the head
+    assert sum(reads_int8(op) for op in ops if op.get_type_name() == "Convolution") >= 4
+
+
+@OPENVINO
 def test_openvino_int8_convolutions_read_unsigned_activations() -> None:
     """Every int8 convolution but the first reads a non-negative (unsigned int8) activation: SiLU's
     outputs are shifted by the fold (`FoldedParNet.shift_activations`), its consumers compensate.

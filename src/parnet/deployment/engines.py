@@ -457,6 +457,10 @@ def openvino_module(
                 ov_model, dataset, preset=nncf.QuantizationPreset.PERFORMANCE, target_device=nncf.TargetDevice.CPU,
                 subset_size=len(batches),  # NNCF counts dataset items: batches, not images
                 advanced_parameters=AdvancedQuantizationParameters(disable_bias_correction=True),
+                # The linears (ParNet's gates, the classifier) in float: on 6 trained ParNets the worst top-1 loss
+                # 0.31 -> 0.22 points (mean 0.16 -> 0.11; as many predictions changed) for 2% of ParNet-S's batch-1
+                # time (RESULTS.md, issue 14's border-map section).
+                ignored_scope=nncf.IgnoredScope(types=["MatMul"], validate=False),
             )  # fmt: skip
     return OpenVinoModule(ov_model, c, h, w, precision, threads).eval()
 
