@@ -111,8 +111,7 @@ class FoldedBlock(nn.Module):
         t, dtype = self.border_taps[:, :, :, None, None], y.dtype  # (C, 3, 3, 1, 1): per channel, on rows x columns
         i = torch.arange(ho, device=y.device)[:, None]
         j = torch.arange(wo, device=y.device)
-        bottom = bool((ho - 1) * self.stride + 1 >= h)  # the last output row's lowest tap is padding
-        right = bool((wo - 1) * self.stride + 1 >= w)
+        bottom, right = self._last_taps_on_padding(ho, wo, h, w)
         first_row = (i == 0).to(dtype)
         last_row = (i == ho - 1).to(dtype) * float(bottom)
         first_col = (j == 0).to(dtype)
@@ -123,12 +122,14 @@ class FoldedBlock(nn.Module):
         sides = -self.border_left[:, None, None] * first_col - self.border_right[:, None, None] * last_col
         return (top * first_row + low * last_row + sides)[None]
 
+    def _last_taps_on_padding(self, ho: int, wo: int, h: int, w: int) -> tuple[bool, bool]:
+        """Whether the last output row's lowest taps and the last column's rightmost ones fall on the padding."""
+        return bool((ho - 1) * self.stride + 1 >= h), bool((wo - 1) * self.stride + 1 >= w)
+
     def _fix_border(self, y: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Remove the folded shift's contribution from the taps that fell on the zero padding."""
         t = self.border_taps
-        ho, wo = y.shape[-2], y.shape[-1]
-        bottom = (ho - 1) * self.stride + 1 >= h  # the last output row's lowest tap is padding
-        right = (wo - 1) * self.stride + 1 >= w
+        bottom, right = self._last_taps_on_padding(y.shape[-2], y.shape[-1], h, w)
         y[:, :, 0, :] -= self.border_top[:, None]
         y[:, :, :, 0] -= self.border_left[:, None]
         y[:, :, 0, 0] += t[:, 0, 0]
