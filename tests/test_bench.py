@@ -493,3 +493,22 @@ def test_baselines_help_shows_its_default(capsys) -> None:
     with pytest.raises(SystemExit):
         cli.main(["bench", "--help"])
     assert "[resnet34,resnet50,repvgg_b1g4]" in capsys.readouterr().out
+
+
+def test_a_parnet_among_the_baselines_reaches_the_engines_unfolded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A baseline's engine mode converts the re-parameterized model as it is (a practitioner's way, without
+    ``parnet.deploy``): a ParNet there is not folded, or the bench could not compare deploy with the plain way."""
+    from parnet.bench import run as bench_run
+    from parnet.deployment.folding import FoldedParNet
+    from parnet.model import ParNet
+
+    converted = []
+    engine_module = bench_run.engine_module
+    monkeypatch.setattr(
+        bench_run, "engine_module", lambda mode, net, *a: converted.append(net) or engine_module(mode, net, *a)
+    )
+    model, entries = bench_run.build_entries("parnet_cifar_s", ["onnxruntime"], torch.device("cpu"), 1, None, 32, False)
+    assert len(converted) == 1 and isinstance(converted[0], ParNet) and not isinstance(converted[0], FoldedParNet)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(entries["onnxruntime"](x), model(x), atol=1e-4, rtol=1e-4)

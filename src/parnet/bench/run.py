@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..deployment.engines import ENGINES
+from ..deployment.engines import ENGINES, engine_module
 from ..deployment.timing import SETTLE_S, time_interleaved
 from ..factory import create_model
 from .machine import PEAK_SIZE, machine_peak, model_gflop
@@ -283,14 +283,18 @@ def _baseline_low_precision(
     fused: nn.Module, mode: str, precision: str, device: torch.device, calibration: list, example: torch.Tensor,
     threads: int,
 ) -> Callable[[torch.Tensor], torch.Tensor]:  # fmt: skip
-    """A baseline in ParNet's bf16/int8/engine modes, in their generic form (the same tools, any model)."""
-    from ..deployed import build
+    """A baseline in ParNet's bf16/int8/engine modes, in their generic form (the same tools, any model).
+
+    An engine converts ``fused`` as it is: a ParNet among the baselines is not folded, so that it is timed as
+    a practitioner would run it without :func:`parnet.deploy`.
+    """
     from ..deployment import CudaGraphModule, compile_cpu
     from ..deployment.quantize import Bf16Module, check_precision, pt2e_int8
 
     check_precision(precision, device)
     if mode in ENGINES:
-        return build(fused.cpu(), mode, precision, calibration, example.cpu(), threads)
+        batches = calibration if precision == "int8" else None
+        return engine_module(mode, fused.cpu().eval(), example.cpu(), precision, batches, threads)
     if precision == "int8" and mode == "compiled":
         from torch.fx.experimental.optimization import fuse
 
